@@ -1,0 +1,3 @@
+from radforge.cli import main
+
+raise SystemExit(main())

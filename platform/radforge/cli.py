@@ -1,0 +1,123 @@
+"""The `radforge` command: a dict of sub-commands → library calls. Parsing only; no logic here.
+
+Exit status: 0 success, 1 the job ran but produced nothing usable, 2 bad configuration (one line
+on stderr, before any work).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from radforge.errors import ConfigError
+
+
+def _ingest(a) -> int:
+    from radforge import config, ingest, shardspec
+    from radforge.config import IngestRecipe
+
+    sets = list(a.set or [])
+    if a.demo:
+        sets.append("deid.demo_key=true")
+    recipe = config.load(IngestRecipe, a.recipe, sets)
+    result = ingest.run(a.source, a.dest, recipe, reports=a.reports, labels=a.labels, progress=not a.no_progress)
+    title = "radforge ingest: already complete (no-op)" if result.noop else "radforge ingest"
+    print(shardspec.format_summary(result.manifest, wall_s=None if result.noop else result.wall_s, title=title))
+    print(f"\n  shards + manifest: {result.dest}\n  private index + rejects ledger: {result.private}")
+    if not result.ok:
+        print("radforge: nothing could be ingested (see the rejects ledger)", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _inspect(a) -> int:
+    from radforge import shardspec
+
+    m = shardspec.read_manifest(a.dest)
+    dest = a.dest[: -len(shardspec.MANIFEST)].rstrip("/") if a.dest.endswith(".json") else a.dest
+    if a.samples or a.json:
+        for raw in shardspec.iter_samples(dest, m, limit=a.samples or None, split=a.split):
+            _, meta, report = shardspec.decode_sample(_suffixes(raw))
+            meta = {"__key__": raw["__key__"], **meta, "report": report} if a.json else meta
+            print(json.dumps(meta, sort_keys=True) if a.json else f"{raw['__key__']}  {meta['modality']}  {meta['shape']}  {meta['split']}")
+    elif not a.png:
+        print(shardspec.format_summary(m, title=f"radforge shards: {dest}"))
+    if a.png:
+        from radforge import viz
+
+        items = []
+        for raw in shardspec.iter_samples(dest, m, limit=a.montage, split=a.split):
+            arr, meta, _ = shardspec.decode_sample(_suffixes(raw))
+            items.append(({"__key__": raw["__key__"], **meta}, arr))
+        viz.save_png(viz.montage(items, title=f"radforge: {len(items)} samples"), a.png)
+        print(f"montage of {len(items)} samples written to {a.png}")
+    return 0
+
+
+def _suffixes(raw: dict) -> dict:
+    return {k: v for k, v in raw.items() if not k.startswith("__")}
+
+
+def _bench(a) -> int:
+    from radforge import bench
+
+    result = bench.run(a.what, **{k: v for k, v in vars(a).items() if k in ("workdir", "series", "slices", "size", "syntax")})
+    print(json.dumps(result, indent=1) if a.json else bench.format_result(result))
+    return 0
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="radforge", description="CT and X-ray DICOM corpora → foundation models")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser("ingest", help="DICOM on any fsspec URL → de-identified WebDataset shards + manifest")
+    s.add_argument("source", metavar="SOURCE", help="folder or URL holding DICOM files (s3://, gs://, file://, memory://, local)")
+    s.add_argument("dest", metavar="DEST", help="where shards and manifest.json go")
+    s.add_argument("--recipe", help="ingest recipe YAML (default: built-in defaults = shards/recipes/default.yaml)")
+    s.add_argument("--reports", metavar="TABLE", help="reports table (CSV, Parquet or JSONL)")
+    s.add_argument("--labels", metavar="TABLE", help="labels table (CSV, Parquet or JSONL), CheXpert 1/0/-1/blank")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. ct.spacing_mm=[2,1,1]")
+    s.add_argument("--demo", action="store_true", help="use the public demo pseudonym key (not for real data)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bars")
+    s.set_defaults(fn=_ingest)
+
+    s = sub.add_parser("inspect", help="summarise a shard set; print samples; draw a montage")
+    s.add_argument("dest", metavar="DEST", help="shard set (directory URL or its manifest.json)")
+    s.add_argument("--samples", type=int, default=0, metavar="N", help="print the first N samples")
+    s.add_argument("--json", action="store_true", help="print per-sample metadata as JSON lines")
+    s.add_argument("--split", help="only this split")
+    s.add_argument("--png", metavar="FILE", help="write a montage picture (CT in three planes, X-rays)")
+    s.add_argument("--montage", type=int, default=12, metavar="N", help="samples in the montage (default 12)")
+    s.set_defaults(fn=_inspect)
+
+    s = sub.add_parser("bench", help="benchmarks, printed as ratios measured side by side")
+    s.add_argument("what", choices=["ingest"])
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--workdir", help="where the generated corpus goes (default: a temp dir)")
+    s.add_argument("--series", type=int, default=4, help="CT series in the generated corpus")
+    s.add_argument("--slices", type=int, default=64, help="slices per series")
+    s.add_argument("--size", type=int, default=512, help="rows = columns of each slice")
+    s.add_argument("--syntax", default="rle", choices=["explicit", "rle", "jpegls", "j2k"], help="transfer syntax of the corpus")
+    s.set_defaults(fn=_bench)
+    return p
+
+
+# The frozen CLI surface (tests compare against it): sub-command → its options.
+COMMANDS = ("ingest", "inspect", "bench")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        print(f"radforge: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("radforge: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

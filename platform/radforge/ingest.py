@@ -1,0 +1,665 @@
+"""The ingest pipeline: DICOM on any fsspec URL → de-identified WebDataset shards + manifest.
+
+The only module that imports `ray.data`. Stages (all distributed, streaming; the driver only
+aggregates counts and per-shard records):
+
+    list      fan the recursive listing out over SOURCE's sub-directories
+    scan      header-only read of every file → the private index (parquet, `<private>/index/`)
+    plan      group by series / image, validate geometry from headers → items and dispositions
+    assign    deterministic shard per item: hash(key) mod n_shards(split), n_shards from the
+              estimated output bytes of the split and `shards.target_mb`
+    build     one task per shard: decode, HU/orient/resample or VOI/resize, de-identify, encode,
+              write the tar locally, upload atomically, then a completion record in
+              `<private>/progress/` (this is what makes a killed run resumable without rewriting)
+    manifest  written last, atomically, from the completion records
+
+Resume/idempotence: the plan is a pure function of the inputs, the recipe and the secret, so a
+restarted run computes the same shard assignment; shards whose completion record exists are not
+rebuilt. A finished DEST with the same plan digest is a no-op. A DEST holding a different plan is
+refused (choose a new DEST) rather than mixed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from radforge import config, deid, dicom, shardspec, storage
+from radforge.config import IngestRecipe
+from radforge.errors import ConfigError
+
+log = logging.getLogger("radforge.ingest")
+
+ITEM_SCHEMA = pa.schema(
+    [
+        ("kind", pa.string()),  # "ct" | "xray" | "none" (a disposition: rejected/skipped files)
+        ("status", pa.string()),  # "planned" | "rejected" | "skipped"
+        ("reason", pa.string()),
+        ("key", pa.string()),
+        ("split", pa.string()),
+        ("est_bytes", pa.int64()),
+        ("paths", pa.list_(pa.string())),  # slices in order (CT) / the file (X-ray) / disposed files
+        ("frames", pa.list_(pa.int32())),
+        ("all_paths", pa.list_(pa.string())),  # every input file the item accounts for
+        ("info", pa.string()),  # JSON: geometry, pseudonyms, safe metadata, private join keys
+    ]
+)
+OUTCOME_SCHEMA = pa.schema(
+    [
+        ("shard", pa.string()),
+        ("key", pa.string()),
+        ("modality", pa.string()),
+        ("status", pa.string()),  # "used" | "rejected"
+        ("reason", pa.string()),
+        ("n_files", pa.int64()),
+        ("bytes", pa.int64()),
+    ]
+)
+
+
+@dataclass
+class Result:
+    """What a run did; `manifest` is the written manifest."""
+
+    dest: str
+    private: str
+    manifest: dict
+    wall_s: float
+    built_shards: int = 0
+    reused_shards: int = 0
+    noop: bool = False
+    stage_s: dict = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        return self.manifest["totals"].get("samples", 0) > 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+# ---------------------------------------------------------------------------------------------
+
+
+def run(
+    source: str,
+    dest: str,
+    recipe: IngestRecipe,
+    *,
+    reports: str | None = None,
+    labels: str | None = None,
+    progress: bool = True,
+) -> Result:
+    """Ingest SOURCE into DEST. Raises ConfigError (before any work) on bad configuration."""
+    t0 = time.time()
+    dest = dest.rstrip("/")
+    private = (recipe.private_dir or dest + ".private").rstrip("/")
+    _preflight(source, dest, private)
+    secret = deid.load_secret(recipe.deid)
+    tables = _TablesSpec.load(reports, recipe.reports, labels, recipe.labels)
+
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.verbose_stats_logs = False
+    # Ray Data's own per-operator log lines would drown the summary; our bars show progress.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
+    ctx.enable_progress_bars = False
+
+    stage: dict[str, float] = {}
+    recipe_d = config.to_dict(recipe)
+
+    # -- list + scan ------------------------------------------------------------------------
+    # The driver consumes index batches (not files) to write the private index and drive the bar.
+    t = time.time()
+    index_url = storage.join(private, "index")
+    seen = _write_index(_list(source).map_batches(_scan_batch, batch_size=16, batch_format="pyarrow"), index_url, progress)
+    stage["scan"] = time.time() - t
+    if seen == 0:
+        raise ConfigError(f"SOURCE has no files: {source}")
+    pafs, ppath = storage.pyarrow_filesystem(index_url)
+    index = ray.data.read_parquet(ppath, filesystem=pafs)
+
+    # -- plan --------------------------------------------------------------------------------
+    t = time.time()
+    items = (
+        index.groupby("group_key", num_partitions=_partitions(seen // 64))
+        .map_groups(_plan_batch, batch_format="pyarrow", fn_kwargs={"recipe_d": recipe_d, "secret": secret})
+        .materialize()
+    )
+    # One pass of small per-block aggregates: bytes per split (→ shard counts) and the plan digest.
+    agg = _aggregate(items)
+    target = recipe.shards.target_mb * 1024 * 1024
+    n_shards = {s: max(1, math.ceil(b / target)) for s, b in sorted(agg["est_bytes"].items())}
+    digest = hashlib.sha256(
+        json.dumps(
+            {"items": agg["hash"], "n_shards": n_shards, "recipe": recipe_d, "tables": tables.digest() if tables else None},
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:32]
+    stage["plan"] = time.time() - t
+
+    # -- resume / no-op -----------------------------------------------------------------------
+    manifest_url = storage.join(dest, shardspec.MANIFEST)
+    progress_url = storage.join(private, "progress")
+    if storage.exists(manifest_url):
+        existing = json.loads(storage.read_bytes(manifest_url))
+        if existing.get("plan_digest") == digest:
+            return Result(dest, private, existing, time.time() - t0, noop=True, stage_s=stage)
+        raise ConfigError(
+            f"DEST already holds a different ingest ({manifest_url}); use a new DEST (inputs, recipe or secret changed)"
+        )
+    done = _load_progress(progress_url, digest)
+    todo_items = agg["planned"] - sum(r["items"] for r in done.values())
+
+    # -- build ----------------------------------------------------------------------------------
+    t = time.time()
+    built = 0
+    if todo_items > 0:
+        tables_ref = ray.put(tables.read()) if tables else None
+        todo = items.map_batches(
+            _assign_batch,
+            batch_format="pyarrow",
+            fn_kwargs={"n_shards": n_shards, "done": sorted(done)},
+        )
+        outcomes = todo.groupby("shard", num_partitions=_partitions(sum(n_shards.values()))).map_groups(
+            _build_shard,
+            batch_format="pyarrow",
+            fn_kwargs={
+                "dest": dest,
+                "progress_url": progress_url,
+                "recipe_d": recipe_d,
+                "tables_ref": tables_ref,
+                "digest": digest,
+            },
+        )
+        bar = _bar(progress, todo_items, "sample", "build shards")
+        for batch in outcomes.iter_batches(batch_format="pyarrow", batch_size=None):
+            built += len(set(batch.column("shard").to_pylist()))
+            if bar is not None:
+                bar.update(batch.num_rows)
+        if bar is not None:
+            bar.close()
+    stage["build"] = time.time() - t
+
+    # -- manifest -------------------------------------------------------------------------------
+    records = _load_progress(progress_url, digest)
+    inputs = _accounting(items, records, seen, private)
+    m = shardspec.new_manifest(
+        profile=shardspec.profile(recipe),
+        recipe=recipe_d,
+        deid={"pseudonyms": "hmac-sha256", "demo_key": secret == deid.DEMO_KEY, "keep_age_sex": recipe.deid.keep_age_sex},
+        plan_digest=digest,
+    )
+    shardspec.finalize(m, list(records.values()), inputs)
+    if not shardspec.reconciles(inputs):  # pragma: no cover - a bug, never an input problem
+        raise RuntimeError(f"input accounting does not reconcile: {inputs}")
+    if m["totals"]["samples"]:
+        storage.write_bytes_atomic(manifest_url, json.dumps(m, indent=1, sort_keys=True).encode())
+    return Result(
+        dest, private, m, time.time() - t0, built_shards=built, reused_shards=len(done), stage_s=stage
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Pre-flight
+# ---------------------------------------------------------------------------------------------
+
+
+def _preflight(source: str, dest: str, private: str) -> None:
+    storage.check_readable(source)
+    norm = lambda u: u.rstrip("/") + "/"  # noqa: E731
+    if norm(private).startswith(norm(dest)):
+        raise ConfigError("the private location (index, rejects ledger) must not be inside DEST")
+    if norm(dest).startswith(norm(source)):
+        raise ConfigError("DEST must not be inside SOURCE (the shards would be re-ingested)")
+    storage.check_writable(dest)
+    storage.check_writable(private)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage functions (run in Ray workers)
+# ---------------------------------------------------------------------------------------------
+
+
+def _list(source: str):
+    """Listing fanned out over sub-directories, so huge trees are listed in parallel."""
+    import ray
+
+    fs, path = storage.url_to_fs(source)
+    if fs.isfile(path):
+        return ray.data.from_items([{"path": source, "size": int(fs.size(path))}])
+    subdirs, files = storage.list_dir(source)
+    top = ray.data.from_items([{"path": p, "size": s} for p, s in files]) if files else None
+    if not subdirs:
+        return top if top is not None else ray.data.from_items([], )
+    nested = ray.data.from_items([{"dir": d} for d in subdirs]).flat_map(
+        lambda r: [{"path": p, "size": s} for p, s in storage.find_files(r["dir"])]
+    )
+    return nested.union(top) if top is not None else nested
+
+
+def _partitions(n: int) -> int:
+    """Hash-shuffle partitions: enough for parallelism, few enough that tiny runs stay quick."""
+    return max(1, min(200, n))
+
+
+def _write_index(files_with_headers, index_url: str, progress: bool) -> int:
+    """Stream index batches into one parquet file in the private location; returns rows written."""
+    import pyarrow.parquet as pq
+
+    storage.remove(index_url, recursive=True) if storage.exists(index_url) else None
+    storage.makedirs(index_url)
+    bar = _bar(progress, None, "files", "scan headers")
+    seen = 0
+    with tempfile.TemporaryDirectory(prefix="radforge-index-") as tmp:
+        local = os.path.join(tmp, "index.parquet")
+        with pq.ParquetWriter(local, dicom.INDEX_SCHEMA) as writer:
+            for batch in files_with_headers.iter_batches(batch_format="pyarrow", batch_size=None):
+                writer.write_table(batch.cast(dicom.INDEX_SCHEMA))
+                seen += batch.num_rows
+                if bar is not None:
+                    bar.update(batch.num_rows)
+        if bar is not None:
+            bar.close()
+        storage.put_file_atomic(local, storage.join(index_url, "index.parquet"))
+    return seen
+
+
+def _scan_batch(batch: pa.Table) -> pa.Table:
+    rows = []
+    for path, size in zip(batch.column("path").to_pylist(), batch.column("size").to_pylist()):
+        try:
+            # Small blocks: a header is a few KB; reading whole 500 KB slices would double the I/O.
+            with storage.open_input(path, block_size=64 * 1024) as f:
+                rows.append(dicom.scan(path, size, f))
+        except (OSError, ValueError):
+            rows.append(_io_error_row(path, size))
+    return pa.Table.from_pylist(rows, schema=dicom.INDEX_SCHEMA)
+
+
+def _io_error_row(path: str, size: int) -> dict:
+    row = {name: None for name in dicom.INDEX_SCHEMA.names}
+    row.update(path=path, size=int(size), status="rejected", reason="unreadable_header", group_key="bad:" + path)
+    return row
+
+
+def _plan_batch(batch: pa.Table, recipe_d: dict, secret: bytes) -> pa.Table:
+    recipe = config.from_dict(IngestRecipe, recipe_d)
+    ctx = dicom.PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(secret))
+    rows = batch.to_pylist()
+    out = dicom.plan_group(rows, ctx)
+    for o in out:
+        o.setdefault("all_paths", o["paths"])
+    return pa.Table.from_pylist(out, schema=ITEM_SCHEMA)
+
+
+def _assign_batch(batch: pa.Table, n_shards: dict, done: list[str]) -> pa.Table:
+    """Planned items only, each with its shard; items of already completed shards are dropped."""
+    import pyarrow.compute as pc
+
+    batch = batch.filter(pc.equal(batch.column("status"), "planned"))
+    shards = [
+        shardspec.shard_name(split, deid.Pseudonymizer.bucket(key, n_shards[split]))
+        for key, split in zip(batch.column("key").to_pylist(), batch.column("split").to_pylist())
+    ]
+    batch = batch.append_column("shard", pa.array(shards, pa.string()))
+    if done:
+        batch = batch.filter(pc.invert(pc.is_in(batch.column("shard"), pa.array(done, pa.string()))))
+    return batch
+
+
+def _aggregate(items) -> dict:
+    """Per-block partial aggregates, summed on the driver: est. bytes per split, planned count,
+    and an order-independent hash of every item (the plan digest's body)."""
+
+    def partial(batch: pa.Table) -> pa.Table:
+        est: dict[str, int] = {}
+        h = 0
+        planned = 0
+        for row in batch.select(["status", "reason", "key", "split", "est_bytes", "all_paths"]).to_pylist():
+            if row["status"] == "planned":
+                planned += 1
+                est[row["split"]] = est.get(row["split"], 0) + row["est_bytes"]
+            d = hashlib.sha256(json.dumps(row, sort_keys=True).encode()).digest()
+            h = (h + int.from_bytes(d[:8], "little")) % (1 << 64)
+        return pa.table({"part": [json.dumps({"est": est, "hash": h, "planned": planned})]})
+
+    out = {"est_bytes": {}, "hash": 0, "planned": 0}
+    for row in items.map_batches(partial, batch_format="pyarrow").take_all():
+        p = json.loads(row["part"])
+        out["hash"] = (out["hash"] + p["hash"]) % (1 << 64)
+        out["planned"] += p["planned"]
+        for k, v in p["est"].items():
+            out["est_bytes"][k] = out["est_bytes"].get(k, 0) + v
+    return out
+
+
+_TABLE_CACHE: dict[str, Any] = {}
+
+
+def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe_d: dict, tables_ref, digest: str) -> pa.Table:
+    """Build one shard: samples in key order, tar written locally, uploaded atomically, recorded."""
+    import webdataset as wds
+
+    recipe = config.from_dict(IngestRecipe, recipe_d)
+    tables = _tables(tables_ref)
+    rows = sorted(batch.to_pylist(), key=lambda r: r["key"])
+    shard = rows[0]["shard"]
+    split = rows[0]["split"]
+    outcomes = []
+    modalities: dict[str, int] = {}
+    used_files = 0
+    with tempfile.TemporaryDirectory(prefix="radforge-shard-") as tmp:
+        local = os.path.join(tmp, "shard.tar")
+        with open(local, "wb") as fh:
+            writer = wds.TarWriter(fh, user="radforge", group="radforge", mtime=0, encoder=False)
+            for row in rows:
+                info = json.loads(row["info"])
+                try:
+                    members, meta = make_sample(row, info, recipe, tables)
+                except dicom.Reject as r:
+                    outcomes.append(_outcome(shard, row, info, "rejected", r.reason, 0))
+                    continue
+                except Exception as e:  # noqa: BLE001 — ledger it; never print header values
+                    log.warning("sample in %s failed: %s", shard, type(e).__name__)
+                    outcomes.append(_outcome(shard, row, info, "rejected", "decode_error", 0))
+                    continue
+                writer.write({"__key__": row["key"], **members})
+                nbytes = sum(len(v) for v in members.values())
+                modalities[meta["modality"]] = modalities.get(meta["modality"], 0) + 1
+                used_files += len(row["all_paths"])
+                outcomes.append(_outcome(shard, row, info, "used", None, nbytes))
+            writer.close()
+        samples = sum(modalities.values())
+        size = os.path.getsize(local)
+        sha = _sha256_file(local)
+        if samples:
+            storage.put_file_atomic(local, storage.join(dest, shard))
+    record = {
+        "plan_digest": digest,
+        "path": shard,
+        "split": split,
+        "samples": samples,
+        "bytes": size if samples else 0,
+        "sha256": sha if samples else None,
+        "modalities": modalities,
+        "used_files": used_files,
+        "rejects": [
+            {"paths": r["all_paths"], "reason": o["reason"]}
+            for r, o in zip(rows, _by_key(outcomes, rows))
+            if o["status"] == "rejected"
+        ],
+        "items": len(rows),
+    }
+    # Written after the upload: a record always means a complete, uploaded shard.
+    storage.write_bytes_atomic(storage.join(progress_url, shard.replace("/", "__") + ".json"), json.dumps(record).encode())
+    return pa.Table.from_pylist(outcomes, schema=OUTCOME_SCHEMA)
+
+
+def _by_key(outcomes: list[dict], rows: list[dict]) -> list[dict]:
+    by = {o["key"]: o for o in outcomes}
+    return [by[r["key"]] for r in rows]
+
+
+def _outcome(shard, row, info, status, reason, nbytes) -> dict:
+    return {
+        "shard": shard,
+        "key": row["key"],
+        "modality": info.get("modality"),
+        "status": status,
+        "reason": reason,
+        "n_files": len(row["all_paths"]),
+        "bytes": nbytes,
+    }
+
+
+def make_sample(row: dict, info: dict, recipe: IngestRecipe, tables: dict | None) -> tuple[dict, dict]:
+    """One planned item → (tar members, metadata). Raises dicom.Reject for unusable inputs."""
+    from radforge import transforms
+
+    meta: dict[str, Any] = {
+        "schema_version": shardspec.SCHEMA_VERSION,
+        "modality": info["modality"],
+        "patient": info["patient"],
+        "study": info["study"],
+        "series": info["series"],
+        "split": row["split"],
+        "profile": shardspec.profile(recipe)["profile_id"],
+        "acquisition": deid.safe_metadata(info["safe"], recipe.deid),
+        "source_shape": info["source_shape"],
+    }
+    if "source_spacing_mm" in info:
+        meta["source_spacing_mm"] = [round(float(v), 6) for v in info["source_spacing_mm"]]
+    if row["kind"] == "ct":
+        hu, affine = dicom.load_ct(row, storage.read_bytes)
+        # Padding outside the field of view (-2048, -3024) must not blend into tissue when resampled.
+        np.maximum(hu, transforms.HU_MIN, out=hu)
+        hu, affine = transforms.Orient("LPS")(hu, affine)
+        meta["canonical_source_spacing_mm"] = _spacing(affine)
+        hu, affine = transforms.Resample(recipe.ct.spacing_mm)(hu, affine)
+        array = transforms.to_int16_hu(hu)
+        meta.update(
+            shape=list(array.shape),
+            spacing_mm=_spacing(affine),
+            affine_lps=[[round(float(v), 6) for v in r] for r in affine.tolist()],
+            orientation="LPS",
+            units="HU",
+        )
+    else:
+        img = dicom.load_xray(row, storage.read_bytes, recipe.xray.voi)
+        img, _ = transforms.ResizeLongest(recipe.xray.longest_side)(img)
+        array = np.clip(np.rint(img * 65535.0), 0, 65535).astype(np.uint16)
+        src_sp = info.get("source_spacing_mm")
+        meta.update(shape=list(array.shape), photometric="MONOCHROME2", units="presentation")
+        if src_sp:
+            sy = info["source_shape"][0] / array.shape[0]
+            sx = info["source_shape"][1] / array.shape[1]
+            meta["spacing_mm"] = [round(src_sp[0] * sy, 6), round(src_sp[1] * sx, 6)]
+        else:
+            meta["spacing_mm"] = None
+    report = None
+    if tables:
+        report, labels = _lookup(tables, info)
+        if labels is not None:
+            meta["labels"] = labels
+        if report is not None:
+            report = deid.redact_report(report, info.get("_phi", []))
+    meta["has_report"] = report is not None
+    return shardspec.encode_sample(row["key"], array, meta, report), meta
+
+
+def _spacing(affine: np.ndarray) -> list[float]:
+    return [round(float(np.linalg.norm(affine[:3, i])), 6) for i in (2, 1, 0)]
+
+
+def _sha256_file(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_progress(progress_url: str, digest: str) -> dict[str, dict]:
+    """Completion records of this plan (records of another plan are ignored, not trusted)."""
+    out = {}
+    if not storage.exists(progress_url):
+        return out
+    for url, _ in storage.find_files(progress_url):
+        if not url.endswith(".json"):
+            continue
+        try:
+            rec = json.loads(storage.read_bytes(url))
+        except (ValueError, FileNotFoundError):
+            continue
+        if rec.get("plan_digest") == digest:
+            out[rec["path"]] = rec
+    return out
+
+
+def _accounting(items, records: dict[str, dict], seen: int, private: str) -> dict:
+    """seen = used + skipped + rejected, by file; writes the private rejects ledger (JSONL)."""
+    skipped: dict[str, int] = {}
+    rejected: dict[str, int] = {}
+    ledger = []
+    import pyarrow.compute as pc
+
+    def disposed(batch: pa.Table) -> pa.Table:
+        return batch.filter(pc.is_in(batch.column("status"), pa.array(["rejected", "skipped"])))
+
+    for batch in items.map_batches(disposed, batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=4096):
+        for status, reason, paths in zip(
+            batch.column("status").to_pylist(), batch.column("reason").to_pylist(), batch.column("all_paths").to_pylist()
+        ):
+            bucket = rejected if status == "rejected" else skipped
+            bucket[reason] = bucket.get(reason, 0) + len(paths)
+            ledger.extend({"path": p, "status": status, "reason": reason} for p in paths)
+    used = 0
+    for rec in records.values():
+        used += rec["used_files"]
+        for rej in rec["rejects"]:
+            rejected[rej["reason"]] = rejected.get(rej["reason"], 0) + len(rej["paths"])
+            ledger.extend({"path": p, "status": "rejected", "reason": rej["reason"]} for p in rej["paths"])
+    ledger.sort(key=lambda r: r["path"])
+    storage.write_bytes_atomic(
+        storage.join(private, "rejects.jsonl"), "".join(json.dumps(r) + "\n" for r in ledger).encode()
+    )
+    return {
+        "seen": seen,
+        "used": used,
+        "skipped": dict(sorted(skipped.items())),
+        "rejected": dict(sorted(rejected.items())),
+    }
+
+
+def _bar(enabled: bool, total: int | None, unit: str, desc: str):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, desc=desc, dynamic_ncols=True, mininterval=0.5)
+
+
+# ---------------------------------------------------------------------------------------------
+# Reports and labels
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class _TablesSpec:
+    reports: str | None
+    reports_cfg: config.TableConfig
+    labels: str | None
+    labels_cfg: config.TableConfig
+
+    @classmethod
+    def load(cls, reports, reports_cfg, labels, labels_cfg):
+        if not reports and not labels:
+            return None
+        spec = cls(reports, reports_cfg, labels, labels_cfg)
+        spec.read()  # validate now: a missing column is a configuration error, before any work
+        return spec
+
+    def digest(self) -> str:
+        parts = []
+        for url in (self.reports, self.labels):
+            parts.append(hashlib.sha256(storage.read_bytes(url)).hexdigest() if url else "")
+        return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    def read(self) -> dict:
+        out: dict[str, Any] = {}
+        if self.reports:
+            cfg = self.reports_cfg
+            t = _read_table(self.reports, cfg.key_column)
+            for col in (cfg.key_column, cfg.text_column):
+                if col not in t.column_names:
+                    raise ConfigError(f"reports table {self.reports} has no column {col!r} (columns: {', '.join(t.column_names)})")
+            keys = [str(k) if k is not None else "" for k in t.column(cfg.key_column).to_pylist()]
+            texts = t.column(cfg.text_column).to_pylist()
+            out["reports"] = {"join_on": cfg.join_on, "map": {k: v for k, v in zip(keys, texts) if k and v}}
+        if self.labels:
+            cfg = self.labels_cfg
+            t = _read_table(self.labels, cfg.key_column)
+            if cfg.key_column not in t.column_names:
+                raise ConfigError(f"labels table {self.labels} has no column {cfg.key_column!r} (columns: {', '.join(t.column_names)})")
+            findings = cfg.findings or [c for c in t.column_names if c != cfg.key_column and c not in (
+                "StudyInstanceUID", "AccessionNumber", "PatientID", "report")]
+            missing = [f for f in findings if f not in t.column_names]
+            if missing:
+                raise ConfigError(f"labels table {self.labels} has no column {missing[0]!r}")
+            keys = [str(k) if k is not None else "" for k in t.column(cfg.key_column).to_pylist()]
+            cols = {f: t.column(f).to_pylist() for f in findings}
+            mapping = {}
+            for i, k in enumerate(keys):
+                if k:
+                    mapping[k] = {f: _label(cols[f][i]) for f in findings}
+            out["labels"] = {"join_on": cfg.join_on, "findings": findings, "map": mapping}
+        return out
+
+
+def _label(v) -> int | None:
+    """CheXpert convention: 1 positive, 0 negative, -1 uncertain, blank missing (None)."""
+    if v is None:
+        return None
+    try:
+        f = float(v)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(f):
+        return None
+    return int(f) if f in (1.0, 0.0, -1.0) else None
+
+
+def _read_table(url: str, key_column: str) -> pa.Table:
+    import pyarrow.csv as pcsv
+    import pyarrow.json as pjson
+    import pyarrow.parquet as pq
+
+    try:
+        data = storage.read_bytes(url)
+    except FileNotFoundError:
+        raise ConfigError(f"table not found: {url}") from None
+    buf = pa.BufferReader(data)
+    try:
+        if url.endswith(".parquet"):
+            return pq.read_table(buf)
+        if url.endswith((".jsonl", ".json", ".ndjson")):
+            return pjson.read_json(buf)
+        # Keys stay strings (accession numbers with leading zeros); label cells parse later.
+        return pcsv.read_csv(buf, convert_options=pcsv.ConvertOptions(strings_can_be_null=True, column_types={key_column: pa.string()}))
+    except pa.ArrowInvalid as e:
+        raise ConfigError(f"cannot read table {url}: {str(e).splitlines()[0]}") from None
+
+
+def _tables(ref) -> dict | None:
+    if ref is None:
+        return None
+    import ray
+
+    key = ref.hex()
+    if key not in _TABLE_CACHE:
+        _TABLE_CACHE.clear()
+        _TABLE_CACHE[key] = ray.get(ref)
+    return _TABLE_CACHE[key]
+
+
+def _lookup(tables: dict, info: dict) -> tuple[str | None, dict | None]:
+    join = info.get("_join", {})
+    report = labels = None
+    if "reports" in tables:
+        report = tables["reports"]["map"].get(join.get(tables["reports"]["join_on"], ""))
+    if "labels" in tables:
+        labels = tables["labels"]["map"].get(join.get(tables["labels"]["join_on"], ""))
+    return report, labels

@@ -1,0 +1,222 @@
+"""The shard format in code: sample encode/decode and the manifest. Twin of shards/SPEC.md.
+
+A sample is a group of tar members sharing a key (WebDataset convention), so stock `webdataset`,
+`ray.data.read_webdataset` and `tar` all read the shards:
+
+    <key>.npy    CT: int16 HU volume [z, y, x], canonical LPS orientation (numpy .npy format)
+    <key>.png    X-ray: 16-bit greyscale PNG, presentation values (0 = black, 65535 = white)
+    <key>.json   metadata (see SPEC.md); always present
+    <key>.txt    redacted report text (UTF-8); only when a report was joined
+
+Bump SCHEMA_VERSION (and SPEC.md) on any change a reader could notice.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from typing import Any
+
+import numpy as np
+
+SCHEMA = "radforge.shards"
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def profile(recipe) -> dict:
+    """The preprocessing profile: everything a consumer needs to interpret stored arrays.
+
+    Training and serving compare this (via `profile_id`) with what they expect, so shards made
+    with other spacing/VOI settings are never silently mixed into one run.
+    """
+    body = {
+        "ct": {
+            "orientation": "LPS",
+            "spacing_mm": list(recipe.ct.spacing_mm),
+            "axis_order": "zyx",
+            "dtype": "int16",
+            "units": "HU",
+            "clip": [-1024, 32767],
+            "interpolation": "trilinear",
+        },
+        "xray": {
+            "longest_side": recipe.xray.longest_side,
+            "voi": recipe.xray.voi,
+            "dtype": "uint16",
+            "format": "png",
+            "photometric": "MONOCHROME2",
+        },
+    }
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
+    return {"name": recipe.name, "profile_id": digest, **body}
+
+
+def encode_sample(key: str, array: np.ndarray, meta: dict, report: str | None = None) -> dict[str, bytes]:
+    """Sample → tar members (name suffix → bytes)."""
+    if "." in key or "/" in key:
+        raise ValueError("sample keys may not contain '.' or '/' (WebDataset splits on the first dot)")
+    members: dict[str, bytes] = {}
+    if meta["modality"] == "CT":
+        if array.dtype != np.int16 or array.ndim != 3:
+            raise ValueError("CT arrays are int16 [z, y, x]")
+        buf = io.BytesIO()
+        np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+        members["npy"] = buf.getvalue()
+    else:
+        if array.dtype != np.uint16 or array.ndim != 2:
+            raise ValueError("X-ray arrays are uint16 [y, x]")
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+        members["png"] = buf.getvalue()
+    members["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
+    if report is not None:
+        members["txt"] = report.encode("utf-8")
+    return members
+
+
+def decode_sample(members: dict[str, bytes]) -> tuple[np.ndarray, dict, str | None]:
+    """Tar members (suffix → bytes, as webdataset yields before decoding) → (array, meta, report)."""
+    meta = json.loads(members["json"])
+    if "npy" in members:
+        array = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
+    else:
+        from PIL import Image
+
+        array = np.asarray(Image.open(io.BytesIO(members["png"]))).astype(np.uint16)
+    report = members["txt"].decode("utf-8") if "txt" in members else None
+    return array, meta, report
+
+
+def shard_name(split: str, index: int) -> str:
+    """Deterministic shard path relative to DEST: `<split>/<split>-000042.tar`."""
+    return f"{split}/{split}-{index:06d}.tar"
+
+
+def new_manifest(*, profile: dict, recipe: dict, deid: dict, plan_digest: str) -> dict[str, Any]:
+    return {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "profile": profile,
+        "recipe": recipe,
+        "deid": deid,
+        "plan_digest": plan_digest,
+        "shards": [],
+        "totals": {},
+        "inputs": {},
+    }
+
+
+def finalize(manifest: dict, shard_records: list[dict], inputs: dict) -> dict:
+    """Fill shards (sorted by path), totals per split and modality, and input accounting."""
+    shards = sorted((r for r in shard_records if r["samples"] > 0), key=lambda r: r["path"])
+    by_split: dict[str, dict] = {}
+    by_modality: dict[str, int] = {}
+    for r in shards:
+        s = by_split.setdefault(r["split"], {"shards": 0, "samples": 0, "bytes": 0, "modalities": {}})
+        s["shards"] += 1
+        s["samples"] += r["samples"]
+        s["bytes"] += r["bytes"]
+        for m, n in r["modalities"].items():
+            s["modalities"][m] = s["modalities"].get(m, 0) + n
+            by_modality[m] = by_modality.get(m, 0) + n
+    manifest["shards"] = [
+        {k: r[k] for k in ("path", "split", "samples", "bytes", "sha256", "modalities")} for r in shards
+    ]
+    manifest["totals"] = {
+        "shards": len(shards),
+        "samples": sum(r["samples"] for r in shards),
+        "bytes": sum(r["bytes"] for r in shards),
+        "by_split": dict(sorted(by_split.items())),
+        "by_modality": dict(sorted(by_modality.items())),
+    }
+    manifest["inputs"] = inputs
+    return manifest
+
+
+def reconciles(inputs: dict) -> bool:
+    """seen = used + skipped + rejected, the invariant every ingest must satisfy."""
+    return inputs["seen"] == inputs["used"] + sum(inputs["skipped"].values()) + sum(inputs["rejected"].values())
+
+
+def read_manifest(url: str) -> dict:
+    """Load and check a manifest (a DEST directory URL or the manifest's own URL)."""
+    from radforge import storage
+    from radforge.errors import ConfigError
+
+    if not url.endswith(".json"):
+        url = storage.join(url, MANIFEST)
+    try:
+        m = json.loads(storage.read_bytes(url))
+    except FileNotFoundError:
+        raise ConfigError(f"no manifest at {url} (is the ingest finished? consumers trust only manifests)") from None
+    if m.get("schema") != SCHEMA:
+        raise ConfigError(f"{url} is not a radforge shard manifest")
+    if m.get("schema_version", 0) > SCHEMA_VERSION:
+        raise ConfigError(
+            f"{url} has schema version {m['schema_version']}; this radforge reads up to {SCHEMA_VERSION}: upgrade radforge"
+        )
+    return m
+
+
+def iter_samples(dest: str, manifest: dict, *, limit: int | None = None, split: str | None = None):
+    """Stream raw samples (dicts of suffix → bytes plus `__key__`, `__url__`) from a manifest's
+    shards with webdataset's own tar iterators, straight from storage (no local copy)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    from radforge import storage
+
+    n = 0
+    for shard in manifest["shards"]:
+        if split and shard["split"] != split:
+            continue
+        url = storage.join(dest, shard["path"])
+        with storage.open_input(url) as f:
+            files = ({**s, "__url__": url} for s in tar_file_iterator(f))
+            for sample in group_by_keys(files):
+                yield sample
+                n += 1
+                if limit is not None and n >= limit:
+                    return
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:,.1f} MB"
+
+
+def format_summary(manifest: dict, *, wall_s: float | None = None, title: str = "radforge shards") -> str:
+    """A table a person reads at the end of an ingest and from `radforge inspect`."""
+    t = manifest["totals"]
+    inp = manifest["inputs"]
+    lines = [title, "=" * len(title)]
+
+    def row(label, value, extra=""):
+        lines.append(f"  {label:<22}{value:>14}  {extra}".rstrip())
+
+    row("files seen", f"{inp['seen']:,}")
+    row("files used", f"{inp['used']:,}")
+    row("files skipped", f"{sum(inp['skipped'].values()):,}", ", ".join(f"{k} {v}" for k, v in inp["skipped"].items()))
+    row("files rejected", f"{sum(inp['rejected'].values()):,}")
+    for reason, n in inp["rejected"].items():
+        row(f"  {reason}", f"{n:,}")
+    ok = "yes" if reconciles(inp) else "NO"
+    row("accounting", ok, "seen = used + skipped + rejected")
+    lines.append("")
+    mods = t.get("by_modality", {})
+    row("CT volumes", f"{mods.get('CT', 0):,}")
+    row("X-ray images", f"{sum(v for k, v in mods.items() if k != 'CT'):,}", ", ".join(f"{k} {v}" for k, v in mods.items() if k != "CT"))
+    row("samples", f"{t.get('samples', 0):,}")
+    row("shards", f"{t.get('shards', 0):,}", _mb(t.get("bytes", 0)))
+    for split, s in t.get("by_split", {}).items():
+        row(f"  {split}", f"{s['samples']:,}", f"samples in {s['shards']} shard(s), {_mb(s['bytes'])}, " + ", ".join(f"{k} {v}" for k, v in s["modalities"].items()))
+    prof = manifest.get("profile", {})
+    if prof:
+        row("profile", prof.get("profile_id", "?"), f"{prof.get('name')}: CT {prof['ct']['spacing_mm']} mm (z,y,x) HU int16; X-ray longest side {prof['xray']['longest_side']}, VOI {prof['xray']['voi']}")
+    if manifest.get("deid", {}).get("demo_key"):
+        row("pseudonyms", "DEMO KEY", "public key: pseudonyms are not secret (demo mode)")
+    if wall_s:
+        row("wall time", f"{wall_s:,.1f} s", f"{inp['seen'] / wall_s:,.1f} files/s, {t.get('bytes', 0) / 1e6 / wall_s:,.2f} MB/s written")
+    return "\n".join(lines)

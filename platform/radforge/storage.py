@@ -1,0 +1,695 @@
+"""Every byte radforge reads or writes goes through this module.
+
+URLs are plain strings: a local path (``/data/x``, ``data/x``), ``file://``, ``s3://``,
+``gs://``, ``memory://`` or any other fsspec protocol. Callers never build filesystems
+themselves, so endpoint selection, credentials, atomic writes and listing freshness are
+decided once, here.
+
+S3 and S3-compatible stores (MinIO, Ceph, moto) are configured only through the standard AWS
+environment, exactly as the AWS CLI reads it:
+
+* endpoint: ``AWS_ENDPOINT_URL_S3``, then ``AWS_ENDPOINT_URL`` (both ignored when
+  ``AWS_IGNORE_CONFIGURED_ENDPOINT_URLS=true``); without them botocore's own resolution
+  applies (``endpoint_url`` in the AWS config file, else AWS itself);
+* credentials, region, profile, CA bundle: botocore's chain (``AWS_ACCESS_KEY_ID`` /
+  ``AWS_SECRET_ACCESS_KEY`` / ``AWS_SESSION_TOKEN``, ``AWS_PROFILE``, the shared config and
+  credentials files, SSO, web identity, container and instance metadata).
+
+Credentials are never copied into filesystem options: a filesystem pickled to a Ray worker
+carries the endpoint but resolves credentials from the worker's own environment.
+
+Atomicity: readers never see a partial object. Local (and other hierarchical) targets are
+written to a hidden temp file beside the target and renamed over it; object stores get a
+single PUT (or a multipart upload, which only becomes visible on completion).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import posixpath
+import shutil
+import threading
+import uuid
+from typing import IO, Any
+
+import fsspec
+from fsspec.core import split_protocol
+
+from radforge.errors import ConfigError
+
+__all__ = [
+    "url_to_fs",
+    "protocol",
+    "is_local",
+    "join",
+    "parent",
+    "basename",
+    "exists",
+    "read_bytes",
+    "read_head",
+    "open_input",
+    "write_bytes_atomic",
+    "put_file_atomic",
+    "remove",
+    "makedirs",
+    "find_files",
+    "list_dir",
+    "check_readable",
+    "check_writable",
+    "pyarrow_filesystem",
+    "clear_cache",
+]
+
+log = logging.getLogger(__name__)
+
+_LOCAL = frozenset({"file", "local"})
+_S3 = frozenset({"s3", "s3a"})
+# Stores where a whole-object write is atomic by nature (the object appears only when the
+# upload completes) and "directories" are just key prefixes. Anything else that is not local
+# (sftp, hdfs, ...) gets temp-file-and-rename, because a plain write there is visible while
+# it is being written.
+_OBJECT_STORES = _S3 | frozenset({"gs", "gcs", "az", "abfs", "abfss", "adl", "memory"})
+
+# Temp files live beside their target so the final rename never crosses filesystems; the
+# fixed prefix lets listings skip them, so a concurrent lister never picks up a half-written
+# file that is about to vanish.
+_TMP_PREFIX = ".radforge-tmp."
+_PROBE_PREFIX = ".radforge-write-probe-"
+
+# check_readable / check_writable must answer in seconds. Regular I/O keeps the s3fs and
+# botocore defaults (several retries with backoff), which is what a long ingest wants.
+_PROBE_S3_CONFIG = {
+    "retries": {"max_attempts": 2, "mode": "standard"},
+    "connect_timeout": 3,
+    "read_timeout": 10,
+}
+
+# Env prefixes that change how a filesystem authenticates; part of the cache key so that a
+# changed environment (tests, credential rotation by a wrapper) yields a fresh client instead
+# of one that resolved credentials at its first request.
+_ENV_PREFIXES = ("AWS_", "GOOGLE_", "GCE_", "AZURE_")
+
+_cache: dict[tuple, fsspec.AbstractFileSystem] = {}
+_cache_lock = threading.Lock()
+
+
+# --------------------------------------------------------------------------- URLs
+
+
+def _str(url: Any) -> str:
+    return os.fspath(url) if not isinstance(url, str) else url
+
+
+def protocol(url: str) -> str:
+    """The fsspec protocol of `url`; ``"file"`` for plain paths."""
+    proto, _ = split_protocol(_str(url))
+    return (proto or "file").lower()
+
+
+def is_local(url: str) -> bool:
+    return protocol(url) in _LOCAL
+
+
+def _split(url: str) -> tuple[str, str]:
+    """('s3://', 'bucket/key') / ('', '/abs/path'): the prefix is kept verbatim."""
+    url = _str(url)
+    if "://" in url:
+        head, rest = url.split("://", 1)
+        return head + "://", rest
+    return "", url
+
+
+def join(url: str, *parts: str) -> str:
+    """Append path segments, keeping the protocol and never doubling slashes."""
+    prefix, rest = _split(url)
+    segments = [p.strip("/") for p in parts if p and p.strip("/")]
+    if not segments:
+        return prefix + rest
+    base = rest.rstrip("/")
+    if not base:
+        # "s3://" + "bucket", "/" + "tmp", "memory://" + "x"
+        base = "/" if rest.startswith("/") else ""
+        return prefix + base + "/".join(segments)
+    return prefix + base + "/" + "/".join(segments)
+
+
+def parent(url: str) -> str:
+    prefix, rest = _split(url)
+    stripped = rest.rstrip("/")
+    if not stripped:
+        return prefix + rest
+    return prefix + posixpath.dirname(stripped)
+
+
+def basename(url: str) -> str:
+    _, rest = _split(url)
+    return posixpath.basename(rest.rstrip("/"))
+
+
+def _absolute(url: str) -> str:
+    """Plain relative paths become absolute: Ray workers do not share the driver's cwd."""
+    url = _str(url)
+    if "://" not in url and protocol(url) in _LOCAL:
+        return os.path.abspath(os.path.expanduser(url))
+    return url
+
+
+# --------------------------------------------------------------------------- filesystems
+
+
+def _s3_endpoint() -> str | None:
+    if os.environ.get("AWS_IGNORE_CONFIGURED_ENDPOINT_URLS", "").strip().lower() == "true":
+        return None
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def _storage_options(proto: str) -> dict[str, Any]:
+    opts: dict[str, Any] = {}
+    if proto in _S3:
+        # botocore >= 1.31 reads these variables by itself, but passing the endpoint explicitly
+        # (a) keeps it in the options that travel with a pickled filesystem to Ray workers and
+        # (b) keeps working with the older botocore that s3fs>=2024.2 allows.
+        endpoint = _s3_endpoint()
+        if endpoint:
+            opts["endpoint_url"] = endpoint
+    if proto not in _LOCAL:
+        # Listings must reflect writes made by other processes (Ray workers, other jobs);
+        # fsspec's directory cache would otherwise serve a stale view for the life of the
+        # instance. We list each tree once, so the cache buys nothing.
+        opts["use_listings_cache"] = False
+    return opts
+
+
+def _env_fingerprint() -> str:
+    items = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))
+    return hashlib.sha256(repr(items).encode()).hexdigest()
+
+
+def _freeze(d: dict) -> tuple:
+    return tuple(sorted((k, repr(v)) for k, v in d.items()))
+
+
+def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
+    """Filesystem and in-filesystem path for `url`.
+
+    Instances are cached per process, protocol and authentication environment. fsspec's own
+    instance cache is bypassed because its key ignores the environment: a client created
+    before AWS_* changed would keep its old credentials and endpoint. The key includes the pid
+    so a forked child never reuses the parent's event-loop-bound client.
+    """
+    url = _absolute(url)
+    if "::" in url:  # chained URLs (simplecache::s3://...) are fsspec's business
+        return fsspec.core.url_to_fs(url)
+    proto = protocol(url)
+    cls = fsspec.get_filesystem_class(proto)
+    opts = _storage_options(proto)
+    opts.update(cls._get_kwargs_from_urls(url))
+    key = (os.getpid(), proto, _freeze(opts), _env_fingerprint())
+    fs = _cache.get(key)
+    if fs is None:
+        with _cache_lock:
+            fs = _cache.get(key)
+            if fs is None:
+                fs = cls(skip_instance_cache=True, **opts)
+                _cache[key] = fs
+    return fs, cls._strip_protocol(url)
+
+
+def clear_cache() -> None:
+    """Forget cached filesystems (tests that change the environment use it)."""
+    with _cache_lock:
+        _cache.clear()
+        _probe_sessions.clear()
+
+
+# --------------------------------------------------------------------------- reads
+
+
+def exists(url: str) -> bool:
+    fs, path = url_to_fs(url)
+    return fs.exists(path)
+
+
+def read_bytes(url: str) -> bytes:
+    fs, path = url_to_fs(url)
+    return fs.cat_file(path)
+
+
+def read_head(url: str, nbytes: int) -> bytes:
+    """The first `nbytes` bytes (fewer if the object is shorter), via one range request."""
+    if nbytes < 0:
+        raise ValueError("nbytes must be >= 0")
+    if nbytes == 0:
+        return b""
+    fs, path = url_to_fs(url)
+    try:
+        return fs.cat_file(path, start=0, end=nbytes)
+    except OSError:
+        # S3 answers 416 to any range on an empty object; only then is the object empty.
+        if fs.size(path) == 0:
+            return b""
+        raise
+
+
+def open_input(url: str, block_size: int | None = None) -> IO[bytes]:
+    """Seekable binary file; remote reads fetch at least `block_size` bytes per request.
+
+    The default (the backend's: 50 MiB readahead on S3) suits streaming whole shards. For
+    header-only reads pass a small block (64-256 KiB): a DICOM header is a few KiB, and the
+    default would download most slices whole.
+    """
+    fs, path = url_to_fs(url)
+    if is_local(url):  # the OS page cache does the buffering
+        return fs.open(path, "rb")
+    return fs.open(path, "rb", block_size=block_size)
+
+
+# --------------------------------------------------------------------------- writes
+
+
+def _tmp_name(name: str) -> str:
+    return f"{_TMP_PREFIX}{uuid.uuid4().hex[:12]}.{name}"
+
+
+def _fsync_dir(d: str) -> None:
+    # Makes the rename durable across a crash; some filesystems refuse O_RDONLY dirs.
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _local_atomic(path: str, fill) -> None:
+    """Write via `fill(fileobj)` into a temp file beside `path`, then rename over it."""
+    d = os.path.dirname(path) or "."
+    os.makedirs(d, exist_ok=True)
+    tmp = os.path.join(d, _tmp_name(os.path.basename(path)))
+    # os.open with 0o666 lets the umask decide permissions, as a plain open() would;
+    # mkstemp would leave shards readable by their owner only.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fill(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    _fsync_dir(d)
+
+
+def _generic_atomic(fs: fsspec.AbstractFileSystem, path: str, fill) -> None:
+    tmp = posixpath.join(posixpath.dirname(path), _tmp_name(posixpath.basename(path)))
+    try:
+        with fs.open(tmp, "wb") as f:
+            fill(f)
+        fs.mv(tmp, path)
+    except BaseException:
+        try:
+            fs.rm_file(tmp)
+        except Exception:
+            pass
+        raise
+
+
+def write_bytes_atomic(url: str, data: bytes) -> None:
+    """Write `data` so that readers see either the old object or the complete new one."""
+    fs, path = url_to_fs(url)
+    proto = protocol(url)
+    if proto in _LOCAL:
+        _local_atomic(path, lambda f: f.write(data))
+    elif proto in _OBJECT_STORES:
+        fs.pipe_file(path, bytes(data))
+    else:
+        _generic_atomic(fs, path, lambda f: f.write(data))
+
+
+def put_file_atomic(local_path: str, url: str) -> None:
+    """Upload a finished local file (the source is left in place), atomically."""
+    local_path = os.fspath(local_path)
+    fs, path = url_to_fs(url)
+    proto = protocol(url)
+
+    def fill(f):
+        with open(local_path, "rb") as src:
+            shutil.copyfileobj(src, f, 16 * 2**20)
+
+    if proto in _LOCAL:
+        _local_atomic(path, fill)
+    elif proto in _OBJECT_STORES:
+        fs.put_file(local_path, path)  # single PUT, or multipart that appears only on completion
+    else:
+        _generic_atomic(fs, path, fill)
+
+
+def remove(url: str, *, recursive: bool = False) -> None:
+    """Delete a file (or a whole tree with recursive=True); a missing target is not an error."""
+    fs, path = url_to_fs(url)
+    try:
+        if recursive:
+            fs.rm(path, recursive=True)
+        else:
+            fs.rm_file(path)
+    except FileNotFoundError:
+        pass
+
+
+def makedirs(url: str) -> None:
+    """Create a directory and its parents; a no-op on object stores.
+
+    On S3 s3fs would create a missing *bucket* here; buckets are infrastructure, so we never
+    create them (check_writable reports a missing bucket instead).
+    """
+    fs, path = url_to_fs(url)
+    proto = protocol(url)
+    if proto in _OBJECT_STORES and proto != "memory":
+        return
+    fs.makedirs(path, exist_ok=True)
+
+
+# --------------------------------------------------------------------------- listings
+
+
+def _skip(name: str) -> bool:
+    base = posixpath.basename(name.rstrip("/"))
+    return base.startswith(_TMP_PREFIX) or name.endswith("/")
+
+
+def _rel(root: str, name: str) -> str | None:
+    root = root.rstrip("/")
+    name = name.rstrip("/")
+    if name == root:
+        return ""
+    if not root:
+        return name.lstrip("/")
+    if name.startswith(root + "/"):
+        return name[len(root) + 1 :]
+    return None
+
+
+def find_files(url: str) -> list[tuple[str, int]]:
+    """All files below `url` (recursively) as (url, size), sorted by url.
+
+    Returned URLs keep the caller's spelling (protocol included; plain local paths made
+    absolute) so they can be passed straight back to this module. Directories, S3 "folder"
+    marker objects and our in-flight temp files are skipped. If `url` is itself a file the
+    result is that one file.
+    """
+    base = _absolute(url)
+    fs, path = url_to_fs(base)
+    out = []
+    for name, info in fs.find(path, detail=True).items():
+        if info.get("type") != "file" or _skip(name):
+            continue
+        rel = _rel(path, name)
+        if rel is None:  # defensive: never report something outside the requested tree
+            continue
+        out.append((join(base, rel) if rel else base, int(info.get("size") or 0)))
+    out.sort()
+    return out
+
+
+def list_dir(url: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """One level below `url`: (sorted sub-directory urls, sorted (file url, size))."""
+    base = _absolute(url)
+    fs, path = url_to_fs(base)
+    dirs, files = [], []
+    for info in fs.ls(path, detail=True):
+        name = info["name"]
+        rel = _rel(path, name)
+        if not rel or "/" in rel:  # the directory itself (S3 marker) or a malformed entry
+            continue
+        if info.get("type") == "directory":
+            dirs.append(join(base, rel))
+        elif not _skip(name):
+            files.append((join(base, rel), int(info.get("size") or 0)))
+    return sorted(dirs), sorted(files)
+
+
+# --------------------------------------------------------------------------- preflight checks
+
+
+def _run(coro):
+    from fsspec.asyn import get_loop, sync
+
+    return sync(get_loop(), lambda: coro)
+
+
+def _s3_bucket_key(path: str) -> tuple[str, str]:
+    bucket, _, key = path.partition("/")
+    return bucket, key
+
+
+_probe_sessions: dict[tuple, Any] = {}
+
+
+def _probe_session():
+    """A botocore session per process and auth environment.
+
+    Building a session loads the S3 service model (~0.2 s); the session also caches the
+    credentials it resolved, hence the environment in the key.
+    """
+    from aiobotocore.session import get_session
+
+    key = (os.getpid(), _env_fingerprint())
+    session = _probe_sessions.get(key)
+    if session is None:
+        session = _probe_sessions[key] = get_session()
+    return session
+
+
+async def _s3_probe(op, endpoint):
+    """Run `op(client)` on a short-lived, fast-failing client."""
+    from aiobotocore.config import AioConfig
+
+    session = _probe_session()
+    kwargs = {"config": AioConfig(**_PROBE_S3_CONFIG)}
+    if endpoint:
+        kwargs["endpoint_url"] = endpoint
+    async with session.create_client("s3", **kwargs) as client:
+        return await op(client)
+
+
+def _s3_reason(exc: BaseException, bucket: str) -> str:
+    """One human line for a failed S3 call. Never echoes server text or object content."""
+    from botocore import exceptions as bx
+
+    if isinstance(exc, bx.ClientError):
+        code = _error_code(exc)
+        if code == "NoSuchBucket":
+            return f"bucket '{bucket}' does not exist"
+        if code in ("InvalidAccessKeyId", "InvalidClientTokenId", "UnrecognizedClientException"):
+            return (
+                "the access key is not recognised by the endpoint "
+                "(check AWS_ACCESS_KEY_ID / AWS_PROFILE)"
+            )
+        if code == "SignatureDoesNotMatch":
+            return (
+                "the secret key does not match the access key "
+                "(check AWS_SECRET_ACCESS_KEY / AWS_PROFILE)"
+            )
+        if code in ("ExpiredToken", "TokenRefreshRequired", "RequestExpired", "InvalidToken"):
+            return (
+                "the credentials have expired or the session token is invalid "
+                "(check AWS_SESSION_TOKEN / log in again)"
+            )
+        if code in ("AccessDenied", "AllAccessDisabled", "AccountProblem", "403"):
+            return "access denied for these credentials"
+        if code in ("PermanentRedirect", "301", "AuthorizationHeaderMalformed"):
+            return "the bucket is in another region (set AWS_REGION / AWS_DEFAULT_REGION)"
+        if code == "RequestTimeTooSkewed":
+            return "the local clock is too far from the server's clock"
+        return f"the endpoint refused the request ({code or 'unknown error'})"
+    if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
+        return (
+            "no AWS credentials found (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+            "or AWS_PROFILE, or attach a role)"
+        )
+    if isinstance(exc, bx.ProfileNotFound):
+        return f"AWS profile '{os.environ.get('AWS_PROFILE', '')}' is not in the AWS config files"
+    if isinstance(exc, (bx.TokenRetrievalError, bx.SSOError)):
+        return "the AWS SSO session has expired or is missing (run `aws sso login`)"
+    endpoint = _s3_endpoint() or "(AWS default)"
+    if isinstance(exc, bx.SSLError):  # before ConnectionError: it is one
+        return f"TLS verification with the S3 endpoint {endpoint} failed (check AWS_CA_BUNDLE)"
+    if isinstance(exc, bx.ReadTimeoutError):
+        return f"the S3 endpoint {endpoint} did not answer in time"
+    if isinstance(exc, (bx.ConnectionError, bx.HTTPClientError, OSError, TimeoutError)):
+        return f"cannot reach the S3 endpoint {endpoint} (check AWS_ENDPOINT_URL / network)"
+    return f"unexpected error ({type(exc).__name__})"
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _unsupported(exc: Exception) -> str:
+    # e.g. "Install gcsfs to access Google Storage" for gs:// without the package
+    first = (str(exc).splitlines() or [""])[0]
+    return f"unsupported URL ({type(exc).__name__}: {first})"
+
+
+def _error_code(exc: BaseException) -> str:
+    response = getattr(exc, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _check_readable_s3(url: str, path: str) -> None:
+    bucket, key = _s3_bucket_key(path)
+    if not bucket:
+        raise ConfigError(f"cannot read {url}: no bucket in the URL")
+
+    async def op(client):
+        # A GET listing, not a HEAD: HEAD errors have no body, so a bare 403 could not tell
+        # an unknown key from a wrong secret from a missing permission.
+        prefix = key.rstrip("/") + "/" if key else ""
+        try:
+            listed = await client.list_objects_v2(Bucket=bucket, Prefix=prefix, MaxKeys=1)
+        except Exception as exc:
+            if not key or _error_code(exc) != "AccessDenied":
+                raise
+            # GetObject without ListBucket is a valid policy for reading one known object.
+            try:
+                await client.head_object(Bucket=bucket, Key=key)
+                return True
+            except Exception:
+                raise exc from None
+        if not key or listed.get("KeyCount", 0) > 0:
+            return True
+        try:
+            await client.head_object(Bucket=bucket, Key=key)
+            return True
+        except Exception as exc:
+            if _error_code(exc) in ("404", "NoSuchKey", "NotFound"):
+                return False
+            raise
+
+    try:
+        found = _run(_s3_probe(op, _s3_endpoint()))
+    except Exception as exc:
+        raise ConfigError(f"cannot read {url}: {_s3_reason(exc, bucket)}") from None
+    if not found:
+        raise ConfigError(
+            f"cannot read {url}: no object or prefix of that name in bucket '{bucket}'"
+        )
+
+
+def check_readable(url: str) -> None:
+    """Raise ConfigError (one line) unless `url` exists and can be read. Fails in seconds."""
+    url = _absolute(url)
+    proto = protocol(url)
+    try:
+        fs, path = url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"cannot read {url}: {_unsupported(exc)}") from None
+    if proto in _S3:
+        _check_readable_s3(url, path)
+        return
+    if proto in _LOCAL:
+        if not os.path.exists(path):
+            raise ConfigError(f"cannot read {url}: does not exist")
+        try:
+            if os.path.isdir(path):
+                with os.scandir(path) as it:
+                    next(it, None)
+            else:
+                with open(path, "rb") as f:
+                    f.read(1)
+        except OSError as exc:
+            raise ConfigError(f"cannot read {url}: {_os_reason(exc)}") from None
+        return
+    # info(), not exists(): most fsspec backends turn every error into exists() == False.
+    try:
+        if fs.info(path).get("type") == "directory":
+            fs.ls(path)
+    except FileNotFoundError:
+        raise ConfigError(f"cannot read {url}: does not exist") from None
+    except PermissionError:
+        raise ConfigError(f"cannot read {url}: access denied") from None
+    except Exception as exc:
+        raise ConfigError(f"cannot read {url}: {type(exc).__name__}") from None
+
+
+def _check_writable_s3(url: str, path: str) -> None:
+    bucket, key = _s3_bucket_key(path)
+    if not bucket:
+        raise ConfigError(f"cannot write to {url}: no bucket in the URL")
+    probe = (key.rstrip("/") + "/" if key else "") + _PROBE_PREFIX + uuid.uuid4().hex
+
+    async def op(client):
+        await client.put_object(Bucket=bucket, Key=probe, Body=b"")
+        try:
+            await client.delete_object(Bucket=bucket, Key=probe)
+        except Exception as exc:
+            # Write-once buckets (object lock, deny-delete policies) are valid destinations.
+            log.warning(
+                "write probe s3://%s/%s could not be deleted (%s)",
+                bucket, probe, _s3_reason(exc, bucket),
+            )
+
+    try:
+        _run(_s3_probe(op, _s3_endpoint()))
+    except Exception as exc:
+        reason = _s3_reason(exc, bucket)
+        if _error_code(exc) == "NoSuchBucket":
+            reason += " (radforge does not create buckets)"
+        raise ConfigError(f"cannot write to {url}: {reason}") from None
+
+
+def check_writable(url: str) -> None:
+    """Create `url` as a directory if needed, write and delete a probe; ConfigError on failure."""
+    url = _absolute(url)
+    proto = protocol(url)
+    try:
+        fs, path = url_to_fs(url)
+    except (ImportError, ValueError) as exc:
+        raise ConfigError(f"cannot write to {url}: {_unsupported(exc)}") from None
+    if proto in _S3:
+        _check_writable_s3(url, path)
+        return
+    if proto in _LOCAL and os.path.exists(path) and not os.path.isdir(path):
+        raise ConfigError(f"cannot write to {url}: it is an existing file, not a directory")
+    probe = join(url, _PROBE_PREFIX + uuid.uuid4().hex)
+    try:
+        makedirs(url)
+    except OSError as exc:
+        reason = _os_reason(exc)
+        raise ConfigError(f"cannot write to {url}: cannot create the directory ({reason})") from None
+    try:
+        write_bytes_atomic(probe, b"")
+        remove(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {url}: {_os_reason(exc)}") from None
+    except Exception as exc:
+        raise ConfigError(f"cannot write to {url}: {type(exc).__name__}") from None
+
+
+# --------------------------------------------------------------------------- pyarrow bridge
+
+
+def pyarrow_filesystem(url: str):
+    """(pyarrow filesystem, path) for ray.data / pyarrow APIs, sharing this module's config.
+
+    Local paths get pyarrow's native filesystem (fast, no Python in the loop). Everything else
+    is the same fsspec instance wrapped in PyFileSystem, so ray.data sees exactly the
+    endpoint, credentials and listing behaviour this module uses; it pickles to workers.
+    """
+    import pyarrow.fs as pafs
+
+    url = _absolute(url)
+    fs, path = url_to_fs(url)
+    if protocol(url) in _LOCAL:
+        return pafs.LocalFileSystem(), path
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path

@@ -1,0 +1,515 @@
+"""Canonical storage transforms (used by ingest) and model views (used by loader and serve).
+
+Preprocessing is defined here once so that ingest, training and serving cannot drift apart.
+Names follow MONAI: imperative CamelCase callables configured in ``__init__`` and applied with
+``__call__``; anything stochastic gets a ``Rand`` prefix and an explicit seed. Intensity
+transforms accept numpy arrays or torch tensors and return the type they were given; geometric
+storage transforms (`Orient`, `Resample`) work on numpy volumes because that is what ingest holds.
+
+torch is imported lazily inside the functions that need it, so importing this module stays cheap
+(``radforge.viz`` reuses `WindowHU` on numpy arrays without ever loading torch).
+
+Conventions (copied verbatim into shards/SPEC.md; change both together)
+-----------------------------------------------------------------------
+Array layout
+    A CT volume is a numpy array indexed ``[k, j, i]`` = ``[slice, row, column]``.
+    An X-ray image is indexed ``[y, x]`` = ``[row, column]``.
+
+Affine
+    ``affine`` is a 4x4 float64 matrix mapping the voxel index *column vector* ``(i, j, k, 1)``
+    (note: reversed with respect to array axis order) to patient coordinates in DICOM LPS
+    millimetres: +x toward patient Left, +y toward Posterior, +z toward Superior. Column 0 of the
+    affine is the step for array axis 2, column 1 for array axis 1, column 2 for array axis 0; the
+    last column is the patient position of the *centre* of voxel ``[0, 0, 0]``.
+
+Spacing
+    Always reported in array axis order ``(z, y, x)`` = ``(|affine[:3, 2]|, |affine[:3, 1]|,
+    |affine[:3, 0]|)``, i.e. the Euclidean norms of the affine columns, so it stays correct for
+    oblique acquisitions. ``spacing_mm`` in shard metadata follows the same order.
+
+Canonical storage orientation "LPS"
+    Array axis 2 (i) points toward +x (Left), axis 1 (j) toward +y (Posterior), axis 0 (k) toward
+    +z (Superior): the affine's 3x3 part is diagonal with positive entries (nearly diagonal for an
+    oblique acquisition, which `Orient` permutes and flips but never interpolates). Hence
+    ``volume[k]`` is an axial slice, ``k`` grows toward the head, rows grow toward the back and
+    columns toward the patient's left.
+
+Resample voxel-centre convention
+    `Resample` calls ``torch.nn.functional.interpolate(..., size=..., align_corners=False)``:
+    the *outer edges* of the first and last voxels stay where they were (the physical extent
+    ``n * spacing`` is preserved exactly on every axis), so output voxel ``o`` samples input
+    index ``(o + 0.5) * r - 0.5`` with ``r = n_in / n_out``. The returned affine encodes exactly
+    this: column scaled by ``r`` and origin shifted by ``(r - 1) / 2`` input voxels. Because
+    ``n_out`` is rounded, the realised spacing is ``s_in * n_in / n_out``, which differs from the
+    requested spacing by at most half an output voxel over the whole extent (read the real value
+    from the affine; never assume the requested one).
+
+HU storage
+    CT intensities are stored as int16 Hounsfield units, rounded half away from zero and clipped
+    to ``[-1024, 32767]`` (see `to_int16_hu` for why -1024).
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = [
+    "Orient",
+    "Resample",
+    "to_int16_hu",
+    "spacing_zyx",
+    "ResizeLongest",
+    "ScaleIntensityRange",
+    "WindowHU",
+    "HU_MIN",
+    "HU_MAX",
+]
+
+HU_MIN = -1024
+HU_MAX = 32767
+
+# Slab budget (elements) for chunked resampling: ~64 MB of float32 temporaries per slab keeps
+# peak memory near one input plus one output copy even for 512x512x600 series. Tests shrink it
+# to exercise the slab boundaries.
+_CHUNK_ELEMENTS = 16 * 1024 * 1024
+
+# Patient axis and sign for each orientation letter, in the DICOM LPS frame.
+_LETTERS = {"L": (0, 1), "R": (0, -1), "P": (1, 1), "A": (1, -1), "S": (2, 1), "I": (2, -1)}
+
+
+def _torch_tensor_type():
+    """torch.Tensor if torch is already imported, else None: a tensor cannot exist without it."""
+    torch = sys.modules.get("torch")
+    return torch.Tensor if torch is not None else None
+
+
+def _is_tensor(x: Any) -> bool:
+    tensor = _torch_tensor_type()
+    return tensor is not None and isinstance(x, tensor)
+
+
+def _check_affine(affine: Any) -> np.ndarray:
+    a = np.asarray(affine, dtype=np.float64)
+    if a.shape != (4, 4) or not np.all(np.isfinite(a)):
+        raise ValueError("affine must be a finite 4x4 matrix")
+    return a
+
+
+def _check_volume(volume: Any) -> np.ndarray:
+    if _is_tensor(volume):
+        raise TypeError("geometric storage transforms take numpy volumes; call .numpy() first")
+    v = np.asarray(volume)
+    if v.ndim != 3:
+        raise ValueError(f"expected a 3-D volume [k, j, i], got {v.ndim} dimensions")
+    return v
+
+
+def spacing_zyx(affine: Any) -> tuple[float, float, float]:
+    """Voxel spacing in array axis order (z, y, x), from the affine's column norms."""
+    a = _check_affine(affine)
+    norms = np.linalg.norm(a[:3, :3], axis=0)
+    return (float(norms[2]), float(norms[1]), float(norms[0]))
+
+
+# --------------------------------------------------------------------------------------------
+# Geometry
+# --------------------------------------------------------------------------------------------
+
+
+class Orient:
+    """Permute and flip a volume so its voxel axes point along ``axcodes`` (default "LPS").
+
+    ``Orient("LPS")(volume, affine) -> (volume, affine)``. Like nibabel's
+    ``as_closest_canonical``: no interpolation, so intensities are untouched and the operation
+    is exactly invertible. Each voxel axis is assigned the patient axis its affine column points
+    along most strongly, which handles axial, coronal, sagittal and mildly oblique series; an
+    oblique series keeps its small off-diagonal terms (the affine stays exact, only "nearly"
+    diagonal). If two voxel axes would land on the same patient axis (obliquity near 45 degrees,
+    or a degenerate affine) a ValueError is raised rather than guessing, because a wrong guess
+    would silently mirror anatomy.
+
+    ``axcodes`` follow nibabel: the letter at position 0 is where voxel axis i (array axis 2)
+    points, position 1 is j (array axis 1), position 2 is k (array axis 0).
+
+    The result is always C-contiguous (the input object itself when nothing moves and it already
+    was). That costs one copy when anything moves, but a flipped view has
+    negative strides, which ``torch.from_numpy`` rejects and which make every later per-slice
+    read slow; paying once here is cheaper than paying in every consumer.
+    """
+
+    def __init__(self, axcodes: str = "LPS"):
+        codes = str(axcodes).upper()
+        if len(codes) != 3 or any(c not in _LETTERS for c in codes):
+            raise ValueError(f"axcodes must be three of L/R, P/A, S/I, got {axcodes!r}")
+        targets = [_LETTERS[c] for c in codes]
+        if len({axis for axis, _ in targets}) != 3:
+            raise ValueError(f"axcodes {axcodes!r} name the same patient axis twice")
+        self.axcodes = codes
+        # patient axis -> (voxel axis wanted along it, sign wanted)
+        self._want = {axis: (v, sign) for v, (axis, sign) in enumerate(targets)}
+
+    def __repr__(self) -> str:
+        return f"Orient({self.axcodes!r})"
+
+    def __call__(self, volume: np.ndarray, affine: Any) -> tuple[np.ndarray, np.ndarray]:
+        vol = _check_volume(volume)
+        aff = _check_affine(affine)
+        cols = aff[:3, :3]
+        if np.any(np.linalg.norm(cols, axis=0) == 0):
+            raise ValueError("affine has a zero-length voxel axis")
+
+        n_ijk = (vol.shape[2], vol.shape[1], vol.shape[0])
+        # For every input voxel axis v: the patient axis it runs along and its direction.
+        patient_axis = [int(np.argmax(np.abs(cols[:, v]))) for v in range(3)]
+        if len(set(patient_axis)) != 3:
+            raise ValueError(
+                "cannot orient: two voxel axes run closest to the same patient axis "
+                "(oblique near 45 degrees or degenerate affine)"
+            )
+        direction = [1 if cols[patient_axis[v], v] > 0 else -1 for v in range(3)]
+
+        # P maps output voxel index to input voxel index: u_in = P @ u_out + t.
+        P = np.zeros((4, 4))
+        P[3, 3] = 1.0
+        perm_in_for_out = [0, 0, 0]  # output voxel axis -> input voxel axis
+        flip_out = [False, False, False]
+        for v in range(3):
+            out_v, want_sign = self._want[patient_axis[v]]
+            sign = direction[v] * want_sign
+            perm_in_for_out[out_v] = v
+            P[v, out_v] = sign
+            if sign < 0:
+                P[v, 3] = n_ijk[v] - 1
+                flip_out[out_v] = True
+
+        if perm_in_for_out == [0, 1, 2] and not any(flip_out):
+            return np.ascontiguousarray(vol), aff  # same object when already contiguous
+
+        # Voxel axis v is array axis 2 - v.
+        transpose = [2 - perm_in_for_out[2 - a] for a in range(3)]
+        out = vol.transpose(transpose)
+        flips = tuple(2 - v for v in range(3) if flip_out[v])
+        if flips:
+            out = np.flip(out, axis=flips)
+        return np.ascontiguousarray(out), aff @ P
+
+
+class Resample:
+    """Resample a volume to ``spacing_zyx`` millimetres (array axis order z, y, x).
+
+    ``Resample((3.0, 1.5, 1.5))(volume, affine) -> (float32 volume, affine)``.
+
+    Output size per axis is ``max(1, floor(n_in * s_in / s_out + 0.5))`` (round half up, not
+    Python's banker's rounding, so the size never depends on parity). Sampling follows
+    ``interpolate(size=..., align_corners=False)``: the physical extent is preserved exactly and
+    the realised spacing is ``s_in * n_in / n_out`` (see the module docstring); the returned
+    affine is exact for what was computed, including oblique affines.
+
+    An axis whose spacing already equals the target within 1e-3 relative is left alone (no
+    interpolation, no resampling blur, affine column unchanged). If all three match the input
+    volume and affine are returned as they are, same objects, same dtype: callers that need
+    float32 or int16 convert afterwards (ingest calls `to_int16_hu` regardless).
+
+    ``mode`` is "trilinear" or "nearest" (torch's "nearest-exact": centre-aligned like the
+    linear mode, unlike torch's legacy "nearest", so the same affine holds; use it for label
+    maps). Trilinear downsampling does not low-pass first, so a 3x reduction aliases fine
+    texture; we accept that for storage because thick-slice CT is already integrated along z by
+    the scanner and in-plane reductions are typically under 2x.
+
+    Memory: trilinear is separable, so the volume is resampled one axis group at a time
+    (in-plane, then z, or the reverse when that gives the smaller intermediate), each in slabs of
+    about 64 MB. Peak extra memory is one float32 intermediate plus the float32 output plus two
+    slabs, instead of a full float32 copy of the input plus torch's own buffers: a 600x512x512
+    int16 series at 1.0/0.7/0.7 mm resampled to 3/1.5/1.5 mm peaks at about 0.4 GB above the
+    input (intermediate 0.14 GB, output 0.05 GB) and takes ~1.3 s on 2 CPU cores. Per-slab
+    results match a single ``interpolate(mode="trilinear")`` call up to float32 rounding.
+
+    Tip for ingest: clip padding values (-2000/-3024) to the air floor *before* resampling;
+    otherwise they are blended into tissue at the edge of the field of view.
+    """
+
+    def __init__(self, spacing_zyx: Sequence[float] = (3.0, 1.5, 1.5), mode: str = "trilinear"):
+        target = tuple(float(s) for s in spacing_zyx)
+        if len(target) != 3 or not all(math.isfinite(s) and s > 0 for s in target):
+            raise ValueError("spacing_zyx must be three positive millimetre values (z, y, x)")
+        if mode not in ("trilinear", "nearest"):
+            raise ValueError(f"mode must be 'trilinear' or 'nearest', got {mode!r}")
+        self.spacing_zyx = target
+        self.mode = mode
+
+    def __repr__(self) -> str:
+        return f"Resample(spacing_zyx={self.spacing_zyx}, mode={self.mode!r})"
+
+    def output_shape(self, shape: Sequence[int], affine: Any) -> tuple[int, int, int]:
+        """The shape `__call__` will produce, without touching any voxels (for planning)."""
+        s_in = spacing_zyx(affine)
+        out = []
+        for n, si, so in zip(shape, s_in, self.spacing_zyx):
+            if abs(si - so) <= 1e-3 * so:
+                out.append(int(n))
+            else:
+                out.append(max(1, int(math.floor(n * si / so + 0.5))))
+        return tuple(out)  # type: ignore[return-value]
+
+    def __call__(self, volume: np.ndarray, affine: Any) -> tuple[np.ndarray, np.ndarray]:
+        vol = _check_volume(volume)
+        aff = _check_affine(affine)
+        out_shape = self.output_shape(vol.shape, aff)
+        if tuple(out_shape) == tuple(vol.shape):
+            return volume, affine
+
+        T = np.eye(4)
+        for a in range(3):
+            r = vol.shape[a] / out_shape[a]
+            c = 2 - a  # array axis a is affine column 2 - a
+            T[c, c] = r
+            T[c, 3] = (r - 1.0) / 2.0
+        new_affine = aff @ T
+
+        nz, ny, nx = vol.shape
+        oz, oy, ox = out_shape
+        inplane = (oy, ox) != (ny, nx)
+        along_z = oz != nz
+        if inplane and along_z:
+            # Order by intermediate size: the first pass's output must be held in full.
+            if nz * oy * ox <= oz * ny * nx:
+                mid = _resample_inplane(vol, (oy, ox), self.mode)
+                out = _resample_z(mid, oz, self.mode)
+            else:
+                mid = _resample_z(vol, oz, self.mode)
+                out = _resample_inplane(mid, (oy, ox), self.mode)
+            del mid
+        elif inplane:
+            out = _resample_inplane(vol, (oy, ox), self.mode)
+        else:
+            out = _resample_z(vol, oz, self.mode)
+        return out, new_affine
+
+
+def _torch_mode(mode: str, ndim: int) -> tuple[str, dict]:
+    if mode == "nearest":
+        return "nearest-exact", {}
+    return ("linear", "bilinear", "trilinear")[ndim - 1], {"align_corners": False}
+
+
+def _resample_inplane(src: np.ndarray, size_yx: tuple[int, int], mode: str) -> np.ndarray:
+    """Resample axes 1 and 2, slabs along axis 0 (slices are independent)."""
+    import torch
+    import torch.nn.functional as F
+
+    nz, ny, nx = src.shape
+    dst = np.empty((nz, *size_yx), dtype=np.float32)
+    step = max(1, _CHUNK_ELEMENTS // max(1, ny * nx))
+    tmode, kw = _torch_mode(mode, 2)
+    with torch.inference_mode():
+        for z0 in range(0, nz, step):
+            slab = np.ascontiguousarray(src[z0 : z0 + step], dtype=np.float32)
+            # Slices ride in the channel axis: one call, no per-slice Python loop.
+            t = F.interpolate(torch.from_numpy(slab)[None], size=size_yx, mode=tmode, **kw)
+            dst[z0 : z0 + step] = t[0].numpy()
+    return dst
+
+
+def _resample_z(src: np.ndarray, size_z: int, mode: str) -> np.ndarray:
+    """Resample axis 0, slabs along axis 1.
+
+    The slab is viewed as a 2-D image (z, rows*columns) and resized only in height: along the
+    width the scale is exactly 1, so every sample lands on an input column with weight 1 and the
+    in-plane values pass through bit-exact.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    nz, ny, nx = src.shape
+    dst = np.empty((size_z, ny, nx), dtype=np.float32)
+    step = max(1, _CHUNK_ELEMENTS // max(1, nz * nx))
+    tmode, kw = _torch_mode(mode, 2)
+    with torch.inference_mode():
+        for y0 in range(0, ny, step):
+            slab = np.ascontiguousarray(src[:, y0 : y0 + step], dtype=np.float32)
+            rows = slab.shape[1]
+            t = torch.from_numpy(slab.reshape(nz, rows * nx))[None, None]
+            t = F.interpolate(t, size=(size_z, rows * nx), mode=tmode, **kw)
+            dst[:, y0 : y0 + rows] = t[0, 0].numpy().reshape(size_z, rows, nx)
+    return dst
+
+
+# --------------------------------------------------------------------------------------------
+# Intensity storage
+# --------------------------------------------------------------------------------------------
+
+
+def to_int16_hu(volume: Any) -> np.ndarray:
+    """Float (or integer) HU -> int16 HU for storage.
+
+    Rounds half away from zero (so +0.5 and -0.5 behave symmetrically, unlike numpy's
+    half-to-even) and clips to ``[-1024, 32767]``. NaN becomes -1024.
+
+    Why -1024: air is about -1000 HU, and nothing in a patient is less dense than air. Values
+    below it are not anatomy but scanner padding and outside-the-field-of-view fill (commonly
+    -2000, -2048 or -3024). Folding them into one air floor keeps the circular reconstruction
+    edge from looking like a strong structure to a model, keeps intensity statistics about the
+    patient, and matches the lowest value of the common 12-bit encoding (intercept -1024).
+    The top is just int16's limit: dense metal can exceed 3071 on extended-scale scanners.
+
+    Works slab by slab so a 600-slice float volume needs no full-size float temporaries.
+    """
+    if _is_tensor(volume):
+        volume = volume.detach().cpu().numpy()
+    v = np.asarray(volume)
+    if np.issubdtype(v.dtype, np.integer):
+        info = np.iinfo(v.dtype)
+        # Bounds in the input's own range: NEP 50 rejects -1024 as a uint16 scalar.
+        return np.clip(v, max(HU_MIN, info.min), min(HU_MAX, info.max)).astype(np.int16)
+    out = np.empty(v.shape, dtype=np.int16)
+    if v.ndim == 0:
+        return _round_clip_hu(v.reshape(1)).reshape(())
+    step = max(1, _CHUNK_ELEMENTS // max(1, v[:1].size))
+    for r0 in range(0, v.shape[0], step):
+        out[r0 : r0 + step] = _round_clip_hu(v[r0 : r0 + step])
+    return out
+
+
+def _round_clip_hu(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    x = np.copysign(np.floor(np.abs(x) + 0.5), x)
+    x = np.nan_to_num(x, nan=HU_MIN, posinf=HU_MAX, neginf=HU_MIN)
+    np.clip(x, HU_MIN, HU_MAX, out=x)
+    return x.astype(np.int16)
+
+
+# --------------------------------------------------------------------------------------------
+# Model views
+# --------------------------------------------------------------------------------------------
+
+
+class ResizeLongest:
+    """Resize a 2-D image so its longest side is ``size``, keeping the aspect ratio.
+
+    ``ResizeLongest(1024)(image) -> (image float32, (scale_y, scale_x))``. The short side is
+    ``max(1, round half up(n * size / longest))``; ``scale_yx`` are the realised factors
+    (out / in per axis), which differ slightly between axes because of that rounding; use them,
+    not ``size / longest``, to map coordinates.
+
+    Downsampling is antialiased (torch bilinear with ``antialias=True``): radiographs are often
+    3000 px and a plain bilinear 3x reduction aliases fine lines such as fractures and the
+    detector grid. Upsampling invents no information and costs memory, so it is off unless
+    ``allow_upsample=True``; in that case the image is returned unchanged with scale (1, 1).
+
+    Accepts numpy or torch ``[..., H, W]`` (leading axes are treated as channels) and returns
+    the same type.
+    """
+
+    def __init__(self, size: int = 1024, allow_upsample: bool = False):
+        if int(size) < 1:
+            raise ValueError("size must be a positive number of pixels")
+        self.size = int(size)
+        self.allow_upsample = bool(allow_upsample)
+
+    def __repr__(self) -> str:
+        return f"ResizeLongest({self.size}, allow_upsample={self.allow_upsample})"
+
+    def output_hw(self, h: int, w: int) -> tuple[int, int]:
+        """The (height, width) `__call__` will produce for an ``h x w`` input."""
+        longest = max(h, w)
+        if longest == self.size or (longest < self.size and not self.allow_upsample):
+            return h, w
+        s = self.size / longest
+        if h >= w:
+            return self.size, max(1, int(math.floor(w * s + 0.5)))
+        return max(1, int(math.floor(h * s + 0.5))), self.size
+
+    def __call__(self, image: Any) -> tuple[Any, tuple[float, float]]:
+        import torch
+        import torch.nn.functional as F
+
+        as_tensor = _is_tensor(image)
+        t = image if as_tensor else torch.from_numpy(np.ascontiguousarray(image))
+        if t.ndim < 2:
+            raise ValueError("ResizeLongest expects an image [..., H, W]")
+        t = t.to(torch.float32)
+        h, w = int(t.shape[-2]), int(t.shape[-1])
+        oh, ow = self.output_hw(h, w)
+        if (oh, ow) != (h, w):
+            lead = t.shape[:-2]
+            with torch.inference_mode():
+                x = t.reshape(1, -1, h, w)
+                x = F.interpolate(
+                    x, size=(oh, ow), mode="bilinear", align_corners=False,
+                    antialias=(oh < h or ow < w),
+                )
+            t = x.reshape(*lead, oh, ow)
+        out = t if as_tensor else t.numpy()
+        return out, (oh / h, ow / w)
+
+
+class ScaleIntensityRange:
+    """MONAI's ScaleIntensityRange: map ``[a_min, a_max]`` linearly onto ``[b_min, b_max]``.
+
+    Result is float32 in the input's container type (numpy in -> numpy out, torch in -> torch
+    out on the same device). With ``clip=True`` the output is clamped to the b range (works for
+    reversed ranges too). Unlike MONAI, an empty input range is a ValueError at construction:
+    it is always a configuration mistake and should not surface as a warning mid-epoch.
+    """
+
+    def __init__(self, a_min: float, a_max: float, b_min: float = 0.0, b_max: float = 1.0,
+                 clip: bool = False):
+        if a_max == a_min:
+            raise ValueError("a_max must differ from a_min")
+        self.a_min, self.a_max = float(a_min), float(a_max)
+        self.b_min, self.b_max = float(b_min), float(b_max)
+        self.clip = bool(clip)
+
+    def __repr__(self) -> str:
+        return (f"ScaleIntensityRange({self.a_min}, {self.a_max}, {self.b_min}, {self.b_max}, "
+                f"clip={self.clip})")
+
+    def __call__(self, x: Any) -> Any:
+        scale = (self.b_max - self.b_min) / (self.a_max - self.a_min)
+        lo, hi = min(self.b_min, self.b_max), max(self.b_min, self.b_max)
+        if _is_tensor(x):
+            import torch
+
+            y = (x.to(torch.float32) - self.a_min) * scale + self.b_min
+            return y.clamp(lo, hi) if self.clip else y
+        y = (np.asarray(x, dtype=np.float32) - np.float32(self.a_min)) * np.float32(scale)
+        y += np.float32(self.b_min)
+        if self.clip:
+            np.clip(y, lo, hi, out=y)
+        return y
+
+
+class WindowHU:
+    """CT windows as channels: each ``(level, width)`` maps ``[L - W/2, L + W/2]`` HU to [0, 1].
+
+    ``WindowHU([(40, 400), (-600, 1500)])(hu)`` returns float32 of shape ``(n_windows, *hu.shape)``
+    (a new leading channel axis), clipped to [0, 1]. numpy in -> numpy out, torch in -> torch
+    out; both paths compute in float32 with the same formula so they agree to rounding.
+    Multi-window input is the usual way to give a model the dynamic range of 12-bit CT without
+    letting bone and air dominate a single normalisation.
+    """
+
+    def __init__(self, windows: Sequence[tuple[float, float]] = ((40.0, 400.0),)):
+        ws = [(float(level), float(width)) for level, width in windows]
+        if not ws or any(width <= 0 for _, width in ws):
+            raise ValueError("windows must be a non-empty list of (level, width>0) HU pairs")
+        self.windows = ws
+        self._scalers = [
+            ScaleIntensityRange(level - width / 2, level + width / 2, 0.0, 1.0, clip=True)
+            for level, width in ws
+        ]
+
+    def __repr__(self) -> str:
+        return f"WindowHU({self.windows})"
+
+    def __call__(self, hu: Any) -> Any:
+        chans = [s(hu) for s in self._scalers]
+        if _is_tensor(hu):
+            import torch
+
+            return torch.stack(chans, dim=0)
+        return np.stack(chans, axis=0)

@@ -1,0 +1,320 @@
+"""End-to-end ingest on a real local Ray cluster over a generated + package-shipped DICOM corpus."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radforge import config, deid, ingest, phantoms, shardspec, storage
+from radforge.config import IngestRecipe
+
+SECRET = "module-secret-" + "k" * 40
+REPO = Path(__file__).resolve().parents[1]
+# Phantom geometry (see phantoms.ct_series defaults): no resampling, so volumes compare exactly.
+NATIVE_SPACING = "ct.spacing_mm=[2.5,0.8,0.8]"
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO / "platform") + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    return phantoms.build_corpus(tmp_path_factory.mktemp("corpus"), n_patients=3)
+
+
+@pytest.fixture(scope="module")
+def run1(corpus, ray_cluster, tmp_path_factory):
+    dest = str(tmp_path_factory.mktemp("out") / "shards")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RADFORGE_DEID_SECRET", SECRET)
+        recipe = config.load(IngestRecipe, None, [NATIVE_SPACING, "shards.target_mb=0.05"])
+        result = ingest.run(corpus.dicom_dir, dest, recipe, reports=corpus.reports_csv, labels=corpus.labels_csv, progress=False)
+    return result
+
+
+def _samples(result):
+    out = []
+    for raw in shardspec.iter_samples(result.dest, result.manifest):
+        arr, meta, report = shardspec.decode_sample({k: v for k, v in raw.items() if not k.startswith("__")})
+        out.append((raw["__key__"], arr, meta, report))
+    return out
+
+
+def test_accounting_matches_the_corpus(run1, corpus):
+    exp = corpus.expected
+    inp = run1.manifest["inputs"]
+    assert inp["seen"] == exp["files"]
+    assert inp["rejected"] == exp["rejected"]
+    assert inp["skipped"] == exp["skipped"]
+    assert inp["used"] == exp["ct_files"] + exp["xray_images"]
+    assert shardspec.reconciles(inp)
+    mods = run1.manifest["totals"]["by_modality"]
+    assert mods["CT"] == exp["ct_volumes"]
+    assert sum(v for k, v in mods.items() if k != "CT") == exp["xray_images"]
+
+
+def test_rejects_ledger_has_every_rejected_file_with_its_reason(run1, corpus):
+    lines = storage.read_bytes(storage.join(run1.private, "rejects.jsonl")).decode().splitlines()
+    ledger = {r["path"]: r["reason"] for r in map(json.loads, lines)}
+    expected = {p: r for p, r in corpus.outcome.items() if r is not None}
+    assert ledger == expected
+    # The private location is not inside DEST.
+    assert not run1.private.startswith(run1.dest + "/")
+
+
+def test_no_identifying_value_reaches_dest(run1, corpus):
+    needles = [s.encode() for s in corpus.secrets + corpus.package_secrets if len(s) >= 6]
+    needles.append(phantoms.PHI_MARKER.encode())
+    # Source folders are named after PHI: no source path may leak either.
+    needles.append(corpus.dicom_dir.encode())
+    checked = 0
+    for path in Path(run1.dest).rglob("*"):
+        if not path.is_file():
+            continue
+        blobs = [path.read_bytes()]
+        if path.suffix == ".tar":
+            with tarfile.open(path) as tf:
+                for m in tf.getmembers():
+                    assert phantoms.PHI_MARKER not in m.name
+                    blobs.append(tf.extractfile(m).read())
+        for blob in blobs:
+            checked += 1
+            low = blob.lower()
+            for n in needles:
+                assert n.lower() not in low, f"identifying value found in {path.name}"
+    assert checked > 10
+
+
+def test_ct_volumes_equal_ground_truth_in_lps(run1, corpus):
+    """Slice order, HU rescale, every transfer syntax and the reorientation of axial, coronal and
+    sagittal acquisitions, checked voxel by voxel against the phantom's ground truth."""
+    from radforge import transforms
+
+    pseudo = deid.Pseudonymizer(SECRET.encode())
+    by_key = {k: (arr, meta) for k, arr, meta, _ in _samples(run1)}
+    target = run1.manifest["profile"]["ct"]["spacing_mm"]
+    orientations = set()
+    for s in corpus.series:
+        if s.expected_reason is not None or s.hu_lps is None:
+            continue
+        arr, meta = by_key[pseudo("series", s.series_uid)]
+        src = meta["canonical_source_spacing_mm"]
+        assert sorted(src) == pytest.approx(sorted(s.spacing_zyx))
+        truth = np.maximum(s.hu_lps, -1024).astype(np.float32)
+        expected, affine = transforms.Resample(target)(truth, np.diag([src[2], src[1], src[0], 1.0]))
+        np.testing.assert_array_equal(arr, transforms.to_int16_hu(expected))
+        assert meta["orientation"] == "LPS" and meta["shape"] == list(arr.shape)
+        assert meta["spacing_mm"] == pytest.approx(transforms.spacing_zyx(affine), abs=1e-5)
+        stored = np.array(meta["affine_lps"])
+        assert np.all(np.diag(stored)[:3] > 0)
+        assert np.allclose(stored[:3, :3], np.diag(np.diag(stored)[:3]), atol=1e-3)
+        orientations.add(s.orientation)
+    assert {"axial", "coronal", "sagittal"} <= orientations
+
+
+def test_reports_are_redacted_and_labels_joined(run1, corpus):
+    by_study = {}
+    pseudo = deid.Pseudonymizer(SECRET.encode())
+    for st in corpus.studies:
+        by_study[pseudo("study", st.study_uid)] = st
+    with_report = 0
+    for key, arr, meta, report in _samples(run1):
+        st = by_study.get(meta["study"])
+        if st is None:  # package files have no report
+            assert report is None and "labels" not in meta
+            continue
+        assert report is not None and meta["has_report"]
+        with_report += 1
+        assert phantoms.PHI_MARKER not in report
+        assert "[REDACTED]" in report
+        assert meta["labels"] == {f: st.findings.get(f) for f in meta["labels"]}
+        assert set(meta["labels"]) == set(phantoms.FINDINGS)
+    assert with_report >= 6
+
+
+def test_a_patient_is_in_exactly_one_split(run1):
+    splits = {}
+    for _, _, meta, _ in _samples(run1):
+        splits.setdefault(meta["patient"], set()).add(meta["split"])
+        assert meta["split"] in ("train", "val", "test")
+    assert all(len(v) == 1 for v in splits.values())
+
+
+def test_manifest_shards_are_complete_and_readable_by_stock_tools(run1, ray_cluster):
+    import ray
+    import webdataset as wds
+
+    m = run1.manifest
+    assert len(m["shards"]) >= 2  # target_mb is tiny: several shards
+    urls = []
+    for s in m["shards"]:
+        p = os.path.join(run1.dest, s["path"])
+        data = Path(p).read_bytes()
+        assert hashlib.sha256(data).hexdigest() == s["sha256"] and len(data) == s["bytes"]
+        with tarfile.open(p) as tf:
+            keys = {n.split(".", 1)[0] for n in tf.getnames()}
+        assert len(keys) == s["samples"]
+        urls.append(p)
+    n = sum(1 for _ in wds.WebDataset(urls, shardshuffle=False).decode())
+    assert n == m["totals"]["samples"]
+    # Samples are heterogeneous (.npy or .png, optional .txt): read raw bytes, no tensor casting.
+    ray.data.DataContext.get_current().enable_tensor_extension_casting = False
+    try:
+        ds = ray.data.read_webdataset([os.path.join(run1.dest, s["path"]) for s in m["shards"]], decoder=None)
+        rows = ds.take_all()
+    finally:
+        ray.data.DataContext.get_current().enable_tensor_extension_casting = True
+    assert len(rows) == m["totals"]["samples"]
+    assert all(json.loads(r["json"])["modality"] in ("CT", "CR", "DX") for r in rows)
+    keys = [k for k, *_ in _samples(run1)]
+    assert len(keys) == len(set(keys))
+
+
+def test_rerun_of_a_finished_ingest_is_a_noop(run1, corpus):
+    before = {p: p.stat().st_mtime_ns for p in Path(run1.dest).rglob("*") if p.is_file()}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RADFORGE_DEID_SECRET", SECRET)
+        recipe = config.load(IngestRecipe, None, [NATIVE_SPACING, "shards.target_mb=0.05"])
+        again = ingest.run(corpus.dicom_dir, run1.dest, recipe, reports=corpus.reports_csv, labels=corpus.labels_csv, progress=False)
+    assert again.noop
+    after = {p: p.stat().st_mtime_ns for p in Path(run1.dest).rglob("*") if p.is_file()}
+    assert before == after
+
+
+def test_a_different_plan_into_the_same_dest_is_refused(run1, corpus):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RADFORGE_DEID_SECRET", SECRET)
+        recipe = config.load(IngestRecipe, None, ["shards.target_mb=0.05"])  # other spacing
+        with pytest.raises(Exception, match="different ingest"):
+            ingest.run(corpus.dicom_dir, run1.dest, recipe, progress=False)
+
+
+def test_inspect_prints_samples_as_json_and_draws_a_montage(run1, tmp_path):
+    png = tmp_path / "m.png"
+    out = subprocess.run(
+        [sys.executable, "-m", "radforge", "inspect", run1.dest, "--samples", "3", "--json"],
+        capture_output=True, text=True, env=_env(), check=True,
+    ).stdout.splitlines()
+    rows = [json.loads(line) for line in out]
+    assert len(rows) == 3 and all({"modality", "shape", "spacing_mm", "patient", "split"} <= set(r) for r in rows)
+    subprocess.run([sys.executable, "-m", "radforge", "inspect", run1.dest, "--png", str(png)], env=_env(), check=True)
+    from PIL import Image
+
+    img = Image.open(png)
+    assert img.size[0] > 500 and img.size[1] > 200
+    summary = subprocess.run([sys.executable, "-m", "radforge", "inspect", run1.dest], capture_output=True, text=True, env=_env(), check=True).stdout
+    assert "files seen" in summary and "CT volumes" in summary
+
+
+# ----------------------------------------------------------------------------- object storage
+
+
+def test_ingest_from_and_to_s3(s3_bucket, ray_cluster, tmp_path):
+    small = phantoms.build_corpus(tmp_path / "c", n_patients=1, include_package_files=False)
+    fs, _ = storage.url_to_fs(s3_bucket)
+    fs.put(small.dicom_dir, s3_bucket.removeprefix("s3://") + "/raw/dicom", recursive=True)
+    fs.put(small.reports_csv, s3_bucket.removeprefix("s3://") + "/raw/reports.csv")
+    storage.clear_cache()
+    recipe = config.load(IngestRecipe, None, ["deid.demo_key=true"])
+    res = ingest.run(f"{s3_bucket}/raw/dicom", f"{s3_bucket}/shards", recipe, reports=f"{s3_bucket}/raw/reports.csv", progress=False)
+    m = shardspec.read_manifest(f"{s3_bucket}/shards")
+    assert m["inputs"]["seen"] == small.expected["files"]
+    assert m["inputs"]["rejected"] == small.expected["rejected"]
+    assert m["totals"]["samples"] == small.expected["ct_volumes"] + small.expected["xray_images"]
+    assert storage.exists(f"{s3_bucket}/shards.private/rejects.jsonl")
+    n = sum(1 for _ in shardspec.iter_samples(f"{s3_bucket}/shards", m))
+    assert n == m["totals"]["samples"] and res.ok
+
+
+# ----------------------------------------------------------------------------- kill and resume
+
+
+def test_killed_ingest_resumes_without_rewriting_completed_shards(corpus, ray_cluster, tmp_path):
+    import time
+
+    dest = tmp_path / "shards"
+    progress = Path(str(dest) + ".private") / "progress"
+    cmd = [sys.executable, "-m", "radforge", "ingest", corpus.dicom_dir, str(dest), "--demo", "--no-progress",
+           "--set", "shards.target_mb=0.02"]
+    env = _env(RAY_ADDRESS=ray_cluster)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        if progress.exists() and len(list(progress.glob("*.json"))) >= 2:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "ingest finished before it could be killed: make the corpus bigger"
+    proc.kill()
+    proc.wait()
+    assert not (dest / "manifest.json").exists()
+    done_before = {p.name: json.loads(p.read_text())["path"] for p in progress.glob("*.json")}
+    stamps = {rel: (dest / rel).stat().st_mtime_ns for rel in done_before.values() if (dest / rel).exists()}
+    assert stamps, "completed shards exist before the restart"
+
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    m = json.loads((dest / "manifest.json").read_text())
+    for rel, ns in stamps.items():
+        assert (dest / rel).stat().st_mtime_ns == ns, f"{rel} was rewritten"
+    keys = []
+    for s in m["shards"]:
+        with tarfile.open(dest / s["path"]) as tf:
+            keys += sorted({n.split(".", 1)[0] for n in tf.getnames()})
+    assert len(keys) == len(set(keys)) == m["totals"]["samples"]
+    assert m["totals"]["samples"] == corpus.expected["ct_volumes"] + corpus.expected["xray_images"]
+    assert shardspec.reconciles(m["inputs"]) and m["inputs"]["seen"] == corpus.expected["files"]
+
+
+# ----------------------------------------------------------------------------- bad configuration
+
+
+def _cli(*args, **env):
+    return subprocess.run([sys.executable, "-m", "radforge", *args], capture_output=True, text=True, env=_env(**env), timeout=120)
+
+
+@pytest.mark.parametrize(
+    "args,needle",
+    [
+        (["--set", "ct.spacing=[1,1,1]"], "unknown recipe key ct.spacing"),
+        (["--set", "xray.voi=maybe"], "xray.voi must be one of"),
+        (["--recipe", "/nonexistent/recipe.yaml"], "recipe not found"),
+    ],
+)
+def test_bad_recipe_fails_before_any_work_with_one_line(args, needle, tmp_path, corpus):
+    dest = tmp_path / "out"
+    r = _cli("ingest", corpus.dicom_dir, str(dest), "--demo", *args)
+    assert r.returncode == 2
+    assert needle in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert not dest.exists()
+
+
+def test_bad_locations_and_missing_secret_fail_clearly(tmp_path, corpus):
+    r = _cli("ingest", str(tmp_path / "missing"), str(tmp_path / "o1"), "--demo")
+    assert r.returncode == 2 and "does not exist" in r.stderr.lower() or "not found" in r.stderr.lower()
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    r = _cli("ingest", corpus.dicom_dir, str(blocker / "sub"), "--demo")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    env = {"RADFORGE_DEID_SECRET": ""}
+    r = _cli("ingest", corpus.dicom_dir, str(tmp_path / "o2"), **env)
+    assert r.returncode == 2 and "RADFORGE_DEID_SECRET" in r.stderr
+    r = _cli("ingest", corpus.dicom_dir, str(tmp_path / "o3"), "--demo", "--reports", str(tmp_path / "nope.csv"))
+    assert r.returncode == 2 and "table not found" in r.stderr
+    r = _cli("ingest", corpus.dicom_dir, str(tmp_path / "o3"), "--demo", "--reports", corpus.reports_csv, "--set", "reports.text_column=body")
+    assert r.returncode == 2 and "no column 'body'" in r.stderr
+    r = _cli("ingest", "s3://no-such-bucket-radforge/x", str(tmp_path / "o4"), "--demo",
+             AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b")
+    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1

@@ -9,6 +9,8 @@ PIP    := $(VENV)/bin/pip
 # GPU users: `make setup CONSTRAINTS=` and install their CUDA build of torch first.
 CONSTRAINTS ?= constraints.txt
 STAMP  := $(VENV)/.installed
+# PIP_CONSTRAINT (not -c) so that build environments of source packages honour the pin too.
+PIN    := $(if $(CONSTRAINTS),PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)))
 
 DEMO_DIR ?= var/demo
 PYTEST_ARGS ?=
@@ -23,11 +25,11 @@ help:
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml $(CONSTRAINTS)
+$(STAMP): pyproject.toml $(CONSTRAINTS) Makefile
 	$(PYTHON) -m venv $(VENV)
 	# torch first, from the pinned build, so nothing else can pull a different one.
-	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(PIP) install --quiet torch
-	PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)) $(PIP) install --quiet -e '.[test]'
+	$(PIN) $(PIP) install --quiet torch
+	$(PIN) $(PIP) install --quiet -e '.[test]'
 	touch $(STAMP)
 
 test: $(STAMP)

@@ -318,3 +318,48 @@ def test_bad_locations_and_missing_secret_fail_clearly(tmp_path, corpus):
     r = _cli("ingest", "s3://no-such-bucket-radforge/x", str(tmp_path / "o4"), "--demo",
              AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b")
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_logs_and_terminal_output_hold_no_identifying_values(corpus, ray_cluster, tmp_path):
+    """The CLI's stdout/stderr and every Ray log file of the cluster that ran the tasks."""
+    import ray
+
+    r = _cli("ingest", corpus.dicom_dir, str(tmp_path / "shards"), "--demo",
+             "--reports", corpus.reports_csv, "--labels", corpus.labels_csv, RAY_ADDRESS=ray_cluster)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "files seen" in r.stdout
+    needles = [s for s in corpus.secrets if len(s) >= 6] + [phantoms.PHI_MARKER]
+    for text in (r.stdout, r.stderr):
+        for n in needles:
+            assert n.lower() not in text.lower()
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    scanned = 0
+    for f in logs.rglob("*"):
+        if f.is_file():
+            blob = f.read_bytes().lower()
+            scanned += 1
+            for n in needles:
+                assert n.lower().encode() not in blob, f"identifying value in Ray log {f.name}"
+    assert scanned > 0
+
+
+def test_report_and_label_tables_read_the_same_from_csv_parquet_and_jsonl(corpus, tmp_path):
+    import pyarrow.csv as pcsv
+    import pyarrow.parquet as pq
+
+    base = pcsv.read_csv(corpus.labels_csv, convert_options=pcsv.ConvertOptions(column_types={"AccessionNumber": "string"}))
+    pq.write_table(base, tmp_path / "labels.parquet")
+    with open(tmp_path / "labels.jsonl", "w") as f:
+        for row in base.to_pylist():
+            f.write(json.dumps(row) + "\n")
+    cfg = IngestRecipe().labels
+    maps = []
+    for path in (corpus.labels_csv, str(tmp_path / "labels.parquet"), str(tmp_path / "labels.jsonl")):
+        spec = ingest._TablesSpec.load(None, IngestRecipe().reports, path, cfg)
+        maps.append(spec.read()["labels"]["map"])
+    assert maps[0] == maps[1] == maps[2] and len(maps[0]) >= 3
+    for st in corpus.studies:
+        if st.accession in maps[0]:
+            assert maps[0][st.accession] == {f: st.findings.get(f) for f in phantoms.FINDINGS}
+    # CheXpert cells: 1 / 0 / -1 / blank; anything else is missing, never a guess.
+    assert [ingest._label(v) for v in ("1", "0", "-1", "", None, "1.0", "maybe", float("nan"))] == [1, 0, -1, None, None, 1, None, None]

@@ -515,37 +515,49 @@ def _load_progress(progress_url: str, digest: str) -> dict[str, dict]:
 
 
 def _accounting(items, records: dict[str, dict], seen: int, private: str) -> dict:
-    """seen = used + skipped + rejected, by file; writes the private rejects ledger (JSONL)."""
-    skipped: dict[str, int] = {}
-    rejected: dict[str, int] = {}
-    ledger = []
+    """seen = used + skipped + rejected, by file; streams the private rejects ledger (JSONL).
+
+    Dispositions are exploded to one row per file inside Ray tasks; the driver only appends
+    batches to a local file (bounded memory) and sums counts with pyarrow.
+    """
     import pyarrow.compute as pc
 
-    def disposed(batch: pa.Table) -> pa.Table:
-        return batch.filter(pc.is_in(batch.column("status"), pa.array(["rejected", "skipped"])))
+    def explode(batch: pa.Table) -> pa.Table:
+        batch = batch.filter(pc.is_in(batch.column("status"), pa.array(["rejected", "skipped"])))
+        paths = batch.column("all_paths").combine_chunks()
+        parent = pc.list_parent_indices(paths)
+        return pa.table(
+            {
+                "path": pc.list_flatten(paths),
+                "status": pc.take(batch.column("status"), parent),
+                "reason": pc.take(batch.column("reason"), parent),
+            }
+        )
 
-    for batch in items.map_batches(disposed, batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=4096):
-        for status, reason, paths in zip(
-            batch.column("status").to_pylist(), batch.column("reason").to_pylist(), batch.column("all_paths").to_pylist()
-        ):
-            bucket = rejected if status == "rejected" else skipped
-            bucket[reason] = bucket.get(reason, 0) + len(paths)
-            ledger.extend({"path": p, "status": status, "reason": reason} for p in paths)
-    used = 0
-    for rec in records.values():
-        used += rec["used_files"]
-        for rej in rec["rejects"]:
-            rejected[rej["reason"]] = rejected.get(rej["reason"], 0) + len(rej["paths"])
-            ledger.extend({"path": p, "status": "rejected", "reason": rej["reason"]} for p in rej["paths"])
-    ledger.sort(key=lambda r: r["path"])
-    storage.write_bytes_atomic(
-        storage.join(private, "rejects.jsonl"), "".join(json.dumps(r) + "\n" for r in ledger).encode()
-    )
+    counts = {"rejected": {}, "skipped": {}}
+
+    def add(status: str, reason: str, n: int) -> None:
+        counts[status][reason] = counts[status].get(reason, 0) + n
+
+    with tempfile.TemporaryDirectory(prefix="radforge-ledger-") as tmp:
+        local = os.path.join(tmp, "rejects.jsonl")
+        with open(local, "w") as out:
+            for batch in items.map_batches(explode, batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=8192):
+                for row in batch.group_by(["status", "reason"]).aggregate([("path", "count")]).to_pylist():
+                    add(row["status"], row["reason"], row["path_count"])
+                out.writelines(json.dumps(r) + "\n" for r in batch.to_pylist())
+            used = 0
+            for rec in records.values():
+                used += rec["used_files"]
+                for rej in rec["rejects"]:
+                    add("rejected", rej["reason"], len(rej["paths"]))
+                    out.writelines(json.dumps({"path": p, "status": "rejected", "reason": rej["reason"]}) + "\n" for p in rej["paths"])
+        storage.put_file_atomic(local, storage.join(private, "rejects.jsonl"))
     return {
         "seen": seen,
         "used": used,
-        "skipped": dict(sorted(skipped.items())),
-        "rejected": dict(sorted(rejected.items())),
+        "skipped": dict(sorted(counts["skipped"].items())),
+        "rejected": dict(sorted(counts["rejected"].items())),
     }
 
 

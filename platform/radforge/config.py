@@ -9,7 +9,9 @@ message, before any work starts.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -44,12 +46,19 @@ class CTConfig:
     max_voxels: int = 1024 * 1024 * 2000
 
     def __post_init__(self):
+        # Comparisons are written so that NaN fails them (`not x > 0`), since NaN < 0 is False too.
         _positive("ct.spacing_mm", self.spacing_mm, n=3)
+        # Floats, always: the spacing feeds the profile_id digest, where 3 and 3.0 hash differently.
+        self.spacing_mm = tuple(float(v) for v in self.spacing_mm)
         if self.min_slices < 2:
             raise ConfigError("ct.min_slices must be >= 2")
         if not 0 < self.spacing_tolerance < 1:
             raise ConfigError("ct.spacing_tolerance must be in (0, 1)")
+        if not 0 <= self.max_tilt_deg < 90:
+            raise ConfigError(f"ct.max_tilt_deg must be in [0, 90), got {self.max_tilt_deg!r}")
         _choice("ct.duplicate_positions", self.duplicate_positions, ("reject", "drop"))
+        if not self.max_voxels > 0:
+            raise ConfigError(f"ct.max_voxels must be > 0, got {self.max_voxels!r}")
 
 
 @dataclass
@@ -77,6 +86,10 @@ class DeidConfig:
     demo_key: bool = False
     keep_age_sex: bool = False
 
+    def __post_init__(self):
+        if not self.secret_env or not self.secret_env.strip():
+            raise ConfigError("deid.secret_env must name an environment variable")
+
 
 @dataclass
 class TableConfig:
@@ -96,8 +109,8 @@ class ShardConfig:
     target_mb: float = 256.0
 
     def __post_init__(self):
-        if self.target_mb <= 0:
-            raise ConfigError("shards.target_mb must be > 0")
+        if not self.target_mb > 0:
+            raise ConfigError(f"shards.target_mb must be > 0, got {self.target_mb!r}")
 
 
 @dataclass
@@ -117,13 +130,17 @@ class IngestRecipe:
     private_dir: str | None = None
 
     def __post_init__(self):
+        if not self.name or not self.name.strip():
+            raise ConfigError("name must be a non-empty string")
         bad = [m for m in self.modalities if m not in SUPPORTED_MODALITIES]
         if bad or not self.modalities:
             raise ConfigError(f"modalities must be a non-empty subset of {list(SUPPORTED_MODALITIES)}, got {self.modalities}")
-        if not self.splits or any(v < 0 for v in self.splits.values()) or abs(sum(self.splits.values()) - 1) > 1e-6:
+        fractions = list(self.splits.values())
+        if not fractions or not all(v >= 0 for v in fractions) or not abs(sum(fractions) - 1) <= 1e-6:
             raise ConfigError(f"splits must be non-negative fractions summing to 1, got {self.splits}")
+        self.splits = {name: float(v) for name, v in self.splits.items()}
         for name in self.splits:
-            if not name.isidentifier():
+            if not isinstance(name, str) or not name.isidentifier():
                 raise ConfigError(f"split name {name!r} must be a plain identifier")
 
 
@@ -133,40 +150,118 @@ class IngestRecipe:
 
 
 def load(cls: type, path: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Any:
-    """Build `cls` from an optional YAML file plus `a.b=value` overrides (values parsed as YAML)."""
+    """Build `cls` from an optional YAML file plus `a.b=value` overrides (values parsed as YAML).
+
+    Sections (nested dataclasses) merge: a YAML file or `--set ct.min_slices=4` changes only what it
+    names. Mapping-valued settings (`splits`) are values: a YAML file that states `splits` replaces
+    the default mapping whole, while `--set splits.val=0.2` changes one entry of the mapping in
+    effect (the file's, else the default), so `--set` acts the same with or without
+    `--recipe shards/recipes/default.yaml`. `--set splits={train: 0.9, test: 0.1}` replaces it.
+    """
     data: dict = {}
     if path:
         from radforge import storage
 
         try:
-            text = storage.read_bytes(path).decode()
+            text = storage.read_bytes(path).decode("utf-8")
         except FileNotFoundError:
             raise ConfigError(f"recipe not found: {path}") from None
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"recipe {path} cannot be read: {_one_line(e)}") from None
         try:
             data = yaml.safe_load(text) or {}
         except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {path} is not valid YAML: {str(e).splitlines()[0]}") from None
+            raise ConfigError(f"recipe {path} is not valid YAML: {_one_line(e)}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"recipe {path} must be a mapping at the top level")
     for item in overrides:
         key, sep, raw = item.partition("=")
+        key = key.strip()
         if not sep or not key:
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise ConfigError(f"--set {key}: {p} is not a section")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"--set {key}: value is not valid YAML: {_one_line(e)}") from None
+        _set(cls, data, key, value)
     return from_dict(cls, data)
 
 
+def _set(cls: type, data: dict, key: str, value: Any) -> None:
+    """Put one dotted override into the raw recipe mapping, walking the dataclass types so that an
+    unknown or non-section key fails here with its full dotted name."""
+    parts = key.split(".")
+    if not all(parts):
+        raise ConfigError(f"--set {key}: empty key component")
+    node: dict = data
+    tp: Any = cls  # a dataclass, or a dict type once inside a mapping-valued setting
+    default: Any = _dataclass_default(cls)
+    for i, p in enumerate(parts):
+        here = ".".join(parts[: i + 1])
+        last = i == len(parts) - 1
+        if dataclasses.is_dataclass(tp):
+            fields = {f.name: f for f in dataclasses.fields(tp)}
+            if p not in fields:
+                raise ConfigError(f"unknown recipe key {here} (valid: {', '.join(sorted(fields))})")
+            ftp = _unwrap_optional(typing.get_type_hints(tp)[p])
+            fdefault = getattr(default, p, None) if default is not None else None
+        else:  # inside dict[str, X]: any entry name is allowed, its value is a leaf
+            ftp, fdefault = typing.get_args(tp)[1] if typing.get_args(tp) else Any, None
+        if last:
+            if dataclasses.is_dataclass(ftp) and isinstance(value, dict) and isinstance(node.get(p), dict):
+                node[p] = _merge(node[p], value)  # `--set ct={min_slices: 3}` keeps the file's ct.*
+            else:
+                node[p] = value
+            return
+        is_section = dataclasses.is_dataclass(ftp) or typing.get_origin(ftp) is dict
+        if not is_section:
+            raise ConfigError(f"--set {key}: {here} is a value, not a section")
+        child = node.get(p)
+        if child is None:
+            # A mapping-valued setting starts from its value in effect (the default) so one entry
+            # can be changed; a section starts empty (from_dict fills in its defaults).
+            child = copy.deepcopy(dict(fdefault)) if typing.get_origin(ftp) is dict and fdefault else {}
+            node[p] = child
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {here} is not a section in the recipe")
+        node, tp, default = child, ftp, fdefault
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    out = dict(base)
+    for k, v in extra.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _dataclass_default(cls: type) -> Any:
+    try:
+        return cls()
+    except Exception:  # a class with required fields has no default instance; merge nothing
+        return None
+
+
+def _unwrap_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(inner) == 1:
+            return inner[0]
+    return tp
+
+
+def _one_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    return lines[0] if lines else type(e).__name__
+
+
 def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
+    """Build a dataclass tree from a plain mapping, with the dotted key in every error."""
+    if data is None:
+        data = {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping")
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {_short(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted((str(k) for k in data if k not in fields))
     if unknown:
         raise ConfigError(f"unknown recipe key {prefix}{unknown[0]} (valid: {', '.join(sorted(fields))})")
     hints = typing.get_type_hints(cls)
@@ -178,7 +273,16 @@ def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
 
 
 def to_dict(obj: Any) -> dict:
-    return dataclasses.asdict(obj)
+    """Plain, JSON/YAML-able mapping (tuples become lists); `from_dict(cls, to_dict(x)) == x`."""
+    return _plain(dataclasses.asdict(obj))
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, dict):
+        return {k: _plain(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [_plain(x) for x in v]
+    return v
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
@@ -195,6 +299,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if origin in (list, tuple):
             if not isinstance(value, (list, tuple)):
                 raise TypeError
+            if origin is tuple and args and Ellipsis not in args and len(args) != len(value):
+                raise TypeError
             item_t = args[0] if args else Any
             items = [_coerce(item_t, v, key) for v in value]
             return tuple(items) if origin is tuple else items
@@ -209,6 +315,8 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
         if tp in (int, float):
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise TypeError
+            if not math.isfinite(value):  # .nan / .inf pass every `<` check below them otherwise
+                raise TypeError
             if tp is int and float(value) != int(value):
                 raise TypeError
             return tp(value)
@@ -216,17 +324,32 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise TypeError
             return str(value)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {value!r}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_short(value)}") from None
     return value
 
 
 def _type_name(tp: Any) -> str:
-    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is tuple and args and Ellipsis not in args:
+        return f"a list of {len(args)} {_type_name(args[0])}s"
+    if origin in (list, tuple):
+        return f"a list of {_type_name(args[0])}s" if args else "a list"
+    if origin is dict:
+        return f"a mapping of names to {_type_name(args[1])}s" if args else "a mapping"
+    names = {bool: "true/false", int: "integer", float: "finite number", str: "string"}
+    return names.get(tp) or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """A value for an error message: repr, one line, bounded (messages are one line for people)."""
+    r = repr(value).replace("\n", " ")
+    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def _positive(key: str, values, n: int) -> None:
-    if len(values) != n or any(v <= 0 for v in values):
+    # `not v > 0` rather than `v <= 0`: NaN must fail too.
+    if len(values) != n or not all(v > 0 for v in values):
         raise ConfigError(f"{key} must be {n} positive numbers, got {list(values)}")
 
 

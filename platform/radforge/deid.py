@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import math
 import os
 import re
 from typing import Iterable
@@ -62,18 +63,27 @@ IDENTIFYING_ATTRIBUTES = (
 )
 
 REDACTED = "[REDACTED]"
+DATE = "[DATE]"
+_MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]*\.?"
 _DATE_PATTERNS = [
-    r"\b\d{4}-\d{1,2}-\d{1,2}\b",
-    r"\b\d{1,2}[/.]\d{1,2}[/.]\d{2,4}\b",
-    r"\b(19|20)\d{2}(0[1-9]|1[0-2])(0[1-9]|[12]\d|3[01])\b",
-    r"\b(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec)[a-z]*\.? \d{1,2},? \d{4}\b",
+    r"\b\d{4}[-/.]\d{1,2}[-/.]\d{1,2}\b",  # 2024-01-31, 2024/01/31, 2024.01.31
+    r"\b\d{1,2}[/.]\d{1,2}[/.]\d{2,4}\b",  # 01/31/2024, 31.01.2024, 1/31/24
+    r"\b\d{1,2}-\d{1,2}-\d{4}\b",  # 01-31-2024 (not 1-2-24: too close to "10-12-15 mm" ranges)
+    r"\b(?:19|20)\d{2}(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])\b",  # DICOM DA: 20240131
+    rf"\b{_MONTH} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}}\b",  # January 31, 2024 / Jan. 31 2024
+    rf"\b\d{{1,2}}(?:st|nd|rd|th)? {_MONTH},? \d{{4}}\b",  # 31 January 2024
 ]
 _DATE_RE = re.compile("|".join(f"(?:{p})" for p in _DATE_PATTERNS), re.IGNORECASE)
 
 
 def load_secret(cfg: DeidConfig) -> bytes:
-    """The pseudonym key: env var, else secrets file, else demo key if explicitly allowed."""
-    value = os.environ.get(cfg.secret_env, "")
+    """The pseudonym key: env var, else secrets file, else demo key if explicitly allowed.
+
+    Surrounding whitespace is stripped from either source, so the same secret gives the same
+    pseudonyms whether it arrives as a file or as an environment variable filled from that file
+    (a Kubernetes secret exposed as env keeps the file's trailing newline).
+    """
+    value = os.environ.get(cfg.secret_env, "").strip()
     if value:
         return value.encode()
     if cfg.secret_file:
@@ -83,6 +93,8 @@ def load_secret(cfg: DeidConfig) -> bytes:
             data = storage.read_bytes(cfg.secret_file).strip()
         except FileNotFoundError:
             raise ConfigError(f"deid.secret_file not found: {cfg.secret_file}") from None
+        except OSError as e:  # a directory, no permission, an unreachable bucket...
+            raise ConfigError(f"deid.secret_file cannot be read: {cfg.secret_file} ({type(e).__name__})") from None
         if data:
             return data
         raise ConfigError(f"deid.secret_file is empty: {cfg.secret_file}")
@@ -97,8 +109,11 @@ def load_secret(cfg: DeidConfig) -> bytes:
 class Pseudonymizer:
     """HMAC-SHA256 pseudonyms, namespaced by kind so a patient and a study never share a key."""
 
-    def __init__(self, secret: bytes):
-        self._key = secret
+    def __init__(self, secret: bytes | str):
+        key = secret.encode() if isinstance(secret, str) else bytes(secret)
+        if not key:
+            raise ValueError("the pseudonym secret is empty")
+        self._key = key
 
     def __call__(self, kind: str, value: str) -> str:
         digest = hmac.new(self._key, f"{kind}\x00{value}".encode(), hashlib.sha256).hexdigest()
@@ -106,15 +121,23 @@ class Pseudonymizer:
         return digest[:24]
 
     def split(self, patient_key: str, splits: dict[str, float]) -> str:
-        """Deterministic split from the patient pseudonym: a patient's studies never straddle splits."""
+        """Deterministic split from the patient pseudonym: a patient's studies never straddle splits.
+
+        Patients are placed by a keyed uniform draw in [0, 1) against the cumulative fractions, in
+        sorted split-name order, so the dict's order (YAML order) never changes an assignment.
+        """
         u = int(hmac.new(self._key, f"split\x00{patient_key}".encode(), hashlib.sha256).hexdigest()[:15], 16)
         x = u / float(16**15)
+        names = [n for n in sorted(splits) if splits[n] > 0]
+        if not names:
+            raise ValueError("splits need at least one positive fraction")
         acc = 0.0
-        names = sorted(splits)  # order fixed independent of YAML order
         for name in names:
             acc += splits[name]
             if x < acc:
                 return name
+        # Only reached when the fractions sum to a hair under 1 in floating point: the last split
+        # with a positive share takes the remainder, never a split configured with 0.
         return names[-1]
 
     @staticmethod
@@ -136,7 +159,7 @@ def safe_metadata(header: dict, cfg: DeidConfig) -> dict:
     return out
 
 
-_TOKEN_OK = re.compile(r"^[A-Za-z0-9 _.,:;+\-/()\[\]]*$")
+_TOKEN_OK = re.compile(r"[A-Za-z0-9 _.,:;+\-/()\[\]]*")
 
 
 def _clean(value):
@@ -146,49 +169,97 @@ def _clean(value):
     if isinstance(value, bool):
         return None
     if isinstance(value, (int, float)):
-        return value
+        return value if math.isfinite(value) else None  # NaN / inf are not valid JSON
     if isinstance(value, (list, tuple)):
         items = [_clean(v) for v in value]
-        return items if all(i is not None for i in items) and items else None
+        return items if items and all(i is not None for i in items) else None
     s = str(value).strip()
-    if len(s) > 64 or not _TOKEN_OK.match(s):
+    if len(s) > 64 or not _TOKEN_OK.fullmatch(s):
         return None
-    try:
-        return float(s) if re.fullmatch(r"-?\d+(\.\d+)?", s) else s
-    except ValueError:
-        return s
+    return float(s) if re.fullmatch(r"-?\d+(\.\d+)?", s) else s
 
 
 def identifying_terms(values: Iterable[str]) -> list[str]:
-    """Strings to search for in free text: whole values, PN components, and date spellings."""
+    """Strings to search for in free text: whole values, their segments, name words, date spellings.
+
+    - Every value is a term as a whole ("St Mary Hospital", "12 Elm Road, Springfield").
+    - Values are cut at `^`, `,` and `=` (DICOM PN components and groups, "DOE, JOHN", address
+      lines) and each segment is a term: "DOE^JOHN" gives "DOE" and "JOHN", so "John Doe",
+      "DOE, JOHN" and "Dr. Doe" are all caught.
+    - Person names (values with `^`, or with a comma and no digit) are split further into words
+      and hyphen parts ("VAN DER BERG^ANNE-MARIE" gives "BERG", "ANNE", "MARIE"). Other multi-word
+      values (institutions, addresses) are NOT split into words: "General Hospital" split word by
+      word would redact "general" and "hospital" in every report, and they identify no one alone.
+    - An 8-digit value that is a valid DICOM date (a birth date) adds its usual spellings:
+      YYYY-MM-DD, YYYY/MM/DD, MM/DD/YYYY, DD/MM/YYYY, DD.MM.YYYY and the unpadded M/D/YYYY forms.
+    - Terms shorter than 2 characters, and purely numeric terms of fewer than 4 digits, are dropped:
+      "A" or a StudyID "12" identify no one alone, but would shred measurements ("12 mm").
+
+    Longest first, so callers that match one at a time replace a full name before its parts.
+    """
     terms: set[str] = set()
     for raw in values:
         if raw is None:
             continue
-        s = str(raw).strip()
+        s = " ".join(str(raw).split())  # collapse whitespace runs
         if not s:
             continue
         terms.add(s)
-        if "^" in s or " " in s:
-            for part in re.split(r"[\^ ,]+", s):
-                if len(part) >= 2:
-                    terms.add(part)
-            terms.add(" ".join(p for p in s.split("^") if p))
+        segments = [seg.strip() for seg in re.split(r"[\^,=]+", s)]
+        terms.update(segments)
+        # A person name: DICOM PN ("DOE^JOHN") or "DOE, JOHN"; a comma with digits is an address.
+        if "^" in s or ("," in s and not any(c.isdigit() for c in s)):
+            terms.add(" ".join(c.strip() for c in s.split("^") if c.strip()))  # "DOE^JOHN" -> "DOE JOHN"
+            for seg in segments:
+                terms.update(re.split(r"[\s\-.']+", seg))
         if re.fullmatch(r"\d{8}", s):
             y, m, d = s[:4], s[4:6], s[6:]
-            terms.update({f"{y}-{m}-{d}", f"{m}/{d}/{y}", f"{d}/{m}/{y}", f"{d}.{m}.{y}"})
-    # Very short tokens ("A", "1") would shred normal words; they cannot identify anyone alone.
-    return sorted((t for t in terms if len(t) >= 2), key=len, reverse=True)
+            if 1 <= int(m) <= 12 and 1 <= int(d) <= 31:
+                mu, du = str(int(m)), str(int(d))
+                terms.update({
+                    f"{y}-{m}-{d}", f"{y}/{m}/{d}", f"{m}/{d}/{y}", f"{d}/{m}/{y}", f"{d}.{m}.{y}",
+                    f"{mu}/{du}/{y}", f"{du}/{mu}/{y}", f"{du}.{mu}.{y}",
+                })
+    kept = {t.strip() for t in terms}
+    kept = {t for t in kept if len(t) >= 2 and not (t.isdigit() and len(t) < 4)}
+    return sorted(kept, key=lambda t: (-len(t), t))
 
 
 def redact_report(text: str, terms: Iterable[str]) -> str:
-    """Replace identifying header values (case-insensitive) and any date in the text."""
+    """Replace identifying header values (any case) with [REDACTED], then any date with [DATE].
+
+    Matching is by whole word: an edge of a term that is a letter may not touch another letter,
+    an edge that is a digit may not touch another digit. So the name part "LI" leaves "clinical"
+    and "LIVER" alone but still catches "Li," and "Li-Fraumeni"; the ID "12345678" is caught in
+    "MRN12345678" but not inside "123456789". Whitespace inside a term matches any whitespace run,
+    so a name wrapped across lines is still caught.
+
+    Trade-off, chosen for privacy: a name part that is also an ordinary word is redacted wherever
+    it appears as a word. For a patient "NO^EFFUSION", "No pleural effusion." becomes
+    "[REDACTED] pleural [REDACTED]." Losing words of one report is a small, visible cost; a name
+    left in a training corpus is a leak that cannot be taken back. (Terms shorter than 2
+    characters are never produced by `identifying_terms`, so initials alone do not shred text.)
+
+    All terms are matched in one pass, longest first at each position, so a full name is replaced
+    as a unit and a replacement is never matched again.
+    """
+    unique = {" ".join(str(t).split()) for t in terms if t is not None}
+    pieces = []
+    for term in sorted((t for t in unique if t), key=len, reverse=True):
+        body = r"\s+".join(re.escape(w) for w in term.split(" "))
+        pieces.append(_edge(term[0], before=True) + body + _edge(term[-1], before=False))
     out = text
-    for term in terms:
-        pattern = re.escape(term)
-        if term[0].isalnum():
-            pattern = r"(?<![A-Za-z0-9])" + pattern
-        if term[-1].isalnum():
-            pattern = pattern + r"(?![A-Za-z0-9])"
-        out = re.sub(pattern, REDACTED, out, flags=re.IGNORECASE)
-    return _DATE_RE.sub("[DATE]", out)
+    if pieces:
+        out = re.sub("|".join(f"(?:{p})" for p in pieces), REDACTED, out, flags=re.IGNORECASE)
+    return _DATE_RE.sub(DATE, out)
+
+
+def _edge(ch: str, *, before: bool) -> str:
+    """Look-around that keeps a term edge from matching inside a longer word or number."""
+    if ch.isdigit():
+        cls = r"\d"
+    elif ch.isalpha():
+        cls = r"[^\W\d_]"  # any letter, Unicode included
+    else:
+        return ""
+    return f"(?<!{cls})" if before else f"(?!{cls})"

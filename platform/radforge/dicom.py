@@ -7,7 +7,7 @@ Three stages, each a plain function so Ray Data can call them and tests can call
 2. `plan_group(rows, ...)`: all index rows of one SeriesInstanceUID (or one X-ray) → work items,
    validated from the headers alone (geometry, ordering, gaps, tilt) so a bad series costs no
    pixel decoding.
-3. `load_ct(item, read)` / `load_xray(item, read, cfg)`: decode the planned files (pydicom's pixel
+3. `load_ct(item, read)` / `load_xray(item, read, voi)`: decode the planned files (pydicom's pixel
    handlers + pylibjpeg plugins for every transfer syntax) into HU / presentation values.
 
 Slices are ordered by ImagePositionPatient projected on the slice normal (the cross product of
@@ -20,10 +20,15 @@ so the index is a private artifact. Reason codes and exception messages never co
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import logging
 import math
 import struct
+import threading
+import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Callable
 
@@ -37,6 +42,39 @@ from radforge import deid
 # Never let pydicom warn about invalid element values: its warnings quote the value, and a
 # malformed PatientName or date would then reach logs. Values are validated where they are used.
 pydicom.config.settings.reading_validation_mode = pydicom.config.IGNORE
+
+# Validation off still leaves warnings that quote header values (an unknown Specific Character
+# Set, an exception text while reading an attribute). Every pydicom call here runs under
+# `_quiet()`: Python warnings are ignored for its duration and records of the "pydicom" logger
+# are dropped in this thread. (warnings.catch_warnings is process-wide state; Ray runs one task
+# per worker process, so no other thread's warnings are lost in practice.)
+_QUIET = threading.local()
+
+
+class _DropWhileQuiet(logging.Filter):
+    radforge_quiet = True
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not getattr(_QUIET, "on", False)
+
+
+_PYDICOM_LOG = logging.getLogger("pydicom")
+for _f in [f for f in _PYDICOM_LOG.filters if getattr(f, "radforge_quiet", False)]:
+    _PYDICOM_LOG.removeFilter(_f)  # a reloaded module replaces its filter instead of stacking one
+_PYDICOM_LOG.addFilter(_DropWhileQuiet())
+
+
+@contextlib.contextmanager
+def _quiet():
+    prev = getattr(_QUIET, "on", False)
+    _QUIET.on = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        _QUIET.on = prev
+
 
 XRAY_MODALITIES = ("CR", "DX")
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -110,24 +148,58 @@ INDEX_SCHEMA = pa.schema(
 
 
 def scan(path: str, size: int, fileobj) -> dict:
-    """Header-only read of one file into an index row. Never raises."""
+    """Header-only read of one file into an index row. Never raises.
+
+    Reads the preamble and the data set up to the Pixel Data element, then at most a few
+    8-12 byte item headers to prove the pixel data is complete, so scanning a 500 KB slice costs a
+    few KB of I/O (Deflated files are the exception: deflate is one stream, read whole).
+    """
+    with _quiet():
+        try:
+            return _scan(path, size, fileobj)
+        except _PASS_THROUGH:
+            raise
+        except BaseException:  # noqa: BLE001 — last resort for "never raises" (see _PASS_THROUGH)
+            row = {name: None for name in INDEX_SCHEMA.names}
+            row.update(path=path, size=int(size), status="rejected", reason="unreadable_header",
+                       group_key="bad:" + path)
+            return row
+
+
+def _scan(path: str, size: int, fileobj) -> dict:
     row = {name: None for name in INDEX_SCHEMA.names}
     row.update(path=path, size=int(size), status="rejected", group_key="bad:" + path)
     if size == 0:
         row["reason"] = "not_dicom"
         return row
+    reader = _Reader(fileobj)
     try:
-        ds = _read_header(fileobj)
+        ds = _read_header(reader)
     except Reject as r:
         row["reason"] = r.reason
         return row
     except Exception:  # noqa: BLE001 — pydicom raises many types on smashed headers
-        row["reason"] = "unreadable_header"
+        # ... and on some cuts too (a struct.error when an element's 4-byte length is cut).
+        cut = reader.any_short and _meta_names_transfer_syntax(fileobj)
+        row["reason"] = "truncated" if cut else "unreadable_header"
         return row
+    # A file cut inside its header still parses (pydicom keeps the short last value and stops),
+    # so a short read is the only sign. Checked for every file: a cut can fall before Modality
+    # or inside the SOP Class UID, which would pass for another modality. The row is filled
+    # first so a rejected file still shows what it was.
     try:
         _fill_row(row, ds)
-        if "PixelData" not in ds and row["modality"] in ("CT", *XRAY_MODALITIES):
-            _check_pixel_data_extent(fileobj, ds, size)
+    except Exception:  # noqa: BLE001 — _fill_row tolerates bad values; this is a last resort
+        row["reason"] = "truncated" if reader.truncated else "unreadable_header"
+        return row
+    try:
+        if reader.truncated:
+            raise Reject("truncated")
+        image_sop = row["sop_class_uid"] in (CT_STORAGE, ENHANCED_CT_STORAGE, *XRAY_STORAGE)
+        if row["modality"] in ("CT", *XRAY_MODALITIES) or image_sop:
+            # A cut exactly between two elements reads cleanly but leaves the file at EOF
+            # where Pixel Data should start; other modalities are rejected anyway, unread.
+            _check_pixel_data_extent(reader, ds, size)
         row["status"] = "ok"
         row["reason"] = None
     except Reject as r:
@@ -137,6 +209,43 @@ def scan(path: str, size: int, fileobj) -> dict:
     if row["status"] == "ok":
         row["group_key"] = _group_key(row)
     return row
+
+
+class _Reader:
+    """The scanned file object, noting reads that came back short.
+
+    pydicom does not raise on a data set that ends inside an element: it keeps the short value
+    and stops. A short read is how such a cut shows: a clean end of file is exactly one read that
+    returns nothing (the next element's tag); a value cut short returns fewer bytes than asked,
+    and a value cut exactly at its start is a second empty read.
+    """
+
+    def __init__(self, f):
+        self._f = f
+        self._short = 0
+        self._partial = False
+
+    def read(self, n: int = -1) -> bytes:
+        b = self._f.read(n)
+        if n is not None and n >= 0 and len(b) < n:
+            self._short += 1
+            self._partial |= len(b) > 0
+        return b
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._f.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    @property
+    def truncated(self) -> bool:
+        return self._partial or self._short > 1
+
+    @property
+    def any_short(self) -> bool:
+        """For a read that raised: it never reached a clean end, so any short read was a cut."""
+        return self._short > 0
 
 
 def _read_header(fileobj) -> pydicom.Dataset:
@@ -150,101 +259,167 @@ def _read_header(fileobj) -> pydicom.Dataset:
         ds = pydicom.dcmread(fileobj, stop_before_pixels=True)
     except EOFError:
         raise Reject("truncated") from None
+    except zlib.error as e:
+        # Deflated data sets are one zlib stream: Z_BUF_ERROR (-5) is a stream cut short.
+        raise Reject("truncated" if "-5" in str(e) else "unreadable_header") from None
     if "SOPClassUID" not in ds and "Modality" not in ds:
-        # A Part 10 prefix followed by nothing recognisable: the header is smashed.
-        raise Reject("unreadable_header")
+        # A Part 10 prefix followed by nothing recognisable: the header is smashed, unless a
+        # valid file meta (it names the transfer syntax) was followed by a data set cut short.
+        meta = getattr(ds, "file_meta", None)
+        cut = getattr(fileobj, "truncated", False) and meta is not None and "TransferSyntaxUID" in meta
+        raise Reject("truncated" if cut else "unreadable_header")
     return ds
 
 
+_LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
+
+
+def _meta_names_transfer_syntax(f) -> bool:
+    """Whether the file meta (group 2, always Explicit VR Little Endian) holds a Transfer Syntax
+    UID: what tells a data set cut short from a smashed header when pydicom raised mid-read."""
+    try:
+        f.seek(132)
+        while True:
+            h = f.read(8)
+            if len(h) < 8:
+                return False
+            group, elem = struct.unpack("<HH", h[:4])
+            if group != 0x0002:
+                return False
+            if h[4:6] in _LONG_VRS:
+                ext = f.read(4)
+                if len(ext) < 4:
+                    return False
+                (length,) = struct.unpack("<I", ext)
+            else:
+                (length,) = struct.unpack("<H", h[6:8])
+            if elem == 0x0010:
+                return 0 < length < 0xFFFFFFFF and len(f.read(length)) == length
+            f.seek(f.tell() + length)
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def _fill_row(row: dict, ds: pydicom.Dataset) -> None:
-    row["modality"] = str(ds.get("Modality", "") or "").upper() or None
-    row["sop_class_uid"] = str(ds.get("SOPClassUID", "") or "") or None
-    row["sop_uid"] = str(ds.get("SOPInstanceUID", "") or "") or None
-    row["series_uid"] = str(ds.get("SeriesInstanceUID", "") or "") or None
-    row["study_uid"] = str(ds.get("StudyInstanceUID", "") or "") or None
-    row["patient_id"] = str(ds.get("PatientID", "") or "")
-    row["accession"] = str(ds.get("AccessionNumber", "") or "")
+    # Each attribute is read on its own: one malformed value (a DS of "abc", a US of odd length)
+    # must cost that attribute, not the file. Geometry that fails to parse becomes None, which
+    # planning turns into missing_geometry.
+    row["modality"] = _str(ds, "Modality").upper() or None
+    row["sop_class_uid"] = _str(ds, "SOPClassUID") or None
+    row["sop_uid"] = _str(ds, "SOPInstanceUID") or None
+    row["series_uid"] = _str(ds, "SeriesInstanceUID") or None
+    row["study_uid"] = _str(ds, "StudyInstanceUID") or None
+    row["patient_id"] = _str(ds, "PatientID")
+    row["accession"] = _str(ds, "AccessionNumber")
     meta = getattr(ds, "file_meta", None)
-    row["transfer_syntax"] = str(meta.get("TransferSyntaxUID", "")) if meta is not None else None
-    image_type = ds.get("ImageType")
+    row["transfer_syntax"] = (_str(meta, "TransferSyntaxUID") or None) if meta is not None else None
+    image_type = _get(ds, "ImageType")
     if image_type is not None:
-        row["image_type"] = "\\".join(str(v) for v in (image_type if isinstance(image_type, (list, pydicom.multival.MultiValue)) else [image_type]))
-    row["rows"] = _int(ds.get("Rows"))
-    row["cols"] = _int(ds.get("Columns"))
-    row["n_frames"] = _int(ds.get("NumberOfFrames")) or 1
+        row["image_type"] = "\\".join(str(v) for v in _as_list(image_type))
+    row["rows"] = _int(_get(ds, "Rows"))
+    row["cols"] = _int(_get(ds, "Columns"))
+    n_frames = _int(_get(ds, "NumberOfFrames"))
+    row["n_frames"] = n_frames if n_frames and n_frames > 0 else 1
     ps, iop, positions = _geometry(ds, row["n_frames"])
     row["pixel_spacing"], row["iop"], row["positions"] = ps, iop, positions
     safe = {}
     for attr in list(deid.SAFE_ATTRIBUTES) + list(deid.AGE_SEX_ATTRIBUTES):
-        v = _plain(ds.get(attr))
-        if v is not None:
+        v = _plain(_get(ds, attr))
+        # pydicom (validation off) hands back the raw text of a DS/IS that is not a number; such
+        # text in a numeric field is free text of unknown content and must not pass as "safe".
+        if v is not None and not (_vr(ds, attr) in _NUMERIC_VRS and not _all_numbers(v)):
             safe[attr] = v
     if "ConvolutionKernel" not in safe:  # Enhanced CT keeps it in a functional group
-        k = _functional(ds, 0, "CTReconstructionSequence", "ConvolutionKernel")
+        k = _plain(_functional(ds, 0, "CTReconstructionSequence", "ConvolutionKernel"))
         if k is not None:
-            safe["ConvolutionKernel"] = _plain(k)
+            safe["ConvolutionKernel"] = k
     row["safe"] = json.dumps(safe, sort_keys=True)
-    row["phi_terms"] = deid.identifying_terms(
-        str(v) for attr in deid.IDENTIFYING_ATTRIBUTES for v in _as_list(ds.get(attr)) if v
-    )
+    terms = []
+    for attr in deid.IDENTIFYING_ATTRIBUTES:
+        terms += [str(v) for v in _as_list(_get(ds, attr)) if v]
+    row["phi_terms"] = deid.identifying_terms(terms)
 
 
 def _geometry(ds, n_frames: int):
-    """Pixel spacing, orientation and one position per frame; classic or Enhanced (functional groups)."""
-    if "PerFrameFunctionalGroupsSequence" in ds:
+    """Pixel spacing, orientation and one position per frame; classic or Enhanced (functional groups).
+
+    Anything malformed or non-finite is None (a NaN position would sort anywhere and pass every
+    spacing test, since NaN comparisons are all False).
+    """
+    if _get(ds, "PerFrameFunctionalGroupsSequence"):
         ps = _functional(ds, 0, "PixelMeasuresSequence", "PixelSpacing")
         iop = _functional(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient")
         positions = []
         for i in range(len(ds.PerFrameFunctionalGroupsSequence)):
-            p = _functional(ds, i, "PlanePositionSequence", "ImagePositionPatient")
-            positions.append([float(v) for v in p] if p is not None else None)
-        if any(p is None for p in positions):
+            positions.append(_floats(_functional(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3))
+        if not positions or any(p is None for p in positions):
             positions = None
     else:
-        ps = ds.get("PixelSpacing") or ds.get("ImagerPixelSpacing")
-        iop = ds.get("ImageOrientationPatient")
-        ipp = ds.get("ImagePositionPatient")
-        positions = [[float(v) for v in ipp]] if ipp is not None and len(ipp) == 3 else None
-    ps = [float(v) for v in ps] if ps is not None and len(ps) == 2 else None
+        ps = _get(ds, "PixelSpacing") or _get(ds, "ImagerPixelSpacing")
+        iop = _get(ds, "ImageOrientationPatient")
+        ipp = _floats(_get(ds, "ImagePositionPatient"), 3)
+        positions = [ipp] if ipp is not None else None
+    ps = _floats(ps, 2)
     if ps is not None and min(ps) <= 0:  # some CR writers put 0\0: unknown, not zero
         ps = None
-    iop = [float(v) for v in iop] if iop is not None and len(iop) == 6 else None
-    return ps, iop, positions
+    return ps, _floats(iop, 6), positions
 
 
 def _functional(ds, frame: int, seq: str, attr: str):
-    """An attribute from the per-frame functional group `frame`, falling back to the shared group."""
-    for groups in (ds.get("PerFrameFunctionalGroupsSequence"), ds.get("SharedFunctionalGroupsSequence")):
-        if not groups:
+    """An attribute from the per-frame functional group `frame`, falling back to the shared group.
+
+    Never raises: a malformed functional group reads as absent.
+    """
+    for name in ("PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence"):
+        try:
+            groups = ds.get(name)
+            if not groups:
+                continue
+            item = groups[frame] if len(groups) > frame else groups[0]
+            inner = item.get(seq)
+            if inner and attr in inner[0]:
+                return inner[0].get(attr)
+        except Exception:  # noqa: BLE001 — malformed sequence content
             continue
-        item = groups[frame] if len(groups) > frame else groups[0]
-        inner = item.get(seq)
-        if inner and attr in inner[0]:
-            return inner[0].get(attr)
     return None
 
 
-def _check_pixel_data_extent(fileobj, ds, size: int) -> None:
-    """Detect truncation cheaply: the Pixel Data element's declared length must fit in the file.
+_PIXEL_VRS = (b"OB", b"OW", b"UN", b"OD", b"OF", b"OL", b"OV")
+_SEQ_DELIMITER = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
 
-    After a `stop_before_pixels` read the file sits at the Pixel Data tag. For native pixel data
-    the declared length must end within the file; encapsulated (compressed) data must end with a
-    Sequence Delimitation Item. Deflated files are checked at decode time instead.
+
+def _check_pixel_data_extent(fileobj, ds, size: int) -> None:
+    """Detect truncation cheaply: the Pixel Data element must end within the file.
+
+    After a `stop_before_pixels` read the file sits at the Pixel Data tag (or at EOF, when the
+    file was cut before it). Native pixel data: the declared length must fit. Encapsulated
+    (compressed) data: the file normally ends with the Sequence Delimitation Item (one 8-byte
+    read); if it does not (trailing padding follows, or the file is cut) the fragment items are
+    walked header by header, each of which must fit, up to the delimiter. Deflated files were
+    decompressed whole by the header read, where a cut already showed.
+
+    Byte order and explicit/implicit VR are taken from the element's own bytes, not the transfer
+    syntax: writers exist that encode the data set differently from what they declare, and
+    pydicom reads those by the same sniffing.
     """
-    ts = ds.file_meta.get("TransferSyntaxUID") if getattr(ds, "file_meta", None) else None
+    ts = _get(ds.file_meta, "TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
     if ts == DeflatedExplicitVRLittleEndian:
         return
     pos = fileobj.tell()
     hdr = fileobj.read(12)
     if len(hdr) < 8:
-        raise Reject("truncated")
-    little = ts is None or ts.is_little_endian
-    group, elem = struct.unpack("<HH" if little else ">HH", hdr[:4])
-    if (group, elem) != (0x7FE0, 0x0010):
-        if (group, elem) > (0x7FE0, 0x0010) or group == 0xFFFC:  # ended past pixel data / padding
-            return
-        raise Reject("truncated")
-    if ts is not None and not ts.is_implicit_VR:
+        raise Reject("truncated")  # the file ends where the pixel data should begin
+    if hdr[:4] == b"\xe0\x7f\x10\x00":
+        little = True
+    elif hdr[:4] == b"\x7f\xe0\x00\x10":
+        little = False
+    elif hdr[:4] in (b"\xe0\x7f\x08\x00", b"\xe0\x7f\x09\x00", b"\x7f\xe0\x00\x08", b"\x7f\xe0\x00\x09"):
+        return  # float pixel data: no CT/X-ray image uses it; decoding decides
+    else:
+        # pydicom stopped on something that is neither pixel data nor the end of the file
+        # (an item delimiter at the top level): the data set structure is broken.
+        raise Reject("unreadable_header")
+    if hdr[4:6] in _PIXEL_VRS and hdr[6:8] == b"\0\0":
         if len(hdr) < 12:
             raise Reject("truncated")
         (length,) = struct.unpack("<I" if little else ">I", hdr[8:12])
@@ -252,13 +427,27 @@ def _check_pixel_data_extent(fileobj, ds, size: int) -> None:
     else:
         (length,) = struct.unpack("<I" if little else ">I", hdr[4:8])
         start = pos + 8
-    if length == 0xFFFFFFFF:
-        fileobj.seek(max(0, size - 8))
-        tail = fileobj.read(8)
-        if tail != struct.pack("<HHI" if little else ">HHI", 0xFFFE, 0xE0DD, 0):
+    if length != 0xFFFFFFFF:
+        if start + length > size:
             raise Reject("truncated")
-    elif start + length > size:
-        raise Reject("truncated")
+        return
+    fileobj.seek(max(0, size - 8))
+    if fileobj.read(8) == _SEQ_DELIMITER:
+        return
+    p = start  # encapsulated items are always little endian (PS3.5 A.4)
+    while True:
+        fileobj.seek(p)
+        item = fileobj.read(8)
+        if len(item) < 8:
+            raise Reject("truncated")
+        group, elem, n = struct.unpack("<HHI", item)
+        if (group, elem) == (0xFFFE, 0xE0DD):
+            return
+        if (group, elem) != (0xFFFE, 0xE000) or n == 0xFFFFFFFF:
+            raise Reject("decode_error")  # not a fragment: the encapsulation itself is corrupt
+        p += 8 + n
+        if p > size:
+            raise Reject("truncated")
 
 
 def _group_key(row: dict) -> str:
@@ -285,11 +474,15 @@ class PlanContext:
 def plan_group(rows: list[dict], ctx: PlanContext) -> list[dict]:
     """Index rows of one group → item rows: samples to build, and per-file rejects/skips.
 
-    Every input row ends up in exactly one output row's `paths`, which is what makes the
-    manifest's accounting (seen = used + skipped + rejected) hold by construction.
+    Every input row ends up in exactly one output row's `all_paths` (a disposition's `all_paths`
+    equals its `paths`), which is what makes the manifest's accounting
+    (seen = used + skipped + rejected) hold by construction. A group normally holds one CT
+    series or one radiograph (see `_group_key`); CT and X-ray rows that arrive together anyway
+    are planned apart, never stacked into one volume.
     """
     out: list[dict] = []
-    ok = []
+    ct: list[dict] = []
+    xr: list[dict] = []
     for r in rows:
         if r["status"] != "ok":
             out.append(_disposition([r], "rejected", r["reason"]))
@@ -304,24 +497,22 @@ def plan_group(rows: list[dict], ctx: PlanContext) -> list[dict]:
         elif "LOCALIZER" in (r["image_type"] or "").upper():
             out.append(_disposition([r], "skipped", "localizer"))
         else:
-            ok.append(r)
-    if not ok:
-        return out
-    if ok[0]["modality"] == "CT":
+            (ct if r["modality"] == "CT" else xr).append(r)
+    if ct:
         try:
-            out.append(_plan_ct(ok, ctx))
+            out.append(_plan_ct(ct, ctx))
         except Reject as rej:
-            out.append(_disposition(ok, "rejected", rej.reason))
-    else:
-        for r in ok:
-            try:
-                out.append(_plan_xray(r, ctx))
-            except Reject as rej:
-                out.append(_disposition([r], "rejected", rej.reason))
+            out.append(_disposition(ct, "rejected", rej.reason))
+    for r in xr:
+        try:
+            out.append(_plan_xray(r, ctx))
+        except Reject as rej:
+            out.append(_disposition([r], "rejected", rej.reason))
     return out
 
 
 def _disposition(rows: list[dict], status: str, reason: str) -> dict:
+    paths = [r["path"] for r in rows]
     return {
         "kind": "none",
         "status": status,
@@ -329,18 +520,31 @@ def _disposition(rows: list[dict], status: str, reason: str) -> dict:
         "key": None,
         "split": None,
         "est_bytes": 0,
-        "paths": [r["path"] for r in rows],
+        "paths": paths,
+        "all_paths": list(paths),
         "frames": [],
         "info": "{}",
     }
+
+
+def _photometric(r: dict) -> str | None:
+    return json.loads(r["safe"] or "{}").get("PhotometricInterpretation")
 
 
 def _plan_ct(rows: list[dict], ctx: PlanContext) -> dict:
     cfg = ctx.recipe.ct
     first = rows[0]
     for r in rows:
-        if r["iop"] is None or r["pixel_spacing"] is None or not r["positions"] or not r["rows"]:
+        if r["iop"] is None or r["pixel_spacing"] is None or not r["positions"] or not r["rows"] or not r["cols"]:
             raise Reject("missing_geometry")
+        # One position per frame; a multi-frame file whose per-frame groups disagree with
+        # NumberOfFrames would otherwise plan frames the decoder does not have.
+        if len(r["positions"]) != (r["n_frames"] or 1):
+            raise Reject("missing_geometry")
+    for r in rows:
+        # HU come from a single sample per pixel; colour "CT" cannot be rescaled to HU.
+        if _photometric(r) not in ("MONOCHROME1", "MONOCHROME2"):
+            raise Reject("unsupported_photometric")
     iop0 = np.array(first["iop"])
     ps0 = np.array(first["pixel_spacing"])
     for r in rows[1:]:
@@ -351,10 +555,18 @@ def _plan_ct(rows: list[dict], ctx: PlanContext) -> dict:
             or not np.allclose(r["pixel_spacing"], ps0, rtol=1e-3)
         ):
             raise Reject("mixed_geometry")
+    # IOP's first triplet is the direction in which the column index i grows (along a row), the
+    # second the direction of the row index j. Both must be unit and orthogonal, else the
+    # affine below would scale or shear the volume.
     col_dir, row_dir = iop0[:3], iop0[3:]
-    normal = np.cross(col_dir, row_dir)
-    if np.linalg.norm(normal) < 0.9:
+    if (
+        abs(np.linalg.norm(col_dir) - 1) > 1e-2
+        or abs(np.linalg.norm(row_dir) - 1) > 1e-2
+        or abs(float(np.dot(col_dir, row_dir))) > 1e-2
+    ):
         raise Reject("missing_geometry")
+    col_dir, row_dir = col_dir / np.linalg.norm(col_dir), row_dir / np.linalg.norm(row_dir)
+    normal = np.cross(col_dir, row_dir)
     normal = normal / np.linalg.norm(normal)
     # One entry per frame: (projection on normal, position, path, frame index)
     slices = []
@@ -379,7 +591,8 @@ def _plan_ct(rows: list[dict], ctx: PlanContext) -> dict:
     if step <= 0:
         raise Reject("duplicate_position")
     # Gantry tilt: consecutive positions step off the slice normal.
-    p_first, p_last = np.array(slices[0][1]), np.array(slices[-1][1])
+    pos = np.array([s[1] for s in slices], dtype=np.float64)
+    p_first, p_last = pos[0], pos[-1]
     travel = p_last - p_first
     cosang = abs(float(np.dot(travel, normal))) / max(float(np.linalg.norm(travel)), 1e-9)
     if math.degrees(math.acos(min(1.0, cosang))) > cfg.max_tilt_deg:
@@ -387,7 +600,14 @@ def _plan_ct(rows: list[dict], ctx: PlanContext) -> dict:
     dev = np.abs(steps - step) / step
     if (dev > cfg.spacing_tolerance).any():
         raise Reject("slice_gap" if (steps > step * 1.5).any() else "nonuniform_spacing")
+    # Every slice must sit on the line from the first to the last one: the affine below places
+    # slice k at p_first + k * travel / (n - 1), so a slice shifted in-plane (a second stack
+    # glued into the series) would be silently misplaced by up to its offset.
     n = len(slices)
+    frac = (z - z[0]) / (z[-1] - z[0]) if n > 1 else np.zeros(1)
+    off = np.linalg.norm(pos - (p_first + frac[:, None] * travel), axis=1)
+    if (off > 0.5 * float(ps0.min())).any():
+        raise Reject("mixed_geometry")
     if n * first["rows"] * first["cols"] > cfg.max_voxels:
         raise Reject("too_large")
     src_spacing = [step, float(ps0[0]), float(ps0[1])]  # z, y (row spacing), x (column spacing)
@@ -397,7 +617,7 @@ def _plan_ct(rows: list[dict], ctx: PlanContext) -> dict:
     affine = np.eye(4)
     affine[:3, 0] = col_dir * ps0[1]
     affine[:3, 1] = row_dir * ps0[0]
-    affine[:3, 2] = travel / max(n - 1, 1) if n > 1 else normal * step
+    affine[:3, 2] = travel / (n - 1) if n > 1 else normal * step
     affine[:3, 3] = p_first
     item = _sample_item("ct", first, rows, ctx)
     item["paths"] = [s[2] for s in slices]
@@ -478,31 +698,99 @@ def _sample_item(kind: str, first: dict, rows: list[dict], ctx: PlanContext) -> 
 def _decode(data: bytes) -> pydicom.Dataset:
     try:
         return pydicom.dcmread(io.BytesIO(data))
+    except zlib.error as e:  # a Deflated data set cut short
+        raise Reject("truncated" if "-5" in str(e) else "unreadable_header") from None
     except Exception:  # noqa: BLE001
         raise Reject("unreadable_header") from None
 
 
+# Everything else a decoder raises is the input's fault. Not only Exceptions: the Rust RLE
+# plugin (pyo3) raises PanicException, a BaseException, on corrupt segments ("index out of
+# bounds"). MemoryError is the machine's problem, not the input's.
+_PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError)
+
+_TRUNCATION_WORDS = ("truncat", "too short", "insufficient", "end of", "less than expected")
+
+
 def _pixels(ds) -> np.ndarray:
+    if "PixelData" not in ds:
+        if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
+            raise Reject("decode_error")  # no CT or radiograph stores floats
+        # Scan found the element's start; a file without it now ends before its pixel data.
+        raise Reject("truncated")
+    # Native data can be checked structurally: fewer bytes than the image needs is a cut.
+    meta = getattr(ds, "file_meta", None)
+    ts = _get(meta, "TransferSyntaxUID") if meta is not None else None
+    try:
+        from pydicom.pixels.utils import get_expected_length
+
+        short = ts is not None and not ts.is_compressed and len(ds.PixelData) < get_expected_length(ds, unit="bytes")
+    except Exception:  # noqa: BLE001 — unknown syntax, malformed Rows/Bits: the decoder will say
+        short = False
+    if short:
+        raise Reject("truncated")
     try:
         return ds.pixel_array
-    except Exception as e:  # noqa: BLE001 — decoder errors vary by plugin
+    except _PASS_THROUGH:
+        raise
+    except BaseException as e:  # noqa: BLE001 — decoder errors vary by plugin (see _PASS_THROUGH)
+        # The message is only matched, never kept: it may quote header values.
         msg = str(e).lower()
-        truncated = any(w in msg for w in ("truncat", "too short", "insufficient", "end of", "expected", "missing"))
-        raise Reject("truncated" if truncated else "decode_error") from None
+        raise Reject("truncated" if any(w in msg for w in _TRUNCATION_WORDS) else "decode_error") from None
+
+
+def _safely(fn, *args):
+    """Run one decode step on input bytes: a Reject passes through, and any other failure of the
+    input (pydicom and the decoder plugins raise many types on corrupt data) becomes
+    decode_error, with no message that could quote a header value. MemoryError is the
+    machine's problem, not the input's, and propagates."""
+    try:
+        with _quiet():
+            return fn(*args)
+    except (Reject, *_PASS_THROUGH):
+        raise
+    except BaseException:  # noqa: BLE001 — see _PASS_THROUGH
+        raise Reject("decode_error") from None
 
 
 def _rescale(ds, frame: int) -> tuple[float, float]:
+    """(slope, intercept) of one frame: Enhanced CT per-frame/shared group, else the top level."""
     slope = _functional(ds, max(frame, 0), "PixelValueTransformationSequence", "RescaleSlope")
     inter = _functional(ds, max(frame, 0), "PixelValueTransformationSequence", "RescaleIntercept")
     if slope is None:
-        slope = ds.get("RescaleSlope", 1)
+        slope = _strict(ds, "RescaleSlope")
     if inter is None:
-        inter = ds.get("RescaleIntercept", 0)
-    return float(slope if slope not in (None, "") else 1), float(inter if inter not in (None, "") else 0)
+        inter = _strict(ds, "RescaleIntercept")
+    slope, inter = _number(slope, 1.0), _number(inter, 0.0)
+    if slope == 0:
+        raise Reject("decode_error")  # every pixel would read as the intercept
+    return slope, inter
+
+
+def _strict(ds, keyword: str):
+    """A value, None when absent; present-but-unreadable rejects instead of reading as absent
+    (a slope that failed to parse must not become the default 1: silently wrong HU)."""
+    try:
+        return ds[keyword].value if keyword in ds else None
+    except Exception:  # noqa: BLE001
+        raise Reject("decode_error") from None
+
+
+def _number(v, default: float) -> float:
+    """One finite number from a header value; absent or empty is `default`, malformed rejects."""
+    if v is None or (isinstance(v, str) and not v.strip()):
+        return default
+    f = _floats(v, 1)
+    if f is None:
+        raise Reject("decode_error")
+    return f[0]
 
 
 def load_ct(item: dict, read: Callable[[str], bytes]) -> tuple[np.ndarray, np.ndarray]:
-    """Decode a planned CT series → (HU float32 volume [k, j, i] in planned slice order, affine)."""
+    """Decode a planned CT series → (HU float32 volume [k, j, i] in planned slice order, affine).
+
+    Input problems raise `Reject`; nothing else does except `read`'s own I/O errors.
+    """
     info = json.loads(item["info"])
     shape = info["source_shape"]
     vol = np.empty(shape, dtype=np.float32)
@@ -510,56 +798,158 @@ def load_ct(item: dict, read: Callable[[str], bytes]) -> tuple[np.ndarray, np.nd
     for k, (path, frame) in enumerate(zip(item["paths"], item["frames"])):
         if path not in cache:
             # A multi-frame file is decoded once; single-frame files are used once each.
-            cache.clear() if frame < 0 else None
-            ds = _decode(read(path))
-            cache[path] = (ds, _pixels(ds))
+            if frame < 0:
+                cache.clear()
+            data = read(path)
+            cache[path] = _safely(_decode_pixels, data)
         ds, arr = cache[path]
-        plane = arr[frame] if frame >= 0 else arr
-        if plane.shape != tuple(shape[1:]):
-            raise Reject("mixed_geometry")
-        slope, inter = _rescale(ds, frame)
-        np.multiply(plane, slope, out=vol[k], casting="unsafe")
-        vol[k] += inter
+        _safely(_hu_plane, ds, arr, frame, shape, vol[k])
     return vol, np.array(info["source_affine"], dtype=np.float64)
+
+
+def _decode_pixels(data: bytes) -> tuple[pydicom.Dataset, np.ndarray]:
+    ds = _decode(data)
+    return ds, _pixels(ds)
+
+
+def _hu_plane(ds, arr: np.ndarray, frame: int, shape: list[int], out: np.ndarray) -> None:
+    if frame >= 0:
+        if arr.ndim != 3 or frame >= arr.shape[0]:
+            raise Reject("decode_error")  # fewer frames decoded than the header promised
+        plane = arr[frame]
+    else:
+        plane = arr
+    if plane.ndim != 2:
+        raise Reject("unsupported_photometric")  # several samples per pixel
+    if plane.shape != tuple(shape[1:]):
+        raise Reject("mixed_geometry")
+    slope, inter = _rescale(ds, frame)
+    np.multiply(plane, slope, out=out, casting="unsafe")
+    out += inter
+    if not np.isfinite(out).all():
+        raise Reject("decode_error")
 
 
 def load_xray(item: dict, read: Callable[[str], bytes], voi: str) -> np.ndarray:
     """Decode one radiograph → float32 presentation values in [0, 1], high = bright.
 
-    Modality LUT, then VOI (VOI LUT Sequence or window) when `voi == "window"`, then MONOCHROME1
-    inversion, so every stored image reads the same way regardless of the vendor's photometric
-    choice. The output range of each step is known from the header (BitsStored, LUT descriptor),
-    so scaling does not depend on the image content.
-    """
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    Modality LUT (LUT or rescale), then VOI (VOI LUT Sequence, else the first window) when
+    `voi == "window"`, then MONOCHROME1 inversion, so every stored image reads the same way
+    regardless of the vendor's photometric choice. The output range of each step is known from
+    the header (BitsStored, rescale, LUT descriptor), so scaling does not depend on the image
+    content. The LUT and window arithmetic is PS3.3 C.11 done here rather than by pydicom's
+    helpers: those index an 8-bit LUT through a uint8 array (wrapping inputs > 255), warn on
+    float input, and raise plain ValueErrors on a zero window width.
 
-    ds = _decode(read(item["paths"][0]))
+    Input problems raise `Reject`; nothing else does except `read`'s own I/O errors.
+    """
+    if voi not in ("window", "none"):
+        raise ValueError(f"voi must be 'window' or 'none', got {voi!r}")
+    data = read(item["paths"][0])
+    return _safely(_xray, data, voi)
+
+
+def _xray(data: bytes, voi: str) -> np.ndarray:
+    ds = _decode(data)
     raw = _pixels(ds)
-    if raw.ndim != 2:
+    photometric = _str(ds, "PhotometricInterpretation").upper()
+    if raw.ndim != 2 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise Reject("unsupported_photometric")
-    bits = int(ds.get("BitsStored", 16) or 16)
-    signed = int(ds.get("PixelRepresentation", 0) or 0) == 1
+    bits = _int(_get(ds, "BitsStored")) or 16
+    if not 1 <= bits <= 32:
+        raise Reject("decode_error")
+    signed = _int(_get(ds, "PixelRepresentation")) == 1
     lo_raw, hi_raw = (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if signed else (0, 2**bits - 1)
-    values = apply_modality_lut(raw, ds).astype(np.float64)
-    if "ModalityLUTSequence" in ds:
-        lut_bits = int(ds.ModalityLUTSequence[0].LUTDescriptor[2])
-        lo, hi = 0.0, float(2**lut_bits - 1)
+    mlut = _lut(ds, "ModalityLUTSequence", signed)
+    if mlut is not None:
+        values, (lo, hi) = _apply_lut(raw, *mlut[:2]), mlut[2]
     else:
-        slope, inter = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
-        lo, hi = sorted((lo_raw * slope + inter, hi_raw * slope + inter))
-    has_voi = "VOILUTSequence" in ds or "WindowCenter" in ds
-    if voi == "window" and has_voi:
-        values = apply_voi_lut(values, ds, index=0).astype(np.float64)
-        if "VOILUTSequence" in ds:
-            desc = ds.VOILUTSequence[0].LUTDescriptor
-            lo, hi = 0.0, float(2 ** int(desc[2]) - 1)
+        slope, inter = _rescale(ds, -1)
+        values = raw.astype(np.float64) * slope + inter
+        # Unsorted on purpose: with a negative slope the window below maps onto hi..lo, as
+        # PS3.3 C.11.2.1.2 (and pydicom) define the output range of the rescaled values.
+        lo, hi = lo_raw * slope + inter, hi_raw * slope + inter
+    out = None
+    if voi == "window":
+        vlut = _lut(ds, "VOILUTSequence", lo < 0 or hi < 0)
+        if vlut is not None:
+            values, (lo, hi) = _apply_lut(values, *vlut[:2]), vlut[2]
         else:
-            # pydicom's windowing maps into the stored-value range of the image.
-            lo, hi = float(lo_raw), float(hi_raw)
-    out = np.clip((values - lo) / max(hi - lo, 1e-9), 0.0, 1.0).astype(np.float32)
-    if str(ds.get("PhotometricInterpretation", "")).upper() == "MONOCHROME1":
+            out = _window(ds, values)
+    if out is None:
+        lo, hi = min(lo, hi), max(lo, hi)
+        out = (values - lo) / max(hi - lo, 1e-9)
+    out = np.clip(out, 0.0, 1.0).astype(np.float32)
+    if not np.isfinite(out).all():
+        raise Reject("decode_error")
+    if photometric == "MONOCHROME1":
         out = 1.0 - out
     return out
+
+
+def _lut(ds, seq: str, signed_input: bool):
+    """(first mapped value, LUT entries, (lo, hi) output range) of a Modality or VOI LUT, or None.
+
+    LUT Descriptor = (entries, first mapped input value, bits per entry); 0 entries means 65536
+    (PS3.3 C.11.1.1). A first value >= 2**15 on signed input is the SS reading of a value
+    written as US. Bits per entry outside 8..16 (seen in the wild) fall back to the width of the
+    largest entry.
+    """
+    items = _get(ds, seq)
+    if not items:
+        return None
+    item = items[0]
+    desc = [_int(v) for v in _as_list(_get(item, "LUTDescriptor"))]
+    data = _get(item, "LUTData")
+    if len(desc) != 3 or any(v is None for v in desc) or data is None:
+        raise Reject("decode_error")
+    n, first, bits = desc
+    n = n or 65536
+    if signed_input and first >= 2**15:
+        first -= 2**16
+    if isinstance(data, (bytes, bytearray)):  # OW: raw 16-bit words in the data set's byte order
+        little = getattr(ds, "original_encoding", (None, True))[1] is not False
+        lut = np.frombuffer(bytes(data[: len(data) // 2 * 2]), dtype="<u2" if little else ">u2")
+    else:
+        lut = np.asarray([_int(v) for v in _as_list(data)], dtype=np.float64)
+    lut = lut[:n].astype(np.float64)
+    if lut.size == 0 or not np.isfinite(lut).all():
+        raise Reject("decode_error")
+    if not 8 <= bits <= 16:
+        bits = max(1, int(lut.max()).bit_length())
+    return first, lut, (0.0, float(2**bits - 1))
+
+
+def _apply_lut(values: np.ndarray, first: int, lut: np.ndarray) -> np.ndarray:
+    """Inputs below `first` map to the first entry, above the last to the last (PS3.3 C.11)."""
+    idx = np.clip(np.rint(values) - first, 0, lut.size - 1).astype(np.int64)
+    return lut[idx]
+
+
+def _window(ds, values: np.ndarray) -> np.ndarray | None:
+    """Window (first of several) as a fraction of the output range, PS3.3 C.11.2.1.2-3; None
+    when the header has no usable window (absent, malformed, or a width the function forbids)."""
+    center = _as_list(_get(ds, "WindowCenter"))
+    width = _as_list(_get(ds, "WindowWidth"))
+    c, w = _floats(center[:1], 1), _floats(width[:1], 1)
+    if c is None or w is None:
+        return None
+    c, w = c[0], w[0]
+    func = _str(ds, "VOILUTFunction").upper() or "LINEAR"
+    if func == "SIGMOID":
+        if w <= 0:
+            return None
+        return 1.0 / (1.0 + np.exp(np.clip(-4.0 * (values - c) / w, -700, 700)))
+    if func == "LINEAR_EXACT":
+        if w <= 0:
+            return None
+        return (values - c) / w + 0.5
+    # LINEAR, also the default for an unknown function name (the Standard's default).
+    if w < 1:
+        return None
+    if w == 1:  # a threshold: the linear ramp has zero width
+        return (values > c - 0.5).astype(np.float64)
+    return (values - (c - 0.5)) / (w - 1) + 0.5
 
 
 # ---------------------------------------------------------------------------------------------
@@ -567,10 +957,54 @@ def load_xray(item: dict, read: Callable[[str], bytes], voi: str) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def _get(ds, keyword: str):
+    """`ds.get(keyword)` that never raises: pydicom converts values lazily, on access, so a
+    malformed one (a DS of "abc", a US of odd length) raises there; it counts as absent."""
+    try:
+        return ds.get(keyword)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _str(ds, keyword: str) -> str:
+    v = _get(ds, keyword)
+    if v is None:
+        return ""
+    try:
+        return str(v).strip()
+    except Exception:  # noqa: BLE001 — undecodable text
+        return ""
+
+
+def _floats(v, n: int) -> list[float] | None:
+    """Exactly `n` finite floats, or None."""
+    try:
+        vals = [float(x) for x in _as_list(v)]
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if len(vals) != n or not all(math.isfinite(x) for x in vals):
+        return None
+    return vals
+
+
+_NUMERIC_VRS = ("DS", "IS", "US", "SS", "UL", "SL", "FL", "FD", "UV", "SV")
+
+
+def _vr(ds, keyword: str) -> str | None:
+    try:
+        return ds[keyword].VR if keyword in ds else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _all_numbers(v) -> bool:
+    return all(isinstance(x, (int, float)) for x in (v if isinstance(v, list) else [v]))
+
+
 def _int(v):
     try:
         return int(v) if v not in (None, "") else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
 
 

@@ -145,6 +145,257 @@ class IngestRecipe:
 
 
 # ---------------------------------------------------------------------------------------------
+# Training recipe (jobs/recipes/*.yaml). One dataclass per component; `TrainRecipe` is the tree.
+# Batch sizes are stated ONCE (deepspeed.micro_batch × deepspeed.grad_accum × scale.num_workers =
+# the global batch); radforge.train derives the DeepSpeed config from these fields and nowhere else.
+# ---------------------------------------------------------------------------------------------
+
+MODEL_KINDS = ("mae", "clip")
+VIT_PRESETS = ("tiny", "small", "base", "large")
+IMAGE_KINDS = ("ct", "xray")  # ct = 3D volumes (CT); xray = 2D images (CR, DX)
+
+
+@dataclass
+class DataConfig:
+    """Where the shards are and how they stream (radforge.loader)."""
+
+    shards: str = "var/demo/shards"  # shard set: directory URL holding manifest.json (any fsspec URL)
+    image: str = "ct"  # ct: CT volumes, 3D models; xray: CR/DX images, 2D models
+    train_split: str = "train"
+    val_split: str = "val"
+    require_report: bool = False  # CLIP sets this: samples without a report are skipped (counted)
+    shuffle_buffer: int = 64  # samples held for the within-rank shuffle (memory: buffer × sample size)
+    num_workers: int = 1  # DataLoader worker processes per rank (0 = in the training process)
+    verify_sha256: bool = True  # check each shard against the manifest before use; mismatches are skipped
+    cache_dir: str | None = None  # optional local cache of shards (None = stream only)
+    cache_limit_gb: float = 10.0  # cache size bound (least recently used shards evicted)
+
+    def __post_init__(self):
+        _choice("data.image", self.image, IMAGE_KINDS)
+        if self.shuffle_buffer < 1:
+            raise ConfigError("data.shuffle_buffer must be >= 1")
+        if self.num_workers < 0:
+            raise ConfigError("data.num_workers must be >= 0")
+        if not self.cache_limit_gb > 0:
+            raise ConfigError("data.cache_limit_gb must be > 0")
+
+
+@dataclass
+class ViewConfig:
+    """The model view derived from stored samples at load time (radforge.transforms), shared by
+    the loader, evaluation and serving and written into exported models."""
+
+    # CT: HU windows (level, width) → one channel each, scaled to [0, 1].
+    ct_windows: list[tuple[float, float]] = field(default_factory=lambda: [(-600.0, 1500.0), (40.0, 400.0)])
+    ct_size: tuple[int, int, int] = (32, 64, 64)  # model input (z, y, x) voxels: crop / pad
+    xray_size: int = 224  # model input (square, px): aspect-preserving resize then centre/random crop
+    xray_mean: float = 0.5  # normalisation of [0, 1] presentation values
+    xray_std: float = 0.25
+    rand_crop: bool = True  # training: random crop position (evaluation/serving: centre)
+    rand_flip: bool = False  # training: random left-right flip (off: laterality is anatomy)
+
+    def __post_init__(self):
+        if not self.ct_windows:
+            raise ConfigError("view.ct_windows needs at least one (level, width) window")
+        for level, width in self.ct_windows:
+            if not width > 0:
+                raise ConfigError(f"view.ct_windows: width must be > 0, got {width!r}")
+        _positive("view.ct_size", self.ct_size, n=3)
+        self.ct_size = tuple(int(v) for v in self.ct_size)
+        if self.xray_size < 16:
+            raise ConfigError("view.xray_size must be >= 16")
+        if not self.xray_std > 0:
+            raise ConfigError("view.xray_std must be > 0")
+
+
+@dataclass
+class TextConfig:
+    """CLIP text tower: a small transformer with a tokenizer trained on the corpus' reports
+    (`kind: small`), or a Hugging Face encoder + tokenizer from a local/object-store dir (`kind: hf`)."""
+
+    kind: str = "small"
+    path: str | None = None  # hf: directory (any URL) with config + weights + tokenizer; offline
+    vocab_size: int = 2000  # small: BPE vocabulary trained on the training split's reports
+    max_len: int = 64  # tokens per report (truncated)
+    width: int = 128
+    depth: int = 2
+    heads: int = 4
+
+    def __post_init__(self):
+        _choice("model.text.kind", self.kind, ("small", "hf"))
+        if self.kind == "hf" and not self.path:
+            raise ConfigError("model.text.path must name the Hugging Face model directory when kind is hf")
+        for k in ("vocab_size", "max_len", "width", "depth", "heads"):
+            if getattr(self, k) < 1:
+                raise ConfigError(f"model.text.{k} must be >= 1")
+        if self.width % self.heads:
+            raise ConfigError("model.text.width must be divisible by model.text.heads")
+
+
+@dataclass
+class ModelConfig:
+    """What to train. The image encoder is a ViT whose dimensionality follows data.image."""
+
+    kind: str = "mae"  # mae | clip
+    preset: str = "tiny"  # ViT size: tiny | small | base | large
+    patch_ct: tuple[int, int, int] = (8, 16, 16)  # 3D patch (z, y, x) voxels; must divide view.ct_size
+    patch_xray: int = 16  # 2D patch (px); must divide view.xray_size
+    mask_ratio: float = 0.75  # MAE: fraction of patches hidden from the encoder
+    norm_pix_loss: bool = True  # MAE: loss on per-patch normalised pixels
+    decoder_width: int = 128  # MAE decoder
+    decoder_depth: int = 2
+    embed_dim: int = 128  # CLIP: joint embedding size
+    init_temperature: float = 0.07  # CLIP: initial softmax temperature (learnable)
+    init_from: str | None = None  # CLIP: an exported MAE model dir whose encoder initialises the image tower
+    text: TextConfig = field(default_factory=TextConfig)
+
+    def __post_init__(self):
+        _choice("model.kind", self.kind, MODEL_KINDS)
+        _choice("model.preset", self.preset, VIT_PRESETS)
+        _positive("model.patch_ct", self.patch_ct, n=3)
+        self.patch_ct = tuple(int(v) for v in self.patch_ct)
+        if self.patch_xray < 1:
+            raise ConfigError("model.patch_xray must be >= 1")
+        if not 0 < self.mask_ratio < 1:
+            raise ConfigError("model.mask_ratio must be in (0, 1)")
+        if not self.init_temperature > 0:
+            raise ConfigError("model.init_temperature must be > 0")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then cosine decay to lr × min_lr_ratio at `train.steps`."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.95)
+    warmup_steps: int = 10
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+
+    def __post_init__(self):
+        if not self.lr > 0:
+            raise ConfigError("optim.lr must be > 0")
+        if self.warmup_steps < 0:
+            raise ConfigError("optim.warmup_steps must be >= 0")
+        if not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.min_lr_ratio must be in [0, 1]")
+        if not self.grad_clip >= 0:
+            raise ConfigError("optim.grad_clip must be >= 0")
+
+
+@dataclass
+class DeepSpeedSettings:
+    """The recipe side of the DeepSpeed config (radforge.train generates the rest, in one place)."""
+
+    zero_stage: int = 2  # 0 | 1 | 2 | 3
+    precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 need GPUs)
+    micro_batch: int = 4  # samples per worker per forward pass
+    grad_accum: int = 1  # micro-batches per optimizer step
+    activation_checkpointing: bool = False
+    offload_optimizer: bool = False  # ZeRO optimizer state on CPU (stage >= 1)
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+        _choice("deepspeed.precision", self.precision, ("fp32", "bf16", "fp16"))
+        if self.micro_batch < 1 or self.grad_accum < 1:
+            raise ConfigError("deepspeed.micro_batch and deepspeed.grad_accum must be >= 1")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ConfigError("deepspeed.offload_optimizer needs zero_stage >= 1")
+
+
+@dataclass
+class ScaleConfig:
+    """Ray Train scaling: multi-node is configuration only."""
+
+    num_workers: int = 2
+    use_gpu: bool = False  # nccl when true, gloo otherwise
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0  # used only with use_gpu
+    placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
+    resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra custom resources
+
+    def __post_init__(self):
+        if self.num_workers < 1:
+            raise ConfigError("scale.num_workers must be >= 1")
+        _choice("scale.placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
+        if not self.cpus_per_worker > 0:
+            raise ConfigError("scale.cpus_per_worker must be > 0")
+
+
+@dataclass
+class CheckpointConfig:
+    """Sharded DeepSpeed state + loader position + recipe, through Ray Train's storage."""
+
+    storage_path: str = "var/demo/checkpoints"  # any fsspec URL (s3:// works)
+    every_steps: int = 50
+    keep_last: int = 2
+    max_failures: int = 2  # worker-group restarts (Ray Train FailureConfig), each from the last checkpoint
+
+    def __post_init__(self):
+        if self.every_steps < 1 or self.keep_last < 1 or self.max_failures < 0:
+            raise ConfigError("checkpoint.every_steps and keep_last must be >= 1, max_failures >= 0")
+
+
+@dataclass
+class EvalConfig:
+    """In-loop and offline evaluation (radforge.evaluate)."""
+
+    every_steps: int = 0  # 0 = only at the end
+    split: str = "val"
+    findings: list[str] = field(default_factory=list)  # empty = every finding in the labels
+    # Zero-shot prompts; `{finding}` is replaced by the finding's name.
+    positive_prompt: str = "{finding} is present."
+    negative_prompt: str = "no {finding}."
+    bootstrap: int = 1000  # resamples for the 95% CIs
+    max_samples: int = 0  # cap per evaluation (0 = the whole split)
+
+    def __post_init__(self):
+        if self.every_steps < 0 or self.bootstrap < 0 or self.max_samples < 0:
+            raise ConfigError("eval.every_steps, eval.bootstrap and eval.max_samples must be >= 0")
+        if "{finding}" not in self.positive_prompt or "{finding}" not in self.negative_prompt:
+            raise ConfigError("eval.positive_prompt and eval.negative_prompt must contain {finding}")
+
+
+@dataclass
+class TrainRecipe:
+    name: str = "tiny-mae-ct"
+    seed: int = 0
+    steps: int = 100  # optimizer steps in total (the schedule's length); epochs follow from the data
+    log_every: int = 10
+    output_dir: str = "var/demo/runs"  # metrics (TensorBoard events, metrics.jsonl) and the loss curve
+    data: DataConfig = field(default_factory=DataConfig)
+    view: ViewConfig = field(default_factory=ViewConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    deepspeed: DeepSpeedSettings = field(default_factory=DeepSpeedSettings)
+    scale: ScaleConfig = field(default_factory=ScaleConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        if not self.name or not self.name.strip():
+            raise ConfigError("name must be a non-empty string")
+        if self.steps < 1 or self.log_every < 1:
+            raise ConfigError("steps and log_every must be >= 1")
+        if self.model.kind == "clip":
+            self.data.require_report = True
+        if self.data.image == "ct":
+            bad = [s for s, p in zip(self.view.ct_size, self.model.patch_ct) if s % p]
+            if bad:
+                raise ConfigError(f"model.patch_ct {list(self.model.patch_ct)} must divide view.ct_size {list(self.view.ct_size)}")
+        elif self.view.xray_size % self.model.patch_xray:
+            raise ConfigError(f"model.patch_xray {self.model.patch_xray} must divide view.xray_size {self.view.xray_size}")
+        if self.deepspeed.precision != "fp32" and not self.scale.use_gpu:
+            raise ConfigError(f"deepspeed.precision {self.deepspeed.precision} needs scale.use_gpu: true (CPU training is fp32)")
+
+    @property
+    def global_batch(self) -> int:
+        return self.deepspeed.micro_batch * self.deepspeed.grad_accum * self.scale.num_workers
+
+
+# ---------------------------------------------------------------------------------------------
 # Loading
 # ---------------------------------------------------------------------------------------------
 

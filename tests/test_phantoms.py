@@ -422,3 +422,18 @@ def test_ct_slices_corpus(tmp_path):
     assert len({s.series_uid for s in out}) == 2
     ds = pydicom.dcmread(out[0].paths[0])
     assert ds.file_meta.TransferSyntaxUID == RLELossless and ds.pixel_array.shape == (64, 64)
+
+
+def test_training_corpus_states_every_finding_in_pixels_reports_and_labels(tmp_path):
+    c = ph.training_corpus(tmp_path, n_patients=6, ct_slices=4, ct_matrix=16, xray_size=32)
+    files = [p for p in (tmp_path / "dicom").rglob("*") if p.is_file()]
+    assert len(files) == c.files == 6 * (4 + 1)
+    assert len(c.studies) == 12
+    labels = {r["AccessionNumber"]: r for r in csv.DictReader(open(c.labels_csv))}
+    reports = {r["AccessionNumber"]: r["report"] for r in csv.DictReader(open(c.reports_csv))}
+    for s in c.studies:
+        for f in ph.FINDINGS:
+            want = "" if s.findings[f] is None else str(s.findings[f])
+            assert labels[s.accession][f] == want
+        impression = reports[s.accession].split("IMPRESSION:")[1]
+        assert all((f in impression.lower()) == s.present(f) for f in ph.FINDINGS)

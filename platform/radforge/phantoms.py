@@ -1223,7 +1223,7 @@ class TrainingCorpus:
 
 def training_corpus(root: str | os.PathLike, *, n_patients: int = 120, with_ct: bool = True, with_xray: bool = True,
                     ct_slices: int = 16, ct_matrix: int = 48, xray_size: int = 128,
-                    seed: int = 0) -> TrainingCorpus:
+                    first_patient: int = 0, seed: int = 0) -> TrainingCorpus:
     """Write `n_patients` patients, each with a small CT series and/or a small DX radiograph, plus
     reports.csv / labels.csv, for training tests and the demo (fast to ingest: small matrices).
 
@@ -1231,7 +1231,9 @@ def training_corpus(root: str | os.PathLike, *, n_patients: int = 120, with_ct: 
     classes in any split of a few dozen patients. CT: `ct_slices` axial slices of `ct_matrix`² at
     2 mm in-plane and 4 mm apart (a 96 mm cube-ish field of view, resampled by ingest to the
     profile spacing); X-ray: `xray_size`² DX MONOCHROME2 at 0.2 mm. The headers carry the usual
-    planted PHI, so privacy checks apply to training outputs too.
+    planted PHI, so privacy checks apply to training outputs too. Patients are numbered from
+    `first_patient`, so a training corpus can sit beside `build_corpus` patients in one source
+    without sharing IDs or accession numbers (merge the tables with `write_tables`).
     """
     if n_patients < 1 or not (with_ct or with_xray):
         raise ValueError("need n_patients >= 1 and at least one of with_ct / with_xray")
@@ -1239,7 +1241,7 @@ def training_corpus(root: str | os.PathLike, *, n_patients: int = 120, with_ct: 
     dicom = root / "dicom"
     studies: list[Study] = []
     files = 0
-    for i in range(n_patients):
+    for i in range(first_patient, first_patient + n_patients):
         p = make_patient(i, seed)
         if with_ct:
             s = make_study(p, 0, seed=seed)

@@ -21,6 +21,7 @@ so the index is a private artifact. Reason codes and exception messages never co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -102,6 +103,7 @@ REJECT_REASONS = (
     "too_large",
     "unsupported_photometric",
     "decode_error",
+    "multiple_images",  # canonical_from_files: one request holds more than one series / image
 )
 SKIP_REASONS = ("localizer", "modality_not_selected")
 
@@ -950,6 +952,107 @@ def _window(ds, values: np.ndarray) -> np.ndarray | None:
     if w == 1:  # a threshold: the linear ramp has zero width
         return (values > c - 0.5).astype(np.float64)
     return (values - (c - 0.5)) / (w - 1) + 0.5
+
+
+# ---------------------------------------------------------------------------------------------
+# 4. Canonical arrays (shared by ingest and serving)
+# ---------------------------------------------------------------------------------------------
+
+
+def canonical(item: dict, read: Callable[[str], bytes], profile: dict) -> tuple[np.ndarray, dict]:
+    """A planned item → (stored canonical array, geometry metadata), per a preprocessing profile.
+
+    `profile` is `shardspec.profile(recipe)` / a manifest's ``profile`` (only ``ct.spacing_mm``,
+    ``xray.longest_side`` and ``xray.voi`` are read). CT: HU, padding floored at -1024, oriented
+    to LPS, resampled, int16. X-ray: presentation values, longest side resized, uint16. This is
+    THE code path from DICOM to the stored form: ingest writes its output into shards, serving
+    feeds it to the model view, so the two cannot drift apart.
+
+    Input problems raise `Reject`.
+    """
+    from radforge import transforms  # torch is imported lazily by Resample only
+
+    info = json.loads(item["info"])
+    if item["kind"] == "ct":
+        hu, affine = load_ct(item, read)
+        # Padding outside the field of view (-2048, -3024) must not blend into tissue when resampled.
+        np.maximum(hu, transforms.HU_MIN, out=hu)
+        hu, affine = transforms.Orient("LPS")(hu, affine)
+        meta: dict = {"canonical_source_spacing_mm": _spacing_zyx(affine)}
+        hu, affine = transforms.Resample(profile["ct"]["spacing_mm"])(hu, affine)
+        array = transforms.to_int16_hu(hu)
+        meta.update(
+            shape=list(array.shape),
+            spacing_mm=_spacing_zyx(affine),
+            affine_lps=[[round(float(v), 6) for v in r] for r in affine.tolist()],
+            orientation="LPS",
+            units="HU",
+        )
+        return array, meta
+    if item["kind"] != "xray":
+        raise ValueError(f"not a planned sample: kind {item['kind']!r}")
+    img = load_xray(item, read, profile["xray"]["voi"])
+    img, _ = transforms.ResizeLongest(profile["xray"]["longest_side"])(img)
+    array = np.clip(np.rint(img * 65535.0), 0, 65535).astype(np.uint16)
+    meta = {"shape": list(array.shape), "photometric": "MONOCHROME2", "units": "presentation"}
+    src_sp = info.get("source_spacing_mm")
+    if src_sp:
+        sy = info["source_shape"][0] / array.shape[0]
+        sx = info["source_shape"][1] / array.shape[1]
+        meta["spacing_mm"] = [round(src_sp[0] * sy, 6), round(src_sp[1] * sx, 6)]
+    else:
+        meta["spacing_mm"] = None
+    return array, meta
+
+
+def _spacing_zyx(affine: np.ndarray) -> list[float]:
+    return [round(float(np.linalg.norm(affine[:3, i])), 6) for i in (2, 1, 0)]
+
+
+# Modalities a model's image kind accepts.
+IMAGE_MODALITIES = {"ct": ("CT",), "xray": XRAY_MODALITIES}
+
+
+def canonical_from_files(datas: list[bytes], profile: dict, *, image: str | None = None,
+                         ct: object | None = None) -> tuple[np.ndarray, dict]:
+    """The DICOM files of ONE image (a radiograph, or every slice of one CT series) → (canonical
+    array, metadata), exactly as ingest would store it: `scan` → `plan_group` → `canonical`.
+
+    For serving, where the files arrive in a request rather than from a listing. `image`
+    ("ct" | "xray") restricts the accepted modalities (others: Reject("modality_not_selected"));
+    `ct` is a `config.CTConfig` with the series validation thresholds (default: the ingest
+    defaults, which the profile does not record). Strict where ingest is lenient: any unusable
+    file rejects the whole request (a stray file in a series upload is a client error, not
+    something to drop silently), and more than one series or image is Reject("multiple_images").
+
+    The returned metadata holds `modality` plus the geometry of `canonical`; never a header value.
+    """
+    from radforge import config
+
+    recipe = config.IngestRecipe(
+        modalities=list(IMAGE_MODALITIES[image]) if image else list(config.SUPPORTED_MODALITIES),
+        ct=dataclasses.replace(ct or config.CTConfig(), spacing_mm=tuple(profile["ct"]["spacing_mm"])),
+        xray=config.XrayConfig(longest_side=int(profile["xray"]["longest_side"]), voi=profile["xray"]["voi"]),
+    )
+    # Pseudonyms are computed by planning but never leave this function: any key will do.
+    ctx = PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(b"radforge-canonical-from-files"))
+    files = {f"file{i}": bytes(d) for i, d in enumerate(datas)}
+    groups: dict[str, list[dict]] = {}
+    for path, data in files.items():
+        row = scan(path, len(data), io.BytesIO(data))
+        groups.setdefault(row["group_key"], []).append(row)
+    items = [it for rows in groups.values() for it in plan_group(rows, ctx)]
+    for it in items:  # rejections first: a series with a gap beats a skipped localizer
+        if it["status"] == "rejected" or it["reason"] == "modality_not_selected":
+            raise Reject(it["reason"])
+    planned = [it for it in items if it["status"] == "planned"]
+    if not planned:
+        raise Reject(items[0]["reason"] if items else "not_dicom")
+    if len(planned) > 1:
+        raise Reject("multiple_images")
+    item = planned[0]
+    array, meta = canonical(item, files.__getitem__, profile)
+    return array, {"modality": json.loads(item["info"])["modality"], **meta}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 
 from radforge import config, deid, dicom, shardspec, storage
@@ -431,9 +430,11 @@ def _outcome(shard, row, info, status, reason, nbytes) -> dict:
 
 
 def make_sample(row: dict, info: dict, recipe: IngestRecipe, tables: dict | None) -> tuple[dict, dict]:
-    """One planned item → (tar members, metadata). Raises dicom.Reject for unusable inputs."""
-    from radforge import transforms
+    """One planned item → (tar members, metadata). Raises dicom.Reject for unusable inputs.
 
+    The pixels go through `dicom.canonical`, the one DICOM → stored-array path that serving
+    (`dicom.canonical_from_files`) uses too.
+    """
     meta: dict[str, Any] = {
         "schema_version": shardspec.SCHEMA_VERSION,
         "modality": info["modality"],
@@ -447,33 +448,8 @@ def make_sample(row: dict, info: dict, recipe: IngestRecipe, tables: dict | None
     }
     if "source_spacing_mm" in info:
         meta["source_spacing_mm"] = [round(float(v), 6) for v in info["source_spacing_mm"]]
-    if row["kind"] == "ct":
-        hu, affine = dicom.load_ct(row, storage.read_bytes)
-        # Padding outside the field of view (-2048, -3024) must not blend into tissue when resampled.
-        np.maximum(hu, transforms.HU_MIN, out=hu)
-        hu, affine = transforms.Orient("LPS")(hu, affine)
-        meta["canonical_source_spacing_mm"] = _spacing(affine)
-        hu, affine = transforms.Resample(recipe.ct.spacing_mm)(hu, affine)
-        array = transforms.to_int16_hu(hu)
-        meta.update(
-            shape=list(array.shape),
-            spacing_mm=_spacing(affine),
-            affine_lps=[[round(float(v), 6) for v in r] for r in affine.tolist()],
-            orientation="LPS",
-            units="HU",
-        )
-    else:
-        img = dicom.load_xray(row, storage.read_bytes, recipe.xray.voi)
-        img, _ = transforms.ResizeLongest(recipe.xray.longest_side)(img)
-        array = np.clip(np.rint(img * 65535.0), 0, 65535).astype(np.uint16)
-        src_sp = info.get("source_spacing_mm")
-        meta.update(shape=list(array.shape), photometric="MONOCHROME2", units="presentation")
-        if src_sp:
-            sy = info["source_shape"][0] / array.shape[0]
-            sx = info["source_shape"][1] / array.shape[1]
-            meta["spacing_mm"] = [round(src_sp[0] * sy, 6), round(src_sp[1] * sx, 6)]
-        else:
-            meta["spacing_mm"] = None
+    array, geometry = dicom.canonical(row, storage.read_bytes, shardspec.profile(recipe))
+    meta.update(geometry)
     report = None
     if tables:
         report, labels = _lookup(tables, info)
@@ -483,10 +459,6 @@ def make_sample(row: dict, info: dict, recipe: IngestRecipe, tables: dict | None
             report = deid.redact_report(report, info.get("_phi", []))
     meta["has_report"] = report is not None
     return shardspec.encode_sample(row["key"], array, meta, report), meta
-
-
-def _spacing(affine: np.ndarray) -> list[float]:
-    return [round(float(np.linalg.norm(affine[:3, i])), 6) for i in (2, 1, 0)]
 
 
 def _sha256_file(path: str) -> str:

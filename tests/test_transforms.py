@@ -285,3 +285,69 @@ def test_import_does_not_load_torch():
 
     code = "import sys, radforge.transforms, radforge.viz; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Model views
+# --------------------------------------------------------------------------------------------
+
+from radforge.config import ViewConfig  # noqa: E402
+
+
+def test_model_view_ct_windows_crop_and_air_padding():
+    view = ViewConfig(ct_windows=[(40.0, 400.0), (-600.0, 1500.0)], ct_size=(4, 6, 6))
+    mv = T.ModelView(view, "ct")
+    vol = np.full((2, 10, 4), 40, np.int16)  # z too small (pad), y too big (crop), x too small (pad)
+    vol[:, 5, :] = 240  # the top of the soft-tissue window
+    out = mv(vol, {})
+    assert out.shape == mv.input_shape == (2, 4, 6, 6) and out.dtype == np.float32
+    # Centre crop of y=10 → rows 2..7; the 240 HU row lands at y=3; centred pads: z 1+1, x 1+1.
+    inside = out[:, 1:3, :, 1:5]
+    assert np.allclose(inside[0, :, 3], 1.0) and np.allclose(np.delete(inside[0], 3, axis=1), 0.5)
+    assert np.allclose(np.delete(inside[1], 3, axis=1), (40 + 600 + 750) / 1500, atol=1e-6)
+    # Padding is air (-1024 HU) before windowing: in the lung window air is NOT the floor.
+    air = np.array([0.0, (-1024 + 1350) / 1500], np.float32)[:, None, None]
+    assert np.allclose(out[:, 0], air) and np.allclose(out[:, 3], air) and np.allclose(out[:, :, :, 0], air)
+
+
+def test_model_view_deterministic_without_rng_and_reproducible_with_seed():
+    view = ViewConfig(ct_size=(4, 8, 8), rand_flip=True)
+    mv = T.ModelView(view, "ct")
+    vol = np.random.default_rng(0).integers(-1024, 1500, size=(12, 20, 20)).astype(np.int16)
+    a, b = mv(vol, {}), mv(vol, {})
+    assert np.array_equal(a, b)
+    assert np.array_equal(a, T.WindowHU(view.ct_windows)(vol[4:8, 6:14, 6:14]))  # centre crop, no flip
+    r1 = mv(vol, {}, np.random.default_rng(7))
+    r2 = mv(vol, {}, np.random.default_rng(7))
+    assert np.array_equal(r1, r2)
+    outs = {mv(vol, {}, np.random.default_rng(s)).tobytes() for s in range(8)}
+    assert len(outs) > 1  # random crops (and flips) do vary
+    fixed = T.ModelView(ViewConfig(ct_size=(4, 8, 8), rand_crop=False), "ct")
+    assert np.array_equal(fixed(vol, {}, np.random.default_rng(7)), a)  # rand_crop off: centre even in training
+
+
+def test_model_view_xray_short_side_resize_crop_normalise():
+    view = ViewConfig(xray_size=32, xray_mean=0.5, xray_std=0.25)
+    mv = T.ModelView(view, "xray")
+    img = np.zeros((64, 128), np.uint16)
+    img[:, 64:] = 65535
+    out = mv(img, {})
+    assert out.shape == mv.input_shape == (1, 32, 32) and out.dtype == np.float32
+    # 64x128 → 32x64 (short side 32) → centre 32x32 = columns 16..47: left half dark, right bright.
+    assert np.allclose(out[0, :, :14], -2.0) and np.allclose(out[0, :, 18:], 2.0)
+    small = mv(np.full((20, 10), 65535, np.uint16), {})  # upsampled so the short side reaches 32
+    assert small.shape == (1, 32, 32) and np.allclose(small, 2.0)
+    a = mv(img, {}, np.random.default_rng(1))
+    assert np.array_equal(a, mv(img, {}, np.random.default_rng(1)))
+
+
+def test_crop_or_pad_and_flip_pieces():
+    x = np.arange(10)
+    assert T.CropOrPad((4,))(x).tolist() == [3, 4, 5, 6]
+    assert T.CropOrPad((13,), pad_value=-1)(x).tolist() == [-1] + list(range(10)) + [-1, -1]
+    starts = {int(T.RandCropOrPad((4,))(x, np.random.default_rng(s))[0]) for s in range(40)}
+    assert starts == set(range(7))
+    assert T.RandFlip(1.0)(x, np.random.default_rng(0)).tolist() == x[::-1].tolist()
+    assert T.RandFlip(1.0)(x, None).tolist() == x.tolist()
+    assert np.allclose(T.NormalizeIntensity(1.0, 2.0)(np.array([1.0, 3.0])), [0.0, 1.0])
+    assert T.ResizeShortest(32).output_hw(64, 128) == (32, 64)

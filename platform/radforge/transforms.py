@@ -513,3 +513,195 @@ class WindowHU:
 
             return torch.stack(chans, dim=0)
         return np.stack(chans, axis=0)
+
+
+# --------------------------------------------------------------------------------------------
+# Model views: stored sample → model input (loader, evaluation, serving)
+# --------------------------------------------------------------------------------------------
+#
+# The view is the ONLY place where a stored sample becomes a tensor a model sees, so the loader
+# (training), evaluation and serving run exactly the same code. Everything stochastic takes an
+# explicit ``numpy.random.Generator``; with ``rng=None`` every piece is deterministic (centre crop,
+# no flip), which is what evaluation and serving use. No piece keeps state between calls.
+
+
+def _crop_pad_plan(shape: Sequence[int], size: Sequence[int], rng: np.random.Generator | None):
+    """Per axis (crop_start, pad_before, pad_after). Crops are centred (rng None) or uniformly
+    placed; pads are always centred (a random pad offset only moves the air around)."""
+    plan = []
+    for n, s in zip(shape, size):
+        if n > s:
+            start = (n - s) // 2 if rng is None else int(rng.integers(0, n - s + 1))
+            plan.append((start, 0, 0))
+        else:
+            before = (s - n) // 2
+            plan.append((0, before, s - n - before))
+    return plan
+
+
+class CropOrPad:
+    """Centre crop / pad every axis to ``size`` (MONAI's ResizeWithPadOrCrop).
+
+    ``pad_value`` fills the padding *in the units of the input*: for CT that is air, -1024 HU,
+    applied before windowing so padding looks like air to the model in every window.
+    numpy in → numpy out (same dtype).
+    """
+
+    def __init__(self, size: Sequence[int], pad_value: float = 0.0):
+        self.size = tuple(int(s) for s in size)
+        if not self.size or any(s < 1 for s in self.size):
+            raise ValueError("size must be positive integers")
+        self.pad_value = pad_value
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.size}, pad_value={self.pad_value})"
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        x = np.asarray(x)
+        if x.ndim != len(self.size):
+            raise ValueError(f"expected {len(self.size)} axes, got shape {x.shape}")
+        plan = _crop_pad_plan(x.shape, self.size, rng)
+        x = x[tuple(slice(c, c + min(n, s)) for (c, _, _), n, s in zip(plan, x.shape, self.size))]
+        pads = [(b, a) for _, b, a in plan]
+        if any(b or a for b, a in pads):
+            x = np.pad(x, pads, mode="constant", constant_values=self.pad_value)
+        return np.ascontiguousarray(x)
+
+
+class RandCropOrPad(CropOrPad):
+    """`CropOrPad` with a uniformly random crop position drawn from ``rng`` (centre when None)."""
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        return super().__call__(x, rng)
+
+
+class RandFlip:
+    """Flip ``axis`` with probability ``prob`` (MONAI's RandFlip); never flips when rng is None."""
+
+    def __init__(self, prob: float = 0.5, axis: int = -1):
+        if not 0.0 <= prob <= 1.0:
+            raise ValueError("prob must be in [0, 1]")
+        self.prob, self.axis = float(prob), int(axis)
+
+    def __repr__(self) -> str:
+        return f"RandFlip(prob={self.prob}, axis={self.axis})"
+
+    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
+        if rng is not None and self.prob > 0 and rng.random() < self.prob:
+            return np.ascontiguousarray(np.flip(x, axis=self.axis))
+        return x
+
+
+class NormalizeIntensity:
+    """``(x - mean) / std`` in float32 (MONAI's NormalizeIntensity with fixed statistics)."""
+
+    def __init__(self, mean: float, std: float):
+        if not std > 0:
+            raise ValueError("std must be > 0")
+        self.mean, self.std = float(mean), float(std)
+
+    def __repr__(self) -> str:
+        return f"NormalizeIntensity({self.mean}, {self.std})"
+
+    def __call__(self, x: np.ndarray) -> np.ndarray:
+        y = np.asarray(x, dtype=np.float32) - np.float32(self.mean)
+        y /= np.float32(self.std)
+        return y
+
+
+class ResizeShortest:
+    """Resize a 2-D image so its SHORT side is ``size`` (aspect preserved; the long side is
+    rounded half up). Downsampling is antialiased (see `ResizeLongest` for why); upsampling is
+    plain bilinear. numpy [H, W] in → float32 numpy out."""
+
+    def __init__(self, size: int):
+        if int(size) < 1:
+            raise ValueError("size must be a positive number of pixels")
+        self.size = int(size)
+
+    def __repr__(self) -> str:
+        return f"ResizeShortest({self.size})"
+
+    def output_hw(self, h: int, w: int) -> tuple[int, int]:
+        s = self.size / min(h, w)
+        if h <= w:
+            return self.size, max(self.size, int(math.floor(w * s + 0.5)))
+        return max(self.size, int(math.floor(h * s + 0.5))), self.size
+
+    def __call__(self, image: np.ndarray) -> np.ndarray:
+        import torch
+        import torch.nn.functional as F
+
+        img = np.asarray(image, dtype=np.float32)
+        h, w = img.shape[-2:]
+        oh, ow = self.output_hw(h, w)
+        if (oh, ow) == (h, w):
+            return img
+        with torch.inference_mode():
+            t = torch.from_numpy(np.ascontiguousarray(img)).reshape(1, 1, h, w)
+            t = F.interpolate(t, size=(oh, ow), mode="bilinear", align_corners=False, antialias=oh < h)
+        return t.reshape(oh, ow).numpy()
+
+
+class ModelView:
+    """A stored sample → the model's input, for one image kind ("ct" or "xray").
+
+    CT: int16 HU ``[z, y, x]`` (LPS, profile spacing) → float32 ``[C, *view.ct_size]``:
+        crop/pad to ``ct_size`` (pad with air, -1024 HU, before windowing; centre crop when
+        ``rng`` is None or ``view.rand_crop`` is off, else a uniformly random crop) → optional
+        left-right flip (axis 2 = patient left; training only, ``view.rand_flip``) →
+        `WindowHU` with ``view.ct_windows``, one [0, 1] channel per window.
+    X-ray: uint16 ``[y, x]`` presentation values → [0, 1] → `ResizeShortest` to
+        ``view.xray_size`` → centre/random square crop → optional flip → ``(x - mean) / std`` →
+        ``[1, s, s]``.
+
+    The crop is taken in stored voxels: the shards are already at the profile spacing (the
+    manifest's ``profile``), so a fixed voxel size is a fixed physical field of view; the loader
+    refuses nothing here, serving converts DICOM with the same profile before calling the view.
+
+    Deterministic when ``rng`` is None (evaluation, serving). Holds no state between calls, so
+    one instance can be shared by DataLoader workers and serving replicas.
+    """
+
+    def __init__(self, view, image: str):
+        if image not in ("ct", "xray"):
+            raise ValueError(f"image must be 'ct' or 'xray', got {image!r}")
+        self.view, self.image = view, image
+        if image == "ct":
+            self._crop = RandCropOrPad(view.ct_size, pad_value=HU_MIN)
+            self._window = WindowHU(view.ct_windows)
+        else:
+            self._resize = ResizeShortest(view.xray_size)
+            self._crop = RandCropOrPad((view.xray_size, view.xray_size), pad_value=0.0)
+            self._norm = NormalizeIntensity(view.xray_mean, view.xray_std)
+        self._flip = RandFlip(0.5 if view.rand_flip else 0.0, axis=-1)
+
+    def __repr__(self) -> str:
+        return f"ModelView(image={self.image!r}, input_shape={self.input_shape})"
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        if self.image == "ct":
+            return (len(self.view.ct_windows), *self.view.ct_size)
+        return (1, self.view.xray_size, self.view.xray_size)
+
+    def __call__(self, array: np.ndarray, meta: dict | None = None,
+                 rng: np.random.Generator | None = None) -> np.ndarray:
+        array = np.asarray(array)
+        crop_rng = rng if self.view.rand_crop else None
+        if self.image == "ct":
+            if array.ndim != 3:
+                raise ValueError(f"CT view expects a volume [z, y, x], got shape {array.shape}")
+            x = self._crop(array, crop_rng)
+            x = self._flip(x, rng)
+            return self._window(x)
+        if array.ndim != 2:
+            raise ValueError(f"X-ray view expects an image [y, x], got shape {array.shape}")
+        x = array.astype(np.float32) / np.float32(65535.0)
+        x = self._resize(x)
+        x = self._crop(x, crop_rng)
+        x = self._flip(x, rng)
+        return self._norm(x)[None]
+
+
+__all__ += ["CropOrPad", "RandCropOrPad", "RandFlip", "NormalizeIntensity", "ResizeShortest", "ModelView"]

@@ -1,0 +1,288 @@
+"""radforge.loader: every sample once per epoch, equal batches per rank, exact resume, bad data
+skipped and counted, streaming from S3, and one run on real ingest output."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import itertools
+import json
+import os
+import tarfile
+
+import numpy as np
+import pytest
+import torch
+
+from radforge import shardspec, storage
+from radforge.config import DataConfig, IngestRecipe, ViewConfig
+from radforge.errors import ConfigError
+from radforge.loader import LoaderError, build_loader
+
+VIEW = ViewConfig(ct_size=(4, 8, 8), xray_size=16)
+
+
+def _key(k: int) -> str:
+    return f"{k:024x}"
+
+
+def _members(k: int, modality: str, report: bool) -> dict[str, bytes]:
+    if modality == "CT":
+        arr = np.full((6, 10, 10), k, np.int16)
+    else:
+        arr = np.full((20, 24), k, np.uint16)
+    meta = {"modality": modality, "shape": list(arr.shape), "split": "train",
+            "labels": {"nodule": k % 2, "effusion": None, "cardiomegaly": -1}, "has_report": report}
+    return shardspec.encode_sample(_key(k), arr, meta, f"report {k}" if report else None)
+
+
+def write_set(dest, sizes, *, split="train", modality=lambda k: "CT", report=lambda k: True, corrupt=()):
+    """Shards of `sizes` samples (keys numbered 0.. across shards) + a manifest; `corrupt` keys get
+    an undecodable .npy member. Returns (dest, {shard path: [keys]})."""
+    os.makedirs(os.path.join(dest, split), exist_ok=True)
+    recs, keys, k = [], {}, 0
+    for si, n in enumerate(sizes):
+        path = shardspec.shard_name(split, si)
+        buf, mods = io.BytesIO(), {}
+        with tarfile.open(fileobj=buf, mode="w") as tf:
+            for _ in range(n):
+                m = modality(k)
+                mods[m] = mods.get(m, 0) + 1
+                for suffix, data in _members(k, m, report(k)).items():
+                    if k in corrupt and suffix == "npy":
+                        data = b"\x93NUMPY garbage"
+                    info = tarfile.TarInfo(f"{_key(k)}.{suffix}")
+                    info.size = len(data)
+                    tf.addfile(info, io.BytesIO(data))
+                keys.setdefault(path, []).append(_key(k))
+                k += 1
+        data = buf.getvalue()
+        with open(os.path.join(dest, path), "wb") as f:
+            f.write(data)
+        recs.append({"path": path, "split": split, "samples": n, "bytes": len(data),
+                     "sha256": hashlib.sha256(data).hexdigest(), "modalities": mods})
+    manifest = shardspec.new_manifest(profile={}, recipe={}, deid={}, plan_digest="t")
+    shardspec.finalize(manifest, recs, {"seen": 0, "used": 0, "skipped": {}, "rejected": {}})
+    with open(os.path.join(dest, shardspec.MANIFEST), "w") as f:
+        json.dump(manifest, f)
+    return str(dest), keys
+
+
+def _loader(shards, *, rank=0, world=1, batch=2, seed=0, state=None, train=True, **data):
+    cfg = DataConfig(shards=shards, shuffle_buffer=data.pop("shuffle_buffer", 4), num_workers=data.pop("num_workers", 0), **data)
+    return build_loader(cfg, VIEW, split="train", batch_size=batch, rank=rank, world_size=world, seed=seed,
+                        train=train, state=state)
+
+
+def _epoch(loader, n=None):
+    """The next `n` batches (default: the rest of the epoch)."""
+    n = loader.batches_left() if n is None else n
+    return list(itertools.islice(iter(loader), n))
+
+
+def _keys(batches):
+    return [k for b in batches for k in b["key"]]
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_ranks_and_workers_cover_each_sample_once(tmp_path, workers):
+    dest, keys = write_set(tmp_path / "s", [6, 6, 6, 6, 6, 6, 6, 6])
+    seen = []
+    for rank in range(2):
+        loader = _loader(dest, rank=rank, world=2, num_workers=workers)
+        batches = _epoch(loader)
+        assert len(batches) == loader.batches_per_epoch == 12
+        assert loader.state_dict()["epoch"] == 0 and loader.state_dict()["batches"] == 12
+        seen += _keys(batches)
+    assert sorted(seen) == sorted(k for ks in keys.values() for k in ks)
+
+
+def test_fewer_shards_than_ranks_strides_samples(tmp_path):
+    dest, keys = write_set(tmp_path / "s", [7, 5])
+    seen = []
+    for rank in range(4):
+        loader = _loader(dest, rank=rank, world=4, batch=1)
+        batches = _epoch(loader)
+        assert len(batches) == loader.batches_per_epoch == 3  # 12 samples / 4 ranks
+        seen += _keys(batches)
+    assert len(seen) == len(set(seen)) == 12
+
+
+def test_equal_batches_with_uneven_shards_and_next_epoch_follows(tmp_path):
+    dest, _ = write_set(tmp_path / "s", [9, 1, 4, 7, 2, 5])
+    counts = set()
+    for rank in range(3):
+        loader = _loader(dest, rank=rank, world=3)
+        it = iter(loader)
+        n = loader.batches_per_epoch
+        first = list(itertools.islice(it, n))
+        assert loader.state_dict()["epoch"] == 0
+        next(it)  # the first batch of the next epoch
+        assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["batches"] == 1
+        counts.add(len(first))
+        assert len(set(_keys(first))) == len(_keys(first))  # no repeats within the epoch
+    assert counts == {loader.batches_per_epoch} and loader.batches_per_epoch >= 3
+
+
+def test_too_few_samples_is_a_clear_error(tmp_path):
+    dest, _ = write_set(tmp_path / "s", [3])
+    with pytest.raises(ConfigError, match="too few"):
+        _loader(dest, world=2, batch=4)
+
+
+def test_seeded_determinism(tmp_path):
+    dest, _ = write_set(tmp_path / "s", [5, 5, 5, 5])
+    a = list(itertools.islice(iter(_loader(dest, seed=3)), 20))
+    b = list(itertools.islice(iter(_loader(dest, seed=3)), 20))
+    c = list(itertools.islice(iter(_loader(dest, seed=4)), 20))
+    assert _keys(a) == _keys(b) and _keys(a) != _keys(c)
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(a, b))
+    assert _keys(a[:10]) != _keys(a[10:])  # epoch 2 is reshuffled
+    assert sorted(_keys(a[:10])) == sorted(_keys(a[10:]))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_same_world_size_continues_exactly(tmp_path, workers):
+    dest, _ = write_set(tmp_path / "s", [5, 4, 6, 5, 3, 6, 4, 5])
+    for rank in range(2):
+        ref_loader = _loader(dest, rank=rank, world=2, num_workers=workers, seed=1)
+        ref = list(itertools.islice(iter(ref_loader), ref_loader.batches_per_epoch + 3))
+        first = _loader(dest, rank=rank, world=2, num_workers=workers, seed=1)
+        k = 3
+        got = list(itertools.islice(iter(first), k))
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = _loader(dest, rank=rank, world=2, num_workers=workers, seed=1, state=state)
+        got += list(itertools.islice(iter(resumed), len(ref) - k))
+        assert _keys(got) == _keys(ref)
+        assert all(torch.equal(x["image"], y["image"]) for x, y in zip(got, ref))
+
+
+def test_resume_with_another_world_size_repeats_nothing(tmp_path):
+    dest, keys = write_set(tmp_path / "s", [6] * 12)
+    consumed = []
+    state = None
+    for rank in range(2):
+        loader = _loader(dest, rank=rank, world=2, seed=2)
+        consumed += _keys(_epoch(loader, 5))
+        state = loader.state_dict()
+    assert len(set(consumed)) == 20
+    later = []
+    for rank in range(3):
+        loader = _loader(dest, rank=rank, world=3, seed=2, state=state)
+        rest = _epoch(loader)
+        assert loader.state_dict()["epoch"] == 0
+        later += _keys(rest)
+        again = _loader(dest, rank=rank, world=3, seed=2, state=state)  # resumable again, exactly
+        assert _keys(_epoch(again)) == _keys(rest)
+    assert not set(later) & set(consumed)
+    assert len(later) == len(set(later)) >= 72 - 20 - 3 * 2 * 2  # the rest, but for a few surplus samples
+
+
+def _truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep)])
+
+
+def _flip_byte(path):
+    data = bytearray(open(path, "rb").read())
+    data[len(data) // 3] ^= 0xFF
+    with open(path, "wb") as f:
+        f.write(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["truncated", "sha_mismatch", "corrupt_npy"])
+def test_bad_data_is_skipped_counted_and_batches_stay_equal(tmp_path, damage):
+    corrupt = {7, 8} if damage == "corrupt_npy" else ()
+    dest, keys = write_set(tmp_path / "s", [6, 6, 6, 6], corrupt=corrupt)
+    shard = os.path.join(dest, "train/train-000001.tar")
+    if damage == "truncated":
+        _truncate(shard)
+    elif damage == "sha_mismatch":
+        _flip_byte(shard)
+    verify = damage != "truncated"  # the truncated tar must be caught by the tar reader itself
+    per_rank, totals = [], {}
+    for rank in range(2):
+        loader = _loader(dest, rank=rank, world=2, verify_sha256=verify)
+        batches = _epoch(loader)
+        per_rank.append(len(batches))
+        assert all(torch.isfinite(b["image"]).all() for b in batches)
+        for k, v in loader.metrics().items():
+            totals[k] = totals.get(k, 0) + v
+    assert per_rank == [6, 6]
+    assert totals["skipped_samples"] >= (2 if damage == "corrupt_npy" else 1)
+    assert totals["substituted"] == totals["skipped_samples"]
+    assert totals["bad_shards"] == (0 if damage == "corrupt_npy" else 1)
+
+
+def test_all_bad_is_an_error_not_a_hang(tmp_path):
+    dest, _ = write_set(tmp_path / "s", [4])
+    _flip_byte(os.path.join(dest, "train/train-000000.tar"))
+    with pytest.raises(LoaderError, match="no readable sample"):
+        _epoch(_loader(dest))
+
+
+def test_modality_filter_report_requirement_and_labels(tmp_path):
+    dest, _ = write_set(tmp_path / "s", [6, 6], modality=lambda k: "CT" if k % 3 == 0 else ("DX" if k % 3 == 1 else "CR"),
+                        report=lambda k: k != 1)
+    cfg = DataConfig(shards=dest, image="xray", num_workers=0, require_report=True)
+    loader = build_loader(cfg, VIEW, split="train", batch_size=2, train=False, findings=["nodule", "cardiomegaly", "absent"])
+    batches = list(loader)
+    mods = {m for b in batches for m in b["modality"]}
+    assert mods <= {"CR", "DX"}
+    assert sum(len(b["key"]) for b in batches) == 7  # 8 X-rays, one without a report
+    assert loader.metrics()["skipped_samples"] == 1 and loader.metrics()["skipped:no_report"] == 1
+    b = batches[0]
+    assert b["image"].shape[1:] == (1, 16, 16) and b["image"].dtype == torch.float32
+    k = int(b["key"][0], 16)
+    assert b["labels"].shape == (len(b["key"]), 3)
+    assert b["labels"][0, 0].item() == k % 2 and torch.isnan(b["labels"][0, 1:]).all()
+    assert b["text"][0] == f"report {k}"
+    discovered = build_loader(cfg, VIEW, split="train", batch_size=2, train=False)
+    assert discovered.findings == ["cardiomegaly", "effusion", "nodule"]
+
+
+def test_streams_from_s3_and_caches(tmp_path, s3_bucket):
+    local, keys = write_set(tmp_path / "s", [5, 5, 5])
+    for name in ["manifest.json"] + [f"train/train-00000{i}.tar" for i in range(3)]:
+        storage.put_file_atomic(os.path.join(local, name), storage.join(s3_bucket, "set", name))
+    url = storage.join(s3_bucket, "set")
+    loader = _loader(url, train=False, batch=4)
+    assert sorted(_keys(list(loader))) == sorted(k for ks in keys.values() for k in ks)
+    cache = str(tmp_path / "cache")
+    for _ in range(2):
+        loader = _loader(url, train=False, batch=4, cache_dir=cache, cache_limit_gb=1e-9)
+        assert len(_keys(list(loader))) == 15
+    assert len(os.listdir(cache)) == 1  # LRU bound: only the most recent shard stays
+    loader = _loader(url, train=False, batch=4, cache_dir=str(tmp_path / "cache2"))
+    list(loader)
+    loader = _loader(url, train=False, batch=4, cache_dir=str(tmp_path / "cache2"))
+    list(loader)
+    assert loader.metrics()["cache_hits"] == 3
+
+
+@pytest.fixture(scope="module")
+def ingested(tmp_path_factory, ray_cluster):
+    from radforge import config, ingest, phantoms
+
+    root = tmp_path_factory.mktemp("ingest")
+    dicom = root / "corpus"
+    phantoms.ct_slices_corpus(dicom, n_series=3, n_slices=10, rows=48, cols=48)  # small: the fixture is timed
+    for i in range(2):
+        phantoms.xray(dicom / f"xr{i}.dcm", phantoms.make_study(phantoms.make_patient(10 + i), 1), rows=64, cols=80)
+    recipe = config.load(IngestRecipe, None, ["deid.demo_key=true", "shards.target_mb=0.05",
+                                              "splits={train: 1.0}"])
+    return ingest.run(str(dicom), str(root / "shards"), recipe, progress=False)
+
+
+@pytest.mark.parametrize("image", ["ct", "xray"])
+def test_real_ingest_output(ingested, image):
+    n = ingested.manifest["totals"]["by_split"]["train"]["modalities"]
+    expected = n.get("CT", 0) if image == "ct" else n.get("CR", 0) + n.get("DX", 0)
+    cfg = DataConfig(shards=ingested.dest, image=image, num_workers=0)
+    loader = build_loader(cfg, VIEW, split="train", batch_size=2, train=False)
+    batches = list(loader)
+    assert sum(len(b["key"]) for b in batches) == expected > 0
+    assert loader.metrics()["skipped_samples"] == 0 and loader.metrics()["bad_shards"] == 0
+    assert batches[0]["image"].shape[1:] == loader.input_shape
+    assert all(torch.isfinite(b["image"]).all() for b in batches)

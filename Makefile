@@ -16,12 +16,14 @@ DEMO_DIR ?= var/demo
 PYTEST_ARGS ?=
 
 .PHONY: setup test demo bench lint clean ray-job-ingest help
+.PHONY: cluster-local submit-ingest submit-train deploy status stop image-cpu image-cuda images
 
 help:
 	@echo "make setup   create .venv and install radforge with test extras"
 	@echo "make test    run the test suite"
 	@echo "make demo    build a sample corpus and ingest it to $(DEMO_DIR)/shards"
 	@echo "make bench   run the ingest benchmark (ratios measured side by side)"
+	@echo "make cluster-local | submit-ingest | submit-train | deploy | status | stop   (see cluster/README.md)"
 
 setup: $(STAMP)
 
@@ -44,9 +46,106 @@ bench: $(STAMP)
 lint: $(STAMP)
 	$(PY) -m compileall -q platform jobs tests
 
-# Submit the ingest to a running Ray cluster (RAY_ADDRESS=http://head:8265).
-ray-job-ingest:
-	ray job submit --working-dir . -- python -m jobs.ingest $(SOURCE) $(DEST) $(ARGS)
+# --------------------------------------------------------------------------- cluster
+# Thin wrappers over `ray job submit` / `serve deploy` (cluster/README.md). RAY_ADDRESS is the
+# dashboard URL of any Ray cluster: `make cluster-local`, one GPU box, or KubeRay behind a
+# port-forward. Jobs run `python` on the cluster, so local paths are made absolute here (the job's
+# working directory is an uploaded copy of this one); URLs (s3://…) pass through unchanged.
+VERSION        := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' platform/radforge/__init__.py)
+IMAGE          ?= ghcr.io/radforge/radforge
+IMAGE_TAG      ?= $(VERSION)
+RAY            := $(abspath $(VENV))/bin/ray
+SERVE          := $(abspath $(VENV))/bin/serve
+DASHBOARD_PORT ?= 8265
+RAY_PORT       ?= 6379
+RAY_ADDRESS    ?= http://127.0.0.1:$(DASHBOARD_PORT)
+# cluster-local's state (sockets, logs, head.pid); short, since unix socket paths are limited.
+RAY_TMP        ?= /tmp/radforge-ray
+NUM_CPUS       ?=
+RAY_START_ARGS ?=
+SOURCE         ?=
+DEST           ?=
+RECIPE         ?= jobs/recipes/tiny-clip-xray.yaml
+# Training data / outputs (override the recipe when set; local paths become absolute, see above).
+SHARDS         ?=
+CHECKPOINTS    ?=
+RUNS           ?=
+MODEL          ?= $(DEMO_DIR)/model
+SERVE_CONFIG   ?= cluster/serve-config.yaml
+SERVE_HOST     ?= 127.0.0.1
+SERVE_PORT     ?= 8000
+INGEST_ARGS    ?= $(ARGS)
+TRAIN_ARGS     ?=
+# extra `ray job submit` options, e.g. --no-wait or --runtime-env-json='{"env_vars": {...}}'
+JOB_ARGS       ?=
+# New Ray heads turn token auth on (token in ~/.ray/auth_token); clients must send it too.
+export RAY_AUTH_MODE ?= token
+url = $(if $(findstring ://,$(1)),$(1),$(abspath $(1)))
+need = $(if $($(1)),,$(error $(1)= is required, e.g. make $@ $(1)=$(2)))
+
+# A Ray head on this machine, in the background, with the venv's python first on PATH (job
+# entrypoints say `python`). `stop` ends exactly this head (its pid), never other Ray instances
+# (`ray stop` would kill every Ray on the machine). No drain wait on SIGTERM: nothing to drain to.
+cluster-local:
+	@test -x $(RAY) || { echo "no $(RAY): run make setup first"; exit 2; }
+	@mkdir -p $(RAY_TMP)
+	@if test -f $(RAY_TMP)/head.pid && kill -0 $$(cat $(RAY_TMP)/head.pid) 2>/dev/null; then \
+	  echo "a head is already running (pid $$(cat $(RAY_TMP)/head.pid)); make stop first"; exit 2; fi
+	PATH=$(abspath $(VENV))/bin:$$PATH RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 setsid nohup $(RAY) start --head --block --disable-usage-stats \
+	  --port=$(RAY_PORT) --dashboard-port=$(DASHBOARD_PORT) --include-dashboard=true \
+	  --temp-dir=$(RAY_TMP) $(if $(NUM_CPUS),--num-cpus=$(NUM_CPUS)) $(RAY_START_ARGS) \
+	  > $(RAY_TMP)/head.log 2>&1 < /dev/null & echo $$! > $(RAY_TMP)/head.pid
+	@for i in $$(seq 90); do \
+	  if $(RAY) job list --address $(RAY_ADDRESS) > /dev/null 2>&1; then echo "Ray head up: RAY_ADDRESS=$(RAY_ADDRESS)"; exit 0; fi; \
+	  kill -0 $$(cat $(RAY_TMP)/head.pid) 2>/dev/null || break; sleep 1; done; \
+	  tail -n 20 $(RAY_TMP)/head.log; echo "Ray head did not come up (log: $(RAY_TMP)/head.log)"; exit 1
+
+submit-ingest:
+	$(call need,SOURCE,s3://archive/ct/)$(call need,DEST,s3://lake/shards/ct)
+	$(RAY) job submit --address $(RAY_ADDRESS) --working-dir . $(JOB_ARGS) -- \
+	  python -m jobs.ingest $(call url,$(SOURCE)) $(call url,$(DEST)) $(INGEST_ARGS)
+
+# Kept for old scripts: same as submit-ingest (ARGS = INGEST_ARGS).
+ray-job-ingest: submit-ingest
+
+submit-train:
+	$(RAY) job submit --address $(RAY_ADDRESS) --working-dir . $(JOB_ARGS) -- \
+	  python -m jobs.train --recipe $(RECIPE) $(if $(SHARDS),--set data.shards=$(call url,$(SHARDS))) \
+	  $(if $(CHECKPOINTS),--set checkpoint.storage_path=$(call url,$(CHECKPOINTS))) \
+	  $(if $(RUNS),--set output_dir=$(call url,$(RUNS))) $(TRAIN_ARGS)
+
+# serve deploy of SERVE_CONFIG with MODEL, SERVE_HOST and SERVE_PORT filled in (rendered to
+# $(RAY_TMP)); it returns once the cluster accepted the config: `make status` shows it come up.
+deploy:
+	@mkdir -p $(RAY_TMP)
+	$(PY) -c 'import sys, yaml; c = yaml.safe_load(open(sys.argv[1])); m, h, p = sys.argv[2:]; \
+	  c["http_options"].update(host=h, port=int(p)); [a["args"].update(model=m) for a in c["applications"]]; \
+	  yaml.safe_dump(c, sys.stdout, sort_keys=False)' \
+	  $(SERVE_CONFIG) $(call url,$(MODEL)) $(SERVE_HOST) $(SERVE_PORT) > $(RAY_TMP)/serve-config.yaml
+	$(SERVE) deploy --address $(RAY_ADDRESS) $(RAY_TMP)/serve-config.yaml
+
+status:
+	$(RAY) job list --address $(RAY_ADDRESS)
+	$(SERVE) status --address $(RAY_ADDRESS)
+
+# Serve down, then the head cluster-local started (if any): SIGTERM to its `ray start --block`,
+# which takes its gcs/raylet/workers with it.
+stop:
+	-$(SERVE) shutdown --yes --address $(RAY_ADDRESS)
+	@if test -f $(RAY_TMP)/head.pid; then pid=$$(cat $(RAY_TMP)/head.pid); \
+	  kill -TERM $$pid 2>/dev/null; for i in $$(seq 30); do kill -0 $$pid 2>/dev/null || break; sleep 1; done; \
+	  rm -f $(RAY_TMP)/head.pid; echo "stopped the local Ray head (pid $$pid)"; fi
+
+# Container images (cluster/Dockerfile): the names the manifests in cluster/ use.
+image-cpu:
+	docker build -f cluster/Dockerfile --build-arg FLAVOR=cpu \
+	  --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cpu -t $(IMAGE):$(IMAGE_TAG)-cpu .
+
+image-cuda:
+	docker build -f cluster/Dockerfile --build-arg FLAVOR=cu128 \
+	  --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t $(IMAGE):$(IMAGE_TAG)-cuda .
+
+images: image-cpu image-cuda
 
 clean:
 	rm -rf $(VENV) var .pytest_cache

@@ -1,0 +1,372 @@
+"""cluster/ (images, launcher YAML, KubeRay manifests, Serve config) and the Makefile's cluster
+targets: static agreement checks, then one end-to-end run on a real local Ray head.
+
+The static checks use the consumers' own validators where Ray ships them (the launcher's JSON
+schema, the KubeRay autoscaler's RayCluster → node-type derivation, Serve's deploy schema) and a
+small structural schema for the KubeRay CRD fields Ray does not read. The end-to-end test drives
+the Makefile exactly as an operator would: `make cluster-local`, `make submit-ingest`,
+`make submit-train`, `make deploy`, `make stop`, against its own Ray head (own temp dir and
+ports), never the session's `ray_cluster`.
+"""
+
+from __future__ import annotations
+
+import glob
+import importlib
+import json
+import os
+import re
+import shlex
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLUSTER = ROOT / "cluster"
+KUBERAY = CLUSTER / "kuberay"
+PY_TAG = f"py{sys.version_info.major}{sys.version_info.minor}"
+
+
+def _yaml_files() -> list[Path]:
+    files = sorted(CLUSTER.rglob("*.yaml")) + sorted((ROOT / "jobs" / "recipes").glob("*.yaml"))
+    return [f for f in files if f.is_file()]
+
+
+def _load(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())
+
+
+def _make_dry_run(*args: str) -> str:
+    """The commands `make` would run (-n), with the environment's RAY_* kept out of it."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    out = subprocess.run(["make", "-n", "--no-print-directory", *args], cwd=ROOT, env=env,
+                         capture_output=True, text=True, check=True)
+    return out.stdout
+
+
+def _makefile_images() -> set[str]:
+    return set(re.findall(r"-t (\S+)", _make_dry_run("image-cpu", "image-cuda")))
+
+
+def _ray_version() -> str:
+    import ray
+
+    return ray.__version__
+
+
+# --------------------------------------------------------------------------- KubeRay schema
+
+# The fields of ray.io/v1 that KubeRay needs to act and that Ray's own autoscaler does not check:
+# (path, type). Paths into lists are checked for every item.
+_GROUP_FIELDS = [("rayStartParams", dict), ("template.spec.containers", list)]
+_WORKER_FIELDS = [("groupName", str), ("minReplicas", int), ("maxReplicas", int)]
+_CLUSTER_SPEC_FIELDS = [("rayVersion", str), ("headGroupSpec", dict), ("workerGroupSpecs", list)]
+_CONTAINER_FIELDS = [("name", str), ("image", str)]
+_KINDS = {
+    "RayCluster": ("spec", []),
+    "RayJob": ("spec.rayClusterSpec", [("spec.entrypoint", str)]),
+    "RayService": ("spec.rayClusterConfig", [("spec.serveConfigV2", str)]),
+}
+
+
+def _get(obj, path: str):
+    for part in path.split("."):
+        if not isinstance(obj, dict) or part not in obj:
+            raise KeyError(path)
+        obj = obj[part]
+    return obj
+
+
+def _need(obj, fields, where: str) -> list[str]:
+    errors = []
+    for path, typ in fields:
+        try:
+            value = _get(obj, path)
+        except KeyError:
+            errors.append(f"{where}: missing {path}")
+            continue
+        if not isinstance(value, typ) or isinstance(value, bool) and typ is int:
+            errors.append(f"{where}: {path} must be {typ.__name__}, got {type(value).__name__}")
+    return errors
+
+
+def kuberay_errors(doc: dict) -> list[str]:
+    """Structural problems of one KubeRay manifest (empty list = fine)."""
+    errors = _need(doc, [("apiVersion", str), ("kind", str), ("metadata.name", str)], "manifest")
+    if errors:
+        return errors
+    if doc["apiVersion"] != "ray.io/v1":
+        errors.append(f"apiVersion must be ray.io/v1, got {doc['apiVersion']}")
+    if doc["kind"] not in _KINDS:
+        return errors + [f"unknown kind {doc['kind']}"]
+    spec_path, extra = _KINDS[doc["kind"]]
+    errors += _need(doc, extra, doc["kind"])
+    try:
+        spec = _get(doc, spec_path)
+    except KeyError:
+        return errors + [f"{doc['kind']}: missing {spec_path}"]
+    errors += _need(spec, _CLUSTER_SPEC_FIELDS, spec_path)
+    groups = [("headGroupSpec", spec.get("headGroupSpec"))]
+    groups += [(f"workerGroupSpecs[{i}]", g) for i, g in enumerate(spec.get("workerGroupSpecs") or [])]
+    for name, group in groups:
+        if not isinstance(group, dict):
+            errors.append(f"{name}: must be a mapping")
+            continue
+        group_errors = _need(group, _GROUP_FIELDS + ([] if name == "headGroupSpec" else _WORKER_FIELDS), name)
+        errors += group_errors
+        if name != "headGroupSpec" and not group_errors:
+            if not group["minReplicas"] <= group.get("replicas", group["minReplicas"]) <= group["maxReplicas"]:
+                errors.append(f"{name}: need minReplicas <= replicas <= maxReplicas")
+        for j, c in enumerate(_containers(group)):
+            errors += _need(c, _CONTAINER_FIELDS, f"{name}.containers[{j}]")
+        for key, value in (group.get("rayStartParams") or {}).items():
+            if not isinstance(value, str):  # KubeRay's CRD types them map[string]string
+                errors.append(f"{name}: rayStartParams.{key} must be a string")
+    return errors
+
+
+def _containers(group: dict) -> list[dict]:
+    try:
+        return list(_get(group, "template.spec.containers") or [])
+    except KeyError:
+        return []
+
+
+def _cluster_spec(doc: dict) -> dict:
+    return _get(doc, _KINDS[doc["kind"]][0])
+
+
+def _kuberay_docs() -> dict[str, dict]:
+    return {p.name: _load(p) for p in sorted(KUBERAY.glob("*.yaml"))}
+
+
+def _all_containers(doc: dict) -> list[tuple[str, dict]]:
+    spec = _cluster_spec(doc)
+    out = [("head", c) for c in _containers(spec["headGroupSpec"])]
+    for g in spec["workerGroupSpecs"]:
+        out += [(g["groupName"], c) for c in _containers(g)]
+    return out
+
+
+# --------------------------------------------------------------------------- credentials
+
+_SECRET_NAME = re.compile(r"SECRET|PASSWORD|TOKEN|ACCESS_KEY|CREDENTIAL", re.I)
+_SECRET_TEXT = [
+    re.compile(r"AKIA[0-9A-Z]{16}"),  # AWS access key id
+    re.compile(r"-----BEGIN [A-Z ]*PRIVATE KEY-----"),
+    re.compile(r"(?i)(aws_secret_access_key|aws_access_key_id|radforge_deid_secret|password)\s*[=:]\s*['\"]?[A-Za-z0-9/+]{8,}"),
+    re.compile(r"(?i)--(env|build-arg)[ =](AWS_SECRET_ACCESS_KEY|AWS_ACCESS_KEY_ID|RADFORGE_DEID_SECRET)="),
+]
+
+
+def _env_lists(obj):
+    """Every `env:` list anywhere in a manifest."""
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            if k == "env" and isinstance(v, list):
+                yield v
+            else:
+                yield from _env_lists(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _env_lists(v)
+
+
+def credential_problems(text: str, doc=None) -> list[str]:
+    """Secret-looking literals in a file's text, and env entries of a manifest that carry a
+    credential's value inline instead of taking it from a Secret."""
+    problems = [f"literal matching {rx.pattern!r}" for rx in _SECRET_TEXT if rx.search(text)]
+    for env in _env_lists(doc):
+        for item in env:
+            if isinstance(item, dict) and _SECRET_NAME.search(str(item.get("name", ""))):
+                if "value" in item or "secretKeyRef" not in (item.get("valueFrom") or {}):
+                    problems.append(f"env {item.get('name')} must come from valueFrom.secretKeyRef")
+    return problems
+
+
+# --------------------------------------------------------------------------- static tests
+
+
+def test_every_yaml_parses():
+    files = _yaml_files()
+    names = {f.relative_to(ROOT).as_posix() for f in files}
+    assert {"cluster/ray-cluster.yaml", "cluster/serve-config.yaml", "cluster/kuberay/raycluster.yaml",
+            "cluster/kuberay/rayjob-ingest.yaml", "cluster/kuberay/rayjob-train.yaml",
+            "cluster/kuberay/rayservice.yaml"} <= names
+    for f in files:
+        docs = list(yaml.safe_load_all(f.read_text()))
+        assert docs and all(isinstance(d, dict) for d in docs), f
+
+
+def test_makefile_images_are_the_manifests_images():
+    """Every image named in cluster/ is one the Makefile builds, GPU groups run the CUDA image
+    and request GPUs, the others the CPU image."""
+    built = _makefile_images()
+    version = re.search(r'__version__ = "(.+)"', (ROOT / "platform/radforge/__init__.py").read_text()).group(1)
+    cpu, cuda = (f"ghcr.io/radforge/radforge:{version}-{f}" for f in ("cpu", "cuda"))
+    assert built == {cpu, cuda}
+    launcher = _load(CLUSTER / "ray-cluster.yaml")
+    assert launcher["docker"]["image"] == cpu
+    for name, node in launcher["available_node_types"].items():
+        image = node.get("docker", {}).get("worker_image", launcher["docker"]["image"])
+        assert image == (cuda if name.startswith("gpu") else cpu), name
+    for fname, doc in _kuberay_docs().items():
+        for group, c in _all_containers(doc):
+            gpus = int((c.get("resources", {}).get("limits") or {}).get("nvidia.com/gpu", 0))
+            assert c["image"] == (cuda if gpus else cpu), (fname, group)
+            assert (group == "gpu") == bool(gpus), (fname, group)
+
+
+def test_dockerfile_matches_ray_python_and_makefile():
+    text = (CLUSTER / "Dockerfile").read_text()
+    args = dict(re.findall(r"^ARG (\w+)=(\S+)", text, re.M))
+    assert args["RAY_VERSION"] == _ray_version()  # every node must run the client's Ray
+    assert args["PYTHON_TAG"] == PY_TAG
+    assert re.search(r"^FROM rayproject/ray:\$\{RAY_VERSION\}-\$\{PYTHON_TAG\}-\$\{FLAVOR\}$", text, re.M)
+    assert "pip install --no-cache-dir ." in text and "constraints.txt" in text
+    dry = _make_dry_run("image-cpu", "image-cuda")
+    cpu_cmd, cuda_cmd = (line for line in dry.replace("\\\n", " ").splitlines() if "docker build" in line)
+    assert "FLAVOR=cpu" in cpu_cmd and "whl/cpu" in cpu_cmd and cpu_cmd.rstrip().endswith("-cpu .")
+    flavor = re.search(r"FLAVOR=(cu\d+)", cuda_cmd).group(1)
+    assert f"whl/{flavor}" in cuda_cmd and cuda_cmd.rstrip().endswith("-cuda .")
+    assert not re.search(r"^(ENV|ARG) \w*(SECRET|ACCESS_KEY|TOKEN|PASSWORD)", text, re.M)
+    # the build context keeps the venv and artifacts out
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    assert {".venv", "var", ".git"} <= set(ignored)
+
+
+def test_launcher_config_passes_rays_schema_and_autoscales():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = prepare_config(_load(CLUSTER / "ray-cluster.yaml"))
+    validate_config(config)  # the launcher's JSON schema (ray/autoscaler/ray-schema.json)
+    types = config["available_node_types"]
+    head = types[config["head_node_type"]]
+    assert head["resources"] == {"CPU": 0}
+    assert any("--num-cpus=0" in c for c in config["head_start_ray_commands"])
+    gpu = [n for n in types if n.startswith("gpu")]
+    assert gpu and all(types[n]["max_workers"] > types[n].get("min_workers", 0) for n in gpu)
+    assert any(n.startswith("cpu") for n in types)
+    # credentials arrive as an env file from the operator's machine, exported before `ray start`
+    env_file = next(k for k, v in config["file_mounts"].items() if v.startswith("~/"))
+    for cmds in (config["head_start_ray_commands"], config["worker_start_ray_commands"]):
+        assert any(f". {env_file}" in c for c in cmds)
+
+
+@pytest.mark.parametrize("fname", ["raycluster.yaml", "rayjob-ingest.yaml", "rayjob-train.yaml", "rayservice.yaml"])
+def test_kuberay_manifest_structure(fname):
+    from ray.autoscaler._private.kuberay.autoscaling_config import _derive_autoscaling_config_from_ray_cr
+
+    doc = _load(KUBERAY / fname)
+    assert kuberay_errors(doc) == []
+    spec = _cluster_spec(doc)
+    assert spec["rayVersion"] == _ray_version()
+    # What the KubeRay autoscaler derives from this spec (and validates with the launcher schema).
+    cr = {"metadata": {"name": doc["metadata"]["name"], "namespace": "default"}, "spec": spec}
+    types = _derive_autoscaling_config_from_ray_cr(cr)["available_node_types"]
+    assert types["headgroup"]["resources"]["CPU"] == 0  # drivers/controllers only on the head
+    assert {g["groupName"] for g in spec["workerGroupSpecs"]} <= set(types)
+
+
+def test_kuberay_schema_check_catches_broken_manifests():
+    good = _load(KUBERAY / "raycluster.yaml")
+    assert kuberay_errors(good) == []
+    bad = yaml.safe_load(yaml.safe_dump(good))
+    bad["apiVersion"] = "ray.io/v1alpha1"
+    del bad["spec"]["headGroupSpec"]["rayStartParams"]
+    bad["spec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].pop("image")
+    bad["spec"]["workerGroupSpecs"][1]["minReplicas"] = 9
+    errors = "\n".join(kuberay_errors(bad))
+    for expected in ("ray.io/v1", "rayStartParams", "image", "minReplicas <= replicas"):
+        assert expected in errors
+    job = _load(KUBERAY / "rayjob-ingest.yaml")
+    del job["spec"]["entrypoint"]
+    assert any("spec.entrypoint" in e for e in kuberay_errors(job))
+
+
+def test_no_credentials_baked_in():
+    files = [p for p in CLUSTER.rglob("*") if p.is_file()] + [ROOT / "Makefile", ROOT / ".rayignore"]
+    for path in files:
+        text = path.read_text()
+        doc = yaml.safe_load(text) if path.suffix == ".yaml" else None
+        assert credential_problems(text, doc) == [], path
+    # every secret-looking env var in the manifests comes from a Secret
+    secret_refs = [
+        item["valueFrom"]["secretKeyRef"]["name"]
+        for doc in _kuberay_docs().values() for env in _env_lists(doc) for item in env
+        if _SECRET_NAME.search(item["name"])
+    ]
+    assert "radforge-deid" in secret_refs
+    for fname, doc in _kuberay_docs().items():  # S3 endpoint + keys: envFrom the radforge-s3 Secret
+        for group, c in _all_containers(doc):
+            assert {"secretRef": {"name": "radforge-s3"}} in c.get("envFrom", []), (fname, group)
+    # the checker itself does catch inline credentials
+    leaky = {"env": [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]}
+    assert credential_problems("AKIA" + "ABCDEFGHIJKLMNOP", leaky)
+    assert credential_problems("aws_secret_access_key = " + "wJalrXUtnFEMIK7MDENG", None)
+
+
+def test_job_entrypoints_agree_with_jobs_and_makefile():
+    """The RayJobs and the Makefile run `python -m jobs.ingest` / `python -m jobs.train --recipe
+    <existing recipe>`, and their options and --set overrides are ones the real CLI accepts."""
+    from radforge import cli, config
+    from radforge.config import IngestRecipe, TrainRecipe
+
+    parser = cli._build_parser()
+    ingest = shlex.split(_load(KUBERAY / "rayjob-ingest.yaml")["spec"]["entrypoint"])
+    assert ingest[:3] == ["python", "-m", "jobs.ingest"]
+    a = parser.parse_args(["ingest", *ingest[3:]])
+    config.load(IngestRecipe, str(ROOT / a.recipe), list(a.set or []))
+
+    train = shlex.split(_load(KUBERAY / "rayjob-train.yaml")["spec"]["entrypoint"])
+    assert train[:4] == ["python", "-m", "jobs.train", "--recipe"]
+    recipe = ROOT / train[4]
+    assert recipe.is_file() and recipe.parent == ROOT / "jobs" / "recipes"
+    jobs_train = importlib.import_module("jobs.train")
+    a = parser.parse_args(jobs_train._argv(train[3:]))
+    loaded = config.load(TrainRecipe, a.recipe.replace("jobs/", str(ROOT / "jobs") + "/", 1), list(a.set or []))
+    assert loaded.scale.use_gpu and loaded.data.shards.startswith("s3://")
+
+    dry = _make_dry_run("submit-ingest", "submit-train", "SOURCE=s3://a/b", "DEST=var/x").replace("\\\n", " ")
+    assert re.search(r"ray job submit --address \S+ --working-dir \. .*-- +python -m jobs\.ingest s3://a/b "
+                     + re.escape(str(ROOT / "var/x")), dry)
+    m = re.search(r"ray job submit .*-- +python -m jobs\.train --recipe (\S+)", dry)
+    assert m and (ROOT / m.group(1)).is_file()
+
+
+def _serve_configs() -> list[dict]:
+    deploy = _load(CLUSTER / "serve-config.yaml")
+    service = yaml.safe_load(_load(KUBERAY / "rayservice.yaml")["spec"]["serveConfigV2"])
+    return [deploy, service]
+
+
+def test_serve_configs_validate_and_agree():
+    from ray.serve.schema import ServeDeploySchema
+
+    deploy, service = _serve_configs()
+    for c in (deploy, service):
+        ServeDeploySchema.model_validate(c) if hasattr(ServeDeploySchema, "model_validate") else ServeDeploySchema.parse_obj(c)
+        assert [a["import_path"] for a in c["applications"]] == ["radforge.serve:build_app"]
+    strip = lambda c: [{k: v for k, v in a.items() if k != "args"} for a in c["applications"]]  # noqa: E731
+    assert strip(deploy) == strip(service)
+    assert {k: v for k, v in deploy.items() if k != "applications"} == {k: v for k, v in service.items() if k != "applications"}
+
+
+@pytest.mark.skipif(importlib.util.find_spec("radforge.serve") is None, reason="radforge.serve not written yet")
+def test_serve_import_path_resolves_to_a_callable():
+    for c in _serve_configs():
+        for app in c["applications"]:
+            module, _, attr = app["import_path"].partition(":")
+            assert callable(getattr(importlib.import_module(module), attr))
+
+
+def test_rayignore_keeps_uploads_small():
+    ignored = (ROOT / ".rayignore").read_text().split()
+    assert {".venv/", "var/", ".git/"} <= set(ignored)

@@ -1,0 +1,663 @@
+"""Ray Serve application: exported radforge models behind an HTTP API (FastAPI ingress).
+
+    serve run radforge.serve:build_app model=var/demo/model
+    serve run radforge.serve:build_app model=s3://b/ct-model,s3://b/xr-model index=s3://b/ct-index \\
+        num_gpus=1 max_batch_size=32
+
+Ray's CLI keeps only the last `key=value` of a repeated key, so several models (or indexes) are
+one comma-separated value; in a `serve deploy` config file they are YAML lists:
+
+    applications:
+      - name: radforge
+        route_prefix: /
+        import_path: radforge.serve:build_app
+        args:
+          model: [s3://bucket/models/ct-clip, s3://bucket/models/xr-clip]   # first = default
+          index: [s3://bucket/index/ct-clip-test]         # optional, for /v1/retrieve
+          max_batch_size: 16                              # @serve.batch
+          batch_wait_timeout_s: 0.01
+          max_upload_mb: 256                              # larger uploads: 413
+          num_cpus: 1                                     # per replica
+          num_gpus: 0                                     # 1 for GPU replicas (device = cuda)
+          min_replicas: 1                                 # autoscaling when max_replicas > min_replicas
+          max_replicas: 4
+          target_ongoing_requests: 8
+          max_models_per_replica: 4                       # multiplexing LRU per replica
+
+`build_app(args)` validates `args` with `ServeArgs` (every field documented there) and returns the
+bound application; nothing happens at import time, and replicas read the models' `model.json`
+when they start and load weights on first use (`@serve.multiplexed`, LRU per replica).
+
+One deployment, `RadforgeServer`, is the FastAPI ingress and the model runner at once: a second
+hop between an ingress and a model deployment costs a few ms per request (the p50 budget for all
+of Serve's overhead is 5 ms), and Serve's multiplexed routing works on the deployment that
+receives the HTTP request. Inside a replica, DICOM decoding runs on one worker thread (pydicom's
+warning suppression is process-wide state and must not interleave) and model forwards on another,
+so parsing of the next requests overlaps the current batch.
+
+HTTP API (OpenAPI schema at /openapi.json, docs at /docs)
+--------------------------------------------------------
+Images are sent as the raw request body or as multipart/form-data file parts (field name free),
+recognised by content, not by name or content type:
+  * one DICOM file (a CR/DX radiograph);
+  * the DICOM files of one CT series: several multipart parts, or one zip of them;
+  * a `.npy` array already in the stored canonical form of the model's profile (CT int16 HU
+    [z, y, x] LPS at the profile spacing; X-ray uint16 [y, x]) — what `radforge inspect` shows.
+DICOM goes through `radforge.dicom.canonical_from_files` (scan → plan_group → canonical: the exact
+code ingest uses, with the profile recorded in the model) and then the model's `ModelView`.
+
+  POST /v1/embed        image → {"embedding": [...], "model": id, "preprocessing": {...}}
+  POST /v1/zero-shot    image + findings (query `findings=a,b` or form field `findings`; optional
+                        `positive` / `negative` prompt templates with "{finding}") →
+                        {"probabilities": {finding: p}, "model", "preprocessing"}   (CLIP models)
+  POST /v1/embed-text   JSON {"text": "..."} or {"texts": [...]} → {"embeddings": [[...]], "model"}
+  POST /v1/retrieve     image (+ `k`, default 5) → {"results": [{"key", "score"}], "model", ...}
+                        from the index built by `radforge index` for that model
+  GET  /healthz, GET /v1/models
+
+Model selection: header `serve_multiplexed_model_id: <id>` (Serve routes it to a replica that has
+the model loaded) or `X-Model: <id>` (same meaning, handled by whichever replica gets the request);
+ids are listed by GET /v1/models; no header = the first model.
+
+Errors: 4xx with {"error": code, "detail": text}; codes are `dicom.REJECT_REASONS` plus
+bad_request, bad_zip, bad_array, wrong_array, wrong_modality, too_many_files, payload_too_large,
+unknown_model, unsupported_for_model, no_index. Details are fixed texts per code: never a header
+value, never request content. Request bodies are never logged (Serve's access log has method,
+route, status and latency only).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import logging
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from fastapi import FastAPI, Request
+from pydantic import BaseModel, Field, field_validator, model_validator
+from ray import serve
+
+log = logging.getLogger("radforge.serve")
+
+INDEX_JSON = "index.json"
+INDEX_EMBEDDINGS = "embeddings.npy"
+INDEX_FORMAT = "radforge-index/1"
+
+
+class ServeArgs(BaseModel):
+    """`build_app` arguments (the `args:` of a Serve config, or `key=value` on `serve run`)."""
+
+    model_config = {"extra": "forbid"}
+
+    model: list[str] = Field(..., description="exported model dirs (any fsspec URL); the first is the default")
+    index: list[str] = Field(default_factory=list, description="retrieval index dirs made by `radforge index`")
+    max_batch_size: int = Field(16, ge=1, le=1024, description="@serve.batch: images per model forward")
+    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="@serve.batch: wait for a fuller batch")
+    max_upload_mb: float = Field(256.0, gt=0, description="request body limit (and a zip's uncompressed total)")
+    max_files: int = Field(2000, ge=1, description="DICOM files per request (CT slices)")
+    max_models_per_replica: int = Field(4, ge=1, description="multiplexing: models kept loaded per replica (LRU)")
+    num_cpus: float = Field(1.0, ge=0, description="per replica")
+    num_gpus: float = Field(0.0, ge=0, description="per replica; > 0 runs the models on cuda")
+    num_replicas: int | None = Field(None, ge=1, description="fixed replica count (instead of autoscaling)")
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1, description="> min_replicas turns autoscaling on")
+    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling target per replica")
+    max_ongoing_requests: int | None = Field(None, ge=1, description="default: max(32, 2 × max_batch_size)")
+
+    @field_validator("model", "index", mode="before")
+    @classmethod
+    def _split_commas(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            v = [v]
+        if isinstance(v, (list, tuple)):
+            return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
+        return v
+
+    @model_validator(mode="after")
+    def _check(self) -> "ServeArgs":
+        if not self.model:
+            raise ValueError("model: at least one exported model dir is required")
+        if self.max_replicas < self.min_replicas:
+            raise ValueError("max_replicas must be >= min_replicas")
+        return self
+
+
+def build_app(args: dict | ServeArgs) -> serve.Application:
+    """The Serve application for `serve run radforge.serve:build_app model=URL` / a config file."""
+    a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(dict(args or {}))
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
+        # Batches only fill when a replica may hold at least a batch of requests at once.
+        "max_ongoing_requests": a.max_ongoing_requests or max(32, 2 * a.max_batch_size),
+    }
+    if a.num_replicas is not None:
+        options["num_replicas"] = a.num_replicas
+    elif a.max_replicas > a.min_replicas:
+        options["autoscaling_config"] = {
+            "min_replicas": a.min_replicas,
+            "max_replicas": a.max_replicas,
+            "target_ongoing_requests": a.target_ongoing_requests,
+        }
+    else:
+        options["num_replicas"] = max(1, a.min_replicas)
+    return RadforgeServer.options(**options).bind(a.model_dump())
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class ApiError(Exception):
+    """A client error: HTTP status + code; the detail is a fixed text (never input content)."""
+
+    def __init__(self, status: int, code: str, detail: str | None = None):
+        super().__init__(code)
+        self.status, self.code = status, code
+        self.detail = detail or _DETAILS.get(code, code.replace("_", " "))
+
+
+_DETAILS = {
+    "not_dicom": "not a DICOM Part 10 file (no 'DICM' prefix), a zip of DICOM files or a .npy array",
+    "unreadable_header": "the DICOM header cannot be parsed",
+    "truncated": "the DICOM file is truncated",
+    "unsupported_modality": "unsupported modality: only CT and CR/DX radiographs are served",
+    "unsupported_sop_class": "unsupported SOP class for this modality",
+    "unsupported_photometric": "unsupported photometric interpretation (monochrome images only)",
+    "missing_geometry": "the series lacks usable geometry (orientation, position or spacing)",
+    "mixed_geometry": "the files do not form one consistent series (matrix, orientation or in-plane offset differ)",
+    "duplicate_position": "two slices share a position",
+    "slice_gap": "the CT series has a gap (missing slices)",
+    "nonuniform_spacing": "the CT slices are not evenly spaced",
+    "gantry_tilt": "gantry-tilted CT series are not supported",
+    "too_few_slices": "too few slices for a CT volume",
+    "too_large": "the image is too large",
+    "decode_error": "the pixel data cannot be decoded",
+    "multiple_images": "send one image or one CT series per request",
+    "localizer": "a localizer (scout) image is not a diagnostic image",
+    "wrong_modality": "this model serves another modality (see GET /v1/models)",
+    "modality_not_selected": "this model serves another modality (see GET /v1/models)",
+    "bad_zip": "the zip archive cannot be read",
+    "bad_array": "the .npy array cannot be read (pickled or malformed arrays are refused)",
+    "too_many_files": "too many files in one request",
+    "payload_too_large": "the upload exceeds the configured limit (max_upload_mb)",
+    "unknown_model": "unknown model id (see GET /v1/models)",
+    "unsupported_for_model": "this endpoint needs a CLIP model (see GET /v1/models)",
+    "no_index": "no retrieval index is loaded for this model",
+    "bad_request": "malformed request",
+    "not_found": "no such endpoint",
+    "method_not_allowed": "method not allowed",
+}
+
+# Series / image problems are well-formed requests with unusable content: 422.
+_STATUS_400 = {"not_dicom", "unreadable_header", "truncated", "bad_zip", "bad_array", "bad_request"}
+
+
+def _reject_error(reason: str) -> ApiError:
+    if reason == "modality_not_selected":
+        return ApiError(422, "wrong_modality")
+    if reason == "too_large":
+        return ApiError(413, "too_large")
+    return ApiError(400 if reason in _STATUS_400 else 422, reason)
+
+
+def _make_fastapi() -> FastAPI:
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+    from starlette.exceptions import HTTPException as StarletteHTTPException
+
+    app = FastAPI(
+        title="radforge",
+        description="Embeddings, zero-shot findings and retrieval for CT and X-ray DICOM (see radforge.serve).",
+        version="1",
+    )
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_: Request, e: ApiError):
+        return JSONResponse({"error": e.code, "detail": e.detail}, status_code=e.status)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation(_: Request, e: RequestValidationError):
+        # pydantic's default body echoes the offending input: only locations and messages here.
+        msgs = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg', '')}" for err in e.errors())
+        return JSONResponse({"error": "bad_request", "detail": msgs[:500]}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(_: Request, e: StarletteHTTPException):
+        code = {404: "not_found", 405: "method_not_allowed"}.get(e.status_code, "bad_request")
+        return JSONResponse({"error": code, "detail": _DETAILS[code]}, status_code=e.status_code)
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, e: Exception):
+        log.error("internal error: %s", type(e).__name__)  # the type only: messages may quote input
+        return JSONResponse({"error": "internal", "detail": "internal error"}, status_code=500)
+
+    return app
+
+
+# ---------------------------------------------------------------------------------------------
+# Request parsing (pure functions: tested without Serve)
+# ---------------------------------------------------------------------------------------------
+
+NPY_MAGIC = b"\x93NUMPY"
+ZIP_MAGIC = b"PK\x03\x04"
+
+
+def unpack_upload(parts: list[bytes], *, max_files: int, max_bytes: int) -> tuple[str, Any]:
+    """Uploaded file contents → ("npy", bytes) or ("dicom", [file bytes, ...]).
+
+    One part may be a .npy array or a zip of DICOM files; otherwise every part is a DICOM file.
+    A zip's members are read with a running byte budget (its declared sizes are not trusted: a
+    zip bomb stops at `max_bytes`); directories, dot files and __MACOSX/ are ignored.
+    """
+    parts = [p for p in parts if p]
+    if not parts:
+        raise ApiError(400, "bad_request", "no image in the request")
+    if len(parts) == 1 and parts[0][:6] == NPY_MAGIC:
+        return "npy", parts[0]
+    if len(parts) == 1 and parts[0][:4] == ZIP_MAGIC:
+        return "dicom", _unzip(parts[0], max_files=max_files, max_bytes=max_bytes)
+    if len(parts) > max_files:
+        raise ApiError(413, "too_many_files")
+    return "dicom", parts
+
+
+def _unzip(data: bytes, *, max_files: int, max_bytes: int) -> list[bytes]:
+    try:
+        zf = zipfile.ZipFile(io.BytesIO(data))
+        infos = [
+            i for i in zf.infolist()
+            if not i.is_dir() and not i.filename.startswith("__MACOSX/")
+            and not i.filename.rsplit("/", 1)[-1].startswith(".")
+        ]
+        if len(infos) > max_files:
+            raise ApiError(413, "too_many_files")
+        out, budget = [], max_bytes
+        for info in infos:
+            with zf.open(info) as f:
+                b = f.read(budget + 1)
+            budget -= len(b)
+            if budget < 0:
+                raise ApiError(413, "payload_too_large")
+            out.append(b)
+    except ApiError:
+        raise
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, NotImplementedError, EOFError, OSError, ValueError, RuntimeError):
+        raise ApiError(400, "bad_zip") from None
+    if not out:
+        raise ApiError(400, "bad_request", "the zip archive holds no files")
+    return out
+
+
+def load_npy(data: bytes, image: str):
+    """A .npy upload → the stored canonical array the model's view expects, or ApiError."""
+    import numpy as np
+
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except Exception:  # noqa: BLE001 — numpy raises several types on malformed headers
+        raise ApiError(400, "bad_array") from None
+    if not isinstance(arr, np.ndarray):
+        raise ApiError(400, "bad_array")
+    want_dtype, want_ndim, form = (np.int16, 3, "int16 [z, y, x] HU") if image == "ct" else (np.uint16, 2, "uint16 [y, x]")
+    if arr.dtype != want_dtype or arr.ndim != want_ndim or min(arr.shape) < 1 or max(arr.shape) > 8192:
+        raise ApiError(
+            422, "wrong_array",
+            f"this {image} model takes the stored form {form}; got {arr.dtype.name} with shape {list(arr.shape)}",
+        )
+    return np.ascontiguousarray(arr)
+
+
+_FINDING_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-/(),.'")
+
+
+def parse_findings(values: list[str]) -> list[str]:
+    """Findings from query/form values (repeated and/or comma-separated)."""
+    out = [f.strip() for v in values for f in str(v).split(",") if f.strip()]
+    if not out:
+        raise ApiError(400, "bad_request", "findings: give at least one finding")
+    if len(out) > 64 or any(len(f) > 64 or not set(f) <= _FINDING_CHARS for f in out):
+        raise ApiError(400, "bad_request", "findings: at most 64 short plain-text names")
+    return out
+
+
+def check_prompt(p: str | None, name: str) -> str | None:
+    """A prompt template may hold "{finding}" and no other format field."""
+    if p is None or p == "":
+        return None
+    if len(p) > 200 or "{finding}" not in p or "{" in p.replace("{finding}", "") or "}" in p.replace("{finding}", ""):
+        raise ApiError(400, "bad_request", f"{name}: a short template containing {{finding}} and no other braces")
+    return p
+
+
+# ---------------------------------------------------------------------------------------------
+# The deployment
+# ---------------------------------------------------------------------------------------------
+
+# Route table and error handlers only; no I/O (models load in replicas).
+app = _make_fastapi()
+
+
+@serve.deployment(name="RadforgeServer")
+@serve.ingress(app)
+class RadforgeServer:
+    def __init__(self, settings: dict):
+        from radforge import checkpoint, storage
+
+        self.cfg = ServeArgs.model_validate(settings)
+        self._max_bytes = int(self.cfg.max_upload_mb * 1024 * 1024)
+        # The catalog: model.json of every model (ids, image kind, profile, view) — small reads;
+        # weights load on first use. A bad URL fails the replica start, which is what an
+        # operator wants to see.
+        self._urls: dict[str, str] = {}
+        self._meta: dict[str, dict] = {}
+        for url in self.cfg.model:
+            meta = json.loads(storage.read_bytes(storage.join(url, checkpoint.MODEL_JSON)))
+            mid = meta["model_id"]
+            if mid in self._urls:
+                raise ValueError(f"two models share the id {mid}: {self._urls[mid]} and {url}")
+            self._urls[mid], self._meta[mid] = url, meta
+        self._default = next(iter(self._urls))
+        self._index_urls: dict[str, str] = {}
+        for url in self.cfg.index:
+            info = json.loads(storage.read_bytes(storage.join(url, INDEX_JSON)))
+            self._index_urls[info["model_id"]] = url
+        self._indexes: dict[str, tuple[Any, list[str]]] = {}
+        self._device = "cuda" if self.cfg.num_gpus > 0 else "cpu"
+        self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="radforge-decode")
+        self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="radforge-model")
+        self._views: dict[str, Any] = {}
+        self._embed_batch.set_max_batch_size(self.cfg.max_batch_size)
+        self._embed_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+        # Multiplexing wired at init so the LRU size is an argument (Serve detects it on the instance).
+        async def load(model_id: str):  # a plain function: Serve keeps its LRU as an attribute on it
+            return await self._load(model_id)
+
+        self._get_model = serve.multiplexed(max_num_models_per_replica=self.cfg.max_models_per_replica)(load)
+
+    async def _load(self, model_id: str):
+        from radforge import checkpoint
+
+        url = self._urls[model_id]
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._model_pool, checkpoint.load_for_inference, url, self._device)
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _model_id(self, request) -> str:
+        mid = request.headers.get("x-model") or serve.get_multiplexed_model_id() or self._default
+        if mid not in self._urls:
+            raise ApiError(404, "unknown_model")
+        return mid
+
+    async def _body(self, request) -> bytes:
+        """The request body, at most max_upload_mb. An oversized body is drained (up to 4× the
+        limit, without keeping it) so the client reads a clean 413 instead of a reset."""
+        cl = request.headers.get("content-length", "")
+        declared = int(cl) if cl.isdigit() else None
+        chunks, n = [], 0
+        async for chunk in request.stream():
+            n += len(chunk)
+            if n <= self._max_bytes:
+                chunks.append(chunk)
+            elif n > 4 * self._max_bytes + (16 << 20):
+                break
+        if n > self._max_bytes or (declared is not None and declared > self._max_bytes):
+            raise ApiError(413, "payload_too_large")
+        return b"".join(chunks)
+
+    async def _upload(self, request) -> tuple[list[bytes], dict[str, list[str]]]:
+        """File parts + text fields of a multipart request, or the raw body as one part."""
+        body = await self._body(request)
+        ctype = request.headers.get("content-type", "")
+        if not ctype.startswith("multipart/form-data"):
+            return [body], {}
+        async def replay():
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        try:
+            form = await Request(request.scope, replay).form(
+                max_files=self.cfg.max_files, max_fields=32, max_part_size=1 << 20)
+        except Exception:  # noqa: BLE001 — malformed multipart, too many parts
+            raise ApiError(400, "bad_request", "malformed multipart/form-data (or too many parts)") from None
+        parts, fields = [], {}
+        for key, value in form.multi_items():
+            if isinstance(value, str):
+                fields.setdefault(key, []).append(value)
+            else:
+                parts.append(await value.read())
+        return parts, fields
+
+    async def _image(self, request, mid: str) -> tuple[Any, dict, dict[str, list[str]]]:
+        """Request → (model input float32 [C, ...], preprocessing description, form fields)."""
+        parts, fields = await self._upload(request)
+        lm = await self._get_model(mid)
+        loop = asyncio.get_running_loop()
+        x, prep = await loop.run_in_executor(self._decode_pool, self._preprocess, lm, parts)
+        return x, prep, fields
+
+    def _preprocess(self, lm, parts: list[bytes]):
+        from radforge import config, dicom, transforms
+
+        kind, payload = unpack_upload(parts, max_files=self.cfg.max_files, max_bytes=self._max_bytes)
+        if kind == "npy":
+            array, modality = load_npy(payload, lm.image), None
+        else:
+            try:
+                array, meta = dicom.canonical_from_files(payload, lm.profile, image=lm.image)
+            except dicom.Reject as r:
+                raise _reject_error(r.reason) from None
+            modality = meta["modality"]
+        view = self._views.get(lm.model_id)
+        if view is None:
+            view = self._views[lm.model_id] = transforms.ModelView(lm.view, lm.image)
+        x = view(array, {})
+        prep = {
+            "profile_id": lm.profile.get("profile_id"),
+            "view": config.to_dict(lm.view),
+            "input": kind,
+            "modality": modality,
+            "canonical_shape": list(array.shape),
+            "input_shape": list(x.shape),
+        }
+        return x, prep
+
+    async def _run(self, fn, *args):
+        return await asyncio.get_running_loop().run_in_executor(self._model_pool, fn, *args)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
+    async def _embed_batch(self, images: list, model_ids: list[str]) -> list:
+        """Dynamic batching: one forward per model in the batch (requests name their model
+        explicitly: X-Model requests are not split by Serve's multiplexed-id batching)."""
+        import numpy as np
+        import torch
+
+        out: list = [None] * len(images)
+        groups: dict[str, list[int]] = {}
+        for i, m in enumerate(model_ids):
+            groups.setdefault(m, []).append(i)
+        for m, idx in groups.items():
+            lm = await self._get_model(m)
+            x = torch.from_numpy(np.stack([images[i] for i in idx]))
+            emb = (await self._run(lm.embed_images, x)).cpu().numpy()
+            for j, i in enumerate(idx):
+                out[i] = emb[j]
+        return out
+
+    def _index(self, mid: str):
+        if mid not in self._indexes:
+            if mid not in self._index_urls:
+                raise ApiError(404, "no_index")
+            self._indexes[mid] = load_index(self._index_urls[mid])
+        return self._indexes[mid]
+
+    # -- endpoints -------------------------------------------------------------------------
+
+    @app.get("/healthz")
+    async def healthz(self) -> dict:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models(self) -> dict:
+        out = []
+        for mid, meta in self._meta.items():
+            out.append({
+                "id": mid,
+                "kind": meta["kind"],
+                "image": meta["image"],
+                "profile_id": meta.get("profile", {}).get("profile_id"),
+                "findings": meta.get("findings", []),
+                "endpoints": ["embed", "retrieve"] + (["zero-shot", "embed-text"] if meta["kind"] == "clip" else []),
+                "index": mid in self._index_urls,
+                "default": mid == self._default,
+            })
+        return {"models": out, "default": self._default}
+
+    @app.post("/v1/embed")
+    async def embed(self, request: Request) -> dict:
+        mid = self._model_id(request)
+        x, prep, _ = await self._image(request, mid)
+        emb = await self._embed_batch(x, mid)
+        return {"embedding": [float(v) for v in emb], "model": mid, "preprocessing": prep}
+
+    @app.post("/v1/zero-shot")
+    async def zero_shot(self, request: Request) -> dict:
+        import dataclasses
+
+        import torch
+
+        mid = self._model_id(request)
+        if self._meta[mid]["kind"] != "clip":
+            raise ApiError(400, "unsupported_for_model")
+        x, prep, fields = await self._image(request, mid)
+        q = request.query_params
+        findings = parse_findings(q.getlist("findings") + fields.get("findings", []))
+        pos = check_prompt(q.get("positive") or (fields.get("positive") or [None])[0], "positive")
+        neg = check_prompt(q.get("negative") or (fields.get("negative") or [None])[0], "negative")
+        lm = await self._get_model(mid)
+        if pos or neg:
+            lm = dataclasses.replace(lm, prompts={"positive": pos or lm.prompts["positive"],
+                                                  "negative": neg or lm.prompts["negative"]})
+        probs = await self._run(lm.zero_shot, torch.from_numpy(x[None]), findings)
+        p = probs[0].cpu().tolist()
+        return {"probabilities": {f: float(v) for f, v in zip(findings, p)}, "model": mid, "preprocessing": prep}
+
+    @app.post("/v1/embed-text")
+    async def embed_text(self, request: Request) -> dict:
+        mid = self._model_id(request)
+        if self._meta[mid]["kind"] != "clip":
+            raise ApiError(400, "unsupported_for_model")
+        body = await self._body(request)
+        try:
+            doc = json.loads(body)
+            texts = [doc["text"]] if "text" in doc else list(doc["texts"])
+        except Exception:  # noqa: BLE001
+            raise ApiError(400, "bad_request", 'send JSON {"text": "..."} or {"texts": ["...", ...]}') from None
+        if not texts or len(texts) > 256 or not all(isinstance(t, str) and len(t) <= 20000 for t in texts):
+            raise ApiError(400, "bad_request", "texts: 1 to 256 strings of at most 20000 characters")
+        lm = await self._get_model(mid)
+        emb = await self._run(lm.embed_texts, texts)
+        return {"embeddings": emb.cpu().tolist(), "model": mid}
+
+    @app.post("/v1/retrieve")
+    async def retrieve(self, request: Request) -> dict:
+        import numpy as np
+
+        mid = self._model_id(request)
+        q = request.query_params
+        try:
+            k = int(q.get("k", "5"))
+        except ValueError:
+            raise ApiError(400, "bad_request", "k: an integer from 1 to 100") from None
+        if not 1 <= k <= 100:
+            raise ApiError(400, "bad_request", "k: an integer from 1 to 100")
+        emb_index, keys = self._index(mid)
+        x, prep, _ = await self._image(request, mid)
+        emb = await self._embed_batch(x, mid)
+        sims = emb_index @ np.asarray(emb, dtype=np.float32)
+        top = np.argsort(-sims)[:k]
+        return {
+            "results": [{"key": keys[i], "score": float(sims[i])} for i in top],
+            "model": mid,
+            "preprocessing": prep,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Retrieval index (`radforge index`)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_index(model_url: str, shards: str, out: str, *, split: str = "test", batch_size: int = 16,
+                progress: bool = False) -> dict:
+    """Embeddings of a split's samples (the model's modality) → OUT/embeddings.npy + OUT/index.json.
+
+    Samples come through `radforge.loader` in evaluation mode (one pass, centre crops): exactly
+    the tensors evaluation sees. The index holds only pseudonymous sample keys and numbers. The
+    shards must carry the model's preprocessing profile (else ConfigError): embeddings of arrays
+    made another way would not be comparable with served requests.
+    """
+    import numpy as np
+    import torch
+
+    from radforge import checkpoint, config, loader, shardspec, storage
+    from radforge.errors import ConfigError
+
+    lm = checkpoint.load_for_inference(model_url)
+    manifest = shardspec.read_manifest(shards)
+    if manifest["profile"].get("profile_id") != lm.profile.get("profile_id"):
+        raise ConfigError(f"{shards} was made with preprocessing profile {manifest['profile'].get('profile_id')}, "
+                          f"the model with {lm.profile.get('profile_id')}: index shards made with the model's profile")
+    data = config.DataConfig(shards=shards, image=lm.image, num_workers=0)
+    it = loader.build_loader(data, lm.view, split=split, batch_size=batch_size, train=False)
+    embs, keys = [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(unit="sample", desc="index")
+    with torch.no_grad():
+        for batch in it:
+            embs.append(lm.embed_images(batch["image"]).cpu().numpy().astype(np.float32))
+            keys += list(batch["key"])
+            if bar is not None:
+                bar.update(len(batch["key"]))
+    if bar is not None:
+        bar.close()
+    if not keys:
+        raise ConfigError(f"split {split!r} of {shards} has no {lm.image} samples")
+    matrix = np.concatenate(embs)
+    buf = io.BytesIO()
+    np.save(buf, matrix, allow_pickle=False)
+    info = {
+        "format": INDEX_FORMAT,
+        "model_id": lm.model_id,
+        "profile_id": lm.profile.get("profile_id"),
+        "image": lm.image,
+        "split": split,
+        "n": len(keys),
+        "dim": int(matrix.shape[1]),
+        "keys": keys,
+    }
+    storage.makedirs(out)
+    storage.write_bytes_atomic(storage.join(out, INDEX_EMBEDDINGS), buf.getvalue())
+    storage.write_bytes_atomic(storage.join(out, INDEX_JSON), json.dumps(info).encode())  # last: marks completion
+    return {k: v for k, v in info.items() if k != "keys"} | {"out": out}
+
+
+def load_index(url: str):
+    """(L2-normalised float32 [N, D] embeddings, keys) of an index dir."""
+    import numpy as np
+
+    from radforge import storage
+
+    info = json.loads(storage.read_bytes(storage.join(url, INDEX_JSON)))
+    if info.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{url}: not a {INDEX_FORMAT} index")
+    emb = np.load(io.BytesIO(storage.read_bytes(storage.join(url, INDEX_EMBEDDINGS))), allow_pickle=False)
+    if emb.shape[0] != len(info["keys"]):
+        raise ValueError(f"{url}: embeddings and keys disagree")
+    return emb.astype(np.float32, copy=False), list(info["keys"])

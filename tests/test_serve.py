@@ -1,0 +1,294 @@
+"""radforge.serve over real HTTP on 127.0.0.1: real DICOM in, numbers out, 4xx for bad input.
+
+Two tiny exported CLIP models (X-ray and CT, written in the exported-model format by the fixture
+below) are served side by side by one Serve application on the session Ray cluster.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from radforge import checkpoint, config, dicom, phantoms, shardspec, transforms
+from radforge.config import IngestRecipe, ModelConfig, TextConfig, ViewConfig
+
+requests = pytest.importorskip("requests")
+serve_mod = pytest.importorskip("radforge.serve")
+
+PHI = phantoms.PHI_MARKER.encode()
+FINDINGS = ["nodule", "effusion", "cardiomegaly"]
+REPORTS = [f"{f} is present." for f in FINDINGS] + [f"no {f}." for f in FINDINGS] + ["normal chest, clear lungs."]
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+
+
+def write_model(out: Path, image: str, view: ViewConfig, seed: int, name: str) -> str:
+    """A tiny CLIP in the exported model dir format (`checkpoint` module docstring)."""
+    import torch
+    from safetensors.torch import save_file
+
+    from radforge import models
+    from radforge.models import text
+
+    torch.manual_seed(seed)
+    cfg = ModelConfig(kind="clip", preset="tiny", patch_ct=(4, 16, 16), patch_xray=16, embed_dim=32,
+                      text=TextConfig(vocab_size=200, max_len=16, width=32, depth=1, heads=2))
+    tok = text.train_tokenizer(REPORTS * 4, cfg.text)
+    shape = transforms.ModelView(view, image).input_shape
+    model = models.build(cfg, image, shape, tok, pretrained=False)
+    out.mkdir(parents=True)
+    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(out / checkpoint.WEIGHTS))
+    tok.save(str(out / "tokenizer"))
+    profile = shardspec.profile(config.from_dict(IngestRecipe, {"name": "serve-test", "xray": {"longest_side": 256}}))
+    meta = {"kind": "clip", "image": image, "model": config.to_dict(cfg), "view": config.to_dict(view),
+            "profile": profile, "findings": FINDINGS,
+            "prompts": {"positive": "{finding} is present.", "negative": "no {finding}."},
+            "recipe": {}, "step": 0, "model_id": f"{name}-{seed:04d}"}
+    (out / checkpoint.MODEL_JSON).write_text(json.dumps(meta))
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    study = phantoms.make_study(phantoms.make_patient(7), findings={"nodule": 1, "effusion": 0})
+    xr = phantoms.xray(root / "dx.dcm", study, rows=300, cols=240)
+    ct = phantoms.ct_series(root / "ct", study, n_slices=12, rows=64, cols=64)
+    gap = phantoms.ct_series(root / "gap", study, n_slices=12, rows=64, cols=64, gap_after=5, seed=3)
+    bad = phantoms.bad_files(root / "bad", study)
+    by_reason = {}
+    for p, r in bad.items():
+        by_reason.setdefault(r, Path(p).read_bytes())
+    view = ViewConfig(ct_size=(8, 32, 32), xray_size=32, rand_crop=False)
+    return {
+        "xray": Path(xr.path).read_bytes(),
+        "xray_path": str(xr.path),
+        "ct_zip": _zip(ct.paths),
+        "ct_parts": [Path(p).read_bytes() for p in ct.paths],
+        "gap_zip": _zip(gap.paths),
+        "mr": by_reason["unsupported_modality"],
+        "xr_model": write_model(root / "m-xr", "xray", view, 1, "xr"),
+        "ct_model": write_model(root / "m-ct", "ct", view, 2, "ct"),
+    }
+
+
+def _zip(paths) -> bytes:
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as z:
+        for i, p in enumerate(paths):
+            z.write(p, f"series/{i:03d}.dcm")
+    return buf.getvalue()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, files):
+    from ray import serve
+
+    port = _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    app = serve_mod.build_app({"model": f"{files['xr_model']},{files['ct_model']}", "max_upload_mb": "1",
+                               "max_batch_size": "4", "num_cpus": "0.5"})
+    serve.run(app, name="radforge", route_prefix="/", blocking=False)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        serve.shutdown()
+
+
+def post(server, path, data=None, headers=None, **kw):
+    return requests.post(server + path, data=data, headers=headers or {}, timeout=60, **kw)
+
+
+def npy(arr) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr)
+    return buf.getvalue()
+
+
+# ---------------------------------------------------------------------------------------------
+# pure parts
+
+
+def test_args_are_validated_and_lists_split_on_commas():
+    a = serve_mod.ServeArgs.model_validate({"model": "a,b", "index": ["c"], "max_batch_size": "8"})
+    assert a.model == ["a", "b"] and a.index == ["c"] and a.max_batch_size == 8
+    with pytest.raises(ValueError):
+        serve_mod.ServeArgs.model_validate({"model": "a", "bogus": 1})
+    with pytest.raises(ValueError):
+        serve_mod.ServeArgs.model_validate({})
+    app = serve_mod.build_app({"model": "a", "min_replicas": 1, "max_replicas": 3, "num_gpus": 1})
+    d = app._bound_deployment
+    assert d._deployment_config.autoscaling_config.max_replicas == 3
+    assert d.ray_actor_options["num_gpus"] == 1
+
+
+def test_canonical_from_files_is_the_ingest_path(files):
+    """Serving's DICOM → array equals the array ingest stores for the same file."""
+    from radforge import ingest
+
+    lm = checkpoint.load_for_inference(files["xr_model"])
+    arr, meta = dicom.canonical_from_files([files["xray"]], lm.profile, image="xray")
+    recipe = config.from_dict(IngestRecipe, {"name": "serve-test", "xray": {"longest_side": 256}, "deid": {"demo_key": True}})
+    row = dicom.scan(files["xray_path"], len(files["xray"]), io.BytesIO(files["xray"]))
+    (item,) = dicom.plan_group([row], dicom.PlanContext(recipe, dicom.deid.Pseudonymizer(b"k")))
+    members, smeta = ingest.make_sample(item, json.loads(item["info"]), recipe, None)
+    stored, _, _ = shardspec.decode_sample(members)
+    assert meta["modality"] == "DX" and arr.dtype == np.uint16 and max(arr.shape) == 256
+    np.testing.assert_array_equal(arr, stored)
+    assert smeta["profile"] == lm.profile["profile_id"]
+    with pytest.raises(dicom.Reject) as e:
+        dicom.canonical_from_files([files["xray"]], lm.profile, image="ct")
+    assert e.value.reason == "modality_not_selected"
+    with pytest.raises(dicom.Reject) as e:
+        dicom.canonical_from_files([files["xray"], files["xray"][:-10]], lm.profile)
+    assert e.value.reason == "truncated"
+
+
+def test_upload_unpacking_limits():
+    z = io.BytesIO()
+    with zipfile.ZipFile(z, "w", zipfile.ZIP_DEFLATED) as f:
+        f.writestr("a.dcm", b"\0" * 100_000)  # compresses to ~100 bytes
+        f.writestr("__MACOSX/._a.dcm", b"x")
+    with pytest.raises(serve_mod.ApiError) as e:
+        serve_mod.unpack_upload([z.getvalue()], max_files=10, max_bytes=50_000)
+    assert e.value.status == 413
+    assert serve_mod.unpack_upload([z.getvalue()], max_files=10, max_bytes=200_000)[1] == [b"\0" * 100_000]
+    with pytest.raises(serve_mod.ApiError) as e:
+        serve_mod.unpack_upload([b"PK\x03\x04garbage"], max_files=10, max_bytes=1000)
+    assert (e.value.status, e.value.code) == (400, "bad_zip")
+    assert serve_mod.check_prompt("there is {finding}", "p") == "there is {finding}"
+    for bad in ("{finding.__class__}", "no finding", "{0} {finding}"):
+        with pytest.raises(serve_mod.ApiError):
+            serve_mod.check_prompt(bad, "p")
+
+
+# ---------------------------------------------------------------------------------------------
+# over HTTP
+
+
+def test_health_models_and_openapi(server, files):
+    assert requests.get(server + "/healthz", timeout=30).json() == {"status": "ok"}
+    m = requests.get(server + "/v1/models", timeout=30).json()
+    assert m["default"] == "xr-0001"
+    assert {x["id"]: x["image"] for x in m["models"]} == {"xr-0001": "xray", "ct-0002": "ct"}
+    spec = requests.get(server + "/openapi.json", timeout=30).json()
+    assert {"/v1/embed", "/v1/zero-shot", "/v1/embed-text", "/v1/retrieve", "/healthz", "/v1/models"} <= set(spec["paths"])
+
+
+def test_embed_xray_equals_the_in_process_model(server, files):
+    import torch
+
+    r = post(server, "/v1/embed", files["xray"], {"Content-Type": "application/dicom"})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["model"] == "xr-0001"
+    assert body["preprocessing"]["input"] == "dicom" and body["preprocessing"]["modality"] == "DX"
+    lm = checkpoint.load_for_inference(files["xr_model"])
+    assert body["preprocessing"]["profile_id"] == lm.profile["profile_id"]
+    arr, _ = dicom.canonical_from_files([files["xray"]], lm.profile, image="xray")
+    want = lm.embed_images(torch.from_numpy(transforms.ModelView(lm.view, "xray")(arr)[None]))[0].numpy()
+    np.testing.assert_allclose(np.array(body["embedding"]), want, atol=1e-5)
+    # The same image as a stored-form array: the same answer.
+    r2 = post(server, "/v1/embed", npy(arr))
+    assert r2.status_code == 200 and r2.json()["preprocessing"]["input"] == "npy"
+    np.testing.assert_allclose(np.array(r2.json()["embedding"]), want, atol=1e-5)
+    assert PHI not in r.content and PHI not in r2.content
+
+
+def test_multiplexing_ct_series_as_zip_and_multipart(server, files):
+    for hdr in ({"X-Model": "ct-0002"}, {"serve_multiplexed_model_id": "ct-0002"}):
+        r = post(server, "/v1/embed", files["ct_zip"], hdr)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "ct-0002" and r.json()["preprocessing"]["modality"] == "CT"
+        assert len(r.json()["embedding"]) == 32
+    parts = [("file", (f"{i}.dcm", b, "application/dicom")) for i, b in enumerate(files["ct_parts"])]
+    r2 = post(server, "/v1/embed", headers={"X-Model": "ct-0002"}, files=parts)
+    assert r2.status_code == 200, r2.text
+    np.testing.assert_allclose(r2.json()["embedding"], r.json()["embedding"], atol=1e-5)
+    # Models differ: the X-ray model answers the X-ray, and refuses the CT with a 422.
+    assert post(server, "/v1/embed", files["xray"]).json()["model"] == "xr-0001"
+    r3 = post(server, "/v1/embed", files["ct_zip"])
+    assert (r3.status_code, r3.json()["error"]) == (422, "wrong_modality")
+    assert post(server, "/v1/embed", files["xray"], {"X-Model": "nope"}).status_code == 404
+    assert PHI not in r.content + r2.content + r3.content
+
+
+def test_zero_shot_and_text(server, files):
+    r = post(server, "/v1/zero-shot?findings=nodule,effusion", files["xray"])
+    assert r.status_code == 200, r.text
+    p = r.json()["probabilities"]
+    assert set(p) == {"nodule", "effusion"} and all(0.0 <= v <= 1.0 for v in p.values())
+    r2 = post(server, "/v1/zero-shot", headers={"X-Model": "ct-0002"},
+              files=[("f", ("s.zip", files["ct_zip"], "application/zip"))],
+              data={"findings": "nodule", "positive": "there is {finding}", "negative": "no sign of {finding}"})
+    assert r2.status_code == 200, r2.text
+    assert 0.0 <= r2.json()["probabilities"]["nodule"] <= 1.0
+    assert post(server, "/v1/zero-shot", files["xray"]).json()["error"] == "bad_request"  # no findings
+    t = post(server, "/v1/embed-text", json.dumps({"texts": ["no effusion.", "nodule is present."]}))
+    assert t.status_code == 200
+    e = np.array(t.json()["embeddings"])
+    assert e.shape == (2, 32) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-4)
+    assert post(server, "/v1/embed-text", b"{not json").status_code == 400
+    assert post(server, "/v1/retrieve", files["xray"]).json()["error"] == "no_index"
+
+
+def _bad_cases(files):
+    x = files["xray"]
+    obj = io.BytesIO()
+    np.save(obj, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    return [
+        ("non-DICOM", b"hello, this is not an image" * 20, {}, 400, "not_dicom"),
+        ("truncated", x[: len(x) - 5000], {}, 400, "truncated"),
+        ("MR", files["mr"], {}, 422, "unsupported_modality"),
+        ("CT gap", files["gap_zip"], {"X-Model": "ct-0002"}, 422, "slice_gap"),
+        ("float array", npy(np.zeros((32, 32), np.float32)), {}, 422, "wrong_array"),
+        ("3-D array to X-ray", npy(np.zeros((4, 32, 32), np.uint16)), {}, 422, "wrong_array"),
+        ("pickled array", obj.getvalue(), {}, 400, "bad_array"),
+        ("oversized", b"\0" * (1024 * 1024 + 10), {}, 413, "payload_too_large"),
+        ("broken zip", b"PK\x03\x04" + b"\0" * 100, {}, 400, "bad_zip"),
+        ("two images", None, {}, 422, "multiple_images"),
+    ]
+
+
+def test_bad_input_gives_4xx_json_and_the_replica_keeps_serving(server, files):
+    for name, data, hdr, status, code in _bad_cases(files):
+        if data is None:
+            r = post(server, "/v1/embed", files=[("a", ("a.dcm", files["xray"])), ("b", ("b.dcm", files["xray"]))])
+        else:
+            r = post(server, "/v1/embed", data, hdr)
+        assert (r.status_code, r.json().get("error")) == (status, code), (name, r.status_code, r.text)
+        assert set(r.json()) == {"error", "detail"} and PHI not in r.content, name
+        ok = post(server, "/v1/embed", files["xray"])
+        assert ok.status_code == 200, (name, ok.text)
+    assert requests.get(server + "/v1/nothing", timeout=30).json()["error"] == "not_found"
+
+
+def test_no_phi_in_responses_or_serve_logs(server, files):
+    """Every identifying tag of the phantoms holds the marker: no response and no Serve log line
+    (access logs included) may carry it, after good and bad requests alike."""
+    import ray
+
+    bodies = [post(server, "/v1/embed", files["xray"]).content,
+              post(server, "/v1/zero-shot?findings=nodule", files["xray"]).content,
+              post(server, "/v1/embed", files["xray"][:-5000]).content,
+              post(server, "/v1/embed", files["mr"]).content]
+    assert all(PHI not in b for b in bodies)
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    serve_logs = [p for p in logs.rglob("*") if p.is_file() and ("serve" in p.parts or "worker" in p.name)]
+    assert any("serve" in p.parts for p in serve_logs)
+    hits = [p.name for p in serve_logs if PHI in p.read_bytes()]
+    assert hits == []

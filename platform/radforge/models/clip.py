@@ -1,0 +1,103 @@
+"""CLIP (Radford et al., 2021) for image ↔ report: ViT image tower + text tower + linear
+projections into a joint space, symmetric InfoNCE with a learnable temperature.
+
+Negatives from every rank: with torch.distributed initialised and world > 1, image and text
+embeddings are all-gathered with `torch.distributed.nn.functional.all_gather`, whose backward
+sends each rank the gradient for its own samples. Each rank computes the loss for its local
+rows against all gathered columns ("local loss", as open_clip's `local_loss=True`): the mean of
+the ranks' losses is exactly the single-process loss on the concatenated batch, and after the
+data-parallel gradient average (DeepSpeed/DDP) the gradients are exactly the single-process
+ones too, at 1/world of the logits compute. Every rank must bring the same micro-batch size
+(the loader guarantees it; all_gather needs equal shapes).
+
+The temperature is stored as `logit_scale = log(1/T)` and clamped to at most 100 in the forward
+pass (as in CLIP) so it cannot blow up early in training.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radforge.models.vit import ViT
+
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """All ranks' rows (with gradients) and this rank's index; (x, 0) outside a process group."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        from torch.distributed.nn.functional import all_gather
+
+        with warnings.catch_warnings():  # deprecated in favour of a private API; still correct
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.cat(all_gather(x), dim=0), dist.get_rank()
+    return x, 0
+
+
+class CLIP(nn.Module):
+    def __init__(self, visual: ViT, text: nn.Module, embed_dim: int, init_temperature: float = 0.07):
+        super().__init__()
+        self.visual = visual
+        self.text = text
+        self.image_proj = nn.Linear(visual.width, embed_dim, bias=False)
+        self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
+        nn.init.normal_(self.image_proj.weight, std=visual.width ** -0.5)
+        nn.init.normal_(self.text_proj.weight, std=text.width ** -0.5)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+
+    @property
+    def tokenizer(self):
+        return self.text.tokenizer
+
+    def save_tokenizer(self, directory: str) -> None:
+        """What export writes to `tokenizer/` (small: tokenizer.json; hf: tokenizer + config)."""
+        self.text.save_tokenizer(directory)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.image_proj(self.visual.pool(images)), dim=-1)
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        return F.normalize(self.text_proj(self.text(list(texts))), dim=-1)
+
+    def scale(self) -> torch.Tensor:
+        return self.logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
+
+    def forward(self, batch: Mapping) -> dict:
+        """batch["image"] [B, ...], batch["text"] list[str] -> {"loss", "logit_scale", "accuracy"}.
+        `loss` is this rank's share (mean over ranks = global loss); `accuracy` is the local
+        image→text top-1 against all gathered texts."""
+        img = self.encode_image(batch["image"])
+        txt = self.encode_text(batch["text"])
+        all_img, rank = _gather(img)
+        all_txt, _ = _gather(txt)
+        scale = self.scale()
+        labels = torch.arange(img.shape[0], device=img.device) + rank * img.shape[0]
+        logits_i = scale * img @ all_txt.T
+        logits_t = scale * txt @ all_img.T
+        loss = (F.cross_entropy(logits_i, labels) + F.cross_entropy(logits_t, labels)) / 2
+        with torch.no_grad():
+            acc = (logits_i.argmax(dim=1) == labels).float().mean()
+        return {"loss": loss, "logit_scale": scale.detach(), "accuracy": acc}
+
+    @torch.no_grad()
+    def zero_shot_from_embeddings(self, image_emb: torch.Tensor, findings: list[str],
+                                  positive: str = "{finding} is present.", negative: str = "no {finding}.") -> torch.Tensor:
+        """P(finding) per image: softmax over the scaled similarities to the positive and the
+        negative prompt (CheXzero's recipe). image_emb: L2-normalised [B, E] -> [B, F]."""
+        prompts = [p.format(finding=f) for f in findings for p in (positive, negative)]
+        t = self.encode_text(prompts).to(image_emb.device).view(len(findings), 2, -1)
+        logits = self.scale() * torch.einsum("be,fke->bfk", image_emb, t)
+        return logits.softmax(dim=-1)[..., 0]
+
+    @torch.no_grad()
+    def zero_shot(self, images: torch.Tensor, findings: list[str], positive: str = "{finding} is present.",
+                  negative: str = "no {finding}.") -> torch.Tensor:
+        return self.zero_shot_from_embeddings(self.encode_image(images), findings, positive, negative)

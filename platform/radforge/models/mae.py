@@ -1,0 +1,154 @@
+"""Masked autoencoder (He et al., 2021) for 3D CT volumes and 2D X-rays.
+
+The encoder sees only the visible patches (1 - mask_ratio of them), which is what makes MAE
+cheap enough for 3D: at 75% masking a 3D ViT-B runs on a quarter of the tokens. A light decoder
+(`decoder_width`/`decoder_depth`) gets the encoded tokens plus a shared mask token at every
+hidden position and predicts the pixels of each patch; the loss is the MSE on masked patches
+only, on per-patch normalised pixels when `norm_pix_loss` (the paper's better default; it also
+makes the loss scale independent of the HU window).
+
+Masking is per sample: `n_keep = round(N * (1 - mask_ratio))` patches chosen by argsort of
+uniform noise, so exactly the same count is hidden in every sample (batched gather, no padding).
+Evaluation passes a seeded `torch.Generator` so the validation loss is reproducible.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import torch
+from torch import nn
+
+from radforge.models.vit import ViT, Transformer, init_weights, sincos_pos_embed
+
+
+class MAE(nn.Module):
+    def __init__(self, encoder: ViT, *, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
+                 decoder_width: int = 128, decoder_depth: int = 2, decoder_heads: int | None = None):
+        super().__init__()
+        if not 0 < mask_ratio < 1:
+            raise ValueError("mask_ratio must be in (0, 1)")
+        self.encoder = encoder
+        self.mask_ratio = mask_ratio
+        self.norm_pix_loss = norm_pix_loss
+        pe = encoder.patch_embed
+        if decoder_heads is None:  # 32-wide heads, as many as divide the width
+            decoder_heads = max(h for h in range(1, decoder_width + 1) if decoder_width % h == 0 and decoder_width // h >= 32) \
+                if decoder_width >= 32 else 1
+        self.decoder_embed = nn.Linear(encoder.width, decoder_width)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_width))
+        self.register_buffer("decoder_pos_embed", sincos_pos_embed(pe.grid, decoder_width)[None], persistent=False)
+        self.decoder = Transformer(decoder_width, decoder_depth, decoder_heads)
+        self.decoder_pred = nn.Linear(decoder_width, pe.patch_dim)
+        init_weights(self.decoder)
+        init_weights(self.decoder_embed)
+        init_weights(self.decoder_pred)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    # -- pieces ---------------------------------------------------------------------------------
+
+    @property
+    def num_patches(self) -> int:
+        return self.encoder.patch_embed.num_patches
+
+    def n_keep(self) -> int:
+        return max(1, int(round(self.num_patches * (1 - self.mask_ratio))))
+
+    def random_masking(self, batch_size: int, device, generator: torch.Generator | None = None):
+        """-> (ids_keep [B, K], mask [B, N] with 1 = hidden, ids_restore [B, N])."""
+        n = self.num_patches
+        noise = torch.rand(batch_size, n, generator=generator, device=generator.device if generator else device)
+        noise = noise.to(device)
+        ids_shuffle = torch.argsort(noise, dim=1)
+        ids_restore = torch.argsort(ids_shuffle, dim=1)
+        ids_keep = ids_shuffle[:, : self.n_keep()]
+        mask = torch.ones(batch_size, n, device=device)
+        mask[:, : self.n_keep()] = 0
+        mask = torch.gather(mask, 1, ids_restore)
+        return ids_keep, mask, ids_restore
+
+    def _decode(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
+        x = self.decoder_embed(latent)
+        b, k, d = x.shape
+        n = ids_restore.shape[1]
+        x = torch.cat([x, self.mask_token.expand(b, n - k, d)], dim=1)
+        x = torch.gather(x, 1, ids_restore[..., None].expand(-1, -1, d))  # back to patch order
+        x = self.decoder(x + self.decoder_pos_embed)
+        return self.decoder_pred(x)
+
+    def _target(self, images: torch.Tensor):
+        target = self.encoder.patch_embed.patchify(images)
+        if not self.norm_pix_loss:
+            return target, None, None
+        mean = target.mean(dim=-1, keepdim=True)
+        var = target.var(dim=-1, keepdim=True)
+        return (target - mean) / (var + 1e-6).sqrt(), mean, var
+
+    # -- public ---------------------------------------------------------------------------------
+
+    def forward(self, batch: Mapping | torch.Tensor, *, generator: torch.Generator | None = None) -> dict:
+        """batch["image"] [B, *input_shape] -> {"loss", "pred" [B, N, patch_dim], "mask" [B, N]}."""
+        images = batch["image"] if isinstance(batch, Mapping) else batch
+        ids_keep, mask, ids_restore = self.random_masking(images.shape[0], images.device, generator)
+        latent = self.encoder(images, ids_keep)
+        pred = self._decode(latent, ids_restore)
+        target, _, _ = self._target(images)
+        per_patch = ((pred - target) ** 2).mean(dim=-1)
+        loss = (per_patch * mask).sum() / mask.sum()
+        return {"loss": loss, "pred": pred, "mask": mask}
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Unmasked encoder, mean-pooled: [B, width] (linear probes, retrieval, serving)."""
+        return self.encoder.pool(images)
+
+    @torch.no_grad()
+    def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """For pictures: {"masked": input with hidden patches zeroed, "reconstruction": visible
+        patches from the input + predicted hidden ones (de-normalised with each patch's own
+        mean/var when norm_pix_loss, as in the MAE paper's figures), "mask": 1 = hidden},
+        all shaped like `images`."""
+        out = self(images, generator=generator)
+        pe = self.encoder.patch_embed
+        patches = pe.patchify(images)
+        pred = out["pred"]
+        if self.norm_pix_loss:
+            _, mean, var = self._target(images)
+            pred = pred * (var + 1e-6).sqrt() + mean
+        m = out["mask"][..., None]
+        return {
+            "masked": pe.unpatchify(patches * (1 - m)),
+            "reconstruction": pe.unpatchify(patches * (1 - m) + pred * m),
+            "mask": pe.unpatchify(m.expand_as(patches).contiguous()),
+        }
+
+
+def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # DeepSpeed / DDP wrap the module as "module."; torch.compile as "_orig_mod.".
+    out = {}
+    for k, v in state.items():
+        for p in ("module.", "_orig_mod."):
+            while k.startswith(p):
+                k = k[len(p):]
+        out[k] = v
+    return out
+
+
+def load_encoder_state(clip_model: nn.Module, mae_state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Initialise a CLIP image tower (`clip_model.visual`, a ViT) from an MAE state dict's
+    `encoder.*` weights. Shapes must match (same preset, patch and input shape); a mismatch is a
+    ValueError naming the key, never a silent partial load. Returns the keys loaded."""
+    state = _strip_prefixes(mae_state_dict)
+    enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
+    if not enc:
+        raise ValueError("the state dict has no MAE encoder weights (no 'encoder.*' keys)")
+    target = clip_model.visual.state_dict()
+    missing = sorted(set(target) - set(enc))
+    if missing:
+        raise ValueError(f"MAE encoder lacks {len(missing)} image-tower weights, e.g. {missing[0]}")
+    for k, v in enc.items():
+        if k in target and target[k].shape != v.shape:
+            raise ValueError(f"MAE encoder weight {k} has shape {tuple(v.shape)}, the image tower needs "
+                             f"{tuple(target[k].shape)} (same preset, patch and input shape?)")
+    clip_model.visual.load_state_dict({k: enc[k] for k in target})
+    return sorted(target)

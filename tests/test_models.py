@@ -1,0 +1,324 @@
+"""radforge.models: ViT 2D/3D, MAE, CLIP (incl. all-gather across 2 gloo processes), text towers."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from radforge import models
+from radforge.config import ModelConfig, TextConfig
+from radforge.models import text as text_mod
+from radforge.models.clip import CLIP
+from radforge.models.mae import MAE, load_encoder_state
+from radforge.models.vit import ViT, sincos_pos_embed
+
+REPORTS = [
+    "A solid pulmonary nodule is present.", "No pulmonary nodule.", "There is a pleural effusion layering posteriorly.",
+    "No pleural effusion.", "The heart is enlarged, consistent with cardiomegaly.", "Heart size is normal.",
+    "Possible trace pleural effusion.", "Lungs and heart unremarkable.",
+]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # These models are tiny: one intra-op thread is as fast, and on a shared 2-core machine OpenMP
+    # workers spinning for a busy core cost far more than they give.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _tiny_vit(input_shape, patch, width=32, depth=2, heads=2, **kw):
+    return ViT(input_shape, patch, width, depth, heads, **kw)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return text_mod.train_tokenizer(REPORTS * 4, TextConfig(vocab_size=300, max_len=24))
+
+
+def _clip(tokenizer, image_shape=(1, 16, 16), patch=(8, 8), width=32):
+    torch.manual_seed(0)
+    visual = _tiny_vit(image_shape, patch, width)
+    txt = text_mod.SmallTextEncoder(tokenizer, TextConfig(width=32, depth=1, heads=2, max_len=24))
+    return CLIP(visual, txt, embed_dim=16, init_temperature=0.07)
+
+
+# --------------------------------------------------------------------------------------- ViT
+
+
+@pytest.mark.parametrize("shape,patch,n", [((1, 32, 32), (8, 8), 16), ((2, 16, 32, 32), (8, 16, 16), 8)])
+def test_vit_shapes_and_patchify_roundtrip(shape, patch, n):
+    v = _tiny_vit(shape, patch)
+    x = torch.randn(3, *shape)
+    assert v(x).shape == (3, n, 32)
+    assert v.pool(x).shape == (3, 32)
+    pe = v.patch_embed
+    p = pe.patchify(x)
+    assert p.shape == (3, n, shape[0] * patch[0] * patch[1] * (patch[2] if len(patch) == 3 else 1))
+    assert torch.equal(pe.unpatchify(p), x)
+    # patchify's token order is the conv's: patch k of the patchified image is token k
+    lin = p @ pe.proj.weight.reshape(32, shape[0], -1).movedim(1, -1).reshape(32, -1).T + pe.proj.bias
+    assert torch.allclose(lin, pe(x), atol=1e-4)
+
+
+def test_vit_presets_via_build_and_bad_shapes():
+    m = models.build(ModelConfig(kind="mae", preset="tiny"), "xray", (1, 32, 32))
+    assert m.encoder.width == models.PRESETS["tiny"][0] and len(m.encoder.transformer.blocks) == models.PRESETS["tiny"][1]
+    assert set(models.REGISTRY) == {"mae", "clip"}
+    with pytest.raises(ValueError, match="does not fit"):
+        models.build(ModelConfig(kind="mae"), "ct", (1, 32, 32))
+    with pytest.raises(ValueError, match="must divide"):
+        models.build(ModelConfig(kind="mae", patch_xray=7), "xray", (1, 32, 32))
+
+
+def test_position_embeddings():
+    table = sincos_pos_embed((2, 4, 4), 48)
+    assert table.shape == (32, 48)
+    assert len(torch.unique(table, dim=0)) == 32  # every position distinct
+    assert torch.allclose(table.norm(dim=1), table.norm(dim=1)[0])  # sin²+cos² per frequency
+    fixed = _tiny_vit((1, 16, 16), (8, 8))
+    assert "pos_embed" not in fixed.state_dict() and not fixed.pos_embed.requires_grad
+    learned = _tiny_vit((1, 16, 16), (8, 8), pos_embed="learned")
+    assert "pos_embed" in dict(learned.named_parameters())
+    # position matters: permuting the patches changes the (pre-pool) tokens beyond a permutation
+    x = torch.randn(1, 1, 16, 16)
+    swapped = torch.cat([x[..., 8:, :], x[..., :8, :]], dim=-2)
+    assert not torch.allclose(fixed.pool(x), fixed.pool(swapped), atol=1e-5)
+
+
+def test_attention_goes_through_sdpa(monkeypatch):
+    calls = []
+    real = F.scaled_dot_product_attention
+
+    def spy(*a, **k):
+        calls.append(a[0].shape)
+        return real(*a, **k)
+
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    v = _tiny_vit((1, 16, 16), (8, 8), depth=3)
+    v(torch.randn(2, 1, 16, 16))
+    assert len(calls) == 3 and calls[0] == (2, 2, 4, 16)  # [B, heads, N, head_dim]
+
+
+def test_activation_checkpointing_same_gradients():
+    torch.manual_seed(0)
+    m = models.build(ModelConfig(kind="mae", decoder_width=32, decoder_depth=1), "xray", (1, 32, 32))
+    x = torch.randn(2, 1, 32, 32)
+    grads = []
+    for on in (False, True):
+        models.set_activation_checkpointing(m, on)
+        m.zero_grad()
+        m({"image": x}, generator=torch.Generator().manual_seed(1))["loss"].backward()
+        grads.append([p.grad.clone() for p in m.parameters() if p.grad is not None])
+    assert m.encoder.activation_checkpointing
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(*grads))
+
+
+# --------------------------------------------------------------------------------------- MAE
+
+
+def test_mae_masking_ratio_exact_and_per_sample():
+    m = MAE(_tiny_vit((2, 16, 32, 32), (4, 8, 8)), mask_ratio=0.75, decoder_width=32, decoder_depth=1)
+    n = m.num_patches
+    assert n == 64
+    out = m({"image": torch.randn(5, 2, 16, 32, 32)})
+    assert out["pred"].shape == (5, 64, 2 * 4 * 8 * 8)
+    assert out["mask"].sum(1).tolist() == [48.0] * 5
+    assert len({tuple(r.tolist()) for r in out["mask"]}) == 5  # each sample its own mask
+    g1, g2 = (torch.Generator().manual_seed(3) for _ in range(2))
+    x = torch.randn(2, 2, 16, 32, 32)
+    assert torch.equal(m(x, generator=g1)["loss"], m(x, generator=g2)["loss"])  # seeded = reproducible
+    assert m.encode(x).shape == (2, 32)
+    rec = m.reconstruct(x, generator=torch.Generator().manual_seed(0))
+    assert rec["reconstruction"].shape == x.shape
+    visible = rec["mask"] == 0
+    assert torch.equal(rec["reconstruction"][visible], x[visible])  # visible patches come from the input
+    assert (rec["masked"][~visible] == 0).all()
+
+
+def _fit(model, batch, steps=30, lr=3e-3):
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(batch)["loss"]
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    return losses
+
+
+@pytest.mark.parametrize("image,shape", [("xray", (1, 32, 32)), ("ct", (1, 16, 32, 32))])
+def test_mae_loss_decreases(image, shape):
+    torch.manual_seed(0)
+    cfg = ModelConfig(kind="mae", patch_ct=(8, 16, 16), patch_xray=8, decoder_width=32, decoder_depth=1)
+    m = MAE(_tiny_vit(shape, cfg.patch_ct if image == "ct" else (8, 8), width=48), mask_ratio=0.5,
+            decoder_width=32, decoder_depth=1)
+    # smooth images: blobs whose masked patches are predictable from the visible ones
+    grid = torch.stack(torch.meshgrid(*[torch.linspace(-1, 1, s) for s in shape[1:]], indexing="ij"))
+    centres = torch.rand(8, len(shape) - 1) - 0.5
+    x = torch.exp(-((grid[None] - centres.view(8, -1, *[1] * (len(shape) - 1))) ** 2).sum(1) * 3)[:, None]
+    losses = _fit(m, {"image": x}, steps=30)
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+
+
+def test_load_encoder_state_into_clip(tokenizer):
+    mae = MAE(_tiny_vit((1, 16, 16), (8, 8)), decoder_width=32, decoder_depth=1)
+    clip = _clip(tokenizer)
+    state = {"module." + k: v for k, v in mae.state_dict().items()}  # as DeepSpeed saves it
+    keys = load_encoder_state(clip, state)
+    assert keys and all(torch.equal(clip.visual.state_dict()[k], mae.encoder.state_dict()[k]) for k in keys)
+    other = MAE(_tiny_vit((1, 16, 16), (8, 8), width=64, heads=2), decoder_width=32, decoder_depth=1)
+    with pytest.raises(ValueError, match="shape"):
+        load_encoder_state(clip, other.state_dict())
+    with pytest.raises(ValueError, match="no MAE encoder"):
+        load_encoder_state(clip, {"foo": torch.zeros(1)})
+
+
+def test_build_clip_init_from_exported_mae(tmp_path, tokenizer):
+    from safetensors.torch import save_file
+
+    cfg = ModelConfig(kind="mae", preset="tiny", patch_xray=8)
+    mae = models.build(cfg, "xray", (1, 16, 16))
+    save_file(mae.state_dict(), str(tmp_path / "model.safetensors"))
+    clip = models.build(ModelConfig(kind="clip", patch_xray=8, init_from=str(tmp_path)), "xray", (1, 16, 16), tokenizer)
+    assert torch.equal(clip.visual.patch_embed.proj.weight, mae.encoder.patch_embed.proj.weight)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        models.build(ModelConfig(kind="clip"), "xray", (1, 16, 16))
+
+
+# --------------------------------------------------------------------------------------- text
+
+
+def test_tokenizer_train_save_load_roundtrip(tmp_path, tokenizer):
+    assert tokenizer.vocab_size <= 300
+    ids, mask = tokenizer(["No pleural effusion.", "", "nodule " * 100])
+    assert ids.shape == mask.shape and ids.shape[0] == 3 and ids.shape[1] == 24  # truncated to max_len
+    assert mask[1].sum() == 2 and ids[1, 2] == tokenizer.pad_id  # [CLS] [SEP] then padding
+    assert mask[0].sum() < 24
+    tokenizer.save(str(tmp_path / "tok"))
+    again = text_mod.Tokenizer.load(str(tmp_path / "tok"))
+    ids2, mask2 = again(["No pleural effusion.", "", "nodule " * 100])
+    assert torch.equal(ids, ids2) and torch.equal(mask, mask2) and again.max_len == 24
+    # fsspec URLs work too (export may write to object storage)
+    tokenizer.save("memory://rf-test-tok")
+    assert torch.equal(text_mod.Tokenizer.load("memory://rf-test-tok")(["No pleural effusion."])[0], ids[:1, : mask[0].sum()])
+
+
+def test_text_encoder_ignores_padding(tokenizer):
+    torch.manual_seed(0)
+    enc = text_mod.SmallTextEncoder(tokenizer, TextConfig(width=32, depth=1, heads=2, max_len=24)).eval()
+    alone = enc(["No pleural effusion."])
+    padded = enc(["No pleural effusion.", "The heart is enlarged, consistent with cardiomegaly."])[:1]
+    assert torch.allclose(alone, padded, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    d = tmp_path_factory.mktemp("hf")
+    words = sorted({w.strip(".,").lower() for r in REPORTS for w in r.split()})
+    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + words) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                 intermediate_size=37, max_position_embeddings=64))
+    out = d / "model"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, model.eval(), tok
+
+
+def test_load_hf_local_and_fsspec(hf_dir):
+    import fsspec
+
+    path, ref, tok = hf_dir
+    model, tok2 = text_mod.load_hf(str(path))
+    enc = tok(["no pleural effusion."], return_tensors="pt")
+    want = ref(**enc).last_hidden_state
+    assert torch.allclose(model.eval()(**tok2(["no pleural effusion."], return_tensors="pt")).last_hidden_state, want, atol=1e-5)
+    mem = fsspec.filesystem("memory")
+    for f in path.iterdir():
+        mem.pipe(f"/rf-test-hf/{f.name}", f.read_bytes())
+    model3, _ = text_mod.load_hf("memory://rf-test-hf")
+    assert torch.equal(model3.state_dict()["embeddings.word_embeddings.weight"], ref.state_dict()["embeddings.word_embeddings.weight"])
+    with pytest.raises(FileNotFoundError):
+        text_mod.load_hf(str(path / "missing"))
+
+
+def test_clip_with_hf_text_tower(hf_dir, tmp_path):
+    path, _, _ = hf_dir
+    cfg = ModelConfig(kind="clip", patch_xray=8, text=TextConfig(kind="hf", path=str(path), max_len=16))
+    clip = models.build(cfg, "xray", (1, 16, 16))
+    out = clip({"image": torch.randn(3, 1, 16, 16), "text": REPORTS[:3]})
+    out["loss"].backward()
+    assert clip.text.model.embeddings.word_embeddings.weight.grad is not None
+    clip.save_tokenizer(str(tmp_path / "tok"))  # tokenizer + config: rebuildable without the source dir
+    again = models.build(ModelConfig(kind="clip", patch_xray=8, text=TextConfig(kind="hf", path=str(tmp_path / "tok"))),
+                         "xray", (1, 16, 16), pretrained=False)
+    again.load_state_dict(clip.state_dict())
+    clip.eval(), again.eval()
+    assert torch.allclose(clip.encode_text(REPORTS[:2]), again.encode_text(REPORTS[:2]), atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------- CLIP
+
+
+def test_clip_embeddings_normalised_and_loss_decreases(tokenizer):
+    clip = _clip(tokenizer)
+    torch.manual_seed(1)
+    images = torch.randn(8, 1, 16, 16)
+    batch = {"image": images, "text": REPORTS}
+    assert torch.allclose(clip.encode_image(images).norm(dim=1), torch.ones(8), atol=1e-5)
+    assert torch.allclose(clip.encode_text(REPORTS).norm(dim=1), torch.ones(8), atol=1e-5)
+    assert abs(float(clip.scale()) - 1 / 0.07) < 1e-3
+    losses = _fit(clip, batch, steps=30)
+    assert losses[-1] < 0.5 * losses[0]
+    p = clip.zero_shot(images[:2], ["nodule", "effusion"])
+    assert p.shape == (2, 2) and ((p > 0) & (p < 1)).all()
+
+
+def _ddp_worker(rank: int, world: int, tok_dir: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    # A file store rather than MASTER_PORT: no free-port race with other tests on the machine.
+    dist.init_process_group("gloo", init_method=f"file://{out_dir}/store", rank=rank, world_size=world)
+    try:
+        clip = _clip(text_mod.Tokenizer.load(tok_dir))
+        images = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+        half = slice(rank * 4, rank * 4 + 4)
+        out = clip({"image": images[half], "text": REPORTS[half]})
+        out["loss"].backward()
+        loss = out["loss"].detach().clone()
+        dist.all_reduce(loss)
+        grads = [p.grad.clone() for p in clip.parameters()]
+        for g in grads:  # what DDP / DeepSpeed do: average the ranks' gradients
+            dist.all_reduce(g)
+            g /= world
+        if rank == 0:
+            torch.save({"loss": loss / world, "grads": grads}, os.path.join(out_dir, "ddp.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_clip_all_gather_two_processes_matches_single(tmp_path, tokenizer):
+    import torch.multiprocessing as mp
+
+    tokenizer.save(str(tmp_path / "tok"))
+    mp.spawn(_ddp_worker, args=(2, str(tmp_path / "tok"), str(tmp_path)), nprocs=2, join=True)
+    got = torch.load(tmp_path / "ddp.pt")
+    clip = _clip(text_mod.Tokenizer.load(str(tmp_path / "tok")))
+    images = torch.randn(8, 1, 16, 16, generator=torch.Generator().manual_seed(5))
+    loss = clip({"image": images, "text": REPORTS})["loss"]
+    loss.backward()
+    assert torch.allclose(got["loss"], loss.detach(), atol=1e-5)
+    for p, g in zip(clip.parameters(), got["grads"]):
+        assert g.abs().sum() > 0 or p.grad.abs().sum() == 0
+        assert torch.allclose(p.grad, g, atol=1e-5), "gathered negatives must carry gradients back to their rank"

@@ -89,6 +89,7 @@ need = $(if $($(1)),,$(error $(1)= is required, e.g. make $@ $(1)=$(2)))
 cluster-local:
 	@test -x $(RAY) || { echo "no $(RAY): run make setup first"; exit 2; }
 	@mkdir -p $(RAY_TMP)
+	@$(RAY) get-auth-token --generate > /dev/null  # creates ~/.ray/auth_token only if there is none
 	@if test -f $(RAY_TMP)/head.pid && kill -0 $$(cat $(RAY_TMP)/head.pid) 2>/dev/null; then \
 	  echo "a head is already running (pid $$(cat $(RAY_TMP)/head.pid)); make stop first"; exit 2; fi
 	PATH=$(abspath $(VENV))/bin:$$PATH RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 setsid nohup $(RAY) start --head --block --disable-usage-stats \

@@ -68,16 +68,54 @@ def files(tmp_path_factory):
     for p, r in bad.items():
         by_reason.setdefault(r, Path(p).read_bytes())
     view = ViewConfig(ct_size=(8, 32, 32), xray_size=32, rand_crop=False)
+    xr_model = write_model(root / "m-xr", "xray", view, 1, "xr")
+    # A retrieval index over three other radiographs, built from shards by `radforge index`'s code.
+    others = [phantoms.xray(root / f"o{i}.dcm", phantoms.make_study(phantoms.make_patient(20 + i)), rows=200 + 20 * i,
+                            cols=180, seed=i) for i in range(3)]
+    other_bytes = [Path(o.path).read_bytes() for o in others]
+    shards = write_shards(root / "shards", other_bytes, json.loads((Path(xr_model) / checkpoint.MODEL_JSON).read_text())["profile"])
+    serve_mod.build_index(xr_model, shards, str(root / "index"), split="test", batch_size=2)
     return {
+        "others": other_bytes,
+        "index": str(root / "index"),
         "xray": Path(xr.path).read_bytes(),
         "xray_path": str(xr.path),
         "ct_zip": _zip(ct.paths),
         "ct_parts": [Path(p).read_bytes() for p in ct.paths],
         "gap_zip": _zip(gap.paths),
         "mr": by_reason["unsupported_modality"],
-        "xr_model": write_model(root / "m-xr", "xray", view, 1, "xr"),
+        "xr_model": xr_model,
         "ct_model": write_model(root / "m-ct", "ct", view, 2, "ct"),
     }
+
+
+def key(i: int) -> str:
+    return f"{i:024x}"
+
+
+def write_shards(dest: Path, dicoms: list[bytes], profile: dict) -> str:
+    """One test-split shard of X-rays in the stored form (dicom.canonical_from_files) + manifest."""
+    import hashlib
+    import tarfile
+
+    (dest / "test").mkdir(parents=True)
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tf:
+        for i, d in enumerate(dicoms):
+            arr, meta = dicom.canonical_from_files([d], profile, image="xray")
+            meta = {"modality": meta["modality"], "shape": list(arr.shape), "split": "test", "has_report": False}
+            for suffix, data in shardspec.encode_sample(key(i), arr, meta).items():
+                info = tarfile.TarInfo(f"{key(i)}.{suffix}")
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    path = shardspec.shard_name("test", 0)
+    (dest / path).write_bytes(buf.getvalue())
+    rec = {"path": path, "split": "test", "samples": len(dicoms), "bytes": len(buf.getvalue()),
+           "sha256": hashlib.sha256(buf.getvalue()).hexdigest(), "modalities": {"DX": len(dicoms)}}
+    m = shardspec.new_manifest(profile=profile, recipe={}, deid={}, plan_digest="t")
+    shardspec.finalize(m, [rec], {"seen": 0, "used": 0, "skipped": {}, "rejected": {}})
+    (dest / shardspec.MANIFEST).write_text(json.dumps(m))
+    return str(dest)
 
 
 def _zip(paths) -> bytes:
@@ -100,7 +138,7 @@ def server(ray_cluster, files):
 
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = serve_mod.build_app({"model": f"{files['xr_model']},{files['ct_model']}", "max_upload_mb": "1",
+    app = serve_mod.build_app({"model": f"{files['xr_model']},{files['ct_model']}", "index": files["index"], "max_upload_mb": "1",
                                "max_batch_size": "4", "num_cpus": "0.5"})
     serve.run(app, name="radforge", route_prefix="/", blocking=False)
     try:
@@ -243,7 +281,22 @@ def test_zero_shot_and_text(server, files):
     e = np.array(t.json()["embeddings"])
     assert e.shape == (2, 32) and np.allclose(np.linalg.norm(e, axis=1), 1, atol=1e-4)
     assert post(server, "/v1/embed-text", b"{not json").status_code == 400
-    assert post(server, "/v1/retrieve", files["xray"]).json()["error"] == "no_index"
+    assert post(server, "/v1/retrieve", files["ct_zip"], {"X-Model": "ct-0002"}).json()["error"] == "no_index"
+
+
+def test_retrieve_finds_the_same_study_in_the_index(server, files):
+    """The index is built from stored arrays through the loader; the query is the DICOM file
+    through the serving path. Same preprocessing → the study finds itself with similarity ~1."""
+    m = {x["id"]: x for x in requests.get(server + "/v1/models", timeout=30).json()["models"]}
+    assert m["xr-0001"]["index"] and not m["ct-0002"]["index"]
+    for i, d in enumerate(files["others"]):
+        r = post(server, "/v1/retrieve?k=2", d)
+        assert r.status_code == 200, r.text
+        res = r.json()["results"]
+        assert len(res) == 2 and res[0]["key"] == key(i) and res[0]["score"] > 0.9999
+        assert res[0]["score"] >= res[1]["score"]
+        assert set(res[0]) == {"key", "score"} and PHI not in r.content
+    assert post(server, "/v1/retrieve?k=0", files["others"][0]).status_code == 400
 
 
 def _bad_cases(files):

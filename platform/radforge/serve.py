@@ -232,7 +232,11 @@ def _make_fastapi() -> FastAPI:
 
     @app.exception_handler(Exception)
     async def _internal(_: Request, e: Exception):
-        log.error("internal error: %s", type(e).__name__)  # the type only: messages may quote input
+        # The type and the code location only: exception messages may quote input.
+        import traceback
+
+        where = " < ".join(f"{f.name}:{f.lineno}" for f in reversed(traceback.extract_tb(e.__traceback__)[-4:]))
+        log.error("internal error: %s at %s", type(e).__name__, where)
         return JSONResponse({"error": "internal", "detail": "internal error"}, status_code=500)
 
     return app
@@ -334,11 +338,128 @@ def check_prompt(p: str | None, name: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# The deployment
+# Retrieval index (`radforge index`)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_index(model_url: str, shards: str, out: str, *, split: str = "test", batch_size: int = 16,
+                progress: bool = False) -> dict:
+    """Embeddings of a split's samples (the model's modality) → OUT/embeddings.npy + OUT/index.json.
+
+    Samples come through `radforge.loader` in evaluation mode (one pass, centre crops): exactly
+    the tensors evaluation sees. The index holds only pseudonymous sample keys and numbers. The
+    shards must carry the model's preprocessing profile (else ConfigError): embeddings of arrays
+    made another way would not be comparable with served requests.
+    """
+    import numpy as np
+    import torch
+
+    from radforge import checkpoint, config, loader, shardspec, storage
+    from radforge.errors import ConfigError
+
+    lm = checkpoint.load_for_inference(model_url)
+    manifest = shardspec.read_manifest(shards)
+    if manifest["profile"].get("profile_id") != lm.profile.get("profile_id"):
+        raise ConfigError(f"{shards} was made with preprocessing profile {manifest['profile'].get('profile_id')}, "
+                          f"the model with {lm.profile.get('profile_id')}: index shards made with the model's profile")
+    data = config.DataConfig(shards=shards, image=lm.image, num_workers=0)
+    it = loader.build_loader(data, lm.view, split=split, batch_size=batch_size, train=False)
+    embs, keys = [], []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(unit="sample", desc="index")
+    with torch.no_grad():
+        for batch in it:
+            embs.append(lm.embed_images(batch["image"]).cpu().numpy().astype(np.float32))
+            keys += list(batch["key"])
+            if bar is not None:
+                bar.update(len(batch["key"]))
+    if bar is not None:
+        bar.close()
+    if not keys:
+        raise ConfigError(f"split {split!r} of {shards} has no {lm.image} samples")
+    matrix = np.concatenate(embs)
+    buf = io.BytesIO()
+    np.save(buf, matrix, allow_pickle=False)
+    info = {
+        "format": INDEX_FORMAT,
+        "model_id": lm.model_id,
+        "profile_id": lm.profile.get("profile_id"),
+        "image": lm.image,
+        "split": split,
+        "n": len(keys),
+        "dim": int(matrix.shape[1]),
+        "keys": keys,
+    }
+    storage.makedirs(out)
+    storage.write_bytes_atomic(storage.join(out, INDEX_EMBEDDINGS), buf.getvalue())
+    storage.write_bytes_atomic(storage.join(out, INDEX_JSON), json.dumps(info).encode())  # last: marks completion
+    return {k: v for k, v in info.items() if k != "keys"} | {"out": out}
+
+
+def load_index(url: str):
+    """(L2-normalised float32 [N, D] embeddings, keys) of an index dir."""
+    import numpy as np
+
+    from radforge import storage
+
+    info = json.loads(storage.read_bytes(storage.join(url, INDEX_JSON)))
+    if info.get("format") != INDEX_FORMAT:
+        raise ValueError(f"{url}: not a {INDEX_FORMAT} index")
+    emb = np.load(io.BytesIO(storage.read_bytes(storage.join(url, INDEX_EMBEDDINGS))), allow_pickle=False)
+    if emb.shape[0] != len(info["keys"]):
+        raise ValueError(f"{url}: embeddings and keys disagree")
+    return emb.astype(np.float32, copy=False), list(info["keys"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The deployment (everything its methods use is defined above: Serve serializes the class when
+# the decorator runs, so a module-level name defined below it would be missing in replicas)
 # ---------------------------------------------------------------------------------------------
 
 # Route table and error handlers only; no I/O (models load in replicas).
 app = _make_fastapi()
+
+# Bodies are read by hand (size limit, sniffing), so the schema of the uploads is stated here.
+_BINARY = {"schema": {"type": "string", "format": "binary"}}
+_IMAGE_BODY = {
+    "required": True,
+    "description": "one DICOM file, a zip of one CT series, or a .npy array in the stored form; "
+                   "or multipart/form-data with the file(s) as parts",
+    "content": {
+        "application/dicom": _BINARY,
+        "application/zip": _BINARY,
+        "application/octet-stream": _BINARY,
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            "file": {"type": "array", "items": {"type": "string", "format": "binary"}},
+            "findings": {"type": "string", "description": "zero-shot: comma-separated findings"},
+            "positive": {"type": "string", "description": "zero-shot: positive prompt template with {finding}"},
+            "negative": {"type": "string", "description": "zero-shot: negative prompt template with {finding}"},
+        }}},
+    },
+}
+_MODEL_HEADERS = [
+    {"name": "X-Model", "in": "header", "required": False, "schema": {"type": "string"},
+     "description": "model id (GET /v1/models); default: the first model"},
+    {"name": "serve_multiplexed_model_id", "in": "header", "required": False, "schema": {"type": "string"},
+     "description": "model id, routed by Serve to a replica that has it loaded"},
+]
+
+
+def _doc(*params: dict, body: dict | None = _IMAGE_BODY) -> dict:
+    extra: dict = {"parameters": _MODEL_HEADERS + list(params)}
+    if body is not None:
+        extra["requestBody"] = body
+    return {"openapi_extra": extra}
+
+
+_FINDINGS_Q = {"name": "findings", "in": "query", "required": False, "schema": {"type": "string"},
+               "description": "comma-separated findings (or the form field)"}
+_K_Q = {"name": "k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1, "maximum": 100, "default": 5}}
+_TEXT_BODY = {"required": True, "content": {"application/json": {"schema": {"type": "object", "properties": {
+    "text": {"type": "string"}, "texts": {"type": "array", "items": {"type": "string"}}}}}}}
 
 
 @serve.deployment(name="RadforgeServer")
@@ -435,8 +556,11 @@ class RadforgeServer:
         """Request → (model input float32 [C, ...], preprocessing description, form fields)."""
         parts, fields = await self._upload(request)
         lm = await self._get_model(mid)
-        loop = asyncio.get_running_loop()
-        x, prep = await loop.run_in_executor(self._decode_pool, self._preprocess, lm, parts)
+        if len(parts) == 1 and parts[0][:6] == NPY_MAGIC:
+            x, prep = self._preprocess(lm, parts)  # sub-millisecond: a thread hop would cost more
+        else:
+            loop = asyncio.get_running_loop()
+            x, prep = await loop.run_in_executor(self._decode_pool, self._preprocess, lm, parts)
         return x, prep, fields
 
     def _preprocess(self, lm, parts: list[bytes]):
@@ -516,14 +640,14 @@ class RadforgeServer:
             })
         return {"models": out, "default": self._default}
 
-    @app.post("/v1/embed")
+    @app.post("/v1/embed", **_doc())
     async def embed(self, request: Request) -> dict:
         mid = self._model_id(request)
         x, prep, _ = await self._image(request, mid)
         emb = await self._embed_batch(x, mid)
         return {"embedding": [float(v) for v in emb], "model": mid, "preprocessing": prep}
 
-    @app.post("/v1/zero-shot")
+    @app.post("/v1/zero-shot", **_doc(_FINDINGS_Q))
     async def zero_shot(self, request: Request) -> dict:
         import dataclasses
 
@@ -545,7 +669,7 @@ class RadforgeServer:
         p = probs[0].cpu().tolist()
         return {"probabilities": {f: float(v) for f, v in zip(findings, p)}, "model": mid, "preprocessing": prep}
 
-    @app.post("/v1/embed-text")
+    @app.post("/v1/embed-text", **_doc(body=_TEXT_BODY))
     async def embed_text(self, request: Request) -> dict:
         mid = self._model_id(request)
         if self._meta[mid]["kind"] != "clip":
@@ -562,7 +686,7 @@ class RadforgeServer:
         emb = await self._run(lm.embed_texts, texts)
         return {"embeddings": emb.cpu().tolist(), "model": mid}
 
-    @app.post("/v1/retrieve")
+    @app.post("/v1/retrieve", **_doc(_K_Q))
     async def retrieve(self, request: Request) -> dict:
         import numpy as np
 
@@ -584,80 +708,3 @@ class RadforgeServer:
             "model": mid,
             "preprocessing": prep,
         }
-
-
-# ---------------------------------------------------------------------------------------------
-# Retrieval index (`radforge index`)
-# ---------------------------------------------------------------------------------------------
-
-
-def build_index(model_url: str, shards: str, out: str, *, split: str = "test", batch_size: int = 16,
-                progress: bool = False) -> dict:
-    """Embeddings of a split's samples (the model's modality) → OUT/embeddings.npy + OUT/index.json.
-
-    Samples come through `radforge.loader` in evaluation mode (one pass, centre crops): exactly
-    the tensors evaluation sees. The index holds only pseudonymous sample keys and numbers. The
-    shards must carry the model's preprocessing profile (else ConfigError): embeddings of arrays
-    made another way would not be comparable with served requests.
-    """
-    import numpy as np
-    import torch
-
-    from radforge import checkpoint, config, loader, shardspec, storage
-    from radforge.errors import ConfigError
-
-    lm = checkpoint.load_for_inference(model_url)
-    manifest = shardspec.read_manifest(shards)
-    if manifest["profile"].get("profile_id") != lm.profile.get("profile_id"):
-        raise ConfigError(f"{shards} was made with preprocessing profile {manifest['profile'].get('profile_id')}, "
-                          f"the model with {lm.profile.get('profile_id')}: index shards made with the model's profile")
-    data = config.DataConfig(shards=shards, image=lm.image, num_workers=0)
-    it = loader.build_loader(data, lm.view, split=split, batch_size=batch_size, train=False)
-    embs, keys = [], []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(unit="sample", desc="index")
-    with torch.no_grad():
-        for batch in it:
-            embs.append(lm.embed_images(batch["image"]).cpu().numpy().astype(np.float32))
-            keys += list(batch["key"])
-            if bar is not None:
-                bar.update(len(batch["key"]))
-    if bar is not None:
-        bar.close()
-    if not keys:
-        raise ConfigError(f"split {split!r} of {shards} has no {lm.image} samples")
-    matrix = np.concatenate(embs)
-    buf = io.BytesIO()
-    np.save(buf, matrix, allow_pickle=False)
-    info = {
-        "format": INDEX_FORMAT,
-        "model_id": lm.model_id,
-        "profile_id": lm.profile.get("profile_id"),
-        "image": lm.image,
-        "split": split,
-        "n": len(keys),
-        "dim": int(matrix.shape[1]),
-        "keys": keys,
-    }
-    storage.makedirs(out)
-    storage.write_bytes_atomic(storage.join(out, INDEX_EMBEDDINGS), buf.getvalue())
-    storage.write_bytes_atomic(storage.join(out, INDEX_JSON), json.dumps(info).encode())  # last: marks completion
-    return {k: v for k, v in info.items() if k != "keys"} | {"out": out}
-
-
-def load_index(url: str):
-    """(L2-normalised float32 [N, D] embeddings, keys) of an index dir."""
-    import numpy as np
-
-    from radforge import storage
-
-    info = json.loads(storage.read_bytes(storage.join(url, INDEX_JSON)))
-    if info.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{url}: not a {INDEX_FORMAT} index")
-    emb = np.load(io.BytesIO(storage.read_bytes(storage.join(url, INDEX_EMBEDDINGS))), allow_pickle=False)
-    if emb.shape[0] != len(info["keys"]):
-        raise ValueError(f"{url}: embeddings and keys disagree")
-    return emb.astype(np.float32, copy=False), list(info["keys"])

@@ -67,6 +67,14 @@ def _bench(a) -> int:
     return 0
 
 
+def _index(a) -> int:
+    from radforge import serve
+
+    info = serve.build_index(a.model, a.shards, a.out, split=a.split, progress=not a.no_progress)
+    print(f"index of {info['n']} {info['image']} samples ({info['split']}, model {info['model_id']}) written to {info['out']}")
+    return 0
+
+
 def _build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="radforge", description="CT and X-ray DICOM corpora → foundation models")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -92,7 +100,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_inspect)
 
     s = sub.add_parser("bench", help="benchmarks, printed as ratios measured side by side")
-    s.add_argument("what", choices=["ingest"])
+    s.add_argument("what", choices=["ingest", "serve"])
     s.add_argument("--json", action="store_true")
     s.add_argument("--workdir", help="where the generated corpus goes (default: a temp dir)")
     s.add_argument("--series", type=int, default=4, help="CT series in the generated corpus")
@@ -100,11 +108,19 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=512, help="rows = columns of each slice")
     s.add_argument("--syntax", default="rle", choices=["explicit", "rle", "jpegls", "j2k"], help="transfer syntax of the corpus")
     s.set_defaults(fn=_bench)
+
+    s = sub.add_parser("index", help="embeddings of a split's samples → a retrieval index for the serve app (/v1/retrieve)")
+    s.add_argument("model", metavar="MODEL", help="exported model directory URL")
+    s.add_argument("shards", metavar="SHARDS", help="shard set (directory URL holding manifest.json)")
+    s.add_argument("out", metavar="OUT", help="where the index goes (embeddings.npy + index.json; any fsspec URL)")
+    s.add_argument("--split", default="test", help="split to index (default: test)")
+    s.add_argument("--no-progress", action="store_true", help="no progress bar")
+    s.set_defaults(fn=_index)
     return p
 
 
 # The frozen CLI surface (tests compare against it): sub-command → its options.
-COMMANDS = ("ingest", "inspect", "bench")
+COMMANDS = ("ingest", "inspect", "bench", "index")
 
 
 def main(argv: list[str] | None = None) -> int:

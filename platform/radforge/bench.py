@@ -65,6 +65,8 @@ class _PeakRSS:
 def run(what: str, *, workdir: str | None = None, series: int = 4, slices: int = 64, size: int = 512, syntax: str = "rle") -> dict:
     if what == "serve":
         return bench_serve(workdir=workdir)
+    if what == "stream":
+        return bench_stream(workdir=workdir, series=series, slices=slices, size=size, syntax=syntax)
     if what != "ingest":
         raise ValueError(f"unknown benchmark {what!r}")
     return bench_ingest(workdir=workdir, series=series, slices=slices, size=size, syntax=syntax)
@@ -143,6 +145,8 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
 def format_result(r: dict) -> str:
     if r["benchmark"] == "serve":
         return format_serve(r)
+    if r["benchmark"] == "stream":
+        return format_stream(r)
     lines = [f"radforge bench {r['benchmark']}", "=" * 24]
     c = r["corpus"]
     lines.append(f"corpus: {c['series']} CT series, {c['slices']} slices of {c['size']}², {c['transfer_syntax']}, {c['source_mb']} MB")
@@ -159,6 +163,225 @@ def format_result(r: dict) -> str:
     for k, v in r["peak_rss_mb"].items():
         lines.append(f"  {k:<22}{v:>8} MB")
     lines.append("stage seconds: " + "; ".join(f"{k}: {v}" for k, v in r["stages_s"].items()))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# radforge bench stream
+# ---------------------------------------------------------------------------------------------
+#
+# Side by side in one run, all reading from one moto S3 server on 127.0.0.1 started here:
+#
+#   loader     radforge.loader (train mode, sha256 verified, num_workers=0) → model views
+#   tar_read   the same shard bytes read and split into tar members (tarfile), nothing else:
+#              the floor any shard reader pays. Target loader ≥ 0.8 × tar_read (MB/s).
+#   raw_dicom  a torch Dataset that reads the same series' DICOM files from the same endpoint
+#              and assembles them with pydicom (sorted by position, HU). Target loader ≥ 10 ×
+#              raw_dicom (volumes/s).
+#
+# Each side runs `passes` times over all the data; the best pass counts (least disturbed by other
+# load on the machine).
+
+_BENCH_AWS_ENV = {
+    "AWS_ACCESS_KEY_ID": "bench",
+    "AWS_SECRET_ACCESS_KEY": "bench",
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_ENDPOINT_URL_S3": None,
+    "AWS_SESSION_TOKEN": None,
+    "AWS_PROFILE": None,
+    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": None,
+}
+
+
+class _MotoS3:
+    """moto's S3 server on 127.0.0.1 with the standard AWS env pointing at it (restored after)."""
+
+    def __enter__(self):
+        import logging
+
+        from moto.server import ThreadedMotoServer
+
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)
+        self.server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.server.start()
+        host, port = self.server.get_host_and_port()
+        env = dict(_BENCH_AWS_ENV, AWS_ENDPOINT_URL=f"http://{host}:{port}")
+        self.saved = {k: os.environ.get(k) for k in env}
+        self._apply(env)
+        import boto3
+
+        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="bench")
+        return "s3://bench"
+
+    @staticmethod
+    def _apply(env):
+        import fsspec
+
+        from radforge import storage
+
+        for k, v in env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        storage.clear_cache()
+        for cls in list(fsspec.registry.values()):
+            cls.clear_instance_cache()
+
+    def __exit__(self, *exc):
+        self._apply(self.saved)
+        self.server.stop()
+
+
+def _raw_dicom_dataset(series_urls: list[list[str]]):
+    """The baseline: what a training script without ingest does, one series per item."""
+    import io
+
+    import numpy as np
+    import pydicom
+    import torch.utils.data as tud
+
+    from radforge import storage
+
+    class RawDicomSeries(tud.Dataset):
+        def __len__(self):
+            return len(series_urls)
+
+        def __getitem__(self, i):
+            slices = []
+            for url in series_urls[i]:
+                ds = pydicom.dcmread(io.BytesIO(storage.read_bytes(url)))
+                normal = np.cross(*np.reshape(np.asarray(ds.ImageOrientationPatient, float), (2, 3)))
+                pos = float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float)))
+                hu = ds.pixel_array.astype(np.float32) * float(getattr(ds, "RescaleSlope", 1)) + float(getattr(ds, "RescaleIntercept", 0))
+                slices.append((pos, hu))
+            slices.sort(key=lambda t: t[0])
+            return np.stack([h for _, h in slices]).clip(-1024, 32767).astype(np.int16)
+
+    return RawDicomSeries()
+
+
+def bench_stream(*, workdir: str | None, series: int, slices: int, size: int, syntax: str, passes: int = 3) -> dict:
+    import io
+    import itertools
+    import tarfile
+
+    import ray
+    import torch.utils.data as tud
+
+    from radforge import config, ingest, loader, phantoms, shardspec, storage
+    from radforge.config import DataConfig, IngestRecipe, ViewConfig
+
+    own = workdir is None
+    root = workdir or tempfile.mkdtemp(prefix="radforge-bench-")
+    try:
+        corpus = os.path.join(root, "corpus")
+        if not os.path.isdir(corpus):
+            phantoms.ct_slices_corpus(corpus, n_series=series, n_slices=slices, rows=size, cols=size, transfer_syntax=SYNTAXES[syntax])
+        files = [p for p, _ in storage.find_files(corpus)]
+        with _MotoS3() as bucket:
+            # The same DICOM bytes on the same endpoint, for the baseline.
+            by_series: dict[str, list[str]] = {}
+            for f in files:
+                rel = os.path.relpath(f, corpus)
+                url = storage.join(bucket, "dicom", rel)
+                storage.put_file_atomic(f, url)
+                by_series.setdefault(rel.split(os.sep)[0], []).append(url)
+            dicom_mb = sum(os.path.getsize(f) for f in files) / 1e6
+
+            dest = storage.join(bucket, "shards")
+            recipe = config.load(IngestRecipe, None, ["deid.demo_key=true", "shards.target_mb=1", "splits={train: 1.0}"])
+            ray.shutdown()
+            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+            try:
+                manifest = ingest.run(corpus, dest, recipe, progress=False).manifest
+            finally:
+                ray.shutdown()
+            n_vol = manifest["totals"]["samples"]
+            shard_mb = manifest["totals"]["bytes"] / 1e6
+            urls = [storage.join(dest, s["path"]) for s in manifest["shards"]]
+
+            def timed(fn):
+                best = float("inf")
+                for _ in range(passes):
+                    t = time.perf_counter()
+                    fn()
+                    best = min(best, time.perf_counter() - t)
+                return best
+
+            def tar_read():
+                for u in urls:
+                    with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(u)), mode="r|") as tf:
+                        for m in tf:
+                            tf.extractfile(m).read()
+
+            view = ViewConfig()
+
+            def make_pass(verify: bool):
+                data = DataConfig(shards=dest, image="ct", num_workers=0, shuffle_buffer=8, verify_sha256=verify)
+                ld = loader.build_loader(data, view, split="train", batch_size=1, seed=0)
+                stream = iter(ld)
+
+                def one_pass():
+                    for _ in itertools.islice(stream, ld.batches_per_epoch):
+                        pass
+
+                return ld, one_pass
+
+            ld, loader_pass = make_pass(True)
+            ld_nov, loader_nov_pass = make_pass(False)
+            per_pass = ld.batches_per_epoch
+
+            raw = tud.DataLoader(_raw_dicom_dataset(list(by_series.values())), batch_size=None, num_workers=0)
+
+            def raw_pass():
+                for _ in raw:
+                    pass
+
+            tar_s = timed(tar_read)
+            loader_s = timed(loader_pass)
+            loader_nov_s = timed(loader_nov_pass)
+            raw_s = timed(raw_pass)
+            m = ld.metrics()
+        loader_mb = m.get("bytes_read", 0) / 1e6 / passes  # shard bytes the loader fetched per pass
+        return {
+            "benchmark": "stream",
+            "corpus": {"series": series, "slices": len(files), "size": size, "transfer_syntax": syntax, "source_mb": round(dicom_mb, 1),
+                       "shards": len(urls), "shard_mb": round(shard_mb, 1), "volumes": n_vol},
+            "volumes_per_s": {"loader": round(per_pass / loader_s, 2), "loader_no_sha256": round(per_pass / loader_nov_s, 2), "raw_dicom": round(len(by_series) / raw_s, 2),
+                              "tar_read": round(n_vol / tar_s, 2)},
+            "mb_per_s": {"loader (shard bytes)": round(loader_mb / loader_s, 1), "loader_no_sha256": round(loader_mb / loader_nov_s, 1), "tar_read (shard bytes)": round(shard_mb / tar_s, 1),
+                         "raw_dicom (DICOM bytes)": round(dicom_mb / raw_s, 1)},
+            "ratios": {"loader / raw_dicom (volumes/s)": round((per_pass / loader_s) / (len(by_series) / raw_s), 2),
+                       "loader / tar_read (MB/s)": round((loader_mb / loader_s) / (shard_mb / tar_s), 3)},
+            "targets": {"loader / raw_dicom (volumes/s)": 10.0, "loader / tar_read (MB/s)": 0.8},
+            "loader": {"input_shape": list(ld.input_shape), "batches_per_pass": per_pass, "data_wait_s": round(m["data_wait_s"], 2),
+                       "skipped_samples": m["skipped_samples"], "bad_shards": m["bad_shards"], "passes": passes},
+        }
+    finally:
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def format_stream(r: dict) -> str:
+    c = r["corpus"]
+    lines = ["radforge bench stream", "=" * 24,
+             f"corpus: {c['series']} CT series, {c['slices']} slices of {c['size']}², {c['transfer_syntax']}, {c['source_mb']} MB DICOM "
+             f"→ {c['volumes']} volumes in {c['shards']} shard(s), {c['shard_mb']} MB; all read from S3 (moto, 127.0.0.1)", ""]
+    lines.append("volumes/s")
+    lines += [f"  {k:<26}{v:>10.2f}" for k, v in r["volumes_per_s"].items()]
+    lines.append("MB/s")
+    lines += [f"  {k:<26}{v:>10.1f}" for k, v in r["mb_per_s"].items()]
+    lines.append("ratios (target)")
+    for k, v in r["ratios"].items():
+        tgt = r["targets"].get(k)
+        lines.append(f"  {k:<34}{v:>8.3f}  (target ≥ {tgt}: {'met' if v >= tgt else 'NOT met'})")
+    lo = r["loader"]
+    lines.append(f"loader: input {lo['input_shape']}, {lo['batches_per_pass']} batches/pass, best of {lo['passes']} passes, "
+                 f"skipped {lo['skipped_samples']}, bad shards {lo['bad_shards']}")
     return "\n".join(lines)
 
 

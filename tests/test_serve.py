@@ -76,6 +76,7 @@ def files(tmp_path_factory):
     shards = write_shards(root / "shards", other_bytes, json.loads((Path(xr_model) / checkpoint.MODEL_JSON).read_text())["profile"])
     serve_mod.build_index(xr_model, shards, str(root / "index"), split="test", batch_size=2)
     return {
+        "shards": shards,
         "others": other_bytes,
         "index": str(root / "index"),
         "xray": Path(xr.path).read_bytes(),
@@ -345,3 +346,23 @@ def test_no_phi_in_responses_or_serve_logs(server, files):
     assert any("serve" in p.parts for p in serve_logs)
     hits = [p.name for p in serve_logs if PHI in p.read_bytes()]
     assert hits == []
+
+
+def test_index_command(files, tmp_path, capsys):
+    from radforge import cli
+
+    assert cli.main(["index", files["xr_model"], files["shards"], str(tmp_path / "ix"), "--no-progress"]) == 0
+    assert "index of 3 xray samples" in capsys.readouterr().out
+    emb, keys = serve_mod.load_index(str(tmp_path / "ix"))
+    assert emb.shape == (3, 32) and keys == [key(i) for i in range(3)]
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+    # Shards made with another preprocessing profile are refused (exit 2, one line, no work).
+    import shutil
+
+    other = tmp_path / "other-shards"
+    shutil.copytree(files["shards"], other)
+    m = json.loads((other / shardspec.MANIFEST).read_text())
+    m["profile"]["profile_id"] = "0123456789ab"
+    (other / shardspec.MANIFEST).write_text(json.dumps(m))
+    assert cli.main(["index", files["xr_model"], str(other), str(tmp_path / "iy"), "--no-progress"]) == 2
+    assert "profile" in capsys.readouterr().err and not (tmp_path / "iy").exists()

@@ -267,7 +267,7 @@ def ingested(tmp_path_factory, ray_cluster):
 
     root = tmp_path_factory.mktemp("ingest")
     dicom = root / "corpus"
-    phantoms.ct_slices_corpus(dicom, n_series=3, n_slices=10, rows=48, cols=48)  # small: the fixture is timed
+    phantoms.ct_slices_corpus(dicom, n_series=2, n_slices=10, rows=48, cols=48)  # small: the fixture is timed
     for i in range(2):
         phantoms.xray(dicom / f"xr{i}.dcm", phantoms.make_study(phantoms.make_patient(10 + i), 1), rows=64, cols=80)
     recipe = config.load(IngestRecipe, None, ["deid.demo_key=true", "shards.target_mb=0.05",

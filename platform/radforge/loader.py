@@ -365,7 +365,6 @@ class _EpochDataset:
         start = done_batches * lay.batch_size
         quota = None if self.quota is None else self.quota - done_batches
         order = plan.order
-        consumed = set(order[:start])
         todo = order[start:] if quota is None else order[start : start + quota * lay.batch_size]
         needed = set(todo)
         counters = _Counters()
@@ -391,13 +390,11 @@ class _EpochDataset:
                         ahead = pool.submit(_fetch_shard, todo_shards[n + 1][0], **fetch_kw)
                     yield from _shard_samples(s, wanted, self.modalities, fetched, counters)
 
-        del consumed
         reader = raw()
         held: dict[int, dict | None] = {}
         last_good: tuple[int, dict] | None = None
         owed = 0
         batch: list[dict] = []
-        emitted = 0
 
         def fetch(slot: int) -> dict | None:
             while slot not in held:
@@ -421,14 +418,13 @@ class _EpochDataset:
                 return None
 
         def flush(out: dict):
-            nonlocal batch, emitted
+            nonlocal batch
             batch.append(out)
             if len(batch) == lay.batch_size:
                 b = _collate(batch)
                 b["_stats"] = dict(counters)
                 counters.clear()
                 batch = []
-                emitted += 1
                 return b
             return None
 
@@ -522,6 +518,11 @@ class StreamingLoader:
             raise ConfigError(
                 f"split {split!r} has {self._total} {data.image} samples: too few for {world_size} rank(s) × "
                 f"{self._layout.workers} worker(s) × batch {batch_size} (lower data.num_workers or the batch size)")
+        used = self.batches_per_epoch * batch_size * world_size if train else self._total
+        if used < 0.75 * self._total:
+            log.warning("split %s: %d of %d samples per epoch fit equal batches on every stream; the rest are left out "
+                        "each epoch (too few or too uneven shards per rank × worker: smaller shards.target_mb helps)",
+                        split, used, self._total)
         if len(shards) < self._layout.streams:
             log.warning("split %s has %d shard(s) for %d streams (ranks × workers): every stream reads every shard "
                         "and keeps 1/%d of the samples", split, len(shards), self._layout.streams, self._layout.streams)
@@ -628,7 +629,9 @@ class StreamingLoader:
             "seed": self.seed,
             "epoch": self._epoch,
             "batches": self._batch,
-            "samples": self._batch * self._layout.batch_size * self._layout.world_size,
+            # Samples of this epoch consumed by all ranks together, over every layout it ran with.
+            "samples": sum(s["batches"] * s["batch_size"] * s["world_size"] for s in self._segments)
+            + self._batch * self._layout.batch_size * self._layout.world_size,
             "layout": self._layout.as_dict(),
             "segments": [dict(s) for s in self._segments],
         }

@@ -351,3 +351,15 @@ def test_crop_or_pad_and_flip_pieces():
     assert T.RandFlip(1.0)(x, None).tolist() == x.tolist()
     assert np.allclose(T.NormalizeIntensity(1.0, 2.0)(np.array([1.0, 3.0])), [0.0, 1.0])
     assert T.ResizeShortest(32).output_hw(64, 128) == (32, 64)
+
+
+def test_model_view_resamples_from_stored_spacing():
+    view = ViewConfig(ct_size=(4, 8, 8), ct_spacing_mm=(3.0, 3.0, 3.0), ct_windows=[(0.0, 2000.0)])
+    mv = T.ModelView(view, "ct")
+    vol = np.full((4, 16, 16), 500, np.int16)  # 3 x 1.5 x 1.5 mm → 4 x 8 x 8 at 3 mm
+    out = mv(vol, {"spacing_mm": [3.0, 1.5, 1.5]})
+    assert out.shape == (1, 4, 8, 8) and np.allclose(out, 0.75)  # no air padding needed: resampled to fit
+    same = mv(vol[:, :8, :8], {"spacing_mm": [3.0, 3.0, 3.0]})
+    assert np.allclose(same, 0.75)
+    with pytest.raises(ValueError, match="spacing_mm"):
+        mv(vol, {})

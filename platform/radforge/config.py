@@ -193,6 +193,9 @@ class ViewConfig:
     xray_std: float = 0.25
     rand_crop: bool = True  # training: random crop position (evaluation/serving: centre)
     rand_flip: bool = False  # training: random left-right flip (off: laterality is anatomy)
+    # CT: resample to this voxel spacing (z, y, x mm) at load time, from each sample's stored
+    # spacing_mm; null = use the shards' spacing as stored (the ingest profile's, usually right).
+    ct_spacing_mm: tuple[float, float, float] | None = None
 
     def __post_init__(self):
         if not self.ct_windows:
@@ -202,6 +205,9 @@ class ViewConfig:
                 raise ConfigError(f"view.ct_windows: width must be > 0, got {width!r}")
         _positive("view.ct_size", self.ct_size, n=3)
         self.ct_size = tuple(int(v) for v in self.ct_size)
+        if self.ct_spacing_mm is not None:
+            _positive("view.ct_spacing_mm", self.ct_spacing_mm, n=3)
+            self.ct_spacing_mm = tuple(float(v) for v in self.ct_spacing_mm)
         if self.xray_size < 16:
             raise ConfigError("view.xray_size must be >= 16")
         if not self.xray_std > 0:

@@ -655,9 +655,11 @@ class ModelView:
         ``view.xray_size`` → centre/random square crop → optional flip → ``(x - mean) / std`` →
         ``[1, s, s]``.
 
-    The crop is taken in stored voxels: the shards are already at the profile spacing (the
-    manifest's ``profile``), so a fixed voxel size is a fixed physical field of view; the loader
-    refuses nothing here, serving converts DICOM with the same profile before calling the view.
+    Spacing: the crop is taken in voxels. Shards are stored at the ingest profile's spacing, so by
+    default a fixed voxel size is a fixed physical field of view. With ``view.ct_spacing_mm`` set,
+    the volume is first resampled (`Resample`, trilinear) from the sample's stored
+    ``meta["spacing_mm"]`` to that spacing (a sample without it is an error), so one model view
+    can consume shard sets made with different profiles.
 
     Deterministic when ``rng`` is None (evaluation, serving). Holds no state between calls, so
     one instance can be shared by DataLoader workers and serving replicas.
@@ -670,6 +672,8 @@ class ModelView:
         if image == "ct":
             self._crop = RandCropOrPad(view.ct_size, pad_value=HU_MIN)
             self._window = WindowHU(view.ct_windows)
+            spacing = getattr(view, "ct_spacing_mm", None)
+            self._resample = Resample(spacing) if spacing is not None else None
         else:
             self._resize = ResizeShortest(view.xray_size)
             self._crop = RandCropOrPad((view.xray_size, view.xray_size), pad_value=0.0)
@@ -692,6 +696,12 @@ class ModelView:
         if self.image == "ct":
             if array.ndim != 3:
                 raise ValueError(f"CT view expects a volume [z, y, x], got shape {array.shape}")
+            if self.view.ct_spacing_mm is not None:
+                spacing = (meta or {}).get("spacing_mm")
+                if not spacing or len(spacing) != 3:
+                    raise ValueError("view.ct_spacing_mm needs the sample's stored spacing_mm")
+                affine = np.diag([float(spacing[2]), float(spacing[1]), float(spacing[0]), 1.0])
+                array, _ = self._resample(array, affine)
             x = self._crop(array, crop_rng)
             x = self._flip(x, rng)
             return self._window(x)

@@ -39,6 +39,16 @@ from radforge.errors import ConfigError
 
 log = logging.getLogger("radforge.ingest")
 
+# Granularity. A Ray Data task costs ~10-20 ms of fixed overhead (scheduling, block
+# (de)serialisation, stats) and a header scan ~1 ms per file, so a scan task of 128 files keeps
+# that overhead near 10% while 1,000 files still make 8 tasks for 2 CPUs (batches of 16 were
+# ~60% overhead). Shuffle partitions scale with the data (and never fall below the CPU count):
+# each partition is one reduce task plus one block, so ∝-files partitioning made small and
+# medium runs pay for hundreds of near-empty tasks.
+SCAN_BATCH = 128
+PLAN_ROWS_PER_PARTITION = 50_000  # index rows (~1 KB each) per plan partition: ~50 MB per task
+INDEX_PART_ROWS = 250_000  # rows per private index parquet part (parallel re-read at scale)
+
 ITEM_SCHEMA = pa.schema(
     [
         ("kind", pa.string()),  # "ct" | "xray" | "none" (a disposition: rejected/skipped files)
@@ -128,17 +138,22 @@ def run(
     # The driver consumes index batches (not files) to write the private index and drive the bar.
     t = time.time()
     index_url = storage.join(private, "index")
-    seen = _write_index(_list(source).map_batches(_scan_batch, batch_size=16, batch_format="pyarrow"), index_url, progress)
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    scanned = _list(source).map_batches(_scan_batch, batch_size=SCAN_BATCH, batch_format="pyarrow")
+    seen, parts = _write_index(scanned, index_url, progress)
     stage["scan"] = time.time() - t
     if seen == 0:
         raise ConfigError(f"SOURCE has no files: {source}")
-    pafs, ppath = storage.pyarrow_filesystem(index_url)
-    index = ray.data.read_parquet(ppath, filesystem=pafs)
+    # One task per part reads it with pyarrow: ray.data.read_parquet costs ~1 s of fixed set-up
+    # (metadata prefetch, schema resolution) per call, longer than planning a thousand files.
+    index = ray.data.from_items([{"part": u} for u in parts], override_num_blocks=len(parts)).map_batches(
+        _read_index_parts, batch_size=1, batch_format="pyarrow"
+    )
 
     # -- plan --------------------------------------------------------------------------------
     t = time.time()
     items = (
-        index.groupby("group_key", num_partitions=_partitions(seen // 64))
+        index.groupby("group_key", num_partitions=_partitions(max(cpus, math.ceil(seen / PLAN_ROWS_PER_PARTITION))))
         .map_groups(_plan_batch, batch_format="pyarrow", fn_kwargs={"recipe_d": recipe_d, "secret": secret})
         .materialize()
     )
@@ -255,30 +270,60 @@ def _list(source: str):
 
 
 def _partitions(n: int) -> int:
-    """Hash-shuffle partitions: enough for parallelism, few enough that tiny runs stay quick."""
+    """Shuffle partitions: enough for parallelism, few enough that tiny runs stay quick."""
     return max(1, min(200, n))
 
 
-def _write_index(files_with_headers, index_url: str, progress: bool) -> int:
-    """Stream index batches into one parquet file in the private location; returns rows written."""
+def _write_index(files_with_headers, index_url: str, progress: bool) -> tuple[int, list[str]]:
+    """Stream index batches into parquet parts in the private location → (rows, part URLs).
+
+    Parts of INDEX_PART_ROWS rows, each uploaded as soon as it is full: the driver holds one
+    batch and one local part at a time, and the plan stage re-reads the parts in parallel.
+    """
     import pyarrow.parquet as pq
 
     storage.remove(index_url, recursive=True) if storage.exists(index_url) else None
     storage.makedirs(index_url)
     bar = _bar(progress, None, "files", "scan headers")
     seen = 0
+    part_rows = 0
+    parts: list[str] = []
+    writer = None
     with tempfile.TemporaryDirectory(prefix="radforge-index-") as tmp:
         local = os.path.join(tmp, "index.parquet")
-        with pq.ParquetWriter(local, dicom.INDEX_SCHEMA) as writer:
-            for batch in files_with_headers.iter_batches(batch_format="pyarrow", batch_size=None):
-                writer.write_table(batch.cast(dicom.INDEX_SCHEMA))
-                seen += batch.num_rows
-                if bar is not None:
-                    bar.update(batch.num_rows)
+
+        def close_part() -> None:
+            nonlocal writer, part_rows
+            writer.close()
+            parts.append(storage.join(index_url, f"index-{len(parts):05d}.parquet"))
+            storage.put_file_atomic(local, parts[-1])
+            writer, part_rows = None, 0
+
+        for batch in files_with_headers.iter_batches(batch_format="pyarrow", batch_size=None):
+            if writer is None:
+                writer = pq.ParquetWriter(local, dicom.INDEX_SCHEMA)
+            writer.write_table(batch.cast(dicom.INDEX_SCHEMA))
+            seen += batch.num_rows
+            part_rows += batch.num_rows
+            if part_rows >= INDEX_PART_ROWS:
+                close_part()
+            if bar is not None:
+                bar.update(batch.num_rows)
+        if writer is not None:
+            close_part()
         if bar is not None:
             bar.close()
-        storage.put_file_atomic(local, storage.join(index_url, "index.parquet"))
-    return seen
+    return seen, parts
+
+
+def _read_index_parts(batch: pa.Table):
+    """Index part URLs → their rows, one row group at a time (bounded task memory)."""
+    import pyarrow.parquet as pq
+
+    for url in batch.column("part").to_pylist():
+        with storage.open_input(url) as f:
+            for rg in pq.ParquetFile(f).iter_batches(batch_size=PLAN_ROWS_PER_PARTITION):
+                yield pa.Table.from_batches([rg])
 
 
 def _scan_batch(batch: pa.Table) -> pa.Table:

@@ -81,6 +81,8 @@ JOB_ARGS       ?=
 # New Ray heads turn token auth on (token in ~/.ray/auth_token); clients must send it too.
 export RAY_AUTH_MODE ?= token
 url = $(if $(findstring ://,$(1)),$(1),$(abspath $(1)))
+# True when head.pid names our `ray start` (a stale file's pid may belong to anything else now).
+head_alive = test -f $(RAY_TMP)/head.pid && ps -o args= -p $$(cat $(RAY_TMP)/head.pid) 2>/dev/null | grep -q -- '--temp-dir=$(RAY_TMP)'
 need = $(if $($(1)),,$(error $(1)= is required, e.g. make $@ $(1)=$(2)))
 
 # A Ray head on this machine, in the background, with the venv's python first on PATH (job
@@ -90,7 +92,7 @@ cluster-local:
 	@test -x $(RAY) || { echo "no $(RAY): run make setup first"; exit 2; }
 	@mkdir -p $(RAY_TMP)
 	@$(RAY) get-auth-token --generate > /dev/null  # creates ~/.ray/auth_token only if there is none
-	@if test -f $(RAY_TMP)/head.pid && kill -0 $$(cat $(RAY_TMP)/head.pid) 2>/dev/null; then \
+	@if $(head_alive); then \
 	  echo "a head is already running (pid $$(cat $(RAY_TMP)/head.pid)); make stop first"; exit 2; fi
 	PATH=$(abspath $(VENV))/bin:$$PATH RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 setsid nohup $(RAY) start --head --block --disable-usage-stats \
 	  --port=$(RAY_PORT) --dashboard-port=$(DASHBOARD_PORT) --include-dashboard=true \
@@ -125,17 +127,21 @@ deploy:
 	  $(SERVE_CONFIG) $(call url,$(MODEL)) $(SERVE_HOST) $(SERVE_PORT) > $(RAY_TMP)/serve-config.yaml
 	$(SERVE) deploy --address $(RAY_ADDRESS) $(RAY_TMP)/serve-config.yaml
 
+# One line per job (`ray job list` prints every failed job's whole log), then Serve's status.
 status:
-	$(RAY) job list --address $(RAY_ADDRESS)
-	$(SERVE) status --address $(RAY_ADDRESS)
+	@$(PY) -c 'import sys; from ray.job_submission import JobSubmissionClient as C; \
+	  [print(j.submission_id, j.status.value, j.entrypoint[:110]) for j in sorted(C(sys.argv[1]).list_jobs(), key=lambda j: j.start_time or 0)]' \
+	  $(RAY_ADDRESS)
+	@$(SERVE) status --address $(RAY_ADDRESS)
 
 # Serve down, then the head cluster-local started (if any): SIGTERM to its `ray start --block`,
 # which takes its gcs/raylet/workers with it.
 stop:
 	-$(SERVE) shutdown --yes --address $(RAY_ADDRESS)
-	@if test -f $(RAY_TMP)/head.pid; then pid=$$(cat $(RAY_TMP)/head.pid); \
-	  kill -TERM $$pid 2>/dev/null; for i in $$(seq 30); do kill -0 $$pid 2>/dev/null || break; sleep 1; done; \
-	  rm -f $(RAY_TMP)/head.pid; echo "stopped the local Ray head (pid $$pid)"; fi
+	@if $(head_alive); then pid=$$(cat $(RAY_TMP)/head.pid); \
+	  kill -TERM $$pid; for i in $$(seq 30); do kill -0 $$pid 2>/dev/null || break; sleep 1; done; \
+	  rm -f $(RAY_TMP)/head.pid; echo "stopped the local Ray head (pid $$pid)"; \
+	  else rm -f $(RAY_TMP)/head.pid; fi
 
 # Container images (cluster/Dockerfile): the names the manifests in cluster/ use.
 image-cpu:

@@ -17,6 +17,7 @@ import json
 import os
 import re
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -339,6 +340,8 @@ def test_job_entrypoints_agree_with_jobs_and_makefile():
                      + re.escape(str(ROOT / "var/x")), dry)
     m = re.search(r"ray job submit .*-- +python -m jobs\.train --recipe (\S+)", dry)
     assert m and (ROOT / m.group(1)).is_file()
+    missing = subprocess.run(["make", "-n", "submit-ingest", "DEST=x"], cwd=ROOT, capture_output=True, text=True)
+    assert missing.returncode != 0 and "SOURCE= is required" in missing.stderr
 
 
 def _serve_configs() -> list[dict]:
@@ -370,6 +373,21 @@ def test_serve_import_path_resolves_and_accepts_the_args():
             builder = getattr(importlib.import_module(module), attr)
             assert callable(builder)
             assert isinstance(builder(app["args"]), serve.Application)
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
+def test_kustomize_renames_every_image(tmp_path):
+    """cluster/README.md's way to use another registry: a kustomize `images:` entry (offline)."""
+    names = [p.name for p in sorted(KUBERAY.glob("*.yaml"))]
+    for n in names:
+        shutil.copy(KUBERAY / n, tmp_path / n)
+    (tmp_path / "kustomization.yaml").write_text(yaml.safe_dump({
+        "resources": names, "images": [{"name": "ghcr.io/radforge/radforge", "newName": "registry.example.com/ml/radforge"}]}))
+    out = subprocess.run(["kubectl", "kustomize", str(tmp_path)], capture_output=True, text=True, timeout=60, check=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert sorted(d["kind"] for d in docs) == ["RayCluster", "RayJob", "RayJob", "RayService"]
+    images = {c["image"] for d in docs for _, c in _all_containers(d)}
+    assert images and all(i.startswith("registry.example.com/ml/radforge:") for i in images)
 
 
 def test_rayignore_keeps_uploads_small():

@@ -322,3 +322,19 @@ def test_clip_all_gather_two_processes_matches_single(tmp_path, tokenizer):
     for p, g in zip(clip.parameters(), got["grads"]):
         assert g.abs().sum() > 0 or p.grad.abs().sum() == 0
         assert torch.allclose(p.grad, g, atol=1e-5), "gathered negatives must carry gradients back to their rank"
+
+
+def test_sample_sentences_keeps_true_statements():
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    report = "No pleural effusion. Heart size is normal. A solid pulmonary nodule is present."
+    sentences = {"No pleural effusion.", "Heart size is normal.", "A solid pulmonary nodule is present."}
+    seen = set()
+    for _ in range(50):
+        out = text_mod.sample_sentences(report, rng)
+        parts = {p.strip() + "." for p in out.split(".") if p.strip()}
+        assert parts and parts <= sentences and len(out.split(".")) - 1 == len(parts)
+        seen.add(len(parts))
+    assert seen == {1, 2, 3}
+    assert text_mod.sample_sentences("", rng) == ""

@@ -97,6 +97,19 @@ def train_tokenizer(texts: Iterable[str], cfg: TextConfig) -> Tokenizer:
     return Tokenizer(tok, cfg.max_len)
 
 
+def sample_sentences(text: str, rng) -> str:
+    """Training augmentation for report text (as in CXR-CLIP): a random non-empty subset of the
+    report's sentences, in random order. Each subset is still true of the image, and short
+    texts teach the tower to bind a finding to its polarity ("no effusion" vs "effusion is
+    present") instead of counting polarity words, which is what zero-shot prompts need.
+    `rng`: a numpy Generator. Sentences are split on '.', so abbreviations split too (harmless)."""
+    parts = [p.strip() + "." for p in text.split(".") if p.strip()]
+    if len(parts) <= 1:
+        return text
+    k = int(rng.integers(1, len(parts) + 1))
+    return " ".join(parts[i] for i in rng.permutation(len(parts))[:k])
+
+
 def _mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(x.dtype)[..., None]
     return (x * m).sum(1) / m.sum(1).clamp(min=1)

@@ -19,8 +19,13 @@ the manifest's per-shard modality counts give the number of slots without readin
 * Shuffle. Each stream's slot sequence is shuffled with webdataset's own shuffle-buffer stage
   (``data.shuffle_buffer``, seeded by seed/epoch/stream) run over slot numbers; the data side then
   reads the stream's shards sequentially (webdataset's ``tar_file_iterator`` + ``group_by_keys``
-  over ``radforge.storage.open_input``: no shell-outs, no local copy) and emits slots in that
-  order, holding at most about one buffer of raw samples.
+  over ``radforge.storage``: no shell-outs, no copy of the corpus) and emits slots in that order,
+  holding at most about one buffer of raw samples.
+* I/O. Remote shards are fetched whole (one GET) and sha256-checked (``data.verify_sha256``) on a
+  prefetch thread one shard ahead, so at most two shards per stream are in memory and download
+  overlaps decoding. A stream runs epoch after epoch in one DataLoader iteration: workers start
+  once and the prefetch crosses epoch boundaries. ``data.cache_dir`` keeps verified shards on
+  local disk (LRU by file mtime, bounded by ``data.cache_limit_gb``).
 * Equal batches. Every stream yields exactly ``Q = min over streams(slots // batch_size)``
   batches per epoch, so every rank yields ``batches_per_epoch = Q × workers`` (ZeRO's collectives
   hang on an uneven rank); surplus slots of larger streams are left for that epoch (they differ
@@ -58,6 +63,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import itertools
 import json
 import logging
 import os
@@ -201,8 +207,9 @@ class _Counters(dict):
 def _open_shard(shard: _Shard, *, verify: bool, cache_dir: str | None, cache_limit: float, counters: _Counters):
     """A readable file object for the shard, or None when it fails its sha256 check.
 
-    With verification the bytes are read once, hashed, and parsed from memory (a shard is read
-    whole anyway). The cache stores verified shards under their sha256, evicting least recently
+    Remote shards are fetched whole with one GET (on the stream's prefetch thread, so the next
+    shard downloads while this one is decoded), hashed when verifying, and parsed from memory; a
+    shard is read whole anyway, and one GET beats many buffered range reads. The cache stores verified shards under their sha256, evicting least recently
     used files beyond the size limit.
     """
     cached = None
@@ -216,8 +223,8 @@ def _open_shard(shard: _Shard, *, verify: bool, cache_dir: str | None, cache_lim
             return f
         except FileNotFoundError:
             pass
-    if not verify and not cached:
-        return storage.open_input(shard.url)
+    if not verify and not cached and storage.is_local(shard.url):
+        return storage.open_input(shard.url)  # the OS page cache streams local files
     # One GET for the whole object, then hash (~2 GB/s): measured faster than hashing ranged
     # chunks while they download. This runs on the stream's prefetch thread, overlapped with the
     # previous shard's parsing and decoding.
@@ -337,11 +344,12 @@ def _collate(samples: list[dict]) -> dict:
     }
 
 
-class _EpochDataset:
-    """What one epoch segment needs, picklable to DataLoader workers."""
+class _RankStream:
+    """Everything a rank's streams need, picklable to DataLoader workers. A stream runs epoch
+    after epoch without stopping (train), so the shard prefetch crosses epoch boundaries and
+    DataLoader workers are started once, not once per epoch."""
 
-    def __init__(self, loader: "StreamingLoader", *, epoch: int, segment: int, remaining: np.ndarray,
-                 start_batch: int, quota: int | None):
+    def __init__(self, loader: "StreamingLoader", *, epoch: int, remaining: np.ndarray | None, start_batch: int):
         self.shards = loader._shards
         self.layout = loader._layout
         self.rank = loader.rank
@@ -351,58 +359,100 @@ class _EpochDataset:
         self.modalities = loader._modalities
         self.findings = loader.findings
         self.view = loader._view
-        self.epoch, self.segment, self.remaining = epoch, segment, remaining
-        self.start_batch, self.quota = start_batch, quota
+        self.total = loader._total
+        # The first epoch may be a re-planned remainder (segments) and may resume mid-way.
+        self.epoch0, self.segment0, self.remaining0 = epoch, len(loader._segments), remaining
+        self.start_batch = start_batch
+
+    def _work(self, epoch: int, worker: int) -> tuple[list[int], list[tuple[_Shard, set[int]]]]:
+        """(slots to emit in order, shards to read with their wanted ordinals) for one epoch."""
+        lay = self.layout
+        first = epoch == self.epoch0
+        remaining = self.remaining0 if first and self.remaining0 is not None else np.ones(self.total, dtype=bool)
+        segment = self.segment0 if first else 0
+        j = self.rank * lay.workers + worker
+        plans, _ = _plan(self.shards, remaining, lay, seed=self.seed, epoch=epoch, segment=segment, train=self.train,
+                         shuffle_buffer=self.data.shuffle_buffer, streams=[j])
+        plan = plans[j]
+        done = _worker_batches(self.start_batch, worker, lay.workers) if first else 0
+        start = done * lay.batch_size
+        if self.train:
+            counts = _stream_counts(self.shards, remaining, lay)
+            quota = min(counts) // lay.batch_size
+            todo = plan.order[start : quota * lay.batch_size]
+        else:
+            todo = plan.order[start:]
+        needed = set(todo)
+        by_index = {s.index: s for s in self.shards}
+        reads = []
+        for i in plan.shards:
+            s = by_index[i]
+            wanted = {o for o in range(s.slots) if s.offset + o in needed}
+            if wanted:
+                reads.append((s, wanted))
+        return todo, reads
 
     def stream(self, worker: int) -> Iterator[dict]:
-        """Batches of logical worker `worker` of this rank, from where the segment resumes."""
+        """Batches of logical worker `worker` of this rank: epoch after epoch (train) or one pass."""
+        from concurrent.futures import ThreadPoolExecutor
+
         lay = self.layout
-        j = self.rank * lay.workers + worker
-        plans, striding = _plan(self.shards, self.remaining, lay, seed=self.seed, epoch=self.epoch, segment=self.segment,
-                                train=self.train, shuffle_buffer=self.data.shuffle_buffer, streams=[j])
-        plan = plans[j]
-        done_batches = _worker_batches(self.start_batch, worker, lay.workers)
-        start = done_batches * lay.batch_size
-        quota = None if self.quota is None else self.quota - done_batches
-        order = plan.order
-        todo = order[start:] if quota is None else order[start : start + quota * lay.batch_size]
-        needed = set(todo)
         counters = _Counters()
-        by_index = {s.index: s for s in self.shards}
+        epochs = itertools.count(self.epoch0) if self.train else iter([self.epoch0])
+        todos: dict[int, list[int]] = {}  # epoch → slots to emit (popped by the emitter)
+        reads: dict[int, list] = {}  # epoch → shards to read (popped by the reader, which runs ahead)
+        generated: list[int] = []
 
-        def raw() -> Iterator[tuple[int, dict | None]]:
-            # The next shard is fetched (and sha256-verified) on a thread while this one is parsed,
-            # decoded and viewed, hiding object-store latency: at most two shards per stream in memory.
-            from concurrent.futures import ThreadPoolExecutor
+        def generate() -> bool:
+            """Plan the next epoch (both sides walk `generated` in order); False when none is left."""
+            try:
+                e = next(epochs)
+            except StopIteration:
+                return False
+            todos[e], reads[e] = self._work(e, worker)
+            generated.append(e)
+            return True
 
-            todo_shards = []
-            for i in plan.shards:
-                s = by_index[i]
-                wanted = {o for o in range(s.slots) if s.offset + o in needed}
-                if wanted:
-                    todo_shards.append((s, wanted))
-            fetch_kw = dict(verify=self.data.verify_sha256, cache_dir=self.data.cache_dir, cache_limit=self.data.cache_limit_gb * 1e9)
+        def raw() -> Iterator[tuple[tuple[int, int], dict | None]]:
+            # The next shard (possibly of the next epoch) is fetched and sha256-verified on a
+            # thread while this one is parsed, decoded and viewed: object-store latency is hidden
+            # and at most two shards per stream are in memory.
+            def shard_list():
+                i = 0
+                while i < len(generated) or generate():
+                    e = generated[i]
+                    for s, wanted in reads.pop(e):
+                        yield e, s, wanted
+                    i += 1
+
+            fetch_kw = dict(verify=self.data.verify_sha256, cache_dir=self.data.cache_dir,
+                            cache_limit=self.data.cache_limit_gb * 1e9)
+            shards = shard_list()
             with ThreadPoolExecutor(1, thread_name_prefix="radforge-prefetch") as pool:
-                ahead = pool.submit(_fetch_shard, todo_shards[0][0], **fetch_kw) if todo_shards else None
-                for n, (s, wanted) in enumerate(todo_shards):
+                cur = next(shards, None)
+                ahead = pool.submit(_fetch_shard, cur[1], **fetch_kw) if cur else None
+                while cur is not None:
                     fetched = ahead.result()
-                    if n + 1 < len(todo_shards):
-                        ahead = pool.submit(_fetch_shard, todo_shards[n + 1][0], **fetch_kw)
-                    yield from _shard_samples(s, wanted, self.modalities, fetched, counters)
+                    nxt = next(shards, None)
+                    if nxt is not None:
+                        ahead = pool.submit(_fetch_shard, nxt[1], **fetch_kw)
+                    e, s, wanted = cur
+                    for slot, sample in _shard_samples(s, wanted, self.modalities, fetched, counters):
+                        yield (e, slot), sample
+                    cur = nxt
 
         reader = raw()
-        held: dict[int, dict | None] = {}
+        held: dict[tuple[int, int], dict | None] = {}
         last_good: tuple[int, dict] | None = None
-        owed = 0
         batch: list[dict] = []
 
-        def fetch(slot: int) -> dict | None:
-            while slot not in held:
-                s, sample = next(reader)  # StopIteration here would be a planning bug
-                held[s] = sample
-            return held.pop(slot)
+        def fetch(key: tuple[int, int]) -> dict | None:
+            while key not in held:
+                k, sample = next(reader)  # StopIteration here would be a planning bug
+                held[k] = sample
+            return held.pop(key)
 
-        def make(slot: int, sample: dict, rng_key: list[int]) -> dict | None:
+        def make(sample: dict, rng_key: list[int]) -> dict | None:
             try:
                 array, meta, report = shardspec.decode_sample(sample)
                 if self.data.require_report and not (report or "").strip():
@@ -417,58 +467,66 @@ class _EpochDataset:
                 log.warning("sample %s skipped (%s)", sample.get("__key__", "?"), type(e).__name__)
                 return None
 
-        def flush(out: dict):
+        def emit(out: dict) -> dict | None:
             nonlocal batch
             batch.append(out)
-            if len(batch) == lay.batch_size:
-                b = _collate(batch)
-                b["_stats"] = dict(counters)
-                counters.clear()
-                batch = []
-                return b
-            return None
+            if len(batch) < lay.batch_size:
+                return None
+            b = _collate(batch)
+            b["_stats"] = dict(counters)
+            counters.clear()
+            batch = []
+            return b
 
-        for t, slot in enumerate(todo):
-            sample = fetch(slot)
-            out = make(slot, sample, [self.seed, self.epoch, slot]) if sample is not None else None
-            if sample is None:
-                counters.add("skipped:bad_shard")
-            if out is not None:
-                last_good = (slot, sample)
-                outs = [out]
-                for n in range(owed):  # slots that were bad before any good sample arrived
+        i = 0
+        while i < len(generated) or generate():
+            e = generated[i]
+            i += 1
+            todo = todos.pop(e)
+            first = e == self.epoch0
+            base = _worker_batches(self.start_batch, worker, lay.workers) * lay.batch_size if first else 0
+            owed = 0
+            for t, slot in enumerate(todo):
+                sample = fetch((e, slot))
+                out = make(sample, [self.seed, e, slot]) if sample is not None else None
+                if sample is None:
+                    counters.add("skipped:bad_shard")
+                if out is not None:
+                    last_good = (slot, sample)
+                    outs = [out]
+                    for n in range(owed):  # slots that were bad before any good sample arrived
+                        counters.add("substituted")
+                        outs.append(make(sample, [self.seed, e, slot, 1 + n, 1]))
+                    owed = 0
+                elif self.train:
+                    if last_good is None:
+                        owed += 1
+                        continue
                     counters.add("substituted")
-                    outs.append(make(slot, sample, [self.seed, self.epoch, slot, 1 + n, 1]))
-                owed = 0
-            elif self.train:
-                if last_good is None:
-                    owed += 1
+                    outs = [make(last_good[1], [self.seed, e, last_good[0], base + t, 2])]
+                else:
                     continue
-                counters.add("substituted")
-                outs = [make(last_good[0], last_good[1], [self.seed, self.epoch, last_good[0], start + t, 2])]
-            else:
-                continue
-            for o in outs:
-                if o is None:  # a repeat of a good sample cannot fail differently; be safe anyway
-                    raise LoaderError("a substitute sample failed to decode")
-                b = flush(o)
-                if b is not None:
-                    yield b
-        if owed:
-            raise LoaderError(f"rank {self.rank} worker {worker}: no readable sample among its {len(todo)} planned samples "
-                              "(every shard bad?); see the warnings above")
-        if batch and not self.train:
+                for o in outs:
+                    if o is None:  # a repeat of a good sample cannot fail differently; be safe anyway
+                        raise LoaderError("a substitute sample failed to decode")
+                    b = emit(o)
+                    if b is not None:
+                        yield b
+            if owed:
+                raise LoaderError(f"rank {self.rank} worker {worker}: no readable sample among its {len(todo)} planned "
+                                  f"samples of epoch {e} (every shard bad?); see the warnings above")
+        if batch:  # evaluation keeps the last partial batch
             b = _collate(batch)
             b["_stats"] = dict(counters)
             yield b
         elif counters:
-            yield {"_stats": dict(counters)}  # a stats-only item; the main loop does not count it as a batch
+            yield {"_stats": dict(counters)}  # stats only; the main loop does not count it as a batch
 
 
 class _StreamDataset(tud.IterableDataset):
-    """One epoch segment of one rank; each DataLoader worker runs one logical stream."""
+    """One rank's data; each DataLoader worker runs one logical stream."""
 
-    def __init__(self, ep: _EpochDataset, offset: int):
+    def __init__(self, ep: _RankStream, offset: int):
         self.ep, self.offset = ep, offset
 
     def __iter__(self):
@@ -574,38 +632,40 @@ class StreamingLoader:
     # -- iteration -------------------------------------------------------------------------
 
     def __iter__(self) -> Iterator[dict]:
+        """Batches from the current position on. One DataLoader iteration spans all epochs; the
+        epoch/batch position is kept here by counting (every epoch has exactly the planned number
+        of batches, a multiple of the worker count, so torch's round-robin stays aligned)."""
+        remaining = self._remaining(self._epoch) if self._segments else None
+        total = self._batches(remaining, self._layout) if remaining is not None else self.batches_per_epoch
+        ep = _RankStream(self, epoch=self._epoch, remaining=remaining, start_batch=self._batch)
+        nw = self.data.num_workers
+        dl = tud.DataLoader(_StreamDataset(ep, self._batch % self._layout.workers), batch_size=None, num_workers=nw,
+                            persistent_workers=False, prefetch_factor=(2 if nw else None))
+        it = iter(dl)
         while True:
-            seg = len(self._segments)
-            remaining = self._remaining(self._epoch) if self._segments else np.ones(self._total, dtype=bool)
-            total = self._batches(remaining, self._layout)
-            start = self._batch
-            ep = _EpochDataset(self, epoch=self._epoch, segment=seg, remaining=remaining, start_batch=start,
-                               quota=(total // self._layout.workers) if self.train else None)
-            nw = self.data.num_workers
-            dl = tud.DataLoader(_StreamDataset(ep, start % self._layout.workers), batch_size=None, num_workers=nw,
-                                persistent_workers=False, prefetch_factor=(2 if nw else None))
-            it = iter(dl)
-            while True:
-                t = time.perf_counter()
-                try:
-                    item = next(it)
-                except StopIteration:
-                    break
-                finally:
-                    self._metrics.add("data_wait_s", time.perf_counter() - t)
-                self._account(item.pop("_stats", {}))
-                if "image" not in item:
-                    continue
-                self._batch += 1
-                self._metrics.add("batches")
-                self._metrics.add("samples", len(item["key"]))
-                yield item
-            if self.train and self._batch != total:
-                raise LoaderError(f"rank {self.rank} produced {self._batch} of {total} batches in epoch {self._epoch}")
-            self._epoch += 1
-            self._batch, self._segments = 0, []
-            if not self.train:
+            if self._batch >= total:  # epoch boundary (also when resumed exactly at one)
+                if not self.train:
+                    return
+                self._epoch += 1
+                self._batch, self._segments, total = 0, [], self.batches_per_epoch
+            t = time.perf_counter()
+            try:
+                item = next(it)
+            except StopIteration:
+                if self.train:
+                    raise LoaderError(f"rank {self.rank}: the stream ended at batch {self._batch} of {total} "
+                                      f"in epoch {self._epoch}") from None
+                self._epoch, self._batch, self._segments = self._epoch + 1, 0, []
                 return
+            finally:
+                self._metrics.add("data_wait_s", time.perf_counter() - t)
+            self._account(item.pop("_stats", {}))
+            if "image" not in item:
+                continue
+            self._batch += 1
+            self._metrics.add("batches")
+            self._metrics.add("samples", len(item["key"]))
+            yield item
 
     def batches_left(self) -> int:
         """Batches this rank still yields in the current epoch (after a world-size change this

@@ -129,6 +129,7 @@ def linear_probe(train_x, train_y, eval_x, eval_y, *, steps: int = 300, l2: floa
     w = torch.zeros(xt.shape[1], yt.shape[1], dtype=torch.float64, requires_grad=True)
     b = torch.zeros(yt.shape[1], dtype=torch.float64, requires_grad=True)
     opt = torch.optim.LBFGS([w, b], lr=1, max_iter=steps, line_search_fn="strong_wolfe")
+    # callers (the training loop's in-loop evaluation) may run under torch.no_grad()
 
     def closure():
         opt.zero_grad()
@@ -138,7 +139,8 @@ def linear_probe(train_x, train_y, eval_x, eval_y, *, steps: int = 300, l2: floa
         loss.backward()
         return loss
 
-    opt.step(closure)
+    with torch.enable_grad():
+        opt.step(closure)
     with torch.no_grad():
         return (xe @ w + b).numpy()
 
@@ -186,11 +188,12 @@ def _model_of(loaded):
 
 @torch.no_grad()
 def _embed_images(model, batches, max_samples: int, with_recon: bool = False):
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device, dtype = param.device, (param.dtype if param.dtype.is_floating_point else torch.float32)
     feats, labels, texts, recon, n_recon = [], [], [], 0.0, 0
     gen = torch.Generator(device="cpu").manual_seed(0)  # the same masks every evaluation
     for batch in _take(batches, max_samples):
-        images = batch["image"].to(device)
+        images = batch["image"].to(device=device, dtype=dtype)  # bf16/fp16 engines take their own dtype
         if hasattr(model, "encode_image"):
             feats.append(model.encode_image(images).float().cpu())
         else:
@@ -213,8 +216,9 @@ def run_on_batches(loaded, batches: Iterable[dict], cfg: EvalConfig, *, findings
 
     findings: the label columns of the batches (default: `loaded.findings`, else cfg.findings).
     train_batches: MAE only; the linear probe is fitted on them (skipped when None).
-    -> {"kind", "n", "per_finding", "mean_auroc", "recall" (clip), "recon_loss" (mae),
-        "linear_probe" (mae, with train_batches), "seconds"}
+    -> {"kind", "n", "per_finding", "mean_auroc", "recall" (clip, when any sample has a report),
+        "n_with_report" (clip), "recon_loss" (mae), "linear_probe" (mae, with train_batches), "seconds"}
+    `recall` holds only {"image_to_text": {k: r}, "text_to_image": {k: r}} (k = "1", "5", "10").
     """
     t0 = time.perf_counter()
     model = _model_of(loaded)
@@ -239,9 +243,7 @@ def run_on_batches(loaded, batches: Iterable[dict], cfg: EvalConfig, *, findings
                                        for s in range(0, len(has), EVAL_BATCH)]).numpy()
                 groups = [hash(texts[i]) for i in has]  # identical reports are interchangeable
                 result["recall"] = recall_at_k(x[has] @ t_emb.T, KS, groups)
-                result["recall"]["n"] = len(has)
-            else:
-                result["recall"] = None
+            result["n_with_report"] = len(has)
         else:
             result["recon_loss"] = recon
             result["per_finding"], result["mean_auroc"] = {}, None

@@ -93,8 +93,9 @@ class CLIP(nn.Module):
         """P(finding) per image: softmax over the scaled similarities to the positive and the
         negative prompt (CheXzero's recipe). image_emb: L2-normalised [B, E] -> [B, F]."""
         prompts = [p.format(finding=f) for f in findings for p in (positive, negative)]
-        t = self.encode_text(prompts).to(image_emb.device).view(len(findings), 2, -1)
-        logits = self.scale() * torch.einsum("be,fke->bfk", image_emb, t)
+        t = self.encode_text(prompts).float().to(image_emb.device).view(len(findings), 2, -1)
+        scale = self.scale().float().to(image_emb.device)
+        logits = scale * torch.einsum("be,fke->bfk", image_emb.float(), t)
         return logits.softmax(dim=-1)[..., 0]
 
     @torch.no_grad()

@@ -493,6 +493,7 @@ class RadforgeServer:
         self._views: dict[str, Any] = {}
         self._embed_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
+
         # Multiplexing wired at init so the LRU size is an argument (Serve detects it on the instance).
         async def load(model_id: str):  # a plain function: Serve keeps its LRU as an attribute on it
             return await self._load(model_id)
@@ -536,6 +537,7 @@ class RadforgeServer:
         ctype = request.headers.get("content-type", "")
         if not ctype.startswith("multipart/form-data"):
             return [body], {}
+
         async def replay():
             return {"type": "http.request", "body": body, "more_body": False}
 

@@ -10,7 +10,7 @@ data-parallel gradient average (DeepSpeed/DDP) the gradients are exactly the sin
 ones too, at 1/world of the logits compute. Every rank must bring the same micro-batch size
 (the loader guarantees it; all_gather needs equal shapes).
 
-The temperature is stored as `logit_scale = log(1/T)` and clamped to at most 100 in the forward
+The temperature is stored as `logit_scale = log(1/T)` (shape [1]) and clamped to at most 100 in the forward
 pass (as in CLIP) so it cannot blow up early in training.
 """
 
@@ -51,7 +51,9 @@ class CLIP(nn.Module):
         self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=visual.width ** -0.5)
         nn.init.normal_(self.text_proj.weight, std=text.width ** -0.5)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / init_temperature)))
+        # shape [1], not 0-dim: DeepSpeed's parameter broadcast views every parameter as bytes,
+        # which torch refuses for 0-dim tensors.
+        self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
 
     @property
     def tokenizer(self):

@@ -141,14 +141,14 @@ def test_seeded_determinism(tmp_path):
     assert sorted(_keys(a[:10])) == sorted(_keys(a[10:]))
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_same_world_size_continues_exactly(tmp_path, workers):
+@pytest.mark.parametrize("workers,k", [(0, 3), (0, "epoch_end"), (2, 3)])
+def test_resume_same_world_size_continues_exactly(tmp_path, workers, k):
     dest, _ = write_set(tmp_path / "s", [5, 4, 6, 5, 3, 6, 4, 5])
     for rank in range(2):
         ref_loader = _loader(dest, rank=rank, world=2, num_workers=workers, seed=1)
         ref = list(itertools.islice(iter(ref_loader), ref_loader.batches_per_epoch + 3))
         first = _loader(dest, rank=rank, world=2, num_workers=workers, seed=1)
-        k = 3
+        k = ref_loader.batches_per_epoch if k == "epoch_end" else k
         got = list(itertools.islice(iter(first), k))
         state = json.loads(json.dumps(first.state_dict()))
         resumed = _loader(dest, rank=rank, world=2, num_workers=workers, seed=1, state=state)
@@ -176,6 +176,30 @@ def test_resume_with_another_world_size_repeats_nothing(tmp_path):
         assert _keys(_epoch(again)) == _keys(rest)
     assert not set(later) & set(consumed)
     assert len(later) == len(set(later)) >= 72 - 20 - 3 * 2 * 2  # the rest, but for a few surplus samples
+
+
+def test_resume_with_fewer_workers_repeats_nothing(tmp_path):
+    dest, keys = write_set(tmp_path / "s", [5] * 8)
+    loader = _loader(dest, num_workers=2, seed=5)
+    consumed = _keys(_epoch(loader, 7))  # odd: the workers are mid-rotation
+    rest = _loader(dest, num_workers=0, seed=5, state=loader.state_dict())
+    later = _keys(_epoch(rest))
+    assert len(consumed) == len(set(consumed)) == 14
+    assert len(later) == len(set(later)) >= 40 - 14 - 2 and not set(later) & set(consumed)
+
+
+def test_evaluation_pass_over_ranks_keeps_partial_batches(tmp_path):
+    dest, keys = write_set(tmp_path / "s", [5, 4, 3])
+    seen = []
+    for rank in range(2):
+        loader = _loader(dest, rank=rank, world=2, batch=4, train=False)
+        batches = list(loader)
+        assert 1 <= len(batches) <= loader.batches_per_epoch
+        assert min(len(b["key"]) for b in batches) < 4  # the partial last batch is kept
+        first = [b["image"] for b in _loader(dest, rank=rank, world=2, batch=4, train=False)]
+        assert all(torch.equal(x, y["image"]) for x, y in zip(first, batches))  # centre views: deterministic
+        seen += _keys(batches)
+    assert sorted(seen) == sorted(k for ks in keys.values() for k in ks)
 
 
 def _truncate(path, keep=0.5):

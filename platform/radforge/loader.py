@@ -62,6 +62,7 @@ substitution (bad samples are skipped and counted), the last partial batch is ke
 from __future__ import annotations
 
 import hashlib
+import heapq
 import io
 import itertools
 import json
@@ -131,11 +132,11 @@ def _groups(shards: list[_Shard], remaining: np.ndarray, n: int) -> list[list[in
     counts = {s.index: int(remaining[s.offset : s.offset + s.slots].sum()) for s in shards}
     live = sorted((i for i, c in counts.items() if c > 0), key=lambda i: (-counts[i], i))
     groups: list[list[int]] = [[] for _ in range(n)]
-    load = [0] * n
+    heap = [(0, g) for g in range(n)]  # (load, group): the lightest group, ties to the lowest index
     for i in live:
-        g = min(range(n), key=lambda g: (load[g], g))
+        load, g = heapq.heappop(heap)
         groups[g].append(i)
-        load[g] += counts[i]
+        heapq.heappush(heap, (load + counts[i], g))
     return groups
 
 

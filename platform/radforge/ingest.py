@@ -187,13 +187,19 @@ def run(
     built = 0
     if todo_items > 0:
         tables_ref = ray.put(tables.read()) if tables else None
+        # One block per build task, cut at explicit slot boundaries: a groupby's sort shuffle
+        # makes as many partitions as it has input blocks and places its boundaries by sampling,
+        # so the few item blocks of a run put every shard into one task (2 CPUs built one
+        # shard at a time). Slots deal the shards round-robin over the tasks.
+        slots = _partitions(sum(n_shards.values()))
         todo = items.map_batches(
             _assign_batch,
             batch_format="pyarrow",
-            fn_kwargs={"n_shards": n_shards, "done": sorted(done)},
+            fn_kwargs={"n_shards": n_shards, "done": sorted(done), "slots": slots},
         )
-        outcomes = todo.groupby("shard", num_partitions=_partitions(sum(n_shards.values()))).map_groups(
-            _build_shard,
+        outcomes = todo.sort("slot", boundaries=list(range(1, slots))).map_batches(
+            _build_shards,
+            batch_size=None,
             batch_format="pyarrow",
             fn_kwargs={
                 "dest": dest,
@@ -354,16 +360,22 @@ def _plan_batch(batch: pa.Table, recipe_d: dict, secret: bytes) -> pa.Table:
     return pa.Table.from_pylist(out, schema=ITEM_SCHEMA)
 
 
-def _assign_batch(batch: pa.Table, n_shards: dict, done: list[str]) -> pa.Table:
-    """Planned items only, each with its shard; items of already completed shards are dropped."""
+def _assign_batch(batch: pa.Table, n_shards: dict, done: list[str], slots: int) -> pa.Table:
+    """Planned items only, each with its shard and build slot (shard number across splits mod
+    `slots`); items of already completed shards are dropped."""
     import pyarrow.compute as pc
 
     batch = batch.filter(pc.equal(batch.column("status"), "planned"))
-    shards = [
-        shardspec.shard_name(split, deid.Pseudonymizer.bucket(key, n_shards[split]))
-        for key, split in zip(batch.column("key").to_pylist(), batch.column("split").to_pylist())
-    ]
-    batch = batch.append_column("shard", pa.array(shards, pa.string()))
+    offset, first = 0, {}
+    for split in sorted(n_shards):
+        first[split] = offset
+        offset += n_shards[split]
+    shards, slot = [], []
+    for key, split in zip(batch.column("key").to_pylist(), batch.column("split").to_pylist()):
+        b = deid.Pseudonymizer.bucket(key, n_shards[split])
+        shards.append(shardspec.shard_name(split, b))
+        slot.append((first[split] + b) % slots)
+    batch = batch.append_column("shard", pa.array(shards, pa.string())).append_column("slot", pa.array(slot, pa.int64()))
     if done:
         batch = batch.filter(pc.invert(pc.is_in(batch.column("shard"), pa.array(done, pa.string()))))
     return batch
@@ -396,6 +408,16 @@ def _aggregate(items) -> dict:
 
 
 _TABLE_CACHE: dict[str, Any] = {}
+
+
+def _build_shards(batch: pa.Table, **kwargs) -> pa.Table:
+    """The items of one build slot → every shard among them, in shard-name order."""
+    import pyarrow.compute as pc
+
+    out = [pa.table({n: [] for n in OUTCOME_SCHEMA.names}, schema=OUTCOME_SCHEMA)]
+    for shard in sorted(set(batch.column("shard").to_pylist())):
+        out.append(_build_shard(batch.filter(pc.equal(batch.column("shard"), shard)), **kwargs))
+    return pa.concat_tables(out)
 
 
 def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe_d: dict, tables_ref, digest: str) -> pa.Table:

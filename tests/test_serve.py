@@ -134,7 +134,16 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(ray_cluster, files):
+def log_baseline(ray_cluster):
+    """The session's log dir and the files in it before Serve starts (other tests' workers)."""
+    import ray
+
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    return logs, {p for p in logs.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def server(ray_cluster, files, log_baseline):
     from ray import serve
 
     port = _free_port()
@@ -331,19 +340,20 @@ def test_bad_input_gives_4xx_json_and_the_replica_keeps_serving(server, files):
     assert requests.get(server + "/v1/nothing", timeout=30).json()["error"] == "not_found"
 
 
-def test_no_phi_in_responses_or_serve_logs(server, files):
+def test_no_phi_in_responses_or_serve_logs(server, files, log_baseline):
     """Every identifying tag of the phantoms holds the marker: no response and no Serve log line
     (access logs included) may carry it, after good and bad requests alike."""
-    import ray
-
     bodies = [post(server, "/v1/embed", files["xray"]).content,
               post(server, "/v1/zero-shot?findings=nodule", files["xray"]).content,
               post(server, "/v1/embed", files["xray"][:-5000]).content,
               post(server, "/v1/embed", files["mr"]).content]
     assert all(PHI not in b for b in bodies)
-    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
-    serve_logs = [p for p in logs.rglob("*") if p.is_file() and ("serve" in p.parts or "worker" in p.name)]
-    assert any("serve" in p.parts for p in serve_logs)
+    # Serve's own logs (controller, proxy, replica access logs) and the stdout/stderr of every
+    # worker started since Serve was (controller, proxy, replica processes).
+    logs, before = log_baseline
+    new = [p for p in logs.rglob("*") if p.is_file() and ("serve" in p.parts or p not in before)]
+    serve_logs = [p for p in new if "serve" in p.parts or p.name.startswith("worker")]
+    assert any("serve" in p.parts for p in serve_logs) and any(p.name.startswith("worker") for p in serve_logs)
     hits = [p.name for p in serve_logs if PHI in p.read_bytes()]
     assert hits == []
 

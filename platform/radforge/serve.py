@@ -613,11 +613,13 @@ class RadforgeServer:
                 out[i] = emb[j]
         return out
 
-    def _index(self, mid: str):
+    async def _index(self, mid: str):
+        """The model's retrieval index, read on first use off the event loop (it may be large)."""
         if mid not in self._indexes:
             if mid not in self._index_urls:
                 raise ApiError(404, "no_index")
-            self._indexes[mid] = load_index(self._index_urls[mid])
+            loop = asyncio.get_running_loop()
+            self._indexes[mid] = await loop.run_in_executor(self._decode_pool, load_index, self._index_urls[mid])
         return self._indexes[mid]
 
     # -- endpoints -------------------------------------------------------------------------
@@ -700,7 +702,7 @@ class RadforgeServer:
             raise ApiError(400, "bad_request", "k: an integer from 1 to 100") from None
         if not 1 <= k <= 100:
             raise ApiError(400, "bad_request", "k: an integer from 1 to 100")
-        emb_index, keys = self._index(mid)
+        emb_index, keys = await self._index(mid)
         x, prep, _ = await self._image(request, mid)
         emb = await self._embed_batch(x, mid)
         sims = emb_index @ np.asarray(emb, dtype=np.float32)

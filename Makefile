@@ -134,14 +134,13 @@ status:
 	  $(RAY_ADDRESS)
 	@$(SERVE) status --address $(RAY_ADDRESS)
 
-# Serve down, then the head cluster-local started (if any): SIGTERM to its `ray start --block`,
-# which takes its gcs/raylet/workers with it.
+# The head cluster-local started: SIGTERM to its `ray start --block`, which takes its gcs, raylet,
+# workers and Serve with it. Without one (a remote RAY_ADDRESS): Serve's applications down.
 stop:
-	-$(SERVE) shutdown --yes --address $(RAY_ADDRESS)
 	@if $(head_alive); then pid=$$(cat $(RAY_TMP)/head.pid); \
 	  kill -TERM $$pid; for i in $$(seq 30); do kill -0 $$pid 2>/dev/null || break; sleep 1; done; \
-	  rm -f $(RAY_TMP)/head.pid; echo "stopped the local Ray head (pid $$pid)"; \
-	  else rm -f $(RAY_TMP)/head.pid; fi
+	  rm -f $(RAY_TMP)/head.pid; echo "stopped the local Ray head (pid $$pid) and everything on it"; \
+	  else rm -f $(RAY_TMP)/head.pid; $(SERVE) shutdown --yes --address $(RAY_ADDRESS); fi
 
 # Container images (cluster/Dockerfile): the names the manifests in cluster/ use.
 image-cpu:

@@ -4,14 +4,22 @@ The only module that imports `ray.data`. Stages (all distributed, streaming; the
 aggregates counts and per-shard records):
 
     list      fan the recursive listing out over SOURCE's sub-directories
-    scan      header-only read of every file → the private index (parquet, `<private>/index/`)
-    plan      group by series / image, validate geometry from headers → items and dispositions
+    scan      header-only read of every file, SCAN_BATCH files per task → the private index
+              (parquet parts of INDEX_PART_ROWS rows, `<private>/index/`)
+    plan      group by series / image (sort shuffle; one partition per index block, blocks of
+              PLAN_ROWS_PER_PARTITION rows), validate geometry from headers → items, dispositions
     assign    deterministic shard per item: hash(key) mod n_shards(split), n_shards from the
-              estimated output bytes of the split and `shards.target_mb`
-    build     one task per shard: decode, HU/orient/resample or VOI/resize, de-identify, encode,
+              estimated output bytes of the split and `shards.target_mb`; shards are dealt
+              round-robin to at most 200 build slots
+    build     one task per slot (a sort on the slot with fixed boundaries, no sampling), shard
+              after shard: decode, HU/orient/resample or VOI/resize, de-identify, encode,
               write the tar locally, upload atomically, then a completion record in
               `<private>/progress/` (this is what makes a killed run resumable without rewriting)
     manifest  written last, atomically, from the completion records
+
+Cost model (`radforge bench ingest`): a Ray Data task costs ~10-20 ms and each dataset execution
+~0.2 s of fixed overhead, so work is cut into few, large tasks; what remains is the per-file work
+itself (header scan ~1 ms, decode + HU + resample + encode a few ms per CT slice).
 
 Resume/idempotence: the plan is a pure function of the inputs, the recipe and the secret, so a
 restarted run computes the same shard assignment; shards whose completion record exists are not
@@ -42,9 +50,11 @@ log = logging.getLogger("radforge.ingest")
 # Granularity. A Ray Data task costs ~10-20 ms of fixed overhead (scheduling, block
 # (de)serialisation, stats) and a header scan ~1 ms per file, so a scan task of 128 files keeps
 # that overhead near 10% while 1,000 files still make 8 tasks for 2 CPUs (batches of 16 were
-# ~60% overhead). Shuffle partitions scale with the data (and never fall below the CPU count):
-# each partition is one reduce task plus one block, so ∝-files partitioning made small and
-# medium runs pay for hundreds of near-empty tasks.
+# ~60% overhead). Shuffle partitions scale with the data: each is one reduce task plus one
+# block, so ∝-files partitioning made small and medium runs pay for hundreds of near-empty
+# tasks. (Ray's sort shuffle makes one partition per input block and ignores num_partitions,
+# which only the hash shuffle honours: the plan's parallelism comes from the index blocks of
+# PLAN_ROWS_PER_PARTITION rows; planning is ~0.1 ms per file, so one block is fine when small.)
 SCAN_BATCH = 128
 PLAN_ROWS_PER_PARTITION = 50_000  # index rows (~1 KB each) per plan partition: ~50 MB per task
 INDEX_PART_ROWS = 250_000  # rows per private index parquet part (parallel re-read at scale)

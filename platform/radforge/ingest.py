@@ -137,6 +137,11 @@ def run(
     # Pull-based sort shuffle is task-based: no aggregator actors to start, which dominated
     # small and medium runs with the hash shuffle (seconds per groupby); it scales the same way.
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
+    # Per-operator reservations split the CPUs between the operators of a stage (its input
+    # buffer included), so on a small cluster a map ran one task at a time ("backpressured:
+    # tasks(ResourceBudget)"; 2 CPUs scanned at the speed of 1). Without them the global
+    # object-store limit still bounds memory; only the per-operator split goes.
+    ctx.op_resource_reservation_enabled = False
     # Ray Data's own per-operator log lines would drown the summary; our bars show progress.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx.enable_progress_bars = False

@@ -27,6 +27,9 @@ EXPECTED_SURFACE = {
     },
     "inspect": {"DEST", "-h", "--help", "--samples", "--json", "--split", "--png", "--montage"},
     "bench": {"what", "-h", "--help", "--json", "--workdir", "--series", "--slices", "--size", "--syntax"},
+    "train": {"RECIPE", "-h", "--help", "--set", "--resume", "--no-progress"},
+    "export": {"CHECKPOINT", "OUT", "-h", "--help"},
+    "evaluate": {"MODEL", "SHARDS", "-h", "--help", "--split", "--set", "--json"},
     "index": {"MODEL", "SHARDS", "OUT", "-h", "--help", "--split", "--no-progress"},
 }
 
@@ -77,7 +80,7 @@ def test_a_command_is_required(capsys):
 def test_bench_choices_are_part_of_the_surface():
     bench = _subparsers(cli._build_parser())["bench"]
     choices = {a.dest: a.choices for a in bench._actions if a.choices}
-    assert choices == {"what": ["ingest", "serve"], "syntax": ["explicit", "rle", "jpegls", "j2k"]}
+    assert choices == {"what": ["ingest", "train", "stream", "serve"], "syntax": ["explicit", "rle", "jpegls", "j2k"]}
 
 
 def _env() -> dict:

@@ -67,6 +67,38 @@ def _bench(a) -> int:
     return 0
 
 
+def _train(a) -> int:
+    from radforge import config, train
+    from radforge.config import TrainRecipe
+
+    recipe = config.load(TrainRecipe, a.recipe, list(a.set or []))
+    result = train.run(recipe, resume=a.resume, progress=not a.no_progress)
+    m = result.metrics
+    print(f"radforge train {result.name}: {result.steps} steps, final loss {m.get('loss', float('nan')):.4f}")
+    for k in sorted(k for k in m if k.startswith("eval_")):
+        print(f"  {k[5:]}: {m[k]:.4f}")
+    print(f"  checkpoint: {result.checkpoint}\n  metrics: {result.run_dir}  (TensorBoard: tb/, loss curve: {result.curve_png})")
+    return 0 if result.checkpoint else 1
+
+
+def _export(a) -> int:
+    from radforge import checkpoint
+
+    out = checkpoint.export(a.checkpoint, a.out)
+    print(f"model written to {out}")
+    return 0
+
+
+def _evaluate(a) -> int:
+    from radforge import config, evaluate
+    from radforge.config import EvalConfig
+
+    cfg = config.load(EvalConfig, None, list(a.set or []))
+    result = evaluate.run(a.model, a.shards, split=a.split, cfg=cfg)
+    print(json.dumps(result, sort_keys=True) if a.json else evaluate.format_table(result))
+    return 0
+
+
 def _index(a) -> int:
     from radforge import serve
 
@@ -100,7 +132,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_inspect)
 
     s = sub.add_parser("bench", help="benchmarks, printed as ratios measured side by side")
-    s.add_argument("what", choices=["ingest", "stream", "serve"])
+    s.add_argument("what", choices=["ingest", "train", "stream", "serve"])
     s.add_argument("--json", action="store_true")
     s.add_argument("--workdir", help="where the generated corpus goes (default: a temp dir)")
     s.add_argument("--series", type=int, help="CT series in the generated corpus (default: per benchmark, ingest 8, stream 4)")
@@ -108,6 +140,27 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--size", type=int, default=512, help="rows = columns of each slice")
     s.add_argument("--syntax", default="rle", choices=["explicit", "rle", "jpegls", "j2k"], help="transfer syntax of the corpus")
     s.set_defaults(fn=_bench)
+
+    s = sub.add_parser("train", help="train a model from a recipe on the Ray cluster (Ray Train + DeepSpeed)")
+    s.add_argument("recipe", metavar="RECIPE", help="training recipe YAML (jobs/recipes/*.yaml)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. deepspeed.zero_stage=3")
+    s.add_argument("--resume", choices=["auto", "never"], default="auto",
+                   help="auto: continue the run NAME from its latest checkpoint if there is one (default); never: start over")
+    s.add_argument("--no-progress", action="store_true", help="no per-step log lines")
+    s.set_defaults(fn=_train)
+
+    s = sub.add_parser("export", help="training checkpoint → model dir (safetensors + model.json + tokenizer)")
+    s.add_argument("checkpoint", metavar="CHECKPOINT", help="checkpoint directory URL (printed by radforge train)")
+    s.add_argument("out", metavar="OUT", help="where the model directory goes (any fsspec URL)")
+    s.set_defaults(fn=_export)
+
+    s = sub.add_parser("evaluate", help="zero-shot AUROC / retrieval (CLIP), reconstruction + linear probe (MAE)")
+    s.add_argument("model", metavar="MODEL", help="exported model directory URL")
+    s.add_argument("shards", metavar="SHARDS", help="shard set (directory URL holding manifest.json)")
+    s.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an eval setting, e.g. bootstrap=200")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.set_defaults(fn=_evaluate)
 
     s = sub.add_parser("index", help="embeddings of a split's samples → a retrieval index for the serve app (/v1/retrieve)")
     s.add_argument("model", metavar="MODEL", help="exported model directory URL")
@@ -120,7 +173,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 # The frozen CLI surface (tests compare against it): sub-command → its options.
-COMMANDS = ("ingest", "inspect", "bench", "index")
+COMMANDS = ("ingest", "inspect", "bench", "train", "export", "evaluate", "index")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -334,6 +334,18 @@ def test_job_entrypoints_agree_with_jobs_and_makefile():
     a = parser.parse_args(jobs_train._argv(train[3:]))
     loaded = config.load(TrainRecipe, str(ROOT / a.recipe), list(a.set or []))
     assert loaded.scale.use_gpu and loaded.data.shards.startswith("s3://")
+    assert loaded.checkpoint.storage_path.startswith("s3://")  # pods are deleted after the job
+    # the RayJob's cluster can place the recipe's workers: GPUs in total, CPUs per pod
+    sc = loaded.scale
+    gpus = cpus_per_pod = 0
+    for g in _cluster_spec(_load(KUBERAY / "rayjob-train.yaml"))["workerGroupSpecs"]:
+        limits = _containers(g)[0]["resources"]["limits"]
+        per_pod = int(limits.get("nvidia.com/gpu", 0))
+        gpus += per_pod * g["maxReplicas"]
+        if per_pod:
+            cpus_per_pod = int(limits["cpu"])
+            assert cpus_per_pod >= sc.cpus_per_worker * (per_pod // sc.gpus_per_worker)
+    assert gpus >= sc.num_workers * sc.gpus_per_worker
 
     dry = _make_dry_run("submit-ingest", "submit-train", "SOURCE=s3://a/b", "DEST=var/x").replace("\\\n", " ")
     assert re.search(r"ray job submit --address \S+ --working-dir \. .*-- +python -m jobs\.ingest s3://a/b "

@@ -1,0 +1,59 @@
+"""The `make demo` path end to end, in its small `--quick` variant: sample corpus → ingest → tiny
+MAE + CLIP (DeepSpeed ZeRO-2, 2 Ray Train workers) → export → index → evaluation → Ray Serve
+queried over HTTP. One subprocess, as a user runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from radforge import phantoms
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}
+    proc = subprocess.run([sys.executable, "-m", "radforge.demo", "--quick", "--out", str(out)],
+                          capture_output=True, text=True, timeout=900, env=env)
+    return out, proc
+
+
+def test_demo_runs_every_stage_and_writes_every_artifact(demo):
+    out, proc = demo
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for stage in range(1, 8):
+        assert f"[{stage}/7]" in proc.stdout
+    assert "accounting                       yes" in proc.stdout
+    for line in ("POST /v1/embed      → 200", "POST /v1/zero-shot  → 200", "POST /v1/retrieve   → 200",
+                 "POST /v1/embed (garbage) → 400"):
+        assert line in proc.stdout
+    for rel in ("shards/manifest.json", "montage.png", "model/model.safetensors", "model/model.json",
+                "model/tokenizer", "model-mae/model.safetensors", "index", "runs/tiny-clip-xray/loss.png",
+                "runs/tiny-mae-ct/loss.png"):
+        assert (out / rel).exists(), rel
+    model = json.loads((out / "model" / "model.json").read_text())
+    assert model["kind"] == "clip" and model["image"] == "xray"
+    assert model["profile"]["profile_id"] == json.loads((out / "shards" / "manifest.json").read_text())["profile"]["profile_id"]
+
+
+def test_nothing_the_demo_prints_or_publishes_identifies_a_patient(demo):
+    """Every identifying text value in the generated corpus carries the PHI marker; outside the
+    source corpus and the private ledger, no byte the demo wrote or printed may contain it."""
+    out, proc = demo
+    marker = phantoms.PHI_MARKER.encode()
+    assert marker not in proc.stdout.encode() and marker not in proc.stderr.encode()
+    private = {out / "corpus", out / "shards.private"}
+    checked = 0
+    for p in out.rglob("*"):
+        if p.is_file() and not any(parent in private for parent in p.parents):
+            assert marker not in p.read_bytes(), p.relative_to(out)
+            checked += 1
+    assert checked > 20

@@ -204,6 +204,12 @@ def test_every_yaml_parses():
     for f in files:
         docs = list(yaml.safe_load_all(f.read_text()))
         assert docs and all(isinstance(d, dict) for d in docs), f
+    from radforge import config
+    from radforge.config import TrainRecipe
+
+    for f in files:  # training recipes: every key known and valid (what the RayJob/Makefile run)
+        if f.parent.name == "recipes":
+            config.load(TrainRecipe, str(f))
 
 
 def test_makefile_images_are_the_manifests_images():

@@ -466,12 +466,15 @@ def local_head():
         yield head
     finally:
         pid = head.head_pid()  # test_make_stop normally ended it; a failed run may not have
-        if pid is not None and _alive(pid):
-            try:
-                head.make("stop", timeout=120)
-            finally:
-                if _alive(pid):  # never leave our head behind, whatever failed
-                    os.kill(pid, 9)
+        try:
+            if pid is not None and _alive(pid):
+                try:
+                    head.make("stop", timeout=120)
+                finally:
+                    if _alive(pid):  # never leave our head behind, whatever failed
+                        os.kill(pid, 9)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)  # session logs, sockets
 
 
 def _alive(pid: int) -> bool:

@@ -304,6 +304,9 @@ def _ddp_worker(rank: int, world: int, tok_dir: str, out_dir: str) -> None:
             g /= world
         if rank == 0:
             torch.save({"loss": loss / world, "grads": grads}, os.path.join(out_dir, "ddp.pt"))
+        # Both ranks leave together: a rank that tears gloo down while its peer is still busy
+        # makes the peer abort at exit ("terminate called without an active exception").
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

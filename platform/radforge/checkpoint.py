@@ -139,9 +139,15 @@ def _consolidate(ds_dir: str, tag: str) -> dict:
     import torch
 
     if glob.glob(os.path.join(ds_dir, tag, "*optim_states.pt")) and _zero_stage(ds_dir, tag) > 0:
+        import contextlib
+        import io
+
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return dict(get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag))
+        # zero_to_fp32 prints its progress (paths, parameter counts, a tqdm bar) to stdout and
+        # stderr; an export says what it wrote itself, so keep the terminal to that.
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            return dict(get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag))
     states = torch.load(os.path.join(ds_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
     return dict(states["module"])
 

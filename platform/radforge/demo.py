@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m radforge.demo", description=__doc__.splitlines()[0])
     p.add_argument("--out", default="var/demo", help="artifact folder (default var/demo)")
     p.add_argument("--patients", type=int, default=6, help="patients in the ingest showcase corpus")
-    p.add_argument("--cohort", type=int, default=160, help="patients in the learnable CT + X-ray cohort")
+    p.add_argument("--cohort", type=int, default=240, help="patients in the learnable CT + X-ray cohort")
     p.add_argument("--quick", action="store_true", help="small cohort and few steps (the `make test` variant)")
     a = p.parse_args(argv)
 
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", log_to_driver=False, include_dashboard=False)
     # A larger test split than the default 10% so that the demo's AUROC table means something.
-    ingest_recipe = config.load(IngestRecipe, None, ["deid.demo_key=true", "splits={train: 0.7, val: 0.1, test: 0.2}"])
+    ingest_recipe = config.load(IngestRecipe, None, ["deid.demo_key=true", "splits={train: 0.75, val: 0.05, test: 0.2}"])
     result = ingest.run(corpus.dicom_dir, shards, ingest_recipe, reports=reports, labels=labels)
     print(shardspec.format_summary(result.manifest, wall_s=result.wall_s, title="radforge ingest"))
     if not result.ok:

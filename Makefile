@@ -21,8 +21,8 @@ PYTEST_ARGS ?=
 help:
 	@echo "make setup   create .venv and install radforge with test extras"
 	@echo "make test    run the test suite"
-	@echo "make demo    build a sample corpus and ingest it to $(DEMO_DIR)/shards"
-	@echo "make bench   run the ingest benchmark (ratios measured side by side)"
+	@echo "make demo    sample corpus → ingest → tiny MAE + CLIP → evaluation → export → Serve + HTTP queries ($(DEMO_DIR))"
+	@echo "make bench   run the ingest, stream, train and serve benchmarks (ratios measured side by side)"
 	@echo "make cluster-local | submit-ingest | submit-train | deploy | status | stop   (see cluster/README.md)"
 
 setup: $(STAMP)
@@ -41,7 +41,7 @@ demo: $(STAMP)
 	$(PY) -m radforge.demo --out $(DEMO_DIR)
 
 bench: $(STAMP)
-	$(VENV)/bin/radforge bench ingest
+	for b in ingest stream train serve; do $(VENV)/bin/radforge bench $$b || exit 1; done
 
 lint: $(STAMP)
 	$(PY) -m compileall -q platform jobs tests

@@ -273,11 +273,12 @@ def write_loss_curve(history: list[dict], url: str, *, title: str = "") -> None:
     if evals:
         key = "eval_mean_auroc" if "eval_mean_auroc" in evals[-1] else "eval_recon_loss"
         ax3 = ax.twinx()
-        ax3.spines["right"].set_position(("axes", 1.15))
+        ax3.spines["right"].set_position(("axes", 1.22))  # clear of the learning-rate axis' tick labels
         ax3.plot([h["step"] for h in evals], [h[key] for h in evals], "o-", color="#2ca02c", label=key.replace("_", " "))
         ax3.set_ylabel(key.replace("_", " "))
     handles = sum((a.get_legend_handles_labels()[0] for a in fig.axes), [])
-    ax.legend(handles, [h.get_label() for h in handles], loc="upper right", fontsize=8)
+    # Lower left: loss and learning rate start high and fall, so that corner stays empty.
+    ax.legend(handles, [h.get_label() for h in handles], loc="lower left", fontsize=8)
     ax.set_title(f"radforge train: {title}")
     fig.tight_layout()
     with tempfile.TemporaryDirectory() as d:

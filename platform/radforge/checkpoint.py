@@ -23,7 +23,6 @@ serving and `radforge evaluate` use.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -110,7 +109,7 @@ def export(checkpoint_url: str, out_url: str) -> str:
         out_local = os.path.join(tmp, "model")
         os.makedirs(out_local)
         save_file(weights, os.path.join(out_local, WEIGHTS), metadata={"format": "pt"})
-        digest = _sha256(os.path.join(out_local, WEIGHTS))[:12]
+        digest = storage.sha256_file(os.path.join(out_local, WEIGHTS))[:12]
         meta = {
             "kind": state["kind"],
             "image": state["image"],
@@ -161,14 +160,6 @@ def _zero_stage(ds_dir: str, tag: str) -> int:
     sd = torch.load(files[0], map_location="cpu", weights_only=False)
     osd = sd.get("optimizer_state_dict", {})
     return int(osd.get("zero_stage", 0)) if isinstance(osd, dict) else 0
-
-
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _fetch(url: str, local: str) -> str:

@@ -470,7 +470,7 @@ def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe_d: dict, 
             writer.close()
         samples = sum(modalities.values())
         size = os.path.getsize(local)
-        sha = _sha256_file(local)
+        sha = storage.sha256_file(local)
         if samples:
             storage.put_file_atomic(local, storage.join(dest, shard))
     record = {
@@ -541,14 +541,6 @@ def make_sample(row: dict, info: dict, recipe: IngestRecipe, tables: dict | None
             report = deid.redact_report(report, info.get("_phi", []))
     meta["has_report"] = report is not None
     return shardspec.encode_sample(row["key"], array, meta, report), meta
-
-
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_progress(progress_url: str, digest: str) -> dict[str, dict]:

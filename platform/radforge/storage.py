@@ -336,6 +336,15 @@ def write_bytes_atomic(url: str, data: bytes) -> None:
         _generic_atomic(fs, path, lambda f: f.write(data))
 
 
+def sha256_file(path: str) -> str:
+    """Hex sha256 of a local file, read in 1 MiB chunks (shards and weights can be GBs)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def put_file_atomic(local_path: str, url: str) -> None:
     """Upload a finished local file (the source is left in place), atomically."""
     local_path = os.fspath(local_path)

@@ -100,21 +100,29 @@ def run(what: str, *, workdir: str | None = None, series: int | None = None, sli
     return bench_ingest(workdir=workdir, series=series or 8, slices=slices or 128, size=size, syntax=syntax)
 
 
+def _ct_corpus(root: str, *, series: int, slices: int, size: int, syntax: str) -> tuple[str, list[str]]:
+    """The generated CT corpus under root/corpus (kept across runs with --workdir) and its files."""
+    from radforge import phantoms, storage
+
+    corpus = os.path.join(root, "corpus")
+    if not os.path.isdir(corpus):
+        phantoms.ct_slices_corpus(corpus, n_series=series, n_slices=slices, rows=size, cols=size,
+                                  transfer_syntax=SYNTAXES[syntax])
+    return corpus, [p for p, _ in storage.find_files(corpus)]
+
+
 def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, syntax: str, repeats: int = 2) -> dict:
     import pydicom
     import ray
     from pydicom.pixels import pixel_array
 
-    from radforge import config, ingest, phantoms, storage
+    from radforge import config, ingest
     from radforge.config import IngestRecipe
 
     own = workdir is None
     root = workdir or tempfile.mkdtemp(prefix="radforge-bench-")
     try:
-        corpus = os.path.join(root, "corpus")
-        if not os.path.isdir(corpus):
-            phantoms.ct_slices_corpus(corpus, n_series=series, n_slices=slices, rows=size, cols=size, transfer_syntax=SYNTAXES[syntax])
-        files = [p for p, _ in storage.find_files(corpus)]
+        corpus, files = _ct_corpus(root, series=series, slices=slices, size=size, syntax=syntax)
         n = len(files)
         src_bytes = sum(os.path.getsize(f) for f in files)
         # Shards sized so that each CPU gets several (parallelism comes from shards).
@@ -461,16 +469,13 @@ def bench_stream(*, workdir: str | None, series: int, slices: int, size: int, sy
     import ray
     import torch.utils.data as tud
 
-    from radforge import config, ingest, loader, phantoms, shardspec, storage
+    from radforge import config, ingest, loader, storage
     from radforge.config import DataConfig, IngestRecipe, ViewConfig
 
     own = workdir is None
     root = workdir or tempfile.mkdtemp(prefix="radforge-bench-")
     try:
-        corpus = os.path.join(root, "corpus")
-        if not os.path.isdir(corpus):
-            phantoms.ct_slices_corpus(corpus, n_series=series, n_slices=slices, rows=size, cols=size, transfer_syntax=SYNTAXES[syntax])
-        files = [p for p, _ in storage.find_files(corpus)]
+        corpus, files = _ct_corpus(root, series=series, slices=slices, size=size, syntax=syntax)
         with _MotoS3() as bucket:
             # The same DICOM bytes on the same endpoint, for the baseline.
             by_series: dict[str, list[str]] = {}

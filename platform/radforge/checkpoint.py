@@ -165,7 +165,7 @@ def _zero_stage(ds_dir: str, tag: str) -> int:
 def _fetch(url: str, local: str) -> str:
     """A local directory with the contents of `url` (local URLs are used in place)."""
     if storage.is_local(url):
-        path = storage.url_to_fs(storage._absolute(url))[1]
+        path = storage.url_to_fs(storage.absolute(url))[1]
         if not os.path.isdir(path):
             raise ConfigError(f"no such checkpoint or model directory: {url}")
         return path

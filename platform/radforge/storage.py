@@ -148,7 +148,7 @@ def basename(url: str) -> str:
     return posixpath.basename(rest.rstrip("/"))
 
 
-def _absolute(url: str) -> str:
+def absolute(url: str) -> str:
     """Plain relative paths become absolute: Ray workers do not share the driver's cwd."""
     url = _str(url)
     if "://" not in url and protocol(url) in _LOCAL:
@@ -199,7 +199,7 @@ def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     before AWS_* changed would keep its old credentials and endpoint. The key includes the pid
     so a forked child never reuses the parent's event-loop-bound client.
     """
-    url = _absolute(url)
+    url = absolute(url)
     if "::" in url:  # chained URLs (simplecache::s3://...) are fsspec's business
         return fsspec.core.url_to_fs(url)
     proto = protocol(url)
@@ -416,7 +416,7 @@ def find_files(url: str) -> list[tuple[str, int]]:
     marker objects and our in-flight temp files are skipped. If `url` is itself a file the
     result is that one file.
     """
-    base = _absolute(url)
+    base = absolute(url)
     fs, path = url_to_fs(base)
     out = []
     for name, info in fs.find(path, detail=True).items():
@@ -432,7 +432,7 @@ def find_files(url: str) -> list[tuple[str, int]]:
 
 def list_dir(url: str) -> tuple[list[str], list[tuple[str, int]]]:
     """One level below `url`: (sorted sub-directory urls, sorted (file url, size))."""
-    base = _absolute(url)
+    base = absolute(url)
     fs, path = url_to_fs(base)
     dirs, files = [], []
     for info in fs.ls(path, detail=True):
@@ -597,7 +597,7 @@ def _check_readable_s3(url: str, path: str) -> None:
 
 def check_readable(url: str) -> None:
     """Raise ConfigError (one line) unless `url` exists and can be read. Fails in seconds."""
-    url = _absolute(url)
+    url = absolute(url)
     proto = protocol(url)
     try:
         fs, path = url_to_fs(url)
@@ -659,7 +659,7 @@ def _check_writable_s3(url: str, path: str) -> None:
 
 def check_writable(url: str) -> None:
     """Create `url` as a directory if needed, write and delete a probe; ConfigError on failure."""
-    url = _absolute(url)
+    url = absolute(url)
     proto = protocol(url)
     try:
         fs, path = url_to_fs(url)
@@ -697,7 +697,7 @@ def pyarrow_filesystem(url: str):
     """
     import pyarrow.fs as pafs
 
-    url = _absolute(url)
+    url = absolute(url)
     fs, path = url_to_fs(url)
     if protocol(url) in _LOCAL:
         return pafs.LocalFileSystem(), path

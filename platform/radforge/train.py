@@ -151,10 +151,10 @@ def run(recipe: TrainRecipe, *, resume: str = "auto", progress: bool = True) -> 
     if recipe.data.train_split not in splits:
         raise ConfigError(f"shard set {recipe.data.shards} has no {recipe.data.train_split!r} split (has: {', '.join(splits) or 'none'})")
     # Absolute URLs: workers run elsewhere (another cwd, another node).
-    store = storage._absolute(recipe.checkpoint.storage_path)
+    store = storage.absolute(recipe.checkpoint.storage_path)
     recipe = config.from_dict(TrainRecipe, {**config.to_dict(recipe),
-                                            "data": {**config.to_dict(recipe.data), "shards": storage._absolute(recipe.data.shards)},
-                                            "output_dir": storage._absolute(recipe.output_dir)})
+                                            "data": {**config.to_dict(recipe.data), "shards": storage.absolute(recipe.data.shards)},
+                                            "output_dir": storage.absolute(recipe.output_dir)})
     run_store = storage.join(store, recipe.name)
     run_dir = storage.join(recipe.output_dir, recipe.name)
     if resume == "never":
@@ -523,7 +523,6 @@ class _Worker:
         ranks would have to join; gathering once (every rank) into a copy avoids that and works
         the same for every stage. None on other ranks."""
         import deepspeed
-        import torch
 
         from radforge import models
 

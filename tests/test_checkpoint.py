@@ -10,7 +10,8 @@ import os
 import pytest
 import torch
 
-from radforge import checkpoint, config, models, transforms
+from radforge import checkpoint, config, kinds, models
+from radforge.transforms import Profile
 from radforge.config import TrainRecipe
 from radforge.errors import ConfigError
 
@@ -43,7 +44,7 @@ def test_export_and_load_for_inference_round_trip(tmp_path, one_process_group):
     stage = 1
     r = config.load(TrainRecipe, None, ["view.ct_size=[8,16,16]", "model.patch_ct=[4,8,8]", "scale.num_workers=1",
                                         f"deepspeed.zero_stage={stage}", "deepspeed.micro_batch=2"])
-    view = transforms.ModelView(r.view, "ct")
+    view = kinds.CT.view(r.view)
     torch.manual_seed(0)
     model = models.build(r.model, "ct", view.input_shape)
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
@@ -55,11 +56,11 @@ def test_export_and_load_for_inference_round_trip(tmp_path, one_process_group):
     ckpt = tmp_path / "ckpt"
     engine.save_checkpoint(str(ckpt / "ds"), tag="step00000001")
     (ckpt / "state.json").write_text(json.dumps({
-        "step": 1, "tag": "step00000001", "world_size": 1, "recipe": config.to_dict(r), "profile": {"profile_id": "p"},
+        "step": 1, "tag": "step00000001", "world_size": 1, "recipe": config.to_dict(r), "profile": Profile().to_dict(),
         "findings": ["nodule"], "kind": "mae", "image": "ct", "zero_stage": stage, "scalar_params": []}))
     out = checkpoint.export(str(ckpt), str(tmp_path / "model"))
     lm = checkpoint.load_for_inference(out)
-    assert (lm.kind, lm.image, lm.findings, lm.profile) == ("mae", "ct", ["nodule"], {"profile_id": "p"})
+    assert (lm.kind, lm.image, lm.findings, lm.profile) == ("mae", kinds.CT, ["nodule"], Profile())
     assert lm.view == r.view and not lm.model.training
     engine.module.eval()
     with torch.no_grad():

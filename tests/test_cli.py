@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from radforge import cli, config, shardspec
+from radforge.transforms import Profile
 from radforge.config import IngestRecipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,7 +127,7 @@ def fake_ingest(monkeypatch):
 
     def run(source, dest, recipe, *, reports=None, labels=None, progress=True):
         calls.append(dict(source=source, dest=dest, recipe=recipe, reports=reports, labels=labels, progress=progress))
-        m = shardspec.new_manifest(profile=shardspec.profile(recipe), recipe=config.to_dict(recipe),
+        m = shardspec.new_manifest(profile=Profile.from_recipe(recipe), recipe=config.to_dict(recipe),
                                    deid={"demo_key": recipe.deid.demo_key}, plan_digest="x")
         n = samples["n"]
         records = [{"path": "train/train-000000.tar", "split": "train", "samples": n, "bytes": 10 * n,
@@ -218,7 +219,7 @@ def shard_set(tmp_path):
         records.append({"path": shardspec.shard_name(split, 0), "split": split, "samples": n,
                         "bytes": path.stat().st_size, "sha256": "", "modalities": {modality: n}})
     recipe = IngestRecipe()
-    m = shardspec.new_manifest(profile=shardspec.profile(recipe), recipe=config.to_dict(recipe),
+    m = shardspec.new_manifest(profile=Profile.from_recipe(recipe), recipe=config.to_dict(recipe),
                                deid={"demo_key": False}, plan_digest="x")
     shardspec.finalize(m, records, {"seen": 6, "used": 5, "skipped": {"localizer": 1}, "rejected": {}})
     (dest / "manifest.json").write_text(json.dumps(m))

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from radforge import evaluate
+from radforge.transforms import Profile
+from radforge import evaluate, kinds
 from radforge.config import EvalConfig, TextConfig
 from radforge.models import text as text_mod
 from radforge.models.clip import CLIP
@@ -214,7 +215,7 @@ def _write_shards(dest, splits: dict[str, int]) -> str:
             f.write(data)
         recs.append({"path": path, "split": split, "samples": n, "bytes": len(data),
                      "sha256": hashlib.sha256(data).hexdigest(), "modalities": {"DX": n}})
-    manifest = shardspec.new_manifest(profile={}, recipe={}, deid={}, plan_digest="t")
+    manifest = shardspec.new_manifest(profile=Profile(), recipe={}, deid={}, plan_digest="t")
     shardspec.finalize(manifest, recs, {"seen": 0, "used": 0, "skipped": {}, "rejected": {}})
     with open(os.path.join(dest, shardspec.MANIFEST), "w") as f:
         json.dump(manifest, f)
@@ -231,14 +232,14 @@ def test_run_streams_the_split_through_the_loader(tmp_path):
     view = ViewConfig(xray_size=SIZE, xray_mean=0.5, xray_std=0.25, rand_crop=False)
     torch.manual_seed(0)
     mae = MAE(ViT((1, SIZE, SIZE), (4, 4), 32, 2, 2), decoder_width=32, decoder_depth=1)
-    loaded = SimpleNamespace(model=mae, kind="mae", image="xray", view=view, findings=FINDINGS, model_id="t")
+    loaded = SimpleNamespace(model=mae, kind="mae", image=kinds.XRAY, view=view, findings=FINDINGS, model_id="t")
     with torch.no_grad():  # as the training loop calls it: the linear probe still fits
         r = evaluate.run(loaded, shards, split="test", cfg=EvalConfig(bootstrap=10))
     assert r["kind"] == "mae" and r["n"] == 24 and r["split"] == "test" and r["recon_loss"] > 0
     assert r["linear_probe"]["n_train"] == 40 and set(r["per_finding"]) == set(FINDINGS)
     tok = text_mod.train_tokenizer(["no nodule.", "effusion is present."], TextConfig(vocab_size=100, max_len=24))
     clip = CLIP(ViT((1, SIZE, SIZE), (8, 8), 32, 2, 2), text_mod.SmallTextEncoder(tok, TextConfig(width=32, depth=1, heads=2, max_len=24)), 16)
-    loaded = SimpleNamespace(model=clip, kind="clip", image="xray", view=view, findings=FINDINGS, model_id="c")
+    loaded = SimpleNamespace(model=clip, kind="clip", image=kinds.XRAY, view=view, findings=FINDINGS, model_id="c")
     with torch.no_grad():  # as the training loop calls it
         r = evaluate.run(loaded, shards, split="test", cfg=EvalConfig(bootstrap=10, max_samples=20))
     assert r["n"] == 20 and r["n_with_report"] == 20 and set(r["recall"]) == {"image_to_text", "text_to_image"}

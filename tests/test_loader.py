@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from radforge.transforms import Profile
 from radforge import shardspec, storage
 from radforge.config import DataConfig, IngestRecipe, ViewConfig
 from radforge.errors import ConfigError
@@ -61,7 +62,7 @@ def write_set(dest, sizes, *, split="train", modality=lambda k: "CT", report=lam
             f.write(data)
         recs.append({"path": path, "split": split, "samples": n, "bytes": len(data),
                      "sha256": hashlib.sha256(data).hexdigest(), "modalities": mods})
-    manifest = shardspec.new_manifest(profile={}, recipe={}, deid={}, plan_digest="t")
+    manifest = shardspec.new_manifest(profile=Profile(), recipe={}, deid={}, plan_digest="t")
     shardspec.finalize(manifest, recs, {"seen": 0, "used": 0, "skipped": {}, "rejected": {}})
     with open(os.path.join(dest, shardspec.MANIFEST), "w") as f:
         json.dump(manifest, f)

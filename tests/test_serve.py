@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radforge import checkpoint, config, dicom, phantoms, shardspec, transforms
+from radforge import checkpoint, config, dicom, kinds, phantoms
+from radforge.transforms import Profile
 from radforge.config import IngestRecipe, ModelConfig, TextConfig, ViewConfig
 
 requests = pytest.importorskip("requests")
@@ -42,12 +43,12 @@ def write_model(out: Path, image: str, view: ViewConfig, seed: int, name: str) -
     cfg = ModelConfig(kind="clip", preset="tiny", patch_ct=(4, 16, 16), patch_xray=16, embed_dim=32,
                       text=TextConfig(vocab_size=200, max_len=16, width=32, depth=1, heads=2))
     tok = text.train_tokenizer(REPORTS * 4, cfg.text)
-    shape = transforms.ModelView(view, image).input_shape
+    shape = kinds.get(image).view(view).input_shape
     model = models.build(cfg, image, shape, tok, pretrained=False)
     out.mkdir(parents=True)
     save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(out / checkpoint.WEIGHTS))
     tok.save(str(out / "tokenizer"))
-    profile = shardspec.profile(config.from_dict(IngestRecipe, {"name": "serve-test", "xray": {"longest_side": 256}}))
+    profile = Profile.from_recipe(config.from_dict(IngestRecipe, {"name": "serve-test", "xray": {"longest_side": 256}})).to_dict()
     meta = {"kind": "clip", "image": image, "model": config.to_dict(cfg), "view": config.to_dict(view),
             "profile": profile, "findings": FINDINGS,
             "prompts": {"positive": "{finding} is present.", "negative": "no {finding}."},
@@ -73,7 +74,7 @@ def files(tmp_path_factory):
     others = [phantoms.xray(root / f"o{i}.dcm", phantoms.make_study(phantoms.make_patient(20 + i)), rows=200 + 20 * i,
                             cols=180, seed=i) for i in range(3)]
     other_bytes = [Path(o.path).read_bytes() for o in others]
-    shards = write_shards(root / "shards", other_bytes, json.loads((Path(xr_model) / checkpoint.MODEL_JSON).read_text())["profile"])
+    shards = write_shards(root / "shards", other_bytes, checkpoint.load_for_inference(xr_model).profile)
     serve_mod.build_index(xr_model, shards, str(root / "index"), split="test", batch_size=2)
     return {
         "shards": shards,
@@ -94,7 +95,7 @@ def key(i: int) -> str:
     return f"{i:024x}"
 
 
-def write_shards(dest: Path, dicoms: list[bytes], profile: dict) -> str:
+def write_shards(dest: Path, dicoms: list[bytes], profile: Profile) -> str:
     """One test-split shard of X-rays in the stored form (dicom.canonical_from_files) + manifest."""
     import hashlib
     import tarfile
@@ -103,7 +104,7 @@ def write_shards(dest: Path, dicoms: list[bytes], profile: dict) -> str:
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tf:
         for i, d in enumerate(dicoms):
-            arr, meta = dicom.canonical_from_files([d], profile, image="xray")
+            arr, meta = dicom.canonical_from_files([d], profile, image=kinds.XRAY)
             meta = {"modality": meta["modality"], "shape": list(arr.shape), "split": "test", "has_report": False}
             for suffix, data in shardspec.encode_sample(key(i), arr, meta).items():
                 info = tarfile.TarInfo(f"{key(i)}.{suffix}")
@@ -189,7 +190,7 @@ def test_canonical_from_files_is_the_ingest_path(files):
     from radforge import ingest
 
     lm = checkpoint.load_for_inference(files["xr_model"])
-    arr, meta = dicom.canonical_from_files([files["xray"]], lm.profile, image="xray")
+    arr, meta = dicom.canonical_from_files([files["xray"]], lm.profile, image=kinds.XRAY)
     recipe = config.from_dict(IngestRecipe, {"name": "serve-test", "xray": {"longest_side": 256}, "deid": {"demo_key": True}})
     row = dicom.scan(files["xray_path"], len(files["xray"]), io.BytesIO(files["xray"]))
     (item,) = dicom.plan_group([row], dicom.PlanContext(recipe, dicom.deid.Pseudonymizer(b"k")))
@@ -197,9 +198,9 @@ def test_canonical_from_files_is_the_ingest_path(files):
     stored, _, _ = shardspec.decode_sample(members)
     assert meta["modality"] == "DX" and arr.dtype == np.uint16 and max(arr.shape) == 256
     np.testing.assert_array_equal(arr, stored)
-    assert smeta["profile"] == lm.profile["profile_id"]
+    assert smeta["profile"] == lm.profile.profile_id
     with pytest.raises(dicom.Reject) as e:
-        dicom.canonical_from_files([files["xray"]], lm.profile, image="ct")
+        dicom.canonical_from_files([files["xray"]], lm.profile, image=kinds.CT)
     assert e.value.reason == "modality_not_selected"
     with pytest.raises(dicom.Reject) as e:
         dicom.canonical_from_files([files["xray"], files["xray"][:-10]], lm.profile)
@@ -246,9 +247,9 @@ def test_embed_xray_equals_the_in_process_model(server, files):
     assert body["model"] == "xr-0001"
     assert body["preprocessing"]["input"] == "dicom" and body["preprocessing"]["modality"] == "DX"
     lm = checkpoint.load_for_inference(files["xr_model"])
-    assert body["preprocessing"]["profile_id"] == lm.profile["profile_id"]
-    arr, _ = dicom.canonical_from_files([files["xray"]], lm.profile, image="xray")
-    want = lm.embed_images(torch.from_numpy(transforms.ModelView(lm.view, "xray")(arr)[None]))[0].numpy()
+    assert body["preprocessing"]["profile_id"] == lm.profile.profile_id
+    arr, _ = dicom.canonical_from_files([files["xray"]], lm.profile, image=kinds.XRAY)
+    want = lm.embed_images(torch.from_numpy(kinds.XRAY.view(lm.view)(arr)[None]))[0].numpy()
     np.testing.assert_allclose(np.array(body["embedding"]), want, atol=1e-5)
     # The same image as a stored-form array: the same answer.
     r2 = post(server, "/v1/embed", npy(arr))

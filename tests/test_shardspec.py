@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from radforge import config, shardspec
+from radforge.transforms import Profile
 from radforge.config import IngestRecipe
 from radforge.errors import ConfigError
 
@@ -100,13 +101,13 @@ def test_shard_names_are_deterministic():
 
 
 def test_profile_id_is_stable_and_tracks_what_changes_stored_arrays():
-    base = shardspec.profile(IngestRecipe())
-    assert base == shardspec.profile(IngestRecipe())
+    base = Profile.from_recipe(IngestRecipe()).to_dict()
+    assert Profile.from_dict(base) == Profile.from_recipe(IngestRecipe())  # the JSON form round-trips
     assert len(base["profile_id"]) == 12 and base["ct"]["spacing_mm"] == [3.0, 1.5, 1.5]
     json.dumps(base)  # JSON-able as it goes into the manifest
 
     def pid(*sets):
-        return shardspec.profile(config.load(IngestRecipe, None, list(sets)))["profile_id"]
+        return Profile.from_recipe(config.load(IngestRecipe, None, list(sets))).profile_id
 
     assert pid() == base["profile_id"]
     assert pid("ct.spacing_mm=[2, 1.5, 1.5]") != base["profile_id"]
@@ -136,7 +137,7 @@ INPUTS = {"seen": 30, "used": 20, "skipped": {"localizer": 2}, "rejected": {"sli
 def _manifest(records=RECORDS, inputs=INPUTS) -> dict:
     recipe = IngestRecipe()
     m = shardspec.new_manifest(
-        profile=shardspec.profile(recipe),
+        profile=Profile.from_recipe(recipe),
         recipe=config.to_dict(recipe),
         deid={"pseudonyms": "hmac-sha256", "demo_key": False, "keep_age_sex": False},
         plan_digest="p" * 16,

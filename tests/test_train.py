@@ -22,7 +22,8 @@ import numpy as np
 import pytest
 import torch
 
-from radforge import checkpoint, config, phantoms, shardspec, storage, train
+from radforge import checkpoint, config, kinds, phantoms, shardspec, storage, train
+from radforge.transforms import Profile
 from radforge.config import IngestRecipe, TrainRecipe
 from radforge.errors import ConfigError
 
@@ -70,7 +71,7 @@ def _one_shard(src: str, dest: str, n: int = 48) -> str:
 
     rec = {"path": path, "split": "train", "samples": count, "bytes": len(data),
            "sha256": hashlib.sha256(data).hexdigest(), "modalities": {"DX": count}}
-    out = shardspec.new_manifest(profile=m["profile"], recipe=m["recipe"], deid=m["deid"], plan_digest="one-shard")
+    out = shardspec.new_manifest(profile=Profile.from_dict(m["profile"]), recipe=m["recipe"], deid=m["deid"], plan_digest="one-shard")
     shardspec.finalize(out, [rec], {"seen": count, "used": count, "skipped": {}, "rejected": {}})
     storage.write_bytes_atomic(storage.join(dest, shardspec.MANIFEST), json.dumps(out).encode())
     return dest
@@ -141,7 +142,7 @@ def test_every_recipe_loads_and_builds(tmp_path):
     for name in names:
         r = config.load(TrainRecipe, str(RECIPES / name))
         train.deepspeed_config(r)
-        view = transforms.ModelView(r.view, r.data.image)
+        view = kinds.get(r.data.image).view(r.view)
         tok = None
         if r.model.kind == "clip":
             from radforge.models import text
@@ -326,10 +327,10 @@ def test_tiny_mae_validation_loss_falls_well_below_its_initial_value(shards, tmp
         f"checkpoint.storage_path={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'runs'}"])
     from radforge import evaluate, models, transforms
 
-    view = transforms.ModelView(r.view, "ct")
+    view = kinds.CT.view(r.view)
     torch.manual_seed(r.seed)
     init = models.build(r.model, "ct", view.input_shape)
-    lm0 = checkpoint.LoadedModel(model=init, kind="mae", image="ct", view=r.view, profile={}, model_id="init",
+    lm0 = checkpoint.LoadedModel(model=init, kind="mae", image=kinds.CT, view=r.view, profile=Profile(), model_id="init",
                                  findings=[], prompts={})
     cfg = config.from_dict(type(r.eval), {**config.to_dict(r.eval), "findings": []})
     before = evaluate.run(lm0, shards, split="val", cfg=cfg)["recon_loss"]

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from radforge import kinds
 from radforge import transforms as T
 
 
@@ -296,7 +297,7 @@ from radforge.config import ViewConfig  # noqa: E402
 
 def test_model_view_ct_windows_crop_and_air_padding():
     view = ViewConfig(ct_windows=[(40.0, 400.0), (-600.0, 1500.0)], ct_size=(4, 6, 6))
-    mv = T.ModelView(view, "ct")
+    mv = kinds.CT.view(view)
     vol = np.full((2, 10, 4), 40, np.int16)  # z too small (pad), y too big (crop), x too small (pad)
     vol[:, 5, :] = 240  # the top of the soft-tissue window
     out = mv(vol, {})
@@ -312,7 +313,7 @@ def test_model_view_ct_windows_crop_and_air_padding():
 
 def test_model_view_deterministic_without_rng_and_reproducible_with_seed():
     view = ViewConfig(ct_size=(4, 8, 8), rand_flip=True)
-    mv = T.ModelView(view, "ct")
+    mv = kinds.CT.view(view)
     vol = np.random.default_rng(0).integers(-1024, 1500, size=(12, 20, 20)).astype(np.int16)
     a, b = mv(vol, {}), mv(vol, {})
     assert np.array_equal(a, b)
@@ -322,13 +323,13 @@ def test_model_view_deterministic_without_rng_and_reproducible_with_seed():
     assert np.array_equal(r1, r2)
     outs = {mv(vol, {}, np.random.default_rng(s)).tobytes() for s in range(8)}
     assert len(outs) > 1  # random crops (and flips) do vary
-    fixed = T.ModelView(ViewConfig(ct_size=(4, 8, 8), rand_crop=False), "ct")
+    fixed = kinds.CT.view(ViewConfig(ct_size=(4, 8, 8), rand_crop=False))
     assert np.array_equal(fixed(vol, {}, np.random.default_rng(7)), a)  # rand_crop off: centre even in training
 
 
 def test_model_view_xray_short_side_resize_crop_normalise():
     view = ViewConfig(xray_size=32, xray_mean=0.5, xray_std=0.25)
-    mv = T.ModelView(view, "xray")
+    mv = kinds.XRAY.view(view)
     img = np.zeros((64, 128), np.uint16)
     img[:, 64:] = 65535
     out = mv(img, {})
@@ -345,7 +346,7 @@ def test_crop_or_pad_and_flip_pieces():
     x = np.arange(10)
     assert T.CropOrPad((4,))(x).tolist() == [3, 4, 5, 6]
     assert T.CropOrPad((13,), pad_value=-1)(x).tolist() == [-1] + list(range(10)) + [-1, -1]
-    starts = {int(T.RandCropOrPad((4,))(x, np.random.default_rng(s))[0]) for s in range(40)}
+    starts = {int(T.CropOrPad((4,))(x, np.random.default_rng(s))[0]) for s in range(40)}
     assert starts == set(range(7))
     assert T.RandFlip(1.0)(x, np.random.default_rng(0)).tolist() == x[::-1].tolist()
     assert T.RandFlip(1.0)(x, None).tolist() == x.tolist()
@@ -355,7 +356,7 @@ def test_crop_or_pad_and_flip_pieces():
 
 def test_model_view_resamples_from_stored_spacing():
     view = ViewConfig(ct_size=(4, 8, 8), ct_spacing_mm=(3.0, 3.0, 3.0), ct_windows=[(0.0, 2000.0)])
-    mv = T.ModelView(view, "ct")
+    mv = kinds.CT.view(view)
     vol = np.full((4, 16, 16), 500, np.int16)  # 3 x 1.5 x 1.5 mm → 4 x 8 x 8 at 3 mm
     out = mv(vol, {"spacing_mm": [3.0, 1.5, 1.5]})
     assert out.shape == (1, 4, 8, 8) and np.allclose(out, 0.75)  # no air padding needed: resampled to fit

@@ -642,17 +642,18 @@ def _bench_model(root: str) -> str:
     import torch
     from safetensors.torch import save_file
 
-    from radforge import checkpoint, config, models, shardspec, transforms
+    from radforge import checkpoint, config, kinds, models
+    from radforge.transforms import Profile
     from radforge.config import IngestRecipe, ModelConfig, ViewConfig
 
     torch.manual_seed(0)
     view, cfg = ViewConfig(rand_crop=False), ModelConfig(kind="mae", preset="tiny")
-    model = models.build(cfg, "xray", transforms.ModelView(view, "xray").input_shape, pretrained=False)
+    model = models.build(cfg, kinds.XRAY, kinds.XRAY.view(view).input_shape, pretrained=False)
     out = os.path.join(root, "bench-model")
     os.makedirs(out, exist_ok=True)
     save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, os.path.join(out, checkpoint.WEIGHTS))
     meta = {"kind": "mae", "image": "xray", "model": config.to_dict(cfg), "view": config.to_dict(view),
-            "profile": shardspec.profile(IngestRecipe()), "findings": [], "prompts": {}, "recipe": {}, "step": 0,
+            "profile": Profile.from_recipe(IngestRecipe()).to_dict(), "findings": [], "prompts": {}, "recipe": {}, "step": 0,
             "model_id": "bench-mae-xray"}
     with open(os.path.join(out, checkpoint.MODEL_JSON), "w") as f:
         json.dump(meta, f)
@@ -790,7 +791,7 @@ def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests
     import numpy as np
     import torch
 
-    from radforge import checkpoint, transforms
+    from radforge import checkpoint
     from radforge import serve as rserve
 
     own = workdir is None
@@ -809,7 +810,7 @@ def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests
 
         torch.set_num_threads(replica_cpus)  # what Ray gives a replica (OMP_NUM_THREADS = num_cpus)
         lm = checkpoint.load_for_inference(model_url, device)
-        view = transforms.ModelView(lm.view, lm.image)
+        view = lm.image.view(lm.view)
 
         def in_process():
             x = view(rserve.load_npy(payload, lm.image), {})

@@ -29,7 +29,9 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 
-from radforge import config, storage
+from radforge import config, kinds, storage
+from radforge.kinds import ImageKind
+from radforge.transforms import Profile
 from radforge.config import ModelConfig, TrainRecipe, ViewConfig
 from radforge.errors import ConfigError
 
@@ -43,9 +45,9 @@ class LoadedModel:
 
     model: object  # torch.nn.Module in eval mode
     kind: str  # "mae" | "clip"
-    image: str  # "ct" | "xray"
+    image: ImageKind
     view: ViewConfig  # the exact model view used in training
-    profile: dict  # the shard preprocessing profile the model was trained on
+    profile: Profile  # the shard preprocessing profile the model was trained on
     model_id: str  # name + short digest of the weights
     findings: list[str]
     prompts: dict  # {"positive": "...{finding}...", "negative": "..."}
@@ -207,7 +209,7 @@ def read_weights(model_url: str) -> dict:
 
 def load_for_inference(model_url: str, device: str = "cpu") -> LoadedModel:
     """Rebuild an exported model (no DeepSpeed): model.json → radforge.models.build → weights."""
-    from radforge import models, transforms
+    from radforge import models
 
     try:
         meta = json.loads(storage.read_bytes(storage.join(model_url, MODEL_JSON)))
@@ -223,12 +225,12 @@ def load_for_inference(model_url: str, device: str = "cpu") -> LoadedModel:
 
             local = _fetch(tok_url, os.path.join(tmp, "tokenizer"))
             tokenizer = text.Tokenizer.load(local)
-        mv = transforms.ModelView(view, meta["image"])
-        model = models.build(model_cfg, meta["image"], mv.input_shape, tokenizer, pretrained=False)
+        image = kinds.get(meta["image"])
+        model = models.build(model_cfg, image, image.view(view).input_shape, tokenizer, pretrained=False)
     missing, unexpected = model.load_state_dict(read_weights(model_url), strict=False)
     # non-persistent buffers (position tables) are rebuilt from the shape; anything else is an error
     if unexpected or missing:
         raise ConfigError(f"{model_url}: weights do not match the model config (missing {list(missing)[:3]}, unexpected {list(unexpected)[:3]})")
     model.to(device).eval()
-    return LoadedModel(model=model, kind=meta["kind"], image=meta["image"], view=view, profile=meta["profile"],
+    return LoadedModel(model=model, kind=meta["kind"], image=image, view=view, profile=Profile.from_dict(meta["profile"]),
                        model_id=meta["model_id"], findings=list(meta["findings"]), prompts=dict(meta["prompts"]), device=device)

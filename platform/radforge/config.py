@@ -19,13 +19,14 @@ from typing import Any
 
 import yaml
 
+from radforge import kinds
 from radforge.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------------
 # Ingest recipe
 # ---------------------------------------------------------------------------------------------
 
-SUPPORTED_MODALITIES = ("CT", "CR", "DX")
+SUPPORTED_MODALITIES = kinds.MODALITIES
 
 
 @dataclass
@@ -152,7 +153,7 @@ class IngestRecipe:
 
 MODEL_KINDS = ("mae", "clip")
 VIT_PRESETS = ("tiny", "small", "base", "large")
-IMAGE_KINDS = ("ct", "xray")  # ct = 3D volumes (CT); xray = 2D images (CR, DX)
+IMAGE_KINDS = tuple(kinds.KINDS)  # ct = 3D volumes (CT); xray = 2D images (CR, DX)
 
 
 @dataclass
@@ -266,6 +267,10 @@ class ModelConfig:
             raise ConfigError("model.mask_ratio must be in (0, 1)")
         if not self.init_temperature > 0:
             raise ConfigError("model.init_temperature must be > 0")
+
+    def patch(self, image: kinds.ImageKind) -> tuple[int, ...]:
+        """The patch (voxels per axis) for an image kind: `patch_ct` in 3D, `patch_xray` squared in 2D."""
+        return tuple(self.patch_ct) if image.ndim == 3 else (self.patch_xray,) * image.ndim
 
 
 @dataclass

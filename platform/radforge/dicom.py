@@ -38,7 +38,8 @@ import pyarrow as pa
 import pydicom
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
-from radforge import deid
+from radforge import deid, kinds
+from radforge.transforms import spacing_zyx
 
 # Never let pydicom warn about invalid element values: its warnings quote the value, and a
 # malformed PatientName or date would then reach logs. Values are validated where they are used.
@@ -77,7 +78,7 @@ def _quiet():
         _QUIET.on = prev
 
 
-XRAY_MODALITIES = ("CR", "DX")
+XRAY_MODALITIES = kinds.XRAY.modalities
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 XRAY_STORAGE = (
@@ -962,28 +963,22 @@ def _window(ds, values: np.ndarray) -> np.ndarray | None:
 def canonical(item: dict, read: Callable[[str], bytes], profile: dict) -> tuple[np.ndarray, dict]:
     """A planned item → (stored canonical array, geometry metadata), per a preprocessing profile.
 
-    `profile` is `shardspec.profile(recipe)` / a manifest's ``profile`` (only ``ct.spacing_mm``,
-    ``xray.longest_side`` and ``xray.voi`` are read). CT: HU, padding floored at -1024, oriented
-    to LPS, resampled, int16. X-ray: presentation values, longest side resized, uint16. This is
+    `profile` is a `transforms.Profile` (the ingest recipe's, or the one a model was trained on),
+    which owns the operations: CT HU → int16 at the profile spacing in LPS; X-ray presentation
+    values → uint16 with the profile's longest side and VOI. This is
     THE code path from DICOM to the stored form: ingest writes its output into shards, serving
     feeds it to the model view, so the two cannot drift apart.
 
     Input problems raise `Reject`.
     """
-    from radforge import transforms  # torch is imported lazily by Resample only
-
     info = json.loads(item["info"])
     if item["kind"] == "ct":
         hu, affine = load_ct(item, read)
-        # Padding outside the field of view (-2048, -3024) must not blend into tissue when resampled.
-        np.maximum(hu, transforms.HU_MIN, out=hu)
-        hu, affine = transforms.Orient("LPS")(hu, affine)
-        meta: dict = {"canonical_source_spacing_mm": _spacing_zyx(affine)}
-        hu, affine = transforms.Resample(profile["ct"]["spacing_mm"])(hu, affine)
-        array = transforms.to_int16_hu(hu)
+        array, affine, source_spacing = profile.canonical_ct(hu, affine)
+        meta: dict = {"canonical_source_spacing_mm": _rounded(source_spacing)}
         meta.update(
             shape=list(array.shape),
-            spacing_mm=_spacing_zyx(affine),
+            spacing_mm=_rounded(spacing_zyx(affine)),
             affine_lps=[[round(float(v), 6) for v in r] for r in affine.tolist()],
             orientation="LPS",
             units="HU",
@@ -991,9 +986,7 @@ def canonical(item: dict, read: Callable[[str], bytes], profile: dict) -> tuple[
         return array, meta
     if item["kind"] != "xray":
         raise ValueError(f"not a planned sample: kind {item['kind']!r}")
-    img = load_xray(item, read, profile["xray"]["voi"])
-    img, _ = transforms.ResizeLongest(profile["xray"]["longest_side"])(img)
-    array = np.clip(np.rint(img * 65535.0), 0, 65535).astype(np.uint16)
+    array = profile.canonical_xray(load_xray(item, read, profile.xray_voi))
     meta = {"shape": list(array.shape), "photometric": "MONOCHROME2", "units": "presentation"}
     src_sp = info.get("source_spacing_mm")
     if src_sp:
@@ -1005,21 +998,17 @@ def canonical(item: dict, read: Callable[[str], bytes], profile: dict) -> tuple[
     return array, meta
 
 
-def _spacing_zyx(affine: np.ndarray) -> list[float]:
-    return [round(float(np.linalg.norm(affine[:3, i])), 6) for i in (2, 1, 0)]
+def _rounded(spacing) -> list[float]:
+    return [round(float(v), 6) for v in spacing]
 
 
-# Modalities a model's image kind accepts.
-IMAGE_MODALITIES = {"ct": ("CT",), "xray": XRAY_MODALITIES}
-
-
-def canonical_from_files(datas: list[bytes], profile: dict, *, image: str | None = None,
+def canonical_from_files(datas: list[bytes], profile, *, image: kinds.ImageKind | None = None,
                          ct: object | None = None) -> tuple[np.ndarray, dict]:
     """The DICOM files of ONE image (a radiograph, or every slice of one CT series) → (canonical
     array, metadata), exactly as ingest would store it: `scan` → `plan_group` → `canonical`.
 
-    For serving, where the files arrive in a request rather than from a listing. `image`
-    ("ct" | "xray") restricts the accepted modalities (others: Reject("modality_not_selected"));
+    For serving, where the files arrive in a request rather than from a listing. `profile` is the
+    model's `transforms.Profile`; `image` (a `kinds.ImageKind`) restricts the accepted modalities (others: Reject("modality_not_selected"));
     `ct` is a `config.CTConfig` with the series validation thresholds (default: the ingest
     defaults, which the profile does not record). Strict where ingest is lenient: any unusable
     file rejects the whole request (a stray file in a series upload is a client error, not
@@ -1029,11 +1018,10 @@ def canonical_from_files(datas: list[bytes], profile: dict, *, image: str | None
     """
     from radforge import config
 
-    recipe = config.IngestRecipe(
-        modalities=list(IMAGE_MODALITIES[image]) if image else list(config.SUPPORTED_MODALITIES),
-        ct=dataclasses.replace(ct or config.CTConfig(), spacing_mm=tuple(profile["ct"]["spacing_mm"])),
-        xray=config.XrayConfig(longest_side=int(profile["xray"]["longest_side"]), voi=profile["xray"]["voi"]),
-    )
+    # Planning reads only the modalities and the CT validation thresholds of a recipe; the pixels
+    # follow `profile` (`canonical`), so nothing of the profile is turned back into a recipe.
+    recipe = config.IngestRecipe(modalities=list(image.modalities if image else kinds.MODALITIES),
+                                 ct=ct or config.CTConfig())
     # Pseudonyms are computed by planning but never leave this function: any key will do.
     ctx = PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(b"radforge-canonical-from-files"))
     files = {f"file{i}": bytes(d) for i, d in enumerate(datas)}

@@ -275,7 +275,7 @@ def run(model, shards: str, *, split: str = "test", cfg: EvalConfig | None = Non
     findings = list(cfg.findings) or list(model.findings) or None
 
     def loader(which: str):
-        data = DataConfig(shards=shards, image=model.image, num_workers=0, require_report=False)
+        data = DataConfig(shards=shards, image=model.image.name, num_workers=0, require_report=False)
         return build_loader(data, model.view, split=which, batch_size=EVAL_BATCH, train=False, findings=findings)
 
     batches = loader(split)

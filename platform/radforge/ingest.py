@@ -43,6 +43,7 @@ import pyarrow as pa
 
 from radforge import config, deid, dicom, shardspec, storage
 from radforge.config import IngestRecipe
+from radforge.transforms import Profile
 from radforge.errors import ConfigError
 
 log = logging.getLogger("radforge.ingest")
@@ -237,7 +238,7 @@ def run(
     records = _load_progress(progress_url, digest)
     inputs = _accounting(items, records, seen, private)
     m = shardspec.new_manifest(
-        profile=shardspec.profile(recipe),
+        profile=Profile.from_recipe(recipe),
         recipe=recipe_d,
         deid={"pseudonyms": "hmac-sha256", "demo_key": secret == deid.DEMO_KEY, "keep_age_sex": recipe.deid.keep_age_sex},
         plan_digest=digest,
@@ -517,6 +518,7 @@ def make_sample(row: dict, info: dict, recipe: IngestRecipe, tables: dict | None
     The pixels go through `dicom.canonical`, the one DICOM → stored-array path that serving
     (`dicom.canonical_from_files`) uses too.
     """
+    profile = Profile.from_recipe(recipe)
     meta: dict[str, Any] = {
         "schema_version": shardspec.SCHEMA_VERSION,
         "modality": info["modality"],
@@ -524,13 +526,13 @@ def make_sample(row: dict, info: dict, recipe: IngestRecipe, tables: dict | None
         "study": info["study"],
         "series": info["series"],
         "split": row["split"],
-        "profile": shardspec.profile(recipe)["profile_id"],
+        "profile": profile.profile_id,
         "acquisition": deid.safe_metadata(info["safe"], recipe.deid),
         "source_shape": info["source_shape"],
     }
     if "source_spacing_mm" in info:
         meta["source_spacing_mm"] = [round(float(v), 6) for v in info["source_spacing_mm"]]
-    array, geometry = dicom.canonical(row, storage.read_bytes, shardspec.profile(recipe))
+    array, geometry = dicom.canonical(row, storage.read_bytes, profile)
     meta.update(geometry)
     report = None
     if tables:

@@ -76,14 +76,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch.utils.data as tud
 
-from radforge import shardspec, storage
+from radforge import kinds, shardspec, storage
 from radforge.errors import ConfigError
 
-__all__ = ["build_loader", "StreamingLoader", "LoaderError", "MODALITIES"]
+__all__ = ["build_loader", "StreamingLoader", "LoaderError"]
 
 log = logging.getLogger(__name__)
 
-MODALITIES = {"ct": ("CT",), "xray": ("CR", "DX")}
 STATE_VERSION = 1
 
 
@@ -547,16 +546,14 @@ class StreamingLoader:
 
     def __init__(self, data, view, *, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, train: bool = True, findings: list[str] | None = None, state: dict | None = None):
-        from radforge.transforms import ModelView
-
         if batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
         self.data, self.split, self.rank, self.seed, self.train = data, split, rank, int(seed), bool(train)
         self._layout = _Layout(world_size, max(1, data.num_workers), batch_size)
-        self._modalities = MODALITIES[data.image]
-        self._view = ModelView(view, data.image)
+        self._modalities = kinds.get(data.image).modalities
+        self._view = kinds.get(data.image).view(view)
         self.input_shape = self._view.input_shape
         self.manifest = shardspec.read_manifest(data.shards)
         root = data.shards[: -len(shardspec.MANIFEST)] if data.shards.endswith(".json") else data.shards

@@ -296,8 +296,8 @@ def _unzip(data: bytes, *, max_files: int, max_bytes: int) -> list[bytes]:
     return out
 
 
-def load_npy(data: bytes, image: str):
-    """A .npy upload → the stored canonical array the model's view expects, or ApiError."""
+def load_npy(data: bytes, image):
+    """A .npy upload → the stored canonical array of `image` (a `kinds.ImageKind`), or ApiError."""
     import numpy as np
 
     try:
@@ -306,12 +306,15 @@ def load_npy(data: bytes, image: str):
         raise ApiError(400, "bad_array") from None
     if not isinstance(arr, np.ndarray):
         raise ApiError(400, "bad_array")
-    want_dtype, want_ndim, form = (np.int16, 3, "int16 [z, y, x] HU") if image == "ct" else (np.uint16, 2, "uint16 [y, x]")
-    if arr.dtype != want_dtype or arr.ndim != want_ndim or min(arr.shape) < 1 or max(arr.shape) > 8192:
+    try:
+        image.check_stored(arr)
+        if min(arr.shape) < 1 or max(arr.shape) > 8192:
+            raise ValueError
+    except ValueError:
         raise ApiError(
             422, "wrong_array",
-            f"this {image} model takes the stored form {form}; got {arr.dtype.name} with shape {list(arr.shape)}",
-        )
+            f"this {image.name} model takes the stored form {image.stored_form}; got {arr.dtype.name} with shape {list(arr.shape)}",
+        ) from None
     return np.ascontiguousarray(arr)
 
 
@@ -359,10 +362,10 @@ def build_index(model_url: str, shards: str, out: str, *, split: str = "test", b
 
     lm = checkpoint.load_for_inference(model_url)
     manifest = shardspec.read_manifest(shards)
-    if manifest["profile"].get("profile_id") != lm.profile.get("profile_id"):
+    if manifest["profile"].get("profile_id") != lm.profile.profile_id:
         raise ConfigError(f"{shards} was made with preprocessing profile {manifest['profile'].get('profile_id')}, "
                           f"the model with {lm.profile.get('profile_id')}: index shards made with the model's profile")
-    data = config.DataConfig(shards=shards, image=lm.image, num_workers=0)
+    data = config.DataConfig(shards=shards, image=lm.image.name, num_workers=0)
     it = loader.build_loader(data, lm.view, split=split, batch_size=batch_size, train=False)
     embs, keys = [], []
     bar = None
@@ -379,15 +382,15 @@ def build_index(model_url: str, shards: str, out: str, *, split: str = "test", b
     if bar is not None:
         bar.close()
     if not keys:
-        raise ConfigError(f"split {split!r} of {shards} has no {lm.image} samples")
+        raise ConfigError(f"split {split!r} of {shards} has no {lm.image.name} samples")
     matrix = np.concatenate(embs)
     buf = io.BytesIO()
     np.save(buf, matrix, allow_pickle=False)
     info = {
         "format": INDEX_FORMAT,
         "model_id": lm.model_id,
-        "profile_id": lm.profile.get("profile_id"),
-        "image": lm.image,
+        "profile_id": lm.profile.profile_id,
+        "image": lm.image.name,
         "split": split,
         "n": len(keys),
         "dim": int(matrix.shape[1]),
@@ -566,7 +569,7 @@ class RadforgeServer:
         return x, prep, fields
 
     def _preprocess(self, lm, parts: list[bytes]):
-        from radforge import config, dicom, transforms
+        from radforge import config, dicom
 
         kind, payload = unpack_upload(parts, max_files=self.cfg.max_files, max_bytes=self._max_bytes)
         if kind == "npy":
@@ -579,10 +582,10 @@ class RadforgeServer:
             modality = meta["modality"]
         view = self._views.get(lm.model_id)
         if view is None:
-            view = self._views[lm.model_id] = transforms.ModelView(lm.view, lm.image)
+            view = self._views[lm.model_id] = lm.image.view(lm.view)
         x = view(array, {})
         prep = {
-            "profile_id": lm.profile.get("profile_id"),
+            "profile_id": lm.profile.profile_id,
             "view": config.to_dict(lm.view),
             "input": kind,
             "modality": modality,

@@ -13,44 +13,17 @@ Bump SCHEMA_VERSION (and SPEC.md) on any change a reader could notice.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from typing import Any
 
 import numpy as np
 
+from radforge import kinds
+
 SCHEMA = "radforge.shards"
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def profile(recipe) -> dict:
-    """The preprocessing profile: everything a consumer needs to interpret stored arrays.
-
-    Training and serving compare this (via `profile_id`) with what they expect, so shards made
-    with other spacing/VOI settings are never silently mixed into one run.
-    """
-    body = {
-        "ct": {
-            "orientation": "LPS",
-            "spacing_mm": list(recipe.ct.spacing_mm),
-            "axis_order": "zyx",
-            "dtype": "int16",
-            "units": "HU",
-            "clip": [-1024, 32767],
-            "interpolation": "trilinear",
-        },
-        "xray": {
-            "longest_side": recipe.xray.longest_side,
-            "voi": recipe.xray.voi,
-            "dtype": "uint16",
-            "format": "png",
-            "photometric": "MONOCHROME2",
-        },
-    }
-    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:12]
-    return {"name": recipe.name, "profile_id": digest, **body}
 
 
 def encode_sample(key: str, array: np.ndarray, meta: dict, report: str | None = None) -> dict[str, bytes]:
@@ -58,15 +31,15 @@ def encode_sample(key: str, array: np.ndarray, meta: dict, report: str | None = 
     if "." in key or "/" in key:
         raise ValueError("sample keys may not contain '.' or '/' (WebDataset splits on the first dot)")
     members: dict[str, bytes] = {}
-    if meta["modality"] == "CT":
-        if array.dtype != np.int16 or array.ndim != 3:
-            raise ValueError("CT arrays are int16 [z, y, x]")
+    kind = kinds.of_modality(meta["modality"])
+    if kind is None:
+        raise ValueError(f"no image kind stores modality {meta['modality']!r}")
+    kind.check_stored(array)
+    if kind.codec == "npy":
         buf = io.BytesIO()
         np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
         members["npy"] = buf.getvalue()
     else:
-        if array.dtype != np.uint16 or array.ndim != 2:
-            raise ValueError("X-ray arrays are uint16 [y, x]")
         from PIL import Image
 
         buf = io.BytesIO()
@@ -96,11 +69,12 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}/{split}-{index:06d}.tar"
 
 
-def new_manifest(*, profile: dict, recipe: dict, deid: dict, plan_digest: str) -> dict[str, Any]:
+def new_manifest(*, profile, recipe: dict, deid: dict, plan_digest: str) -> dict[str, Any]:
+    """`profile`: the `transforms.Profile` the shards are made with."""
     return {
         "schema": SCHEMA,
         "schema_version": SCHEMA_VERSION,
-        "profile": profile,
+        "profile": profile.to_dict(),
         "recipe": recipe,
         "deid": deid,
         "plan_digest": plan_digest,

@@ -59,7 +59,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from radforge import config, storage
+from radforge import config, kinds, storage
 from radforge.config import TrainRecipe
 from radforge.errors import ConfigError
 
@@ -315,7 +315,7 @@ class _Worker:
         import torch
 
         from radforge import loader as loader_mod
-        from radforge import models, transforms
+        from radforge import models
 
         self.recipe, self.rank, self.world = recipe, rank, world
         self.run_dir, self.profile, self.progress = cfg["run_dir"], cfg["profile"], cfg["progress"]
@@ -350,7 +350,7 @@ class _Worker:
             self.step = int(state["step"])
 
         self.tokenizer = _tokenizer_from_files(self.tokenizer_files)
-        self.view = transforms.ModelView(recipe.view, recipe.data.image)
+        self.view = kinds.get(recipe.data.image).view(recipe.view)
         torch.manual_seed(recipe.seed)  # same initial weights on every rank
         # pretrained: outside weights (model.init_from, an HF text tower) only for a fresh start;
         # a resumed run gets every weight from its checkpoint.

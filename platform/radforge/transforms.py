@@ -51,8 +51,11 @@ HU storage
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import sys
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -71,6 +74,8 @@ __all__ = [
 
 HU_MIN = -1024
 HU_MAX = 32767
+CANONICAL_ORIENTATION = "LPS"
+CT_INTERPOLATION = "trilinear"  # storage resampling (Resample's mode)
 
 # Slab budget (elements) for chunked resampling: ~64 MB of float32 temporaries per slab keeps
 # peak memory near one input plus one output copy even for 512x512x600 series. Tests shrink it
@@ -540,7 +545,8 @@ def _crop_pad_plan(shape: Sequence[int], size: Sequence[int], rng: np.random.Gen
 
 
 class CropOrPad:
-    """Centre crop / pad every axis to ``size`` (MONAI's ResizeWithPadOrCrop).
+    """Crop / pad every axis to ``size`` (MONAI's ResizeWithPadOrCrop): a centre crop, or with
+    an ``rng`` a uniformly placed one (MONAI's RandSpatialCrop), so one class serves both.
 
     ``pad_value`` fills the padding *in the units of the input*: for CT that is air, -1024 HU,
     applied before windowing so padding looks like air to the model in every window.
@@ -566,13 +572,6 @@ class CropOrPad:
         if any(b or a for b, a in pads):
             x = np.pad(x, pads, mode="constant", constant_values=self.pad_value)
         return np.ascontiguousarray(x)
-
-
-class RandCropOrPad(CropOrPad):
-    """`CropOrPad` with a uniformly random crop position drawn from ``rng`` (centre when None)."""
-
-    def __call__(self, x: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        return super().__call__(x, rng)
 
 
 class RandFlip:
@@ -643,70 +642,94 @@ class ResizeShortest:
         return t.reshape(oh, ow).numpy()
 
 
-class ModelView:
-    """A stored sample → the model's input, for one image kind ("ct" or "xray").
+class View:
+    """A stored sample → the model's input; one subclass per image kind (`radforge.kinds`).
 
-    CT: int16 HU ``[z, y, x]`` (LPS, profile spacing) → float32 ``[C, *view.ct_size]``:
-        crop/pad to ``ct_size`` (pad with air, -1024 HU, before windowing; centre crop when
-        ``rng`` is None or ``view.rand_crop`` is off, else a uniformly random crop) → optional
-        left-right flip (axis 2 = patient left; training only, ``view.rand_flip``) →
-        `WindowHU` with ``view.ct_windows``, one [0, 1] channel per window.
-    X-ray: uint16 ``[y, x]`` presentation values → [0, 1] → `ResizeShortest` to
-        ``view.xray_size`` → centre/random square crop → optional flip → ``(x - mean) / std`` →
-        ``[1, s, s]``.
-
-    Spacing: the crop is taken in voxels. Shards are stored at the ingest profile's spacing, so by
-    default a fixed voxel size is a fixed physical field of view. With ``view.ct_spacing_mm`` set,
-    the volume is first resampled (`Resample`, trilinear) from the sample's stored
-    ``meta["spacing_mm"]`` to that spacing (a sample without it is an error), so one model view
-    can consume shard sets made with different profiles.
-
-    Deterministic when ``rng`` is None (evaluation, serving). Holds no state between calls, so
-    one instance can be shared by DataLoader workers and serving replicas.
+    ``view(array, meta=None, rng=None) -> float32 ndarray`` of shape `input_shape`. Deterministic
+    when ``rng`` is None (evaluation, serving); with an rng, the crop position (``rand_crop``) and
+    the left-right flip (``rand_flip``) are drawn from it. Holds no state between calls, so one
+    instance can be shared by DataLoader workers and serving replicas.
     """
 
-    def __init__(self, view, image: str):
-        if image not in ("ct", "xray"):
-            raise ValueError(f"image must be 'ct' or 'xray', got {image!r}")
-        self.view, self.image = view, image
-        if image == "ct":
-            self._crop = RandCropOrPad(view.ct_size, pad_value=HU_MIN)
-            self._window = WindowHU(view.ct_windows)
-            spacing = getattr(view, "ct_spacing_mm", None)
-            self._resample = Resample(spacing) if spacing is not None else None
-        else:
-            self._resize = ResizeShortest(view.xray_size)
-            self._crop = RandCropOrPad((view.xray_size, view.xray_size), pad_value=0.0)
-            self._norm = NormalizeIntensity(view.xray_mean, view.xray_std)
-        self._flip = RandFlip(0.5 if view.rand_flip else 0.0, axis=-1)
+    ndim: int  # spatial dimensions of the stored array it accepts
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self._flip = RandFlip(0.5 if cfg.rand_flip else 0.0, axis=-1)
 
     def __repr__(self) -> str:
-        return f"ModelView(image={self.image!r}, input_shape={self.input_shape})"
+        return f"{type(self).__name__}(input_shape={self.input_shape})"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
-        if self.image == "ct":
-            return (len(self.view.ct_windows), *self.view.ct_size)
-        return (1, self.view.xray_size, self.view.xray_size)
+        raise NotImplementedError
 
     def __call__(self, array: np.ndarray, meta: dict | None = None,
                  rng: np.random.Generator | None = None) -> np.ndarray:
         array = np.asarray(array)
-        crop_rng = rng if self.view.rand_crop else None
-        if self.image == "ct":
-            if array.ndim != 3:
-                raise ValueError(f"CT view expects a volume [z, y, x], got shape {array.shape}")
-            if self.view.ct_spacing_mm is not None:
-                spacing = (meta or {}).get("spacing_mm")
-                if not spacing or len(spacing) != 3:
-                    raise ValueError("view.ct_spacing_mm needs the sample's stored spacing_mm")
-                affine = np.diag([float(spacing[2]), float(spacing[1]), float(spacing[0]), 1.0])
-                array, _ = self._resample(array, affine)
-            x = self._crop(array, crop_rng)
-            x = self._flip(x, rng)
-            return self._window(x)
-        if array.ndim != 2:
-            raise ValueError(f"X-ray view expects an image [y, x], got shape {array.shape}")
+        if array.ndim != self.ndim:
+            raise ValueError(f"{type(self).__name__} expects {self.ndim} axes, got shape {array.shape}")
+        return self._apply(array, meta or {}, rng if self.cfg.rand_crop else None, rng)
+
+    def _apply(self, array: np.ndarray, meta: dict, crop_rng, rng) -> np.ndarray:
+        raise NotImplementedError
+
+
+class CTView(View):
+    """int16 HU ``[z, y, x]`` (LPS, profile spacing) → float32 ``[C, *cfg.ct_size]``.
+
+    Crop/pad to ``ct_size`` (pad with air, -1024 HU, before windowing; centre crop unless an rng
+    is given and ``rand_crop`` is on) → optional left-right flip (axis 2 = patient left; training
+    only, ``rand_flip``) → `WindowHU` with ``ct_windows``, one [0, 1] channel per window.
+
+    Spacing: the crop is taken in voxels. Shards are stored at the ingest profile's spacing, so by
+    default a fixed voxel size is a fixed physical field of view. With ``ct_spacing_mm`` set, the
+    volume is first resampled (`Resample`, trilinear) from the sample's stored
+    ``meta["spacing_mm"]`` to that spacing (a sample without it is an error), so one model view
+    can consume shard sets made with different profiles.
+    """
+
+    ndim = 3
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._crop = CropOrPad(cfg.ct_size, pad_value=HU_MIN)
+        self._window = WindowHU(cfg.ct_windows)
+        self._resample = Resample(cfg.ct_spacing_mm) if cfg.ct_spacing_mm is not None else None
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (len(self.cfg.ct_windows), *self.cfg.ct_size)
+
+    def _apply(self, array, meta, crop_rng, rng):
+        if self._resample is not None:
+            spacing = meta.get("spacing_mm")
+            if not spacing or len(spacing) != 3:
+                raise ValueError("view.ct_spacing_mm needs the sample's stored spacing_mm")
+            affine = np.diag([float(spacing[2]), float(spacing[1]), float(spacing[0]), 1.0])
+            array, _ = self._resample(array, affine)
+        x = self._crop(array, crop_rng)
+        x = self._flip(x, rng)
+        return self._window(x)
+
+
+class XrayView(View):
+    """uint16 ``[y, x]`` presentation values → [0, 1] → `ResizeShortest` to ``xray_size`` →
+    centre/random square crop → optional flip → ``(x - mean) / std`` → ``[1, s, s]``."""
+
+    ndim = 2
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._resize = ResizeShortest(cfg.xray_size)
+        self._crop = CropOrPad((cfg.xray_size, cfg.xray_size), pad_value=0.0)
+        self._norm = NormalizeIntensity(cfg.xray_mean, cfg.xray_std)
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return (1, self.cfg.xray_size, self.cfg.xray_size)
+
+    def _apply(self, array, meta, crop_rng, rng):
         x = array.astype(np.float32) / np.float32(65535.0)
         x = self._resize(x)
         x = self._crop(x, crop_rng)
@@ -714,4 +737,88 @@ class ModelView:
         return self._norm(x)[None]
 
 
-__all__ += ["CropOrPad", "RandCropOrPad", "RandFlip", "NormalizeIntensity", "ResizeShortest", "ModelView"]
+# --------------------------------------------------------------------------------------------
+# The preprocessing profile
+
+
+@dataclass(frozen=True)
+class Profile:
+    """How stored arrays were made: derived once from the ingest recipe (`from_recipe`), written
+    into the manifest and into every exported model (`to_dict`), read back with `from_dict`.
+
+    dicom (building canonical arrays), shardspec (the manifest), checkpoint (model.json) and serve
+    (requests) all take this object. The operations' fixed parameters (orientation, HU clip range,
+    interpolation) are this module's and are read from it, never restated elsewhere. `profile_id`
+    is a digest of everything a consumer could notice, so shards made with other spacing/VOI
+    settings are never silently mixed into one run.
+    """
+
+    name: str = "default"
+    ct_spacing_mm: tuple[float, float, float] = (3.0, 1.5, 1.5)
+    xray_longest_side: int = 1024
+    xray_voi: str = "window"
+
+    @classmethod
+    def from_recipe(cls, recipe) -> "Profile":
+        """`recipe`: a `config.IngestRecipe`."""
+        return cls(name=recipe.name, ct_spacing_mm=tuple(float(v) for v in recipe.ct.spacing_mm),
+                   xray_longest_side=int(recipe.xray.longest_side), xray_voi=recipe.xray.voi)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Profile":
+        """The manifest / model.json form back to a Profile (the fixed parameters are checked)."""
+        try:
+            p = cls(name=str(d["name"]), ct_spacing_mm=tuple(float(v) for v in d["ct"]["spacing_mm"]),
+                    xray_longest_side=int(d["xray"]["longest_side"]), xray_voi=str(d["xray"]["voi"]))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ValueError(f"not a preprocessing profile: {e!r}") from None
+        if d.get("profile_id") not in (None, p.profile_id):
+            raise ValueError(f"profile {d.get('profile_id')!r} was made with other fixed parameters than this "
+                             f"radforge's ({p.profile_id}); re-ingest or use the radforge that made it")
+        return p
+
+    def _body(self) -> dict:
+        return {
+            "ct": {
+                "orientation": CANONICAL_ORIENTATION,
+                "spacing_mm": list(self.ct_spacing_mm),
+                "axis_order": "zyx",
+                "dtype": "int16",
+                "units": "HU",
+                "clip": [HU_MIN, HU_MAX],
+                "interpolation": CT_INTERPOLATION,
+            },
+            "xray": {
+                "longest_side": self.xray_longest_side,
+                "voi": self.xray_voi,
+                "dtype": "uint16",
+                "format": "png",
+                "photometric": "MONOCHROME2",
+            },
+        }
+
+    @property
+    def profile_id(self) -> str:
+        return hashlib.sha256(json.dumps(self._body(), sort_keys=True).encode()).hexdigest()[:12]
+
+    def to_dict(self) -> dict:
+        """The JSON form (shards/SPEC.md, "profile"): name, profile_id and the per-kind bodies."""
+        return {"name": self.name, "profile_id": self.profile_id, **self._body()}
+
+    def canonical_ct(self, hu: np.ndarray, affine: Any) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+        """Float HU volume + affine → (stored int16 HU volume, its affine, the source spacing in
+        the stored axis order): floored at air, oriented to LPS, resampled to the profile spacing."""
+        # Padding outside the field of view (-2048, -3024) must not blend into tissue when resampled.
+        np.maximum(hu, HU_MIN, out=hu)
+        hu, affine = Orient(CANONICAL_ORIENTATION)(hu, affine)
+        source_spacing = spacing_zyx(affine)
+        hu, affine = Resample(self.ct_spacing_mm, mode=CT_INTERPOLATION)(hu, affine)
+        return to_int16_hu(hu), affine, source_spacing
+
+    def canonical_xray(self, image: np.ndarray) -> np.ndarray:
+        """[0, 1] presentation image → stored uint16 image, longest side at the profile's."""
+        img, _ = ResizeLongest(self.xray_longest_side)(image)
+        return np.clip(np.rint(img * 65535.0), 0, 65535).astype(np.uint16)
+
+
+__all__ += ["CropOrPad", "RandFlip", "NormalizeIntensity", "ResizeShortest", "View", "CTView", "XrayView", "Profile"]

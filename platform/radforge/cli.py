@@ -35,7 +35,7 @@ def _inspect(a) -> int:
     from radforge import shardspec
 
     m = shardspec.read_manifest(a.dest)
-    dest = a.dest[: -len(shardspec.MANIFEST)].rstrip("/") if a.dest.endswith(".json") else a.dest
+    dest = shardspec.shards_root(a.dest)
     if a.samples or a.json:
         for raw in shardspec.iter_samples(dest, m, limit=a.samples or None, split=a.split):
             _, meta, report = shardspec.decode_sample(_suffixes(raw))

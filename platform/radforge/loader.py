@@ -556,7 +556,7 @@ class StreamingLoader:
         self._view = kinds.get(data.image).view(view)
         self.input_shape = self._view.input_shape
         self.manifest = shardspec.read_manifest(data.shards)
-        root = data.shards[: -len(shardspec.MANIFEST)] if data.shards.endswith(".json") else data.shards
+        root = shardspec.shards_root(data.shards)
         shards, offset = [], 0
         for rec in self.manifest["shards"]:
             n = sum(rec.get("modalities", {}).get(m, 0) for m in self._modalities)

@@ -116,6 +116,11 @@ def reconciles(inputs: dict) -> bool:
     return inputs["seen"] == inputs["used"] + sum(inputs["skipped"].values()) + sum(inputs["rejected"].values())
 
 
+def shards_root(url: str) -> str:
+    """The shard set's directory, given it or its manifest's URL (what users may pass either way)."""
+    return url[: -len(MANIFEST)].rstrip("/") if url.endswith("/" + MANIFEST) or url == MANIFEST else url
+
+
 def read_manifest(url: str) -> dict:
     """Load and check a manifest (a DEST directory URL or the manifest's own URL)."""
     from radforge import storage

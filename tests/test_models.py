@@ -126,7 +126,7 @@ def test_mae_masking_ratio_exact_and_per_sample():
     m = MAE(_tiny_vit((2, 16, 32, 32), (4, 8, 8)), mask_ratio=0.75, decoder_width=32, decoder_depth=1)
     n = m.num_patches
     assert n == 64
-    out = m({"image": torch.randn(5, 2, 16, 32, 32)})
+    out = m.predict(torch.randn(5, 2, 16, 32, 32))
     assert out["pred"].shape == (5, 64, 2 * 4 * 8 * 8)
     assert out["mask"].sum(1).tolist() == [48.0] * 5
     assert len({tuple(r.tolist()) for r in out["mask"]}) == 5  # each sample its own mask
@@ -264,7 +264,7 @@ def test_clip_with_hf_text_tower(hf_dir, tmp_path):
                          "xray", (1, 16, 16), pretrained=False)
     again.load_state_dict(clip.state_dict())
     clip.eval(), again.eval()
-    assert torch.allclose(clip.encode_text(REPORTS[:2]), again.encode_text(REPORTS[:2]), atol=1e-5)
+    assert torch.allclose(clip.embed_text(REPORTS[:2]), again.embed_text(REPORTS[:2]), atol=1e-5)
 
 
 # --------------------------------------------------------------------------------------- CLIP
@@ -275,13 +275,47 @@ def test_clip_embeddings_normalised_and_loss_decreases(tokenizer):
     torch.manual_seed(1)
     images = torch.randn(8, 1, 16, 16)
     batch = {"image": images, "text": REPORTS}
-    assert torch.allclose(clip.encode_image(images).norm(dim=1), torch.ones(8), atol=1e-5)
-    assert torch.allclose(clip.encode_text(REPORTS).norm(dim=1), torch.ones(8), atol=1e-5)
+    assert torch.allclose(clip.embed_image(images).norm(dim=1), torch.ones(8), atol=1e-5)
+    assert torch.allclose(clip.embed_text(REPORTS).norm(dim=1), torch.ones(8), atol=1e-5)
     assert abs(float(clip.scale().detach()) - 1 / 0.07) < 1e-3 and clip.logit_scale.shape == (1,)
     losses = _fit(clip, batch, steps=30)
     assert losses[-1] < 0.5 * losses[0]
     p = clip.zero_shot(images[:2], ["nodule", "effusion"])
     assert p.shape == (2, 2) and ((p > 0) & (p < 1)).all()
+
+
+# ------------------------------------------------------------------------------- protocol
+
+
+def test_every_objective_answers_the_protocol(tokenizer):
+    """Each registry entry builds a model whose capabilities say which protocol methods work:
+    those return what objective.py promises, the others raise Unsupported (a ValueError)."""
+    images = torch.randn(2, 1, 16, 16)
+    for kind, spec in models.REGISTRY.items():
+        cfg = ModelConfig(kind=kind, preset="tiny", patch_xray=8, decoder_width=32, decoder_depth=1)
+        m = models.build(cfg, "xray", (1, 16, 16), tokenizer).eval()
+        assert isinstance(m, models.Objective) and m.name == kind
+        assert m.capabilities == spec.capabilities and m.capabilities <= models.CAPABILITIES
+        assert set(m.evaluations) <= set(models.EVALUATIONS) and m.evaluations == spec.evaluations
+        assert "embed_image" in m.capabilities  # every objective so far; serve's /v1/embed relies on it
+        emb = m.embed_image(images)
+        assert emb.shape[0] == 2 and torch.allclose(emb.float().norm(dim=1), torch.ones(2), atol=1e-5)
+        out = m({"image": images, "text": REPORTS[:2]})
+        assert set(out) == {"loss", *m.metrics} and all(v.numel() == 1 for v in out.values())
+        assert spec.text_tower == spec.require_report == ("embed_text" in m.capabilities)
+        calls = {"embed_text": lambda: m.embed_text(REPORTS[:3]),
+                 "zero_shot": lambda: m.zero_shot(images, ["nodule"], "{finding}.", "no {finding}."),
+                 "reconstruct": lambda: m.reconstruct(images, torch.Generator().manual_seed(0))}
+        for cap, call in calls.items():
+            if cap in m.capabilities:
+                call()
+            else:
+                with pytest.raises(models.Unsupported, match=f"a {kind} model cannot"):
+                    call()
+    assert models.REGISTRY["clip"].evaluations == ("zero_shot", "retrieval")
+    assert models.REGISTRY["mae"].evaluations == ("recon_loss", "linear_probe")
+    with pytest.raises(ValueError, match="unknown model kind"):
+        models.get("dino")
 
 
 def _ddp_worker(rank: int, world: int, tok_dir: str, out_dir: str) -> None:

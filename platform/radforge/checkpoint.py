@@ -53,36 +53,31 @@ class LoadedModel:
     prompts: dict  # {"positive": "...{finding}...", "negative": "..."}
     device: str = "cpu"
 
+    # Thin calls into the model's objective protocol (radforge.models.objective): a capability
+    # the model lacks raises models.Unsupported (a ValueError) from the model itself.
+
     def embed_images(self, images):
-        """[B, *input_shape] → [B, D] L2-normalised (CLIP: joint space; MAE: pooled encoder)."""
+        """[B, *input_shape] → [B, D] float32, L2-normalised (CLIP: joint space; MAE: pooled encoder)."""
         import torch
-        import torch.nn.functional as F
 
         with torch.no_grad():
-            images = images.to(self.device)
-            if self.kind == "clip":
-                return F.normalize(self.model.encode_image(images).float(), dim=-1)
-            return F.normalize(self.model.encode(images).float(), dim=-1)
+            return self.model.embed_image(images.to(self.device)).float()
 
     def embed_texts(self, texts: list[str]):
+        """[T, D] float32, L2-normalised, in the image embeddings' space (models with "embed_text")."""
         import torch
-        import torch.nn.functional as F
 
-        if self.kind != "clip":
-            raise ValueError(f"a {self.kind} model has no text tower")
         with torch.no_grad():
-            return F.normalize(self.model.encode_text(list(texts)).float(), dim=-1)
+            return self.model.embed_text(list(texts)).float()
 
     def zero_shot(self, images, findings: list[str]):
-        """[B, F] probabilities: per finding, softmax over the temperature-scaled similarities to
-        the positive and the negative prompt (CheXzero's recipe, the model's own)."""
-        if self.kind != "clip":
-            raise ValueError("zero-shot classification needs a CLIP model")
+        """[B, F] probabilities with the model's own prompts (models with "zero_shot"; CLIP:
+        softmax over the scaled similarities to the positive and the negative prompt)."""
         import torch
 
         with torch.no_grad():
-            emb = self.embed_images(images)
-            return self.model.zero_shot_from_embeddings(emb, list(findings), self.prompts["positive"], self.prompts["negative"])
+            return self.model.zero_shot(images.to(self.device), list(findings), self.prompts["positive"],
+                                        self.prompts["negative"])
 
 
 # --------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
-"""Evaluation: zero-shot AUROC with bootstrap CIs and retrieval recall@K (CLIP); validation
-reconstruction loss and linear-probe AUROC (MAE).
+"""Evaluation: zero-shot AUROC with bootstrap CIs, retrieval recall@K, validation reconstruction
+loss and linear-probe AUROC — each run for the models whose capabilities allow it (CLIP: the
+first two; MAE: the last two), as the model's `evaluations` say (radforge.models.objective).
 
 Layers, from the bottom:
 
@@ -183,24 +184,23 @@ def _take(batches: Iterable[dict], max_samples: int) -> Iterable[dict]:
 
 
 def _model_of(loaded):
-    return loaded.model if hasattr(loaded, "model") else loaded
+    """The objective module of a checkpoint.LoadedModel, or the module itself."""
+    return getattr(loaded, "model", loaded)
 
 
 @torch.no_grad()
 def _embed_images(model, batches, max_samples: int, with_recon: bool = False):
+    """One pass: image embeddings [N, D], labels [N, F], reports, and the mean seeded
+    reconstruction loss (when `with_recon`; else None)."""
     param = next(model.parameters())
     device, dtype = param.device, (param.dtype if param.dtype.is_floating_point else torch.float32)
     feats, labels, texts, recon, n_recon = [], [], [], 0.0, 0
     gen = torch.Generator(device="cpu").manual_seed(0)  # the same masks every evaluation
     for batch in _take(batches, max_samples):
         images = batch["image"].to(device=device, dtype=dtype)  # bf16/fp16 engines take their own dtype
-        if hasattr(model, "encode_image"):
-            feats.append(model.encode_image(images).float().cpu())
-        else:
-            feats.append(model.encode(images).float().cpu())
+        feats.append(model.embed_image(images).float().cpu())
         if with_recon:
-            loss = model({"image": images}, generator=gen)["loss"]
-            recon += float(loss) * len(images)
+            recon += float(model.reconstruction_loss(images, gen)) * len(images)
             n_recon += len(images)
         if "labels" in batch:
             labels.append(torch.as_tensor(batch["labels"], dtype=torch.float64))
@@ -210,14 +210,45 @@ def _embed_images(model, batches, max_samples: int, with_recon: bool = False):
     return x, y, texts, (recon / n_recon if n_recon else None)
 
 
+def _zero_shot(model, x, y, findings, cfg: EvalConfig) -> dict:
+    scores = model.zero_shot_from_embeddings(torch.as_tensor(x), findings, cfg.positive_prompt,
+                                             cfg.negative_prompt).numpy() if findings and len(x) else np.zeros(y.shape)
+    per = _per_finding(scores, y, findings, cfg)
+    return {"per_finding": per, "mean_auroc": _mean_auroc(per)}
+
+
+@torch.no_grad()
+def _retrieval(model, x, texts) -> dict:
+    has = [i for i, t in enumerate(texts) if t]
+    out: dict = {"n_with_report": len(has)}
+    if has:
+        t_emb = torch.cat([model.embed_text([texts[i] for i in has[s:s + EVAL_BATCH]]).float().cpu()
+                           for s in range(0, len(has), EVAL_BATCH)]).numpy()
+        groups = [hash(texts[i]) for i in has]  # identical reports are interchangeable
+        out["recall"] = recall_at_k(x[has] @ t_emb.T, KS, groups)
+    return out
+
+
+def _linear_probe(model, x, y, findings, train_batches, cfg: EvalConfig) -> dict:
+    xt, yt, _, _ = _embed_images(model, train_batches, cfg.max_samples)
+    per = _per_finding(linear_probe(xt, yt, x, y), y, findings, cfg)
+    probe = {"per_finding": per, "mean_auroc": _mean_auroc(per), "n_train": int(len(xt))}
+    return {"linear_probe": probe, "per_finding": per, "mean_auroc": probe["mean_auroc"]}
+
+
 def run_on_batches(loaded, batches: Iterable[dict], cfg: EvalConfig, *, findings: Sequence[str] | None = None,
                    train_batches: Iterable[dict] | None = None) -> dict:
-    """Evaluate `loaded` (a checkpoint.LoadedModel, or a bare MAE/CLIP module) on `batches`.
+    """Evaluate `loaded` (a checkpoint.LoadedModel, or a bare radforge.models objective) on `batches`
+    with the protocols its `evaluations` name (radforge.models.objective):
+
+        zero_shot     "per_finding", "mean_auroc" from the model's prompt probabilities
+        retrieval     "recall" (when any sample has a report), "n_with_report"
+        recon_loss    "recon_loss" (seeded masks: reproducible)
+        linear_probe  "linear_probe", and its "per_finding" / "mean_auroc" (with train_batches)
 
     findings: the label columns of the batches (default: `loaded.findings`, else cfg.findings).
-    train_batches: MAE only; the linear probe is fitted on them (skipped when None).
-    -> {"kind", "n", "per_finding", "mean_auroc", "recall" (clip, when any sample has a report),
-        "n_with_report" (clip), "recon_loss" (mae), "linear_probe" (mae, with train_batches), "seconds"}
+    train_batches: the linear probe is fitted on them (skipped when None).
+    -> {"kind" (the objective's name), "n", "per_finding", "mean_auroc", ... as above, "seconds"}
     `recall` holds only {"image_to_text": {k: r}, "text_to_image": {k: r}} (k = "1", "5", "10").
     """
     t0 = time.perf_counter()
@@ -225,34 +256,20 @@ def run_on_batches(loaded, batches: Iterable[dict], cfg: EvalConfig, *, findings
     was_training = model.training
     model.eval()
     findings = list(findings if findings is not None else (getattr(loaded, "findings", None) or cfg.findings))
-    kind = "clip" if hasattr(model, "encode_text") else "mae"
+    protocols = model.evaluations
     try:
-        x, y, texts, recon = _embed_images(model, batches, cfg.max_samples, with_recon=kind == "mae")
-        result: dict = {"kind": kind, "n": int(len(x))}
+        x, y, texts, recon = _embed_images(model, batches, cfg.max_samples, with_recon="recon_loss" in protocols)
+        result: dict = {"kind": model.name, "n": int(len(x)), "per_finding": {}, "mean_auroc": None}
         if y.shape[1] != len(findings):
             raise ValueError(f"batches carry {y.shape[1]} label columns, findings names {len(findings)}")
-        if kind == "clip":
-            scores = model.zero_shot_from_embeddings(torch.as_tensor(x), findings, cfg.positive_prompt,
-                                                     cfg.negative_prompt).numpy() if findings and len(x) else np.zeros(y.shape)
-            result["per_finding"] = _per_finding(scores, y, findings, cfg)
-            result["mean_auroc"] = _mean_auroc(result["per_finding"])
-            has = [i for i, t in enumerate(texts) if t]
-            if has:
-                with torch.no_grad():
-                    t_emb = torch.cat([model.encode_text([texts[i] for i in has[s:s + EVAL_BATCH]]).float().cpu()
-                                       for s in range(0, len(has), EVAL_BATCH)]).numpy()
-                groups = [hash(texts[i]) for i in has]  # identical reports are interchangeable
-                result["recall"] = recall_at_k(x[has] @ t_emb.T, KS, groups)
-            result["n_with_report"] = len(has)
-        else:
+        if "zero_shot" in protocols:
+            result.update(_zero_shot(model, x, y, findings, cfg))
+        if "retrieval" in protocols:
+            result.update(_retrieval(model, x, texts))
+        if "recon_loss" in protocols:
             result["recon_loss"] = recon
-            result["per_finding"], result["mean_auroc"] = {}, None
-            if train_batches is not None and findings and len(x):
-                xt, yt, _, _ = _embed_images(model, train_batches, cfg.max_samples)
-                scores = linear_probe(xt, yt, x, y)
-                per = _per_finding(scores, y, findings, cfg)
-                result["linear_probe"] = {"per_finding": per, "mean_auroc": _mean_auroc(per), "n_train": int(len(xt))}
-                result["per_finding"], result["mean_auroc"] = per, result["linear_probe"]["mean_auroc"]
+        if "linear_probe" in protocols and train_batches is not None and findings and len(x):
+            result.update(_linear_probe(model, x, y, findings, train_batches, cfg))
     finally:
         model.train(was_training)
     result["seconds"] = round(time.perf_counter() - t0, 3)
@@ -262,8 +279,9 @@ def run_on_batches(loaded, batches: Iterable[dict], cfg: EvalConfig, *, findings
 def run(model, shards: str, *, split: str = "test", cfg: EvalConfig | None = None) -> dict:
     """Evaluate an exported model (dir URL, or a checkpoint.LoadedModel) on `split` of `shards`.
 
-    The loader runs in evaluation mode (one pass, deterministic centre view). MAE's linear probe
-    is fitted on the shard set's training split ("train") and scored on `split`."""
+    The loader runs in evaluation mode (one pass, deterministic centre view). A linear probe
+    (models without zero-shot) is fitted on the shard set's training split ("train") and scored
+    on `split`."""
     from radforge.config import DataConfig
     from radforge.loader import build_loader
 
@@ -279,8 +297,8 @@ def run(model, shards: str, *, split: str = "test", cfg: EvalConfig | None = Non
         return build_loader(data, model.view, split=which, batch_size=EVAL_BATCH, train=False, findings=findings)
 
     batches = loader(split)
-    train_batches = loader("train") if model.kind == "mae" and split != "train" and batches.findings else None
-    result = run_on_batches(model, batches, cfg, findings=batches.findings, train_batches=train_batches)
+    probe = "linear_probe" in _model_of(model).evaluations and split != "train" and batches.findings
+    result = run_on_batches(model, batches, cfg, findings=batches.findings, train_batches=loader("train") if probe else None)
     result["split"] = split
     result["model_id"] = getattr(model, "model_id", None)
     return result
@@ -299,7 +317,7 @@ def format_table(result: Mapping) -> str:
     lines = [f"{result.get('kind', '?')} evaluation on {result.get('split', '?')}: n={result.get('n')}"]
     per = result.get("per_finding") or {}
     if per:
-        title = "linear-probe AUROC" if result.get("kind") == "mae" else "zero-shot AUROC"
+        title = "linear-probe AUROC" if "linear_probe" in result else "zero-shot AUROC"
         w = max(12, *(len(f) for f in per))
         lines.append(f"{'finding':<{w}}  {title:>18}  {'95% CI':>17}  {'pos':>5}  {'neg':>5}")
         for f, v in per.items():

@@ -1,12 +1,19 @@
-"""Model registry: `build(cfg, image, input_shape, tokenizer)` -> an nn.Module whose
-`forward(batch) -> {"loss", ...}` consumes the loader's batches.
+"""Objective registry: `build(cfg, image, input_shape, tokenizer)` -> an `Objective` (an
+nn.Module) whose `forward(batch) -> {"loss", *metrics}` consumes the loader's batches.
 
 Imports nothing of radforge's but `radforge.config` and `radforge.kinds` (ARCHITECTURE.md), so training, export,
 evaluation and serving all rebuild models the same way from a `ModelConfig`.
 
-    mae   MAE(ViT 2D/3D)                         .encode(images) -> [B, width]; .reconstruct(images)
-    clip  CLIP(ViT 2D/3D, small or HF text tower) .encode_image / .encode_text -> L2-normalised [B, E]
+Every model answers the protocol of `radforge.models.objective` (`capabilities`, `embed_image`,
+`embed_text`, `zero_shot`, `reconstruct`, `metrics`, `evaluations`); callers ask it, never its
+name. REGISTRY has one `ObjectiveSpec` per `ModelConfig.kind` — the builder plus what the
+objective needs from the outside before it is built:
 
+    mae   MAE(ViT 2D/3D)                          embed_image, reconstruct
+    clip  CLIP(ViT 2D/3D, small or HF text tower) embed_image, embed_text, zero_shot;
+                                                  needs a text tower and every sample's report
+
+Adding an objective is one module here (a subclass of `Objective`) plus one REGISTRY entry.
 The image dimensionality follows `image` (a `kinds.ImageKind`: `cfg.patch(image)` has its
 `ndim`); `input_shape` is the model view's ([C, z, y, x] or [1, s, s]).
 """
@@ -14,8 +21,7 @@ The image dimensionality follows `image` (a `kinds.ImageKind`: `cfg.patch(image)
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-
-from torch import nn
+from dataclasses import dataclass
 
 from radforge.config import ModelConfig
 from radforge import kinds
@@ -23,6 +29,7 @@ from radforge.kinds import ImageKind
 from radforge.models import text as text_mod
 from radforge.models.clip import CLIP
 from radforge.models.mae import MAE, load_encoder_state
+from radforge.models.objective import CAPABILITIES, EVALUATIONS, Objective, Unsupported, evaluations_for
 from radforge.models.vit import PRESETS, Transformer, ViT, vit
 
 
@@ -58,29 +65,61 @@ def _read_safetensors(model_dir: str) -> dict:
         return st_load(f.read())
 
 
-REGISTRY: dict[str, Callable[..., nn.Module]] = {"mae": build_mae, "clip": build_clip}
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One objective: how to build it and what it needs before it is built."""
+
+    model: type[Objective]  # the class: its capabilities, metrics and evaluations
+    build: Callable[..., Objective]  # (cfg, image, input_shape, tokenizer, *, pretrained) -> model
+    text_tower: bool = False  # takes `cfg.text`; a small text tower needs a trained tokenizer
+    require_report: bool = False  # trains on image-report pairs: samples without a report are skipped
+
+    @property
+    def capabilities(self) -> frozenset[str]:
+        return self.model.capabilities
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        return self.model.metrics
+
+    @property
+    def evaluations(self) -> tuple[str, ...]:
+        return evaluations_for(self.model.capabilities)
+
+
+REGISTRY: dict[str, ObjectiveSpec] = {
+    "mae": ObjectiveSpec(MAE, build_mae),
+    "clip": ObjectiveSpec(CLIP, build_clip, text_tower=True, require_report=True),
+}
+
+
+def get(kind: str) -> ObjectiveSpec:
+    """The registry entry of an objective (`ModelConfig.kind`, model.json's "kind")."""
+    try:
+        return REGISTRY[kind]
+    except KeyError:
+        raise ValueError(f"unknown model kind {kind!r}; one of {', '.join(REGISTRY)}") from None
 
 
 def build(cfg: ModelConfig, image: ImageKind | str, input_shape: Sequence[int], tokenizer=None, *,
-          pretrained: bool = True, activation_checkpointing: bool = False) -> nn.Module:
+          pretrained: bool = True, activation_checkpointing: bool = False) -> Objective:
     """Build `cfg.kind` for an image kind (or its name, as recipes and model.json say it).
     `tokenizer`: the trained text.Tokenizer (CLIP with a small text tower).
     `pretrained=False` skips loading outside weights (HF text weights, `init_from` MAE encoder):
     for callers that load a full state dict next (export, inference)."""
-    if cfg.kind not in REGISTRY:
-        raise ValueError(f"unknown model kind {cfg.kind!r}; one of {', '.join(REGISTRY)}")
+    spec = get(cfg.kind)
     image = kinds.get(image) if isinstance(image, str) else image
-    model = REGISTRY[cfg.kind](cfg, image, tuple(int(v) for v in input_shape), tokenizer, pretrained=pretrained)
+    model = spec.build(cfg, image, tuple(int(v) for v in input_shape), tokenizer, pretrained=pretrained)
     set_activation_checkpointing(model, activation_checkpointing)
     return model
 
 
-def set_activation_checkpointing(model: nn.Module, on: bool) -> None:
+def set_activation_checkpointing(model, on: bool) -> None:
     """Checkpoint every transformer block's activations (recompute in backward) when `on`."""
     for m in model.modules():
         if isinstance(m, Transformer):
             m.activation_checkpointing = bool(on)
 
 
-__all__ = ["REGISTRY", "build", "set_activation_checkpointing", "MAE", "CLIP", "ViT", "PRESETS",
-           "load_encoder_state"]
+__all__ = ["REGISTRY", "ObjectiveSpec", "get", "build", "set_activation_checkpointing", "Objective", "Unsupported",
+           "CAPABILITIES", "EVALUATIONS", "evaluations_for", "MAE", "CLIP", "ViT", "PRESETS", "load_encoder_state"]

@@ -12,6 +12,9 @@ ones too, at 1/world of the logits compute. Every rank must bring the same micro
 
 The temperature is stored as `logit_scale = log(1/T)` (shape [1]) and clamped to at most 100 in the forward
 pass (as in CLIP) so it cannot blow up early in training.
+
+Capabilities (radforge.models.objective): embed_image and embed_text (the joint space) and
+zero_shot (CheXzero's positive/negative prompt pair per finding).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from radforge.models.objective import Objective
 from radforge.models.vit import ViT
 
 MAX_LOGIT_SCALE = math.log(100.0)
@@ -42,7 +46,11 @@ def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x, 0
 
 
-class CLIP(nn.Module):
+class CLIP(Objective):
+    name = "clip"
+    capabilities = frozenset({"embed_image", "embed_text", "zero_shot"})
+    metrics = ("logit_scale", "accuracy")
+
     def __init__(self, visual: ViT, text: nn.Module, embed_dim: int, init_temperature: float = 0.07):
         super().__init__()
         self.visual = visual
@@ -63,10 +71,10 @@ class CLIP(nn.Module):
         """What export writes to `tokenizer/` (small: tokenizer.json; hf: tokenizer + config)."""
         self.text.save_tokenizer(directory)
 
-    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_proj(self.visual.pool(images)), dim=-1)
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
+    def embed_text(self, texts: list[str]) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text(list(texts))), dim=-1)
 
     def scale(self) -> torch.Tensor:
@@ -76,8 +84,8 @@ class CLIP(nn.Module):
         """batch["image"] [B, ...], batch["text"] list[str] -> {"loss", "logit_scale", "accuracy"}.
         `loss` is this rank's share (mean over ranks = global loss); `accuracy` is the local
         image→text top-1 against all gathered texts."""
-        img = self.encode_image(batch["image"])
-        txt = self.encode_text(batch["text"])
+        img = self.embed_image(batch["image"])
+        txt = self.embed_text(batch["text"])
         all_img, rank = _gather(img)
         all_txt, _ = _gather(txt)
         scale = self.scale()
@@ -95,12 +103,7 @@ class CLIP(nn.Module):
         """P(finding) per image: softmax over the scaled similarities to the positive and the
         negative prompt (CheXzero's recipe). image_emb: L2-normalised [B, E] -> [B, F]."""
         prompts = [p.format(finding=f) for f in findings for p in (positive, negative)]
-        t = self.encode_text(prompts).float().to(image_emb.device).view(len(findings), 2, -1)
+        t = self.embed_text(prompts).float().to(image_emb.device).view(len(findings), 2, -1)
         scale = self.scale().float().to(image_emb.device)
         logits = scale * torch.einsum("be,fke->bfk", image_emb.float(), t)
         return logits.softmax(dim=-1)[..., 0]
-
-    @torch.no_grad()
-    def zero_shot(self, images: torch.Tensor, findings: list[str], positive: str = "{finding} is present.",
-                  negative: str = "no {finding}.") -> torch.Tensor:
-        return self.zero_shot_from_embeddings(self.encode_image(images), findings, positive, negative)

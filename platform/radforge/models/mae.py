@@ -10,6 +10,9 @@ makes the loss scale independent of the HU window).
 Masking is per sample: `n_keep = round(N * (1 - mask_ratio))` patches chosen by argsort of
 uniform noise, so exactly the same count is hidden in every sample (batched gather, no padding).
 Evaluation passes a seeded `torch.Generator` so the validation loss is reproducible.
+
+Capabilities (radforge.models.objective): embed_image (the unmasked encoder, mean-pooled,
+L2-normalised) and reconstruct; no text tower, so no zero-shot.
 """
 
 from __future__ import annotations
@@ -17,12 +20,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from radforge.models.objective import Objective
 from radforge.models.vit import ViT, Transformer, init_weights, sincos_pos_embed
 
 
-class MAE(nn.Module):
+class MAE(Objective):
+    name = "mae"
+    capabilities = frozenset({"embed_image", "reconstruct"})
+    metrics = ()
+
     def __init__(self, encoder: ViT, *, mask_ratio: float = 0.75, norm_pix_loss: bool = True,
                  decoder_width: int = 128, decoder_depth: int = 2, decoder_heads: int | None = None):
         super().__init__()
@@ -86,9 +95,8 @@ class MAE(nn.Module):
 
     # -- public ---------------------------------------------------------------------------------
 
-    def forward(self, batch: Mapping | torch.Tensor, *, generator: torch.Generator | None = None) -> dict:
-        """batch["image"] [B, *input_shape] -> {"loss", "pred" [B, N, patch_dim], "mask" [B, N]}."""
-        images = batch["image"] if isinstance(batch, Mapping) else batch
+    def predict(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """The masked forward pass: {"loss", "pred" [B, N, patch_dim], "mask" [B, N] 1 = hidden}."""
         ids_keep, mask, ids_restore = self.random_masking(images.shape[0], images.device, generator)
         latent = self.encoder(images, ids_keep)
         pred = self._decode(latent, ids_restore)
@@ -97,10 +105,22 @@ class MAE(nn.Module):
         loss = (per_patch * mask).sum() / mask.sum()
         return {"loss": loss, "pred": pred, "mask": mask}
 
+    def forward(self, batch: Mapping | torch.Tensor, *, generator: torch.Generator | None = None) -> dict:
+        """batch["image"] [B, *input_shape] -> {"loss"}: MSE on the masked patches."""
+        images = batch["image"] if isinstance(batch, Mapping) else batch
+        return {"loss": self.predict(images, generator)["loss"]}
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Unmasked encoder, mean-pooled: [B, width] (linear probes, retrieval, serving)."""
+        """Unmasked encoder, mean-pooled: [B, width] (not normalised; `embed_image` is)."""
         return self.encoder.pool(images)
+
+    @torch.no_grad()
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.encode(images).float(), dim=-1)
+
+    def reconstruction_loss(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        return self.predict(images, generator)["loss"]
 
     @torch.no_grad()
     def reconstruct(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
@@ -108,7 +128,7 @@ class MAE(nn.Module):
         patches from the input + predicted hidden ones (de-normalised with each patch's own
         mean/var when norm_pix_loss, as in the MAE paper's figures), "mask": 1 = hidden},
         all shaped like `images`."""
-        out = self(images, generator=generator)
+        out = self.predict(images, generator)
         pe = self.encoder.patch_embed
         patches = pe.patchify(images)
         pred = out["pred"]

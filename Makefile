@@ -1,5 +1,5 @@
 # radforge — set-up, tests, demo, benchmarks, cluster targets.
-# `make test` and `make demo` work on a fresh clone: both create .venv and install what they need.
+# `make test`, `make test-fast` and `make demo` work on a fresh clone: both create .venv and install what they need.
 
 PYTHON ?= python3
 VENV   := .venv
@@ -15,14 +15,15 @@ PIN    := $(if $(CONSTRAINTS),PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)))
 DEMO_DIR ?= var/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test demo bench lint clean ray-job-ingest help
+.PHONY: setup test test-fast demo bench lint clean ray-job-ingest help
 .PHONY: cluster-local submit-ingest submit-train deploy status stop image-cpu image-cuda images
 
 help:
-	@echo "make setup   create .venv and install radforge with test extras"
-	@echo "make test    run the test suite"
-	@echo "make demo    sample corpus → ingest → tiny MAE + CLIP → evaluation → export → Serve + HTTP queries ($(DEMO_DIR))"
-	@echo "make bench   run the ingest, stream, train and serve benchmarks (ratios measured side by side)"
+	@echo "make setup      create .venv and install radforge with test extras"
+	@echo "make test-fast  the Ray-free unit tier (pytest -m 'not slow'; under 2 minutes on 2 cores)"
+	@echo "make test       everything, Ray / DeepSpeed / Serve end to end included (what CI runs)"
+	@echo "make demo       sample corpus → ingest → tiny MAE + CLIP → evaluation → export → Serve + HTTP queries ($(DEMO_DIR))"
+	@echo "make bench      run the ingest, stream, train and serve benchmarks (ratios measured side by side)"
 	@echo "make cluster-local | submit-ingest | submit-train | deploy | status | stop   (see cluster/README.md)"
 
 setup: $(STAMP)
@@ -34,8 +35,13 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) Makefile
 	$(PIN) $(PIP) install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# Tiers (tests/conftest.py): `slow` = needs Ray (the ray_cluster fixture, or marked by its module);
+# a test outside `slow` that starts Ray fails, so nothing slow hides in the fast tier.
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m radforge.demo --out $(DEMO_DIR)

@@ -1,36 +1,86 @@
-"""Shared pytest fixtures."""
+"""Shared pytest fixtures, and the two test tiers.
+
+Tiers: a test is `slow` when its module says so (`pytestmark`) or when it needs a Ray cluster
+(`ray_cluster` anywhere in its fixture closure: marked here at collection, so no module has to
+remember). `make test-fast` runs `-m "not slow"`; `make test` runs everything. A test that is not
+`slow` and still starts Ray (in this process or in a child) fails: every Ray session of the test
+run lives under one private RAY_TMPDIR, and a new session appearing there during a fast test is
+reported. A Ray test cannot sneak into the fast tier unnoticed.
+"""
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
+import sys
+import tempfile
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 
-# --------------------------------------------------------------------------- S3 (moto)
+# --------------------------------------------------------------------------- tiers
 
-# The fixture owns these for the whole session. The ones set to None are removed so a
-# developer's own AWS setup (a profile, an S3-specific endpoint, which would win over
-# AWS_ENDPOINT_URL) can never leak into the tests; /dev/null config files keep botocore from
-# reading ~/.aws.
-_S3_ENV_OVERRIDES = {
-    "AWS_ACCESS_KEY_ID": "testing",
-    "AWS_SECRET_ACCESS_KEY": "testing",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_ENDPOINT_URL_S3": None,
-    "AWS_SESSION_TOKEN": None,
-    "AWS_SECURITY_TOKEN": None,
-    "AWS_PROFILE": None,
-    "AWS_DEFAULT_PROFILE": None,
-    "AWS_REGION": None,
-    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": None,
-}
+# Fixtures that make a test `slow` wherever they appear in its closure.
+_SLOW_FIXTURES = frozenset({"ray_cluster"})
+
+
+def pytest_configure(config):
+    # Ray keeps its sessions in $RAY_TMPDIR/ray; children inherit the variable. A private one per
+    # test run lets the guard below see exactly this run's clusters (not another user's).
+    if "RAY_TMPDIR" not in os.environ:
+        os.environ["RAY_TMPDIR"] = config._radforge_ray_tmp = tempfile.mkdtemp(prefix="rft-", dir="/tmp")
+
+
+def pytest_unconfigure(config):
+    tmp = getattr(config, "_radforge_ray_tmp", None)
+    if tmp:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if os.environ.get("RAY_TMPDIR") == tmp:
+            del os.environ["RAY_TMPDIR"]
+
+
+@pytest.hookimpl(tryfirst=True)  # before `-m` deselects
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
+def _ray_sessions() -> set[str]:
+    d = Path(os.environ.get("RAY_TMPDIR", "/tmp")) / "ray"
+    try:
+        return {p.name for p in d.iterdir() if p.name.startswith("session_") and p.name != "session_latest"}
+    except OSError:
+        return set()
+
+
+def _ray_connected() -> bool:
+    ray = sys.modules.get("ray")
+    return bool(ray is not None and getattr(ray, "is_initialized", lambda: False)())
+
+
+@pytest.fixture(autouse=True)
+def _fast_tests_start_no_ray(request):
+    """Fail a test outside the `slow` tier that starts a Ray cluster (in-process or a child)."""
+    if request.node.get_closest_marker("slow"):
+        yield
+        return
+    sessions, connected = _ray_sessions(), _ray_connected()
+    yield
+    started = sorted(_ray_sessions() - sessions)
+    if not connected and _ray_connected():
+        sys.modules["ray"].shutdown()  # keep the rest of the fast tier Ray-free
+        started = started or ["(in-process ray.init)"]
+    if started:
+        pytest.fail(f"{request.node.nodeid} started Ray ({', '.join(started)}) but is not marked slow: "
+                    "request the `ray_cluster` fixture or mark it `slow`", pytrace=False)
+
+
+# --------------------------------------------------------------------------- S3 (moto)
 
 
 @dataclass
@@ -51,26 +101,17 @@ class S3Server:
         return f"s3://{name}"
 
 
-def _clear_fs_caches() -> None:
-    # Filesystems created before the environment changed would keep the old endpoint and
-    # credentials; both radforge's cache and fsspec's are keyed on options, not on env.
-    import fsspec
-
-    from radforge import storage
-
-    storage.clear_cache()
-    for cls in list(fsspec.registry.values()):  # each class keeps its own instance cache
-        cls.clear_instance_cache()
-
-
 @pytest.fixture(scope="session")
 def s3_server() -> Iterator[S3Server]:
-    """A real S3 endpoint on 127.0.0.1 (moto), with the standard AWS env pointing at it.
+    """A real S3 endpoint on 127.0.0.1 (moto), with the standard AWS env pointing at it
+    (`storage.s3_endpoint_env`).
 
     The variables go into os.environ, not just into fsspec options, because a local Ray
     cluster started later inherits them for its worker processes.
     """
     from moto.server import ThreadedMotoServer
+
+    from radforge import storage
 
     werkzeug_log = logging.getLogger("werkzeug")
     old_level = werkzeug_log.level
@@ -81,23 +122,10 @@ def s3_server() -> Iterator[S3Server]:
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
 
-    overrides = dict(_S3_ENV_OVERRIDES, AWS_ENDPOINT_URL=endpoint)
-    saved = {k: os.environ.get(k) for k in overrides}
-    for k, v in overrides.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
-    _clear_fs_caches()
     try:
-        yield S3Server(endpoint=endpoint)
+        with storage.s3_endpoint_env(endpoint, key="testing"):
+            yield S3Server(endpoint=endpoint)
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        _clear_fs_caches()
         server.stop()
         werkzeug_log.setLevel(old_level)
 
@@ -133,3 +161,33 @@ def deid_secret(monkeypatch) -> str:
     secret = "test-secret-" + "x" * 32
     monkeypatch.setenv("RADFORGE_DEID_SECRET", secret)
     return secret
+
+
+# --------------------------------------------------------------------------- one ingested corpus
+
+
+@dataclass
+class IngestedCorpus:
+    """The phantom training corpus and its shard set (read-only: tests write their own copies)."""
+
+    corpus: "phantoms.TrainingCorpus"  # noqa: F821 (imported lazily: collection stays Ray-free)
+    shards: str
+    manifest: dict
+
+
+@pytest.fixture(scope="session")
+def ingested_corpus(tmp_path_factory, ray_cluster) -> IngestedCorpus:
+    """Built once and ingested once per test run, with the real ingest on the session's Ray:
+    240 patients × (CT 16×48² + DX 128²), findings drawn in the pixels and stated in the reports,
+    public demo key, 1 MB shards, the default splits (~80/10/10 by patient). Shared by the train
+    and cluster tests (and whoever needs a learnable corpus)."""
+    from radforge import config, ingest, phantoms
+    from radforge.config import IngestRecipe
+
+    root = tmp_path_factory.mktemp("ingested-corpus")
+    corpus = phantoms.training_corpus(root / "src", n_patients=240)
+    recipe = config.load(IngestRecipe, None, ["deid.demo_key=true", "shards.target_mb=1"])
+    res = ingest.run(corpus.dicom_dir, str(root / "shards"), recipe, reports=corpus.reports_csv,
+                     labels=corpus.labels_csv, progress=False)
+    assert res.ok, res.manifest.get("inputs")
+    return IngestedCorpus(corpus=corpus, shards=res.dest, manifest=res.manifest)

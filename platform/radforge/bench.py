@@ -27,6 +27,8 @@ import shutil
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 SYNTAXES = {
     "explicit": "1.2.840.10008.1.2.1",
@@ -363,20 +365,6 @@ def format_result(r: dict) -> str:
 # data (a fresh loader iterator per block), raw_dicom two passes; the best of each counts (least
 # disturbed by other load on a shared machine).
 
-_BENCH_AWS_ENV = {
-    "AWS_ACCESS_KEY_ID": "bench",
-    "AWS_SECRET_ACCESS_KEY": "bench",
-    "AWS_DEFAULT_REGION": "us-east-1",
-    "AWS_CONFIG_FILE": os.devnull,
-    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
-    "AWS_EC2_METADATA_DISABLED": "true",
-    "AWS_ENDPOINT_URL_S3": None,
-    "AWS_SESSION_TOKEN": None,
-    "AWS_PROFILE": None,
-    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": None,
-}
-
-
 _MOTO_CHILD = """
 import logging, sys, threading
 from moto.server import ThreadedMotoServer
@@ -389,47 +377,31 @@ server.stop()
 """
 
 
-class _MotoS3:
+@contextmanager
+def _moto_s3() -> Iterator[str]:
     """moto's S3 server (ThreadedMotoServer) on 127.0.0.1 with the standard AWS env pointing at it
-    (restored after). It runs in a child process: in-process, its request threads would compete
-    with the reader under test for this interpreter's GIL, which a real object store never does."""
+    (restored after); yields a fresh bucket's URL. It runs in a child process: in-process, its
+    request threads would compete with the reader under test for this interpreter's GIL, which a
+    real object store never does."""
+    import subprocess
+    import sys
 
-    def __enter__(self):
-        import subprocess
-        import sys
+    import boto3
 
-        self.proc = subprocess.Popen([sys.executable, "-c", _MOTO_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        port = int(self.proc.stdout.readline())
-        env = dict(_BENCH_AWS_ENV, AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}")
-        self.saved = {k: os.environ.get(k) for k in env}
-        self._apply(env)
-        import boto3
+    from radforge import storage
 
-        boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], region_name="us-east-1").create_bucket(Bucket="bench")
-        return "s3://bench"
-
-    @staticmethod
-    def _apply(env):
-        import fsspec
-
-        from radforge import storage
-
-        for k, v in env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
-        storage.clear_cache()
-        for cls in list(fsspec.registry.values()):
-            cls.clear_instance_cache()
-
-    def __exit__(self, *exc):
-        self._apply(self.saved)
-        self.proc.stdin.close()
+    proc = subprocess.Popen([sys.executable, "-c", _MOTO_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        endpoint = f"http://127.0.0.1:{int(proc.stdout.readline())}"
+        with storage.s3_endpoint_env(endpoint, key="bench"):
+            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+            yield "s3://bench"
+    finally:
+        proc.stdin.close()
         try:
-            self.proc.wait(timeout=10)
+            proc.wait(timeout=10)
         except Exception:
-            self.proc.kill()
+            proc.kill()
 
 
 def _raw_dicom_dataset(series_urls: list[list[str]]):
@@ -476,7 +448,7 @@ def bench_stream(*, workdir: str | None, series: int, slices: int, size: int, sy
     root = workdir or tempfile.mkdtemp(prefix="radforge-bench-")
     try:
         corpus, files = _ct_corpus(root, series=series, slices=slices, size=size, syntax=syntax)
-        with _MotoS3() as bucket:
+        with _moto_s3() as bucket:
             # The same DICOM bytes on the same endpoint, for the baseline.
             by_series: dict[str, list[str]] = {}
             for f in files:

@@ -32,6 +32,8 @@ import posixpath
 import shutil
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import IO, Any
 
 import fsspec
@@ -60,6 +62,7 @@ __all__ = [
     "check_writable",
     "pyarrow_filesystem",
     "clear_cache",
+    "s3_endpoint_env",
 ]
 
 log = logging.getLogger(__name__)
@@ -222,6 +225,52 @@ def clear_cache() -> None:
     with _cache_lock:
         _cache.clear()
         _probe_sessions.clear()
+
+
+# The standard AWS variables for a private S3 endpoint (moto in tests and benchmarks). The ones
+# set to None are removed, so that a developer's own AWS set-up (a profile, a session token, an
+# S3-specific endpoint that would win over AWS_ENDPOINT_URL) cannot leak in; /dev/null config
+# files keep botocore from reading ~/.aws.
+_PRIVATE_ENDPOINT_ENV = {
+    "AWS_DEFAULT_REGION": "us-east-1",
+    "AWS_CONFIG_FILE": os.devnull,
+    "AWS_SHARED_CREDENTIALS_FILE": os.devnull,
+    "AWS_EC2_METADATA_DISABLED": "true",
+    "AWS_ENDPOINT_URL_S3": None,
+    "AWS_SESSION_TOKEN": None,
+    "AWS_SECURITY_TOKEN": None,
+    "AWS_PROFILE": None,
+    "AWS_DEFAULT_PROFILE": None,
+    "AWS_REGION": None,
+    "AWS_IGNORE_CONFIGURED_ENDPOINT_URLS": None,
+}
+
+
+def _set_env(env: dict[str, str | None]) -> None:
+    for k, v in env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    # Filesystems made before the change would keep the old endpoint and credentials: radforge's
+    # cache and fsspec's (one instance cache per class) are keyed on options, not on the env.
+    clear_cache()
+    for cls in list(fsspec.registry.values()):
+        cls.clear_instance_cache()
+
+
+@contextmanager
+def s3_endpoint_env(endpoint: str, key: str) -> Iterator[None]:
+    """Point every S3 client of this process, and of the processes it starts (a local Ray
+    cluster's workers inherit os.environ), at `endpoint` with the static credentials key/key;
+    the previous environment comes back on exit."""
+    env = dict(_PRIVATE_ENDPOINT_ENV, AWS_ACCESS_KEY_ID=key, AWS_SECRET_ACCESS_KEY=key, AWS_ENDPOINT_URL=endpoint)
+    saved = {k: os.environ.get(k) for k in env}
+    _set_env(env)
+    try:
+        yield
+    finally:
+        _set_env(saved)
 
 
 # --------------------------------------------------------------------------- reads

@@ -1,26 +1,46 @@
-"""Typed recipes: dataclasses, YAML loading, dotted `--set a.b=v` overrides, clear errors.
+"""Typed settings: dataclasses, YAML loading, dotted `--set a.b=v` overrides, clear errors.
 
-Each component owns a small dataclass; a recipe is a tree of them. The dataclass defaults are the
-documented defaults and the YAML files under `shards/recipes/` and `jobs/recipes/` restate them with
-units and comments (a test keeps `shards/recipes/default.yaml` equal to `IngestRecipe()`).
-Validation lives in `__post_init__`, so a bad value fails at load time with the dotted key in the
-message, before any work starts.
+Each component owns a small dataclass; a recipe is a tree of them, and serve's arguments
+(`ServeConfig`) are one more. The dataclass defaults are the documented defaults (a comment beside
+each field) and the YAML files under `shards/recipes/` and `jobs/recipes/` restate them with units
+(a test keeps `shards/recipes/default.yaml` equal to `IngestRecipe()`).
+
+`from_dict` validates a plain mapping with pydantic (types, unknown keys, lists into tuples) and
+each section's `__post_init__` checks ranges, so a bad value fails at load time, on one line with
+the dotted key, before any work starts. The objects stay plain stdlib dataclasses: they pickle
+and cross Ray as they are, and constructing one directly runs the same range checks.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
-import math
+import functools
 import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
+import pydantic_core
 import yaml
 
 from radforge import kinds
 from radforge.errors import ConfigError
+
+
+class SettingError(ConfigError, ValueError):
+    """A value out of range. A `ConfigError` to callers; also a `ValueError`, which is what pydantic
+    catches from `__post_init__` and reports with the location of the section that raised it."""
+
+
+class Section:
+    """Base of every recipe dataclass: how `from_dict` validates it. Strict scalars, since YAML
+    has already typed them (`true` is not a count, `1` is not a flag, `.nan` is not a size);
+    unknown keys are errors (a typo must not fall back to a default silently)."""
+
+    __pydantic_config__ = pydantic.ConfigDict(strict=True, extra="forbid", allow_inf_nan=False, coerce_numbers_to_str=True)
+
 
 # ---------------------------------------------------------------------------------------------
 # Ingest recipe
@@ -30,11 +50,11 @@ SUPPORTED_MODALITIES = kinds.MODALITIES
 
 
 @dataclass
-class CTConfig:
+class CTConfig(Section):
     """How CT series become volumes. Spacing is in array axis order (z, y, x), millimetres."""
 
-    spacing_mm: tuple[float, float, float] = (3.0, 1.5, 1.5)
-    min_slices: int = 8
+    spacing_mm: tuple[float, float, float] = (3.0, 1.5, 1.5)  # target voxel spacing after resampling
+    min_slices: int = 8  # fewer slices than this: the series is rejected (a scout, a single slab)
     # Slice spacing may vary by this fraction of the median before the series counts as non-uniform
     # (a gap of a missing slice is ~100%, rounding noise in positions is < 1%).
     spacing_tolerance: float = 0.1
@@ -52,48 +72,48 @@ class CTConfig:
         # Floats, always: the spacing feeds the profile_id digest, where 3 and 3.0 hash differently.
         self.spacing_mm = tuple(float(v) for v in self.spacing_mm)
         if self.min_slices < 2:
-            raise ConfigError("ct.min_slices must be >= 2")
+            raise SettingError("ct.min_slices must be >= 2")
         if not 0 < self.spacing_tolerance < 1:
-            raise ConfigError("ct.spacing_tolerance must be in (0, 1)")
+            raise SettingError("ct.spacing_tolerance must be in (0, 1)")
         if not 0 <= self.max_tilt_deg < 90:
-            raise ConfigError(f"ct.max_tilt_deg must be in [0, 90), got {self.max_tilt_deg!r}")
+            raise SettingError(f"ct.max_tilt_deg must be in [0, 90), got {self.max_tilt_deg!r}")
         _choice("ct.duplicate_positions", self.duplicate_positions, ("reject", "drop"))
         if not self.max_voxels > 0:
-            raise ConfigError(f"ct.max_voxels must be > 0, got {self.max_voxels!r}")
+            raise SettingError(f"ct.max_voxels must be > 0, got {self.max_voxels!r}")
 
 
 @dataclass
-class XrayConfig:
+class XrayConfig(Section):
     """How CR/DX images are stored (lossless 16-bit PNG, presentation values, high = bright)."""
 
-    longest_side: int = 1024
+    longest_side: int = 1024  # px: images are resized (aspect kept) so the longer side is at most this
     # "window": apply the header's VOI (VOI LUT Sequence, else the first window) as a radiologist
     # would see it; "none": store Modality-LUT values rescaled to the BitsStored range.
     voi: str = "window"
 
     def __post_init__(self):
         if self.longest_side < 16:
-            raise ConfigError("xray.longest_side must be >= 16")
+            raise SettingError("xray.longest_side must be >= 16")
         _choice("xray.voi", self.voi, ("window", "none"))
 
 
 @dataclass
-class DeidConfig:
+class DeidConfig(Section):
     """Keyed pseudonyms: HMAC-SHA256 with a secret that never leaves the operator's environment."""
 
-    secret_env: str = "RADFORGE_DEID_SECRET"
-    secret_file: str | None = None
+    secret_env: str = "RADFORGE_DEID_SECRET"  # environment variable holding the secret
+    secret_file: str | None = None  # else a file holding it (any URL), read when the variable is empty
     # Demo mode uses a public, fixed key: pseudonyms are then NOT secret. Marked in the manifest.
     demo_key: bool = False
-    keep_age_sex: bool = False
+    keep_age_sex: bool = False  # keep the patient's age and sex in each sample's metadata
 
     def __post_init__(self):
         if not self.secret_env or not self.secret_env.strip():
-            raise ConfigError("deid.secret_env must name an environment variable")
+            raise SettingError("deid.secret_env must name an environment variable")
 
 
 @dataclass
-class TableConfig:
+class TableConfig(Section):
     """An optional side table (CSV, Parquet or JSONL) joined to studies."""
 
     join_on: str = "AccessionNumber"  # DICOM attribute matched: AccessionNumber or StudyInstanceUID
@@ -106,23 +126,27 @@ class TableConfig:
 
 
 @dataclass
-class ShardConfig:
-    target_mb: float = 256.0
+class ShardConfig(Section):
+    """How the WebDataset tar shards are cut."""
+
+    target_mb: float = 256.0  # shard size aimed at, MB: shards per split = estimated bytes / this
 
     def __post_init__(self):
         if not self.target_mb > 0:
-            raise ConfigError(f"shards.target_mb must be > 0, got {self.target_mb!r}")
+            raise SettingError(f"shards.target_mb must be > 0, got {self.target_mb!r}")
 
 
 @dataclass
-class IngestRecipe:
-    name: str = "default"
-    modalities: list[str] = field(default_factory=lambda: list(SUPPORTED_MODALITIES))
+class IngestRecipe(Section):
+    """DICOM → shards (shards/recipes/*.yaml); each section is documented on its class."""
+
+    name: str = "default"  # recorded in the manifest
+    modalities: list[str] = field(default_factory=lambda: list(SUPPORTED_MODALITIES))  # the rest are skipped
     ct: CTConfig = field(default_factory=CTConfig)
     xray: XrayConfig = field(default_factory=XrayConfig)
     deid: DeidConfig = field(default_factory=DeidConfig)
-    reports: TableConfig = field(default_factory=TableConfig)
-    labels: TableConfig = field(default_factory=TableConfig)
+    reports: TableConfig = field(default_factory=TableConfig)  # free-text reports (`--reports TABLE`)
+    labels: TableConfig = field(default_factory=TableConfig)  # finding labels, one column each (`--labels TABLE`)
     # Fractions of patients per split, assigned from the patient pseudonym.
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     shards: ShardConfig = field(default_factory=ShardConfig)
@@ -132,17 +156,17 @@ class IngestRecipe:
 
     def __post_init__(self):
         if not self.name or not self.name.strip():
-            raise ConfigError("name must be a non-empty string")
+            raise SettingError("name must be a non-empty string")
         bad = [m for m in self.modalities if m not in SUPPORTED_MODALITIES]
         if bad or not self.modalities:
-            raise ConfigError(f"modalities must be a non-empty subset of {list(SUPPORTED_MODALITIES)}, got {self.modalities}")
+            raise SettingError(f"modalities must be a non-empty subset of {list(SUPPORTED_MODALITIES)}, got {self.modalities}")
         fractions = list(self.splits.values())
         if not fractions or not all(v >= 0 for v in fractions) or not abs(sum(fractions) - 1) <= 1e-6:
-            raise ConfigError(f"splits must be non-negative fractions summing to 1, got {self.splits}")
+            raise SettingError(f"splits must be non-negative fractions summing to 1, got {self.splits}")
         self.splits = {name: float(v) for name, v in self.splits.items()}
         for name in self.splits:
             if not isinstance(name, str) or not name.isidentifier():
-                raise ConfigError(f"split name {name!r} must be a plain identifier")
+                raise SettingError(f"split name {name!r} must be a plain identifier")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,13 +181,13 @@ IMAGE_KINDS = tuple(kinds.KINDS)  # ct = 3D volumes (CT); xray = 2D images (CR, 
 
 
 @dataclass
-class DataConfig:
+class DataConfig(Section):
     """Where the shards are and how they stream (radforge.loader)."""
 
     shards: str = "var/demo/shards"  # shard set: directory URL holding manifest.json (any fsspec URL)
     image: str = "ct"  # ct: CT volumes, 3D models; xray: CR/DX images, 2D models
-    train_split: str = "train"
-    val_split: str = "val"
+    train_split: str = "train"  # the split streamed for training
+    val_split: str = "val"  # the validation split's name (no code reads it yet; eval.split is what evaluation uses)
     require_report: bool = False  # CLIP sets this: samples without a report are skipped (counted)
     shuffle_buffer: int = 64  # samples held for the within-rank shuffle (memory: buffer × sample size)
     num_workers: int = 1  # DataLoader worker processes per rank (0 = in the training process)
@@ -174,15 +198,15 @@ class DataConfig:
     def __post_init__(self):
         _choice("data.image", self.image, IMAGE_KINDS)
         if self.shuffle_buffer < 1:
-            raise ConfigError("data.shuffle_buffer must be >= 1")
+            raise SettingError("data.shuffle_buffer must be >= 1")
         if self.num_workers < 0:
-            raise ConfigError("data.num_workers must be >= 0")
+            raise SettingError("data.num_workers must be >= 0")
         if not self.cache_limit_gb > 0:
-            raise ConfigError("data.cache_limit_gb must be > 0")
+            raise SettingError("data.cache_limit_gb must be > 0")
 
 
 @dataclass
-class ViewConfig:
+class ViewConfig(Section):
     """The model view derived from stored samples at load time (radforge.transforms), shared by
     the loader, evaluation and serving and written into exported models."""
 
@@ -190,8 +214,8 @@ class ViewConfig:
     ct_windows: list[tuple[float, float]] = field(default_factory=lambda: [(-600.0, 1500.0), (40.0, 400.0)])
     ct_size: tuple[int, int, int] = (32, 64, 64)  # model input (z, y, x) voxels: crop / pad
     xray_size: int = 224  # model input (square, px): aspect-preserving resize then centre/random crop
-    xray_mean: float = 0.5  # normalisation of [0, 1] presentation values
-    xray_std: float = 0.25
+    xray_mean: float = 0.5  # normalisation of [0, 1] presentation values: (x - mean) / std
+    xray_std: float = 0.25  # (see xray_mean)
     rand_crop: bool = True  # training: random crop position (evaluation/serving: centre)
     rand_flip: bool = False  # training: random left-right flip (off: laterality is anatomy)
     # CT: resample to this voxel spacing (z, y, x mm) at load time, from each sample's stored
@@ -200,47 +224,47 @@ class ViewConfig:
 
     def __post_init__(self):
         if not self.ct_windows:
-            raise ConfigError("view.ct_windows needs at least one (level, width) window")
+            raise SettingError("view.ct_windows needs at least one (level, width) window")
         for level, width in self.ct_windows:
             if not width > 0:
-                raise ConfigError(f"view.ct_windows: width must be > 0, got {width!r}")
+                raise SettingError(f"view.ct_windows: width must be > 0, got {width!r}")
         _positive("view.ct_size", self.ct_size, n=3)
         self.ct_size = tuple(int(v) for v in self.ct_size)
         if self.ct_spacing_mm is not None:
             _positive("view.ct_spacing_mm", self.ct_spacing_mm, n=3)
             self.ct_spacing_mm = tuple(float(v) for v in self.ct_spacing_mm)
         if self.xray_size < 16:
-            raise ConfigError("view.xray_size must be >= 16")
+            raise SettingError("view.xray_size must be >= 16")
         if not self.xray_std > 0:
-            raise ConfigError("view.xray_std must be > 0")
+            raise SettingError("view.xray_std must be > 0")
 
 
 @dataclass
-class TextConfig:
+class TextConfig(Section):
     """CLIP text tower: a small transformer with a tokenizer trained on the corpus' reports
     (`kind: small`), or a Hugging Face encoder + tokenizer from a local/object-store dir (`kind: hf`)."""
 
-    kind: str = "small"
+    kind: str = "small"  # small | hf
     path: str | None = None  # hf: directory (any URL) with config + weights + tokenizer; offline
     vocab_size: int = 2000  # small: BPE vocabulary trained on the training split's reports
     max_len: int = 64  # tokens per report (truncated)
-    width: int = 128
-    depth: int = 2
-    heads: int = 4
+    width: int = 128  # small: transformer width (divisible by heads)
+    depth: int = 2  # small: transformer blocks
+    heads: int = 4  # small: attention heads
 
     def __post_init__(self):
         _choice("model.text.kind", self.kind, ("small", "hf"))
         if self.kind == "hf" and not self.path:
-            raise ConfigError("model.text.path must name the Hugging Face model directory when kind is hf")
+            raise SettingError("model.text.path must name the Hugging Face model directory when kind is hf")
         for k in ("vocab_size", "max_len", "width", "depth", "heads"):
             if getattr(self, k) < 1:
-                raise ConfigError(f"model.text.{k} must be >= 1")
+                raise SettingError(f"model.text.{k} must be >= 1")
         if self.width % self.heads:
-            raise ConfigError("model.text.width must be divisible by model.text.heads")
+            raise SettingError("model.text.width must be divisible by model.text.heads")
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(Section):
     """What to train. The image encoder is a ViT whose dimensionality follows data.image."""
 
     kind: str = "mae"  # mae | clip
@@ -249,12 +273,12 @@ class ModelConfig:
     patch_xray: int = 16  # 2D patch (px); must divide view.xray_size
     mask_ratio: float = 0.75  # MAE: fraction of patches hidden from the encoder
     norm_pix_loss: bool = True  # MAE: loss on per-patch normalised pixels
-    decoder_width: int = 128  # MAE decoder
-    decoder_depth: int = 2
+    decoder_width: int = 128  # MAE decoder: transformer width
+    decoder_depth: int = 2  # MAE decoder: transformer blocks
     embed_dim: int = 128  # CLIP: joint embedding size
     init_temperature: float = 0.07  # CLIP: initial softmax temperature (learnable)
     init_from: str | None = None  # CLIP: an exported MAE model dir whose encoder initialises the image tower
-    text: TextConfig = field(default_factory=TextConfig)
+    text: TextConfig = field(default_factory=TextConfig)  # CLIP: the text tower
 
     def __post_init__(self):
         _choice("model.kind", self.kind, MODEL_KINDS)
@@ -262,11 +286,11 @@ class ModelConfig:
         _positive("model.patch_ct", self.patch_ct, n=3)
         self.patch_ct = tuple(int(v) for v in self.patch_ct)
         if self.patch_xray < 1:
-            raise ConfigError("model.patch_xray must be >= 1")
+            raise SettingError("model.patch_xray must be >= 1")
         if not 0 < self.mask_ratio < 1:
-            raise ConfigError("model.mask_ratio must be in (0, 1)")
+            raise SettingError("model.mask_ratio must be in (0, 1)")
         if not self.init_temperature > 0:
-            raise ConfigError("model.init_temperature must be > 0")
+            raise SettingError("model.init_temperature must be > 0")
 
     def patch(self, image: kinds.ImageKind) -> tuple[int, ...]:
         """The patch (voxels per axis) for an image kind: `patch_ct` in 3D, `patch_xray` squared in 2D."""
@@ -274,107 +298,109 @@ class ModelConfig:
 
 
 @dataclass
-class OptimConfig:
+class OptimConfig(Section):
     """AdamW with linear warmup then cosine decay to lr × min_lr_ratio at `train.steps`."""
 
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    betas: tuple[float, float] = (0.9, 0.95)
-    warmup_steps: int = 10
-    min_lr_ratio: float = 0.1
+    lr: float = 1e-3  # peak learning rate, reached after warmup
+    weight_decay: float = 0.05  # AdamW decoupled weight decay
+    betas: tuple[float, float] = (0.9, 0.95)  # AdamW (beta1, beta2)
+    warmup_steps: int = 10  # linear warmup from 0 (optimizer steps)
+    min_lr_ratio: float = 0.1  # the cosine ends at lr × this
     grad_clip: float = 1.0  # max global grad norm (0 = off)
 
     def __post_init__(self):
         if not self.lr > 0:
-            raise ConfigError("optim.lr must be > 0")
+            raise SettingError("optim.lr must be > 0")
         if self.warmup_steps < 0:
-            raise ConfigError("optim.warmup_steps must be >= 0")
+            raise SettingError("optim.warmup_steps must be >= 0")
         if not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("optim.min_lr_ratio must be in [0, 1]")
+            raise SettingError("optim.min_lr_ratio must be in [0, 1]")
         if not self.grad_clip >= 0:
-            raise ConfigError("optim.grad_clip must be >= 0")
+            raise SettingError("optim.grad_clip must be >= 0")
 
 
 @dataclass
-class DeepSpeedSettings:
+class DeepSpeedSettings(Section):
     """The recipe side of the DeepSpeed config (radforge.train generates the rest, in one place)."""
 
     zero_stage: int = 2  # 0 | 1 | 2 | 3
     precision: str = "fp32"  # fp32 | bf16 | fp16 (bf16/fp16 need GPUs)
     micro_batch: int = 4  # samples per worker per forward pass
     grad_accum: int = 1  # micro-batches per optimizer step
-    activation_checkpointing: bool = False
+    activation_checkpointing: bool = False  # recompute block activations in backward (memory for time)
     offload_optimizer: bool = False  # ZeRO optimizer state on CPU (stage >= 1)
 
     def __post_init__(self):
         if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
+            raise SettingError(f"deepspeed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage!r}")
         _choice("deepspeed.precision", self.precision, ("fp32", "bf16", "fp16"))
         if self.micro_batch < 1 or self.grad_accum < 1:
-            raise ConfigError("deepspeed.micro_batch and deepspeed.grad_accum must be >= 1")
+            raise SettingError("deepspeed.micro_batch and deepspeed.grad_accum must be >= 1")
         if self.offload_optimizer and self.zero_stage == 0:
-            raise ConfigError("deepspeed.offload_optimizer needs zero_stage >= 1")
+            raise SettingError("deepspeed.offload_optimizer needs zero_stage >= 1")
 
 
 @dataclass
-class ScaleConfig:
+class ScaleConfig(Section):
     """Ray Train scaling: multi-node is configuration only."""
 
-    num_workers: int = 2
+    num_workers: int = 2  # training workers (ranks), one DeepSpeed engine each
     use_gpu: bool = False  # nccl when true, gloo otherwise
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = 1.0  # Ray resources reserved per worker
     gpus_per_worker: float = 1.0  # used only with use_gpu
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra custom resources
 
     def __post_init__(self):
         if self.num_workers < 1:
-            raise ConfigError("scale.num_workers must be >= 1")
+            raise SettingError("scale.num_workers must be >= 1")
         _choice("scale.placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
         if not self.cpus_per_worker > 0:
-            raise ConfigError("scale.cpus_per_worker must be > 0")
+            raise SettingError("scale.cpus_per_worker must be > 0")
 
 
 @dataclass
-class CheckpointConfig:
+class CheckpointConfig(Section):
     """Sharded DeepSpeed state + loader position + recipe, through Ray Train's storage."""
 
     storage_path: str = "var/demo/checkpoints"  # any fsspec URL (s3:// works)
-    every_steps: int = 50
-    keep_last: int = 2
+    every_steps: int = 50  # optimizer steps between checkpoints (and one at the end)
+    keep_last: int = 2  # checkpoints kept (older ones deleted)
     max_failures: int = 2  # worker-group restarts (Ray Train FailureConfig), each from the last checkpoint
 
     def __post_init__(self):
         if self.every_steps < 1 or self.keep_last < 1 or self.max_failures < 0:
-            raise ConfigError("checkpoint.every_steps and keep_last must be >= 1, max_failures >= 0")
+            raise SettingError("checkpoint.every_steps and keep_last must be >= 1, max_failures >= 0")
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(Section):
     """In-loop and offline evaluation (radforge.evaluate)."""
 
     every_steps: int = 0  # 0 = only at the end
-    split: str = "val"
+    split: str = "val"  # the split evaluated
     findings: list[str] = field(default_factory=list)  # empty = every finding in the labels
     # Zero-shot prompts; `{finding}` is replaced by the finding's name.
     positive_prompt: str = "{finding} is present."
-    negative_prompt: str = "no {finding}."
+    negative_prompt: str = "no {finding}."  # (see positive_prompt)
     bootstrap: int = 1000  # resamples for the 95% CIs
     max_samples: int = 0  # cap per evaluation (0 = the whole split)
 
     def __post_init__(self):
         if self.every_steps < 0 or self.bootstrap < 0 or self.max_samples < 0:
-            raise ConfigError("eval.every_steps, eval.bootstrap and eval.max_samples must be >= 0")
+            raise SettingError("eval.every_steps, eval.bootstrap and eval.max_samples must be >= 0")
         if "{finding}" not in self.positive_prompt or "{finding}" not in self.negative_prompt:
-            raise ConfigError("eval.positive_prompt and eval.negative_prompt must contain {finding}")
+            raise SettingError("eval.positive_prompt and eval.negative_prompt must contain {finding}")
 
 
 @dataclass
-class TrainRecipe:
-    name: str = "tiny-mae-ct"
-    seed: int = 0
+class TrainRecipe(Section):
+    """A training run (jobs/recipes/*.yaml); each section is documented on its class."""
+
+    name: str = "tiny-mae-ct"  # the run's name: metrics, checkpoints and the exported model carry it
+    seed: int = 0  # model init, shuffling, masking and augmentation all derive from it
     steps: int = 100  # optimizer steps in total (the schedule's length); epochs follow from the data
-    log_every: int = 10
+    log_every: int = 10  # optimizer steps between metric logs
     output_dir: str = "var/demo/runs"  # metrics (TensorBoard events, metrics.jsonl) and the loss curve
     data: DataConfig = field(default_factory=DataConfig)
     view: ViewConfig = field(default_factory=ViewConfig)
@@ -387,23 +413,80 @@ class TrainRecipe:
 
     def __post_init__(self):
         if not self.name or not self.name.strip():
-            raise ConfigError("name must be a non-empty string")
+            raise SettingError("name must be a non-empty string")
         if self.steps < 1 or self.log_every < 1:
-            raise ConfigError("steps and log_every must be >= 1")
+            raise SettingError("steps and log_every must be >= 1")
         if self.model.kind == "clip":
             self.data.require_report = True
         if self.data.image == "ct":
             bad = [s for s, p in zip(self.view.ct_size, self.model.patch_ct) if s % p]
             if bad:
-                raise ConfigError(f"model.patch_ct {list(self.model.patch_ct)} must divide view.ct_size {list(self.view.ct_size)}")
+                raise SettingError(f"model.patch_ct {list(self.model.patch_ct)} must divide view.ct_size {list(self.view.ct_size)}")
         elif self.view.xray_size % self.model.patch_xray:
-            raise ConfigError(f"model.patch_xray {self.model.patch_xray} must divide view.xray_size {self.view.xray_size}")
+            raise SettingError(f"model.patch_xray {self.model.patch_xray} must divide view.xray_size {self.view.xray_size}")
         if self.deepspeed.precision != "fp32" and not self.scale.use_gpu:
-            raise ConfigError(f"deepspeed.precision {self.deepspeed.precision} needs scale.use_gpu: true (CPU training is fp32)")
+            raise SettingError(f"deepspeed.precision {self.deepspeed.precision} needs scale.use_gpu: true (CPU training is fp32)")
 
     @property
     def global_batch(self) -> int:
         return self.deepspeed.micro_batch * self.deepspeed.grad_accum * self.scale.num_workers
+
+
+# ---------------------------------------------------------------------------------------------
+# Serving (radforge.serve:build_app). Its arguments arrive as strings from `serve run key=value`,
+# so, unlike a recipe, it parses numbers from strings (pydantic's lax mode).
+# ---------------------------------------------------------------------------------------------
+
+
+def _split_commas(v: Any) -> Any:
+    # Ray's CLI keeps only the last `key=value` of a repeated key: several URLs are one "a,b" value.
+    if isinstance(v, str):
+        v = [v]
+    if isinstance(v, (list, tuple)):
+        return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
+    return v
+
+
+URLs = Annotated[list[str], pydantic.BeforeValidator(_split_commas)]
+
+
+@dataclass
+class ServeConfig:
+    """`build_app` arguments (the `args:` of a Serve config, or `key=value` on `serve run`)."""
+
+    __pydantic_config__ = pydantic.ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    model: URLs  # exported model dirs (any fsspec URL); the first is the default; required
+    index: URLs = field(default_factory=list)  # retrieval index dirs made by `radforge index`
+    max_batch_size: int = 16  # @serve.batch: images per model forward, 1..1024
+    batch_wait_timeout_s: float = 0.01  # @serve.batch: wait for a fuller batch, 0..10 s
+    max_upload_mb: float = 256.0  # request body limit (and a zip's uncompressed total)
+    max_files: int = 2000  # DICOM files per request (CT slices)
+    max_models_per_replica: int = 4  # multiplexing: models kept loaded per replica (LRU)
+    num_cpus: float = 1.0  # per replica
+    num_gpus: float = 0.0  # per replica; > 0 runs the models on cuda
+    num_replicas: int | None = None  # fixed replica count (instead of autoscaling)
+    min_replicas: int = 1  # autoscaling lower bound (and the replica count without autoscaling)
+    max_replicas: int = 1  # > min_replicas turns autoscaling on
+    target_ongoing_requests: float = 8.0  # autoscaling target per replica
+    max_ongoing_requests: int | None = None  # per replica; default: max(32, 2 × max_batch_size)
+
+    def __post_init__(self):
+        if not self.model:
+            raise SettingError("model: at least one exported model dir is required")
+        if not 1 <= self.max_batch_size <= 1024:
+            raise SettingError(f"max_batch_size must be in [1, 1024], got {self.max_batch_size!r}")
+        if not 0 <= self.batch_wait_timeout_s <= 10:
+            raise SettingError(f"batch_wait_timeout_s must be in [0, 10], got {self.batch_wait_timeout_s!r}")
+        if not self.max_upload_mb > 0 or not self.target_ongoing_requests > 0:
+            raise SettingError("max_upload_mb and target_ongoing_requests must be > 0")
+        for key in ("max_files", "max_models_per_replica", "max_replicas", "num_replicas", "max_ongoing_requests"):
+            if getattr(self, key) is not None and getattr(self, key) < 1:
+                raise SettingError(f"{key} must be >= 1, got {getattr(self, key)!r}")
+        if not (self.num_cpus >= 0 and self.num_gpus >= 0 and self.min_replicas >= 0):
+            raise SettingError("num_cpus, num_gpus and min_replicas must be >= 0")
+        if self.max_replicas < self.min_replicas:
+            raise SettingError("max_replicas must be >= min_replicas")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,22 +503,7 @@ def load(cls: type, path: str | None = None, overrides: list[str] | tuple[str, .
     effect (the file's, else the default), so `--set` acts the same with or without
     `--recipe shards/recipes/default.yaml`. `--set splits={train: 0.9, test: 0.1}` replaces it.
     """
-    data: dict = {}
-    if path:
-        from radforge import storage
-
-        try:
-            text = storage.read_bytes(path).decode("utf-8")
-        except FileNotFoundError:
-            raise ConfigError(f"recipe not found: {path}") from None
-        except (OSError, UnicodeDecodeError) as e:
-            raise ConfigError(f"recipe {path} cannot be read: {_one_line(e)}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"recipe {path} is not valid YAML: {_one_line(e)}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"recipe {path} must be a mapping at the top level")
+    data = _read_yaml(path) if path else {}
     for item in overrides:
         key, sep, raw = item.partition("=")
         key = key.strip()
@@ -449,6 +517,24 @@ def load(cls: type, path: str | None = None, overrides: list[str] | tuple[str, .
     return from_dict(cls, data)
 
 
+def _read_yaml(path: str) -> dict:
+    from radforge import storage
+
+    try:
+        text = storage.read_bytes(path).decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"recipe not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"recipe {path} cannot be read: {_one_line(e)}") from None
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"recipe {path} is not valid YAML: {_one_line(e)}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"recipe {path} must be a mapping at the top level")
+    return data
+
+
 def _set(cls: type, data: dict, key: str, value: Any) -> None:
     """Put one dotted override into the raw recipe mapping, walking the dataclass types so that an
     unknown or non-section key fails here with its full dotted name."""
@@ -460,23 +546,20 @@ def _set(cls: type, data: dict, key: str, value: Any) -> None:
     default: Any = _dataclass_default(cls)
     for i, p in enumerate(parts):
         here = ".".join(parts[: i + 1])
-        last = i == len(parts) - 1
         if dataclasses.is_dataclass(tp):
-            fields = {f.name: f for f in dataclasses.fields(tp)}
-            if p not in fields:
-                raise ConfigError(f"unknown recipe key {here} (valid: {', '.join(sorted(fields))})")
-            ftp = _unwrap_optional(typing.get_type_hints(tp)[p])
-            fdefault = getattr(default, p, None) if default is not None else None
+            hints = _hints(tp)
+            if p not in hints:
+                raise ConfigError(_unknown_key(tp, here))
+            ftp, fdefault = hints[p], getattr(default, p, None)
         else:  # inside dict[str, X]: any entry name is allowed, its value is a leaf
-            ftp, fdefault = typing.get_args(tp)[1] if typing.get_args(tp) else Any, None
-        if last:
+            ftp, fdefault = typing.get_args(tp)[1], None
+        if i == len(parts) - 1:
             if dataclasses.is_dataclass(ftp) and isinstance(value, dict) and isinstance(node.get(p), dict):
                 node[p] = _merge(node[p], value)  # `--set ct={min_slices: 3}` keeps the file's ct.*
             else:
                 node[p] = value
             return
-        is_section = dataclasses.is_dataclass(ftp) or typing.get_origin(ftp) is dict
-        if not is_section:
+        if not (dataclasses.is_dataclass(ftp) or typing.get_origin(ftp) is dict):
             raise ConfigError(f"--set {key}: {here} is a value, not a section")
         child = node.get(p)
         if child is None:
@@ -503,12 +586,15 @@ def _dataclass_default(cls: type) -> Any:
         return None
 
 
-def _unwrap_optional(tp: Any) -> Any:
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):
-        inner = [a for a in typing.get_args(tp) if a is not type(None)]
-        if len(inner) == 1:
-            return inner[0]
-    return tp
+def _hints(cls: type) -> dict[str, Any]:
+    """Field name → type, with `X | None` read as X (None is then a value pydantic checks)."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):
+            inner = [a for a in typing.get_args(tp) if a is not type(None)]
+            tp = inner[0] if len(inner) == 1 else tp
+        out[name] = tp
+    return {f.name: out[f.name] for f in dataclasses.fields(cls)}
 
 
 def _one_line(e: BaseException) -> str:
@@ -516,22 +602,15 @@ def _one_line(e: BaseException) -> str:
     return lines[0] if lines else type(e).__name__
 
 
-def from_dict(cls: type, data: dict, prefix: str = "") -> Any:
-    """Build a dataclass tree from a plain mapping, with the dotted key in every error."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'} must be a mapping, got {_short(data)}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted((str(k) for k in data if k not in fields))
-    if unknown:
-        raise ConfigError(f"unknown recipe key {prefix}{unknown[0]} (valid: {', '.join(sorted(fields))})")
-    hints = typing.get_type_hints(cls)
-    kwargs = {k: _coerce(hints[k], v, prefix + k) for k, v in data.items()}
+def from_dict(cls: type, data: dict | None) -> Any:
+    """Build a dataclass tree from a plain mapping (YAML, JSON, `--set`), with the dotted key in
+    every error. A section given as null (`ct:` with every key commented out) takes its defaults."""
+    if isinstance(data, dict):
+        data = _without_null_sections(cls, data)
     try:
-        return cls(**kwargs)
-    except ConfigError as e:
-        raise ConfigError(f"{prefix}{e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
+        return _validator(cls).validate_python({} if data is None else data)
+    except pydantic.ValidationError as e:
+        raise ConfigError(_message(cls, e)) from None
 
 
 def to_dict(obj: Any) -> dict:
@@ -547,60 +626,80 @@ def _plain(v: Any) -> Any:
     return v
 
 
-def _coerce(tp: Any, value: Any, key: str) -> Any:
-    origin = typing.get_origin(tp)
-    args = typing.get_args(tp)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key)
-    if dataclasses.is_dataclass(tp):
-        return from_dict(tp, value if value is not None else {}, key + ".")
-    try:
-        if origin in (list, tuple):
-            if not isinstance(value, (list, tuple)):
-                raise TypeError
-            if origin is tuple and args and Ellipsis not in args and len(args) != len(value):
-                raise TypeError
-            item_t = args[0] if args else Any
-            items = [_coerce(item_t, v, key) for v in value]
-            return tuple(items) if origin is tuple else items
-        if origin is dict:
-            if not isinstance(value, dict):
-                raise TypeError
-            return {str(k): _coerce(args[1], v, f"{key}.{k}") for k, v in value.items()}
-        if tp is bool:
-            if not isinstance(value, bool):
-                raise TypeError
-            return value
-        if tp in (int, float):
-            if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise TypeError
-            if not math.isfinite(value):  # .nan / .inf pass every `<` check below them otherwise
-                raise TypeError
-            if tp is int and float(value) != int(value):
-                raise TypeError
-            return tp(value)
-        if tp is str:
-            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-                raise TypeError
-            return str(value)
-    except (TypeError, ValueError, OverflowError):
-        raise ConfigError(f"{key}: expected {_type_name(tp)}, got {_short(value)}") from None
-    return value
+@functools.cache
+def _validator(cls: type) -> pydantic_core.SchemaValidator:
+    """pydantic's validator for the dataclass tree, with containers and strings lax: YAML has no
+    tuples (a list fills a fixed-length tuple), sections arrive as mappings, and a number where a
+    string is expected (`name: 2024`) is meant as that string. Scalars keep the class's strictness."""
+
+    def lax(schema: Any) -> Any:
+        if isinstance(schema, list):
+            return [lax(s) for s in schema]
+        if not isinstance(schema, dict):
+            return schema
+        out = {k: lax(v) for k, v in schema.items()}
+        if out.get("type") in ("dataclass", "tuple", "list", "dict", "str"):
+            out["strict"] = False
+        return out
+
+    return pydantic_core.SchemaValidator(lax(pydantic.TypeAdapter(cls).core_schema))
 
 
-def _type_name(tp: Any) -> str:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if origin is tuple and args and Ellipsis not in args:
-        return f"a list of {len(args)} {_type_name(args[0])}s"
-    if origin in (list, tuple):
-        return f"a list of {_type_name(args[0])}s" if args else "a list"
-    if origin is dict:
-        return f"a mapping of names to {_type_name(args[1])}s" if args else "a mapping"
-    names = {bool: "true/false", int: "integer", float: "finite number", str: "string"}
-    return names.get(tp) or getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+def _without_null_sections(cls: type, data: dict) -> dict:
+    hints = _hints(cls)
+    out = {}
+    for k, v in data.items():
+        tp = hints.get(k) if isinstance(k, str) else None
+        if dataclasses.is_dataclass(tp) and (v is None or isinstance(v, dict)):
+            if v is None:
+                continue
+            v = _without_null_sections(tp, v)
+        out[k] = v
+    return out
+
+
+# pydantic error type → what the setting expects, for "key: expected X, got Y".
+_EXPECTED = {
+    "int_type": "integer", "int_parsing": "integer", "int_from_float": "integer",
+    "float_type": "finite number", "float_parsing": "finite number", "finite_number": "finite number",
+    "bool_type": "true/false", "bool_parsing": "true/false", "string_type": "string",
+    "list_type": "a list", "tuple_type": "a list", "dict_type": "a mapping", "dataclass_type": "a mapping",
+}
+_UNKNOWN_KEY = ("unexpected_keyword_argument", "invalid_key")  # invalid_key: a key that is no string
+
+
+def _message(cls: type, e: pydantic.ValidationError) -> str:
+    """pydantic's first error (an unknown key before anything else) as one line with the dotted key."""
+    errors = e.errors(include_url=False)
+    err = next((x for x in errors if x["type"] in _UNKNOWN_KEY), errors[0])
+    loc, kind = err["loc"], err["type"]
+    if kind in _UNKNOWN_KEY:
+        section = cls
+        for p in loc[:-1]:
+            section = _hints(section)[p]
+        return _unknown_key(section, _dotted(loc[:-1] + (str(loc[-1]),)))
+    key = _dotted(loc)
+    if kind == "value_error":  # a __post_init__ check of the section at `loc`
+        msg = str(err["ctx"]["error"])
+        first = "." + msg.split(" ", 1)[0]
+        return msg if not key or f".{loc[-1]}." in first else f"{key}.{msg}"
+    if kind == "missing" and isinstance(loc[-1], int):  # a fixed-length tuple given too few items
+        n = 1 + max(x["loc"][-1] for x in errors if x["type"] == "missing" and x["loc"][:-1] == loc[:-1])
+        return f"{_dotted(loc[:-1])}: expected a list of {n}, got {_short(err['input'])}"
+    if kind == "too_long":
+        return f"{key}: expected a list of {err['ctx']['max_length']}, got {_short(err['input'])}"
+    if kind == "missing":
+        return f"{key}: required"
+    what = f"expected {_EXPECTED[kind]}" if kind in _EXPECTED else err["msg"][:1].lower() + err["msg"][1:]
+    return f"{key or 'recipe'}: {what}, got {_short(err['input'])}"
+
+
+def _unknown_key(section: type, key: str) -> str:
+    return f"unknown recipe key {key} (valid: {', '.join(sorted(f.name for f in dataclasses.fields(section)))})"
+
+
+def _dotted(loc: tuple) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".")
 
 
 def _short(value: Any, limit: int = 80) -> str:
@@ -612,9 +711,9 @@ def _short(value: Any, limit: int = 80) -> str:
 def _positive(key: str, values, n: int) -> None:
     # `not v > 0` rather than `v <= 0`: NaN must fail too.
     if len(values) != n or not all(v > 0 for v in values):
-        raise ConfigError(f"{key} must be {n} positive numbers, got {list(values)}")
+        raise SettingError(f"{key} must be {n} positive numbers, got {list(values)}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
-        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+        raise SettingError(f"{key} must be one of {', '.join(choices)}; got {value!r}")

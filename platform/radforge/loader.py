@@ -5,9 +5,9 @@ No Ray imports: rank, world size and seed are passed in (radforge.train does tha
 How it works
 ------------
 The epoch is planned in *index space* from the manifest alone, before any byte is read. A "slot"
-is one sample of the selected modality (``data.image``: ct → CT, xray → CR/DX), numbered by its
-shard (manifest order) and its ordinal among the selected samples of that shard (tar/key order);
-the manifest's per-shard modality counts give the number of slots without reading anything.
+is one sample of the selected image kind (``data.image``; ``kinds`` says which modalities), numbered
+by its shard (manifest order) and its ordinal among the selected samples of that shard (tar/key
+order); the manifest's per-shard modality counts give the number of slots without reading anything.
 
 * Streams. Each rank runs ``max(1, data.num_workers)`` streams (torch DataLoader workers), so
   ``S = world_size × workers`` streams in all. The split's shards are partitioned once into S
@@ -18,9 +18,14 @@ the manifest's per-shard modality counts give the number of slots without readin
   (sample-level striding: correct, but each shard is read S times; a warning says so).
 * Shuffle. Each stream's slot sequence is shuffled with webdataset's own shuffle-buffer stage
   (``data.shuffle_buffer``, seeded by seed/epoch/stream) run over slot numbers; the data side then
-  reads the stream's shards sequentially (webdataset's ``tar_file_iterator`` + ``group_by_keys``
-  over ``radforge.storage``: no shell-outs, no copy of the corpus) and emits slots in that order,
-  holding at most about one buffer of raw samples.
+  reads the stream's shards sequentially and emits slots in that order, holding at most about one
+  buffer of raw samples.
+* Stages. A stream is webdataset-style generator stages composed in a list (`_RankStreams.stream`):
+  planned shard reads → `_prefetch` → `_shard_slots` (webdataset's ``tar_file_expander`` +
+  ``group_by_keys`` over ``radforge.storage``: no shell-outs, no copy of the corpus; selects the
+  kind's modalities) → `_in_plan_order` → `_decode` (decode + report check + view) →
+  `_substitute` (train) or `_good_only` (evaluation) → `_batched`. Every stage that can meet bad
+  data takes the same ``handler=``: count the skip, warn, go on (`_count_warn_skip`).
 * I/O. Remote shards are fetched whole (one GET) and sha256-checked (``data.verify_sha256``) on a
   prefetch thread one shard ahead, so at most two shards per stream are in memory and download
   overlaps decoding. A stream runs epoch after epoch in one DataLoader iteration: workers start
@@ -30,15 +35,16 @@ the manifest's per-shard modality counts give the number of slots without readin
   batches per epoch, so every rank yields ``batches_per_epoch = Q × workers`` (ZeRO's collectives
   hang on an uneven rank); surplus slots of larger streams are left for that epoch (they differ
   from epoch to epoch). A slot that turns out bad (truncated/corrupt shard, sha256 mismatch,
-  undecodable member, no report when ``data.require_report``) is replaced by a repeat of the
-  stream's last good sample (fresh random crop), counted in ``metrics()["substituted"]``; a
+  undecodable member or metadata, no report when ``data.require_report``) is replaced by a repeat
+  of the stream's last good sample (fresh random crop), counted in ``metrics()["substituted"]``; a
   stream with no readable sample at all raises `LoaderError` (every rank fails: no hang).
 * Per-sample randomness (crop, flip) is drawn from ``(seed, epoch, slot)``, never from position,
   so a resumed run produces the same tensors.
 
-Resume guarantees (``state_dict`` = epoch + batches consumed in it + the layout that consumed them)
+Resume guarantees (`LoaderState`: epoch + batches consumed in it + the layout that consumed them)
 ----------------------------------------------------------------------------------------------------
-All ranks consume batches in lockstep, so rank 0's state describes every rank.
+All ranks consume batches in lockstep, so rank 0's state describes every rank. ``state_dict()`` is
+the state's JSON form (what checkpoints store, `STATE_VERSION`); it loads under any layout.
 
 * Same world size, workers and batch size: the sample sequence continues EXACTLY: no sample
   repeated or skipped, same order, same crops. Consumed slots are recomputed in index space;
@@ -61,6 +67,7 @@ substitution (bad samples are skipped and counted), the last partial batch is ke
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import heapq
 import io
@@ -70,8 +77,9 @@ import logging
 import os
 import random
 import time
-from dataclasses import dataclass
-from typing import Any, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 import torch.utils.data as tud
@@ -79,7 +87,7 @@ import torch.utils.data as tud
 from radforge import kinds, shardspec, storage
 from radforge.errors import ConfigError
 
-__all__ = ["build_loader", "StreamingLoader", "LoaderError"]
+__all__ = ["build_loader", "StreamingLoader", "LoaderError", "LoaderState", "Layout", "STATE_VERSION"]
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +96,81 @@ STATE_VERSION = 1
 
 class LoaderError(RuntimeError):
     """The data cannot produce the promised batches (e.g. every sample of a stream is bad)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Resume state (tiny: what a checkpoint stores, loadable under any layout)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How an epoch is cut into streams and batches; the resume state records the one that ran."""
+
+    world_size: int
+    workers: int  # streams per rank (max(1, data.num_workers))
+    batch_size: int
+
+    @property
+    def streams(self) -> int:
+        return self.world_size * self.workers
+
+    def to_json(self) -> dict:
+        return {"world_size": self.world_size, "num_workers": self.workers, "batch_size": self.batch_size}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "Layout":
+        return cls(int(d["world_size"]), int(d["num_workers"]), int(d["batch_size"]))
+
+
+@dataclass(frozen=True)
+class _Segment:
+    """An earlier layout of the current epoch and the batches per rank it consumed."""
+
+    layout: Layout
+    batches: int
+
+    @property
+    def samples(self) -> int:
+        return self.batches * self.layout.batch_size * self.layout.world_size
+
+    def to_json(self) -> dict:
+        return {**self.layout.to_json(), "batches": self.batches}
+
+
+@dataclass(frozen=True)
+class LoaderState:
+    """Where a run stands in its data (MosaicML Streaming style: epoch, position, canonical layout,
+    seed). Rank-independent: all ranks consume in lockstep. Its JSON form (`to_json`) is what
+    checkpoints store."""
+
+    split: str
+    seed: int
+    epoch: int
+    batches: int  # batches per rank consumed in `epoch` under `layout`
+    layout: Layout
+    segments: tuple[_Segment, ...] = ()  # earlier layouts of this epoch (a world-size change)
+
+    @property
+    def samples(self) -> int:
+        """Samples of this epoch consumed by all ranks together, over every layout it ran with."""
+        return sum(s.samples for s in self.segments) + _Segment(self.layout, self.batches).samples
+
+    def to_json(self) -> dict:
+        return {"version": STATE_VERSION, "split": self.split, "seed": self.seed, "epoch": self.epoch,
+                "batches": self.batches, "samples": self.samples, "layout": self.layout.to_json(),
+                "segments": [s.to_json() for s in self.segments]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "LoaderState":
+        if d.get("version") != STATE_VERSION:
+            raise ConfigError(f"loader state version {d.get('version')!r} is not {STATE_VERSION}")
+        try:
+            return cls(split=d["split"], seed=int(d["seed"]), epoch=int(d["epoch"]), batches=int(d["batches"]),
+                       layout=Layout.from_json(d["layout"]),
+                       segments=tuple(_Segment(Layout.from_json(s), int(s["batches"])) for s in d.get("segments", [])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise ConfigError(f"loader state is malformed ({type(e).__name__}: {e})") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -104,19 +187,9 @@ class _Shard:
     slots: int  # selected samples (from the manifest's modality counts)
     offset: int  # global slot number of this shard's ordinal 0
 
-
-@dataclass(frozen=True)
-class _Layout:
-    world_size: int
-    workers: int  # streams per rank (max(1, num_workers))
-    batch_size: int
-
-    @property
-    def streams(self) -> int:
-        return self.world_size * self.workers
-
-    def as_dict(self) -> dict:
-        return {"world_size": self.world_size, "num_workers": self.workers, "batch_size": self.batch_size}
+    def left(self, remaining: np.ndarray) -> np.ndarray:
+        """This shard's part of a boolean slot mask."""
+        return remaining[self.offset : self.offset + self.slots]
 
 
 @dataclass
@@ -125,10 +198,14 @@ class _StreamPlan:
     shards: list[int]  # shard indices in read order
 
 
+def _live(shards: list[_Shard], remaining: np.ndarray) -> list[_Shard]:
+    return [s for s in shards if s.left(remaining).any()]
+
+
 def _groups(shards: list[_Shard], remaining: np.ndarray, n: int) -> list[list[int]]:
     """Partition shards with remaining slots into n groups of near-equal remaining slot count
     (largest first onto the lightest group; deterministic)."""
-    counts = {s.index: int(remaining[s.offset : s.offset + s.slots].sum()) for s in shards}
+    counts = {s.index: int(s.left(remaining).sum()) for s in shards}
     live = sorted((i for i, c in counts.items() if c > 0), key=lambda i: (-counts[i], i))
     groups: list[list[int]] = [[] for _ in range(n)]
     heap = [(0, g) for g in range(n)]  # (load, group): the lightest group, ties to the lowest index
@@ -139,23 +216,21 @@ def _groups(shards: list[_Shard], remaining: np.ndarray, n: int) -> list[list[in
     return groups
 
 
-def _plan(shards: list[_Shard], remaining: np.ndarray, layout: _Layout, *, seed: int, epoch: int,
-          segment: int, train: bool, shuffle_buffer: int, streams: list[int] | None = None) -> tuple[dict[int, _StreamPlan], bool]:
+def _plan(shards: list[_Shard], remaining: np.ndarray, layout: Layout, *, seed: int, epoch: int,
+          segment: int, train: bool, shuffle_buffer: int, streams: list[int] | None = None) -> dict[int, _StreamPlan]:
     """Plan streams (all, or only `streams`) for one epoch segment over the `remaining` slots."""
     import webdataset as wds
 
     S = layout.streams
     rng = np.random.default_rng([seed, epoch, segment, 7]) if train else None
-    live = [s for s in shards if remaining[s.offset : s.offset + s.slots].any()]
-    striding = len(live) < S
+    live = _live(shards, remaining)
     wanted = range(S) if streams is None else streams
     plans: dict[int, _StreamPlan] = {}
-    if striding:
+    if len(live) < S:  # striding: every stream reads every shard, keeps every S-th slot
         order = [live[i] for i in (rng.permutation(len(live)) if train else range(len(live)))]
-        seq = np.concatenate([np.flatnonzero(remaining[s.offset : s.offset + s.slots]) + s.offset for s in order]) if order else np.zeros(0, np.int64)
+        seq = np.concatenate([np.flatnonzero(s.left(remaining)) + s.offset for s in order]) if order else np.zeros(0, np.int64)
         for j in wanted:
-            mine = seq[j::S]
-            plans[j] = _StreamPlan(order=[int(x) for x in mine], shards=[s.index for s in order])
+            plans[j] = _StreamPlan(order=[int(x) for x in seq[j::S]], shards=[s.index for s in order])
     else:
         groups = _groups(live, remaining, S)
         deal = rng.permutation(S) if train else np.arange(S)
@@ -167,26 +242,25 @@ def _plan(shards: list[_Shard], remaining: np.ndarray, layout: _Layout, *, seed:
             slots: list[int] = []
             for i in g:
                 s = by_index[i]
-                slots.extend(int(x) + s.offset for x in np.flatnonzero(remaining[s.offset : s.offset + s.slots]))
+                slots.extend(int(x) + s.offset for x in np.flatnonzero(s.left(remaining)))
             plans[j] = _StreamPlan(order=slots, shards=list(g))
     if train:
         for j, p in plans.items():
             rnd = random.Random(f"radforge/{seed}/{epoch}/{segment}/{j}")
             stage = wds.filters.shuffle(shuffle_buffer, initial=shuffle_buffer, rng=rnd)
             p.order = list(stage(iter(p.order)))
-    return plans, striding
+    return plans
 
 
-def _stream_counts(shards: list[_Shard], remaining: np.ndarray, layout: _Layout) -> list[int]:
+def _stream_counts(shards: list[_Shard], remaining: np.ndarray, layout: Layout) -> list[int]:
     """Slots per stream (independent of seed/epoch: groups are dealt, not re-formed)."""
     S = layout.streams
-    live = [s for s in shards if remaining[s.offset : s.offset + s.slots].any()]
+    live = _live(shards, remaining)
     if len(live) < S:
-        n = int(sum(remaining[s.offset : s.offset + s.slots].sum() for s in live))
+        n = int(sum(s.left(remaining).sum() for s in live))
         return [len(range(j, n, S)) for j in range(S)]
-    groups = _groups(live, remaining, S)
     by_index = {s.index: s for s in shards}
-    return [int(sum(remaining[by_index[i].offset : by_index[i].offset + by_index[i].slots].sum() for i in g)) for g in groups]
+    return [int(sum(by_index[i].left(remaining).sum() for i in g)) for g in _groups(live, remaining, S)]
 
 
 def _worker_batches(k: int, w: int, workers: int) -> int:
@@ -203,19 +277,32 @@ class _Counters(dict):
     def add(self, key: str, n: float = 1) -> None:
         self[key] = self.get(key, 0) + n
 
+    def merge(self, other: dict) -> None:
+        for k, v in other.items():
+            self.add(k, v)
+
+    def take(self) -> dict:
+        """The counts so far, and start again from zero."""
+        out = dict(self)
+        self.clear()
+        return out
+
+
+class _BadShard(Exception):
+    """A shard that fails its sha256 check or holds fewer samples than its manifest record."""
+
 
 def _open_shard(shard: _Shard, *, verify: bool, cache_dir: str | None, cache_limit: float, counters: _Counters):
-    """A readable file object for the shard, or None when it fails its sha256 check.
+    """A readable file object for the shard; raises `_BadShard` when it fails its sha256 check.
 
     Remote shards are fetched whole with one GET (on the stream's prefetch thread, so the next
     shard downloads while this one is decoded), hashed when verifying, and parsed from memory; a
-    shard is read whole anyway, and one GET beats many buffered range reads. The cache stores verified shards under their sha256, evicting least recently
-    used files beyond the size limit.
+    shard is read whole anyway, and one GET beats many buffered range reads. The cache stores
+    verified shards under their sha256, evicting least recently used files beyond the size limit.
     """
     cached = None
     if cache_dir:
-        name = (shard.sha256 or hashlib.sha256(shard.url.encode()).hexdigest()) + ".tar"
-        cached = os.path.join(cache_dir, name)
+        cached = os.path.join(cache_dir, (shard.sha256 or hashlib.sha256(shard.url.encode()).hexdigest()) + ".tar")
         try:
             f = open(cached, "rb")
             os.utime(cached)  # LRU order = mtime
@@ -226,14 +313,12 @@ def _open_shard(shard: _Shard, *, verify: bool, cache_dir: str | None, cache_lim
     if not verify and not cached and storage.is_local(shard.url):
         return storage.open_input(shard.url)  # the OS page cache streams local files
     # One GET for the whole object, then hash (~2 GB/s): measured faster than hashing ranged
-    # chunks while they download. This runs on the stream's prefetch thread, overlapped with the
-    # previous shard's parsing and decoding.
+    # chunks while they download.
     data = storage.read_bytes(shard.url)
     counters.add("bytes_read", len(data))
     if verify and shard.sha256 and hashlib.sha256(data).hexdigest() != shard.sha256:
-        log.warning("shard %s: sha256 does not match the manifest; its samples are skipped", shard.path)
         counters.add("sha_mismatch")
-        return None
+        raise _BadShard("sha256 does not match the manifest")
     if cached:
         _cache_put(cached, data, cache_dir, cache_limit)
     return io.BytesIO(data)
@@ -261,66 +346,234 @@ def _cache_put(path: str, data: bytes, cache_dir: str, limit_bytes: float) -> No
             pass
 
 
-def _fetch_shard(shard: _Shard, *, verify: bool, cache_dir: str | None, cache_limit: float):
-    """(file or None, counter deltas) without raising: runs on the prefetch thread, so it keeps
-    its own counters and the stream merges them (no shared mutable state across threads)."""
-    counters = _Counters()
+def _tar_samples(f, path: str) -> Iterator[dict]:
+    """webdataset's own tar stages over one open shard: members grouped into samples by key.
+    Their handler stays the default (re-raise): a torn tar stream cannot be resynchronised, so
+    the shard is the unit `_shard_slots` skips."""
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    return group_by_keys(tar_file_expander(iter([{"url": path, "stream": f}])))
+
+
+def _meta(sample: dict) -> dict:
+    """A sample's JSON metadata, or {} when it is missing or corrupt (decoding then fails and the
+    handler counts it)."""
     try:
-        return _open_shard(shard, verify=verify, cache_dir=cache_dir, cache_limit=cache_limit, counters=counters), counters
-    except Exception as e:  # missing object, I/O error: the shard's samples become bad slots
-        log.warning("shard %s unreadable (%s); its samples are skipped", shard.path, type(e).__name__)
-        return None, counters
+        meta = json.loads(sample["json"])
+    except Exception:
+        return {}
+    return meta if isinstance(meta, dict) else {}
 
 
-def _shard_samples(shard: _Shard, wanted: set[int], modalities: tuple[str, ...], fetched,
-                   counters: _Counters) -> Iterator[tuple[int, dict | None]]:
-    """(slot, raw members) for every wanted slot of one shard, in tar order; (slot, None) for a
-    wanted slot the shard could not deliver. The shard is this reader's one error boundary."""
-    from webdataset.tariterators import group_by_keys, tar_file_iterator
+def _selected(samples: Iterable[dict], shard: _Shard, modalities: tuple[str, ...],
+              counters: _Counters) -> Iterator[tuple[int, dict]]:
+    """(ordinal, raw members) of the shard's samples of the selected modalities; a sample with no
+    readable metadata counts as one of them (a bad slot). Raises `_BadShard` when the shard holds
+    fewer than its manifest record says."""
+    ordinal = 0
+    for sample in samples:
+        modality = _meta(sample).get("modality")
+        if modality is not None and modality not in modalities:
+            continue
+        if ordinal >= shard.slots:
+            counters.add("unplanned_samples")  # more than the manifest says: ignored
+            continue
+        yield ordinal, sample
+        ordinal += 1
+    if ordinal < shard.slots:
+        raise _BadShard(f"{ordinal} of {shard.slots} samples readable (manifest)")
 
-    got: set[int] = set()
-    bad = False
-    counters.add("shards_read")
-    f, stats = fetched
-    for k, v in stats.items():
-        counters.add(k, v)
-    try:
-        if f is None:
-            bad = True
+
+# ---------------------------------------------------------------------------------------------
+# The stages of one stream (webdataset style: f(src, ..., handler=...) generators)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Skip(Exception):
+    """What a stage hands the handler: the counter to add and what to warn (None: an expected
+    skip, counted quietly)."""
+
+    def __init__(self, counter: str, warning: str | None = None):
+        super().__init__(warning or counter)
+        self.counter, self.warning = counter, warning
+
+
+def _count_warn_skip(counters: _Counters) -> Callable[[Exception], bool]:
+    """The loader's one error policy, as a webdataset ``handler``: count the skip, warn, carry on
+    (True). A stage whose handler returns False stops its stream, as in webdataset."""
+
+    def handler(exn: Exception) -> bool:
+        if not isinstance(exn, _Skip):
+            exn = _Skip(f"skipped:{type(exn).__name__}", f"skipped ({type(exn).__name__})")
+        counters.add(exn.counter)
+        if exn.warning:
+            log.warning("%s", exn.warning)
+        return True
+
+    return handler
+
+
+@dataclass
+class _EpochPlan:
+    epoch: int
+    start: int  # position of todo[0] in the stream's epoch order (> 0 when resumed mid-epoch)
+    todo: list[int]  # slots to emit, in order
+    reads: list[tuple[_Shard, set[int]]]  # shards to read, in order, with their wanted ordinals
+
+
+@dataclass
+class _Read:
+    """One shard to read for an epoch plan; `_prefetch` starts its fetch."""
+
+    plan: _EpochPlan
+    shard: _Shard
+    wanted: set[int]
+    file: Future | None = None
+    stats: _Counters = field(default_factory=_Counters)  # the fetch's counts (written on the prefetch thread)
+
+
+@dataclass
+class _Slot:
+    plan: _EpochPlan
+    slot: int
+    raw: dict | None  # tar members; None: its shard could not deliver it
+    pos: int = -1  # position in the epoch's emission order (set by _in_plan_order)
+    out: dict | None = None  # the decoded view (set by _decode); None: a bad slot
+
+
+def _shard_reads(plans: Iterable[_EpochPlan]) -> Iterator[_Read]:
+    """Source: every planned shard read, epoch after epoch (plans are made lazily, when the
+    prefetch reaches them)."""
+    for plan in plans:
+        for shard, wanted in plan.reads:
+            yield _Read(plan, shard, wanted)
+
+
+def _prefetch(reads: Iterable[_Read], *, fetch: Callable) -> Iterator[_Read]:
+    """Each read with its fetch started on a thread one shard ahead (possibly of the next epoch):
+    object-store latency and sha256 hide behind decoding, at most two shards are in memory. The
+    fetch keeps its own counters (`_Read.stats`): no shared mutable state across threads."""
+    with ThreadPoolExecutor(1, thread_name_prefix="radforge-prefetch") as pool:
+        ahead = None
+        for read in reads:
+            read.file = pool.submit(fetch, read.shard, counters=read.stats)
+            if ahead is not None:
+                yield ahead
+            ahead = read
+        if ahead is not None:
+            yield ahead
+
+
+def _shard_slots(reads: Iterable[_Read], *, modalities: tuple[str, ...], counters: _Counters,
+                 handler: Callable[[Exception], bool]) -> Iterator[_Slot]:
+    """Every wanted slot of every shard, in tar order; a wanted slot that its shard could not
+    deliver (unreadable, torn, short, sha256 mismatch) follows with ``raw=None``."""
+    for read in reads:
+        shard, got = read.shard, set()
+        counters.add("shards_read")
+        try:
+            with read.file.result() as f:
+                for ordinal, sample in _selected(_tar_samples(f, shard.path), shard, modalities, counters):
+                    if ordinal in read.wanted:
+                        got.add(ordinal)
+                        yield _Slot(read.plan, shard.offset + ordinal, sample)
+        except Exception as e:
+            why = str(e) if isinstance(e, _BadShard) else type(e).__name__
+            if not handler(_Skip("bad_shards", f"shard {shard.path}: {why}; its remaining samples are skipped")):
+                return
+        finally:
+            counters.merge(read.stats)  # the fetch is done once its result is in (or failed)
+        for o in sorted(read.wanted - got):
+            yield _Slot(read.plan, shard.offset + o, None)
+
+
+def _in_plan_order(slots: Iterable[_Slot]) -> Iterator[_Slot]:
+    """Each epoch's slots in its planned (shuffled) order; slots that arrive early are held (about
+    one shuffle buffer: the shuffle draws from that far ahead in read order)."""
+    slots = iter(slots)
+    for first in slots:
+        plan, held = first.plan, {first.slot: first}
+        for pos, slot in enumerate(plan.todo, start=plan.start):
+            while slot not in held:
+                nxt = next(slots, None)
+                if nxt is None or nxt.plan is not plan:
+                    raise LoaderError(f"planned slot {slot} of epoch {plan.epoch} was not read (a planning bug)")
+                held[nxt.slot] = nxt
+            item = held.pop(slot)
+            item.pos = pos
+            yield item
+
+
+def _decode(slots: Iterable[_Slot], *, make: Callable, seed: int, handler: Callable[[Exception], bool]) -> Iterator[_Slot]:
+    """Decode and view each slot (randomness from (seed, epoch, slot)); a bad slot passes on with
+    ``out=None`` once the handler has counted it."""
+    for item in slots:
+        if item.raw is None:
+            ok = handler(_Skip("skipped:bad_shard"))
         else:
-            ordinal = 0
-            for sample in group_by_keys({**m, "__url__": shard.path} for m in tar_file_iterator(f)):
-                try:
-                    modality = json.loads(sample["json"])["modality"]
-                except Exception:  # no/corrupt metadata: a bad slot of the selected kind
-                    modality = None
-                if modality is not None and modality not in modalities:
-                    continue
-                if ordinal >= shard.slots:
-                    counters.add("unplanned_samples")  # more than the manifest says: ignored
-                    continue
-                if ordinal in wanted:
-                    got.add(ordinal)
-                    yield shard.offset + ordinal, (sample if modality is not None else None)
-                ordinal += 1
-            if ordinal < shard.slots:
-                log.warning("shard %s: %d of %d samples readable (manifest); the rest are skipped", shard.path, ordinal, shard.slots)
-                bad = True
-    except Exception as e:  # truncated tar, I/O error: the rest of the shard is lost
-        log.warning("shard %s unreadable (%s); its remaining samples are skipped", shard.path, type(e).__name__)
-        bad = True
-    finally:
-        if f is not None:
-            f.close()
-    if bad:
-        counters.add("bad_shards")
-    for o in sorted(wanted - got):
-        yield shard.offset + o, None
+            try:
+                item.out = make(item.raw, [seed, item.plan.epoch, item.slot])
+                ok = True
+            except Exception as e:
+                ok = handler(e if isinstance(e, _Skip) else
+                             _Skip(f"skipped:{type(e).__name__}", f"sample {item.raw.get('__key__', '?')} skipped ({type(e).__name__})"))
+        if not ok:
+            return
+        yield item
 
 
-# ---------------------------------------------------------------------------------------------
-# One stream: a DataLoader worker (or the rank itself with num_workers=0)
-# ---------------------------------------------------------------------------------------------
+def _substitute(slots: Iterable[_Slot], *, make: Callable, seed: int, counters: _Counters, who: str) -> Iterator[dict]:
+    """Training: a bad slot becomes a repeat of the stream's last good sample (fresh crop), so the
+    stream keeps its planned slot count; bad slots before the first good one are repaid right after
+    it. An epoch without one good slot raises `LoaderError` (every rank fails: no hang)."""
+    last: _Slot | None = None
+    owed: _Slot | None = None  # the first bad slot of an epoch that has had no good one yet
+    n_owed = 0
+
+    def unpaid():
+        return LoaderError(f"{who}: no readable sample among its {len(owed.plan.todo)} planned samples of epoch "
+                           f"{owed.plan.epoch} (every shard bad?); see the warnings above")
+
+    for item in slots:
+        e = item.plan.epoch
+        if owed is not None and owed.plan is not item.plan:
+            raise unpaid()
+        if item.out is not None:
+            last = item
+            yield item.out
+            for n in range(n_owed):
+                counters.add("substituted")
+                yield make(item.raw, [seed, e, item.slot, 1 + n, 1])
+            owed, n_owed = None, 0
+        elif last is None:
+            owed, n_owed = owed or item, n_owed + 1
+        else:
+            counters.add("substituted")
+            yield make(last.raw, [seed, e, last.slot, item.pos, 2])
+    if owed is not None:
+        raise unpaid()
+
+
+def _good_only(slots: Iterable[_Slot]) -> Iterator[dict]:
+    """Evaluation: bad slots are left out (the handler counted them)."""
+    return (item.out for item in slots if item.out is not None)
+
+
+def _batched(samples: Iterable[dict], *, batch_size: int, counters: _Counters) -> Iterator[dict]:
+    """Collated batches, each carrying the stream's counts since the previous one (``_stats``).
+    Unlike webdataset's ``batched``, a full batch leaves at once rather than when the next sample
+    arrives (which may be in the next epoch's first shard). The last partial batch (evaluation:
+    a training stream never ends) is kept; then a stats-only item carries the last counts."""
+    batch: list[dict] = []
+    for s in samples:
+        batch.append(s)
+        if len(batch) == batch_size:
+            yield _collate(batch, counters.take())
+            batch = []
+    if batch:
+        yield _collate(batch, counters.take())
+    elif counters:
+        yield {"_stats": counters.take()}  # the main loop does not count it as a batch
 
 
 def _label_vector(labels: dict | None, findings: list[str]) -> np.ndarray:
@@ -332,7 +585,7 @@ def _label_vector(labels: dict | None, findings: list[str]) -> np.ndarray:
     return out
 
 
-def _collate(samples: list[dict]) -> dict:
+def _collate(samples: list[dict], stats: dict) -> dict:
     import torch
 
     return {
@@ -341,47 +594,70 @@ def _collate(samples: list[dict]) -> dict:
         "labels": torch.from_numpy(np.stack([s["labels"] for s in samples]).reshape(len(samples), -1)),
         "key": [s["key"] for s in samples],
         "modality": [s["modality"] for s in samples],
+        "_stats": stats,
     }
 
 
-class _RankStream:
-    """Everything a rank's streams need, picklable to DataLoader workers. A stream runs epoch
-    after epoch without stopping (train), so the shard prefetch crosses epoch boundaries and
-    DataLoader workers are started once, not once per epoch."""
+# ---------------------------------------------------------------------------------------------
+# One rank's streams: DataLoader workers (or the rank itself with num_workers=0)
+# ---------------------------------------------------------------------------------------------
 
-    def __init__(self, loader: "StreamingLoader", *, epoch: int, remaining: np.ndarray | None, start_batch: int):
-        self.shards = loader._shards
-        self.layout = loader._layout
-        self.rank = loader.rank
-        self.seed = loader.seed
-        self.train = loader.train
-        self.data = loader.data
-        self.modalities = loader._modalities
-        self.findings = loader.findings
-        self.view = loader._view
-        self.total = loader._total
+
+class _RankStreams(tud.IterableDataset):
+    """Everything a rank's streams need, picklable to DataLoader workers; each worker runs one
+    logical stream. A stream runs epoch after epoch without stopping (train), so the shard
+    prefetch crosses epoch boundaries and DataLoader workers are started once, not per epoch."""
+
+    def __init__(self, loader: "StreamingLoader", *, remaining: np.ndarray | None, rotate: int):
+        self.shards, self.layout, self.total = loader._shards, loader._layout, loader._total
+        self.rank, self.seed, self.train, self.data = loader.rank, loader.seed, loader.train, loader.data
+        self.modalities, self.findings, self.view = loader._modalities, loader.findings, loader._view
         # The first epoch may be a re-planned remainder (segments) and may resume mid-way.
-        self.epoch0, self.segment0, self.remaining0 = epoch, len(loader._segments), remaining
-        self.start_batch = start_batch
+        self.epoch0, self.segment0, self.remaining0 = loader._epoch, len(loader._segments), remaining
+        self.start_batch, self.rotate = loader._batch, rotate
 
-    def _work(self, epoch: int, worker: int) -> tuple[list[int], list[tuple[_Shard, set[int]]]]:
-        """(slots to emit in order, shards to read with their wanted ordinals) for one epoch."""
+    def __iter__(self):
+        info = tud.get_worker_info()
+        w = 0 if info is None else info.id
+        # Rotate so that torch's round-robin (worker 0 first) continues the interrupted order.
+        return self.stream((w + self.rotate) % self.layout.workers)
+
+    def stream(self, worker: int) -> Iterator[dict]:
+        """Batches of logical worker `worker` of this rank: epoch after epoch (train) or one pass."""
+        import webdataset as wds
+
+        counters = _Counters()
+        handler = _count_warn_skip(counters)
+        fetch = functools.partial(_open_shard, verify=self.data.verify_sha256, cache_dir=self.data.cache_dir,
+                                  cache_limit=self.data.cache_limit_gb * 1e9)
+        epochs = itertools.count(self.epoch0) if self.train else [self.epoch0]
+        if self.train:
+            fill = functools.partial(_substitute, make=self._sample, seed=self.seed, counters=counters,
+                                     who=f"rank {self.rank} worker {worker}")
+        else:
+            fill = _good_only
+        return wds.filters.pipeline(
+            (self._epoch_plan(e, worker) for e in epochs),
+            _shard_reads,
+            functools.partial(_prefetch, fetch=fetch),
+            functools.partial(_shard_slots, modalities=self.modalities, counters=counters, handler=handler),
+            _in_plan_order,
+            functools.partial(_decode, make=self._sample, seed=self.seed, handler=handler),
+            fill,
+            functools.partial(_batched, batch_size=self.layout.batch_size, counters=counters),
+        )
+
+    def _epoch_plan(self, epoch: int, worker: int) -> _EpochPlan:
+        """The slots logical worker `worker` emits in `epoch`, and the shard reads that deliver them."""
         lay = self.layout
         first = epoch == self.epoch0
         remaining = self.remaining0 if first and self.remaining0 is not None else np.ones(self.total, dtype=bool)
-        segment = self.segment0 if first else 0
         j = self.rank * lay.workers + worker
-        plans, _ = _plan(self.shards, remaining, lay, seed=self.seed, epoch=epoch, segment=segment, train=self.train,
-                         shuffle_buffer=self.data.shuffle_buffer, streams=[j])
-        plan = plans[j]
-        done = _worker_batches(self.start_batch, worker, lay.workers) if first else 0
-        start = done * lay.batch_size
-        if self.train:
-            counts = _stream_counts(self.shards, remaining, lay)
-            quota = min(counts) // lay.batch_size
-            todo = plan.order[start : quota * lay.batch_size]
-        else:
-            todo = plan.order[start:]
+        plan = _plan(self.shards, remaining, lay, seed=self.seed, epoch=epoch, segment=self.segment0 if first else 0,
+                     train=self.train, shuffle_buffer=self.data.shuffle_buffer, streams=[j])[j]
+        start = _worker_batches(self.start_batch, worker, lay.workers) * lay.batch_size if first else 0
+        end = min(_stream_counts(self.shards, remaining, lay)) // lay.batch_size * lay.batch_size if self.train else None
+        todo = plan.order[start:end]
         needed = set(todo)
         by_index = {s.index: s for s in self.shards}
         reads = []
@@ -390,150 +666,17 @@ class _RankStream:
             wanted = {o for o in range(s.slots) if s.offset + o in needed}
             if wanted:
                 reads.append((s, wanted))
-        return todo, reads
+        return _EpochPlan(epoch, start, todo, reads)
 
-    def stream(self, worker: int) -> Iterator[dict]:
-        """Batches of logical worker `worker` of this rank: epoch after epoch (train) or one pass."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        lay = self.layout
-        counters = _Counters()
-        epochs = itertools.count(self.epoch0) if self.train else iter([self.epoch0])
-        todos: dict[int, list[int]] = {}  # epoch → slots to emit (popped by the emitter)
-        reads: dict[int, list] = {}  # epoch → shards to read (popped by the reader, which runs ahead)
-        generated: list[int] = []
-
-        def generate() -> bool:
-            """Plan the next epoch (both sides walk `generated` in order); False when none is left."""
-            try:
-                e = next(epochs)
-            except StopIteration:
-                return False
-            todos[e], reads[e] = self._work(e, worker)
-            generated.append(e)
-            return True
-
-        def raw() -> Iterator[tuple[tuple[int, int], dict | None]]:
-            # The next shard (possibly of the next epoch) is fetched and sha256-verified on a
-            # thread while this one is parsed, decoded and viewed: object-store latency is hidden
-            # and at most two shards per stream are in memory.
-            def shard_list():
-                i = 0
-                while i < len(generated) or generate():
-                    e = generated[i]
-                    for s, wanted in reads.pop(e):
-                        yield e, s, wanted
-                    i += 1
-
-            fetch_kw = dict(verify=self.data.verify_sha256, cache_dir=self.data.cache_dir,
-                            cache_limit=self.data.cache_limit_gb * 1e9)
-            shards = shard_list()
-            with ThreadPoolExecutor(1, thread_name_prefix="radforge-prefetch") as pool:
-                cur = next(shards, None)
-                ahead = pool.submit(_fetch_shard, cur[1], **fetch_kw) if cur else None
-                while cur is not None:
-                    fetched = ahead.result()
-                    nxt = next(shards, None)
-                    if nxt is not None:
-                        ahead = pool.submit(_fetch_shard, nxt[1], **fetch_kw)
-                    e, s, wanted = cur
-                    for slot, sample in _shard_samples(s, wanted, self.modalities, fetched, counters):
-                        yield (e, slot), sample
-                    cur = nxt
-
-        reader = raw()
-        held: dict[tuple[int, int], dict | None] = {}
-        last_good: tuple[int, dict] | None = None
-        batch: list[dict] = []
-
-        def fetch(key: tuple[int, int]) -> dict | None:
-            while key not in held:
-                k, sample = next(reader)  # StopIteration here would be a planning bug
-                held[k] = sample
-            return held.pop(key)
-
-        def make(sample: dict, rng_key: list[int]) -> dict | None:
-            try:
-                array, meta, report = shardspec.decode_sample(sample)
-                if self.data.require_report and not (report or "").strip():
-                    counters.add("skipped:no_report")
-                    return None
-                rng = np.random.default_rng(rng_key) if self.train else None
-                image = np.asarray(self.view(array, meta, rng), dtype=np.float32)
-                return {"image": image, "text": report or "", "labels": _label_vector(meta.get("labels"), self.findings),
-                        "key": sample["__key__"], "modality": meta["modality"]}
-            except Exception as e:
-                counters.add(f"skipped:{type(e).__name__}")
-                log.warning("sample %s skipped (%s)", sample.get("__key__", "?"), type(e).__name__)
-                return None
-
-        def emit(out: dict) -> dict | None:
-            nonlocal batch
-            batch.append(out)
-            if len(batch) < lay.batch_size:
-                return None
-            b = _collate(batch)
-            b["_stats"] = dict(counters)
-            counters.clear()
-            batch = []
-            return b
-
-        i = 0
-        while i < len(generated) or generate():
-            e = generated[i]
-            i += 1
-            todo = todos.pop(e)
-            first = e == self.epoch0
-            base = _worker_batches(self.start_batch, worker, lay.workers) * lay.batch_size if first else 0
-            owed = 0
-            for t, slot in enumerate(todo):
-                sample = fetch((e, slot))
-                out = make(sample, [self.seed, e, slot]) if sample is not None else None
-                if sample is None:
-                    counters.add("skipped:bad_shard")
-                if out is not None:
-                    last_good = (slot, sample)
-                    outs = [out]
-                    for n in range(owed):  # slots that were bad before any good sample arrived
-                        counters.add("substituted")
-                        outs.append(make(sample, [self.seed, e, slot, 1 + n, 1]))
-                    owed = 0
-                elif self.train:
-                    if last_good is None:
-                        owed += 1
-                        continue
-                    counters.add("substituted")
-                    outs = [make(last_good[1], [self.seed, e, last_good[0], base + t, 2])]
-                else:
-                    continue
-                for o in outs:
-                    if o is None:  # a repeat of a good sample cannot fail differently; be safe anyway
-                        raise LoaderError("a substitute sample failed to decode")
-                    b = emit(o)
-                    if b is not None:
-                        yield b
-            if owed:
-                raise LoaderError(f"rank {self.rank} worker {worker}: no readable sample among its {len(todo)} planned "
-                                  f"samples of epoch {e} (every shard bad?); see the warnings above")
-        if batch:  # evaluation keeps the last partial batch
-            b = _collate(batch)
-            b["_stats"] = dict(counters)
-            yield b
-        elif counters:
-            yield {"_stats": dict(counters)}  # stats only; the main loop does not count it as a batch
-
-
-class _StreamDataset(tud.IterableDataset):
-    """One rank's data; each DataLoader worker runs one logical stream."""
-
-    def __init__(self, ep: _RankStream, offset: int):
-        self.ep, self.offset = ep, offset
-
-    def __iter__(self):
-        info = tud.get_worker_info()
-        w = 0 if info is None else info.id
-        # Rotate so that torch's round-robin (worker 0 first) continues the interrupted order.
-        return self.ep.stream((w + self.offset) % self.ep.layout.workers)
+    def _sample(self, raw: dict, rng_key: list[int]) -> dict:
+        """Raw members → the model view and its labels; raises (the handler counts it) when bad."""
+        array, meta, report = shardspec.decode_sample(raw)
+        if self.data.require_report and not (report or "").strip():
+            raise _Skip("skipped:no_report")
+        rng = np.random.default_rng(rng_key) if self.train else None
+        image = np.asarray(self.view(array, meta, rng), dtype=np.float32)
+        return {"image": image, "text": report or "", "labels": _label_vector(meta.get("labels"), self.findings),
+                "key": raw["__key__"], "modality": meta["modality"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -545,51 +688,60 @@ class StreamingLoader:
     """Iterable over batches: epoch after epoch (train) or one pass (eval). See the module doc."""
 
     def __init__(self, data, view, *, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
-                 seed: int = 0, train: bool = True, findings: list[str] | None = None, state: dict | None = None):
+                 seed: int = 0, train: bool = True, findings: list[str] | None = None,
+                 state: LoaderState | dict | None = None):
         if batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
         if world_size < 1 or not 0 <= rank < world_size:
             raise ConfigError(f"rank {rank} is outside world_size {world_size}")
         self.data, self.split, self.rank, self.seed, self.train = data, split, rank, int(seed), bool(train)
-        self._layout = _Layout(world_size, max(1, data.num_workers), batch_size)
-        self._modalities = kinds.get(data.image).modalities
-        self._view = kinds.get(data.image).view(view)
+        self._layout = Layout(world_size, max(1, data.num_workers), batch_size)
+        kind = kinds.get(data.image)
+        self._modalities, self._view = kind.modalities, kind.view(view)
         self.input_shape = self._view.input_shape
         self.manifest = shardspec.read_manifest(data.shards)
-        root = shardspec.shards_root(data.shards)
-        shards, offset = [], 0
-        for rec in self.manifest["shards"]:
-            n = sum(rec.get("modalities", {}).get(m, 0) for m in self._modalities)
-            if rec["split"] != split or n == 0:
-                continue
-            shards.append(_Shard(len(shards), rec["path"], storage.join(root, rec["path"]), rec.get("sha256"), n, offset))
-            offset += n
-        if not shards:
-            raise ConfigError(f"no {data.image} samples in split {split!r} of {data.shards}")
-        self._shards, self._total = shards, offset
+        self._shards, self._total = self._eligible_shards()
         self.findings = list(findings) if findings is not None else self._discover_findings()
-        full = np.ones(self._total, dtype=bool)
-        self.batches_per_epoch = self._batches(full, self._layout)
-        if self.batches_per_epoch == 0:
-            raise ConfigError(
-                f"split {split!r} has {self._total} {data.image} samples: too few for {world_size} rank(s) × "
-                f"{self._layout.workers} worker(s) × batch {batch_size} (lower data.num_workers or the batch size)")
-        used = self.batches_per_epoch * batch_size * world_size if train else self._total
-        if used < 0.75 * self._total:
-            log.warning("split %s: %d of %d samples per epoch fit equal batches on every stream; the rest are left out "
-                        "each epoch (too few or too uneven shards per rank × worker: smaller shards.target_mb helps)",
-                        split, used, self._total)
-        if len(shards) < self._layout.streams:
-            log.warning("split %s has %d shard(s) for %d streams (ranks × workers): every stream reads every shard "
-                        "and keeps 1/%d of the samples", split, len(shards), self._layout.streams, self._layout.streams)
-        self._epoch, self._batch, self._segments = 0, 0, []  # segments: earlier layouts of this epoch
+        self.batches_per_epoch = self._batches(np.ones(self._total, dtype=bool), self._layout)
+        self._check_fit()
+        self._epoch, self._batch = 0, 0
+        self._segments: tuple[_Segment, ...] = ()  # earlier layouts of this epoch
         self._metrics = _Counters(samples=0, batches=0, skipped_samples=0, substituted=0, bad_shards=0, data_wait_s=0.0)
         if state:
             self.load_state_dict(state)
 
+    def _eligible_shards(self) -> tuple[list[_Shard], int]:
+        """The split's shards holding samples of the selected kind, and their slot count."""
+        root = shardspec.shards_root(self.data.shards)
+        shards, offset = [], 0
+        for rec in self.manifest["shards"]:
+            n = sum(rec.get("modalities", {}).get(m, 0) for m in self._modalities)
+            if rec["split"] != self.split or n == 0:
+                continue
+            shards.append(_Shard(len(shards), rec["path"], storage.join(root, rec["path"]), rec.get("sha256"), n, offset))
+            offset += n
+        if not shards:
+            raise ConfigError(f"no {self.data.image} samples in split {self.split!r} of {self.data.shards}")
+        return shards, offset
+
+    def _check_fit(self) -> None:
+        lay, split = self._layout, self.split
+        if self.batches_per_epoch == 0:
+            raise ConfigError(
+                f"split {split!r} has {self._total} {self.data.image} samples: too few for {lay.world_size} rank(s) × "
+                f"{lay.workers} worker(s) × batch {lay.batch_size} (lower data.num_workers or the batch size)")
+        used = self.batches_per_epoch * lay.batch_size * lay.world_size if self.train else self._total
+        if used < 0.75 * self._total:
+            log.warning("split %s: %d of %d samples per epoch fit equal batches on every stream; the rest are left out "
+                        "each epoch (too few or too uneven shards per rank × worker: smaller shards.target_mb helps)",
+                        split, used, self._total)
+        if len(self._shards) < lay.streams:
+            log.warning("split %s has %d shard(s) for %d streams (ranks × workers): every stream reads every shard "
+                        "and keeps 1/%d of the samples", split, len(self._shards), lay.streams, lay.streams)
+
     # -- planning helpers ------------------------------------------------------------------
 
-    def _batches(self, remaining: np.ndarray, layout: _Layout) -> int:
+    def _batches(self, remaining: np.ndarray, layout: Layout) -> int:
         counts = _stream_counts(self._shards, remaining, layout)
         if self.train:
             return layout.workers * (min(counts) // layout.batch_size)
@@ -600,31 +752,27 @@ class StreamingLoader:
     def _remaining(self, epoch: int) -> np.ndarray:
         """Slots of `epoch` not consumed by the earlier segments (index space, no I/O)."""
         remaining = np.ones(self._total, dtype=bool)
-        for seg, s in enumerate(self._segments):
-            lay = _Layout(s["world_size"], s["num_workers"], s["batch_size"])
-            plans, _ = _plan(self._shards, remaining, lay, seed=self.seed, epoch=epoch, segment=seg,
-                             train=self.train, shuffle_buffer=self.data.shuffle_buffer)
+        for i, seg in enumerate(self._segments):
+            lay = seg.layout
+            plans = _plan(self._shards, remaining, lay, seed=self.seed, epoch=epoch, segment=i,
+                          train=self.train, shuffle_buffer=self.data.shuffle_buffer)
             nxt = remaining.copy()
             for j, p in plans.items():
-                n = _worker_batches(s["batches"], j % lay.workers, lay.workers) * lay.batch_size
+                n = _worker_batches(seg.batches, j % lay.workers, lay.workers) * lay.batch_size
                 nxt[np.asarray(p.order[:n], dtype=np.int64)] = False
             remaining = nxt
         return remaining
 
     def _discover_findings(self) -> list[str]:
         """Every label name in the split's first shard (labels are per corpus, not per shard)."""
-        from webdataset.tariterators import group_by_keys, tar_file_iterator
-
-        names: set[str] = set()
+        shard, names = self._shards[0], set()
         try:
-            with storage.open_input(self._shards[0].url) as f:
-                for sample in group_by_keys({**m, "__url__": ""} for m in tar_file_iterator(f)):
-                    try:
-                        names.update((json.loads(sample["json"]).get("labels") or {}).keys())
-                    except Exception:
-                        continue
+            with storage.open_input(shard.url) as f:
+                for sample in _tar_samples(f, shard.path):
+                    labels = _meta(sample).get("labels")
+                    names.update(labels if isinstance(labels, dict) else ())
         except Exception as e:
-            log.warning("shard %s unreadable while discovering findings (%s)", self._shards[0].path, type(e).__name__)
+            log.warning("shard %s unreadable while discovering findings (%s)", shard.path, type(e).__name__)
         return sorted(names)
 
     # -- iteration -------------------------------------------------------------------------
@@ -635,17 +783,16 @@ class StreamingLoader:
         of batches, a multiple of the worker count, so torch's round-robin stays aligned)."""
         remaining = self._remaining(self._epoch) if self._segments else None
         total = self._batches(remaining, self._layout) if remaining is not None else self.batches_per_epoch
-        ep = _RankStream(self, epoch=self._epoch, remaining=remaining, start_batch=self._batch)
+        streams = _RankStreams(self, remaining=remaining, rotate=self._batch % self._layout.workers)
         nw = self.data.num_workers
-        dl = tud.DataLoader(_StreamDataset(ep, self._batch % self._layout.workers), batch_size=None, num_workers=nw,
-                            persistent_workers=False, prefetch_factor=(2 if nw else None))
-        it = iter(dl)
+        it = iter(tud.DataLoader(streams, batch_size=None, num_workers=nw, persistent_workers=False,
+                                 prefetch_factor=(2 if nw else None)))
         while True:
             if self._batch >= total:  # epoch boundary (also when resumed exactly at one)
                 if not self.train:
                     return
                 self._epoch += 1
-                self._batch, self._segments, total = 0, [], self.batches_per_epoch
+                self._batch, self._segments, total = 0, (), self.batches_per_epoch
             t = time.perf_counter()
             try:
                 item = next(it)
@@ -653,7 +800,7 @@ class StreamingLoader:
                 if self.train:
                     raise LoaderError(f"rank {self.rank}: the stream ended at batch {self._batch} of {total} "
                                       f"in epoch {self._epoch}") from None
-                self._epoch, self._batch, self._segments = self._epoch + 1, 0, []
+                self._epoch, self._batch, self._segments = self._epoch + 1, 0, ()
                 return
             finally:
                 self._metrics.add("data_wait_s", time.perf_counter() - t)
@@ -680,36 +827,26 @@ class StreamingLoader:
 
     # -- state -----------------------------------------------------------------------------
 
-    def state_dict(self) -> dict:
-        return {
-            "version": STATE_VERSION,
-            "split": self.split,
-            "seed": self.seed,
-            "epoch": self._epoch,
-            "batches": self._batch,
-            # Samples of this epoch consumed by all ranks together, over every layout it ran with.
-            "samples": sum(s["batches"] * s["batch_size"] * s["world_size"] for s in self._segments)
-            + self._batch * self._layout.batch_size * self._layout.world_size,
-            "layout": self._layout.as_dict(),
-            "segments": [dict(s) for s in self._segments],
-        }
+    def state(self) -> LoaderState:
+        return LoaderState(self.split, self.seed, self._epoch, self._batch, self._layout, self._segments)
 
-    def load_state_dict(self, state: dict) -> None:
-        if state.get("version") != STATE_VERSION:
-            raise ConfigError(f"loader state version {state.get('version')!r} is not {STATE_VERSION}")
-        if state.get("split") != self.split or int(state.get("seed", -1)) != self.seed:
+    def state_dict(self) -> dict:
+        """The state's JSON form (what checkpoints store)."""
+        return self.state().to_json()
+
+    def load_state_dict(self, state: LoaderState | dict) -> None:
+        st = state if isinstance(state, LoaderState) else LoaderState.from_json(state)
+        if st.split != self.split or st.seed != self.seed:
             raise ConfigError("loader state belongs to another split or seed; it cannot continue this run")
-        self._epoch = int(state["epoch"])
-        self._segments = [dict(s) for s in state.get("segments", [])]
-        lay = state["layout"]
-        if lay == self._layout.as_dict():
-            self._batch = int(state["batches"])
+        self._epoch, self._segments = st.epoch, st.segments
+        if st.layout == self._layout:
+            self._batch = st.batches
         else:
-            if int(state["batches"]) > 0:
-                self._segments.append({**lay, "batches": int(state["batches"])})
+            if st.batches > 0:
+                self._segments += (_Segment(st.layout, st.batches),)
             self._batch = 0
             log.info("loader layout changed %s -> %s: the rest of epoch %d is re-planned over unconsumed samples",
-                     lay, self._layout.as_dict(), self._epoch)
+                     st.layout.to_json(), self._layout.to_json(), self._epoch)
 
     def metrics(self) -> dict:
         m = dict(self._metrics)
@@ -719,7 +856,8 @@ class StreamingLoader:
 
 
 def build_loader(data, view, *, split: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
-                 train: bool = True, findings: list[str] | None = None, state: dict | None = None) -> StreamingLoader:
+                 train: bool = True, findings: list[str] | None = None,
+                 state: LoaderState | dict | None = None) -> StreamingLoader:
     """The loader for one rank (see the module docstring for the guarantees)."""
     return StreamingLoader(data, view, split=split, batch_size=batch_size, rank=rank, world_size=world_size,
                            seed=seed, train=train, findings=findings, state=state)

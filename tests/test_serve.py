@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radforge import checkpoint, config, dicom, kinds, phantoms
+from radforge import checkpoint, config, dicom, index, kinds, phantoms, shardspec
 from radforge.transforms import Profile
 from radforge.config import IngestRecipe, ModelConfig, TextConfig, ViewConfig
 
@@ -75,7 +75,7 @@ def files(tmp_path_factory):
                             cols=180, seed=i) for i in range(3)]
     other_bytes = [Path(o.path).read_bytes() for o in others]
     shards = write_shards(root / "shards", other_bytes, checkpoint.load_for_inference(xr_model).profile)
-    serve_mod.build_index(xr_model, shards, str(root / "index"), split="test", batch_size=2)
+    index.build(xr_model, shards, str(root / "index"), split="test", batch_size=2)
     return {
         "shards": shards,
         "others": other_bytes,
@@ -183,6 +183,19 @@ def test_args_are_validated_and_lists_split_on_commas():
     d = app._bound_deployment
     assert d._deployment_config.autoscaling_config.max_replicas == 3
     assert d.ray_actor_options["num_gpus"] == 1
+
+
+def test_endpoints_follow_the_models_capabilities():
+    from radforge import models
+
+    clip, mae = models.REGISTRY["clip"].capabilities, models.REGISTRY["mae"].capabilities
+    assert serve_mod.endpoints_for(clip) == ["embed", "retrieve", "zero-shot", "embed-text"]
+    assert serve_mod.endpoints_for(mae) == ["embed", "retrieve"]
+    serve_mod.require(clip, "zero-shot")
+    for endpoint in ("zero-shot", "embed-text"):
+        with pytest.raises(serve_mod.ApiError) as e:
+            serve_mod.require(mae, endpoint)
+        assert (e.value.status, e.value.code) == (400, "unsupported_for_model")
 
 
 def test_canonical_from_files_is_the_ingest_path(files):
@@ -364,7 +377,8 @@ def test_index_command(files, tmp_path, capsys):
 
     assert cli.main(["index", files["xr_model"], files["shards"], str(tmp_path / "ix"), "--no-progress"]) == 0
     assert "index of 3 xray samples" in capsys.readouterr().out
-    emb, keys = serve_mod.load_index(str(tmp_path / "ix"))
+    emb, keys = index.load(str(tmp_path / "ix"))
+    assert index.info(str(tmp_path / "ix")).n == 3
     assert emb.shape == (3, 32) and keys == [key(i) for i in range(3)]
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
     # Shards made with another preprocessing profile are refused (exit 2, one line, no work).

@@ -100,10 +100,10 @@ def _evaluate(a) -> int:
 
 
 def _index(a) -> int:
-    from radforge import serve
+    from radforge import index
 
-    info = serve.build_index(a.model, a.shards, a.out, split=a.split, progress=not a.no_progress)
-    print(f"index of {info['n']} {info['image']} samples ({info['split']}, model {info['model_id']}) written to {info['out']}")
+    info = index.build(a.model, a.shards, a.out, split=a.split, progress=not a.no_progress)
+    print(f"index of {info.n} {info.image} samples ({info.split}, model {info.model_id}) written to {info.out}")
     return 0
 
 

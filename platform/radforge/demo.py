@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from radforge import checkpoint, config, evaluate, ingest, serve, shardspec, train, viz
+    from radforge import checkpoint, config, evaluate, index, ingest, shardspec, train, viz
     from radforge.config import IngestRecipe
 
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -162,8 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     model_dir, mae_dir, index_dir = (os.path.join(out, d) for d in ("model", "model-mae", "index"))
     checkpoint.export(clip.checkpoint, model_dir)
     checkpoint.export(mae.checkpoint, mae_dir)
-    info = serve.build_index(model_dir, shards, index_dir, split="test")
-    print(f"      {model_dir}  {mae_dir}  index of {info['n']} test images")
+    info = index.build(model_dir, shards, index_dir, split="test")
+    print(f"      {model_dir}  {mae_dir}  index of {info.n} test images")
 
     _stage(6, n, "evaluating the CLIP model on the held-out test split")
     clip_recipe = _recipe(os.path.join(recipes, "tiny-clip-xray.yaml"), out, shards, steps)

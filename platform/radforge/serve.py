@@ -44,16 +44,22 @@ recognised by content, not by name or content type:
   * a `.npy` array already in the stored canonical form of the model's profile (CT int16 HU
     [z, y, x] LPS at the profile spacing; X-ray uint16 [y, x]) — what `radforge inspect` shows.
 DICOM goes through `radforge.dicom.canonical_from_files` (scan → plan_group → canonical: the exact
-code ingest uses, with the profile recorded in the model) and then the model's `ModelView`.
+code ingest uses, with the profile recorded in the model) and then the model's view
+(`image.view(view_cfg)` of its `kinds.ImageKind`).
 
   POST /v1/embed        image → {"embedding": [...], "model": id, "preprocessing": {...}}
   POST /v1/zero-shot    image + findings (query `findings=a,b` or form field `findings`; optional
                         `positive` / `negative` prompt templates with "{finding}") →
-                        {"probabilities": {finding: p}, "model", "preprocessing"}   (CLIP models)
+                        {"probabilities": {finding: p}, "model", "preprocessing"}
   POST /v1/embed-text   JSON {"text": "..."} or {"texts": [...]} → {"embeddings": [[...]], "model"}
   POST /v1/retrieve     image (+ `k`, default 5) → {"results": [{"key", "score"}], "model", ...}
                         from the index built by `radforge index` for that model
   GET  /healthz, GET /v1/models
+
+Each endpoint needs one capability of the model (`radforge.models.objective`): embed and
+retrieve `embed_image`, zero-shot `zero_shot`, embed-text `embed_text` (CLIP models have all
+three, MAE models the first); GET /v1/models lists each model's endpoints, and a model without
+the capability answers 400 unsupported_for_model.
 
 Model selection: header `serve_multiplexed_model_id: <id>` (Serve routes it to a replica that has
 the model loaded) or `X-Model: <id>` (same meaning, handled by whichever replica gets the request);
@@ -81,11 +87,6 @@ from pydantic import BaseModel, Field, field_validator, model_validator
 from ray import serve
 
 log = logging.getLogger("radforge.serve")
-
-INDEX_JSON = "index.json"
-INDEX_EMBEDDINGS = "embeddings.npy"
-INDEX_FORMAT = "radforge-index/1"
-
 
 class ServeArgs(BaseModel):
     """`build_app` arguments (the `args:` of a Serve config, or `key=value` on `serve run`)."""
@@ -185,7 +186,7 @@ _DETAILS = {
     "too_many_files": "too many files in one request",
     "payload_too_large": "the upload exceeds the configured limit (max_upload_mb)",
     "unknown_model": "unknown model id (see GET /v1/models)",
-    "unsupported_for_model": "this endpoint needs a CLIP model (see GET /v1/models)",
+    "unsupported_for_model": "this model cannot serve this endpoint (see its endpoints in GET /v1/models)",
     "no_index": "no retrieval index is loaded for this model",
     "bad_request": "malformed request",
     "not_found": "no such endpoint",
@@ -202,6 +203,21 @@ def _reject_error(reason: str) -> ApiError:
     if reason == "too_large":
         return ApiError(413, "too_large")
     return ApiError(400 if reason in _STATUS_400 else 422, reason)
+
+
+# The capability (radforge.models.objective) each model endpoint needs, in /v1/models order.
+ENDPOINTS = {"embed": "embed_image", "retrieve": "embed_image", "zero-shot": "zero_shot", "embed-text": "embed_text"}
+
+
+def endpoints_for(capabilities: frozenset[str]) -> list[str]:
+    """The endpoints a model with `capabilities` serves."""
+    return [e for e, cap in ENDPOINTS.items() if cap in capabilities]
+
+
+def require(capabilities: frozenset[str], endpoint: str) -> None:
+    """ApiError 400 unsupported_for_model unless a model with `capabilities` serves `endpoint`."""
+    if ENDPOINTS[endpoint] not in capabilities:
+        raise ApiError(400, "unsupported_for_model")
 
 
 def _make_fastapi() -> FastAPI:
@@ -341,83 +357,6 @@ def check_prompt(p: str | None, name: str) -> str | None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Retrieval index (`radforge index`)
-# ---------------------------------------------------------------------------------------------
-
-
-def build_index(model_url: str, shards: str, out: str, *, split: str = "test", batch_size: int = 16,
-                progress: bool = False) -> dict:
-    """Embeddings of a split's samples (the model's modality) → OUT/embeddings.npy + OUT/index.json.
-
-    Samples come through `radforge.loader` in evaluation mode (one pass, centre crops): exactly
-    the tensors evaluation sees. The index holds only pseudonymous sample keys and numbers. The
-    shards must carry the model's preprocessing profile (else ConfigError): embeddings of arrays
-    made another way would not be comparable with served requests.
-    """
-    import numpy as np
-    import torch
-
-    from radforge import checkpoint, config, loader, shardspec, storage
-    from radforge.errors import ConfigError
-
-    lm = checkpoint.load_for_inference(model_url)
-    manifest = shardspec.read_manifest(shards)
-    if manifest["profile"].get("profile_id") != lm.profile.profile_id:
-        raise ConfigError(f"{shards} was made with preprocessing profile {manifest['profile'].get('profile_id')}, "
-                          f"the model with {lm.profile.get('profile_id')}: index shards made with the model's profile")
-    data = config.DataConfig(shards=shards, image=lm.image.name, num_workers=0)
-    it = loader.build_loader(data, lm.view, split=split, batch_size=batch_size, train=False)
-    embs, keys = [], []
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(unit="sample", desc="index")
-    with torch.no_grad():
-        for batch in it:
-            embs.append(lm.embed_images(batch["image"]).cpu().numpy().astype(np.float32))
-            keys += list(batch["key"])
-            if bar is not None:
-                bar.update(len(batch["key"]))
-    if bar is not None:
-        bar.close()
-    if not keys:
-        raise ConfigError(f"split {split!r} of {shards} has no {lm.image.name} samples")
-    matrix = np.concatenate(embs)
-    buf = io.BytesIO()
-    np.save(buf, matrix, allow_pickle=False)
-    info = {
-        "format": INDEX_FORMAT,
-        "model_id": lm.model_id,
-        "profile_id": lm.profile.profile_id,
-        "image": lm.image.name,
-        "split": split,
-        "n": len(keys),
-        "dim": int(matrix.shape[1]),
-        "keys": keys,
-    }
-    storage.makedirs(out)
-    storage.write_bytes_atomic(storage.join(out, INDEX_EMBEDDINGS), buf.getvalue())
-    storage.write_bytes_atomic(storage.join(out, INDEX_JSON), json.dumps(info).encode())  # last: marks completion
-    return {k: v for k, v in info.items() if k != "keys"} | {"out": out}
-
-
-def load_index(url: str):
-    """(L2-normalised float32 [N, D] embeddings, keys) of an index dir."""
-    import numpy as np
-
-    from radforge import storage
-
-    info = json.loads(storage.read_bytes(storage.join(url, INDEX_JSON)))
-    if info.get("format") != INDEX_FORMAT:
-        raise ValueError(f"{url}: not a {INDEX_FORMAT} index")
-    emb = np.load(io.BytesIO(storage.read_bytes(storage.join(url, INDEX_EMBEDDINGS))), allow_pickle=False)
-    if emb.shape[0] != len(info["keys"]):
-        raise ValueError(f"{url}: embeddings and keys disagree")
-    return emb.astype(np.float32, copy=False), list(info["keys"])
-
-
-# ---------------------------------------------------------------------------------------------
 # The deployment (everything its methods use is defined above: Serve serializes the class when
 # the decorator runs, so a module-level name defined below it would be missing in replicas)
 # ---------------------------------------------------------------------------------------------
@@ -469,7 +408,7 @@ _TEXT_BODY = {"required": True, "content": {"application/json": {"schema": {"typ
 @serve.ingress(app)
 class RadforgeServer:
     def __init__(self, settings: dict):
-        from radforge import checkpoint, storage
+        from radforge import checkpoint, index, models, storage
 
         self.cfg = ServeArgs.model_validate(settings)
         self._max_bytes = int(self.cfg.max_upload_mb * 1024 * 1024)
@@ -478,17 +417,18 @@ class RadforgeServer:
         # operator wants to see.
         self._urls: dict[str, str] = {}
         self._meta: dict[str, dict] = {}
+        self._caps: dict[str, frozenset[str]] = {}  # from the objective registry: no weights needed
         for url in self.cfg.model:
             meta = json.loads(storage.read_bytes(storage.join(url, checkpoint.MODEL_JSON)))
             mid = meta["model_id"]
             if mid in self._urls:
                 raise ValueError(f"two models share the id {mid}: {self._urls[mid]} and {url}")
             self._urls[mid], self._meta[mid] = url, meta
+            self._caps[mid] = models.get(meta["kind"]).capabilities
         self._default = next(iter(self._urls))
         self._index_urls: dict[str, str] = {}
         for url in self.cfg.index:
-            info = json.loads(storage.read_bytes(storage.join(url, INDEX_JSON)))
-            self._index_urls[info["model_id"]] = url
+            self._index_urls[index.info(url).model_id] = url
         self._indexes: dict[str, tuple[Any, list[str]]] = {}
         self._device = "cuda" if self.cfg.num_gpus > 0 else "cpu"
         self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="radforge-decode")
@@ -621,8 +561,10 @@ class RadforgeServer:
         if mid not in self._indexes:
             if mid not in self._index_urls:
                 raise ApiError(404, "no_index")
+            from radforge import index
+
             loop = asyncio.get_running_loop()
-            self._indexes[mid] = await loop.run_in_executor(self._decode_pool, load_index, self._index_urls[mid])
+            self._indexes[mid] = await loop.run_in_executor(self._decode_pool, index.load, self._index_urls[mid])
         return self._indexes[mid]
 
     # -- endpoints -------------------------------------------------------------------------
@@ -641,7 +583,7 @@ class RadforgeServer:
                 "image": meta["image"],
                 "profile_id": meta.get("profile", {}).get("profile_id"),
                 "findings": meta.get("findings", []),
-                "endpoints": ["embed", "retrieve"] + (["zero-shot", "embed-text"] if meta["kind"] == "clip" else []),
+                "endpoints": endpoints_for(self._caps[mid]),
                 "index": mid in self._index_urls,
                 "default": mid == self._default,
             })
@@ -650,6 +592,7 @@ class RadforgeServer:
     @app.post("/v1/embed", **_doc())
     async def embed(self, request: Request) -> dict:
         mid = self._model_id(request)
+        require(self._caps[mid], "embed")
         x, prep, _ = await self._image(request, mid)
         emb = await self._embed_batch(x, mid)
         return {"embedding": [float(v) for v in emb], "model": mid, "preprocessing": prep}
@@ -661,8 +604,7 @@ class RadforgeServer:
         import torch
 
         mid = self._model_id(request)
-        if self._meta[mid]["kind"] != "clip":
-            raise ApiError(400, "unsupported_for_model")
+        require(self._caps[mid], "zero-shot")
         x, prep, fields = await self._image(request, mid)
         q = request.query_params
         findings = parse_findings(q.getlist("findings") + fields.get("findings", []))
@@ -679,8 +621,7 @@ class RadforgeServer:
     @app.post("/v1/embed-text", **_doc(body=_TEXT_BODY))
     async def embed_text(self, request: Request) -> dict:
         mid = self._model_id(request)
-        if self._meta[mid]["kind"] != "clip":
-            raise ApiError(400, "unsupported_for_model")
+        require(self._caps[mid], "embed-text")
         body = await self._body(request)
         try:
             doc = json.loads(body)
@@ -698,6 +639,7 @@ class RadforgeServer:
         import numpy as np
 
         mid = self._model_id(request)
+        require(self._caps[mid], "retrieve")
         q = request.query_params
         try:
             k = int(q.get("k", "5"))

@@ -10,6 +10,7 @@ ValueError naming the model and the capability).
     embed_image   embed_image(images [B, *input_shape])             [B, D] L2-normalised
     embed_text    embed_text(texts: list[str])                       [T, D] L2-normalised, in the
                                                                      image embeddings' space
+                  save_tokenizer(directory)                          the text tower's tokenizer files
     zero_shot     zero_shot_from_embeddings(image_emb, findings,      [B, F] P(finding)
                   positive, negative); zero_shot(images, ...)
     reconstruct   reconstruction_loss(images, generator)            scalar (masked-patch loss)
@@ -93,6 +94,9 @@ class Objective(nn.Module):
         raise self._unsupported("embed_image")
 
     def embed_text(self, texts: Sequence[str]) -> torch.Tensor:
+        raise self._unsupported("embed_text")
+
+    def save_tokenizer(self, directory: str) -> None:
         raise self._unsupported("embed_text")
 
     def zero_shot_from_embeddings(self, image_emb: torch.Tensor, findings: Sequence[str], positive: str,

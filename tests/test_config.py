@@ -3,7 +3,11 @@ naming the dotted key."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
+import typing
 from pathlib import Path
 
 import pytest
@@ -135,6 +139,7 @@ def test_an_empty_value_is_null():
 @pytest.mark.parametrize(
     "item, needle",
     [
+        # keys: unknown, or not a section, or malformed
         ("nope=1", "unknown recipe key nope"),
         ("ct.nope=1", "unknown recipe key ct.nope"),
         ("ct.nope.deeper=1", "ct.nope"),
@@ -146,9 +151,31 @@ def test_an_empty_value_is_null():
         ("justakey", "key=value"),
         ("=1", "key=value"),
         ("ct.min_slices=[", "ct.min_slices"),
+        # values out of range (the sections' __post_init__ checks)
+        ("splits={train: 0.5, val: 0.1, test: 0.1}", "summing to 1"),
+        ("splits={train: 1.2, test: -0.2}", "non-negative"),
+        ("splits={}", "splits"),
+        ("splits={train-set: 1.0}", "identifier"),
+        ("modalities=[CT, MR]", "modalities"),
+        ("modalities=[]", "modalities"),
+        ("ct.spacing_mm=[1, 0, 1]", "ct.spacing_mm"),
+        ("ct.spacing_mm=[1, 1, -2]", "ct.spacing_mm"),
+        ("ct.min_slices=1", "ct.min_slices"),
+        ("ct.spacing_tolerance=1.5", "ct.spacing_tolerance"),
+        ("ct.spacing_tolerance=0", "ct.spacing_tolerance"),
+        ("ct.max_tilt_deg=-1", "ct.max_tilt_deg"),
+        ("ct.max_voxels=0", "ct.max_voxels"),
+        ("ct.duplicate_positions=keep", "ct.duplicate_positions"),
+        ("xray.voi=auto", "xray.voi"),
+        ("xray.longest_side=8", "xray.longest_side"),
+        ("reports.join_on=PatientID", "reports.join_on"),
+        ("labels.join_on=PatientID", "labels.join_on"),
+        ("shards.target_mb=0", "shards.target_mb"),
+        ("deid.secret_env=''", "deid.secret_env"),
+        ("name=''", "name"),
     ],
 )
-def test_bad_override_keys_fail_with_the_dotted_key(item, needle):
+def test_mistakes_fail_at_load_time_naming_the_setting(item, needle):
     assert needle in _error(item)
 
 
@@ -191,37 +218,30 @@ def test_unknown_keys_in_yaml_at_any_depth(tmp_path):
 )
 def test_wrong_types_fail_with_the_key(item, key):
     msg = _error(item)
-    assert msg.startswith(key) or f" {key}" in msg, msg
+    assert msg.startswith(key) and "got" in msg, msg
 
 
 @pytest.mark.parametrize(
-    "item, needle",
+    "cls, item, message",
     [
-        ("splits={train: 0.5, val: 0.1, test: 0.1}", "summing to 1"),
-        ("splits={train: 1.2, test: -0.2}", "non-negative"),
-        ("splits={}", "splits"),
-        ("splits={train-set: 1.0}", "identifier"),
-        ("modalities=[CT, MR]", "modalities"),
-        ("modalities=[]", "modalities"),
-        ("ct.spacing_mm=[1, 0, 1]", "ct.spacing_mm"),
-        ("ct.spacing_mm=[1, 1, -2]", "ct.spacing_mm"),
-        ("ct.min_slices=1", "ct.min_slices"),
-        ("ct.spacing_tolerance=1.5", "ct.spacing_tolerance"),
-        ("ct.spacing_tolerance=0", "ct.spacing_tolerance"),
-        ("ct.max_tilt_deg=-1", "ct.max_tilt_deg"),
-        ("ct.max_voxels=0", "ct.max_voxels"),
-        ("ct.duplicate_positions=keep", "ct.duplicate_positions"),
-        ("xray.voi=auto", "xray.voi"),
-        ("xray.longest_side=8", "xray.longest_side"),
-        ("reports.join_on=PatientID", "reports.join_on"),
-        ("labels.join_on=PatientID", "labels.join_on"),
-        ("shards.target_mb=0", "shards.target_mb"),
-        ("deid.secret_env=''", "deid.secret_env"),
-        ("name=''", "name"),
+        (config.TrainRecipe, "deepspeed.micro_batch=x", "deepspeed.micro_batch: expected integer, got 'x'"),
+        (config.TrainRecipe, "deepspeed.micro_batch=4.0", "deepspeed.micro_batch: expected integer, got 4.0"),
+        (config.TrainRecipe, "scale.resources_per_worker={gpu_a: y}", "scale.resources_per_worker.gpu_a: expected finite number, got 'y'"),
+        (IngestRecipe, "ct.spacing_mm=[1, x, 2]", "ct.spacing_mm[1]: expected finite number, got 'x'"),
+        (IngestRecipe, "ct.spacing_mm=[1, 2]", "ct.spacing_mm: expected a list of 3, got [1, 2]"),
+        (IngestRecipe, "ct.spacing_mm=[1, 2, 3, 4]", "ct.spacing_mm: expected a list of 3, got [1, 2, 3, 4]"),
+        (IngestRecipe, "deid.demo_key=1", "deid.demo_key: expected true/false, got 1"),
+        (IngestRecipe, "labels.join_on=PatientID", "labels.join_on must be one of AccessionNumber, StudyInstanceUID; got 'PatientID'"),
     ],
 )
-def test_validation_fails_at_load_time_naming_the_setting(item, needle):
-    assert needle in _error(item)
+def test_wrong_type_messages_say_what_was_expected(cls, item, message):
+    with pytest.raises(ConfigError) as info:
+        config.load(cls, None, [item])
+    assert str(info.value) == message
+
+
+def test_a_number_where_a_string_is_expected_is_that_string():
+    assert config.load(IngestRecipe, None, ["name=2024", "modalities=[CT]"]).name == "2024"
 
 
 def test_choice_errors_list_the_choices():
@@ -269,18 +289,91 @@ def test_recipe_files_load_from_any_storage_url(tmp_path):
     assert config.load(IngestRecipe, f"file://{f}").name == "via-url"
 
 
-def test_every_field_is_documented_in_the_dataclass_tree():
-    """from_dict/_set walk type hints; a field without a usable hint would silently accept anything."""
-    import typing
+def _sections(cls) -> list[type]:
+    """`cls` and every dataclass reachable through its fields' types."""
+    out, todo = [], [cls]
+    while todo:
+        c = todo.pop()
+        if c not in out:
+            out.append(c)
+            todo += [t for t in config._hints(c).values() if dataclasses.is_dataclass(t)]
+    return out
 
-    def walk(cls):
-        hints = typing.get_type_hints(cls)
-        for f in dataclasses.fields(cls):
-            assert f.name in hints
-            if dataclasses.is_dataclass(hints[f.name]):
-                walk(hints[f.name])
 
-    walk(IngestRecipe)
+def _undocumented(cls) -> list[str]:
+    """Fields with no comment on their line or the line above; a section field may instead be
+    documented by its own class docstring."""
+    lines, start = inspect.getsourcelines(cls)
+    tree = ast.parse(textwrap.dedent("".join(lines))).body[0]
+    hints = typing.get_type_hints(cls)
+    missing = []
+    for node in tree.body:
+        if isinstance(node, ast.AnnAssign):
+            name = node.target.id
+            here, above = lines[node.end_lineno - 1], lines[node.lineno - 2].strip()
+            section_doc = dataclasses.is_dataclass(hints[name]) and ast.get_docstring(
+                ast.parse(textwrap.dedent(inspect.getsource(hints[name]))).body[0])
+            if "#" not in here and not above.startswith("#") and not section_doc:
+                missing.append(name)
+    return missing
+
+
+def _mentions_any(tp) -> bool:
+    return tp is typing.Any or any(_mentions_any(a) for a in typing.get_args(tp))
+
+
+@pytest.mark.parametrize("root", [IngestRecipe, config.TrainRecipe, config.ServeConfig], ids=lambda c: c.__name__)
+def test_every_field_is_typed_and_documented(root):
+    """pydantic validates by the type hints (an `Any` would accept anything), and the comment beside
+    a field is its documentation (units, default's meaning)."""
+    sections = _sections(root)
+    assert len(sections) > 1 or root is config.ServeConfig
+    for cls in sections:
+        assert ast.get_docstring(ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]), f"{cls.__name__} has no docstring"
+        assert not _undocumented(cls), f"{cls.__name__}: fields without a comment: {_undocumented(cls)}"
+        for name, tp in typing.get_type_hints(cls).items():
+            assert not _mentions_any(tp), f"{cls.__name__}.{name}: {tp} accepts anything"
+
+
+def test_the_documentation_check_can_fail():
+    @dataclasses.dataclass
+    class Bare:
+        """A class with one commented field."""
+
+        loose: typing.Any = None  # documented, but Any
+        plain: int = 0
+
+    assert _undocumented(Bare) == ["plain"]
+    assert _mentions_any(typing.get_type_hints(Bare)["loose"]) and _mentions_any(dict[str, typing.Any])
+
+
+# ----------------------------------------------------------------------------- serve arguments
+
+
+def test_serve_config_parses_cli_strings_and_splits_url_lists():
+    """`serve run radforge.serve:build_app model=a,b max_batch_size=8` passes strings."""
+    a = config.from_dict(config.ServeConfig, {"model": "a, b", "index": ["c,d", "e"], "max_batch_size": "8", "num_cpus": "0.5"})
+    assert a.model == ["a", "b"] and a.index == ["c", "d", "e"] and a.max_batch_size == 8 and a.num_cpus == 0.5
+    assert config.from_dict(config.ServeConfig, config.to_dict(a)) == a
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        ({}, "model: required"),
+        ({"model": ""}, "model: at least one"),
+        ({"model": "a", "bogus": 1}, "unknown recipe key bogus"),
+        ({"model": "a", "max_batch_size": "x"}, "max_batch_size: expected integer"),
+        ({"model": "a", "max_batch_size": 2000}, "max_batch_size must be in [1, 1024]"),
+        ({"model": "a", "num_replicas": 0}, "num_replicas must be >= 1"),
+        ({"model": "a", "min_replicas": 3, "max_replicas": 2}, "max_replicas must be >= min_replicas"),
+        ({"model": "a", "max_upload_mb": "nan"}, "max_upload_mb"),
+    ],
+)
+def test_serve_config_errors_are_one_line_config_errors(args, needle):
+    with pytest.raises(ConfigError) as info:
+        config.from_dict(config.ServeConfig, args)
+    assert needle in str(info.value) and "\n" not in str(info.value)
 
 
 def test_a_whole_section_override_merges_into_the_file(tmp_path):

@@ -71,15 +71,13 @@ class CTConfig(Section):
         _positive("ct.spacing_mm", self.spacing_mm, n=3)
         # Floats, always: the spacing feeds the profile_id digest, where 3 and 3.0 hash differently.
         self.spacing_mm = tuple(float(v) for v in self.spacing_mm)
-        if self.min_slices < 2:
-            raise SettingError("ct.min_slices must be >= 2")
+        _at_least("ct.min_slices", self.min_slices, 2)
         if not 0 < self.spacing_tolerance < 1:
             raise SettingError("ct.spacing_tolerance must be in (0, 1)")
         if not 0 <= self.max_tilt_deg < 90:
             raise SettingError(f"ct.max_tilt_deg must be in [0, 90), got {self.max_tilt_deg!r}")
         _choice("ct.duplicate_positions", self.duplicate_positions, ("reject", "drop"))
-        if not self.max_voxels > 0:
-            raise SettingError(f"ct.max_voxels must be > 0, got {self.max_voxels!r}")
+        _above("ct.max_voxels", self.max_voxels, 0)
 
 
 @dataclass
@@ -92,8 +90,7 @@ class XrayConfig(Section):
     voi: str = "window"
 
     def __post_init__(self):
-        if self.longest_side < 16:
-            raise SettingError("xray.longest_side must be >= 16")
+        _at_least("xray.longest_side", self.longest_side, 16)
         _choice("xray.voi", self.voi, ("window", "none"))
 
 
@@ -132,8 +129,7 @@ class ShardConfig(Section):
     target_mb: float = 256.0  # shard size aimed at, MB: shards per split = estimated bytes / this
 
     def __post_init__(self):
-        if not self.target_mb > 0:
-            raise SettingError(f"shards.target_mb must be > 0, got {self.target_mb!r}")
+        _above("shards.target_mb", self.target_mb, 0)
 
 
 @dataclass
@@ -197,12 +193,9 @@ class DataConfig(Section):
 
     def __post_init__(self):
         _choice("data.image", self.image, IMAGE_KINDS)
-        if self.shuffle_buffer < 1:
-            raise SettingError("data.shuffle_buffer must be >= 1")
-        if self.num_workers < 0:
-            raise SettingError("data.num_workers must be >= 0")
-        if not self.cache_limit_gb > 0:
-            raise SettingError("data.cache_limit_gb must be > 0")
+        _at_least("data.shuffle_buffer", self.shuffle_buffer, 1)
+        _at_least("data.num_workers", self.num_workers, 0)
+        _above("data.cache_limit_gb", self.cache_limit_gb, 0)
 
 
 @dataclass
@@ -233,10 +226,8 @@ class ViewConfig(Section):
         if self.ct_spacing_mm is not None:
             _positive("view.ct_spacing_mm", self.ct_spacing_mm, n=3)
             self.ct_spacing_mm = tuple(float(v) for v in self.ct_spacing_mm)
-        if self.xray_size < 16:
-            raise SettingError("view.xray_size must be >= 16")
-        if not self.xray_std > 0:
-            raise SettingError("view.xray_std must be > 0")
+        _at_least("view.xray_size", self.xray_size, 16)
+        _above("view.xray_std", self.xray_std, 0)
 
 
 @dataclass
@@ -257,8 +248,7 @@ class TextConfig(Section):
         if self.kind == "hf" and not self.path:
             raise SettingError("model.text.path must name the Hugging Face model directory when kind is hf")
         for k in ("vocab_size", "max_len", "width", "depth", "heads"):
-            if getattr(self, k) < 1:
-                raise SettingError(f"model.text.{k} must be >= 1")
+            _at_least(f"model.text.{k}", getattr(self, k), 1)
         if self.width % self.heads:
             raise SettingError("model.text.width must be divisible by model.text.heads")
 
@@ -285,12 +275,10 @@ class ModelConfig(Section):
         _choice("model.preset", self.preset, VIT_PRESETS)
         _positive("model.patch_ct", self.patch_ct, n=3)
         self.patch_ct = tuple(int(v) for v in self.patch_ct)
-        if self.patch_xray < 1:
-            raise SettingError("model.patch_xray must be >= 1")
+        _at_least("model.patch_xray", self.patch_xray, 1)
         if not 0 < self.mask_ratio < 1:
             raise SettingError("model.mask_ratio must be in (0, 1)")
-        if not self.init_temperature > 0:
-            raise SettingError("model.init_temperature must be > 0")
+        _above("model.init_temperature", self.init_temperature, 0)
 
     def patch(self, image: kinds.ImageKind) -> tuple[int, ...]:
         """The patch (voxels per axis) for an image kind: `patch_ct` in 3D, `patch_xray` squared in 2D."""
@@ -309,10 +297,8 @@ class OptimConfig(Section):
     grad_clip: float = 1.0  # max global grad norm (0 = off)
 
     def __post_init__(self):
-        if not self.lr > 0:
-            raise SettingError("optim.lr must be > 0")
-        if self.warmup_steps < 0:
-            raise SettingError("optim.warmup_steps must be >= 0")
+        _above("optim.lr", self.lr, 0)
+        _at_least("optim.warmup_steps", self.warmup_steps, 0)
         if not 0 <= self.min_lr_ratio <= 1:
             raise SettingError("optim.min_lr_ratio must be in [0, 1]")
         if not self.grad_clip >= 0:
@@ -352,11 +338,9 @@ class ScaleConfig(Section):
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra custom resources
 
     def __post_init__(self):
-        if self.num_workers < 1:
-            raise SettingError("scale.num_workers must be >= 1")
+        _at_least("scale.num_workers", self.num_workers, 1)
         _choice("scale.placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
-        if not self.cpus_per_worker > 0:
-            raise SettingError("scale.cpus_per_worker must be > 0")
+        _above("scale.cpus_per_worker", self.cpus_per_worker, 0)
 
 
 @dataclass
@@ -478,13 +462,13 @@ class ServeConfig:
             raise SettingError(f"max_batch_size must be in [1, 1024], got {self.max_batch_size!r}")
         if not 0 <= self.batch_wait_timeout_s <= 10:
             raise SettingError(f"batch_wait_timeout_s must be in [0, 10], got {self.batch_wait_timeout_s!r}")
-        if not self.max_upload_mb > 0 or not self.target_ongoing_requests > 0:
-            raise SettingError("max_upload_mb and target_ongoing_requests must be > 0")
+        _above("max_upload_mb", self.max_upload_mb, 0)
+        _above("target_ongoing_requests", self.target_ongoing_requests, 0)
         for key in ("max_files", "max_models_per_replica", "max_replicas", "num_replicas", "max_ongoing_requests"):
-            if getattr(self, key) is not None and getattr(self, key) < 1:
-                raise SettingError(f"{key} must be >= 1, got {getattr(self, key)!r}")
-        if not (self.num_cpus >= 0 and self.num_gpus >= 0 and self.min_replicas >= 0):
-            raise SettingError("num_cpus, num_gpus and min_replicas must be >= 0")
+            if getattr(self, key) is not None:
+                _at_least(key, getattr(self, key), 1)
+        for key in ("num_cpus", "num_gpus", "min_replicas"):
+            _at_least(key, getattr(self, key), 0)
         if self.max_replicas < self.min_replicas:
             raise SettingError("max_replicas must be >= min_replicas")
 
@@ -712,6 +696,16 @@ def _positive(key: str, values, n: int) -> None:
     # `not v > 0` rather than `v <= 0`: NaN must fail too.
     if len(values) != n or not all(v > 0 for v in values):
         raise SettingError(f"{key} must be {n} positive numbers, got {list(values)}")
+
+
+def _at_least(key: str, value, low) -> None:
+    if not value >= low:  # `not >=`: NaN fails too
+        raise SettingError(f"{key} must be >= {low}, got {value!r}")
+
+
+def _above(key: str, value, low) -> None:
+    if not value > low:
+        raise SettingError(f"{key} must be > {low}, got {value!r}")
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,11 +1,12 @@
-"""radforge.checkpoint without Ray: a one-process DeepSpeed engine writes a checkpoint in the
-layout radforge.train uses; export consolidates it and load_for_inference rebuilds the model with
-no DeepSpeed, bit-for-bit. (Multi-rank ZeRO-2/3 exports run in test_train on Ray Train.)"""
+"""radforge.checkpoint without Ray: a one-process DeepSpeed engine is saved through the checkpoint
+API (the layout radforge.train writes); export consolidates it and load_for_inference rebuilds
+the model with no DeepSpeed, bit-for-bit, and with no file outside the model directory (a Hugging
+Face text tower included). (Multi-rank ZeRO-2/3 exports run in test_train on Ray Train.)"""
 
 from __future__ import annotations
 
-import json
 import os
+import shutil
 
 import pytest
 import torch
@@ -15,59 +16,110 @@ from radforge.transforms import Profile
 from radforge.config import TrainRecipe
 from radforge.errors import ConfigError
 
+REPORTS = ["No pleural effusion.", "A small nodule in the right upper lobe.", "The heart is enlarged."]
 
-@pytest.fixture
-def one_process_group(monkeypatch):
-    """A world of one (gloo), torn down after the test so no other test sees it."""
+
+@pytest.fixture(scope="module")
+def one_process_group():
+    """A world of one (gloo) for this module's tests, torn down after them so no other module sees
+    it. One group for all: DeepSpeed caches the world group it first saw."""
     import torch.distributed as dist
 
-    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
-    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
-    monkeypatch.setenv("MASTER_PORT", str(29500 + os.getpid() % 1000))
-    monkeypatch.setenv("RANK", "0")
-    monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    dist.init_process_group("gloo", rank=0, world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000),
+                     "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
+            mp.setenv(k, v)
+        dist.init_process_group("gloo", rank=0, world_size=1)
+        try:
+            yield
+        finally:
+            dist.destroy_process_group()
 
 
-def test_export_and_load_for_inference_round_trip(tmp_path, one_process_group):
-    """ZeRO-1: export goes through zero_to_fp32 (the fp32 partitions), like ZeRO-2/3 runs. One
-    engine per process: DeepSpeed caches its process groups globally."""
+def _one_step(r: TrainRecipe, model, batch: dict):
+    """A DeepSpeed engine for `model` after one optimizer step on `batch`."""
     import deepspeed
 
     from radforge import train
 
-    stage = 1
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=list(model.parameters()),
+                                      config=train.deepspeed_config(r))
+    engine.backward(engine(batch)["loss"])
+    engine.step()
+    engine.module.eval()
+    return engine
+
+
+def test_export_and_load_for_inference_round_trip(tmp_path, one_process_group):
+    """ZeRO-1: export goes through zero_to_fp32 (the fp32 partitions), like ZeRO-2/3 runs."""
     r = config.load(TrainRecipe, None, ["view.ct_size=[8,16,16]", "model.patch_ct=[4,8,8]", "scale.num_workers=1",
-                                        f"deepspeed.zero_stage={stage}", "deepspeed.micro_batch=2"])
+                                        "deepspeed.zero_stage=1", "deepspeed.micro_batch=2"])
     view = kinds.CT.view(r.view)
     torch.manual_seed(0)
-    model = models.build(r.model, "ct", view.input_shape)
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
-                                      config=train.deepspeed_config(r))
     images = torch.rand(2, *view.input_shape)
-    loss = engine({"image": images})["loss"]
-    engine.backward(loss)
-    engine.step()
-    ckpt = tmp_path / "ckpt"
-    engine.save_checkpoint(str(ckpt / "ds"), tag="step00000001")
-    (ckpt / "state.json").write_text(json.dumps({
-        "step": 1, "tag": "step00000001", "world_size": 1, "recipe": config.to_dict(r), "profile": Profile().to_dict(),
-        "findings": ["nodule"], "kind": "mae", "image": "ct", "zero_stage": stage, "scalar_params": []}))
-    out = checkpoint.export(str(ckpt), str(tmp_path / "model"))
+    engine = _one_step(r, models.build(r.model, "ct", view.input_shape), {"image": images})
+    ckpt = str(tmp_path / "ckpt")
+    state = checkpoint.RunState(step=1, world_size=1, recipe=r, profile=Profile(), findings=["nodule"], loader={"pos": 7})
+    checkpoint.save(ckpt, state, engine, rank=0)
+    back = checkpoint.load(ckpt)
+    assert (back.step, back.tag, back.world_size, back.findings, back.loader) == (1, "step00000001", 1, ["nodule"], {"pos": 7})
+    assert back.recipe == r and back.profile == Profile() and back.image is kinds.CT and back.tokenizer is None
+    assert checkpoint.find(str(tmp_path)) == [ckpt] and checkpoint.saved_loader_ranks(ckpt) == [0]
+    with pytest.raises(ConfigError, match="written by 1 workers, this run has 2"):
+        checkpoint.load(ckpt, world_size=2)
+
+    out = checkpoint.export(ckpt, str(tmp_path / "model"))
     lm = checkpoint.load_for_inference(out)
     assert (lm.kind, lm.image, lm.findings, lm.profile) == ("mae", kinds.CT, ["nodule"], Profile())
     assert lm.view == r.view and not lm.model.training
-    engine.module.eval()
     with torch.no_grad():
         live = torch.nn.functional.normalize(engine.module.encode(images), dim=-1)
     assert torch.equal(lm.embed_images(images), live)
     with pytest.raises(ValueError):
         lm.zero_shot(images, ["nodule"])  # MAE has no text tower
+
+
+@pytest.fixture
+def hf_dir(tmp_path):
+    """A tiny BERT + tokenizer saved the Hugging Face way (no hub access needed)."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    words = sorted({w.strip(".,").lower() for t in REPORTS for w in t.split()})
+    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + words) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=37, max_position_embeddings=32))
+    out = tmp_path / "bert"
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def test_a_hugging_face_text_tower_travels_with_the_exported_model(tmp_path, one_process_group, hf_dir):
+    """The checkpoint keeps the tower's tokenizer + config, the weights hold its trained weights:
+    with the source directory gone, the loaded model embeds text exactly like the live one.
+    ZeRO-0: the other consolidation path (the module state is complete)."""
+    r = config.load(TrainRecipe, None, ["model.kind=clip", "model.text.kind=hf", f"model.text.path={hf_dir}",
+                                        "model.text.max_len=16", "data.image=xray", "view.xray_size=16",
+                                        "model.patch_xray=8", "scale.num_workers=1", "deepspeed.zero_stage=0",
+                                        "deepspeed.micro_batch=3"])
+    view = kinds.XRAY.view(r.view)
+    torch.manual_seed(0)
+    images = torch.rand(3, *view.input_shape)
+    engine = _one_step(r, models.build(r.model, "xray", view.input_shape), {"image": images, "text": REPORTS})
+    ckpt = str(tmp_path / "ckpt")
+    files = checkpoint.tokenizer_files(engine.module)
+    assert files and "config.json" in files
+    checkpoint.save(ckpt, checkpoint.RunState(step=1, world_size=1, recipe=r, profile=Profile(), findings=["nodule"],
+                                              tokenizer=files), engine, rank=0)
+    shutil.rmtree(hf_dir)  # load_for_inference must not need model.text.path
+    lm = checkpoint.load_for_inference(checkpoint.export(ckpt, str(tmp_path / "model")))
+    with torch.no_grad():
+        live_text = engine.module.embed_text(REPORTS)
+        live_image = engine.module.embed_image(images)
+    assert torch.allclose(lm.embed_texts(REPORTS), live_text, atol=1e-6)
+    assert torch.allclose(lm.embed_images(images), live_image, atol=1e-6)
 
 
 def test_clear_errors_for_things_that_are_not_checkpoints_or_models(tmp_path):
@@ -78,3 +130,5 @@ def test_clear_errors_for_things_that_are_not_checkpoints_or_models(tmp_path):
         checkpoint.export(str(tmp_path / "missing"), str(tmp_path / "out"))
     with pytest.raises(ConfigError, match="not an exported radforge model"):
         checkpoint.load_for_inference(str(tmp_path / "empty"))
+    with pytest.raises(ConfigError, match="not a radforge training checkpoint"):
+        checkpoint.load(str(tmp_path / "empty"))

@@ -1,31 +1,36 @@
 """Training checkpoints → self-describing model directories → models for inference.
 
-A training checkpoint (written by `radforge.train` through Ray Train; any fsspec URL):
+This module owns both layouts; train, tests and tools go through `RunState`, `save`, `load`,
+`export` and `load_for_inference`, never through file names. A training checkpoint (written by
+`radforge.train` through Ray Train; any fsspec URL):
 
     state.json            step, DeepSpeed tag, world size, recipe, shard profile, findings
     ds/<tag>/...          DeepSpeed sharded state (module states + one ZeRO shard per rank)
     ds/latest
     loader/rank-R.json    each rank's loader position
-    tokenizer/            CLIP small text tower's BPE vocabulary
+    tokenizer/            the text tower's tokenizer (small: BPE vocabulary; hf: tokenizer files
+                          and the model config), for models that embed text
 
 `export(checkpoint, out)` writes a model directory that needs nothing else to rebuild the model:
 
     model.safetensors     consolidated fp32 weights (ZeRO-1/2/3 shards gathered by DeepSpeed's
                           zero_to_fp32, which reads the fp32 master copy, so bf16 runs export
-                          their full-precision weights)
+                          their full-precision weights), text tower included
     model.json            {"kind", "image", "model", "view", "profile", "findings", "prompts",
                            "recipe", "step", "model_id"}
-    tokenizer/            CLIP small text tower
+    tokenizer/            copied from the checkpoint: with model.safetensors it rebuilds the text
+                          tower, a Hugging Face one too (`model.text.path` is provenance only)
 
 `load_for_inference(dir)` rebuilds it without DeepSpeed (torch + radforge.models only) — what
-serving and `radforge evaluate` use.
+serving and `radforge evaluate` use. `write_model` writes the same directory from a live model
+(benchmarks and tests that need a model without training one).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
-import shutil
 import tempfile
 from dataclasses import dataclass
 
@@ -37,6 +42,10 @@ from radforge.errors import ConfigError
 
 WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
+_STATE = "state.json"
+_DS = "ds"
+_LOADER = "loader"
+_TOKENIZER = "tokenizer"
 
 
 @dataclass
@@ -81,50 +90,188 @@ class LoadedModel:
 
 
 # --------------------------------------------------------------------------------------------
+# training checkpoints
+
+
+@dataclass
+class RunState:
+    """Everything a training checkpoint holds besides DeepSpeed's own engine state.
+
+    `loader` is one rank's loader position (each rank saves and restores its own); the rest is the
+    same on every rank and written by rank 0. A checkpoint is only resumable with `world_size`
+    workers: ZeRO optimizer shards are laid out per rank."""
+
+    step: int  # optimizer steps completed
+    world_size: int
+    recipe: TrainRecipe
+    profile: Profile  # the shard set's preprocessing profile
+    findings: list[str]  # label names, in the loader's order
+    tokenizer: dict[str, bytes] | None = None  # the text tower's tokenizer files (None: no text)
+    loader: dict | None = None  # this rank's loader state_dict
+    tag: str = ""  # DeepSpeed checkpoint tag; derived from step when empty
+
+    def __post_init__(self):
+        self.tag = self.tag or f"step{self.step:08d}"
+
+    @property
+    def image(self) -> ImageKind:
+        return kinds.get(self.recipe.data.image)
+
+    def _json(self) -> dict:
+        r = self.recipe
+        # kind, image and zero_stage restate the recipe for people reading the file
+        return {"step": self.step, "tag": self.tag, "world_size": self.world_size, "recipe": config.to_dict(r),
+                "profile": self.profile.to_dict(), "findings": list(self.findings), "kind": r.model.kind,
+                "image": r.data.image, "zero_stage": r.deepspeed.zero_stage}
+
+
+def save(directory: str, state: RunState, engine, *, rank: int) -> None:
+    """Every rank, into its own local `directory` (Ray Train merges the ranks' directories into one
+    checkpoint): its DeepSpeed shard and loader position; rank 0 also state.json and the tokenizer."""
+    engine.save_checkpoint(os.path.join(directory, _DS), tag=state.tag)
+    _write(os.path.join(directory, _LOADER, f"rank-{rank:05d}.json"), json.dumps(state.loader).encode())
+    if rank == 0:
+        _write(os.path.join(directory, _STATE), json.dumps(state._json(), indent=1).encode())
+        for name, data in (state.tokenizer or {}).items():
+            _write(os.path.join(directory, _TOKENIZER, name), data)
+
+
+def load(url: str, *, rank: int = 0, world_size: int | None = None) -> RunState:
+    """The run state of the checkpoint at `url` (any URL), with `rank`'s loader position.
+    `world_size`: the resuming run's, refused when it differs from the checkpoint's."""
+    try:
+        raw = json.loads(storage.read_bytes(storage.join(url, _STATE)))
+    except FileNotFoundError:
+        raise ConfigError(f"{url} is not a radforge training checkpoint (no {_STATE})") from None
+    if world_size is not None and raw["world_size"] != world_size:
+        raise ConfigError(f"checkpoint was written by {raw['world_size']} workers, this run has {world_size}: "
+                          "resume with the same scale.num_workers, or export it and start a new run with model.init_from")
+    loader_url = storage.join(url, _LOADER, f"rank-{rank:05d}.json")
+    return RunState(step=int(raw["step"]), world_size=int(raw["world_size"]),
+                    recipe=config.from_dict(TrainRecipe, raw["recipe"]), profile=Profile.from_dict(raw["profile"]),
+                    findings=list(raw["findings"]), tokenizer=_read_tree(storage.join(url, _TOKENIZER)),
+                    loader=json.loads(storage.read_bytes(loader_url)) if storage.exists(loader_url) else None,
+                    tag=raw["tag"])
+
+
+def load_engine(directory: str, state: RunState, engine) -> None:
+    """Restore a DeepSpeed engine (weights, optimizer shard, scheduler) from a local checkpoint."""
+    path, _ = engine.load_checkpoint(os.path.join(directory, _DS), tag=state.tag)
+    if path is None:
+        raise RuntimeError("DeepSpeed could not load the checkpoint's engine state")
+
+
+def find(url: str) -> list[str]:
+    """The training checkpoints below `url` (e.g. a run's storage folder), sorted."""
+    if not storage.exists(url):
+        return []
+    return sorted(storage.parent(u) for u, _ in storage.find_files(url) if storage.basename(u) == _STATE)
+
+
+def saved_loader_ranks(url: str) -> list[int]:
+    """The ranks whose loader position the checkpoint at `url` holds."""
+    return sorted(int(storage.basename(u)[5:10]) for u, _ in storage.find_files(storage.join(url, _LOADER)))
+
+
+def tokenizer_files(model) -> dict[str, bytes] | None:
+    """A model's text-tower tokenizer (and, for a Hugging Face tower, its config) as files: what
+    `RunState.tokenizer` holds. None for models that do not embed text."""
+    if "embed_text" not in model.capabilities:
+        return None
+    with tempfile.TemporaryDirectory(prefix="radforge-tok-") as d:
+        model.save_tokenizer(d)
+        return _read_tree(d)
+
+
+def run_tokenizer(run_url: str) -> dict[str, bytes] | None:
+    """The tokenizer a run trained once and keeps beside its checkpoints (same vocabulary on every
+    resume); None when it has none yet."""
+    return _read_tree(storage.join(run_url, _TOKENIZER))
+
+
+def keep_run_tokenizer(run_url: str, files: dict[str, bytes]) -> None:
+    for name, data in files.items():
+        storage.write_bytes_atomic(storage.join(run_url, _TOKENIZER, name), data)
+
+
+def _write(path: str, data: bytes) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as f:
+        f.write(data)
+
+
+def _read_tree(url: str) -> dict[str, bytes] | None:
+    """{relative name: bytes} of every file below `url`; None when there is none."""
+    if not storage.exists(url):
+        return None
+    base = storage.absolute(url).rstrip("/")
+    files = {u[len(base):].lstrip("/"): storage.read_bytes(u) for u, _ in storage.find_files(url)}
+    return files or None
+
+
+# --------------------------------------------------------------------------------------------
 # export
 
 
 def export(checkpoint_url: str, out_url: str) -> str:
     """Consolidate a training checkpoint into a model directory at `out_url`; returns out_url."""
     import torch
-    from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory(prefix="radforge-export-") as tmp:
         local = _fetch(checkpoint_url, os.path.join(tmp, "ckpt"))
-        state_path = os.path.join(local, "state.json")
-        if not os.path.exists(state_path):
-            raise ConfigError(f"{checkpoint_url} is not a radforge training checkpoint (no state.json)")
-        with open(state_path) as f:
-            state = json.load(f)
-        weights = _consolidate(os.path.join(local, "ds"), state["tag"])
+        if not os.path.exists(os.path.join(local, _STATE)):
+            raise ConfigError(f"{checkpoint_url} is not a radforge training checkpoint (no {_STATE})")
+        state = load(local)
+        weights = _consolidate(os.path.join(local, _DS), state.tag)
         # safetensors refuses shared storage (tied weights); contiguous clones keep it simple
         weights = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in weights.items()}
-        for k in state.get("scalar_params", []):  # trained as shape [1] (see train._scalars_as_vectors)
-            if k in weights and weights[k].numel() == 1:
-                weights[k] = weights[k].reshape(())
-        recipe = config.from_dict(TrainRecipe, state["recipe"])
-        out_local = os.path.join(tmp, "model")
-        os.makedirs(out_local)
-        save_file(weights, os.path.join(out_local, WEIGHTS), metadata={"format": "pt"})
-        digest = storage.sha256_file(os.path.join(out_local, WEIGHTS))[:12]
-        meta = {
-            "kind": state["kind"],
-            "image": state["image"],
-            "model": config.to_dict(recipe.model),
-            "view": config.to_dict(recipe.view),
-            "profile": state["profile"],
-            "findings": state["findings"],
-            "prompts": {"positive": recipe.eval.positive_prompt, "negative": recipe.eval.negative_prompt},
-            "recipe": state["recipe"],
-            "step": state["step"],
-            "model_id": f"{recipe.name}-{digest}",
-        }
-        with open(os.path.join(out_local, MODEL_JSON), "w") as f:
-            json.dump(meta, f, indent=1)
-        if os.path.isdir(os.path.join(local, "tokenizer")):
-            shutil.copytree(os.path.join(local, "tokenizer"), os.path.join(out_local, "tokenizer"))
-        _publish(out_local, out_url)
+        r = state.recipe
+        digest = _write_model_dir(out_url, weights, state.tokenizer, tmp, {
+            "kind": r.model.kind,
+            "image": r.data.image,
+            "model": config.to_dict(r.model),
+            "view": config.to_dict(r.view),
+            "profile": state.profile.to_dict(),
+            "findings": state.findings,
+            "prompts": {"positive": r.eval.positive_prompt, "negative": r.eval.negative_prompt},
+            "recipe": config.to_dict(r),
+            "step": state.step,
+            "model_id": f"{r.name}-{{digest}}",
+        })
     return out_url
+
+
+def write_model(out_url: str, model, *, image: ImageKind | str, model_cfg: ModelConfig, view: ViewConfig,
+                profile: Profile, model_id: str, findings: list[str] = (), prompts: dict | None = None) -> str:
+    """A model directory (the export layout) from a live, untrained-or-not model: for benchmarks
+    and tests that need one without a training run. Returns out_url."""
+    image = kinds.get(image) if isinstance(image, str) else image
+    weights = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
+    with tempfile.TemporaryDirectory(prefix="radforge-model-") as tmp:
+        _write_model_dir(out_url, weights, tokenizer_files(model), tmp, {
+            "kind": model_cfg.kind, "image": image.name, "model": config.to_dict(model_cfg), "view": config.to_dict(view),
+            "profile": profile.to_dict(), "findings": list(findings), "prompts": dict(prompts or {}), "recipe": {},
+            "step": 0, "model_id": model_id})
+    return out_url
+
+
+def _write_model_dir(out_url: str, weights: dict, tokenizer: dict[str, bytes] | None, tmp: str, meta: dict) -> str:
+    """Weights + tokenizer staged in `tmp` and uploaded, then model.json last, so a reader never
+    sees weights without it. "{digest}" in meta["model_id"] becomes the weights' short sha256."""
+    from safetensors.torch import save_file
+
+    stage = os.path.join(tmp, "model")
+    os.makedirs(stage)
+    save_file(weights, os.path.join(stage, WEIGHTS), metadata={"format": "pt"})
+    digest = storage.sha256_file(os.path.join(stage, WEIGHTS))[:12]
+    for name, data in (tokenizer or {}).items():
+        _write(os.path.join(stage, _TOKENIZER, name), data)
+    storage.makedirs(out_url)
+    fs, path = storage.url_to_fs(out_url)
+    fs.put(stage + "/", path.rstrip("/") + "/", recursive=True)  # trailing slashes: copy the contents
+    meta = {**meta, "model_id": meta["model_id"].replace("{digest}", digest)}
+    storage.write_bytes_atomic(storage.join(out_url, MODEL_JSON), json.dumps(meta, indent=1).encode())
+    return digest
 
 
 def _consolidate(ds_dir: str, tag: str) -> dict:
@@ -166,29 +313,11 @@ def _fetch(url: str, local: str) -> str:
         if not os.path.isdir(path):
             raise ConfigError(f"no such checkpoint or model directory: {url}")
         return path
-    files = storage.find_files(url)
-    if not files:
+    fs, path = storage.url_to_fs(url)
+    if not fs.isdir(path):
         raise ConfigError(f"no such checkpoint or model directory: {url}")
-    base = url.rstrip("/")
-    for u, _ in files:
-        rel = u[len(base):].lstrip("/")
-        dest = os.path.join(local, rel)
-        os.makedirs(os.path.dirname(dest), exist_ok=True)
-        with storage.open_input(u) as src, open(dest, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
+    fs.get(path.rstrip("/") + "/", local.rstrip("/") + "/", recursive=True)  # trailing slashes: the contents
     return local
-
-
-def _publish(local_dir: str, out_url: str) -> None:
-    """Upload a finished model dir; model.json last, so a reader never sees weights without it."""
-    storage.makedirs(out_url)
-    names = []
-    for root, _, files in os.walk(local_dir):
-        names += [os.path.relpath(os.path.join(root, n), local_dir) for n in files]
-    for rel in sorted(names, key=lambda n: n == MODEL_JSON):
-        dest = storage.join(out_url, *rel.split(os.sep))
-        storage.makedirs(storage.parent(dest))
-        storage.put_file_atomic(os.path.join(local_dir, rel), dest)
 
 
 # --------------------------------------------------------------------------------------------
@@ -202,25 +331,34 @@ def read_weights(model_url: str) -> dict:
     return load_bytes(storage.read_bytes(storage.join(model_url, WEIGHTS)))
 
 
-def load_for_inference(model_url: str, device: str = "cpu") -> LoadedModel:
-    """Rebuild an exported model (no DeepSpeed): model.json → radforge.models.build → weights."""
-    from radforge import models
-
+def read_model_meta(model_url: str) -> dict:
+    """model.json of an exported model directory (any URL)."""
     try:
-        meta = json.loads(storage.read_bytes(storage.join(model_url, MODEL_JSON)))
+        return json.loads(storage.read_bytes(storage.join(model_url, MODEL_JSON)))
     except FileNotFoundError:
         raise ConfigError(f"{model_url} is not an exported radforge model (no {MODEL_JSON}); run `radforge export` first") from None
+
+
+def load_for_inference(model_url: str, device: str = "cpu") -> LoadedModel:
+    """Rebuild an exported model (no DeepSpeed): model.json → radforge.models.build → weights.
+    Reads nothing outside `model_url`: a Hugging Face text tower is rebuilt from tokenizer/."""
+    from radforge import models
+
+    meta = read_model_meta(model_url)
     model_cfg = config.from_dict(ModelConfig, meta["model"])
     view = config.from_dict(ViewConfig, meta["view"])
+    image = kinds.get(meta["image"])
     tokenizer = None
     with tempfile.TemporaryDirectory(prefix="radforge-model-") as tmp:
-        tok_url = storage.join(model_url, "tokenizer")
-        if meta["kind"] == "clip" and model_cfg.text.kind == "small" and storage.exists(tok_url):
-            from radforge.models import text
+        tok_url = storage.join(model_url, _TOKENIZER)
+        if storage.exists(tok_url):
+            local = _fetch(tok_url, os.path.join(tmp, _TOKENIZER))
+            if model_cfg.text.kind == "hf":
+                model_cfg = dataclasses.replace(model_cfg, text=dataclasses.replace(model_cfg.text, path=local))
+            else:
+                from radforge.models import text
 
-            local = _fetch(tok_url, os.path.join(tmp, "tokenizer"))
-            tokenizer = text.Tokenizer.load(local)
-        image = kinds.get(meta["image"])
+                tokenizer = text.Tokenizer.load(local)
         model = models.build(model_cfg, image, image.view(view).input_shape, tokenizer, pretrained=False)
     missing, unexpected = model.load_state_dict(read_weights(model_url), strict=False)
     # non-persistent buffers (position tables) are rebuilt from the shape; anything else is an error

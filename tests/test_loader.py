@@ -18,7 +18,7 @@ from radforge.transforms import Profile
 from radforge import shardspec, storage
 from radforge.config import DataConfig, IngestRecipe, ViewConfig
 from radforge.errors import ConfigError
-from radforge.loader import LoaderError, build_loader
+from radforge.loader import LoaderError, LoaderState, build_loader
 
 VIEW = ViewConfig(ct_size=(4, 8, 8), xray_size=16)
 
@@ -37,9 +37,10 @@ def _members(k: int, modality: str, report: bool) -> dict[str, bytes]:
     return shardspec.encode_sample(_key(k), arr, meta, f"report {k}" if report else None)
 
 
-def write_set(dest, sizes, *, split="train", modality=lambda k: "CT", report=lambda k: True, corrupt=()):
+def write_set(dest, sizes, *, split="train", modality=lambda k: "CT", report=lambda k: True, corrupt=(),
+              corrupt_member="npy"):
     """Shards of `sizes` samples (keys numbered 0.. across shards) + a manifest; `corrupt` keys get
-    an undecodable .npy member. Returns (dest, {shard path: [keys]})."""
+    an undecodable `corrupt_member` (.npy or .json). Returns (dest, {shard path: [keys]})."""
     os.makedirs(os.path.join(dest, split), exist_ok=True)
     recs, keys, k = [], {}, 0
     for si, n in enumerate(sizes):
@@ -50,8 +51,8 @@ def write_set(dest, sizes, *, split="train", modality=lambda k: "CT", report=lam
                 m = modality(k)
                 mods[m] = mods.get(m, 0) + 1
                 for suffix, data in _members(k, m, report(k)).items():
-                    if k in corrupt and suffix == "npy":
-                        data = b"\x93NUMPY garbage"
+                    if k in corrupt and suffix == corrupt_member:
+                        data = b"\x93NUMPY garbage" if suffix == "npy" else b"{not json"
                     info = tarfile.TarInfo(f"{_key(k)}.{suffix}")
                     info.size = len(data)
                     tf.addfile(info, io.BytesIO(data))
@@ -189,6 +190,28 @@ def test_resume_with_fewer_workers_repeats_nothing(tmp_path):
     assert len(later) == len(set(later)) >= 40 - 14 - 2 and not set(later) & set(consumed)
 
 
+def test_state_is_small_json_and_checkpoints_of_version_1_still_resume(tmp_path):
+    dest, _ = write_set(tmp_path / "s", [5, 4, 6, 5])
+    ref = _keys(itertools.islice(iter(_loader(dest, seed=1)), 8))
+    first = _loader(dest, seed=1)
+    _epoch(first, 3)
+    state = first.state()
+    assert (state.epoch, state.batches, state.samples) == (0, 3, 6)
+    assert LoaderState.from_json(json.loads(json.dumps(first.state_dict()))) == state
+    # The form checkpoints of STATE_VERSION 1 hold (written before LoaderState existed).
+    saved = {"version": 1, "split": "train", "seed": 1, "epoch": 0, "batches": 3, "samples": 6,
+             "layout": {"world_size": 1, "num_workers": 1, "batch_size": 2}, "segments": []}
+    assert first.state_dict() == saved
+    for resume in (saved, state):  # the JSON form or the object itself
+        assert _keys(_epoch(_loader(dest, seed=1, state=resume), 5)) == ref[6:]
+    with pytest.raises(ConfigError, match="version"):
+        _loader(dest, seed=1, state={**saved, "version": 2})
+    with pytest.raises(ConfigError, match="malformed"):
+        _loader(dest, seed=1, state={k: v for k, v in saved.items() if k != "layout"})
+    with pytest.raises(ConfigError, match="another split or seed"):
+        _loader(dest, seed=2, state=saved)
+
+
 def test_evaluation_pass_over_ranks_keeps_partial_batches(tmp_path):
     dest, keys = write_set(tmp_path / "s", [5, 4, 3])
     seen = []
@@ -216,10 +239,10 @@ def _flip_byte(path):
         f.write(bytes(data))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "sha_mismatch", "corrupt_npy"])
+@pytest.mark.parametrize("damage", ["truncated", "sha_mismatch", "corrupt_npy", "corrupt_json"])
 def test_bad_data_is_skipped_counted_and_batches_stay_equal(tmp_path, damage):
-    corrupt = {7, 8} if damage == "corrupt_npy" else ()
-    dest, keys = write_set(tmp_path / "s", [6, 6, 6, 6], corrupt=corrupt)
+    corrupt = {7, 8} if damage.startswith("corrupt") else ()
+    dest, keys = write_set(tmp_path / "s", [6, 6, 6, 6], corrupt=corrupt, corrupt_member=damage.removeprefix("corrupt_"))
     shard = os.path.join(dest, "train/train-000001.tar")
     if damage == "truncated":
         _truncate(shard)
@@ -235,9 +258,9 @@ def test_bad_data_is_skipped_counted_and_batches_stay_equal(tmp_path, damage):
         for k, v in loader.metrics().items():
             totals[k] = totals.get(k, 0) + v
     assert per_rank == [6, 6]
-    assert totals["skipped_samples"] >= (2 if damage == "corrupt_npy" else 1)
+    assert totals["skipped_samples"] >= (2 if corrupt else 1)
     assert totals["substituted"] == totals["skipped_samples"]
-    assert totals["bad_shards"] == (0 if damage == "corrupt_npy" else 1)
+    assert totals["bad_shards"] == (0 if corrupt else 1)
 
 
 def test_all_bad_is_an_error_not_a_hang(tmp_path):

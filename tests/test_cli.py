@@ -254,6 +254,12 @@ def test_inspect_png_montage(shard_set, tmp_path, capsys):
     assert cli.main(["inspect", str(dest), "--png", str(png), "--montage", "4"]) == 0
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "montage of 4 samples" in capsys.readouterr().out
+    # --split reaches the montage: val holds 2 samples, fewer than --montage asks for
+    assert cli.main(["inspect", str(dest), "--png", str(png), "--montage", "4", "--split", "val"]) == 0
+    assert "montage of 2 samples" in capsys.readouterr().out
+    from PIL import Image
+
+    assert Image.open(png).size[0] == 2 * 256  # the two val X-rays, one cell each, side by side
 
 
 def test_inspect_missing_manifest_exits_2_with_one_line(tmp_path, capsys):

@@ -311,6 +311,15 @@ def _ingest_in_process(corpus: str, recipe) -> dict:
         torch.set_num_threads(threads)
 
 
+def _block(title: str, rows: dict, row) -> list[str]:
+    """One titled block of a report: the title, then `row(key, value)` per entry, indented."""
+    return [title, *(f"  {row(k, v)}" for k, v in rows.items())]
+
+
+def _met(value: float, target) -> str:
+    return f"target ≥ {target}: {'met' if value >= target else 'NOT met'}"
+
+
 def format_result(r: dict) -> str:
     if r["benchmark"] == "serve":
         return format_serve(r)
@@ -322,24 +331,15 @@ def format_result(r: dict) -> str:
     c = r["corpus"]
     lines.append(f"corpus: {c['series']} CT series, {c['slices']} slices of {c['size']}², {c['transfer_syntax']}, {c['source_mb']} MB")
     lines.append("")
-    lines.append("slices/s")
-    for k, v in r["slices_per_s"].items():
-        lines.append(f"  {k:<22}{v:>10.1f}")
-    lines.append("ratios (target)")
-    for k, v in r["ratios"].items():
-        tgt = r["targets"].get(k)
-        mark = "" if tgt is None else (f"  (target ≥ {tgt}: {'met' if v >= tgt else 'NOT met'})")
-        lines.append(f"  {k:<28}{v:>8.3f}{mark}")
+    lines += _block("slices/s", r["slices_per_s"], lambda k, v: f"{k:<22}{v:>10.1f}")
+    lines += _block("ratios (target)", r["ratios"], lambda k, v: f"{k:<28}{v:>8.3f}" + (
+        "" if r["targets"].get(k) is None else f"  ({_met(v, r['targets'][k])})"))
     if "cpu_ms_per_slice" in r:
-        lines.append("CPU ms per slice (driver + all Ray processes; robust to other load)")
-        for k, v in r["cpu_ms_per_slice"].items():
-            lines.append(f"  {k:<22}{v:>10.3f}")
-    lines.append("peak memory, PSS (driver + its Ray workers)")
-    for k, v in r["peak_rss_mb"].items():
-        lines.append(f"  {k:<22}{v:>8} MB")
-    lines.append(f"stage seconds (best of {r.get('repeats', 1)} runs)")
-    for k, v in r["stages_s"].items():
-        lines.append(f"  {k:<22}" + "  ".join(f"{s} {x:.2f}" for s, x in v.items()))
+        lines += _block("CPU ms per slice (driver + all Ray processes; robust to other load)", r["cpu_ms_per_slice"],
+                        lambda k, v: f"{k:<22}{v:>10.3f}")
+    lines += _block("peak memory, PSS (driver + its Ray workers)", r["peak_rss_mb"], lambda k, v: f"{k:<22}{v:>8} MB")
+    lines += _block(f"stage seconds (best of {r.get('repeats', 1)} runs)", r["stages_s"],
+                    lambda k, v: f"{k:<22}" + "  ".join(f"{s} {x:.2f}" for s, x in v.items()))
     if "cold_start_s" in r:
         lines.append("cold start, untimed (worker imports + a tiny warm-up ingest): "
                      + "; ".join(f"{k} {v:.1f} s" for k, v in r["cold_start_s"].items()))
@@ -556,17 +556,12 @@ def format_stream(r: dict) -> str:
     lines = ["radforge bench stream", "=" * 24,
              f"corpus: {c['series']} CT series, {c['slices']} slices of {c['size']}², {c['transfer_syntax']}, {c['source_mb']} MB DICOM "
              f"→ {c['volumes']} volumes in {c['shards']} shard(s), {c['shard_mb']} MB; all read from S3 (moto, 127.0.0.1)", ""]
-    lines.append("volumes/s")
-    lines += [f"  {k:<26}{v:>10.2f}" for k, v in r["volumes_per_s"].items()]
-    lines.append("MB/s")
-    lines += [f"  {k:<26}{v:>10.1f}" for k, v in r["mb_per_s"].items()]
-    lines.append("ratios (target)")
-    for k, v in r["ratios"].items():
-        tgt = r["targets"].get(k)
-        lines.append(f"  {k:<34}{v:>8.3f}  (target ≥ {tgt}: {'met' if v >= tgt else 'NOT met'})")
+    lines += _block("volumes/s", r["volumes_per_s"], lambda k, v: f"{k:<26}{v:>10.2f}")
+    lines += _block("MB/s", r["mb_per_s"], lambda k, v: f"{k:<26}{v:>10.1f}")
+    lines += _block("ratios (target)", r["ratios"], lambda k, v: f"{k:<34}{v:>8.3f}  ({_met(v, r['targets'].get(k))})")
     cp = r["cpu_s_per_pass"]
-    lines.append("CPU seconds per pass (this process, all threads; independent of other load)")
-    lines += [f"  {k:<26}{v:>10.4f}" for k, v in cp.items()]
+    lines += _block("CPU seconds per pass (this process, all threads; independent of other load)", cp,
+                    lambda k, v: f"{k:<26}{v:>10.4f}")
     lines.append(f"  {'tar_read / loader (CPU)':<26}{cp['tar_read'] / max(cp['loader'], 1e-9):>10.3f}")
     lines.append(f"machine load (1-min average) before / after the timed passes: {r['load_avg_1min'][0]} / {r['load_avg_1min'][1]}")
     lo = r["loader"]
@@ -837,9 +832,7 @@ def format_serve(r: dict) -> str:
         for name, by_c in res["runs"].items():
             for c, v in by_c.items():
                 lines.append(f"  {name:<24}{c[1:]:>5}{v['rps']:>10.1f}{v['p50_ms']:>10.2f}{v['p99_ms']:>10.2f}")
-    lines += ["", "ratios (target)"]
-    for k, v in r["ratios"].items():
-        lines.append(f"  {k:<44}{v:>8.2f}  (target {r['targets'][k]})")
+    lines += ["", *_block("ratios (target)", r["ratios"], lambda k, v: f"{k:<44}{v:>8.2f}  (target {r['targets'][k]})")]
     return "\n".join(lines)
 
 
@@ -905,8 +898,6 @@ def format_train(r: dict) -> str:
     lines.append(f"  {'recipe':<16}{'workers':>8}{'ZeRO':>6}{'batch':>7}{'step s':>9}{'samples/s':>11}{'data-wait':>11}")
     for k, v in r["recipes"].items():
         lines.append(f"  {k:<16}{v['workers']:>8}{v['zero_stage']:>6}{v['global_batch']:>7}{v['step_time_s']:>9.3f}{v['samples_per_s']:>11.1f}{v['data_wait_frac']:>10.1%}")
-    lines.append("ratios (target)")
-    for k, v in r["ratios"].items():
-        lines.append(f"  {k:<40}{v:>8.3f}  ({r['targets'][k]})")
+    lines += _block("ratios (target)", r["ratios"], lambda k, v: f"{k:<40}{v:>8.3f}  ({r['targets'][k]})")
     lines.append(f"MFU: {r['mfu']}")
     return "\n".join(lines)

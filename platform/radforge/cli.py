@@ -46,12 +46,9 @@ def _inspect(a) -> int:
     if a.png:
         from radforge import viz
 
-        items = []
-        for raw in shardspec.iter_samples(dest, m, limit=a.montage, split=a.split):
-            arr, meta, _ = shardspec.decode_sample(_suffixes(raw))
-            items.append(({"__key__": raw["__key__"], **meta}, arr))
-        viz.save_png(viz.montage(items, title=f"radforge: {len(items)} samples"), a.png)
-        print(f"montage of {len(items)} samples written to {a.png}")
+        sheet, n = viz.shard_montage(dest, m, limit=a.montage, split=a.split)
+        viz.save_png(sheet, a.png)
+        print(f"montage of {n} samples written to {a.png}")
     return 0
 
 
@@ -155,21 +152,25 @@ def _build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_export)
 
     s = sub.add_parser("evaluate", help="zero-shot AUROC / retrieval (CLIP), reconstruction + linear probe (MAE)")
-    s.add_argument("model", metavar="MODEL", help="exported model directory URL")
-    s.add_argument("shards", metavar="SHARDS", help="shard set (directory URL holding manifest.json)")
-    s.add_argument("--split", default="test", help="split to evaluate (default: test)")
+    _model_and_shards(s, "evaluate")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an eval setting, e.g. bootstrap=200")
     s.add_argument("--json", action="store_true", help="print one JSON object")
     s.set_defaults(fn=_evaluate)
 
     s = sub.add_parser("index", help="embeddings of a split's samples → a retrieval index for the serve app (/v1/retrieve)")
-    s.add_argument("model", metavar="MODEL", help="exported model directory URL")
-    s.add_argument("shards", metavar="SHARDS", help="shard set (directory URL holding manifest.json)")
-    s.add_argument("out", metavar="OUT", help="where the index goes (embeddings.npy + index.json; any fsspec URL)")
-    s.add_argument("--split", default="test", help="split to index (default: test)")
+    _model_and_shards(s, "index", out="where the index goes (embeddings.npy + index.json; any fsspec URL)")
     s.add_argument("--no-progress", action="store_true", help="no progress bar")
     s.set_defaults(fn=_index)
     return p
+
+
+def _model_and_shards(s: argparse.ArgumentParser, verb: str, out: str | None = None) -> None:
+    """MODEL SHARDS [OUT] --split: what `evaluate` and `index` both take."""
+    s.add_argument("model", metavar="MODEL", help="exported model directory URL")
+    s.add_argument("shards", metavar="SHARDS", help="shard set (directory URL holding manifest.json)")
+    if out:
+        s.add_argument("out", metavar="OUT", help=out)
+    s.add_argument("--split", default="test", help=f"split to {verb} (default: test)")
 
 
 # The frozen CLI surface (tests compare against it): sub-command → its options.

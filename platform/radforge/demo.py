@@ -141,12 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     print(shardspec.format_summary(result.manifest, wall_s=result.wall_s, title="radforge ingest"))
     if not result.ok:
         return 1
-    items = []
-    for raw in shardspec.iter_samples(shards, result.manifest, limit=12):
-        arr, meta, _ = shardspec.decode_sample({k: v for k, v in raw.items() if not k.startswith("__")})
-        items.append(({"__key__": raw["__key__"], **meta}, arr))
     montage = os.path.join(out, "montage.png")
-    viz.save_png(viz.montage(items, title=f"radforge demo: {len(items)} samples"), montage)
+    viz.save_png(viz.shard_montage(shards, result.manifest, limit=12, title="radforge demo")[0], montage)
 
     _stage(3, n, "training a tiny 3D MAE on the CT volumes (2 workers, DeepSpeed ZeRO-2)")
     mae = train.run(_recipe(os.path.join(recipes, "tiny-mae-ct.yaml"), out, shards, steps), resume="never")

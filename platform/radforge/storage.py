@@ -644,14 +644,21 @@ def _check_readable_s3(url: str, path: str) -> None:
         )
 
 
-def check_readable(url: str) -> None:
-    """Raise ConfigError (one line) unless `url` exists and can be read. Fails in seconds."""
+def _resolve(url: str, doing: str) -> tuple[str, str, Any, str]:
+    """(absolute URL, protocol, filesystem, path); a URL no filesystem takes is a one-line
+    ConfigError "cannot <doing> <url>: …"."""
     url = absolute(url)
     proto = protocol(url)
     try:
         fs, path = url_to_fs(url)
     except (ImportError, ValueError) as exc:
-        raise ConfigError(f"cannot read {url}: {_unsupported(exc)}") from None
+        raise ConfigError(f"cannot {doing} {url}: {_unsupported(exc)}") from None
+    return url, proto, fs, path
+
+
+def check_readable(url: str) -> None:
+    """Raise ConfigError (one line) unless `url` exists and can be read. Fails in seconds."""
+    url, proto, fs, path = _resolve(url, "read")
     if proto in _S3:
         _check_readable_s3(url, path)
         return
@@ -708,12 +715,7 @@ def _check_writable_s3(url: str, path: str) -> None:
 
 def check_writable(url: str) -> None:
     """Create `url` as a directory if needed, write and delete a probe; ConfigError on failure."""
-    url = absolute(url)
-    proto = protocol(url)
-    try:
-        fs, path = url_to_fs(url)
-    except (ImportError, ValueError) as exc:
-        raise ConfigError(f"cannot write to {url}: {_unsupported(exc)}") from None
+    url, proto, fs, path = _resolve(url, "write to")
     if proto in _S3:
         _check_writable_s3(url, path)
         return

@@ -33,7 +33,7 @@ from typing import Any, BinaryIO, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["montage", "save_png", "CT_WINDOW"]
+__all__ = ["montage", "shard_montage", "save_png", "CT_WINDOW"]
 
 CT_WINDOW = (40.0, 400.0)  # soft tissue (level, width) in HU
 
@@ -262,6 +262,19 @@ def montage(items: Sequence[tuple[dict, np.ndarray]], *, tile: int = 256,
                           fill=colour, font=font)
             y += line_h
     return sheet
+
+
+def shard_montage(shards: str, manifest: dict, *, limit: int = 12, split: str | None = None,
+                  title: str = "radforge") -> tuple[Image.Image, int]:
+    """The contact sheet of a shard set's first `limit` samples (of `split`, or of all): the one
+    picture `radforge inspect --png` and the demo draw. Returns the sheet and its sample count."""
+    from radforge import shardspec
+
+    items = []
+    for raw in shardspec.iter_samples(shards, manifest, limit=limit, split=split):
+        arr, meta, _ = shardspec.decode_sample({k: v for k, v in raw.items() if not k.startswith("__")})
+        items.append(({"__key__": raw["__key__"], **meta}, arr))
+    return montage(items, title=f"{title}: {len(items)} samples"), len(items)
 
 
 def save_png(image: Union[Image.Image, np.ndarray],

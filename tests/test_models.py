@@ -318,6 +318,29 @@ def test_every_objective_answers_the_protocol(tokenizer):
         models.get("dino")
 
 
+def test_loaded_model_methods_are_the_protocols(tokenizer):
+    from radforge import checkpoint, kinds
+    from radforge.config import ViewConfig
+    from radforge.transforms import Profile
+
+    clip = _clip(tokenizer).eval()
+    prompts = {"positive": "{finding} is present.", "negative": "no {finding}."}
+    lm = checkpoint.LoadedModel(model=clip, kind="clip", image=kinds.XRAY, view=ViewConfig(), profile=Profile(),
+                                model_id="c", findings=["nodule"], prompts=prompts)
+    images = torch.randn(3, 1, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(lm.embed_images(images), clip.embed_image(images))
+        assert torch.equal(lm.embed_texts(REPORTS[:2]), clip.embed_text(REPORTS[:2]))
+        assert torch.allclose(lm.zero_shot(images, ["nodule", "effusion"]),
+                              clip.zero_shot(images, ["nodule", "effusion"], **prompts))
+    mae = models.build(ModelConfig(kind="mae", preset="tiny", patch_xray=8, decoder_width=32, decoder_depth=1),
+                       "xray", (1, 16, 16)).eval()
+    lm = checkpoint.LoadedModel(model=mae, kind="mae", image=kinds.XRAY, view=ViewConfig(), profile=Profile(),
+                                model_id="m", findings=[], prompts={})
+    with pytest.raises(models.Unsupported, match="cannot embed text"):
+        lm.embed_texts(["no nodule."])
+
+
 def _ddp_worker(rank: int, world: int, tok_dir: str, out_dir: str) -> None:
     import torch.distributed as dist
 

@@ -63,10 +63,6 @@ class CLIP(Objective):
         # which torch refuses for 0-dim tensors.
         self.logit_scale = nn.Parameter(torch.full((1,), math.log(1.0 / init_temperature)))
 
-    @property
-    def tokenizer(self):
-        return self.text.tokenizer
-
     def save_tokenizer(self, directory: str) -> None:
         """What export writes to `tokenizer/` (small: tokenizer.json; hf: tokenizer + config)."""
         self.text.save_tokenizer(directory)

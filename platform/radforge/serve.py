@@ -24,9 +24,9 @@ one comma-separated value; in a `serve deploy` config file they are YAML lists:
           target_ongoing_requests: 8
           max_models_per_replica: 4                       # multiplexing LRU per replica
 
-`build_app(args)` validates `args` with `ServeArgs` (every field documented there) and returns the
-bound application; nothing happens at import time, and replicas read the models' `model.json`
-when they start and load weights on first use (`@serve.multiplexed`, LRU per replica).
+`build_app(args)` validates `args` as a `config.ServeConfig` (every field documented there) and
+returns the bound application; nothing happens at import time, and replicas read the models'
+`model.json` when they start and load weights on first use (`@serve.multiplexed`, LRU per replica).
 
 One deployment, `RadforgeServer`, is the FastAPI ingress and the model runner at once: a second
 hop between an ingress and a model deployment costs a few ms per request (the p50 budget for all
@@ -83,52 +83,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from fastapi import FastAPI, Request
-from pydantic import BaseModel, Field, field_validator, model_validator
 from ray import serve
+
+from radforge import config
 
 log = logging.getLogger("radforge.serve")
 
-class ServeArgs(BaseModel):
-    """`build_app` arguments (the `args:` of a Serve config, or `key=value` on `serve run`)."""
 
-    model_config = {"extra": "forbid"}
-
-    model: list[str] = Field(..., description="exported model dirs (any fsspec URL); the first is the default")
-    index: list[str] = Field(default_factory=list, description="retrieval index dirs made by `radforge index`")
-    max_batch_size: int = Field(16, ge=1, le=1024, description="@serve.batch: images per model forward")
-    batch_wait_timeout_s: float = Field(0.01, ge=0, le=10, description="@serve.batch: wait for a fuller batch")
-    max_upload_mb: float = Field(256.0, gt=0, description="request body limit (and a zip's uncompressed total)")
-    max_files: int = Field(2000, ge=1, description="DICOM files per request (CT slices)")
-    max_models_per_replica: int = Field(4, ge=1, description="multiplexing: models kept loaded per replica (LRU)")
-    num_cpus: float = Field(1.0, ge=0, description="per replica")
-    num_gpus: float = Field(0.0, ge=0, description="per replica; > 0 runs the models on cuda")
-    num_replicas: int | None = Field(None, ge=1, description="fixed replica count (instead of autoscaling)")
-    min_replicas: int = Field(1, ge=0)
-    max_replicas: int = Field(1, ge=1, description="> min_replicas turns autoscaling on")
-    target_ongoing_requests: float = Field(8.0, gt=0, description="autoscaling target per replica")
-    max_ongoing_requests: int | None = Field(None, ge=1, description="default: max(32, 2 × max_batch_size)")
-
-    @field_validator("model", "index", mode="before")
-    @classmethod
-    def _split_commas(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            v = [v]
-        if isinstance(v, (list, tuple)):
-            return [p.strip() for item in v for p in str(item).split(",") if p.strip()]
-        return v
-
-    @model_validator(mode="after")
-    def _check(self) -> "ServeArgs":
-        if not self.model:
-            raise ValueError("model: at least one exported model dir is required")
-        if self.max_replicas < self.min_replicas:
-            raise ValueError("max_replicas must be >= min_replicas")
-        return self
-
-
-def build_app(args: dict | ServeArgs) -> serve.Application:
+def build_app(args: dict | config.ServeConfig) -> serve.Application:
     """The Serve application for `serve run radforge.serve:build_app model=URL` / a config file."""
-    a = args if isinstance(args, ServeArgs) else ServeArgs.model_validate(dict(args or {}))
+    a = args if isinstance(args, config.ServeConfig) else config.from_dict(config.ServeConfig, dict(args or {}))
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
         # Batches only fill when a replica may hold at least a batch of requests at once.
@@ -144,7 +108,7 @@ def build_app(args: dict | ServeArgs) -> serve.Application:
         }
     else:
         options["num_replicas"] = max(1, a.min_replicas)
-    return RadforgeServer.options(**options).bind(a.model_dump())
+    return RadforgeServer.options(**options).bind(a)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -407,10 +371,10 @@ _TEXT_BODY = {"required": True, "content": {"application/json": {"schema": {"typ
 @serve.deployment(name="RadforgeServer")
 @serve.ingress(app)
 class RadforgeServer:
-    def __init__(self, settings: dict):
+    def __init__(self, settings: config.ServeConfig):
         from radforge import checkpoint, index, models, storage
 
-        self.cfg = ServeArgs.model_validate(settings)
+        self.cfg = settings  # validated by build_app
         self._max_bytes = int(self.cfg.max_upload_mb * 1024 * 1024)
         # The catalog: model.json of every model (ids, image kind, profile, view) — small reads;
         # weights load on first use. A bad URL fails the replica start, which is what an

@@ -296,7 +296,7 @@ def _sections(cls) -> list[type]:
         c = todo.pop()
         if c not in out:
             out.append(c)
-            todo += [t for t in config._hints(c).values() if dataclasses.is_dataclass(t)]
+            todo += [t for t in typing.get_type_hints(c).values() if dataclasses.is_dataclass(t)]
     return out
 
 

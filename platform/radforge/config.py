@@ -16,7 +16,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import types
 import typing
 from dataclasses import dataclass, field
 from typing import Annotated, Any
@@ -571,14 +570,8 @@ def _dataclass_default(cls: type) -> Any:
 
 
 def _hints(cls: type) -> dict[str, Any]:
-    """Field name → type, with `X | None` read as X (None is then a value pydantic checks)."""
-    out = {}
-    for name, tp in typing.get_type_hints(cls).items():
-        if typing.get_origin(tp) in (typing.Union, types.UnionType):
-            inner = [a for a in typing.get_args(tp) if a is not type(None)]
-            tp = inner[0] if len(inner) == 1 else tp
-        out[name] = tp
-    return {f.name: out[f.name] for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
 
 
 def _one_line(e: BaseException) -> str:
@@ -630,16 +623,9 @@ def _validator(cls: type) -> pydantic_core.SchemaValidator:
 
 
 def _without_null_sections(cls: type, data: dict) -> dict:
-    hints = _hints(cls)
-    out = {}
-    for k, v in data.items():
-        tp = hints.get(k) if isinstance(k, str) else None
-        if dataclasses.is_dataclass(tp) and (v is None or isinstance(v, dict)):
-            if v is None:
-                continue
-            v = _without_null_sections(tp, v)
-        out[k] = v
-    return out
+    sections = {k: tp for k, tp in _hints(cls).items() if dataclasses.is_dataclass(tp)}
+    return {k: _without_null_sections(sections[k], v) if k in sections and isinstance(v, dict) else v
+            for k, v in data.items() if not (k in sections and v is None)}
 
 
 # pydantic error type → what the setting expects, for "key: expected X, got Y".

@@ -503,6 +503,55 @@ def _ct_common(ds: Dataset, study: Study, *, series_uid: str, frame_uid: str, se
     ds.BodyPartExamined, ds.PatientPosition = "CHEST", "HFS"
 
 
+def _slice_positions(n_slices: int, duplicate_at: int | None, gap_after: int | None) -> list[int]:
+    """Position index along the slicing axis of each written slice (the defects bend it)."""
+    pos = []
+    for k in range(n_slices):
+        p = k
+        if duplicate_at is not None and k > duplicate_at:
+            p -= 1
+        if gap_after is not None and k > gap_after:
+            p += 1
+        pos.append(p)
+    return pos
+
+
+def _ct_grid(orientation: str, n_pos: int, rows: int, cols: int, pixel_spacing: tuple[float, float],
+             slice_spacing: float, localizer: bool) -> tuple[int, tuple[int, int, int], tuple[float, float, float]]:
+    """(slicing axis, LPS grid shape zyx, spacing zyx) of a series' volume."""
+    axis = {"axial": 0, "coronal": 1, "sagittal": 2}[orientation]
+    inplane = {"axial": (1, 2), "coronal": (0, 2), "sagittal": (0, 1)}[orientation]
+    shape, spacing = [0, 0, 0], [0.0, 0.0, 0.0]
+    # a scout is a projection through the body, so give it depth to project through
+    shape[axis], spacing[axis] = (max(n_pos, 24) if localizer else n_pos), float(slice_spacing)
+    shape[inplane[0]], spacing[inplane[0]] = rows, float(pixel_spacing[0])
+    shape[inplane[1]], spacing[inplane[1]] = cols, float(pixel_spacing[1])
+    return axis, tuple(shape), tuple(spacing)
+
+
+def _ct_planes(vol: np.ndarray, pos: list[int], orientation: str, axis: int, localizer: bool,
+               origin: tuple[float, float, float], spacing: tuple[float, float, float],
+               shear: float) -> tuple[list[np.ndarray], list[tuple[float, float, float]]]:
+    """Each slice's HU plane (image rows first) and ImagePositionPatient, as ct_series writes them."""
+    (x0, y0, z0), (dz, dy, dx), nz = origin, spacing, vol.shape[0]
+    if localizer:  # projection radiograph-like scout, still stored as HU
+        proj = np.rint(vol.astype(np.float32).mean(axis=axis)).astype(np.int16)
+    planes, positions = [], []
+    for k, p in enumerate(pos):
+        if orientation == "axial":
+            img = proj if localizer else vol[p]
+            ipp = (x0, y0 + k * shear, z0 + p * dz)
+        elif orientation == "coronal":
+            img = (proj if localizer else vol[:, p, :])[::-1]
+            ipp = (x0, y0 + p * dy, z0 + (nz - 1) * dz)
+        else:
+            img = (proj if localizer else vol[:, :, p])[::-1]
+            ipp = (x0 + p * dx, y0, z0 + (nz - 1) * dz)
+        planes.append(img)
+        positions.append(ipp)
+    return planes, positions
+
+
 def ct_series(out_dir: str | os.PathLike, study: Study, *, n_slices: int = 24, rows: int = 64,
               cols: int = 64, pixel_spacing: tuple[float, float] = (0.8, 0.8),
               slice_spacing: float = 2.5, orientation: str = "axial", tilt_deg: float = 0.0,
@@ -545,27 +594,10 @@ def ct_series(out_dir: str | os.PathLike, study: Study, *, n_slices: int = 24, r
     series_uid, frame_uid = _uid(*key, "series"), _uid(*key, "frame")
     reason = _expected_ct_reason(localizer, n_slices, mixed_matrix_at, tilt_deg, duplicate_at, gap_after)
 
-    # position index along the slicing axis for each written slice (defects bend it)
-    pos = []
-    for k in range(n_slices):
-        p = k
-        if duplicate_at is not None and k > duplicate_at:
-            p -= 1
-        if gap_after is not None and k > gap_after:
-            p += 1
-        pos.append(p)
-    n_pos = max(pos) + 1
+    pos = _slice_positions(n_slices, duplicate_at, gap_after)
     dr, dc = pixel_spacing
-    axis = {"axial": 0, "coronal": 1, "sagittal": 2}[orientation]
-    shape = [0, 0, 0]
-    spacing = [0.0, 0.0, 0.0]
-    inplane = {"axial": (1, 2), "coronal": (0, 2), "sagittal": (0, 1)}[orientation]
-    # a scout is a projection through the body, so give it depth to project through
-    shape[axis], spacing[axis] = (max(n_pos, 24) if localizer else n_pos), float(slice_spacing)
-    shape[inplane[0]], spacing[inplane[0]] = rows, float(dr)
-    shape[inplane[1]], spacing[inplane[1]] = cols, float(dc)
-    nz, ny, nx = shape
-    dz, dy, dx = spacing
+    axis, (nz, ny, nx), (dz, dy, dx) = _ct_grid(orientation, max(pos) + 1, rows, cols, pixel_spacing,
+                                                slice_spacing, localizer)
     vol = chest_volume((nz, ny, nx), study, seed)
     x0 = round(-(nx - 1) * dx / 2, 2)
     y0 = round(-(ny - 1) * dy / 2 + float(rng.integers(-20, 21)), 2)
@@ -574,23 +606,9 @@ def ct_series(out_dir: str | os.PathLike, study: Study, *, n_slices: int = 24, r
     normal = np.cross(row_dir, col_dir)
     shear = math.tan(math.radians(tilt_deg)) * slice_spacing
 
-    if localizer:  # projection radiograph-like scout, still stored as HU
-        proj = np.rint(vol.astype(np.float32).mean(axis=axis)).astype(np.int16)
     description = f"{PHI_MARKER} {orientation} {'scout' if localizer else 'chest'} {study.patient.family}"
-    planes, positions, scales = [], [], []
-    for k, p in enumerate(pos):
-        if orientation == "axial":
-            img = proj if localizer else vol[p]
-            ipp = (x0, y0 + k * shear, z0 + p * dz)
-        elif orientation == "coronal":
-            img = (proj if localizer else vol[:, p, :])[::-1]
-            ipp = (x0, y0 + p * dy, z0 + (nz - 1) * dz)
-        else:
-            img = (proj if localizer else vol[:, :, p])[::-1]
-            ipp = (x0 + p * dx, y0, z0 + (nz - 1) * dz)
-        planes.append(img)
-        positions.append(ipp)
-        scales.append(_RESCALE_CYCLE[k % len(_RESCALE_CYCLE)] if per_slice_rescale else (slope0, intercept0))
+    planes, positions = _ct_planes(vol, pos, orientation, axis, localizer, (x0, y0, z0), (dz, dy, dx), shear)
+    scales = [_RESCALE_CYCLE[k % len(_RESCALE_CYCLE)] if per_slice_rescale else (slope0, intercept0) for k in range(n_slices)]
 
     stored = [((img.astype(np.int32) - int(b)) * _check_rescale(m, b)) for img, (m, b) in zip(planes, scales)]
     dtype, bits_stored, signed = _stored_dtype(min(int(s.min()) for s in stored), max(int(s.max()) for s in stored))
@@ -1111,6 +1129,41 @@ def build_corpus(root: str | os.PathLike, *, n_patients: int = 6, seed: int = 0,
     ct_studies = [make_study(p, 0, seed=seed) for p in patients]
     xr_studies = [make_study(p, 1, seed=seed) for p in patients]
     folders = [dicom / (f"{p.family}_{p.patient_id}" if p.index == 0 else f"pt{p.index:03d}") for p in patients]
+    series = _corpus_ct(folders, ct_studies, seed)
+    images: list[ImageInfo] = []
+    for j in range(max(len(_XRAY_RECIPES), n_patients)):
+        fname, kw = _XRAY_RECIPES[j] if j < len(_XRAY_RECIPES) else (f"dx_{j}.dcm", {})
+        if UID(kw.get("transfer_syntax", ExplicitVRLittleEndian)) not in encodable_transfer_syntaxes():
+            kw = {**kw, "transfer_syntax": ExplicitVRLittleEndian}
+        i = j % n_patients
+        images.append(xray(folders[i] / "xr" / fname, xr_studies[i], seed=seed * 1000 + j, **kw))
+
+    bad: dict[str, str] = {}
+    extra_patients, extra_studies, extra_uids = [], [], []
+    if include_bad:
+        bp = make_patient(n_patients, seed)
+        bs = make_study(bp, 0, seed=seed)
+        bad, extra_uids = _bad_files(dicom / "incoming" / "broken", bs, seed)
+        extra_patients, extra_studies = [bp], [bs]
+
+    package = _copy_package_files(dicom / "incoming" / "external") if include_package_files else {}
+    studies = [s for s in ct_studies + xr_studies
+               if any(x.study is s for x in series) or any(x.study is s for x in images)]
+    reports_csv, labels_csv = write_tables(root, studies)
+    outcome, expected = _corpus_expected(series, images, bad, package)
+    return Corpus(
+        root=str(root), dicom_dir=str(dicom), reports_csv=reports_csv, labels_csv=labels_csv,
+        patients=patients, studies=studies, series=series, images=images, bad=bad, package=package,
+        outcome=outcome, expected=expected,
+        secrets=secrets(patients + extra_patients, studies + extra_studies, series, images, extra_uids),
+        package_secrets=_package_secrets(package),
+    )
+
+
+def _corpus_ct(folders: list[Path], ct_studies: list[Study], seed: int) -> list[SeriesInfo]:
+    """build_corpus's CT series: the recipes dealt round-robin over the patients' folders, then
+    one enhanced multi-frame CT."""
+    n_patients = len(folders)
     series: list[SeriesInfo] = []
     recipes = _ct_recipes()
     pinned: dict[str, int] = {}  # recipes sharing a folder (mixed, s1 + scout) share a patient
@@ -1132,39 +1185,29 @@ def build_corpus(root: str | os.PathLike, *, n_patients: int = 6, seed: int = 0,
         series.append(info)
     i = len(recipes) % n_patients
     series.append(enhanced_ct(folders[i] / "ct" / "enhanced" / "MF000001", ct_studies[i], seed=seed))
-    images: list[ImageInfo] = []
-    for j in range(max(len(_XRAY_RECIPES), n_patients)):
-        fname, kw = _XRAY_RECIPES[j] if j < len(_XRAY_RECIPES) else (f"dx_{j}.dcm", {})
-        if UID(kw.get("transfer_syntax", ExplicitVRLittleEndian)) not in encodable_transfer_syntaxes():
-            kw = {**kw, "transfer_syntax": ExplicitVRLittleEndian}
-        i = j % n_patients
-        images.append(xray(folders[i] / "xr" / fname, xr_studies[i], seed=seed * 1000 + j, **kw))
+    return series
 
-    bad: dict[str, str] = {}
-    extra_patients, extra_studies, extra_uids = [], [], []
-    if include_bad:
-        bp = make_patient(n_patients, seed)
-        bs = make_study(bp, 0, seed=seed)
-        bad, extra_uids = _bad_files(dicom / "incoming" / "broken", bs, seed)
-        extra_patients, extra_studies = [bp], [bs]
 
+def _copy_package_files(dest_dir: Path) -> dict[str, str | None]:
+    """The installed packages' real DICOM files that the corpus uses, copied into `dest_dir`:
+    copied path → expected ingest reason (None: ingested)."""
     package: dict[str, str | None] = {}
-    if include_package_files:
-        n = 0
-        for group, entries in _PACKAGE_FILES.items():
-            for pkg, rel, reason in entries:
-                src = _package_path(pkg, rel) if rel in _CORPUS_PACKAGE else None
-                if src:
-                    dest = dicom / "incoming" / "external" / f"ext_{n:03d}"
-                    dest.parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copyfile(src, dest)
-                    package[str(dest)] = reason
-                    n += 1
+    n = 0
+    for entries in _PACKAGE_FILES.values():
+        for pkg, rel, reason in entries:
+            src = _package_path(pkg, rel) if rel in _CORPUS_PACKAGE else None
+            if src:
+                dest = dest_dir / f"ext_{n:03d}"
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(src, dest)
+                package[str(dest)] = reason
+                n += 1
+    return package
 
-    studies = [s for s in ct_studies + xr_studies
-               if any(x.study is s for x in series) or any(x.study is s for x in images)]
-    reports_csv, labels_csv = write_tables(root, studies)
 
+def _corpus_expected(series: list[SeriesInfo], images: list[ImageInfo], bad: dict[str, str | None],
+                     package: dict[str, str | None]) -> tuple[dict[str, str | None], dict]:
+    """(file → expected reason, the accounting an ingest of the corpus must report)."""
     outcome: dict[str, str | None] = {}
     for s in series:
         outcome.update({p: s.expected_reason for p in s.paths})
@@ -1185,13 +1228,7 @@ def build_corpus(root: str | os.PathLike, *, n_patients: int = 6, seed: int = 0,
         "rejected_series": dict(sorted(Counter(r for r in series_level if r not in SKIP_REASONS).items())),
         "skipped_series": dict(sorted(Counter(r for r in series_level if r in SKIP_REASONS).items())),
     }
-    return Corpus(
-        root=str(root), dicom_dir=str(dicom), reports_csv=reports_csv, labels_csv=labels_csv,
-        patients=patients, studies=studies, series=series, images=images, bad=bad, package=package,
-        outcome=outcome, expected=expected,
-        secrets=secrets(patients + extra_patients, studies + extra_studies, series, images, extra_uids),
-        package_secrets=_package_secrets(package),
-    )
+    return outcome, expected
 
 
 def ct_slices_corpus(root: str | os.PathLike, *, n_series: int, n_slices: int, rows: int = 512,

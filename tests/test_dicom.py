@@ -7,6 +7,7 @@ is computed here from pydicom's own reading of the file, never from radforge.dic
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import io
 import json
@@ -36,7 +37,7 @@ from pydicom.uid import (
     RLELossless,
 )
 
-from radforge import config, deid, dicom, phantoms, transforms
+from radforge import config, deid, dicom, kinds, phantoms, transforms
 from radforge.config import IngestRecipe
 
 ENCODABLE = phantoms.encodable_transfer_syntaxes()
@@ -68,30 +69,30 @@ def ctx(*overrides: str) -> dicom.PlanContext:
     return dicom.PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(b"k"))
 
 
-def plan(rows: list[dict], *overrides: str) -> list[dict]:
+def plan(rows: list[dict], *overrides: str) -> list[dicom.PlanItem]:
     items = dicom.plan_group(rows, ctx(*overrides))
     assert_accounting(rows, items)
     return items
 
 
-def planned(rows: list[dict], *overrides: str) -> dict:
+def planned(rows: list[dict], *overrides: str) -> dicom.PlanItem:
     items = plan(rows, *overrides)
-    assert [i["status"] for i in items] == ["planned"], [(i["status"], i["reason"]) for i in items]
+    assert [i.status for i in items] == ["planned"], [(i.status, i.reason) for i in items]
     return items[0]
 
 
-def assert_accounting(rows: list[dict], items: list[dict]) -> None:
+def assert_accounting(rows: list[dict], items: list[dicom.PlanItem]) -> None:
     """seen = used + skipped + rejected by construction: each input path in exactly one item."""
-    counts = Counter(p for it in items for p in it.get("all_paths", it["paths"]))
+    counts = Counter(p for it in items for p in it.all_paths)
     assert counts == Counter(r["path"] for r in rows)
     for it in items:
-        assert it["status"] in ("planned", "rejected", "skipped")
-        if it["status"] == "planned":
-            assert it["reason"] is None and set(it["paths"]) <= set(it["all_paths"])
+        assert it.status in ("planned", "rejected", "skipped")
+        if it.status == "planned":
+            assert it.reason is None and set(it.paths) <= set(it.all_paths)
         else:
-            assert it["reason"] in KNOWN and it["paths"] == it["all_paths"]
-            if it["status"] == "skipped":
-                assert it["reason"] in dicom.SKIP_REASONS
+            assert it.reason in KNOWN and it.paths == it.all_paths
+            if it.status == "skipped":
+                assert it.reason in dicom.SKIP_REASONS
 
 
 def by_group(rows: list[dict]) -> dict[str, list[dict]]:
@@ -150,18 +151,18 @@ def ipp_of(rows: list[dict]) -> dict[tuple[str, int], list[float]]:
     return out
 
 
-def assert_affine_maps_slices(item: dict, affine: np.ndarray, rows: list[dict]) -> None:
+def assert_affine_maps_slices(item: dicom.PlanItem, affine: np.ndarray, rows: list[dict]) -> None:
     """Voxel (i, j, k) -> LPS: (0, 0, k) is slice k's IPP; i and j step along the IOP cosines
     by the column and row spacing."""
     ipp = ipp_of(rows)
-    for k, key in enumerate(zip(item["paths"], item["frames"])):
+    for k, key in enumerate(zip(item.paths, item.frames)):
         np.testing.assert_allclose(affine @ [0, 0, k, 1], [*ipp[key], 1], atol=1e-4)
     r0 = rows[0]
     iop, (dr, dc) = np.array(r0["iop"]), r0["pixel_spacing"]
     np.testing.assert_allclose(affine[:3, 0], iop[:3] * dc, atol=1e-6)
     np.testing.assert_allclose(affine[:3, 1], iop[3:] * dr, atol=1e-6)
     i, j, k = 3, 5, 1
-    p = np.array(ipp[(item["paths"][k], item["frames"][k])]) + i * dc * iop[:3] + j * dr * iop[3:]
+    p = np.array(ipp[(item.paths[k], item.frames[k])]) + i * dc * iop[:3] + j * dr * iop[3:]
     np.testing.assert_allclose((affine @ [i, j, k, 1])[:3], p, atol=1e-4)
 
 
@@ -240,7 +241,7 @@ def test_scan_package_files(group, modality, status):
             assert r["modality"] == modality
         else:  # MR, US, SR: scanned fine, refused later by plan_group
             assert r["modality"] in ("MR", "US", "SR")
-            assert [i["reason"] for i in plan([r])] == ["unsupported_modality"]
+            assert [i.reason for i in plan([r])] == ["unsupported_modality"]
     if group == "enhanced_ct":
         r = scan_file(paths[0])
         assert r["n_frames"] == 2 and len(r["positions"]) == 2 and r["iop"] == [-1, 0, 0, 0, 1, 0]
@@ -348,8 +349,8 @@ def test_bad_files_get_their_reasons(work):
     for path, reason in bad.items():
         r = scan_file(path)
         items = plan([r])
-        assert len(items) == 1 and items[0]["status"] == "rejected"
-        assert items[0]["reason"] == reason, (path, items[0]["reason"])
+        assert len(items) == 1 and items[0].status == "rejected"
+        assert items[0].reason == reason, (path, items[0].reason)
         if reason == "unsupported_modality":
             assert r["status"] == "ok"  # a valid MR/US/SR file; refused by modality, not by scan
         else:
@@ -393,9 +394,9 @@ def test_scan_row_contents(work, study):
     assert (r["rows"], r["cols"], r["n_frames"]) == (32, 40, 1)
     assert r["pixel_spacing"] == [0.7, 0.9] and r["iop"] == [1, 0, 0, 0, 1, 0] and len(r["positions"]) == 1
     assert r["transfer_syntax"] == ExplicitVRLittleEndian and "AXIAL" in r["image_type"]
-    safe = json.loads(r["safe"])
+    safe = r["safe"]
     assert safe["Manufacturer"] == "Radforge Phantom Systems" and safe["KVP"] == 120.0
-    assert safe["PhotometricInterpretation"] == "MONOCHROME2" and MARKER not in r["safe"]
+    assert safe["PhotometricInterpretation"] == "MONOCHROME2" and MARKER not in json.dumps(safe)
     # Identifying values are kept (privately) for report redaction.
     assert study.patient.patient_id in r["phi_terms"] and study.accession in r["phi_terms"]
     assert r["patient_id"] == study.patient.patient_id and r["accession"] == study.accession
@@ -415,15 +416,15 @@ def test_malformed_values_cost_the_attribute_not_the_file(work, study):
     data = read(info.paths[0])
     r = scan_bytes(edit(data, KVP=("DS", b"ZZPHI "), SliceThickness=("DS", b"2.5\\x ")))
     assert r["status"] == "ok"
-    safe = json.loads(r["safe"])
+    safe = r["safe"]
     # Text in a numeric field is free text: never passed on as a "safe" attribute.
-    assert "KVP" not in safe and "SliceThickness" not in safe and MARKER not in r["safe"]
+    assert "KVP" not in safe and "SliceThickness" not in safe and MARKER not in json.dumps(safe)
     # Geometry that does not parse is missing, which planning reports as such.
     for bad in ({"PixelSpacing": ("DS", b"a\\b ")}, {"ImagePositionPatient": ("DS", b"1\\2\\nan ")},
                 {"ImageOrientationPatient": ("DS", b"1\\0\\0\\0\\1 ")}):
         r = scan_bytes(edit(data, **bad))
         assert r["status"] == "ok"
-        assert [i["reason"] for i in plan([r])] == ["missing_geometry"]
+        assert [i.reason for i in plan([r])] == ["missing_geometry"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -435,20 +436,19 @@ def test_plan_orders_by_position_not_name_or_instance_number(work, study):
     rows = [scan_file(p) for p in info.paths]
     item = planned(rows)
     z = {r["path"]: r["positions"][0][2] for r in rows}
-    assert [z[p] for p in item["paths"]] == sorted(z.values())
+    assert [z[p] for p in item.paths] == sorted(z.values())
     # File names and InstanceNumber disagree with position, so neither can have been used.
     inst = {p: int(pydicom.dcmread(p, stop_before_pixels=True).InstanceNumber) for p in info.paths}
-    assert [inst[p] for p in item["paths"]] != sorted(inst.values())
-    assert item["paths"] != sorted(item["paths"])
+    assert [inst[p] for p in item.paths] != sorted(inst.values())
+    assert item.paths != sorted(item.paths)
     # Input order does not matter.
-    assert planned(rows[::-1])["paths"] == item["paths"]
-    assert item["frames"] == [-1] * 12 and item["all_paths"] == [r["path"] for r in rows]
-    info_d = json.loads(item["info"])
-    assert info_d["source_shape"] == [12, 32, 32]
-    assert info_d["source_spacing_mm"] == pytest.approx([2.5, 0.8, 0.8])
-    assert item["key"] == deid.Pseudonymizer(b"k")("series", info.series_uid)
-    assert item["kind"] == "ct" and item["split"] in ("train", "val", "test") and item["est_bytes"] > 0
-    assert_affine_maps_slices(item, np.array(info_d["source_affine"]), rows)
+    assert planned(rows[::-1]).paths == item.paths
+    assert item.frames == [-1] * 12 and item.all_paths == [r["path"] for r in rows]
+    assert item.source_shape == [12, 32, 32]
+    assert item.source_spacing_mm == pytest.approx([2.5, 0.8, 0.8])
+    assert item.key == deid.Pseudonymizer(b"k")("series", info.series_uid)
+    assert item.kind is kinds.CT and item.split in ("train", "val", "test") and item.est_bytes > 0
+    assert_affine_maps_slices(item, np.array(item.source_affine), rows)
 
 
 def test_two_series_in_one_folder_are_grouped_apart(work, study):
@@ -462,7 +462,7 @@ def test_two_series_in_one_folder_are_grouped_apart(work, study):
     want = {"ct:" + a.series_uid: set(a.paths), "ct:" + b.series_uid: set(b.paths)}
     assert {k: {r["path"] for r in g} for k, g in groups.items()} == want
     for key, g in groups.items():
-        assert set(planned(g)["paths"]) == want[key]
+        assert set(planned(g).paths) == want[key]
 
 
 DEFECTS = [
@@ -482,15 +482,15 @@ def test_series_defects(work, study, name, kw, status, reason):
     rows = [scan_file(p) for p in info.paths]
     assert all(r["status"] == "ok" for r in rows)
     items = plan(rows)
-    assert {(i["status"], i["reason"]) for i in items} == {(status, reason)}
+    assert {(i.status, i.reason) for i in items} == {(status, reason)}
 
 
 def test_duplicate_positions_dropped_when_the_recipe_says_so(work, study):
     info = phantoms.ct_series(work / "dup_drop", study, n_slices=12, rows=32, cols=32, duplicate_at=4, seed=5)
     rows = [scan_file(p) for p in info.paths]
     item = planned(rows, "ct.duplicate_positions=drop")
-    assert len(item["paths"]) == 11 and len(set(item["paths"])) == 11
-    assert sorted(item["all_paths"]) == sorted(info.paths)  # the dropped copy is still "used"
+    assert len(item.paths) == 11 and len(set(item.paths)) == 11
+    assert sorted(item.all_paths) == sorted(info.paths)  # the dropped copy is still "used"
     vol, affine = dicom.load_ct(item, read)
     # The phantom's volume has one slice per distinct position; the duplicate is a pixel copy.
     truth = phantoms.chest_volume((11, 32, 32), study, 5).astype(np.float32)
@@ -504,7 +504,7 @@ def test_localizer_in_the_same_group_is_skipped_and_the_series_still_planned(wor
                                orientation="coronal", name_prefix="scout")
     rows = [scan_file(p) for p in series.paths + scout.paths]
     items = plan(rows)
-    assert sorted((i["status"], i["reason"]) for i in items) == [("planned", None), ("skipped", "localizer")]
+    assert sorted((i.status, i.reason) for i in items) == [("planned", None), ("skipped", "localizer")]
 
 
 def _good_rows(work, study, name="good", **kw):
@@ -523,7 +523,7 @@ def test_geometry_defects_from_edited_rows(work, study):
     def variant(fn):
         rs = [dict(r) for r in _sorted_by_z(rows)]
         fn(rs)
-        return {(i["status"], i["reason"]) for i in plan(rs)}
+        return {(i.status, i.reason) for i in plan(rs)}
 
     def shift(dz=0.0, dx=0.0, k=5):
         def f(rs):
@@ -541,12 +541,12 @@ def test_geometry_defects_from_edited_rows(work, study):
     assert variant(lambda rs: [r.update(iop=[1, 0, 0, 1, 0, 0]) for r in rs]) == {("rejected", "missing_geometry")}
     assert variant(lambda rs: rs[2].update(iop=[1, 0, 0, 0, 0, -1])) == {("rejected", "mixed_geometry")}
     assert variant(lambda rs: rs[2].update(pixel_spacing=[0.9, 0.9])) == {("rejected", "mixed_geometry")}
-    rgb = json.dumps({**json.loads(rows[0]["safe"]), "PhotometricInterpretation": "RGB"})
+    rgb = {**rows[0]["safe"], "PhotometricInterpretation": "RGB"}
     assert variant(lambda rs: rs[0].update(safe=rgb)) == {("rejected", "unsupported_photometric")}
-    assert {i["reason"] for i in plan(rows, "ct.max_voxels=1000")} == {"too_large"}
+    assert {i.reason for i in plan(rows, "ct.max_voxels=1000")} == {"too_large"}
     # The minimum counts slices, inclusive.
-    assert planned(rows, "ct.min_slices=10")["status"] == "planned"
-    assert {i["reason"] for i in plan(rows, "ct.min_slices=11")} == {"too_few_slices"}
+    assert planned(rows, "ct.min_slices=10").status == "planned"
+    assert {i.reason for i in plan(rows, "ct.min_slices=11")} == {"too_few_slices"}
 
 
 def test_multi_frame_positions_must_match_frame_count(work, study):
@@ -556,7 +556,7 @@ def test_multi_frame_positions_must_match_frame_count(work, study):
     # NumberOfFrames 4 but six per-frame positions: planning frames 4 and 5 would index past
     # what the decoder returns.
     for n in (4, 1, 7):
-        assert [i["reason"] for i in plan([dict(r, n_frames=n)], "ct.min_slices=2")] == ["missing_geometry"]
+        assert [i.reason for i in plan([dict(r, n_frames=n)], "ct.min_slices=2")] == ["missing_geometry"]
 
 
 def test_plan_rejects_and_skips_per_file(work, study):
@@ -565,47 +565,45 @@ def test_plan_rejects_and_skips_per_file(work, study):
     xr = scan_file(im.path)
     # X-ray only: every CT file skipped on its own; CT only: the radiograph skipped.
     items = plan(ct_rows + [xr], "modalities=[CR,DX]")
-    assert Counter((i["status"], i["reason"]) for i in items) == {("skipped", "modality_not_selected"): 10, ("planned", None): 1}
+    assert Counter((i.status, i.reason) for i in items) == {("skipped", "modality_not_selected"): 10, ("planned", None): 1}
     items = plan(ct_rows + [xr], "modalities=[CT]")
-    assert Counter((i["status"], i["reason"]) for i in items) == {("skipped", "modality_not_selected"): 1, ("planned", None): 1}
+    assert Counter((i.status, i.reason) for i in items) == {("skipped", "modality_not_selected"): 1, ("planned", None): 1}
     # Both in one call: planned apart, never stacked together.
     items = plan(ct_rows + [xr])
-    assert sorted(i["kind"] for i in items) == ["ct", "xray"]
+    assert sorted(i.kind.name for i in items) == ["ct", "xray"]
     # A rejected scan row passes through with its own reason.
     bad = scan_bytes(b"\0" * 128 + b"DICM", "mem/bad.dcm")
-    assert [(i["status"], i["reason"], i["paths"]) for i in plan([bad])] == [("rejected", "unreadable_header", ["mem/bad.dcm"])]
+    assert [(i.status, i.reason, i.paths) for i in plan([bad])] == [("rejected", "unreadable_header", ["mem/bad.dcm"])]
 
 
 def test_secondary_capture_labelled_ct_is_unsupported_sop_class():
     p = need(deid_data_file("humans/ctbrain1.dcm"))
     r = scan_file(p)
     assert (r["status"], r["modality"], r["sop_class_uid"]) == ("ok", "CT", "1.2.840.10008.5.1.4.1.1.7")
-    assert [i["reason"] for i in plan([r])] == ["unsupported_sop_class"]
+    assert [i.reason for i in plan([r])] == ["unsupported_sop_class"]
 
 
 @pytest.mark.parametrize("group", ["unsupported"])
 def test_real_unsupported_modalities(group):
     for p in PKG[group] or pytest.skip("no files"):
-        assert [i["reason"] for i in plan([scan_file(p)])] == ["unsupported_modality"]
+        assert [i.reason for i in plan([scan_file(p)])] == ["unsupported_modality"]
 
 
 def test_xray_plan(work, study):
     im = phantoms.xray(work / "xp" / "cr.dcm", study, modality="CR", rows=40, cols=32, pixel_spacing=(0.15, 0.15))
     r = scan_file(im.path)
     item = planned([r])
-    info = json.loads(item["info"])
-    assert item["kind"] == "xray" and item["paths"] == item["all_paths"] == [im.path] and item["frames"] == [-1]
-    assert info["source_shape"] == [40, 32] and info["source_spacing_mm"] == [0.15, 0.15]
-    assert item["key"] == deid.Pseudonymizer(b"k")("image", im.sop_uid)
-    assert MARKER not in json.dumps(info["safe"])
-    assert [i["reason"] for i in plan([dict(r, n_frames=2)])] == ["unsupported_sop_class"]
-    rgb = json.dumps({**json.loads(r["safe"]), "PhotometricInterpretation": "RGB"})
-    assert [i["reason"] for i in plan([dict(r, safe=rgb)])] == ["unsupported_photometric"]
-    assert [i["reason"] for i in plan([dict(r, sop_class_uid=dicom.CT_STORAGE)])] == ["unsupported_sop_class"]
+    assert item.kind is kinds.XRAY and item.paths == item.all_paths == [im.path] and item.frames == [-1]
+    assert item.source_shape == [40, 32] and item.source_spacing_mm == [0.15, 0.15]
+    assert item.key == deid.Pseudonymizer(b"k")("image", im.sop_uid)
+    assert MARKER not in json.dumps(item.safe)
+    assert [i.reason for i in plan([dict(r, n_frames=2)])] == ["unsupported_sop_class"]
+    rgb = {**r["safe"], "PhotometricInterpretation": "RGB"}
+    assert [i.reason for i in plan([dict(r, safe=rgb)])] == ["unsupported_photometric"]
+    assert [i.reason for i in plan([dict(r, sop_class_uid=dicom.CT_STORAGE)])] == ["unsupported_sop_class"]
     # CR without any pixel spacing (RG3) still plans, without a spacing.
     for p in PKG["cr"]:
-        info = json.loads(planned([scan_file(p)])["info"])
-        assert "source_spacing_mm" not in info
+        assert planned([scan_file(p)]).source_spacing_mm is None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,7 +646,7 @@ def test_load_enhanced_ct_with_shuffled_frames(work, study, ts):
     e = phantoms.enhanced_ct(work / f"ect_{ts}.dcm", study, n_frames=10, rows=32, cols=32, transfer_syntax=ts)
     rows = [scan_file(e.paths[0])]
     item = planned(rows)
-    assert sorted(item["frames"]) == list(range(10)) and item["frames"] != list(range(10))
+    assert sorted(item.frames) == list(range(10)) and item.frames != list(range(10))
     vol, affine = dicom.load_ct(item, read)
     hu_truth_matches(vol, affine, e)
     assert_affine_maps_slices(item, affine, rows)
@@ -657,13 +655,13 @@ def test_load_enhanced_ct_with_shuffled_frames(work, study, ts):
 def test_load_real_enhanced_ct_two_frames():
     p = need(get_testdata_file("eCT_Supplemental.dcm", download=False))
     rows = [scan_file(p)]
-    assert [i["reason"] for i in plan(rows)] == ["too_few_slices"]  # default minimum is 8
+    assert [i.reason for i in plan(rows)] == ["too_few_slices"]  # default minimum is 8
     item = planned(rows, "ct.min_slices=2")
     vol, affine = dicom.load_ct(item, read)
     ds = pydicom.dcmread(p)
     px = ds.pixel_array
     assert vol.shape == (2, *px.shape[1:])
-    for k, f in enumerate(item["frames"]):
+    for k, f in enumerate(item.frames):
         # Rescale from the functional groups (per frame, else shared), as PS3.3 C.7.6.16 says.
         groups = [ds.PerFrameFunctionalGroupsSequence[f], ds.SharedFunctionalGroupsSequence[0]]
         pvt = next(g.PixelValueTransformationSequence[0] for g in groups if "PixelValueTransformationSequence" in g)
@@ -680,7 +678,7 @@ def test_load_ct_input_failures_are_rejects(work, study):
     info = phantoms.ct_series(work / "lfail", study, n_slices=10, rows=32, cols=32)
     rows = [scan_file(p) for p in info.paths]
     item = planned(rows)
-    target = item["paths"][3]
+    target = item.paths[3]
     good = read(target)
 
     def load_with(data: bytes | None = None, **item_changes):
@@ -688,7 +686,7 @@ def test_load_ct_input_failures_are_rejects(work, study):
         if data is not None:
             files[target] = data
         with pytest.raises(dicom.Reject) as e:
-            dicom.load_ct({**item, **item_changes}, files.__getitem__)
+            dicom.load_ct(dataclasses.replace(item, **item_changes), files.__getitem__)
         assert str(e.value) == e.value.reason  # the message is the code, nothing else
         return e.value.reason
 
@@ -699,7 +697,7 @@ def test_load_ct_input_failures_are_rejects(work, study):
     assert load_with(edit(good, RescaleIntercept=("DS", b"inf "))) == "decode_error"
     small = read(phantoms.ct_series(work / "lfail16", study, n_slices=4, rows=16, cols=16).paths[0])
     assert load_with(small) == "mixed_geometry"
-    assert load_with(frames=[0] + item["frames"][1:]) == "decode_error"  # a frame the file lacks
+    assert load_with(frames=[0] + item.frames[1:]) == "decode_error"  # a frame the file lacks
 
 
 def test_load_ct_truncated_compressed_slice(work, study):
@@ -709,9 +707,9 @@ def test_load_ct_truncated_compressed_slice(work, study):
         info = phantoms.ct_series(work / f"lcut_{ts}", study, n_slices=10, rows=32, cols=32, transfer_syntax=ts)
         item = planned([scan_file(p) for p in info.paths])
         files = {p: read(p) for p in info.paths}
-        data = files[item["paths"][0]]
+        data = files[item.paths[0]]
         for cut in (len(data) - 9, (pixel_data_offset(data) + len(data)) // 2):
-            files[item["paths"][0]] = data[:cut]
+            files[item.paths[0]] = data[:cut]
             with pytest.raises(dicom.Reject) as e:
                 dicom.load_ct(item, files.__getitem__)
             assert e.value.reason in ("truncated", "decode_error")
@@ -762,8 +760,12 @@ def expected_xray(im: phantoms.ImageInfo, voi: str) -> np.ndarray:
     return 1 - f if im.photometric == "MONOCHROME1" else f
 
 
+def file_item(path: str) -> dicom.PlanItem:
+    return dicom.PlanItem(status="planned", reason=None, paths=[path], all_paths=[path], kind=kinds.XRAY)
+
+
 def load_x(path: str, voi: str = "window") -> np.ndarray:
-    return dicom.load_xray({"paths": [path]}, read, voi)
+    return dicom.load_xray(file_item(path), read, voi)
 
 
 @pytest.mark.parametrize("voi", ["window", "none"])
@@ -896,7 +898,7 @@ def test_load_xray_input_failures_are_rejects(work, xrays):
     for bad, reason in [(data[:-500], "truncated"), (b"junk" * 100, "unreadable_header"),
                         (edit(data, RescaleSlope=("DS", b"ZZPHI ")), "decode_error")]:
         with pytest.raises(dicom.Reject) as e:
-            dicom.load_xray({"paths": ["x"]}, lambda _p, b=bad: b, "window")
+            dicom.load_xray(file_item("x"), lambda _p, b=bad: b, "window")
         assert e.value.reason == reason and str(e.value) == reason
     with pytest.raises(ValueError):  # a programming error, not an input problem
         load_x(im.path, "auto")
@@ -964,12 +966,12 @@ def run_pipeline(files: dict[str, bytes], overrides, voi: str) -> None:
         rows.append(r)
     for group in by_group(rows).values():
         for item in plan(group, *overrides):
-            if item["status"] != "planned":
+            if item.status != "planned":
                 continue
             try:
-                if item["kind"] == "ct":
+                if item.kind is kinds.CT:
                     vol, affine = dicom.load_ct(item, files.__getitem__)
-                    assert vol.dtype == np.float32 and list(vol.shape) == json.loads(item["info"])["source_shape"]
+                    assert vol.dtype == np.float32 and list(vol.shape) == item.source_shape
                     assert np.isfinite(vol).all() and np.isfinite(affine).all()
                 else:
                     img = dicom.load_xray(item, files.__getitem__, voi)
@@ -996,9 +998,9 @@ def test_fuzz_seeds_are_valid(fuzz_seeds):
         assert all(r["status"] == "ok" for r in rows)
         for it in plan(rows, *overrides):
             if len(files) == 1 and kind == "ct" and rows[0]["n_frames"] == 1:
-                assert it["reason"] == "too_few_slices"
+                assert it.reason == "too_few_slices"
                 continue
-            assert it["status"] == "planned"
+            assert it.status == "planned"
             if kind == "ct":
                 dicom.load_ct(it, files.__getitem__)
             else:
@@ -1033,15 +1035,15 @@ def test_no_header_value_reaches_messages_warnings_or_logs(work, study, caplog):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         rows = [scan_bytes(b, p) for p, b in files.items()]
-        texts += [r["reason"] or "" for r in rows] + [r["safe"] or "" for r in rows]
+        texts += [r["reason"] or "" for r in rows] + [json.dumps(r["safe"]) for r in rows]
         for group in by_group(rows).values():
             for item in plan(group):
-                reasons.append(item["reason"])
-                texts += [item["reason"] or "", json.dumps(json.loads(item["info"]).get("safe", {}))]
-                if item["status"] != "planned":
+                reasons.append(item.reason)
+                texts += [item.reason or "", json.dumps(item.safe)]
+                if item.status != "planned":
                     continue
                 try:
-                    if item["kind"] == "ct":
+                    if item.kind is kinds.CT:
                         dicom.load_ct(item, files.__getitem__)
                     else:
                         dicom.load_xray(item, files.__getitem__, "window")

@@ -184,7 +184,11 @@ def test_manifest_shards_are_complete_and_readable_by_stock_tools(run1, ray_clus
 
 
 def test_rerun_of_a_finished_ingest_is_a_noop(run1, corpus):
+    from ray.data import DataContext
+
     before = {p: p.stat().st_mtime_ns for p in Path(run1.dest).rglob("*") if p.is_file()}
+    ctx = DataContext.get_current()
+    settings = (ctx.shuffle_strategy, ctx.op_resource_reservation_enabled, ctx.enable_progress_bars)
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("RADFORGE_DEID_SECRET", SECRET)
         recipe = config.load(IngestRecipe, None, [NATIVE_SPACING, "shards.target_mb=0.05"])
@@ -192,6 +196,9 @@ def test_rerun_of_a_finished_ingest_is_a_noop(run1, corpus):
     assert again.noop
     after = {p: p.stat().st_mtime_ns for p in Path(run1.dest).rglob("*") if p.is_file()}
     assert before == after
+    # The run's Ray Data settings were its own: the caller's context is back, unchanged.
+    assert DataContext.get_current() is ctx
+    assert (ctx.shuffle_strategy, ctx.op_resource_reservation_enabled, ctx.enable_progress_bars) == settings
 
 
 def test_a_different_plan_into_the_same_dest_is_refused(run1, corpus):

@@ -1,14 +1,21 @@
 """DICOM bytes → index rows → validated series plans → HU volumes and X-ray images.
 
-Three stages, each a plain function so Ray Data can call them and tests can call them directly:
+Stages, each a plain function so Ray Data can call them and tests can call them directly:
 
-1. `scan(path, size, fileobj)`: header-only read of one file → one index row (never raises;
-   a file that cannot be used gets `status="rejected"` and a reason code).
-2. `plan_group(rows, ...)`: all index rows of one SeriesInstanceUID (or one X-ray) → work items,
+1. `scan(path, size, fileobj)`: header-only read of one file → one index row, a dict with the
+   fields of INDEX_SCHEMA (never raises; a file that cannot be used gets `status="rejected"` and a
+   reason code).
+2. `plan_group(rows, ctx)`: all index rows of one SeriesInstanceUID (or one X-ray) → `PlanItem`s,
    validated from the headers alone (geometry, ordering, gaps, tilt) so a bad series costs no
    pixel decoding.
 3. `load_ct(item, read)` / `load_xray(item, read, voi)`: decode the planned files (pydicom's pixel
    handlers + pylibjpeg plugins for every transfer syntax) into HU / presentation values.
+4. `canonical(item, read, profile)`: a planned item → the stored array, per a `transforms.Profile`
+   (what ingest writes and serving, through `canonical_from_files`, feeds the model).
+
+What each image kind (`radforge.kinds`) means here (SOP classes, grouping, planner, canonical
+path) is one table, `_RULES`, at the end of the module. Arrow and JSON are not spoken here: the
+Ray Data edge (`radforge.ingest`) converts rows and items to columns.
 
 Slices are ordered by ImagePositionPatient projected on the slice normal (the cross product of
 the ImageOrientationPatient direction cosines), never by file name or InstanceNumber: both are
@@ -23,14 +30,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import io
-import json
 import logging
 import math
 import struct
 import threading
 import warnings
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -39,7 +45,8 @@ import pydicom
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from radforge import deid, kinds
-from radforge.transforms import spacing_zyx
+from radforge.config import CTConfig, IngestRecipe
+from radforge.transforms import Profile, spacing_zyx
 
 # Never let pydicom warn about invalid element values: its warnings quote the value, and a
 # malformed PatientName or date would then reach logs. Values are validated where they are used.
@@ -78,7 +85,6 @@ def _quiet():
         _QUIET.on = prev
 
 
-XRAY_MODALITIES = kinds.XRAY.modalities
 CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
 ENHANCED_CT_STORAGE = "1.2.840.10008.5.1.4.1.1.2.1"
 XRAY_STORAGE = (
@@ -139,7 +145,8 @@ INDEX_SCHEMA = pa.schema(
         ("pixel_spacing", pa.list_(pa.float64())),
         ("iop", pa.list_(pa.float64())),
         ("positions", pa.list_(pa.list_(pa.float64()))),  # one per frame
-        ("safe", pa.string()),  # JSON of allow-listed attributes (deid.SAFE_ATTRIBUTES)
+        ("safe", pa.string()),  # allow-listed attributes (deid.SAFE_ATTRIBUTES): a dict in a
+        # scanned row, JSON in the Arrow index (ingest converts at its edge)
         ("phi_terms", pa.list_(pa.string())),  # identifying values, for report redaction only
     ]
 )
@@ -163,15 +170,18 @@ def scan(path: str, size: int, fileobj) -> dict:
         except _PASS_THROUGH:
             raise
         except BaseException:  # noqa: BLE001 — last resort for "never raises" (see _PASS_THROUGH)
-            row = {name: None for name in INDEX_SCHEMA.names}
-            row.update(path=path, size=int(size), status="rejected", reason="unreadable_header",
-                       group_key="bad:" + path)
-            return row
+            return rejected_row(path, size, "unreadable_header")
+
+
+def rejected_row(path: str, size: int, reason: str | None) -> dict:
+    """The index row of a file that cannot be used (every other field None)."""
+    row = dict.fromkeys(INDEX_SCHEMA.names)
+    row.update(path=path, size=int(size), status="rejected", reason=reason, group_key="bad:" + path)
+    return row
 
 
 def _scan(path: str, size: int, fileobj) -> dict:
-    row = {name: None for name in INDEX_SCHEMA.names}
-    row.update(path=path, size=int(size), status="rejected", group_key="bad:" + path)
+    row = rejected_row(path, size, None)
     if size == 0:
         row["reason"] = "not_dicom"
         return row
@@ -198,8 +208,7 @@ def _scan(path: str, size: int, fileobj) -> dict:
     try:
         if reader.truncated:
             raise Reject("truncated")
-        image_sop = row["sop_class_uid"] in (CT_STORAGE, ENHANCED_CT_STORAGE, *XRAY_STORAGE)
-        if row["modality"] in ("CT", *XRAY_MODALITIES) or image_sop:
+        if row["modality"] in kinds.MODALITIES or row["sop_class_uid"] in _IMAGE_SOP_CLASSES:
             # A cut exactly between two elements reads cleanly but leaves the file at EOF
             # where Pixel Data should start; other modalities are rejected anyway, unread.
             _check_pixel_data_extent(reader, ds, size)
@@ -303,6 +312,9 @@ def _meta_names_transfer_syntax(f) -> bool:
         return False
 
 
+_SCANNED_SAFE = (*deid.SAFE_ATTRIBUTES, *deid.AGE_SEX_ATTRIBUTES)  # what the index keeps for metadata
+
+
 def _fill_row(row: dict, ds: pydicom.Dataset) -> None:
     # Each attribute is read on its own: one malformed value (a DS of "abc", a US of odd length)
     # must cost that attribute, not the file. Geometry that fails to parse becomes None, which
@@ -326,7 +338,7 @@ def _fill_row(row: dict, ds: pydicom.Dataset) -> None:
     ps, iop, positions = _geometry(ds, row["n_frames"])
     row["pixel_spacing"], row["iop"], row["positions"] = ps, iop, positions
     safe = {}
-    for attr in list(deid.SAFE_ATTRIBUTES) + list(deid.AGE_SEX_ATTRIBUTES):
+    for attr in _SCANNED_SAFE:
         v = _plain(_get(ds, attr))
         # pydicom (validation off) hands back the raw text of a DS/IS that is not a number; such
         # text in a numeric field is free text of unknown content and must not pass as "safe".
@@ -336,7 +348,7 @@ def _fill_row(row: dict, ds: pydicom.Dataset) -> None:
         k = _plain(_functional(ds, 0, "CTReconstructionSequence", "ConvolutionKernel"))
         if k is not None:
             safe["ConvolutionKernel"] = k
-    row["safe"] = json.dumps(safe, sort_keys=True)
+    row["safe"] = safe
     terms = []
     for attr in deid.IDENTIFYING_ATTRIBUTES:
         terms += [str(v) for v in _as_list(_get(ds, attr)) if v]
@@ -454,11 +466,9 @@ def _check_pixel_data_extent(fileobj, ds, size: int) -> None:
 
 
 def _group_key(row: dict) -> str:
-    if row["modality"] == "CT" and row["series_uid"]:
-        return "ct:" + row["series_uid"]
-    if row["modality"] in XRAY_MODALITIES and row["sop_uid"]:
-        return "xr:" + row["sop_uid"]
-    return "file:" + row["path"]
+    rules = _RULES.get(kinds.of_modality(row["modality"] or ""))
+    uid = row[rules.group_field] if rules else None
+    return f"{rules.group_prefix}:{uid}" if uid else "file:" + row["path"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -470,73 +480,139 @@ def _group_key(row: dict) -> str:
 class PlanContext:
     """What planning needs beyond the rows: recipe, pseudonymizer, table lookups."""
 
-    recipe: object  # IngestRecipe (typed loosely to keep this module free of cycles)
+    recipe: IngestRecipe
     pseudo: deid.Pseudonymizer
 
 
-def plan_group(rows: list[dict], ctx: PlanContext) -> list[dict]:
-    """Index rows of one group → item rows: samples to build, and per-file rejects/skips.
+@dataclass
+class PlanItem:
+    """One work item of the plan: a sample to build (`status == "planned"`) or the disposition of
+    input files that will not become one (`"rejected"` / `"skipped"`, with a reason code).
 
-    Every input row ends up in exactly one output row's `all_paths` (a disposition's `all_paths`
+    The fields below `frames` are set on planned items only. `accession`, `study_uid` and
+    `phi_terms` are private (table join keys, report redaction terms): used while building,
+    never written to DEST.
+    """
+
+    status: str  # "planned" | "rejected" | "skipped"
+    reason: str | None  # a code from REJECT_REASONS / SKIP_REASONS; None when planned
+    paths: list[str]  # slices in planned order (CT) / the file (X-ray) / the disposed files
+    all_paths: list[str]  # every input file the item accounts for (a CT's dropped duplicates too)
+    kind: kinds.ImageKind | None = None
+    key: str | None = None  # sample key: series pseudonym (CT), image pseudonym (X-ray)
+    split: str | None = None
+    est_bytes: int = 0  # estimated stored size, for shard counts
+    frames: list[int] = field(default_factory=list)  # per path: frame index, -1 = single-frame file
+    modality: str | None = None
+    patient: str | None = None  # pseudonyms
+    study: str | None = None
+    series: str | None = None
+    safe: dict = field(default_factory=dict)  # allow-listed header values (deid.SAFE_ATTRIBUTES)
+    transfer_syntax: str | None = None
+    source_shape: list[int] | None = None  # [slices, rows, cols] (CT) / [rows, cols] (X-ray)
+    source_spacing_mm: list[float] | None = None  # same axes; None: an X-ray without spacing
+    source_affine: list[list[float]] | None = None  # CT: (i, j, k, 1) -> LPS mm, planned order
+    n_files: int = 0
+    accession: str = ""
+    study_uid: str = ""
+    phi_terms: list[str] = field(default_factory=list)
+
+    def join_key(self, attribute: str) -> str:
+        """This item's value of a table join attribute (`config.TableConfig.join_on`)."""
+        return {"AccessionNumber": self.accession, "StudyInstanceUID": self.study_uid}[attribute]
+
+
+def plan_group(rows: list[dict], ctx: PlanContext) -> list[PlanItem]:
+    """Index rows of one group → plan items: samples to build, and per-file rejects/skips.
+
+    Every input row ends up in exactly one item's `all_paths` (a disposition's `all_paths`
     equals its `paths`), which is what makes the manifest's accounting
     (seen = used + skipped + rejected) hold by construction. A group normally holds one CT
-    series or one radiograph (see `_group_key`); CT and X-ray rows that arrive together anyway
-    are planned apart, never stacked into one volume.
+    series or one radiograph (see `_group_key`); rows of different kinds that arrive together
+    anyway are planned apart, never stacked into one volume.
     """
-    out: list[dict] = []
-    ct: list[dict] = []
-    xr: list[dict] = []
+    out: list[PlanItem] = []
+    by_kind: dict[kinds.ImageKind, list[dict]] = {}
     for r in rows:
-        if r["status"] != "ok":
-            out.append(_disposition([r], "rejected", r["reason"]))
-        elif r["modality"] not in ("CT", *XRAY_MODALITIES):
-            out.append(_disposition([r], "rejected", "unsupported_modality"))
-        elif r["modality"] not in ctx.recipe.modalities:
-            out.append(_disposition([r], "skipped", "modality_not_selected"))
-        elif r["modality"] == "CT" and r["sop_class_uid"] not in (CT_STORAGE, ENHANCED_CT_STORAGE):
-            out.append(_disposition([r], "rejected", "unsupported_sop_class"))
-        elif r["modality"] in XRAY_MODALITIES and r["sop_class_uid"] not in XRAY_STORAGE:
-            out.append(_disposition([r], "rejected", "unsupported_sop_class"))
-        elif "LOCALIZER" in (r["image_type"] or "").upper():
-            out.append(_disposition([r], "skipped", "localizer"))
+        kind = kinds.of_modality(r["modality"] or "") if r["status"] == "ok" else None
+        why = _file_disposition(r, kind, ctx)
+        if why is not None:
+            out.append(_disposition([r], *why))
         else:
-            (ct if r["modality"] == "CT" else xr).append(r)
-    if ct:
-        try:
-            out.append(_plan_ct(ct, ctx))
-        except Reject as rej:
-            out.append(_disposition(ct, "rejected", rej.reason))
-    for r in xr:
-        try:
-            out.append(_plan_xray(r, ctx))
-        except Reject as rej:
-            out.append(_disposition([r], "rejected", rej.reason))
+            by_kind.setdefault(kind, []).append(r)
+    for kind in kinds.KINDS.values():
+        krows = by_kind.get(kind, [])
+        rules = _RULES[kind]
+        # A CT series is one sample of all its rows; each radiograph is a sample of its own.
+        for sample_rows in ([r] for r in krows) if rules.per_file else ([krows] if krows else []):
+            try:
+                out.append(rules.plan(sample_rows, ctx))
+            except Reject as rej:
+                out.append(_disposition(sample_rows, "rejected", rej.reason))
     return out
 
 
-def _disposition(rows: list[dict], status: str, reason: str) -> dict:
+def _file_disposition(r: dict, kind: kinds.ImageKind | None, ctx: PlanContext) -> tuple[str, str] | None:
+    """(status, reason) for a file that is not used, from its own row alone; None to plan it."""
+    if r["status"] != "ok":
+        return "rejected", r["reason"]
+    if kind is None:
+        return "rejected", "unsupported_modality"
+    if r["modality"] not in ctx.recipe.modalities:
+        return "skipped", "modality_not_selected"
+    if r["sop_class_uid"] not in _RULES[kind].sop_classes:
+        return "rejected", "unsupported_sop_class"
+    if "LOCALIZER" in (r["image_type"] or "").upper():
+        return "skipped", "localizer"
+    return None
+
+
+def _disposition(rows: list[dict], status: str, reason: str) -> PlanItem:
     paths = [r["path"] for r in rows]
-    return {
-        "kind": "none",
-        "status": status,
-        "reason": reason,
-        "key": None,
-        "split": None,
-        "est_bytes": 0,
-        "paths": paths,
-        "all_paths": list(paths),
-        "frames": [],
-        "info": "{}",
-    }
+    return PlanItem(status=status, reason=reason, paths=paths, all_paths=list(paths))
 
 
-def _photometric(r: dict) -> str | None:
-    return json.loads(r["safe"] or "{}").get("PhotometricInterpretation")
+def _monochrome(r: dict) -> bool:
+    # HU and presentation values come from a single sample per pixel.
+    return r["safe"].get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2")
 
 
-def _plan_ct(rows: list[dict], ctx: PlanContext) -> dict:
+def _plan_ct(rows: list[dict], ctx: PlanContext) -> PlanItem:
+    """The rows of one CT series → a planned volume: slices ordered along the slice normal,
+    validated (gaps, tilt, spacing, stacking) and its source affine computed."""
     cfg = ctx.recipe.ct
     first = rows[0]
+    _check_ct_rows(rows)
+    iop0 = np.array(first["iop"])
+    ps0 = np.array(first["pixel_spacing"])
+    col_dir, row_dir, normal = _slice_axes(iop0)
+    slices, z = _ordered_slices(rows, normal, cfg)
+    step, travel = _check_stacking(slices, z, normal, float(ps0.min()), cfg)
+    n = len(slices)
+    if n * first["rows"] * first["cols"] > cfg.max_voxels:
+        raise Reject("too_large")
+    src_spacing = [step, float(ps0[0]), float(ps0[1])]  # z, y (row spacing), x (column spacing)
+    src_shape = [n, int(first["rows"]), int(first["cols"])]
+    out_shape = [max(1, round(src_shape[i] * src_spacing[i] / cfg.spacing_mm[i])) for i in range(3)]
+    # Affine (i, j, k, 1) -> LPS mm: columns step along the first IOP cosine by the column spacing.
+    affine = np.eye(4)
+    affine[:3, 0] = col_dir * ps0[1]
+    affine[:3, 1] = row_dir * ps0[0]
+    affine[:3, 2] = travel / (n - 1) if n > 1 else normal * step
+    affine[:3, 3] = slices[0][1]
+    item = _sample_item(kinds.CT, first, rows, ctx)
+    item.paths = [s[2] for s in slices]
+    item.frames = [s[3] for s in slices]
+    # Files dropped as duplicates still count as used inputs of this series.
+    item.all_paths = [r["path"] for r in rows]
+    item.est_bytes = int(np.prod(out_shape)) * 2
+    item.source_shape, item.source_spacing_mm = src_shape, src_spacing
+    item.source_affine = affine.tolist()
+    return item
+
+
+def _check_ct_rows(rows: list[dict]) -> None:
+    """Every row has complete, monochrome geometry, and all rows share matrix, IOP and spacing."""
     for r in rows:
         if r["iop"] is None or r["pixel_spacing"] is None or not r["positions"] or not r["rows"] or not r["cols"]:
             raise Reject("missing_geometry")
@@ -545,23 +621,27 @@ def _plan_ct(rows: list[dict], ctx: PlanContext) -> dict:
         if len(r["positions"]) != (r["n_frames"] or 1):
             raise Reject("missing_geometry")
     for r in rows:
-        # HU come from a single sample per pixel; colour "CT" cannot be rescaled to HU.
-        if _photometric(r) not in ("MONOCHROME1", "MONOCHROME2"):
+        if not _monochrome(r):  # colour "CT" cannot be rescaled to HU
             raise Reject("unsupported_photometric")
-    iop0 = np.array(first["iop"])
-    ps0 = np.array(first["pixel_spacing"])
+    first = rows[0]
     for r in rows[1:]:
         if (
             r["rows"] != first["rows"]
             or r["cols"] != first["cols"]
-            or not np.allclose(r["iop"], iop0, atol=1e-3)
-            or not np.allclose(r["pixel_spacing"], ps0, rtol=1e-3)
+            or not np.allclose(r["iop"], first["iop"], atol=1e-3)
+            or not np.allclose(r["pixel_spacing"], first["pixel_spacing"], rtol=1e-3)
         ):
             raise Reject("mixed_geometry")
-    # IOP's first triplet is the direction in which the column index i grows (along a row), the
-    # second the direction of the row index j. Both must be unit and orthogonal, else the
-    # affine below would scale or shear the volume.
-    col_dir, row_dir = iop0[:3], iop0[3:]
+
+
+def _slice_axes(iop: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(column direction, row direction, slice normal), unit vectors, from one IOP.
+
+    IOP's first triplet is the direction in which the column index i grows (along a row), the
+    second the direction of the row index j. Both must be unit and orthogonal, else the affine
+    would scale or shear the volume.
+    """
+    col_dir, row_dir = iop[:3], iop[3:]
     if (
         abs(np.linalg.norm(col_dir) - 1) > 1e-2
         or abs(np.linalg.norm(row_dir) - 1) > 1e-2
@@ -570,8 +650,12 @@ def _plan_ct(rows: list[dict], ctx: PlanContext) -> dict:
         raise Reject("missing_geometry")
     col_dir, row_dir = col_dir / np.linalg.norm(col_dir), row_dir / np.linalg.norm(row_dir)
     normal = np.cross(col_dir, row_dir)
-    normal = normal / np.linalg.norm(normal)
-    # One entry per frame: (projection on normal, position, path, frame index)
+    return col_dir, row_dir, normal / np.linalg.norm(normal)
+
+
+def _ordered_slices(rows: list[dict], normal: np.ndarray, cfg) -> tuple[list[tuple], np.ndarray]:
+    """Every frame as (projection on the normal, position, path, frame index), sorted along the
+    normal, duplicates rejected or dropped per `cfg.duplicate_positions`; and the projections."""
     slices = []
     for r in rows:
         for f, p in enumerate(r["positions"]):
@@ -589,108 +673,80 @@ def _plan_ct(rows: list[dict], ctx: PlanContext) -> dict:
             z = z[keep]
     if len(slices) < cfg.min_slices:
         raise Reject("too_few_slices")
+    return slices, z
+
+
+def _check_stacking(slices: list[tuple], z: np.ndarray, normal: np.ndarray, min_pixel: float, cfg):
+    """(median slice step, first → last slice vector) of ordered slices that form one regular
+    stack: no gantry tilt, uniform steps, every slice on the line from the first to the last."""
     steps = np.diff(z)
     step = float(np.median(steps))
     if step <= 0:
         raise Reject("duplicate_position")
     # Gantry tilt: consecutive positions step off the slice normal.
     pos = np.array([s[1] for s in slices], dtype=np.float64)
-    p_first, p_last = pos[0], pos[-1]
-    travel = p_last - p_first
+    travel = pos[-1] - pos[0]
     cosang = abs(float(np.dot(travel, normal))) / max(float(np.linalg.norm(travel)), 1e-9)
     if math.degrees(math.acos(min(1.0, cosang))) > cfg.max_tilt_deg:
         raise Reject("gantry_tilt")
     dev = np.abs(steps - step) / step
     if (dev > cfg.spacing_tolerance).any():
         raise Reject("slice_gap" if (steps > step * 1.5).any() else "nonuniform_spacing")
-    # Every slice must sit on the line from the first to the last one: the affine below places
-    # slice k at p_first + k * travel / (n - 1), so a slice shifted in-plane (a second stack
-    # glued into the series) would be silently misplaced by up to its offset.
-    n = len(slices)
-    frac = (z - z[0]) / (z[-1] - z[0]) if n > 1 else np.zeros(1)
-    off = np.linalg.norm(pos - (p_first + frac[:, None] * travel), axis=1)
-    if (off > 0.5 * float(ps0.min())).any():
+    # The affine places slice k at first + k * travel / (n - 1), so a slice shifted in-plane (a
+    # second stack glued into the series) would be silently misplaced by up to its offset.
+    frac = (z - z[0]) / (z[-1] - z[0]) if len(slices) > 1 else np.zeros(1)
+    off = np.linalg.norm(pos - (pos[0] + frac[:, None] * travel), axis=1)
+    if (off > 0.5 * min_pixel).any():
         raise Reject("mixed_geometry")
-    if n * first["rows"] * first["cols"] > cfg.max_voxels:
-        raise Reject("too_large")
-    src_spacing = [step, float(ps0[0]), float(ps0[1])]  # z, y (row spacing), x (column spacing)
-    src_shape = [n, int(first["rows"]), int(first["cols"])]
-    out_shape = [max(1, round(src_shape[i] * src_spacing[i] / cfg.spacing_mm[i])) for i in range(3)]
-    # Affine (i, j, k, 1) -> LPS mm: columns step along the first IOP cosine by the column spacing.
-    affine = np.eye(4)
-    affine[:3, 0] = col_dir * ps0[1]
-    affine[:3, 1] = row_dir * ps0[0]
-    affine[:3, 2] = travel / (n - 1) if n > 1 else normal * step
-    affine[:3, 3] = p_first
-    item = _sample_item("ct", first, rows, ctx)
-    item["paths"] = [s[2] for s in slices]
-    item["frames"] = [s[3] for s in slices]
-    item["est_bytes"] = int(np.prod(out_shape)) * 2
-    info = json.loads(item["info"])
-    info.update(
-        source_shape=src_shape,
-        source_spacing_mm=src_spacing,
-        source_affine=affine.tolist(),
-        n_files=len(rows),
-    )
-    item["info"] = json.dumps(info)
-    # Files dropped as duplicates still count as used inputs of this series.
-    item["all_paths"] = [r["path"] for r in rows]
-    return item
+    return step, travel
 
 
-def _plan_xray(r: dict, ctx: PlanContext) -> dict:
+def _plan_xray(rows: list[dict], ctx: PlanContext) -> PlanItem:
+    """One radiograph's row (a one-row list) → a planned image."""
+    (r,) = rows
     if not r["rows"] or not r["cols"]:
         raise Reject("missing_geometry")
-    safe = json.loads(r["safe"] or "{}")
-    if safe.get("PhotometricInterpretation") not in ("MONOCHROME1", "MONOCHROME2"):
+    if not _monochrome(r):
         raise Reject("unsupported_photometric")
     if (r["n_frames"] or 1) != 1:
         raise Reject("unsupported_sop_class")
-    item = _sample_item("xray", r, [r], ctx)
+    item = _sample_item(kinds.XRAY, r, rows, ctx)
+    item.key = ctx.pseudo("image", r["sop_uid"] or r["path"])
     longest = ctx.recipe.xray.longest_side
     scale = min(1.0, longest / max(r["rows"], r["cols"]))
-    item["est_bytes"] = int(r["rows"] * scale) * int(r["cols"] * scale) * 2
-    info = json.loads(item["info"])
-    info.update(source_shape=[int(r["rows"]), int(r["cols"])], n_files=1)
+    item.est_bytes = int(r["rows"] * scale) * int(r["cols"] * scale) * 2
+    item.source_shape = [int(r["rows"]), int(r["cols"])]
     if r["pixel_spacing"]:
-        info["source_spacing_mm"] = list(r["pixel_spacing"])
-    item["info"] = json.dumps(info)
-    item["paths"] = [r["path"]]
-    item["all_paths"] = [r["path"]]
-    item["frames"] = [-1]
+        item.source_spacing_mm = list(r["pixel_spacing"])
+    item.frames = [-1]
     return item
 
 
-def _sample_item(kind: str, first: dict, rows: list[dict], ctx: PlanContext) -> dict:
+def _sample_item(kind: kinds.ImageKind, first: dict, rows: list[dict], ctx: PlanContext) -> PlanItem:
+    """A planned item's identity (pseudonyms, key, split) and private fields, from its rows."""
     pseudo = ctx.pseudo
     patient = pseudo("patient", first["patient_id"] or ("nopatient:" + (first["study_uid"] or "")))
-    study = pseudo("study", first["study_uid"] or "")
     series = pseudo("series", first["series_uid"] or "")
-    key = series if kind == "ct" else pseudo("image", first["sop_uid"] or first["path"])
-    phi = sorted({t for r in rows for t in (r["phi_terms"] or [])}, key=len, reverse=True)
-    info = {
-        "modality": first["modality"],
-        "patient": patient,
-        "study": study,
-        "series": series,
-        "safe": json.loads(first["safe"] or "{}"),
-        "transfer_syntax": first["transfer_syntax"],
-        # Private join keys and redaction terms: used while building, never written to DEST.
-        "_join": {"AccessionNumber": first["accession"] or "", "StudyInstanceUID": first["study_uid"] or ""},
-        "_phi": phi,
-    }
-    return {
-        "kind": kind,
-        "status": "planned",
-        "reason": None,
-        "key": key,
-        "split": pseudo.split(patient, ctx.recipe.splits),
-        "est_bytes": 0,
-        "paths": [],
-        "frames": [],
-        "info": json.dumps(info),
-    }
+    paths = [r["path"] for r in rows]
+    return PlanItem(
+        status="planned",
+        reason=None,
+        paths=list(paths),
+        all_paths=paths,
+        kind=kind,
+        key=series,
+        split=pseudo.split(patient, ctx.recipe.splits),
+        modality=first["modality"],
+        patient=patient,
+        study=pseudo("study", first["study_uid"] or ""),
+        series=series,
+        safe=dict(first["safe"]),
+        transfer_syntax=first["transfer_syntax"],
+        n_files=len(rows),
+        accession=first["accession"] or "",
+        study_uid=first["study_uid"] or "",
+        phi_terms=sorted({t for r in rows for t in (r["phi_terms"] or [])}, key=len, reverse=True),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -789,16 +845,15 @@ def _number(v, default: float) -> float:
     return f[0]
 
 
-def load_ct(item: dict, read: Callable[[str], bytes]) -> tuple[np.ndarray, np.ndarray]:
+def load_ct(item: PlanItem, read: Callable[[str], bytes]) -> tuple[np.ndarray, np.ndarray]:
     """Decode a planned CT series → (HU float32 volume [k, j, i] in planned slice order, affine).
 
     Input problems raise `Reject`; nothing else does except `read`'s own I/O errors.
     """
-    info = json.loads(item["info"])
-    shape = info["source_shape"]
+    shape = item.source_shape
     vol = np.empty(shape, dtype=np.float32)
     cache: dict[str, tuple[pydicom.Dataset, np.ndarray]] = {}
-    for k, (path, frame) in enumerate(zip(item["paths"], item["frames"])):
+    for k, (path, frame) in enumerate(zip(item.paths, item.frames)):
         if path not in cache:
             # A multi-frame file is decoded once; single-frame files are used once each.
             if frame < 0:
@@ -807,7 +862,7 @@ def load_ct(item: dict, read: Callable[[str], bytes]) -> tuple[np.ndarray, np.nd
             cache[path] = _safely(_decode_pixels, data)
         ds, arr = cache[path]
         _safely(_hu_plane, ds, arr, frame, shape, vol[k])
-    return vol, np.array(info["source_affine"], dtype=np.float64)
+    return vol, np.array(item.source_affine, dtype=np.float64)
 
 
 def _decode_pixels(data: bytes) -> tuple[pydicom.Dataset, np.ndarray]:
@@ -833,7 +888,7 @@ def _hu_plane(ds, arr: np.ndarray, frame: int, shape: list[int], out: np.ndarray
         raise Reject("decode_error")
 
 
-def load_xray(item: dict, read: Callable[[str], bytes], voi: str) -> np.ndarray:
+def load_xray(item: PlanItem, read: Callable[[str], bytes], voi: str) -> np.ndarray:
     """Decode one radiograph → float32 presentation values in [0, 1], high = bright.
 
     Modality LUT (LUT or rescale), then VOI (VOI LUT Sequence, else the first window) when
@@ -848,7 +903,7 @@ def load_xray(item: dict, read: Callable[[str], bytes], voi: str) -> np.ndarray:
     """
     if voi not in ("window", "none"):
         raise ValueError(f"voi must be 'window' or 'none', got {voi!r}")
-    data = read(item["paths"][0])
+    data = read(item.paths[0])
     return _safely(_xray, data, voi)
 
 
@@ -960,7 +1015,7 @@ def _window(ds, values: np.ndarray) -> np.ndarray | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def canonical(item: dict, read: Callable[[str], bytes], profile: dict) -> tuple[np.ndarray, dict]:
+def canonical(item: PlanItem, read: Callable[[str], bytes], profile: Profile) -> tuple[np.ndarray, dict]:
     """A planned item → (stored canonical array, geometry metadata), per a preprocessing profile.
 
     `profile` is a `transforms.Profile` (the ingest recipe's, or the one a model was trained on),
@@ -971,30 +1026,33 @@ def canonical(item: dict, read: Callable[[str], bytes], profile: dict) -> tuple[
 
     Input problems raise `Reject`.
     """
-    info = json.loads(item["info"])
-    if item["kind"] == "ct":
-        hu, affine = load_ct(item, read)
-        array, affine, source_spacing = profile.canonical_ct(hu, affine)
-        meta: dict = {"canonical_source_spacing_mm": _rounded(source_spacing)}
-        meta.update(
-            shape=list(array.shape),
-            spacing_mm=_rounded(spacing_zyx(affine)),
-            affine_lps=[[round(float(v), 6) for v in r] for r in affine.tolist()],
-            orientation="LPS",
-            units="HU",
-        )
-        return array, meta
-    if item["kind"] != "xray":
-        raise ValueError(f"not a planned sample: kind {item['kind']!r}")
+    rules = _RULES.get(item.kind) if item.status == "planned" else None
+    if rules is None:
+        raise ValueError(f"not a planned sample: {item.status} item of kind {item.kind!r}")
+    return rules.canonical(item, read, profile)
+
+
+def _canonical_ct(item: PlanItem, read: Callable[[str], bytes], profile: Profile) -> tuple[np.ndarray, dict]:
+    hu, affine = load_ct(item, read)
+    array, affine, source_spacing = profile.canonical_ct(hu, affine)
+    return array, {
+        "canonical_source_spacing_mm": _rounded(source_spacing),
+        "shape": list(array.shape),
+        "spacing_mm": _rounded(spacing_zyx(affine)),
+        "affine_lps": [_rounded(r) for r in affine.tolist()],
+        "orientation": "LPS",
+        "units": "HU",
+    }
+
+
+def _canonical_xray(item: PlanItem, read: Callable[[str], bytes], profile: Profile) -> tuple[np.ndarray, dict]:
     array = profile.canonical_xray(load_xray(item, read, profile.xray_voi))
-    meta = {"shape": list(array.shape), "photometric": "MONOCHROME2", "units": "presentation"}
-    src_sp = info.get("source_spacing_mm")
+    meta = {"shape": list(array.shape), "photometric": "MONOCHROME2", "units": "presentation", "spacing_mm": None}
+    src_sp = item.source_spacing_mm
     if src_sp:
-        sy = info["source_shape"][0] / array.shape[0]
-        sx = info["source_shape"][1] / array.shape[1]
+        sy = item.source_shape[0] / array.shape[0]
+        sx = item.source_shape[1] / array.shape[1]
         meta["spacing_mm"] = [round(src_sp[0] * sy, 6), round(src_sp[1] * sx, 6)]
-    else:
-        meta["spacing_mm"] = None
     return array, meta
 
 
@@ -1002,8 +1060,8 @@ def _rounded(spacing) -> list[float]:
     return [round(float(v), 6) for v in spacing]
 
 
-def canonical_from_files(datas: list[bytes], profile, *, image: kinds.ImageKind | None = None,
-                         ct: object | None = None) -> tuple[np.ndarray, dict]:
+def canonical_from_files(datas: list[bytes], profile: Profile, *, image: kinds.ImageKind | None = None,
+                         ct: CTConfig | None = None) -> tuple[np.ndarray, dict]:
     """The DICOM files of ONE image (a radiograph, or every slice of one CT series) → (canonical
     array, metadata), exactly as ingest would store it: `scan` → `plan_group` → `canonical`.
 
@@ -1016,12 +1074,9 @@ def canonical_from_files(datas: list[bytes], profile, *, image: kinds.ImageKind 
 
     The returned metadata holds `modality` plus the geometry of `canonical`; never a header value.
     """
-    from radforge import config
-
     # Planning reads only the modalities and the CT validation thresholds of a recipe; the pixels
     # follow `profile` (`canonical`), so nothing of the profile is turned back into a recipe.
-    recipe = config.IngestRecipe(modalities=list(image.modalities if image else kinds.MODALITIES),
-                                 ct=ct or config.CTConfig())
+    recipe = IngestRecipe(modalities=list(image.modalities if image else kinds.MODALITIES), ct=ct or CTConfig())
     # Pseudonyms are computed by planning but never leave this function: any key will do.
     ctx = PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(b"radforge-canonical-from-files"))
     files = {f"file{i}": bytes(d) for i, d in enumerate(datas)}
@@ -1031,16 +1086,39 @@ def canonical_from_files(datas: list[bytes], profile, *, image: kinds.ImageKind 
         groups.setdefault(row["group_key"], []).append(row)
     items = [it for rows in groups.values() for it in plan_group(rows, ctx)]
     for it in items:  # rejections first: a series with a gap beats a skipped localizer
-        if it["status"] == "rejected" or it["reason"] == "modality_not_selected":
-            raise Reject(it["reason"])
-    planned = [it for it in items if it["status"] == "planned"]
+        if it.status == "rejected" or it.reason == "modality_not_selected":
+            raise Reject(it.reason)
+    planned = [it for it in items if it.status == "planned"]
     if not planned:
-        raise Reject(items[0]["reason"] if items else "not_dicom")
+        raise Reject(items[0].reason if items else "not_dicom")
     if len(planned) > 1:
         raise Reject("multiple_images")
     item = planned[0]
     array, meta = canonical(item, files.__getitem__, profile)
-    return array, {"modality": json.loads(item["info"])["modality"], **meta}
+    return array, {"modality": item.modality, **meta}
+
+
+# ---------------------------------------------------------------------------------------------
+# What planning and the canonical path do per image kind (the kinds themselves: radforge.kinds)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _KindRules:
+    sop_classes: tuple[str, ...]  # SOP classes accepted for the kind's modalities
+    group_prefix: str  # `_group_key`: "<prefix>:<uid>"
+    group_field: str  # the index row field one sample groups on
+    per_file: bool  # each file of a group is a sample of its own (else the group is one sample)
+    plan: Callable[[list[dict], PlanContext], PlanItem]
+    canonical: Callable[[PlanItem, Callable[[str], bytes], Profile], tuple[np.ndarray, dict]]
+
+
+_RULES: dict[kinds.ImageKind, _KindRules] = {
+    kinds.CT: _KindRules((CT_STORAGE, ENHANCED_CT_STORAGE), "ct", "series_uid", False, _plan_ct, _canonical_ct),
+    kinds.XRAY: _KindRules(XRAY_STORAGE, "xr", "sop_uid", True, _plan_xray, _canonical_xray),
+}
+assert set(_RULES) == set(kinds.KINDS.values()), "every image kind needs its planning rules"
+_IMAGE_SOP_CLASSES = frozenset(c for r in _RULES.values() for c in r.sop_classes)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,6 +29,8 @@ refused (choose a new DEST) rather than mixed.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -41,10 +43,10 @@ from typing import Any
 
 import pyarrow as pa
 
-from radforge import config, deid, dicom, shardspec, storage
+from radforge import config, deid, dicom, kinds, shardspec, storage
 from radforge.config import IngestRecipe
-from radforge.transforms import Profile
 from radforge.errors import ConfigError
+from radforge.transforms import Profile
 
 log = logging.getLogger("radforge.ingest")
 
@@ -60,20 +62,36 @@ SCAN_BATCH = 128
 PLAN_ROWS_PER_PARTITION = 50_000  # index rows (~1 KB each) per plan partition: ~50 MB per task
 INDEX_PART_ROWS = 250_000  # rows per private index parquet part (parallel re-read at scale)
 
+# The plan as Ray Data columns: one per `dicom.PlanItem` field (`_items_table` / `_items_of`).
 ITEM_SCHEMA = pa.schema(
     [
-        ("kind", pa.string()),  # "ct" | "xray" | "none" (a disposition: rejected/skipped files)
         ("status", pa.string()),  # "planned" | "rejected" | "skipped"
         ("reason", pa.string()),
+        ("paths", pa.list_(pa.string())),  # slices in order (CT) / the file (X-ray) / disposed files
+        ("all_paths", pa.list_(pa.string())),  # every input file the item accounts for
+        ("kind", pa.string()),  # kinds.ImageKind name; null for a disposition (rejected/skipped files)
         ("key", pa.string()),
         ("split", pa.string()),
         ("est_bytes", pa.int64()),
-        ("paths", pa.list_(pa.string())),  # slices in order (CT) / the file (X-ray) / disposed files
         ("frames", pa.list_(pa.int32())),
-        ("all_paths", pa.list_(pa.string())),  # every input file the item accounts for
-        ("info", pa.string()),  # JSON: geometry, pseudonyms, safe metadata, private join keys
+        ("modality", pa.string()),
+        ("patient", pa.string()),
+        ("study", pa.string()),
+        ("series", pa.string()),
+        ("safe", pa.string()),  # JSON of the allow-listed header values
+        ("transfer_syntax", pa.string()),
+        ("source_shape", pa.list_(pa.int64())),
+        ("source_spacing_mm", pa.list_(pa.float64())),
+        ("source_affine", pa.list_(pa.list_(pa.float64()))),
+        ("n_files", pa.int64()),
+        ("accession", pa.string()),  # private join keys and redaction terms: never written to DEST
+        ("study_uid", pa.string()),
+        ("phi_terms", pa.list_(pa.string())),
     ]
 )
+_ITEM_FIELDS = tuple(f.name for f in dataclasses.fields(dicom.PlanItem))
+assert set(_ITEM_FIELDS) == set(ITEM_SCHEMA.names), "ITEM_SCHEMA must hold every PlanItem field"
+
 OUTCOME_SCHEMA = pa.schema(
     [
         ("shard", pa.string()),
@@ -105,6 +123,16 @@ class Result:
         return self.manifest["totals"].get("samples", 0) > 0
 
 
+@dataclass
+class _Plan:
+    """The planned items (a materialised dataset) and what the driver derived from them."""
+
+    items: Any  # ray.data.Dataset of ITEM_SCHEMA rows
+    n_shards: dict[str, int]  # split -> shard count
+    planned: int  # items to build
+    digest: str  # plan digest: inputs, recipe, secret (through the pseudonyms) and tables
+
+
 # ---------------------------------------------------------------------------------------------
 # Entry point
 # ---------------------------------------------------------------------------------------------
@@ -131,10 +159,44 @@ def run(
 
     if not ray.is_initialized():
         ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
-    ctx = ray.data.DataContext.get_current()
-    ctx.verbose_stats_logs = False
+    stage: dict[str, float] = {}
+    with _data_context():
+        t = time.time()
+        index, seen = _list_and_scan(source, private, progress)
+        stage["scan"] = time.time() - t
+        t = time.time()
+        plan = _plan(index, recipe, secret, tables, seen)
+        stage["plan"] = time.time() - t
+
+        manifest_url = storage.join(dest, shardspec.MANIFEST)
+        progress_url = storage.join(private, "progress")
+        if storage.exists(manifest_url):
+            existing = json.loads(storage.read_bytes(manifest_url))
+            if existing.get("plan_digest") == plan.digest:
+                return Result(dest, private, existing, time.time() - t0, noop=True, stage_s=stage)
+            raise ConfigError(
+                f"DEST already holds a different ingest ({manifest_url}); use a new DEST (inputs, recipe or secret changed)"
+            )
+        done = _load_progress(progress_url, plan.digest)
+
+        t = time.time()
+        built = _build(plan, done, recipe, tables, dest, progress_url, progress)
+        stage["build"] = time.time() - t
+
+        m = _write_manifest(plan, recipe, secret, seen, dest, private, progress_url)
+    return Result(dest, private, m, time.time() - t0, built_shards=built, reused_shards=len(done), stage_s=stage)
+
+
+@contextlib.contextmanager
+def _data_context():
+    """Ray Data settings for this run only: a copy of the current DataContext is current while
+    the run lasts (datasets snapshot it when created) and the caller's is restored after, as is
+    the level of the "ray.data" logger."""
+    import ray
     from ray.data.context import ShuffleStrategy
 
+    ctx = ray.data.DataContext.get_current().copy()
+    ctx.verbose_stats_logs = False
     # Pull-based sort shuffle is task-based: no aggregator actors to start, which dominated
     # small and medium runs with the hash shuffle (seconds per groupby); it scales the same way.
     ctx.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
@@ -144,20 +206,32 @@ def run(
     # object-store limit still bounds memory; only the per-operator split goes.
     ctx.op_resource_reservation_enabled = False
     # Ray Data's own per-operator log lines would drown the summary; our bars show progress.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
     ctx.enable_progress_bars = False
+    ray_log = logging.getLogger("ray.data")
+    level = ray_log.level
+    ray_log.setLevel(logging.WARNING)
+    try:
+        with ray.data.DataContext.current(ctx):
+            yield
+    finally:
+        ray_log.setLevel(level)
 
-    stage: dict[str, float] = {}
-    recipe_d = config.to_dict(recipe)
 
-    # -- list + scan ------------------------------------------------------------------------
-    # The driver consumes index batches (not files) to write the private index and drive the bar.
-    t = time.time()
-    index_url = storage.join(private, "index")
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+# ---------------------------------------------------------------------------------------------
+# Stages (driver side)
+# ---------------------------------------------------------------------------------------------
+
+
+def _list_and_scan(source: str, private: str, progress: bool):
+    """list + scan: every file's header → the private index → (index dataset, files seen).
+
+    The driver consumes index batches (not files) to write the private index and drive the bar;
+    the returned dataset re-reads the index parts, one task per part.
+    """
+    import ray
+
     scanned = _list(source).map_batches(_scan_batch, batch_size=SCAN_BATCH, batch_format="pyarrow")
-    seen, parts = _write_index(scanned, index_url, progress)
-    stage["scan"] = time.time() - t
+    seen, parts = _write_index(scanned, storage.join(private, "index"), progress)
     if seen == 0:
         raise ConfigError(f"SOURCE has no files: {source}")
     # One task per part reads it with pyarrow: ray.data.read_parquet costs ~1 s of fixed set-up
@@ -165,92 +239,99 @@ def run(
     index = ray.data.from_items([{"part": u} for u in parts], override_num_blocks=len(parts)).map_batches(
         _read_index_parts, batch_size=1, batch_format="pyarrow"
     )
+    return index, seen
 
-    # -- plan --------------------------------------------------------------------------------
-    t = time.time()
+
+def _plan(index, recipe: IngestRecipe, secret: bytes, tables: "_TablesSpec | None", seen: int) -> _Plan:
+    """plan: group the index by series / image, validate → items (materialised), shard counts
+    per split from the estimated bytes and `shards.target_mb`, and the plan digest."""
+    import ray
+
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
     items = (
         index.groupby("group_key", num_partitions=_partitions(max(cpus, math.ceil(seen / PLAN_ROWS_PER_PARTITION))))
-        .map_groups(_plan_batch, batch_format="pyarrow", fn_kwargs={"recipe_d": recipe_d, "secret": secret})
+        .map_groups(_plan_batch, batch_format="pyarrow", fn_kwargs={"recipe": recipe, "secret": secret})
         .materialize()
     )
     # One pass of small per-block aggregates: bytes per split (→ shard counts) and the plan digest.
     agg = _aggregate(items)
     target = recipe.shards.target_mb * 1024 * 1024
     n_shards = {s: max(1, math.ceil(b / target)) for s, b in sorted(agg["est_bytes"].items())}
-    digest = hashlib.sha256(
-        json.dumps(
-            {"items": agg["hash"], "n_shards": n_shards, "recipe": recipe_d, "tables": tables.digest() if tables else None},
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:32]
-    stage["plan"] = time.time() - t
+    body = {"items": agg["hash"], "n_shards": n_shards, "recipe": config.to_dict(recipe),
+            "tables": tables.digest() if tables else None}
+    digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()[:32]
+    return _Plan(items, n_shards, agg["planned"], digest)
 
-    # -- resume / no-op -----------------------------------------------------------------------
-    manifest_url = storage.join(dest, shardspec.MANIFEST)
-    progress_url = storage.join(private, "progress")
-    if storage.exists(manifest_url):
-        existing = json.loads(storage.read_bytes(manifest_url))
-        if existing.get("plan_digest") == digest:
-            return Result(dest, private, existing, time.time() - t0, noop=True, stage_s=stage)
-        raise ConfigError(
-            f"DEST already holds a different ingest ({manifest_url}); use a new DEST (inputs, recipe or secret changed)"
-        )
-    done = _load_progress(progress_url, digest)
-    todo_items = agg["planned"] - sum(r["items"] for r in done.values())
 
-    # -- build ----------------------------------------------------------------------------------
-    t = time.time()
+def _assign(plan: _Plan, done: dict[str, dict]):
+    """assign: the planned items not yet built, each with its shard and build slot, as one block
+    per slot.
+
+    Blocks are cut at explicit slot boundaries: a groupby's sort shuffle makes as many
+    partitions as it has input blocks and places its boundaries by sampling, so the few item
+    blocks of a run put every shard into one task (2 CPUs built one shard at a time). Slots deal
+    the shards round-robin over the tasks.
+    """
+    slots = _partitions(sum(plan.n_shards.values()))
+    todo = plan.items.map_batches(
+        _assign_batch,
+        batch_format="pyarrow",
+        fn_kwargs={"n_shards": plan.n_shards, "done": sorted(done), "slots": slots},
+    )
+    return todo.sort("slot", boundaries=list(range(1, slots)))
+
+
+def _build(plan: _Plan, done: dict[str, dict], recipe: IngestRecipe, tables: "_TablesSpec | None",
+           dest: str, progress_url: str, progress: bool) -> int:
+    """build: every shard without a completion record → shards in DEST, records in
+    `progress_url`. Returns the number of shards built."""
+    import ray
+
+    todo_items = plan.planned - sum(r["items"] for r in done.values())
+    if todo_items <= 0:
+        return 0
+    outcomes = _assign(plan, done).map_batches(
+        _build_shards,
+        batch_size=None,
+        batch_format="pyarrow",
+        fn_kwargs={
+            "dest": dest,
+            "progress_url": progress_url,
+            "recipe": recipe,
+            "profile": Profile.from_recipe(recipe),
+            "tables_ref": ray.put(tables.read()) if tables else None,
+            "digest": plan.digest,
+        },
+    )
     built = 0
-    if todo_items > 0:
-        tables_ref = ray.put(tables.read()) if tables else None
-        # One block per build task, cut at explicit slot boundaries: a groupby's sort shuffle
-        # makes as many partitions as it has input blocks and places its boundaries by sampling,
-        # so the few item blocks of a run put every shard into one task (2 CPUs built one
-        # shard at a time). Slots deal the shards round-robin over the tasks.
-        slots = _partitions(sum(n_shards.values()))
-        todo = items.map_batches(
-            _assign_batch,
-            batch_format="pyarrow",
-            fn_kwargs={"n_shards": n_shards, "done": sorted(done), "slots": slots},
-        )
-        outcomes = todo.sort("slot", boundaries=list(range(1, slots))).map_batches(
-            _build_shards,
-            batch_size=None,
-            batch_format="pyarrow",
-            fn_kwargs={
-                "dest": dest,
-                "progress_url": progress_url,
-                "recipe_d": recipe_d,
-                "tables_ref": tables_ref,
-                "digest": digest,
-            },
-        )
-        bar = _bar(progress, todo_items, "sample", "build shards")
-        for batch in outcomes.iter_batches(batch_format="pyarrow", batch_size=None):
-            built += len(set(batch.column("shard").to_pylist()))
-            if bar is not None:
-                bar.update(batch.num_rows)
+    bar = _bar(progress, todo_items, "sample", "build shards")
+    for batch in outcomes.iter_batches(batch_format="pyarrow", batch_size=None):
+        built += len(set(batch.column("shard").to_pylist()))
         if bar is not None:
-            bar.close()
-    stage["build"] = time.time() - t
+            bar.update(batch.num_rows)
+    if bar is not None:
+        bar.close()
+    return built
 
-    # -- manifest -------------------------------------------------------------------------------
-    records = _load_progress(progress_url, digest)
-    inputs = _accounting(items, records, seen, private)
+
+def _write_manifest(plan: _Plan, recipe: IngestRecipe, secret: bytes, seen: int, dest: str, private: str,
+                    progress_url: str) -> dict:
+    """manifest: from the completion records and the input accounting, written last and
+    atomically (only when there is at least one sample)."""
+    records = _load_progress(progress_url, plan.digest)
+    inputs = _accounting(plan.items, records, seen, private)
     m = shardspec.new_manifest(
         profile=Profile.from_recipe(recipe),
-        recipe=recipe_d,
+        recipe=config.to_dict(recipe),
         deid={"pseudonyms": "hmac-sha256", "demo_key": secret == deid.DEMO_KEY, "keep_age_sex": recipe.deid.keep_age_sex},
-        plan_digest=digest,
+        plan_digest=plan.digest,
     )
     shardspec.finalize(m, list(records.values()), inputs)
     if not shardspec.reconciles(inputs):  # pragma: no cover - a bug, never an input problem
         raise RuntimeError(f"input accounting does not reconcile: {inputs}")
     if m["totals"]["samples"]:
-        storage.write_bytes_atomic(manifest_url, json.dumps(m, indent=1, sort_keys=True).encode())
-    return Result(
-        dest, private, m, time.time() - t0, built_shards=built, reused_shards=len(done), stage_s=stage
-    )
+        storage.write_bytes_atomic(storage.join(dest, shardspec.MANIFEST), json.dumps(m, indent=1, sort_keys=True).encode())
+    return m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,24 +437,53 @@ def _scan_batch(batch: pa.Table) -> pa.Table:
             with storage.open_input(path, block_size=64 * 1024) as f:
                 rows.append(dicom.scan(path, size, f))
         except (OSError, ValueError):
-            rows.append(_io_error_row(path, size))
+            rows.append(dicom.rejected_row(path, size, "unreadable_header"))
+    return _index_table(rows)
+
+
+# The Ray Data edge. Index rows and plan items cross Ray tasks as Arrow columns; these four
+# functions are the only place they are converted, and `safe` the only JSON among them.
+
+
+def _index_table(rows: list[dict]) -> pa.Table:
+    """Scanned index rows (`dicom.scan`) → an INDEX_SCHEMA table."""
+    for r in rows:
+        r["safe"] = json.dumps(r["safe"], sort_keys=True) if r["safe"] is not None else None
     return pa.Table.from_pylist(rows, schema=dicom.INDEX_SCHEMA)
 
 
-def _io_error_row(path: str, size: int) -> dict:
-    row = {name: None for name in dicom.INDEX_SCHEMA.names}
-    row.update(path=path, size=int(size), status="rejected", reason="unreadable_header", group_key="bad:" + path)
-    return row
-
-
-def _plan_batch(batch: pa.Table, recipe_d: dict, secret: bytes) -> pa.Table:
-    recipe = config.from_dict(IngestRecipe, recipe_d)
-    ctx = dicom.PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(secret))
+def _index_rows(batch: pa.Table) -> list[dict]:
+    """An INDEX_SCHEMA table → index rows as `dicom.plan_group` takes them."""
     rows = batch.to_pylist()
-    out = dicom.plan_group(rows, ctx)
-    for o in out:
-        o.setdefault("all_paths", o["paths"])
-    return pa.Table.from_pylist(out, schema=ITEM_SCHEMA)
+    for r in rows:
+        r["safe"] = json.loads(r["safe"]) if r["safe"] is not None else None
+    return rows
+
+
+def _items_table(items: list[dicom.PlanItem]) -> pa.Table:
+    """Plan items → an ITEM_SCHEMA table."""
+    rows = []
+    for it in items:
+        row = {name: getattr(it, name) for name in _ITEM_FIELDS}  # not asdict: it deep-copies
+        row["kind"] = it.kind.name if it.kind is not None else None
+        row["safe"] = json.dumps(it.safe, sort_keys=True)
+        rows.append(row)
+    return pa.Table.from_pylist(rows, schema=ITEM_SCHEMA)
+
+
+def _items_of(batch: pa.Table) -> list[dicom.PlanItem]:
+    """An ITEM_SCHEMA table (extra columns ignored) → plan items."""
+    items = []
+    for row in batch.select(list(_ITEM_FIELDS)).to_pylist():
+        row["kind"] = kinds.get(row["kind"]) if row["kind"] is not None else None
+        row["safe"] = json.loads(row["safe"])
+        items.append(dicom.PlanItem(**row))
+    return items
+
+
+def _plan_batch(batch: pa.Table, recipe: IngestRecipe, secret: bytes) -> pa.Table:
+    ctx = dicom.PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(secret))
+    return _items_table(dicom.plan_group(_index_rows(batch), ctx))
 
 
 def _assign_batch(batch: pa.Table, n_shards: dict, done: list[str], slots: int) -> pa.Table:
@@ -436,38 +546,36 @@ def _build_shards(batch: pa.Table, **kwargs) -> pa.Table:
     return pa.concat_tables(out)
 
 
-def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe_d: dict, tables_ref, digest: str) -> pa.Table:
+def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe: IngestRecipe, profile: Profile, tables_ref,
+                 digest: str) -> pa.Table:
     """Build one shard: samples in key order, tar written locally, uploaded atomically, recorded."""
     import webdataset as wds
 
-    recipe = config.from_dict(IngestRecipe, recipe_d)
     tables = _tables(tables_ref)
-    rows = sorted(batch.to_pylist(), key=lambda r: r["key"])
-    shard = rows[0]["shard"]
-    split = rows[0]["split"]
-    outcomes = []
+    shard = batch.column("shard")[0].as_py()
+    items = sorted(_items_of(batch), key=lambda it: it.key)
+    outcomes = []  # one per item, in item order
     modalities: dict[str, int] = {}
     used_files = 0
     with tempfile.TemporaryDirectory(prefix="radforge-shard-") as tmp:
         local = os.path.join(tmp, "shard.tar")
         with open(local, "wb") as fh:
             writer = wds.TarWriter(fh, user="radforge", group="radforge", mtime=0, encoder=False)
-            for row in rows:
-                info = json.loads(row["info"])
+            for item in items:
                 try:
-                    members, meta = make_sample(row, info, recipe, tables)
+                    sample = make_sample(item, recipe, tables, profile=profile)
                 except dicom.Reject as r:
-                    outcomes.append(_outcome(shard, row, info, "rejected", r.reason, 0))
+                    outcomes.append(_outcome(shard, item, "rejected", r.reason, 0))
                     continue
                 except Exception as e:  # noqa: BLE001 — ledger it; never print header values
                     log.warning("sample in %s failed: %s", shard, type(e).__name__)
-                    outcomes.append(_outcome(shard, row, info, "rejected", "decode_error", 0))
+                    outcomes.append(_outcome(shard, item, "rejected", "decode_error", 0))
                     continue
-                writer.write({"__key__": row["key"], **members})
-                nbytes = sum(len(v) for v in members.values())
-                modalities[meta["modality"]] = modalities.get(meta["modality"], 0) + 1
-                used_files += len(row["all_paths"])
-                outcomes.append(_outcome(shard, row, info, "used", None, nbytes))
+                members = sample.members()
+                writer.write({"__key__": sample.key, **members})
+                modalities[item.modality] = modalities.get(item.modality, 0) + 1
+                used_files += len(item.all_paths)
+                outcomes.append(_outcome(shard, item, "used", None, sum(len(v) for v in members.values())))
             writer.close()
         samples = sum(modalities.values())
         size = os.path.getsize(local)
@@ -477,72 +585,65 @@ def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe_d: dict, 
     record = {
         "plan_digest": digest,
         "path": shard,
-        "split": split,
+        "split": items[0].split,
         "samples": samples,
         "bytes": size if samples else 0,
         "sha256": sha if samples else None,
         "modalities": modalities,
         "used_files": used_files,
-        "rejects": [
-            {"paths": r["all_paths"], "reason": o["reason"]}
-            for r, o in zip(rows, _by_key(outcomes, rows))
-            if o["status"] == "rejected"
-        ],
-        "items": len(rows),
+        "rejects": [{"paths": it.all_paths, "reason": o["reason"]} for it, o in zip(items, outcomes) if o["status"] == "rejected"],
+        "items": len(items),
     }
     # Written after the upload: a record always means a complete, uploaded shard.
     storage.write_bytes_atomic(storage.join(progress_url, shard.replace("/", "__") + ".json"), json.dumps(record).encode())
     return pa.Table.from_pylist(outcomes, schema=OUTCOME_SCHEMA)
 
 
-def _by_key(outcomes: list[dict], rows: list[dict]) -> list[dict]:
-    by = {o["key"]: o for o in outcomes}
-    return [by[r["key"]] for r in rows]
-
-
-def _outcome(shard, row, info, status, reason, nbytes) -> dict:
+def _outcome(shard: str, item: dicom.PlanItem, status: str, reason: str | None, nbytes: int) -> dict:
     return {
         "shard": shard,
-        "key": row["key"],
-        "modality": info.get("modality"),
+        "key": item.key,
+        "modality": item.modality,
         "status": status,
         "reason": reason,
-        "n_files": len(row["all_paths"]),
+        "n_files": len(item.all_paths),
         "bytes": nbytes,
     }
 
 
-def make_sample(row: dict, info: dict, recipe: IngestRecipe, tables: dict | None) -> tuple[dict, dict]:
-    """One planned item → (tar members, metadata). Raises dicom.Reject for unusable inputs.
+def make_sample(item: dicom.PlanItem, recipe: IngestRecipe, tables: dict | None = None, *,
+                profile: Profile | None = None) -> shardspec.Sample:
+    """One planned item → the sample to store. Raises dicom.Reject for unusable inputs.
 
     The pixels go through `dicom.canonical`, the one DICOM → stored-array path that serving
-    (`dicom.canonical_from_files`) uses too.
+    (`dicom.canonical_from_files`) uses too. `profile` is `Profile.from_recipe(recipe)`, passed
+    in by callers that build many samples.
     """
-    profile = Profile.from_recipe(recipe)
+    profile = profile or Profile.from_recipe(recipe)
     meta: dict[str, Any] = {
         "schema_version": shardspec.SCHEMA_VERSION,
-        "modality": info["modality"],
-        "patient": info["patient"],
-        "study": info["study"],
-        "series": info["series"],
-        "split": row["split"],
+        "modality": item.modality,
+        "patient": item.patient,
+        "study": item.study,
+        "series": item.series,
+        "split": item.split,
         "profile": profile.profile_id,
-        "acquisition": deid.safe_metadata(info["safe"], recipe.deid),
-        "source_shape": info["source_shape"],
+        "acquisition": deid.safe_metadata(item.safe, recipe.deid),
+        "source_shape": item.source_shape,
     }
-    if "source_spacing_mm" in info:
-        meta["source_spacing_mm"] = [round(float(v), 6) for v in info["source_spacing_mm"]]
-    array, geometry = dicom.canonical(row, storage.read_bytes, profile)
+    if item.source_spacing_mm is not None:
+        meta["source_spacing_mm"] = [round(float(v), 6) for v in item.source_spacing_mm]
+    array, geometry = dicom.canonical(item, storage.read_bytes, profile)
     meta.update(geometry)
     report = None
     if tables:
-        report, labels = _lookup(tables, info)
+        report, labels = _lookup(tables, item)
         if labels is not None:
             meta["labels"] = labels
         if report is not None:
-            report = deid.redact_report(report, info.get("_phi", []))
+            report = deid.redact_report(report, item.phi_terms)
     meta["has_report"] = report is not None
-    return shardspec.encode_sample(row["key"], array, meta, report), meta
+    return shardspec.Sample(item.key, array, meta, report)
 
 
 def _load_progress(progress_url: str, digest: str) -> dict[str, dict]:
@@ -720,11 +821,10 @@ def _tables(ref) -> dict | None:
     return _TABLE_CACHE[key]
 
 
-def _lookup(tables: dict, info: dict) -> tuple[str | None, dict | None]:
-    join = info.get("_join", {})
+def _lookup(tables: dict, item: dicom.PlanItem) -> tuple[str | None, dict | None]:
     report = labels = None
     if "reports" in tables:
-        report = tables["reports"]["map"].get(join.get(tables["reports"]["join_on"], ""))
+        report = tables["reports"]["map"].get(item.join_key(tables["reports"]["join_on"]))
     if "labels" in tables:
-        labels = tables["labels"]["map"].get(join.get(tables["labels"]["join_on"], ""))
+        labels = tables["labels"]["map"].get(item.join_key(tables["labels"]["join_on"]))
     return report, labels

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,25 +27,30 @@ SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
 
 
+@dataclass
+class Sample:
+    """One sample as stored: its key, the kind's stored array (`kinds.ImageKind.check_stored`),
+    the metadata of `<key>.json` (SPEC.md) and the redacted report, if one was joined."""
+
+    key: str
+    array: np.ndarray
+    meta: dict
+    report: str | None = None
+
+    def members(self) -> dict[str, bytes]:
+        """Tar members (name suffix → bytes): `encode_sample` of this sample."""
+        return encode_sample(self.key, self.array, self.meta, self.report)
+
+
 def encode_sample(key: str, array: np.ndarray, meta: dict, report: str | None = None) -> dict[str, bytes]:
     """Sample → tar members (name suffix → bytes)."""
     if "." in key or "/" in key:
         raise ValueError("sample keys may not contain '.' or '/' (WebDataset splits on the first dot)")
-    members: dict[str, bytes] = {}
     kind = kinds.of_modality(meta["modality"])
     if kind is None:
         raise ValueError(f"no image kind stores modality {meta['modality']!r}")
     kind.check_stored(array)
-    if kind.codec == "npy":
-        buf = io.BytesIO()
-        np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
-        members["npy"] = buf.getvalue()
-    else:
-        from PIL import Image
-
-        buf = io.BytesIO()
-        Image.fromarray(array).save(buf, format="PNG", compress_level=1)
-        members["png"] = buf.getvalue()
+    members = {kind.codec: _CODECS[kind.codec][0](array)}
     members["json"] = json.dumps(meta, sort_keys=True, separators=(",", ":")).encode()
     if report is not None:
         members["txt"] = report.encode("utf-8")
@@ -54,14 +60,39 @@ def encode_sample(key: str, array: np.ndarray, meta: dict, report: str | None = 
 def decode_sample(members: dict[str, bytes]) -> tuple[np.ndarray, dict, str | None]:
     """Tar members (suffix → bytes, as webdataset yields before decoding) → (array, meta, report)."""
     meta = json.loads(members["json"])
-    if "npy" in members:
-        array = np.load(io.BytesIO(members["npy"]), allow_pickle=False)
-    else:
-        from PIL import Image
-
-        array = np.asarray(Image.open(io.BytesIO(members["png"]))).astype(np.uint16)
+    codec = kinds.of_codec(members).codec
+    array = _CODECS[codec][1](members[codec])
     report = members["txt"].decode("utf-8") if "txt" in members else None
     return array, meta, report
+
+
+def _npy_encode(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(array), allow_pickle=False)
+    return buf.getvalue()
+
+
+def _npy_decode(data: bytes) -> np.ndarray:
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _png_encode(array: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+def _png_decode(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data))).astype(np.uint16)
+
+
+# Stored codec (`kinds.ImageKind.codec`, the tar member suffix) → (encode, decode).
+_CODECS = {"npy": (_npy_encode, _npy_decode), "png": (_png_encode, _png_decode)}
+assert {k.codec for k in kinds.KINDS.values()} <= set(_CODECS), "every image kind's codec needs an encoder"
 
 
 def shard_name(split: str, index: int) -> str:
@@ -185,8 +216,9 @@ def format_summary(manifest: dict, *, wall_s: float | None = None, title: str = 
     row("accounting", ok, "seen = used + skipped + rejected")
     lines.append("")
     mods = t.get("by_modality", {})
-    row("CT volumes", f"{mods.get('CT', 0):,}")
-    row("X-ray images", f"{sum(v for k, v in mods.items() if k != 'CT'):,}", ", ".join(f"{k} {v}" for k, v in mods.items() if k != "CT"))
+    xray = {m: n for m, n in mods.items() if m in kinds.XRAY.modalities}
+    row("CT volumes", f"{sum(n for m, n in mods.items() if m in kinds.CT.modalities):,}")
+    row("X-ray images", f"{sum(xray.values()):,}", ", ".join(f"{m} {n}" for m, n in xray.items()))
     row("samples", f"{t.get('samples', 0):,}")
     row("shards", f"{t.get('shards', 0):,}", _mb(t.get("bytes", 0)))
     for split, s in t.get("by_split", {}).items():

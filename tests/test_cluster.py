@@ -6,7 +6,9 @@ schema, the KubeRay autoscaler's RayCluster → node-type derivation, Serve's de
 small structural schema for the KubeRay CRD fields Ray does not read. The end-to-end test drives
 the Makefile exactly as an operator would: `make cluster-local`, `make submit-ingest`,
 `make submit-train`, `make deploy`, `make stop`, against its own Ray head (own temp dir and
-ports), never the session's `ray_cluster`.
+ports), never the session's `ray_cluster`. Each step's input is a fixture (the shards of
+submit-ingest, the checkpoint of submit-train), not a previous test's output, so a broken step
+errors the steps after it instead of skipping them.
 """
 
 from __future__ import annotations
@@ -486,13 +488,10 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture(scope="module")
-def e2e_state():
-    return {}
-
-
-@pytest.mark.slow
-def test_make_submit_ingest(local_head, e2e_state, tmp_path_factory):
-    from radforge import phantoms, shardspec
+def submitted_ingest(local_head, tmp_path_factory) -> tuple[Path, Path, str]:
+    """`make submit-ingest` of a small X-ray corpus: (work dir, shard dir, make's output). The
+    later steps take it as a fixture, so a failure here errors them; it never skips them."""
+    from radforge import phantoms
 
     work = tmp_path_factory.mktemp("e2e")
     corpus = phantoms.training_corpus(work / "corpus", n_patients=12, with_ct=False, xray_size=96)
@@ -501,6 +500,14 @@ def test_make_submit_ingest(local_head, e2e_state, tmp_path_factory):
         "submit-ingest", f"SOURCE={corpus.dicom_dir}", f"DEST={dest}",
         f"INGEST_ARGS=--demo --no-progress --reports {corpus.reports_csv} --labels {corpus.labels_csv}"
         " --set xray.longest_side=96 --set splits.train=0.6 --set splits.val=0.2 --set splits.test=0.2")
+    return work, dest, out
+
+
+@pytest.mark.slow
+def test_make_submit_ingest(local_head, submitted_ingest):
+    from radforge import shardspec
+
+    _, dest, out = submitted_ingest
     assert re.search(r"Job '\S+' succeeded", out)
     manifest = shardspec.read_manifest(str(dest))
     assert manifest["totals"]["samples"] == 12 and manifest["deid"]["demo_key"] is True
@@ -511,8 +518,6 @@ def test_make_submit_ingest(local_head, e2e_state, tmp_path_factory):
     top = set(os.listdir(pkg))
     assert {"jobs", "platform", "Makefile"} <= top and not top & {".venv", "var", ".git"}
     assert "SUCCEEDED" in local_head.make("status")
-    e2e_state["shards"] = str(dest)
-    e2e_state["work"] = work
 
 
 TINY_TRAIN = ("--set steps=2 --set log_every=1 --set eval.every_steps=0 --set eval.bootstrap=10"
@@ -520,28 +525,36 @@ TINY_TRAIN = ("--set steps=2 --set log_every=1 --set eval.every_steps=0 --set ev
               " --no-progress")
 
 
-@pytest.mark.slow
-@pytest.mark.skipif(not (ROOT / "jobs" / "train.py").exists(), reason="jobs/train.py not written yet")
-def test_make_submit_train(local_head, e2e_state):
-    if "shards" not in e2e_state:
-        pytest.skip("needs the shards of test_make_submit_ingest")
+@pytest.fixture(scope="module")
+def submitted_train(local_head, submitted_ingest) -> tuple[Path, str]:
+    """`make submit-train` of the tiny CLIP recipe on the submitted ingest's shards: (work dir, make's output)."""
+    work, shards, _ = submitted_ingest
+    out = local_head.make("submit-train", "RECIPE=jobs/recipes/tiny-clip-xray.yaml", f"SHARDS={shards}",
+                          f"CHECKPOINTS={work / 'ckpt'}", f"RUNS={work / 'runs'}", f"TRAIN_ARGS={TINY_TRAIN}")
+    return work, out
+
+
+@pytest.fixture(scope="module")
+def submitted_model(submitted_train) -> str:
+    """The submitted run's checkpoint, exported (what `make deploy` serves)."""
     from radforge import checkpoint
 
-    work = e2e_state["work"]
-    out = local_head.make("submit-train", "RECIPE=jobs/recipes/tiny-clip-xray.yaml", f"SHARDS={e2e_state['shards']}",
-                          f"CHECKPOINTS={work / 'ckpt'}", f"RUNS={work / 'runs'}", f"TRAIN_ARGS={TINY_TRAIN}")
+    work, out = submitted_train
+    return checkpoint.export(re.search(r"checkpoint: (\S+)", out).group(1), str(work / "model"))
+
+
+@pytest.mark.slow
+def test_make_submit_train(submitted_train):
+    work, out = submitted_train
     assert re.search(r"Job '\S+' succeeded", out)
     ckpt = re.search(r"checkpoint: (\S+)", out).group(1)
     # the Makefile made CHECKPOINTS absolute: the checkpoint is here, not in the job's temp copy
     assert Path(ckpt.removeprefix("file://")).resolve().is_relative_to((work / "ckpt").resolve())
-    e2e_state["model"] = checkpoint.export(ckpt, str(work / "model"))
 
 
 @pytest.mark.slow
-def test_make_deploy_serves_the_model(local_head, e2e_state):
-    if "model" not in e2e_state:
-        pytest.skip("needs the model of test_make_submit_train")
-    local_head.make("deploy", f"MODEL={e2e_state['model']}")
+def test_make_deploy_serves_the_model(local_head, submitted_model):
+    local_head.make("deploy", f"MODEL={submitted_model}")
     base = f"http://127.0.0.1:{local_head.serve_port}"
     deadline, last = time.monotonic() + 180, None
     while time.monotonic() < deadline:  # serve deploy returns once accepted; replicas then start

@@ -173,12 +173,14 @@ def npy(arr) -> bytes:
 
 
 def test_args_are_validated_and_lists_split_on_commas():
-    a = serve_mod.ServeArgs.model_validate({"model": "a,b", "index": ["c"], "max_batch_size": "8"})
+    from radforge.errors import ConfigError
+
+    a = config.from_dict(config.ServeConfig, {"model": "a,b", "index": ["c"], "max_batch_size": "8"})
     assert a.model == ["a", "b"] and a.index == ["c"] and a.max_batch_size == 8
-    with pytest.raises(ValueError):
-        serve_mod.ServeArgs.model_validate({"model": "a", "bogus": 1})
-    with pytest.raises(ValueError):
-        serve_mod.ServeArgs.model_validate({})
+    with pytest.raises(ConfigError, match="bogus"):
+        serve_mod.build_app({"model": "a", "bogus": 1})
+    with pytest.raises(ConfigError, match="model"):
+        serve_mod.build_app({})
     app = serve_mod.build_app({"model": "a", "min_replicas": 1, "max_replicas": 3, "num_gpus": 1})
     d = app._bound_deployment
     assert d._deployment_config.autoscaling_config.max_replicas == 3
@@ -207,11 +209,11 @@ def test_canonical_from_files_is_the_ingest_path(files):
     recipe = config.from_dict(IngestRecipe, {"name": "serve-test", "xray": {"longest_side": 256}, "deid": {"demo_key": True}})
     row = dicom.scan(files["xray_path"], len(files["xray"]), io.BytesIO(files["xray"]))
     (item,) = dicom.plan_group([row], dicom.PlanContext(recipe, dicom.deid.Pseudonymizer(b"k")))
-    members, smeta = ingest.make_sample(item, json.loads(item["info"]), recipe, None)
-    stored, _, _ = shardspec.decode_sample(members)
+    sample = ingest.make_sample(item, recipe)
+    stored, _, _ = shardspec.decode_sample(sample.members())
     assert meta["modality"] == "DX" and arr.dtype == np.uint16 and max(arr.shape) == 256
     np.testing.assert_array_equal(arr, stored)
-    assert smeta["profile"] == lm.profile.profile_id
+    assert sample.meta["profile"] == lm.profile.profile_id
     with pytest.raises(dicom.Reject) as e:
         dicom.canonical_from_files([files["xray"]], lm.profile, image=kinds.CT)
     assert e.value.reason == "modality_not_selected"

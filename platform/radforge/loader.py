@@ -504,20 +504,21 @@ def _in_plan_order(slots: Iterable[_Slot]) -> Iterator[_Slot]:
             yield item
 
 
-def _decode(slots: Iterable[_Slot], *, make: Callable, seed: int, handler: Callable[[Exception], bool]) -> Iterator[_Slot]:
+def _decode(slots: Iterable[_Slot], *, make: Callable, seed: int,
+            handler: Callable[[Exception], bool]) -> Iterator[_Slot]:
     """Decode and view each slot (randomness from (seed, epoch, slot)); a bad slot passes on with
     ``out=None`` once the handler has counted it."""
     for item in slots:
-        if item.raw is None:
-            ok = handler(_Skip("skipped:bad_shard"))
-        else:
+        skip = _Skip("skipped:bad_shard") if item.raw is None else None
+        if item.raw is not None:
             try:
                 item.out = make(item.raw, [seed, item.plan.epoch, item.slot])
-                ok = True
+            except _Skip as e:
+                skip = e
             except Exception as e:
-                ok = handler(e if isinstance(e, _Skip) else
-                             _Skip(f"skipped:{type(e).__name__}", f"sample {item.raw.get('__key__', '?')} skipped ({type(e).__name__})"))
-        if not ok:
+                why = type(e).__name__
+                skip = _Skip(f"skipped:{why}", f"sample {item.raw.get('__key__', '?')} skipped ({why})")
+        if skip is not None and not handler(skip):
             return
         yield item
 

@@ -102,6 +102,41 @@ def run(what: str, *, workdir: str | None = None, series: int | None = None, sli
     return bench_ingest(workdir=workdir, series=series or 8, slices=slices or 128, size=size, syntax=syntax)
 
 
+@contextmanager
+def _workdir(workdir: str | None) -> Iterator[str]:
+    """`workdir`, or a fresh temp dir that is removed after."""
+    if workdir is not None:
+        yield workdir
+        return
+    root = tempfile.mkdtemp(prefix="radforge-bench-")
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+class _Best:
+    """Best (least disturbed) wall and CPU seconds per named measurement over repeated runs: on a
+    shared machine the minimum is the run that other load hit least; CPU seconds of this process
+    do not depend on other load at all."""
+
+    def __init__(self):
+        self.wall: dict[str, float] = {}
+        self.cpu: dict[str, float] = {}
+
+    @staticmethod
+    def keep(table: dict[str, float], name: str, seconds: float) -> None:
+        table[name] = min(table.get(name, float("inf")), seconds)
+
+    def __call__(self, name: str, fn, per: int = 1):
+        """Run fn(), record its seconds (divided by `per`, e.g. passes in a block); fn's result."""
+        c, t = time.process_time(), time.perf_counter()
+        out = fn()
+        self.keep(self.wall, name, (time.perf_counter() - t) / per)
+        self.keep(self.cpu, name, (time.process_time() - c) / per)
+        return out
+
+
 def _ct_corpus(root: str, *, series: int, slices: int, size: int, syntax: str) -> tuple[str, list[str]]:
     """The generated CT corpus under root/corpus (kept across runs with --workdir) and its files."""
     from radforge import phantoms, storage
@@ -115,15 +150,12 @@ def _ct_corpus(root: str, *, series: int, slices: int, size: int, syntax: str) -
 
 def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, syntax: str, repeats: int = 2) -> dict:
     import pydicom
-    import ray
     from pydicom.pixels import pixel_array
 
-    from radforge import config, ingest
+    from radforge import config
     from radforge.config import IngestRecipe
 
-    own = workdir is None
-    root = workdir or tempfile.mkdtemp(prefix="radforge-bench-")
-    try:
+    with _workdir(workdir) as root:
         corpus, files = _ct_corpus(root, series=series, slices=slices, size=size, syntax=syntax)
         n = len(files)
         src_bytes = sum(os.path.getsize(f) for f in files)
@@ -138,17 +170,8 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
             for f in files:
                 pixel_array(f)
 
-        best: dict[str, float] = {}
-
-        cpu: dict[str, float] = {}  # CPU seconds: wall time on a shared machine is only a bound
-
-        def timed(name, fn):
-            c, t = time.process_time(), time.perf_counter()
-            out = fn()
-            best[name] = min(best.get(name, float("inf")), time.perf_counter() - t)
-            cpu[name] = min(cpu.get(name, float("inf")), time.process_time() - c)
-            return out
-
+        timed = _Best()  # CPU seconds beside wall: wall time on a shared machine is only a bound
+        best, cpu = timed.wall, timed.cpu
         loadavg = [round(os.getloadavg()[0], 2)]
         runs: dict[int, dict] = {}
         colds: list[float] = []
@@ -159,27 +182,12 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
             # per run: Ray Data's own CPU limit (execution_options.resource_limits) did not hold
             # the 1-CPU run to one task at a time.
             for cpus in (1, ncpu):
-                ray.shutdown()
-                # address="local": a fresh cluster of exactly `cpus`, even when `ray start` left
-                # one running on this machine (plain ray.init() would join it, refusing num_cpus).
-                ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-                colds.append(_warm_ray(cpus, root, recipe))
-                timed("naive", naive)
-                timed("decode", decode)
-                dest = os.path.join(root, f"shards-{cpus}cpu")
-                for d in (dest, dest + ".private"):
-                    shutil.rmtree(d, ignore_errors=True)
-                with _PeakRSS() as mem:
-                    c0 = _tree_cpu_s()
-                    t = time.perf_counter()
-                    res = ingest.run(corpus, dest, recipe, progress=False)
-                    wall = time.perf_counter() - t
-                    cpu[f"ingest_{cpus}cpu"] = min(cpu.get(f"ingest_{cpus}cpu", float("inf")), _tree_cpu_s(c0))
-                ray.shutdown()
-                prev = runs.get(cpus)
-                if prev is None or wall < prev["wall_s"]:
-                    runs[cpus] = {"wall_s": wall, "stages_s": res.stage_s, "samples": res.manifest["totals"]["samples"]}
-                runs[cpus]["peak_mb"] = max(runs[cpus].get("peak_mb", 0), mem.peak / 1e6)
+                run = _ingest_on_fresh_cluster(cpus, corpus, root, recipe, timed, {"naive": naive, "decode": decode})
+                colds.append(run.pop("cold_s"))
+                peak = max(run.pop("peak_mb"), runs.get(cpus, {}).get("peak_mb", 0))
+                if cpus not in runs or run["wall_s"] < runs[cpus]["wall_s"]:
+                    runs[cpus] = run
+                runs[cpus]["peak_mb"] = peak
                 loadavg.append(round(os.getloadavg()[0], 2))
         # Last: it imports torch into this process, which would count in the peaks above.
         inproc_stages: dict[str, float] = {}
@@ -224,9 +232,35 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
             "repeats": repeats,
             "loadavg_1min": loadavg,
         }
-    finally:
-        if own:
-            shutil.rmtree(root, ignore_errors=True)
+
+
+def _ingest_on_fresh_cluster(cpus: int, corpus: str, root: str, recipe, timed: _Best, baselines: dict) -> dict:
+    """One timed ingest on a fresh local Ray cluster of exactly `cpus` (warmed first), with the
+    single-process `baselines` timed between warm-up and run, under the same load. Its CPU
+    seconds (driver + every Ray process) go into timed.cpu["ingest_<cpus>cpu"]."""
+    import ray
+
+    from radforge import ingest
+
+    ray.shutdown()
+    # address="local": a fresh cluster of exactly `cpus`, even when `ray start` left
+    # one running on this machine (plain ray.init() would join it, refusing num_cpus).
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    cold = _warm_ray(cpus, root, recipe)
+    for name, fn in baselines.items():
+        timed(name, fn)
+    dest = os.path.join(root, f"shards-{cpus}cpu")
+    for d in (dest, dest + ".private"):
+        shutil.rmtree(d, ignore_errors=True)
+    with _PeakRSS() as mem:
+        c0 = _tree_cpu_s()
+        t = time.perf_counter()
+        res = ingest.run(corpus, dest, recipe, progress=False)
+        wall = time.perf_counter() - t
+        timed.keep(timed.cpu, f"ingest_{cpus}cpu", _tree_cpu_s(c0))
+    ray.shutdown()
+    return {"wall_s": wall, "stages_s": res.stage_s, "samples": res.manifest["totals"]["samples"],
+            "peak_mb": mem.peak / 1e6, "cold_s": cold}
 
 
 def _tree_cpu_s(since: dict | None = None):
@@ -284,8 +318,6 @@ def _warm_ray(cpus: int, root: str, recipe) -> float:
 def _ingest_in_process(corpus: str, recipe) -> dict:
     """The ingest's own work with no Ray: scan every header, plan, make every sample (decode, HU,
     orient, resample, encode). Its rate is the ceiling the Ray pipeline can reach on 1 CPU."""
-    import json
-
     import torch
 
     from radforge import deid, dicom, ingest, storage
@@ -304,8 +336,8 @@ def _ingest_in_process(corpus: str, recipe) -> dict:
         items = [item for rows in groups.values() for item in dicom.plan_group(rows, ctx)]
         t_plan = time.perf_counter()
         for item in items:
-            if item["status"] == "planned":
-                ingest.make_sample(item, json.loads(item["info"]), recipe, None)
+            if item.status == "planned":
+                ingest.make_sample(item, recipe, None)
         return {"scan+plan": t_plan - t, "build": time.perf_counter() - t_plan}
     finally:
         torch.set_num_threads(threads)
@@ -432,40 +464,46 @@ def _raw_dicom_dataset(series_urls: list[list[str]]):
     return RawDicomSeries()
 
 
+def _stream_inputs(corpus: str, files: list[str], bucket: str) -> tuple[dict[str, list[str]], str, dict]:
+    """The stream benchmark's two inputs on one S3 endpoint: the DICOM files as they are (series →
+    file URLs, for the baseline) and their ingest (shard set URL, manifest)."""
+    import ray
+
+    from radforge import config, ingest, storage
+    from radforge.config import IngestRecipe
+
+    by_series: dict[str, list[str]] = {}
+    for f in files:
+        rel = os.path.relpath(f, corpus)
+        url = storage.join(bucket, "dicom", rel)
+        storage.put_file_atomic(f, url)
+        by_series.setdefault(rel.split(os.sep)[0], []).append(url)
+    dest = storage.join(bucket, "shards")
+    recipe = config.load(IngestRecipe, None, ["deid.demo_key=true", "shards.target_mb=1", "splits={train: 1.0}"])
+    ray.shutdown()
+    ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+    try:
+        return by_series, dest, ingest.run(corpus, dest, recipe, progress=False).manifest
+    finally:
+        ray.shutdown()
+
+
 def bench_stream(*, workdir: str | None, series: int, slices: int, size: int, syntax: str, rounds: int = 5,
                  block: int = 3) -> dict:
     import io
     import itertools
     import tarfile
 
-    import ray
     import torch.utils.data as tud
 
-    from radforge import config, ingest, loader, storage
-    from radforge.config import DataConfig, IngestRecipe, ViewConfig
+    from radforge import loader, storage
+    from radforge.config import DataConfig, ViewConfig
 
-    own = workdir is None
-    root = workdir or tempfile.mkdtemp(prefix="radforge-bench-")
-    try:
+    with _workdir(workdir) as root:
         corpus, files = _ct_corpus(root, series=series, slices=slices, size=size, syntax=syntax)
         with _moto_s3() as bucket:
-            # The same DICOM bytes on the same endpoint, for the baseline.
-            by_series: dict[str, list[str]] = {}
-            for f in files:
-                rel = os.path.relpath(f, corpus)
-                url = storage.join(bucket, "dicom", rel)
-                storage.put_file_atomic(f, url)
-                by_series.setdefault(rel.split(os.sep)[0], []).append(url)
+            by_series, dest, manifest = _stream_inputs(corpus, files, bucket)
             dicom_mb = sum(os.path.getsize(f) for f in files) / 1e6
-
-            dest = storage.join(bucket, "shards")
-            recipe = config.load(IngestRecipe, None, ["deid.demo_key=true", "shards.target_mb=1", "splits={train: 1.0}"])
-            ray.shutdown()
-            ray.init(num_cpus=max(2, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-            try:
-                manifest = ingest.run(corpus, dest, recipe, progress=False).manifest
-            finally:
-                ray.shutdown()
             n_vol = manifest["totals"]["samples"]
             shard_mb = manifest["totals"]["bytes"] / 1e6
             urls = [storage.join(dest, s["path"]) for s in manifest["shards"]]
@@ -512,21 +550,14 @@ def bench_stream(*, workdir: str | None, series: int, slices: int, size: int, sy
             # not depend on what else the machine runs, so they show the loader's own cost even
             # when wall-clock ratios are noisy.
             load_before = os.getloadavg()[0]
-            best = {"tar": float("inf"), "loader": float("inf"), "loader_nov": float("inf")}
-            cpu = dict(best)
+            timed = _Best()
             for _ in range(rounds):
                 for name, fn in (("tar", tar_block), ("loader", loader_block), ("loader_nov", loader_nov_block)):
-                    t, c = time.perf_counter(), time.process_time()
-                    fn()
-                    best[name] = min(best[name], (time.perf_counter() - t) / block)
-                    cpu[name] = min(cpu[name], (time.process_time() - c) / block)
-            tar_s, loader_s, loader_nov_s = best["tar"], best["loader"], best["loader_nov"]
-            raw_passes = 2
-            raw_s = float("inf")
-            for _ in range(raw_passes):
-                t = time.perf_counter()
-                raw_pass()
-                raw_s = min(raw_s, time.perf_counter() - t)
+                    timed(name, fn, per=block)
+            for _ in range(2):
+                timed("raw", raw_pass)
+            best, cpu = timed.wall, timed.cpu
+            tar_s, loader_s, loader_nov_s, raw_s = best["tar"], best["loader"], best["loader_nov"], best["raw"]
             m = ld.metrics()
         loader_mb = shard_mb  # a pass reads every shard whole, as tar_read does
         return {
@@ -546,9 +577,6 @@ def bench_stream(*, workdir: str | None, series: int, slices: int, size: int, sy
             "loader": {"input_shape": list(ld.input_shape), "batches_per_pass": per_pass, "data_wait_s": round(m["data_wait_s"], 2),
                        "skipped_samples": m["skipped_samples"], "bad_shards": m["bad_shards"], "passes": f"{rounds} x {block}"},
         }
-    finally:
-        if own:
-            shutil.rmtree(root, ignore_errors=True)
 
 
 def format_stream(r: dict) -> str:

@@ -956,6 +956,13 @@ OPS = st.lists(
 )
 
 
+def load(item: dicom.PlanItem, files: dict[str, bytes], voi: str = "window"):
+    """Decode a planned item from in-memory files as its kind is decoded."""
+    if item.kind is kinds.CT:
+        return dicom.load_ct(item, files.__getitem__)
+    return dicom.load_xray(item, files.__getitem__, voi)
+
+
 def run_pipeline(files: dict[str, bytes], overrides, voi: str) -> None:
     """scan never raises; plan accounts for every file; loading succeeds or raises Reject."""
     rows = []
@@ -969,16 +976,17 @@ def run_pipeline(files: dict[str, bytes], overrides, voi: str) -> None:
             if item.status != "planned":
                 continue
             try:
-                if item.kind is kinds.CT:
-                    vol, affine = dicom.load_ct(item, files.__getitem__)
-                    assert vol.dtype == np.float32 and list(vol.shape) == item.source_shape
-                    assert np.isfinite(vol).all() and np.isfinite(affine).all()
-                else:
-                    img = dicom.load_xray(item, files.__getitem__, voi)
-                    assert img.dtype == np.float32 and img.ndim == 2
-                    assert np.isfinite(img).all() and img.min() >= 0 and img.max() <= 1
+                out = load(item, files, voi)
             except dicom.Reject as e:
                 assert e.reason in REJECT and str(e) == e.reason
+                continue
+            if item.kind is kinds.CT:
+                vol, affine = out
+                assert vol.dtype == np.float32 and list(vol.shape) == item.source_shape
+                assert np.isfinite(vol).all() and np.isfinite(affine).all()
+            else:
+                assert out.dtype == np.float32 and out.ndim == 2
+                assert np.isfinite(out).all() and out.min() >= 0 and out.max() <= 1
 
 
 @settings(deadline=None, max_examples=int(os.environ.get("RADFORGE_FUZZ_EXAMPLES", "150")),
@@ -1000,11 +1008,8 @@ def test_fuzz_seeds_are_valid(fuzz_seeds):
             if len(files) == 1 and kind == "ct" and rows[0]["n_frames"] == 1:
                 assert it.reason == "too_few_slices"
                 continue
-            assert it.status == "planned"
-            if kind == "ct":
-                dicom.load_ct(it, files.__getitem__)
-            else:
-                dicom.load_xray(it, files.__getitem__, "window")
+            assert it.status == "planned" and it.kind.name == kind
+            load(it, files)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1043,10 +1048,7 @@ def test_no_header_value_reaches_messages_warnings_or_logs(work, study, caplog):
                 if item.status != "planned":
                     continue
                 try:
-                    if item.kind is kinds.CT:
-                        dicom.load_ct(item, files.__getitem__)
-                    else:
-                        dicom.load_xray(item, files.__getitem__, "window")
+                    load(item, files)
                 except Exception as e:  # noqa: BLE001 — collected and checked below
                     assert isinstance(e, dicom.Reject)
                     reasons.append(e.reason)

@@ -365,7 +365,7 @@ def _list(source: str):
     subdirs, files = storage.list_dir(source)
     top = ray.data.from_items([{"path": p, "size": s} for p, s in files]) if files else None
     if not subdirs:
-        return top if top is not None else ray.data.from_items([], )
+        return top if top is not None else ray.data.from_items([])
     nested = ray.data.from_items([{"dir": d} for d in subdirs]).flat_map(
         lambda r: [{"path": p, "size": s} for p, s in storage.find_files(r["dir"])]
     )
@@ -385,7 +385,8 @@ def _write_index(files_with_headers, index_url: str, progress: bool) -> tuple[in
     """
     import pyarrow.parquet as pq
 
-    storage.remove(index_url, recursive=True) if storage.exists(index_url) else None
+    if storage.exists(index_url):
+        storage.remove(index_url, recursive=True)
     storage.makedirs(index_url)
     bar = _bar(progress, None, "files", "scan headers")
     seen = 0
@@ -745,34 +746,33 @@ class _TablesSpec:
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
     def read(self) -> dict:
+        """The tables as lookups: {"reports": {"join_on", "map": key → text}, "labels": {"join_on",
+        "findings", "map": key → {finding: label}}}, each present when its table was given."""
         out: dict[str, Any] = {}
         if self.reports:
             cfg = self.reports_cfg
-            t = _read_table(self.reports, cfg.key_column)
-            for col in (cfg.key_column, cfg.text_column):
-                if col not in t.column_names:
-                    raise ConfigError(f"reports table {self.reports} has no column {col!r} (columns: {', '.join(t.column_names)})")
-            keys = [str(k) if k is not None else "" for k in t.column(cfg.key_column).to_pylist()]
+            t, keys = _keyed_table("reports", self.reports, cfg.key_column, [cfg.text_column])
             texts = t.column(cfg.text_column).to_pylist()
             out["reports"] = {"join_on": cfg.join_on, "map": {k: v for k, v in zip(keys, texts) if k and v}}
         if self.labels:
             cfg = self.labels_cfg
             t = _read_table(self.labels, cfg.key_column)
-            if cfg.key_column not in t.column_names:
-                raise ConfigError(f"labels table {self.labels} has no column {cfg.key_column!r} (columns: {', '.join(t.column_names)})")
             findings = cfg.findings or [c for c in t.column_names if c != cfg.key_column and c not in (
                 "StudyInstanceUID", "AccessionNumber", "PatientID", "report")]
-            missing = [f for f in findings if f not in t.column_names]
-            if missing:
-                raise ConfigError(f"labels table {self.labels} has no column {missing[0]!r}")
-            keys = [str(k) if k is not None else "" for k in t.column(cfg.key_column).to_pylist()]
+            t, keys = _keyed_table("labels", self.labels, cfg.key_column, findings, t)
             cols = {f: t.column(f).to_pylist() for f in findings}
-            mapping = {}
-            for i, k in enumerate(keys):
-                if k:
-                    mapping[k] = {f: _label(cols[f][i]) for f in findings}
+            mapping = {k: {f: _label(cols[f][i]) for f in findings} for i, k in enumerate(keys) if k}
             out["labels"] = {"join_on": cfg.join_on, "findings": findings, "map": mapping}
         return out
+
+
+def _keyed_table(what: str, url: str, key_column: str, columns: list[str], t: pa.Table | None = None):
+    """(table, its keys as strings, "" for a blank) after checking it has the key and `columns`."""
+    t = t if t is not None else _read_table(url, key_column)
+    for col in (key_column, *columns):
+        if col not in t.column_names:
+            raise ConfigError(f"{what} table {url} has no column {col!r} (columns: {', '.join(t.column_names)})")
+    return t, [str(k) if k is not None else "" for k in t.column(key_column).to_pylist()]
 
 
 def _label(v) -> int | None:

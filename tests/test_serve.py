@@ -32,9 +32,8 @@ REPORTS = [f"{f} is present." for f in FINDINGS] + [f"no {f}." for f in FINDINGS
 
 
 def write_model(out: Path, image: str, view: ViewConfig, seed: int, name: str) -> str:
-    """A tiny CLIP in the exported model dir format (`checkpoint` module docstring)."""
+    """A tiny untrained CLIP as an exported model dir (`checkpoint.write_model`)."""
     import torch
-    from safetensors.torch import save_file
 
     from radforge import models
     from radforge.models import text
@@ -43,18 +42,11 @@ def write_model(out: Path, image: str, view: ViewConfig, seed: int, name: str) -
     cfg = ModelConfig(kind="clip", preset="tiny", patch_ct=(4, 16, 16), patch_xray=16, embed_dim=32,
                       text=TextConfig(vocab_size=200, max_len=16, width=32, depth=1, heads=2))
     tok = text.train_tokenizer(REPORTS * 4, cfg.text)
-    shape = kinds.get(image).view(view).input_shape
-    model = models.build(cfg, image, shape, tok, pretrained=False)
-    out.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, str(out / checkpoint.WEIGHTS))
-    tok.save(str(out / "tokenizer"))
-    profile = Profile.from_recipe(config.from_dict(IngestRecipe, {"name": "serve-test", "xray": {"longest_side": 256}})).to_dict()
-    meta = {"kind": "clip", "image": image, "model": config.to_dict(cfg), "view": config.to_dict(view),
-            "profile": profile, "findings": FINDINGS,
-            "prompts": {"positive": "{finding} is present.", "negative": "no {finding}."},
-            "recipe": {}, "step": 0, "model_id": f"{name}-{seed:04d}"}
-    (out / checkpoint.MODEL_JSON).write_text(json.dumps(meta))
-    return str(out)
+    model = models.build(cfg, image, kinds.get(image).view(view).input_shape, tok, pretrained=False)
+    profile = Profile.from_recipe(config.from_dict(IngestRecipe, {"name": "serve-test", "xray": {"longest_side": 256}}))
+    return checkpoint.write_model(str(out), model, image=image, model_cfg=cfg, view=view, profile=profile,
+                                  model_id=f"{name}-{seed:04d}", findings=FINDINGS,
+                                  prompts={"positive": "{finding} is present.", "negative": "no {finding}."})
 
 
 @pytest.fixture(scope="module")

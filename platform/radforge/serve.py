@@ -372,7 +372,7 @@ _TEXT_BODY = {"required": True, "content": {"application/json": {"schema": {"typ
 @serve.ingress(app)
 class RadforgeServer:
     def __init__(self, settings: config.ServeConfig):
-        from radforge import checkpoint, index, models, storage
+        from radforge import checkpoint, index, models
 
         self.cfg = settings  # validated by build_app
         self._max_bytes = int(self.cfg.max_upload_mb * 1024 * 1024)
@@ -383,7 +383,7 @@ class RadforgeServer:
         self._meta: dict[str, dict] = {}
         self._caps: dict[str, frozenset[str]] = {}  # from the objective registry: no weights needed
         for url in self.cfg.model:
-            meta = json.loads(storage.read_bytes(storage.join(url, checkpoint.MODEL_JSON)))
+            meta = checkpoint.read_model_meta(url)
             mid = meta["model_id"]
             if mid in self._urls:
                 raise ValueError(f"two models share the id {mid}: {self._urls[mid]} and {url}")

@@ -1,6 +1,7 @@
 """The ingest pipeline: DICOM on any fsspec URL → de-identified WebDataset shards + manifest.
 
-The only module that imports `ray.data`. Stages (all distributed, streaming; the driver only
+The only module that imports `ray.data`. Stages, one driver function each (`_list_and_scan`,
+`_plan`, `_assign`, `_build`, `_write_manifest`; all distributed, streaming; the driver only
 aggregates counts and per-shard records):
 
     list      fan the recursive listing out over SOURCE's sub-directories
@@ -16,6 +17,11 @@ aggregates counts and per-shard records):
               write the tar locally, upload atomically, then a completion record in
               `<private>/progress/` (this is what makes a killed run resumable without rewriting)
     manifest  written last, atomically, from the completion records
+
+Between tasks, index rows and `dicom.PlanItem`s travel as Arrow columns (INDEX_SCHEMA,
+ITEM_SCHEMA), converted in one place (`_index_table`/`_index_rows`, `_items_table`/`_items_of`);
+the recipe and the profile travel as the dataclasses themselves. The run's Ray Data settings
+(`_data_context`) apply to its own datasets only.
 
 Cost model (`radforge bench ingest`): a Ray Data task costs ~10-20 ms and each dataset execution
 ~0.2 s of fixed overhead, so work is cut into few, large tasks; what remains is the per-file work
@@ -390,34 +396,34 @@ def _write_index(files_with_headers, index_url: str, progress: bool) -> tuple[in
     storage.makedirs(index_url)
     bar = _bar(progress, None, "files", "scan headers")
     seen = 0
-    part_rows = 0
     parts: list[str] = []
-    writer = None
     with tempfile.TemporaryDirectory(prefix="radforge-index-") as tmp:
         local = os.path.join(tmp, "index.parquet")
-
-        def close_part() -> None:
-            nonlocal writer, part_rows
-            writer.close()
-            parts.append(storage.join(index_url, f"index-{len(parts):05d}.parquet"))
-            storage.put_file_atomic(local, parts[-1])
-            writer, part_rows = None, 0
-
+        writer = None
         for batch in files_with_headers.iter_batches(batch_format="pyarrow", batch_size=None):
             if writer is None:
-                writer = pq.ParquetWriter(local, dicom.INDEX_SCHEMA)
+                writer, part_rows = pq.ParquetWriter(local, dicom.INDEX_SCHEMA), 0
             writer.write_table(batch.cast(dicom.INDEX_SCHEMA))
             seen += batch.num_rows
             part_rows += batch.num_rows
             if part_rows >= INDEX_PART_ROWS:
-                close_part()
+                parts.append(_upload_part(writer, local, index_url, len(parts)))
+                writer = None
             if bar is not None:
                 bar.update(batch.num_rows)
         if writer is not None:
-            close_part()
+            parts.append(_upload_part(writer, local, index_url, len(parts)))
         if bar is not None:
             bar.close()
     return seen, parts
+
+
+def _upload_part(writer, local: str, index_url: str, n: int) -> str:
+    """Close the local index part and upload it as part number `n` → its URL."""
+    writer.close()
+    url = storage.join(index_url, f"index-{n:05d}.parquet")
+    storage.put_file_atomic(local, url)
+    return url
 
 
 def _read_index_parts(batch: pa.Table):

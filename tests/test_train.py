@@ -97,7 +97,7 @@ def _losses(result) -> list[float]:
 
 
 def _trace(run_dir: str) -> dict[int, list[str]]:
-    """step -> keys of that step, all ranks (from RADFORGE_TRACE_SAMPLES)."""
+    """step -> keys of that step, all ranks (from the train.TraceSamples hook)."""
     out: dict[int, list[str]] = {}
     d = os.path.join(storage.url_to_fs(run_dir)[1], "samples")
     for name in sorted(os.listdir(d)):
@@ -170,11 +170,8 @@ def zero_runs(one_shard, tmp_path_factory, ray_cluster):
     out = {}
     for workers, stage in ((1, 0), (2, 1), (2, 2), (2, 3)):
         tmp = tmp_path_factory.mktemp(f"z{stage}")
-        os.environ["RADFORGE_TRACE_SAMPLES"] = "1"
-        try:
-            out[stage] = train.run(_tiny(one_shard, tmp, workers=workers, stage=stage), resume="never", progress=False)
-        finally:
-            os.environ.pop("RADFORGE_TRACE_SAMPLES", None)
+        out[stage] = train.run(_tiny(one_shard, tmp, workers=workers, stage=stage), resume="never", progress=False,
+                               hooks=[train.TraceSamples()])
     return out
 
 
@@ -196,7 +193,7 @@ def test_zero_stages_and_world_sizes_give_the_same_loss_trajectory(zero_runs):
 
 def test_run_writes_metrics_tensorboard_curve_and_a_checkpoint(zero_runs):
     r = zero_runs[2]
-    assert r.steps == 6 and r.checkpoint and storage.exists(storage.join(r.checkpoint, "state.json"))
+    assert r.steps == 6 and r.checkpoint
     row = r.history[-1]
     for k in ("loss", "lr", "grad_norm", "samples_per_s", "step_time_s", "data_wait_frac", "rss_mb", "skipped_samples"):
         assert k in row, k
@@ -206,9 +203,9 @@ def test_run_writes_metrics_tensorboard_curve_and_a_checkpoint(zero_runs):
     from PIL import Image
 
     assert Image.open(os.path.join(run_dir, "loss.png")).size[0] > 400
-    state = json.loads(storage.read_bytes(storage.join(r.checkpoint, "state.json")))
-    assert state["step"] == 6 and state["world_size"] == 2
-    assert sorted(os.listdir(os.path.join(storage.url_to_fs(r.checkpoint)[1], "loader"))) == ["rank-00000.json", "rank-00001.json"]
+    state = checkpoint.load(r.checkpoint, rank=1)
+    assert state.step == 6 and state.world_size == 2 and state.loader and state.tokenizer
+    assert checkpoint.saved_loader_ranks(r.checkpoint) == [0, 1]
 
 
 @pytest.mark.parametrize("stage", [2, 3])
@@ -220,8 +217,8 @@ def test_export_then_load_for_inference_gives_the_live_models_embeddings(zero_ru
     res = zero_runs[stage]
     out = checkpoint.export(res.checkpoint, str(tmp_path / "model"))
     lm = checkpoint.load_for_inference(out)
-    meta = json.loads((tmp_path / "model" / "model.json").read_text())
-    assert meta["kind"] == "clip" and meta["step"] == 6 and meta["profile"]["profile_id"] and (tmp_path / "model" / "tokenizer").is_dir()
+    meta = checkpoint.read_model_meta(out)
+    assert meta["kind"] == "clip" and meta["step"] == 6 and meta["profile"]["profile_id"]
     assert lm.model_id.startswith("tiny-clip-xray-") and lm.findings
     # the same weights as ZeRO-0's run (same trajectory), within the trajectory tolerance
     ref = checkpoint.load_for_inference(checkpoint.export(zero_runs[0].checkpoint, str(tmp_path / "ref")))
@@ -235,18 +232,18 @@ def test_export_then_load_for_inference_gives_the_live_models_embeddings(zero_ru
     assert p.shape == (8, len(lm.findings)) and bool(((p >= 0) & (p <= 1)).all())
 
 
-def test_a_killed_worker_is_restarted_from_the_last_checkpoint(one_shard, zero_runs, tmp_path, monkeypatch):
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(one_shard, zero_runs, tmp_path):
     """Rank 1 kills its own process (os._exit) at step 4, once; Ray Train restarts the worker
     group from the step-3 checkpoint and the run ends at step 6 with the uninterrupted losses."""
     marker = tmp_path / "fault-fired"
-    monkeypatch.setenv("RADFORGE_FAULT_AT", f"4:1:{marker}")
-    res = train.run(_tiny(one_shard, tmp_path, "checkpoint.max_failures=1"), resume="never", progress=False)
+    res = train.run(_tiny(one_shard, tmp_path, "checkpoint.max_failures=1"), resume="never", progress=False,
+                    hooks=[train.KillAt(step=4, rank=1, marker=str(marker))])
     assert marker.exists() and res.steps == 6
     np.testing.assert_allclose(_losses(res), _losses(zero_runs[2]), rtol=2e-3)
     assert [h["step"] for h in res.history if "loss" in h] == [1, 2, 3, 4, 5, 6]  # no doubled steps
 
 
-def test_resume_across_runs_on_s3_reproduces_the_sample_sequence(one_shard, zero_runs, s3_bucket, tmp_path, monkeypatch):
+def test_resume_across_runs_on_s3_reproduces_the_sample_sequence(one_shard, zero_runs, s3_bucket, tmp_path):
     """Shards AND checkpoints on the moto S3 endpoint. Run 1 dies at step 4 with no retries left
     (a crashed job); run 2, same recipe, resume=auto, continues from the step-3 checkpoint: the
     keys of steps 4-6 and the losses equal the uninterrupted run's. Then export from S3."""
@@ -254,21 +251,20 @@ def test_resume_across_runs_on_s3_reproduces_the_sample_sequence(one_shard, zero
 
     shards = _one_shard(one_shard, f"{s3_bucket}/shards")
     marker = tmp_path / "fault-fired"
-    monkeypatch.setenv("RADFORGE_TRACE_SAMPLES", "1")
-    monkeypatch.setenv("RADFORGE_FAULT_AT", f"4:0:{marker}")
+    hooks = [train.TraceSamples(), train.KillAt(step=4, rank=0, marker=str(marker))]  # the marker: it fires once
     r = _tiny(shards, tmp_path, f"checkpoint.storage_path={s3_bucket}/ckpt", "checkpoint.max_failures=0")
     with pytest.raises((TrainingFailedError, RuntimeError)):
-        train.run(r, resume="never", progress=False)
+        train.run(r, resume="never", progress=False, hooks=hooks)
     assert marker.exists()
-    assert [u for u, _ in storage.find_files(f"{s3_bucket}/ckpt/{r.name}") if u.endswith("state.json")]
-    res = train.run(r, resume="auto", progress=False)
+    assert [checkpoint.load(u).step for u in checkpoint.find(f"{s3_bucket}/ckpt/{r.name}")] == [3]
+    res = train.run(r, resume="auto", progress=False, hooks=hooks)
     assert res.steps == 6 and res.checkpoint.startswith(f"{s3_bucket}/ckpt/{r.name}/")
     ref_keys, keys = _trace(zero_runs[2].run_dir), _trace(res.run_dir)
     assert {s: keys[s] for s in (4, 5, 6)} == {s: ref_keys[s] for s in (4, 5, 6)}
     np.testing.assert_allclose(_losses(res), _losses(zero_runs[2]), rtol=2e-3)
     out = checkpoint.export(res.checkpoint, f"{s3_bucket}/model")
     lm = checkpoint.load_for_inference(out)
-    assert lm.kind == "clip" and lm.image == "xray"
+    assert lm.kind == "clip" and lm.image is kinds.XRAY
 
 
 def test_two_node_cluster_places_one_worker_per_node(one_shard, tmp_path):
@@ -283,12 +279,11 @@ from radforge.config import TrainRecipe
 cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "resources": {{"rf_slot": 1}}}})
 cluster.add_node(num_cpus=1, resources={{"rf_slot": 1}})
 ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-os.environ["RADFORGE_TRACE_SAMPLES"] = "1"
 r = config.load(TrainRecipe, {str(RECIPES / 'tiny-clip-xray.yaml')!r}, [
     "data.shards={one_shard}", "steps=2", "log_every=1", "view.xray_size=32", "data.num_workers=0", "deepspeed.micro_batch=4",
     "scale.placement_strategy=STRICT_SPREAD", "scale.resources_per_worker={{rf_slot: 1}}", "eval.every_steps=0",
     "checkpoint.storage_path={tmp_path / 'ckpt'}", "output_dir={tmp_path / 'runs'}"])
-res = train.run(r, resume="never", progress=False)
+res = train.run(r, resume="never", progress=False, hooks=[train.TraceSamples()])
 print("RESULT", json.dumps({{"steps": res.steps, "nodes": res.metrics.get("nodes"), "run_dir": res.run_dir}}))
 ray.shutdown(); cluster.shutdown()
 """

@@ -5,20 +5,22 @@ config is generated (`deepspeed_config`).
 
 Shape of a run
 --------------
-* The driver checks the shard set, trains the CLIP text tokenizer on the training split's reports
-  once (workers must agree on one vocabulary) and ships its files in the worker config, then runs
-  a Ray Train `TorchTrainer`: `scale.*` → `ScalingConfig`, checkpoints → `RunConfig(storage_path=
-  checkpoint.storage_path, name=recipe.name)` (any fsspec URL; remote URLs go through
-  `storage.pyarrow_filesystem`, so a custom S3 endpoint works), `FailureConfig(max_failures)`,
-  `CheckpointConfig(num_to_keep=keep_last)`.
-* Each worker streams its share of the shards (`radforge.loader`, rank/world size/seed passed in),
-  builds the model (`radforge.models.build`) and `deepspeed.initialize`s it with the generated
-  config. Gradient accumulation, ZeRO partitioning, clipping and mixed precision are DeepSpeed's;
-  the loop only feeds micro-batches and measures.
-* Every `checkpoint.every_steps` and at the end, every rank writes into its own local directory
-  its DeepSpeed shard (`engine.save_checkpoint`), its loader position, and rank 0 the step, recipe,
-  profile and tokenizer; `ray.train.report(checkpoint=...)` merges the ranks' directories into one
-  checkpoint under the storage path and keeps the last K.
+* The driver checks the shard set, trains the text tokenizer of objectives with a small text
+  tower on the training split's reports once (workers must agree on one vocabulary) and ships its
+  files in the worker config, then runs a Ray Train `TorchTrainer`: `scale.*` → `ScalingConfig`,
+  checkpoints → `RunConfig(storage_path=checkpoint.storage_path, name=recipe.name)` (any fsspec
+  URL; remote URLs go through `storage.pyarrow_filesystem`, so a custom S3 endpoint works),
+  `FailureConfig(max_failures)`, `CheckpointConfig(num_to_keep=keep_last)`.
+* Each worker builds a `Trainer` from components: the loader (`radforge.loader`, rank/world
+  size/seed passed in), the model (`radforge.models.build`) in a DeepSpeed engine made from the
+  generated config, a `Checkpointer`, a `Metrics` logger (rank 0 writes through a `MetricsSink`),
+  a `Validator` and the test hooks. Gradient accumulation, ZeRO partitioning, clipping and mixed
+  precision are DeepSpeed's; the loop only feeds micro-batches and measures.
+* Every `checkpoint.every_steps` and at the end, every rank saves a `checkpoint.RunState` (its
+  DeepSpeed shard and loader position; the step, recipe, profile, findings and the text tower's
+  tokenizer) into its own local directory with `checkpoint.save` (radforge.checkpoint owns the
+  layout); `ray.train.report(checkpoint=...)` merges the ranks' directories into one checkpoint
+  under the storage path and keeps the last K.
 
 Resume
 ------
@@ -41,31 +43,34 @@ step time, data-wait fraction (time blocked on the loader / step time, worst ran
 summed over ranks). They go to `ray.train.report`, `OUTPUT/NAME/metrics.jsonl` and TensorBoard
 event files in `OUTPUT/NAME/tb`; `OUTPUT/NAME/loss.png` is drawn at the end.
 
-Test/debug hooks read from the driver's environment and forwarded to workers:
-`RADFORGE_TRACE_SAMPLES=1` writes the sample keys of every step per rank to
-`OUTPUT/NAME/samples/rank-R.jsonl` (keys are pseudonyms); `RADFORGE_FAULT_AT=STEP:RANK:MARKER`
-makes that rank kill its own process (`os._exit`) when it reaches STEP, once (MARKER is a file
-created just before), a real fault for Ray Train's restart path.
+Test/debug hooks are passed in, never read from the environment: `run(recipe, hooks=[...])`
+with picklable `Hook` objects that travel to every worker in the worker config.
+`TraceSamples()` writes the sample keys of every step per rank to `OUTPUT/NAME/samples/rank-R.jsonl`
+(keys are pseudonyms); `KillAt(step, rank, marker)` makes that rank kill its own process
+(`os._exit`) when it reaches `step`, once (`marker` is a file created just before), a real fault
+for Ray Train's restart path.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import math
 import os
-import shutil
 import tempfile
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from radforge import config, kinds, storage
+from radforge import checkpoint, kinds, storage
 from radforge.config import TrainRecipe
 from radforge.errors import ConfigError
+from radforge.transforms import Profile
 
-_FORWARDED_ENV = ("RADFORGE_TRACE_SAMPLES", "RADFORGE_FAULT_AT")
 MAX_TOKENIZER_TEXTS = 50_000  # reports read to train the BPE vocabulary (it saturates well before)
-STATE = "state.json"
+METRICS = "metrics.jsonl"  # under OUTPUT/NAME, beside tb/ and loss.png
 
 
 @dataclass
@@ -135,26 +140,19 @@ def lr_factor(recipe: TrainRecipe, step: int) -> float:
 # Driver
 
 
-def run(recipe: TrainRecipe, *, resume: str = "auto", progress: bool = True) -> TrainResult:
+def run(recipe: TrainRecipe, *, resume: str = "auto", progress: bool = True, hooks: Sequence[Hook] = ()) -> TrainResult:
     """Train `recipe` on the Ray cluster this process is connected to (a local one is started
-    when none is). Blocks until done; worker failures are retried from the last checkpoint."""
+    when none is). Blocks until done; worker failures are retried from the last checkpoint.
+    `hooks`: test/debug `Hook`s run by every worker (picklable; see the module docstring)."""
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from radforge import shardspec
 
     if resume not in ("auto", "never"):
         raise ConfigError(f"resume must be auto or never, got {resume!r}")
-    manifest = shardspec.read_manifest(recipe.data.shards)
-    splits = manifest["totals"].get("by_split", {})
-    if recipe.data.train_split not in splits:
-        raise ConfigError(f"shard set {recipe.data.shards} has no {recipe.data.train_split!r} split (has: {', '.join(splits) or 'none'})")
+    manifest = _read_train_split(recipe)
     # Absolute URLs: workers run elsewhere (another cwd, another node).
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, shards=storage.absolute(recipe.data.shards)),
+                                 output_dir=storage.absolute(recipe.output_dir))
     store = storage.absolute(recipe.checkpoint.storage_path)
-    recipe = config.from_dict(TrainRecipe, {**config.to_dict(recipe),
-                                            "data": {**config.to_dict(recipe.data), "shards": storage.absolute(recipe.data.shards)},
-                                            "output_dir": storage.absolute(recipe.output_dir)})
     run_store = storage.join(store, recipe.name)
     run_dir = storage.join(recipe.output_dir, recipe.name)
     if resume == "never":
@@ -163,35 +161,13 @@ def run(recipe: TrainRecipe, *, resume: str = "auto", progress: bool = True) -> 
                 storage.remove(url, recursive=True)
     storage.check_writable(store)
     storage.makedirs(run_dir)
-    tokenizer_files = _prepare_tokenizer(recipe, manifest, run_store)
-
+    job = _Job(recipe=recipe, profile=Profile.from_dict(manifest["profile"]), run_dir=run_dir, progress=progress,
+               tokenizer=_prepare_tokenizer(recipe, manifest, run_store), hooks=tuple(hooks))
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", log_to_driver=progress)
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-    if not recipe.scale.use_gpu:
-        env["DS_ACCELERATOR"] = "cpu"
-    resources = {"CPU": recipe.scale.cpus_per_worker, **recipe.scale.resources_per_worker}
-    if recipe.scale.use_gpu:
-        resources["GPU"] = recipe.scale.gpus_per_worker
     pa_fs, pa_path = storage.pyarrow_filesystem(store)
-    trainer = TorchTrainer(
-        _worker_loop,
-        train_loop_config={"recipe": config.to_dict(recipe), "tokenizer": tokenizer_files, "profile": manifest["profile"],
-                           "run_dir": run_dir, "progress": progress},
-        torch_config=TorchConfig(backend="nccl" if recipe.scale.use_gpu else "gloo"),
-        scaling_config=ScalingConfig(num_workers=recipe.scale.num_workers, use_gpu=recipe.scale.use_gpu,
-                                     resources_per_worker=resources, placement_strategy=recipe.scale.placement_strategy),
-        run_config=RunConfig(
-            name=recipe.name, storage_path=pa_path, storage_filesystem=pa_fs,
-            failure_config=FailureConfig(max_failures=recipe.checkpoint.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=recipe.checkpoint.keep_last),
-            worker_runtime_env={"env_vars": env},
-        ),
-    )
-    result = trainer.fit()
-    ckpt_url = None
-    if result.checkpoint is not None:
-        ckpt_url = _to_url(store, pa_path, result.checkpoint.path)
+    result = _torch_trainer(job, pa_fs, pa_path).fit()
+    ckpt_url = _to_url(store, pa_path, result.checkpoint.path) if result.checkpoint is not None else None
     history = read_metrics(run_dir)
     curve = None
     if history:
@@ -200,6 +176,52 @@ def run(recipe: TrainRecipe, *, resume: str = "auto", progress: bool = True) -> 
     metrics = dict(result.metrics or {})
     return TrainResult(name=recipe.name, steps=int(metrics.get("step", 0)), checkpoint=ckpt_url, metrics=metrics,
                        run_dir=run_dir, curve_png=curve, history=history)
+
+
+@dataclass
+class _Job:
+    """What every worker gets (train_loop_config["job"], pickled by Ray)."""
+
+    recipe: TrainRecipe
+    profile: Profile  # the shard set's
+    run_dir: str  # OUTPUT/NAME
+    progress: bool
+    tokenizer: dict[str, bytes] | None  # a small text tower's trained tokenizer files
+    hooks: tuple[Hook, ...] = ()
+
+
+def _read_train_split(recipe: TrainRecipe) -> dict:
+    """The shard set's manifest, refused early when it has no training split."""
+    from radforge import shardspec
+
+    manifest = shardspec.read_manifest(recipe.data.shards)
+    splits = manifest["totals"].get("by_split", {})
+    if recipe.data.train_split not in splits:
+        raise ConfigError(f"shard set {recipe.data.shards} has no {recipe.data.train_split!r} split (has: {', '.join(splits) or 'none'})")
+    return manifest
+
+
+def _torch_trainer(job: _Job, pa_fs, pa_path: str):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    scale, ck = job.recipe.scale, job.recipe.checkpoint
+    resources = {"CPU": scale.cpus_per_worker, **scale.resources_per_worker}
+    if scale.use_gpu:
+        resources["GPU"] = scale.gpus_per_worker
+    return TorchTrainer(
+        _worker_loop,
+        train_loop_config={"job": job},
+        torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=scale.num_workers, use_gpu=scale.use_gpu,
+                                     resources_per_worker=resources, placement_strategy=scale.placement_strategy),
+        run_config=RunConfig(
+            name=job.recipe.name, storage_path=pa_path, storage_filesystem=pa_fs,
+            failure_config=FailureConfig(max_failures=ck.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=ck.keep_last),
+            worker_runtime_env={"env_vars": {} if scale.use_gpu else {"DS_ACCELERATOR": "cpu"}},
+        ),
+    )
 
 
 def _to_url(store: str, pa_path: str, path: str) -> str:
@@ -212,16 +234,19 @@ def _to_url(store: str, pa_path: str, path: str) -> str:
 
 
 def _prepare_tokenizer(recipe: TrainRecipe, manifest: dict, run_store: str) -> dict[str, bytes] | None:
-    """CLIP with a small text tower: one BPE vocabulary for all workers and every resume, trained
-    once on the driver from the training split's reports and kept in the run's storage folder."""
-    if recipe.model.kind != "clip" or recipe.model.text.kind != "small":
+    """Objectives with a small text tower: one BPE vocabulary for all workers and every resume,
+    trained once on the driver from the training split's reports and kept beside the run's
+    checkpoints (`checkpoint.run_tokenizer`)."""
+    from radforge import models
+
+    if not models.get(recipe.model.kind).text_tower or recipe.model.text.kind != "small":
         return None
     from radforge import shardspec
     from radforge.models import text
 
-    saved = storage.join(run_store, "tokenizer")
-    if storage.exists(saved):
-        return {storage.basename(u): storage.read_bytes(u) for u, _ in storage.find_files(saved)}
+    saved = checkpoint.run_tokenizer(run_store)
+    if saved:
+        return saved
 
     def reports():
         n = 0
@@ -235,17 +260,18 @@ def _prepare_tokenizer(recipe: TrainRecipe, manifest: dict, run_store: str) -> d
     tok = text.train_tokenizer(reports(), recipe.model.text)
     with tempfile.TemporaryDirectory() as d:
         tok.save(d)
-        files = {}
-        for name in sorted(os.listdir(d)):
-            with open(os.path.join(d, name), "rb") as f:
-                files[name] = f.read()
-    for name, data in files.items():
-        storage.write_bytes_atomic(storage.join(saved, name), data)
+        files = {name: _read_file(os.path.join(d, name)) for name in sorted(os.listdir(d))}
+    checkpoint.keep_run_tokenizer(run_store, files)
     return files
 
 
+def _read_file(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def read_metrics(run_dir: str) -> list[dict]:
-    url = storage.join(run_dir, "metrics.jsonl")
+    url = storage.join(run_dir, METRICS)
     if not storage.exists(url):
         return []
     return [json.loads(line) for line in storage.read_bytes(url).decode().splitlines() if line.strip()]
@@ -288,307 +314,476 @@ def write_loss_curve(history: list[dict], url: str, *, title: str = "") -> None:
         storage.put_file_atomic(local, url)
 
 
+
 # --------------------------------------------------------------------------------------------
-# Worker
+# Test/debug hooks (passed to `run`, never read from the environment)
+
+
+@dataclass
+class WorkerInfo:
+    """Where a worker stands: what its components and hooks are told at start."""
+
+    rank: int
+    world: int
+    node: str  # Ray node id
+    nodes: int  # distinct nodes of the worker group
+    run_dir: str
+    start_step: int  # 0, or the step of the checkpoint it resumed from
+
+
+class Hook:
+    """Called by every rank's Trainer. Must be picklable: hooks travel to the workers in the
+    worker config. Override what you need."""
+
+    def start(self, info: WorkerInfo) -> None:
+        pass
+
+    def before_step(self, step: int) -> None:
+        """`step`: optimizer steps completed so far."""
+
+    def after_step(self, step: int, keys: list[str]) -> None:
+        """`keys`: the sample keys of the step just completed (this rank's)."""
+
+    def close(self) -> None:
+        pass
+
+
+class TraceSamples(Hook):
+    """Sample keys consumed per step and rank → OUTPUT/NAME/samples/rank-R.jsonl (local OUTPUT)."""
+
+    def start(self, info: WorkerInfo) -> None:
+        self.node = info.node
+        path = os.path.join(storage.url_to_fs(info.run_dir)[1], "samples", f"rank-{info.rank:05d}.jsonl")
+        # a resumed run replays the steps after its checkpoint
+        _keep_rows(path, lambda row: row["step"] <= info.start_step)
+        self.f = open(path, "a")
+
+    def after_step(self, step: int, keys: list[str]) -> None:
+        self.f.write(json.dumps({"step": step, "keys": list(keys), "node": self.node}) + "\n")
+        self.f.flush()
+
+    def close(self) -> None:
+        if getattr(self, "f", None) is not None:
+            self.f.close()
+
+
+@dataclass
+class KillAt(Hook):
+    """Rank `rank` kills its own process (os._exit) when it reaches `step`, once: `marker` (a path
+    every worker can see) is created just before, so the restarted worker group goes on."""
+
+    step: int
+    rank: int
+    marker: str
+
+    def start(self, info: WorkerInfo) -> None:
+        self.armed = info.rank == self.rank
+
+    def before_step(self, step: int) -> None:
+        if self.armed and step == self.step and not os.path.exists(self.marker):
+            with open(self.marker, "w") as f:
+                f.write(str(step))
+            os._exit(17)
+
+
+def _keep_rows(path: str, keep) -> list[str]:
+    """Rewrite a JSON-lines file with only the rows `keep` accepts (none when it is missing)."""
+    rows = []
+    if os.path.exists(path):
+        with open(path) as f:
+            rows = [ln.rstrip("\n") for ln in f if ln.strip() and keep(json.loads(ln))]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.writelines(ln + "\n" for ln in rows)
+    return rows
+
+
+# --------------------------------------------------------------------------------------------
+# Worker: a Trainer built from components
 
 
 def _worker_loop(cfg: dict) -> None:
-    """One Ray Train worker: loader + model + DeepSpeed engine, steps, metrics, checkpoints."""
-    import ray.train
-    import torch
-
-    recipe = config.from_dict(TrainRecipe, cfg["recipe"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    w = _Worker(recipe, rank, world, cfg)
+    """One Ray Train worker: build the Trainer, run it, release it."""
+    trainer = Trainer.build(cfg["job"])
     try:
-        w.train()
+        trainer.train()
     finally:
-        w.close()
-    del torch
+        trainer.close()
 
 
-class _Worker:
-    def __init__(self, recipe: TrainRecipe, rank: int, world: int, cfg: dict):
+class Checkpointer:
+    """Ray Train checkpoints in radforge.checkpoint's layout: the run state to resume from, and a
+    save every `every_steps` and at the last step (every rank, its own local directory)."""
+
+    def __init__(self, rank: int, world: int, every_steps: int, last_step: int):
+        import ray.train
+
+        self.rank, self.world, self.every, self.last = rank, world, every_steps, last_step
+        ckpt = ray.train.get_checkpoint()
+        self.dir = ckpt.to_directory() if ckpt is not None else None
+        self.state = checkpoint.load(self.dir, rank=rank, world_size=world) if self.dir else None
+
+    def load_engine(self, engine) -> None:
+        if self.state is not None:
+            checkpoint.load_engine(self.dir, self.state, engine)
+
+    def due(self, step: int) -> bool:
+        return step % self.every == 0 or step == self.last
+
+    def save(self, state: checkpoint.RunState, engine, metrics: dict) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        with tempfile.TemporaryDirectory(prefix="radforge-ckpt-") as d:
+            checkpoint.save(d, state, engine, rank=self.rank)
+            ray.train.report(_clean(metrics), checkpoint=Checkpoint.from_directory(d))
+
+    def close(self) -> None:
+        if self.dir and os.path.isdir(self.dir):
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class MetricsSink:
+    """metrics.jsonl + TensorBoard events under OUTPUT/NAME (rank 0). Local directories are written
+    in place; a remote OUTPUT is staged locally and uploaded at every checkpoint and at the end."""
+
+    def __init__(self, run_dir: str, resume_step: int):
+        from tensorboardX import SummaryWriter
+
+        self.run_dir = run_dir
+        self.local = storage.is_local(run_dir)
+        self.dir = storage.url_to_fs(run_dir)[1] if self.local else tempfile.mkdtemp(prefix="radforge-metrics-")
+        path = os.path.join(self.dir, METRICS)
+        remote = storage.join(run_dir, METRICS)
+        if not self.local and storage.exists(remote):
+            with open(path, "wb") as f:
+                f.write(storage.read_bytes(remote))
+        # a resumed run rewrites what came after its checkpoint, so the curve has no doubled steps
+        _keep_rows(path, lambda row: row.get("step", 0) <= resume_step)
+        self.f = open(path, "a")
+        self.tb = SummaryWriter(logdir=os.path.join(self.dir, "tb"), purge_step=resume_step + 1 if resume_step else None)
+
+    def write(self, m: dict) -> None:
+        self.f.write(json.dumps({"time": round(time.time(), 3), **_clean(m)}) + "\n")
+        self.f.flush()
+        for k, v in _clean(m).items():
+            if k != "step" and isinstance(v, (int, float)):
+                self.tb.add_scalar(f"train/{k}" if not k.startswith("eval_") else f"eval/{k[5:]}", v, m["step"])
+
+    def flush(self) -> None:
+        self.f.flush()
+        self.tb.flush()
+        if not self.local:
+            fs, path = storage.url_to_fs(self.run_dir)
+            fs.put(self.dir + "/", path.rstrip("/") + "/", recursive=True)  # trailing slashes: the contents
+
+    def close(self) -> None:
+        self.flush()
+        self.f.close()
+        self.tb.close()
+
+
+class Metrics:
+    """Step timing and the logged metrics. Every rank measures and joins the reductions; rank 0
+    writes to its sink (`sink` is None elsewhere) and prints progress."""
+
+    def __init__(self, recipe: TrainRecipe, info: WorkerInfo, sink: MetricsSink | None, progress: bool):
+        self.recipe, self.info, self.sink, self.progress = recipe, info, sink, progress
+        self._reset()
+
+    def _reset(self) -> None:
+        self.window = {"time": 0.0, "wait": 0.0, "steps": 0, "loss": 0.0}
+
+    def step_done(self, loss, wait: float, seconds: float) -> None:
+        """One small all-reduce per step: loss (mean over ranks), wait and time (worst rank)."""
+        import torch
+
+        sums = loss.reshape(1).cpu().clone()
+        torch.distributed.all_reduce(sums)
+        maxes = torch.tensor([float(wait), float(seconds)])
+        torch.distributed.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX)
+        self.window.update(time=self.window["time"] + float(maxes[1]), wait=self.window["wait"] + float(maxes[0]),
+                           steps=self.window["steps"] + 1, loss=float(sums[0]) / self.info.world)
+
+    def due(self, step: int) -> bool:
+        return step % self.recipe.log_every == 0 or step == self.recipe.steps
+
+    def log(self, step: int, lr: float, grad_norm: float, loader) -> dict:
+        """The metrics of the window since the last log (every rank: the loader counters are summed)."""
+        import psutil
+        import torch
+
+        lm = loader.metrics()
+        counters = torch.tensor([float(lm.get("skipped_samples", 0)), float(lm.get("bad_shards", 0))])
+        torch.distributed.all_reduce(counters)
+        w, n = self.window, max(1, self.window["steps"])
+        m = {
+            "step": step, "loss": w["loss"], "lr": lr, "grad_norm": grad_norm,
+            "samples_per_s": self.recipe.global_batch * n / max(w["time"], 1e-9),
+            "step_time_s": w["time"] / n,
+            "data_wait_frac": w["wait"] / max(w["time"], 1e-9),
+            "rss_mb": psutil.Process().memory_info().rss / 1e6,
+            "skipped_samples": int(counters[0]), "bad_shards": int(counters[1]), "nodes": self.info.nodes,
+        }
+        if self.recipe.scale.use_gpu:
+            m["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 1e6
+        self._reset()
+        self.write(m, f"step {step}/{self.recipe.steps}  loss {m['loss']:.4f}  lr {lr:.2e}  "
+                      f"{m['samples_per_s']:.1f} samples/s  data-wait {m['data_wait_frac']:.0%}  "
+                      f"grad-norm {grad_norm:.3g}  rss {m['rss_mb']:.0f} MB")
+        return m
+
+    def write(self, m: dict, line: str) -> None:
+        if self.sink is not None:
+            self.sink.write(m)
+            self.say(line)
+
+    def say(self, line: str) -> None:
+        if self.info.rank == 0 and self.progress:
+            print(f"[radforge train] {line}", flush=True)
+
+    def flush(self) -> None:
+        if self.sink is not None:
+            self.sink.flush()
+
+    def close(self) -> None:
+        if self.sink is not None:
+            self.sink.close()
+
+
+class Validator:
+    """In-loop evaluation (`radforge.evaluate`) on rank 0 with a plain copy of the current weights
+    while the other ranks wait: every `eval.every_steps` and at the last step, when the shard set
+    has the eval split."""
+
+    def __init__(self, recipe: TrainRecipe, info: WorkerInfo, profile: Profile, findings: list[str], tokenizer, device):
+        from radforge import shardspec
+
+        self.recipe, self.info, self.profile, self.findings = recipe, info, profile, findings
+        self.tokenizer, self.device = tokenizer, device
+        splits = shardspec.read_manifest(recipe.data.shards)["totals"].get("by_split", {})
+        self.enabled = recipe.eval.split in splits
+
+    def due(self, step: int) -> bool:
+        every, last = self.recipe.eval.every_steps, self.recipe.steps
+        return step == last or bool(every and step % every == 0 and step < last)
+
+    def run(self, engine, step: int) -> dict:
+        """Collective: every rank calls it. {"eval_<metric>": value} on rank 0, {} elsewhere."""
+        import torch
+
+        from radforge import evaluate
+
+        if not self.enabled:
+            return {}
+        live = self._plain_copy(engine.module)
+        out: dict = {}
+        if self.info.rank == 0:
+            r = self.recipe
+            lm = checkpoint.LoadedModel(
+                model=live, kind=r.model.kind, image=kinds.get(r.data.image), view=r.view, profile=self.profile,
+                model_id=f"{r.name}@{step}", findings=self.findings,
+                prompts={"positive": r.eval.positive_prompt, "negative": r.eval.negative_prompt}, device=str(self.device))
+            with torch.no_grad():
+                out = _eval_scalars(evaluate.run(lm, r.data.shards, split=r.eval.split, cfg=r.eval))
+        torch.distributed.barrier()
+        return out
+
+    def _plain_copy(self, module):
+        """Rank 0: a plain (non-DeepSpeed) copy of the current weights. Under ZeRO-3 the engine's
+        module fetches partitions in forward hooks, a collective the other ranks would have to
+        join; gathering once (every rank) into a copy avoids that and works the same for every
+        stage. None on other ranks."""
         import deepspeed
+
+        from radforge import models
+
+        r = self.recipe
+        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None) \
+            if r.deepspeed.zero_stage == 3 else contextlib.nullcontext()
+        state = None
+        with gather:
+            if self.info.rank == 0:
+                state = {n: t.detach().clone().cpu() for n, t in [*module.named_parameters(), *module.named_buffers()]}
+        if self.info.rank != 0:
+            return None
+        copy = models.build(r.model, r.data.image, kinds.get(r.data.image).view(r.view).input_shape, self.tokenizer,
+                            pretrained=False)
+        copy.load_state_dict(state, strict=False)
+        return copy.to(self.device).eval()
+
+
+def _eval_scalars(res: dict) -> dict:
+    """The headline numbers of an evaluation result, as eval_* metrics."""
+    out = {}
+    for k in ("mean_auroc", "recon_loss"):
+        if res.get(k) is not None and not (isinstance(res[k], float) and math.isnan(res[k])):
+            out[f"eval_{k}"] = float(res[k])
+    for d, ks in (res.get("recall") or {}).items():
+        if isinstance(ks, dict):
+            out.update({f"eval_recall_{d}@{k}": float(v) for k, v in ks.items() if v is not None})
+    return out
+
+
+class Trainer:
+    """One rank's training loop over its components: the DeepSpeed engine, the loader, a
+    Checkpointer, Metrics, a Validator and the hooks. `build` makes them from a job."""
+
+    def __init__(self, recipe: TrainRecipe, info: WorkerInfo, *, engine, optimizer, loader, profile: Profile,
+                 checkpointer: Checkpointer, metrics: Metrics, validator: Validator, hooks: Sequence[Hook] = (),
+                 tokenizer: dict[str, bytes] | None = None, device=None):
+        self.recipe, self.info, self.step = recipe, info, info.start_step
+        self.engine, self.optimizer, self.loader, self.profile = engine, optimizer, loader, profile
+        self.checkpointer, self.metrics, self.validator, self.hooks = checkpointer, metrics, validator, list(hooks)
+        self.tokenizer, self.device = tokenizer, device
+
+    @classmethod
+    def build(cls, job: _Job) -> "Trainer":
+        import deepspeed
+        import ray
         import ray.train
         import torch
 
         from radforge import loader as loader_mod
         from radforge import models
 
-        self.recipe, self.rank, self.world = recipe, rank, world
-        self.run_dir, self.profile, self.progress = cfg["run_dir"], cfg["profile"], cfg["progress"]
-        self.tokenizer_files = cfg["tokenizer"]
-        ds = recipe.deepspeed
-        if recipe.scale.use_gpu:
-            self.device = ray.train.torch.get_device()
-            torch.cuda.set_device(self.device)
-        else:
-            self.device = torch.device("cpu")
-            # Ray gives each worker its CPU share; torch would otherwise start one thread per core
-            # in every worker and they would fight over the same cores.
-            torch.set_num_threads(max(1, int(recipe.scale.cpus_per_worker)))
-        deepspeed.init_distributed(dist_backend="nccl" if recipe.scale.use_gpu else "gloo")
-        import ray
-
+        r = job.recipe
+        ctx = ray.train.get_context()
+        rank, world = ctx.get_world_rank(), ctx.get_world_size()
+        device = _setup_device(r)
+        deepspeed.init_distributed(dist_backend="nccl" if r.scale.use_gpu else "gloo")
         nodes: list = [None] * world
         torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-        self.nodes = nodes  # node id per rank (placement is checked by tests, reported as a count)
+        ckpt = Checkpointer(rank, world, r.checkpoint.every_steps, r.steps)
+        info = WorkerInfo(rank=rank, world=world, node=nodes[rank], nodes=len(set(nodes)), run_dir=job.run_dir,
+                          start_step=ckpt.state.step if ckpt.state else 0)
 
-        self.step, loader_state, self.ckpt_dir, state = 0, None, None, None
-        ckpt = ray.train.get_checkpoint()
-        if ckpt is not None:
-            self.ckpt_dir = ckpt.to_directory()
-            with open(os.path.join(self.ckpt_dir, STATE)) as f:
-                state = json.load(f)
-            if state["world_size"] != world:
-                raise ConfigError(f"checkpoint was written by {state['world_size']} workers, this run has {world}: "
-                                  "resume with the same scale.num_workers, or export it and start a new run with model.init_from")
-            with open(os.path.join(self.ckpt_dir, "loader", f"rank-{rank:05d}.json")) as f:
-                loader_state = json.load(f)
-            self.step = int(state["step"])
-
-        self.tokenizer = _tokenizer_from_files(self.tokenizer_files)
-        self.view = kinds.get(recipe.data.image).view(recipe.view)
-        torch.manual_seed(recipe.seed)  # same initial weights on every rank
+        tokenizer = _tokenizer_from_files(job.tokenizer)
+        input_shape = kinds.get(r.data.image).view(r.view).input_shape
+        torch.manual_seed(r.seed)  # same initial weights on every rank
         # pretrained: outside weights (model.init_from, an HF text tower) only for a fresh start;
         # a resumed run gets every weight from its checkpoint.
-        model = models.build(recipe.model, recipe.data.image, self.view.input_shape, self.tokenizer,
-                             pretrained=ckpt is None, activation_checkpointing=ds.activation_checkpointing)
-        self.scalars = _scalars_as_vectors(model)
-        self.loader = loader_mod.build_loader(
-            recipe.data, recipe.view, split=recipe.data.train_split, batch_size=ds.micro_batch, rank=rank,
-            world_size=world, seed=recipe.seed, train=True, findings=recipe.eval.findings or None, state=loader_state)
-        self.findings = list(self.loader.findings)
-        self.engine, self.optimizer, _, self.scheduler = deepspeed.initialize(
-            model=model, model_parameters=_param_groups(model, recipe.optim.weight_decay),
-            config=deepspeed_config(recipe),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(recipe, s)))
-        if self.ckpt_dir is not None:
-            path, _ = self.engine.load_checkpoint(os.path.join(self.ckpt_dir, "ds"), tag=state["tag"])
-            if path is None:
-                raise RuntimeError("DeepSpeed could not load the checkpoint's engine state")
-        self.sink = _MetricsSink(self.run_dir, resume_step=self.step) if rank == 0 else None
-        self.trace = None
-        if os.environ.get("RADFORGE_TRACE_SAMPLES"):
-            self.trace = _Trace(self.run_dir, rank, self.nodes[rank], self.step)
-        self.fault = _Fault.from_env(rank)
+        model = models.build(r.model, r.data.image, input_shape, tokenizer, pretrained=ckpt.state is None,
+                             activation_checkpointing=r.deepspeed.activation_checkpointing)
+        loader = loader_mod.build_loader(
+            r.data, r.view, split=r.data.train_split, batch_size=r.deepspeed.micro_batch, rank=rank, world_size=world,
+            seed=r.seed, train=True, findings=r.eval.findings or None, state=ckpt.state.loader if ckpt.state else None)
+        engine, optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=_param_groups(model, r.optim.weight_decay), config=deepspeed_config(r),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(r, s)))
+        ckpt.load_engine(engine)
+        for h in job.hooks:
+            h.start(info)
+        return cls(r, info, engine=engine, optimizer=optimizer, loader=loader, profile=job.profile, checkpointer=ckpt,
+                   metrics=Metrics(r, info, MetricsSink(job.run_dir, info.start_step) if rank == 0 else None, job.progress),
+                   validator=Validator(r, info, job.profile, list(loader.findings), tokenizer, device),
+                   hooks=job.hooks, tokenizer=checkpoint.tokenizer_files(model) if rank == 0 else None, device=device)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
-        import torch
-
-        r = self.recipe
-        accum = r.deepspeed.grad_accum
-        it = iter(self.loader)
-        window = {"time": 0.0, "wait": 0.0, "steps": 0}
+        r, ds = self.recipe, self.recipe.deepspeed
+        self.metrics.say(f"{r.name}: steps {self.step}→{r.steps}, {self.info.world} worker(s), ZeRO-{ds.zero_stage}, "
+                         f"global batch {r.global_batch} = {ds.micro_batch} × {ds.grad_accum} × {self.info.world}")
+        batches = _forever(self.loader)
         last_saved = self.step
-        if self.rank == 0 and self.progress:
-            print(f"[radforge train] {r.name}: steps {self.step}→{r.steps}, {self.world} worker(s), ZeRO-{r.deepspeed.zero_stage}, "
-                  f"global batch {r.global_batch} = {r.deepspeed.micro_batch} × {accum} × {self.world}", flush=True)
         while self.step < r.steps:
-            if self.fault is not None:
-                self.fault.maybe_die(self.step)
-            t0 = time.perf_counter()
-            wait, losses, keys = 0.0, [], []
-            lr_used, grad_norm = None, None
-            for micro in range(accum):
-                tw = time.perf_counter()
-                try:
-                    batch = next(it)
-                except StopIteration:  # one pass ended (train loaders normally never end)
-                    it = iter(self.loader)
-                    batch = next(it)
-                wait += time.perf_counter() - tw
-                keys.extend(batch["key"])
-                batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
-                # MAE masks (torch's global RNG) are a function of (seed, step, micro, rank): a
-                # resumed run draws what the uninterrupted one would have.
-                torch.manual_seed(_mix(r.seed, self.step, micro, self.rank))
-                out = self.engine(batch)
-                loss = out["loss"]
-                self.engine.backward(loss)
-                if micro == accum - 1:
-                    lr_used = self.optimizer.param_groups[0]["lr"]
-                    if r.deepspeed.zero_stage == 0:
-                        grad_norm = _grad_norm(self.engine.module)
-                self.engine.step()
-                losses.append(loss.detach().float())
+            for h in self.hooks:
+                h.before_step(self.step)
+            lr, grad_norm, keys = self._step(batches)
             self.step += 1
-            if grad_norm is None:
-                g = self.engine.get_global_grad_norm()
-                grad_norm = float(g) if g is not None else float("nan")
-            # one small all-reduce per step: loss (mean), wait and time (worst rank)
-            dt = time.perf_counter() - t0
-            red = torch.stack([torch.stack(losses).mean().cpu(), torch.tensor(float(wait)), torch.tensor(float(dt))])
-            sums = red[:1].clone()
-            torch.distributed.all_reduce(sums)
-            maxes = red[1:].clone()
-            torch.distributed.all_reduce(maxes, op=torch.distributed.ReduceOp.MAX)
-            window["time"] += float(maxes[1])
-            window["wait"] += float(maxes[0])
-            window["steps"] += 1
-            if self.trace is not None:
-                self.trace.write(self.step, keys)
-            metrics = None
-            if self.step % r.log_every == 0 or self.step == r.steps:
-                metrics = self._metrics(float(sums[0]) / self.world, lr_used, grad_norm, window)
-                window = {"time": 0.0, "wait": 0.0, "steps": 0}
-            if r.eval.every_steps and self.step % r.eval.every_steps == 0 and self.step < r.steps:
-                metrics = {**(metrics or {"step": self.step}), **self._evaluate()}
-            if self.step == r.steps:
-                metrics = {**(metrics or {"step": self.step}), **self._evaluate()}
-            if self.step % r.checkpoint.every_steps == 0 or self.step == r.steps:
+            for h in self.hooks:
+                h.after_step(self.step, keys)
+            metrics = self.metrics.log(self.step, lr, grad_norm, self.loader) if self.metrics.due(self.step) else None
+            if self.validator.due(self.step):
+                metrics = {**(metrics or {"step": self.step}), **self._validate()}
+            if self.checkpointer.due(self.step):
                 self._save(metrics or {"step": self.step})
                 last_saved = self.step
             elif metrics is not None:
-                self._report(metrics)
+                import ray.train
+
+                ray.train.report(_clean(metrics))
         if last_saved != self.step:  # resumed at the end already
             self._save({"step": self.step})
 
-    def _metrics(self, loss: float, lr: float, grad_norm: float, window: dict) -> dict:
-        import psutil
+    def _step(self, batches: Iterator[dict]) -> tuple[float, float, list[str]]:
+        """One optimizer step of grad_accum micro-batches → (lr used, grad norm, sample keys)."""
         import torch
 
-        lm = self.loader.metrics()
-        counters = torch.tensor([float(lm.get("skipped_samples", 0)), float(lm.get("bad_shards", 0))])
-        torch.distributed.all_reduce(counters)
-        n = max(1, window["steps"])
-        m = {
-            "step": self.step,
-            "loss": loss,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "samples_per_s": self.recipe.global_batch * n / max(window["time"], 1e-9),
-            "step_time_s": window["time"] / n,
-            "data_wait_frac": window["wait"] / max(window["time"], 1e-9),
-            "rss_mb": psutil.Process().memory_info().rss / 1e6,
-            "skipped_samples": int(counters[0]),
-            "bad_shards": int(counters[1]),
-            "nodes": len(set(self.nodes)),
-        }
-        if self.recipe.scale.use_gpu:
-            m["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 1e6
-        if self.sink is not None:
-            self.sink.write(m)
-            if self.progress:
-                print(f"[radforge train] step {self.step}/{self.recipe.steps}  loss {loss:.4f}  lr {lr:.2e}  "
-                      f"{m['samples_per_s']:.1f} samples/s  data-wait {m['data_wait_frac']:.0%}  "
-                      f"grad-norm {grad_norm:.3g}  rss {m['rss_mb']:.0f} MB", flush=True)
-        return m
+        r, accum = self.recipe, self.recipe.deepspeed.grad_accum
+        t0 = time.perf_counter()
+        wait, losses, keys = 0.0, [], []
+        lr_used, grad_norm = None, None
+        for micro in range(accum):
+            tw = time.perf_counter()
+            batch = next(batches)
+            wait += time.perf_counter() - tw
+            keys.extend(batch["key"])
+            batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            # MAE masks (torch's global RNG) are a function of (seed, step, micro, rank): a
+            # resumed run draws what the uninterrupted one would have.
+            torch.manual_seed(_mix(r.seed, self.step, micro, self.info.rank))
+            loss = self.engine(batch)["loss"]
+            self.engine.backward(loss)
+            if micro == accum - 1:
+                lr_used = self.optimizer.param_groups[0]["lr"]
+                if r.deepspeed.zero_stage == 0:  # DeepSpeed reports no global norm without ZeRO
+                    grad_norm = _grad_norm(self.engine.module)
+            self.engine.step()
+            losses.append(loss.detach().float())
+        if grad_norm is None:
+            g = self.engine.get_global_grad_norm()
+            grad_norm = float(g) if g is not None else float("nan")
+        self.metrics.step_done(torch.stack(losses).mean(), wait, time.perf_counter() - t0)
+        return lr_used, grad_norm, keys
 
-    def _evaluate(self) -> dict:
-        """In-loop evaluation on rank 0 with a plain copy of the current weights while the other
-        ranks wait. Needs radforge.evaluate and the eval split; otherwise nothing."""
-        import importlib.util
-
-        import torch
-
-        from radforge import shardspec
-
-        if importlib.util.find_spec("radforge.evaluate") is None:
-            return {}
-        m = shardspec.read_manifest(self.recipe.data.shards)
-        if self.recipe.eval.split not in m["totals"].get("by_split", {}):
-            return {}
-        from radforge import checkpoint, evaluate
-
-        live = self._plain_copy()
-        out: dict = {}
-        if self.rank == 0:
-            lm = checkpoint.LoadedModel(
-                model=live, kind=self.recipe.model.kind, image=self.recipe.data.image, view=self.recipe.view,
-                profile=self.profile, model_id=f"{self.recipe.name}@{self.step}", findings=self.findings,
-                prompts={"positive": self.recipe.eval.positive_prompt, "negative": self.recipe.eval.negative_prompt},
-                device=str(self.device))
-            with torch.no_grad():
-                res = evaluate.run(lm, self.recipe.data.shards, split=self.recipe.eval.split, cfg=self.recipe.eval)
-            for k in ("mean_auroc", "recon_loss"):
-                if res.get(k) is not None and not (isinstance(res[k], float) and math.isnan(res[k])):
-                    out[f"eval_{k}"] = float(res[k])
-            for d, ks in (res.get("recall") or {}).items():
-                if isinstance(ks, dict):
-                    out.update({f"eval_recall_{d}@{k}": float(v) for k, v in ks.items() if v is not None})
-            if self.sink is not None and out:
-                self.sink.write({"step": self.step, **out})
-                if self.progress:
-                    print(f"[radforge train] eval @ step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items()), flush=True)
-        torch.distributed.barrier()
+    def _validate(self) -> dict:
+        out = self.validator.run(self.engine, self.step)
+        if out:
+            self.metrics.write({"step": self.step, **out},
+                               f"eval @ step {self.step}: " + "  ".join(f"{k} {v:.4f}" for k, v in out.items()))
         return out
 
-    def _plain_copy(self):
-        """Rank 0: a plain (non-DeepSpeed) copy of the current weights, for evaluation. Under
-        ZeRO-3 the engine's module fetches partitions in forward hooks, a collective the other
-        ranks would have to join; gathering once (every rank) into a copy avoids that and works
-        the same for every stage. None on other ranks."""
-        import deepspeed
-
-        from radforge import models
-
-        module = self.engine.module
-        gather = deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None) \
-            if self.recipe.deepspeed.zero_stage == 3 else _Null()
-        state = None
-        with gather:
-            if self.rank == 0:
-                state = {n: (p.detach().reshape(()) if n in self.scalars else p.detach()).clone().cpu()
-                         for n, p in module.named_parameters()}
-                state.update({n: b.detach().clone().cpu() for n, b in module.named_buffers()})
-        if self.rank != 0:
-            return None
-        copy = models.build(self.recipe.model, self.recipe.data.image, self.view.input_shape, self.tokenizer, pretrained=False)
-        copy.load_state_dict(state, strict=False)
-        return copy.to(self.device).eval()
-
-    def _report(self, metrics: dict) -> None:
-        import ray.train
-
-        ray.train.report(_clean(metrics))
+    def run_state(self) -> checkpoint.RunState:
+        return checkpoint.RunState(step=self.step, world_size=self.info.world, recipe=self.recipe, profile=self.profile,
+                                   findings=list(self.loader.findings), tokenizer=self.tokenizer,
+                                   loader=self.loader.state_dict())
 
     def _save(self, metrics: dict) -> None:
-        """Every rank: DeepSpeed shard + loader position into its own local dir; rank 0 also the
-        step, recipe, profile and tokenizer. Ray Train merges the ranks' dirs into one checkpoint."""
-        import ray.train
-        from ray.train import Checkpoint
-
-        tag = f"step{self.step:08d}"
-        with tempfile.TemporaryDirectory(prefix="radforge-ckpt-") as d:
-            self.engine.save_checkpoint(os.path.join(d, "ds"), tag=tag)
-            os.makedirs(os.path.join(d, "loader"), exist_ok=True)
-            with open(os.path.join(d, "loader", f"rank-{self.rank:05d}.json"), "w") as f:
-                json.dump(self.loader.state_dict(), f)
-            if self.rank == 0:
-                state = {"step": self.step, "tag": tag, "world_size": self.world, "recipe": config.to_dict(self.recipe),
-                         "profile": self.profile, "findings": self.findings, "kind": self.recipe.model.kind,
-                         "image": self.recipe.data.image, "zero_stage": self.recipe.deepspeed.zero_stage,
-                         "scalar_params": self.scalars}
-                with open(os.path.join(d, STATE), "w") as f:
-                    json.dump(state, f, indent=1)
-                if self.tokenizer_files:
-                    os.makedirs(os.path.join(d, "tokenizer"))
-                    for name, data in self.tokenizer_files.items():
-                        with open(os.path.join(d, "tokenizer", name), "wb") as f:
-                            f.write(data)
-            if self.sink is not None:
-                self.sink.flush()
-            ray.train.report(_clean(metrics), checkpoint=Checkpoint.from_directory(d))
+        self.metrics.flush()  # a remote OUTPUT is uploaded with every checkpoint
+        self.checkpointer.save(self.run_state(), self.engine, metrics)
 
     def close(self) -> None:
-        if self.sink is not None:
-            self.sink.close()
-        if self.trace is not None:
-            self.trace.close()
-        if self.ckpt_dir and os.path.isdir(self.ckpt_dir):
-            shutil.rmtree(self.ckpt_dir, ignore_errors=True)
+        self.metrics.close()
+        for h in self.hooks:
+            h.close()
+        self.checkpointer.close()
 
 
-class _Null:
-    def __enter__(self):
-        return self
+def _setup_device(recipe: TrainRecipe):
+    import ray.train
+    import torch
 
-    def __exit__(self, *exc):
-        return False
+    if recipe.scale.use_gpu:
+        device = ray.train.torch.get_device()
+        torch.cuda.set_device(device)
+        return device
+    # Ray gives each worker its CPU share; torch would otherwise start one thread per core in
+    # every worker and they would fight over the same cores.
+    torch.set_num_threads(max(1, int(recipe.scale.cpus_per_worker)))
+    return torch.device("cpu")
+
+
+def _forever(loader) -> Iterator[dict]:
+    """The loader's batches, pass after pass (train loaders normally never end); an empty pass ends it."""
+    while True:
+        n = 0
+        for n, batch in enumerate(loader, 1):
+            yield batch
+        if n == 0:
+            return
 
 
 def _clean(m: dict) -> dict:
@@ -608,46 +803,12 @@ def _grad_norm(module) -> float:
     return float(torch.linalg.vector_norm(torch.stack(norms))) if norms else 0.0
 
 
-def _scalars_as_vectors(model) -> list[str]:
-    """0-dim parameters (CLIP's logit_scale) become shape [1] for DeepSpeed, whose model broadcast
-    (0.19.8) views every parameter as bytes, which torch refuses for 0-dim tensors. Broadcasting
-    keeps the maths identical; state_dict hooks keep the checkpointed module state 0-dim, and
-    state.json lists the names so export restores the shape in ZeRO-consolidated weights too."""
-    import torch
-
-    names = []
-    for mod_name, mod in model.named_modules():
-        for n, p in list(mod._parameters.items()):
-            if p is not None and p.dim() == 0:
-                mod._parameters[n] = torch.nn.Parameter(p.detach().reshape(1), requires_grad=p.requires_grad)
-                names.append(f"{mod_name}.{n}" if mod_name else n)
-    if names:
-        wanted = set(names)
-
-        def squeeze(module, state, prefix, local_metadata):
-            for k in list(state):
-                # ZeRO-3 module states hold empty placeholders: only whole values are reshaped
-                if k.startswith(prefix) and k[len(prefix):] in wanted and state[k].numel() == 1:
-                    state[k] = state[k].reshape(())
-            return state
-
-        def unsqueeze(state, prefix, *args):
-            for k in list(state):
-                if k.startswith(prefix) and k[len(prefix):] in wanted and state[k].dim() == 0:
-                    state[k] = state[k].reshape(1)
-
-        model._register_state_dict_hook(squeeze)
-        model._register_load_state_dict_pre_hook(unsqueeze)
-    return names
-
-
 def _param_groups(model, weight_decay: float) -> list[dict]:
-    """No weight decay on biases, norms, embeddings' scalars (ndim < 2) and the CLIP temperature."""
+    """No weight decay on parameters with ndim < 2: biases, norms, CLIP's temperature (shape [1])."""
     decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (no_decay if p.ndim < 2 or "logit_scale" in name else decay).append(p)
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}]
     if no_decay:
         groups.append({"params": no_decay, "weight_decay": 0.0})
@@ -664,94 +825,3 @@ def _tokenizer_from_files(files: dict[str, bytes] | None):
             with open(os.path.join(d, name), "wb") as f:
                 f.write(data)
         return text.Tokenizer.load(d)
-
-
-class _MetricsSink:
-    """metrics.jsonl + TensorBoard events under OUTPUT/NAME. Local directories are written in place;
-    a remote OUTPUT is staged locally and uploaded at every checkpoint and at the end."""
-
-    def __init__(self, run_dir: str, resume_step: int):
-        from tensorboardX import SummaryWriter
-
-        self.run_dir = run_dir
-        self.local = storage.is_local(run_dir)
-        self.dir = storage.url_to_fs(run_dir)[1] if self.local else tempfile.mkdtemp(prefix="radforge-metrics-")
-        os.makedirs(self.dir, exist_ok=True)
-        path = os.path.join(self.dir, "metrics.jsonl")
-        old = [] if self.local or not storage.exists(storage.join(run_dir, "metrics.jsonl")) else \
-            storage.read_bytes(storage.join(run_dir, "metrics.jsonl")).decode().splitlines()
-        if self.local and os.path.exists(path):
-            with open(path) as f:
-                old = f.read().splitlines()
-        # a resumed run rewrites what came after its checkpoint, so the curve has no doubled steps
-        keep = [ln for ln in old if ln.strip() and json.loads(ln).get("step", 0) <= resume_step]
-        with open(path, "w") as f:
-            f.writelines(ln + "\n" for ln in keep)
-        self.f = open(path, "a")
-        self.tb = SummaryWriter(logdir=os.path.join(self.dir, "tb"), purge_step=resume_step + 1 if resume_step else None)
-
-    def write(self, m: dict) -> None:
-        self.f.write(json.dumps({"time": round(time.time(), 3), **_clean(m)}) + "\n")
-        self.f.flush()
-        for k, v in m.items():
-            if k != "step" and isinstance(v, (int, float)) and not (isinstance(v, float) and math.isnan(v)):
-                self.tb.add_scalar(f"train/{k}" if not k.startswith("eval_") else f"eval/{k[5:]}", v, m["step"])
-
-    def flush(self) -> None:
-        self.f.flush()
-        self.tb.flush()
-        if not self.local:
-            for root, _, files in os.walk(self.dir):
-                for name in files:
-                    p = os.path.join(root, name)
-                    storage.put_file_atomic(p, storage.join(self.run_dir, os.path.relpath(p, self.dir)))
-
-    def close(self) -> None:
-        self.flush()
-        self.f.close()
-        self.tb.close()
-
-
-class _Trace:
-    """Sample keys consumed per step and rank (RADFORGE_TRACE_SAMPLES=1)."""
-
-    def __init__(self, run_dir: str, rank: int, node: str, resume_step: int):
-        d = os.path.join(storage.url_to_fs(run_dir)[1], "samples")
-        os.makedirs(d, exist_ok=True)
-        self.node = node
-        path = os.path.join(d, f"rank-{rank:05d}.jsonl")
-        keep = []
-        if os.path.exists(path):  # a resumed run replays the steps after its checkpoint
-            with open(path) as f:
-                keep = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
-        with open(path, "w") as f:
-            f.writelines(keep)
-        self.f = open(path, "a")
-
-    def write(self, step: int, keys: list[str]) -> None:
-        self.f.write(json.dumps({"step": step, "keys": list(keys), "node": self.node}) + "\n")
-        self.f.flush()
-
-    def close(self) -> None:
-        self.f.close()
-
-
-class _Fault:
-    """RADFORGE_FAULT_AT=STEP:RANK:MARKER: that rank dies at STEP once (the marker records it)."""
-
-    def __init__(self, step: int, marker: str):
-        self.at, self.marker = step, marker
-
-    @classmethod
-    def from_env(cls, rank: int):
-        spec = os.environ.get("RADFORGE_FAULT_AT")
-        if not spec:
-            return None
-        step, r, marker = spec.split(":", 2)
-        return cls(int(step), marker) if int(r) == rank else None
-
-    def maybe_die(self, step: int) -> None:
-        if step == self.at and not os.path.exists(self.marker):
-            with open(self.marker, "w") as f:
-                f.write(str(step))
-            os._exit(17)

@@ -132,3 +132,22 @@ def test_clear_errors_for_things_that_are_not_checkpoints_or_models(tmp_path):
         checkpoint.load_for_inference(str(tmp_path / "empty"))
     with pytest.raises(ConfigError, match="not a radforge training checkpoint"):
         checkpoint.load(str(tmp_path / "empty"))
+
+
+def test_write_model_makes_a_directory_load_for_inference_rebuilds(tmp_path):
+    """A live model (no training run) in the export layout: a small-tower CLIP keeps its tokenizer."""
+    from radforge.config import ModelConfig, TextConfig, ViewConfig
+    from radforge.models import text
+
+    cfg = ModelConfig(kind="clip", patch_xray=8, embed_dim=16, text=TextConfig(vocab_size=100, max_len=16, width=32, depth=1, heads=2))
+    view = ViewConfig(xray_size=16, rand_crop=False)
+    torch.manual_seed(0)
+    model = models.build(cfg, kinds.XRAY, kinds.XRAY.view(view).input_shape, text.train_tokenizer(REPORTS * 4, cfg.text)).eval()
+    out = checkpoint.write_model(str(tmp_path / "m"), model, image="xray", model_cfg=cfg, view=view, profile=Profile(),
+                                 model_id="live", findings=["nodule"], prompts={"positive": "{finding}.", "negative": "no {finding}."})
+    lm = checkpoint.load_for_inference(out)
+    assert (lm.model_id, lm.image, lm.findings, lm.view) == ("live", kinds.XRAY, ["nodule"], view)
+    images = torch.rand(2, *kinds.XRAY.view(view).input_shape)
+    with torch.no_grad():
+        assert torch.equal(lm.embed_texts(REPORTS), model.embed_text(REPORTS))
+        assert torch.equal(lm.embed_images(images), model.embed_image(images))

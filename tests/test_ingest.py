@@ -370,3 +370,23 @@ def test_report_and_label_tables_read_the_same_from_csv_parquet_and_jsonl(corpus
             assert maps[0][st.accession] == {f: st.findings.get(f) for f in phantoms.FINDINGS}
     # CheXpert cells: 1 / 0 / -1 / blank; anything else is missing, never a guess.
     assert [ingest._label(v) for v in ("1", "0", "-1", "", None, "1.0", "maybe", float("nan"))] == [1, 0, -1, None, None, 1, None, None]
+
+
+def test_index_rows_and_plan_items_cross_the_arrow_edge_unchanged(tmp_path):
+    """What a Ray task hands the next one (index rows, plan items as Arrow columns) is exactly
+    what dicom produced: no field dropped or retyped at the edge."""
+    from radforge import dicom
+
+    st = phantoms.make_study(phantoms.make_patient(0))
+    ct = phantoms.ct_series(tmp_path / "ct", st, n_slices=10, rows=32, cols=32)
+    xr = phantoms.xray(tmp_path / "dx.dcm", st, rows=40, cols=32)
+    rows = []
+    for p in [*ct.paths, xr.path, __file__]:
+        with open(p, "rb") as f:
+            rows.append(dicom.scan(p, os.path.getsize(p), f))
+    back = ingest._index_rows(ingest._index_table(rows))
+    assert back == rows
+    ctx = dicom.PlanContext(IngestRecipe(), deid.Pseudonymizer(b"k"))
+    items = [it for g in {r["group_key"] for r in rows} for it in dicom.plan_group([r for r in rows if r["group_key"] == g], ctx)]
+    assert sorted(it.status for it in items) == ["planned", "planned", "rejected"]
+    assert ingest._items_of(ingest._items_table(items)) == items

@@ -454,8 +454,7 @@ def _scan_batch(batch: pa.Table) -> pa.Table:
 
 def _index_table(rows: list[dict]) -> pa.Table:
     """Scanned index rows (`dicom.scan`) → an INDEX_SCHEMA table."""
-    for r in rows:
-        r["safe"] = json.dumps(r["safe"], sort_keys=True) if r["safe"] is not None else None
+    rows = [{**r, "safe": json.dumps(r["safe"], sort_keys=True) if r["safe"] is not None else None} for r in rows]
     return pa.Table.from_pylist(rows, schema=dicom.INDEX_SCHEMA)
 
 

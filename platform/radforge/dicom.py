@@ -540,11 +540,10 @@ def plan_group(rows: list[dict], ctx: PlanContext) -> list[PlanItem]:
             out.append(_disposition([r], *why))
         else:
             by_kind.setdefault(kind, []).append(r)
-    for kind in kinds.KINDS.values():
-        krows = by_kind.get(kind, [])
+    for kind, krows in by_kind.items():
         rules = _RULES[kind]
         # A CT series is one sample of all its rows; each radiograph is a sample of its own.
-        for sample_rows in ([r] for r in krows) if rules.per_file else ([krows] if krows else []):
+        for sample_rows in [[r] for r in krows] if rules.per_file else [krows]:
             try:
                 out.append(rules.plan(sample_rows, ctx))
             except Reject as rej:

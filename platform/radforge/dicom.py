@@ -28,7 +28,6 @@ so the index is a private artifact. Reason codes and exception messages never co
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import io
 import logging
 import math

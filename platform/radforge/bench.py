@@ -632,27 +632,17 @@ def format_stream(r: dict) -> str:
 
 def _bench_model(root: str) -> str:
     """A tiny MAE X-ray model dir in the exported format, random weights (cost only)."""
-    import json
-
     import torch
-    from safetensors.torch import save_file
 
-    from radforge import checkpoint, config, kinds, models
-    from radforge.transforms import Profile
+    from radforge import checkpoint, kinds, models
     from radforge.config import IngestRecipe, ModelConfig, ViewConfig
+    from radforge.transforms import Profile
 
     torch.manual_seed(0)
     view, cfg = ViewConfig(rand_crop=False), ModelConfig(kind="mae", preset="tiny")
     model = models.build(cfg, kinds.XRAY, kinds.XRAY.view(view).input_shape, pretrained=False)
-    out = os.path.join(root, "bench-model")
-    os.makedirs(out, exist_ok=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}, os.path.join(out, checkpoint.WEIGHTS))
-    meta = {"kind": "mae", "image": "xray", "model": config.to_dict(cfg), "view": config.to_dict(view),
-            "profile": Profile.from_recipe(IngestRecipe()).to_dict(), "findings": [], "prompts": {}, "recipe": {}, "step": 0,
-            "model_id": "bench-mae-xray"}
-    with open(os.path.join(out, checkpoint.MODEL_JSON), "w") as f:
-        json.dump(meta, f)
-    return out
+    return checkpoint.write_model(os.path.join(root, "bench-model"), model, image=kinds.XRAY, model_cfg=cfg, view=view,
+                                  profile=Profile.from_recipe(IngestRecipe()), model_id="bench-mae-xray")
 
 
 def _load(url: str, payload: bytes, concurrency: int, n: int, headers: dict | None = None) -> dict:

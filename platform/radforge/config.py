@@ -170,7 +170,6 @@ class IngestRecipe(Section):
 # the global batch); radforge.train derives the DeepSpeed config from these fields and nowhere else.
 # ---------------------------------------------------------------------------------------------
 
-MODEL_KINDS = ("mae", "clip")
 VIT_PRESETS = ("tiny", "small", "base", "large")
 IMAGE_KINDS = tuple(kinds.KINDS)  # ct = 3D volumes (CT); xray = 2D images (CR, DX)
 
@@ -270,7 +269,7 @@ class ModelConfig(Section):
     text: TextConfig = field(default_factory=TextConfig)  # CLIP: the text tower
 
     def __post_init__(self):
-        _choice("model.kind", self.kind, MODEL_KINDS)
+        _choice("model.kind", self.kind, tuple(_objectives()))
         _choice("model.preset", self.preset, VIT_PRESETS)
         _positive("model.patch_ct", self.patch_ct, n=3)
         self.patch_ct = tuple(int(v) for v in self.patch_ct)
@@ -399,8 +398,8 @@ class TrainRecipe(Section):
             raise SettingError("name must be a non-empty string")
         if self.steps < 1 or self.log_every < 1:
             raise SettingError("steps and log_every must be >= 1")
-        if self.model.kind == "clip":
-            self.data.require_report = True
+        if _objectives()[self.model.kind].require_report:
+            self.data.require_report = True  # an objective that trains on pairs skips report-less samples
         if self.data.image == "ct":
             bad = [s for s, p in zip(self.view.ct_size, self.model.patch_ct) if s % p]
             if bad:
@@ -692,6 +691,15 @@ def _at_least(key: str, value, low) -> None:
 def _above(key: str, value, low) -> None:
     if not value > low:
         raise SettingError(f"{key} must be > {low}, got {value!r}")
+
+
+def _objectives() -> dict:
+    """The objective registry (`radforge.models.REGISTRY`), the one list of model kinds. Imported
+    when a training recipe is validated, not with this module: models import config, and only
+    training recipes need torch."""
+    from radforge import models
+
+    return models.REGISTRY
 
 
 def _choice(key: str, value: str, choices: tuple[str, ...]) -> None:

@@ -1,11 +1,11 @@
 """radforge.train + radforge.checkpoint on real Ray Train + DeepSpeed (CPU, gloo).
 
-One module-scoped ingest of a phantom corpus (CT + X-ray, findings in pixels and reports) feeds
-every test. The exactness tests (ZeRO stages, kill-a-worker, resume across runs, export) train a
-tiny CLIP on a ONE-shard X-ray set with no shuffle: with one shard the loader strides samples
-across ranks (rank r takes slots r, r+S, ...), so the union of the ranks' micro-batches at every
-step is exactly the 1-worker batch, and CLIP's loss (negatives all-gathered) depends on the global
-batch only. Loss trajectories are then comparable step by step.
+The session's one ingest of a phantom corpus (conftest `ingested_corpus`: CT + X-ray, findings in
+pixels and reports) feeds every test. The exactness tests (ZeRO stages, kill-a-worker, resume
+across runs, export) train a tiny CLIP on a ONE-shard X-ray set with no shuffle: with one shard
+the loader strides samples across ranks (rank r takes slots r, r+S, ...), so the union of the
+ranks' micro-batches at every step is exactly the 1-worker batch, and CLIP's loss (negatives
+all-gathered) depends on the global batch only. Loss trajectories are then comparable step by step.
 """
 
 from __future__ import annotations
@@ -22,9 +22,9 @@ import numpy as np
 import pytest
 import torch
 
-from radforge import checkpoint, config, kinds, phantoms, shardspec, storage, train
+from radforge import checkpoint, config, kinds, shardspec, storage, train
 from radforge.transforms import Profile
-from radforge.config import IngestRecipe, TrainRecipe
+from radforge.config import TrainRecipe
 from radforge.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,16 +36,9 @@ pytestmark = pytest.mark.timeout(900)
 
 
 @pytest.fixture(scope="module")
-def shards(tmp_path_factory, ray_cluster) -> str:
-    """Ingested phantoms: 240 patients × (CT 16×48² + DX 128²), ~10% val, ~10% test."""
-    from radforge import ingest
-
-    root = tmp_path_factory.mktemp("train-corpus")
-    c = phantoms.training_corpus(root / "src", n_patients=240)
-    recipe = config.load(IngestRecipe, None, ["deid.demo_key=true", "shards.target_mb=1"])
-    res = ingest.run(c.dicom_dir, str(root / "shards"), recipe, reports=c.reports_csv, labels=c.labels_csv, progress=False)
-    assert res.ok
-    return str(root / "shards")
+def shards(ingested_corpus) -> str:
+    """The session's ingested phantoms (conftest): 240 patients × (CT 16×48² + DX 128²), ~10% val, ~10% test."""
+    return ingested_corpus.shards
 
 
 def _one_shard(src: str, dest: str, n: int = 48) -> str:

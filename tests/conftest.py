@@ -191,3 +191,31 @@ def ingested_corpus(tmp_path_factory, ray_cluster) -> IngestedCorpus:
                      labels=corpus.labels_csv, progress=False)
     assert res.ok, res.manifest.get("inputs")
     return IngestedCorpus(corpus=corpus, shards=res.dest, manifest=res.manifest)
+
+
+# --------------------------------------------------------------------------- a tiny Hugging Face encoder
+
+
+def _save_tiny_bert(out: Path, texts: list[str], *, layers: int = 1, max_positions: int = 32):
+    """A tiny BERT + tokenizer whose vocabulary holds the words of `texts`, saved the Hugging Face
+    way into `out` (nothing from a model hub). Returns (out, model in eval mode, tokenizer)."""
+    import torch
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    out.mkdir(parents=True, exist_ok=True)
+    words = sorted({w.strip(".,").lower() for t in texts for w in t.split()})
+    vocab = out.parent / f"{out.name}-vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + words) + "\n")
+    tok = BertTokenizerFast(vocab_file=str(vocab))
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=layers,
+                                 num_attention_heads=2, intermediate_size=37, max_position_embeddings=max_positions))
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out, model.eval(), tok
+
+
+@pytest.fixture(scope="session")
+def tiny_bert():
+    """`tiny_bert(out_dir, texts, layers=1, max_positions=32) -> (dir, model, tokenizer)`."""
+    return _save_tiny_bert

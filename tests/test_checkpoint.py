@@ -80,20 +80,9 @@ def test_export_and_load_for_inference_round_trip(tmp_path, one_process_group):
 
 
 @pytest.fixture
-def hf_dir(tmp_path):
+def hf_dir(tmp_path, tiny_bert):
     """A tiny BERT + tokenizer saved the Hugging Face way (no hub access needed)."""
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    words = sorted({w.strip(".,").lower() for t in REPORTS for w in t.split()})
-    (tmp_path / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + words) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(tmp_path / "vocab.txt"))
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                                 intermediate_size=37, max_position_embeddings=32))
-    out = tmp_path / "bert"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out
+    return tiny_bert(tmp_path / "bert", REPORTS)[0]
 
 
 def test_a_hugging_face_text_tower_travels_with_the_exported_model(tmp_path, one_process_group, hf_dir):

@@ -180,14 +180,13 @@ def test_load_encoder_state_into_clip(tokenizer):
         load_encoder_state(clip, {"foo": torch.zeros(1)})
 
 
-def test_build_clip_init_from_exported_mae(tmp_path, tokenizer):
-    from safetensors.torch import save_file
-
+def test_build_clip_init_from_an_mae_encoder(tokenizer):
     cfg = ModelConfig(kind="mae", preset="tiny", patch_xray=8)
     mae = models.build(cfg, "xray", (1, 16, 16))
-    save_file(mae.state_dict(), str(tmp_path / "model.safetensors"))
-    clip = models.build(ModelConfig(kind="clip", patch_xray=8, init_from=str(tmp_path)), "xray", (1, 16, 16), tokenizer)
+    clip = models.build(ModelConfig(kind="clip", patch_xray=8), "xray", (1, 16, 16), tokenizer, init_encoder=mae.state_dict())
     assert torch.equal(clip.visual.patch_embed.proj.weight, mae.encoder.patch_embed.proj.weight)
+    with pytest.raises(ValueError, match="CLIP image tower"):
+        models.build(cfg, "xray", (1, 16, 16), init_encoder=mae.state_dict())
     with pytest.raises(ValueError, match="needs a tokenizer"):
         models.build(ModelConfig(kind="clip"), "xray", (1, 16, 16))
 
@@ -219,20 +218,8 @@ def test_text_encoder_ignores_padding(tokenizer):
 
 
 @pytest.fixture(scope="module")
-def hf_dir(tmp_path_factory):
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    d = tmp_path_factory.mktemp("hf")
-    words = sorted({w.strip(".,").lower() for r in REPORTS for w in r.split()})
-    (d / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", ","] + words) + "\n")
-    tok = BertTokenizerFast(vocab_file=str(d / "vocab.txt"))
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                                 intermediate_size=37, max_position_embeddings=64))
-    out = d / "model"
-    model.save_pretrained(out)
-    tok.save_pretrained(out)
-    return out, model.eval(), tok
+def hf_dir(tmp_path_factory, tiny_bert):
+    return tiny_bert(tmp_path_factory.mktemp("hf") / "model", REPORTS, layers=2, max_positions=64)
 
 
 def test_load_hf_local_and_fsspec(hf_dir):

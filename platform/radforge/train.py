@@ -663,9 +663,11 @@ class Trainer:
         tokenizer = _tokenizer_from_files(job.tokenizer)
         input_shape = kinds.get(r.data.image).view(r.view).input_shape
         torch.manual_seed(r.seed)  # same initial weights on every rank
-        # pretrained: outside weights (model.init_from, an HF text tower) only for a fresh start;
-        # a resumed run gets every weight from its checkpoint.
-        model = models.build(r.model, r.data.image, input_shape, tokenizer, pretrained=ckpt.state is None,
+        # Outside weights (model.init_from, an HF text tower) only for a fresh start; a resumed run
+        # gets every weight from its checkpoint.
+        fresh = ckpt.state is None
+        model = models.build(r.model, r.data.image, input_shape, tokenizer, pretrained=fresh,
+                             init_encoder=checkpoint.read_weights(r.model.init_from) if fresh and r.model.init_from else None,
                              activation_checkpointing=r.deepspeed.activation_checkpointing)
         loader = loader_mod.build_loader(
             r.data, r.view, split=r.data.train_split, batch_size=r.deepspeed.micro_batch, rank=rank, world_size=world,

@@ -40,29 +40,23 @@ def _patch(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int]) -> tu
     return patch
 
 
-def build_mae(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int], tokenizer=None, *, pretrained: bool = True) -> MAE:
+def build_mae(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int], tokenizer=None, *, pretrained: bool = True,
+              init_encoder=None) -> MAE:
+    if init_encoder is not None:
+        raise ValueError("model.init_from initialises a CLIP image tower; an MAE starts from scratch")
     encoder = vit(cfg.preset, input_shape, _patch(cfg, image, input_shape))
     return MAE(encoder, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
                decoder_width=cfg.decoder_width, decoder_depth=cfg.decoder_depth)
 
 
-def build_clip(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int], tokenizer=None, *, pretrained: bool = True) -> CLIP:
+def build_clip(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int], tokenizer=None, *, pretrained: bool = True,
+               init_encoder=None) -> CLIP:
     visual = vit(cfg.preset, input_shape, _patch(cfg, image, input_shape))
     text = text_mod.build_text_encoder(cfg.text, tokenizer, pretrained=pretrained)
     model = CLIP(visual, text, cfg.embed_dim, cfg.init_temperature)
-    if cfg.init_from and pretrained:
-        load_encoder_state(model, _read_safetensors(cfg.init_from))
+    if init_encoder is not None:
+        load_encoder_state(model, init_encoder)
     return model
-
-
-def _read_safetensors(model_dir: str) -> dict:
-    """model.safetensors of an exported model dir (any fsspec URL)."""
-    import fsspec
-    from safetensors.torch import load as st_load
-
-    url = model_dir.rstrip("/") + "/model.safetensors"
-    with fsspec.open(url, "rb") as f:
-        return st_load(f.read())
 
 
 @dataclass(frozen=True)
@@ -70,7 +64,7 @@ class ObjectiveSpec:
     """One objective: how to build it and what it needs before it is built."""
 
     model: type[Objective]  # the class: its capabilities, metrics and evaluations
-    build: Callable[..., Objective]  # (cfg, image, input_shape, tokenizer, *, pretrained) -> model
+    build: Callable[..., Objective]  # (cfg, image, input_shape, tokenizer, *, pretrained, init_encoder) -> model
     text_tower: bool = False  # takes `cfg.text`; a small text tower needs a trained tokenizer
     require_report: bool = False  # trains on image-report pairs: samples without a report are skipped
 
@@ -102,14 +96,17 @@ def get(kind: str) -> ObjectiveSpec:
 
 
 def build(cfg: ModelConfig, image: ImageKind | str, input_shape: Sequence[int], tokenizer=None, *,
-          pretrained: bool = True, activation_checkpointing: bool = False) -> Objective:
+          pretrained: bool = True, init_encoder=None, activation_checkpointing: bool = False) -> Objective:
     """Build `cfg.kind` for an image kind (or its name, as recipes and model.json say it).
     `tokenizer`: the trained text.Tokenizer (CLIP with a small text tower).
-    `pretrained=False` skips loading outside weights (HF text weights, `init_from` MAE encoder):
-    for callers that load a full state dict next (export, inference)."""
+    `pretrained=False` skips loading outside weights (HF text weights): for callers that load a
+    full state dict next (export, inference). `init_encoder`: the state dict of an exported model
+    whose image encoder initialises this one (`model.init_from`; the caller reads it with
+    `checkpoint.read_weights`, which owns the model-dir layout)."""
     spec = get(cfg.kind)
     image = kinds.get(image) if isinstance(image, str) else image
-    model = spec.build(cfg, image, tuple(int(v) for v in input_shape), tokenizer, pretrained=pretrained)
+    model = spec.build(cfg, image, tuple(int(v) for v in input_shape), tokenizer, pretrained=pretrained,
+                       init_encoder=init_encoder)
     set_activation_checkpointing(model, activation_checkpointing)
     return model
 

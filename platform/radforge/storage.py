@@ -25,15 +25,19 @@ single PUT (or a multipart upload, which only becomes visible on completion).
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import logging
 import os
 import posixpath
+import re
 import shutil
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import IO, Any
 
 import fsspec
@@ -56,7 +60,11 @@ __all__ = [
     "put_file_atomic",
     "remove",
     "makedirs",
+    "Entry",
+    "SKIP_REASONS",
+    "walk",
     "find_files",
+    "scan_dir",
     "list_dir",
     "check_readable",
     "check_writable",
@@ -283,6 +291,11 @@ def exists(url: str) -> bool:
 
 def read_bytes(url: str) -> bytes:
     fs, path = url_to_fs(url)
+    if is_local(url):
+        local = _local_path(path)
+        if isinstance(local, bytes):  # an escaped listing URL (see "listings")
+            with _open_regular(path) as f:
+                return f.read()
     return fs.cat_file(path)
 
 
@@ -293,6 +306,9 @@ def read_head(url: str, nbytes: int) -> bytes:
     if nbytes == 0:
         return b""
     fs, path = url_to_fs(url)
+    if is_local(url):
+        with _open_regular(path) as f:
+            return f.read(nbytes)
     try:
         return fs.cat_file(path, start=0, end=nbytes)
     except OSError:
@@ -308,10 +324,13 @@ def open_input(url: str, block_size: int | None = None) -> IO[bytes]:
     The default (the backend's: 50 MiB readahead on S3) suits streaming whole shards. For
     header-only reads pass a small block (64-256 KiB): a DICOM header is a few KiB, and the
     default would download most slices whole.
+
+    Local paths must name regular files: a FIFO or a device raises OSError at once instead of
+    blocking (a listing never hands them out; this covers one swapped in after it).
     """
     fs, path = url_to_fs(url)
     if is_local(url):  # the OS page cache does the buffering
-        return fs.open(path, "rb")
+        return _open_regular(path)
     return fs.open(path, "rb", block_size=block_size)
 
 
@@ -438,6 +457,41 @@ def makedirs(url: str) -> None:
 
 
 # --------------------------------------------------------------------------- listings
+#
+# Local trees are walked by this module itself (iteratively, with bytes names, never opening
+# anything); object stores keep fsspec's listing, since they have only objects. The policy:
+#
+# * every directory entry below the root that is not a directory is one `Entry`: a regular file
+#   to read (`skip is None`) or something that is listed but never opened, with its reason:
+#   `not_regular_file` (FIFO, socket, device), `symlink_outside_source`, `symlink_inside_source`
+#   (its target is listed under its own path, so reading both would count it twice),
+#   `symlink_loop`, `broken_symlink`, `unreadable_directory` (a directory scandir refused),
+#   `unrepresentable_name` (see below). Symlinks are never followed.
+# * names that are not UTF-8 get a reversible escape: the whole path's bytes, each byte that is
+#   not part of valid UTF-8 written as `%XX` and each `%` as `%25` (valid UTF-8 names are kept
+#   verbatim). The readers here (`open_input`, `read_head`, `read_bytes`) take a local path
+#   literally when it exists and otherwise undo the escape, so a listed URL always opens the
+#   file it names. An escaped form that is itself an existing name is `unrepresentable_name`.
+
+SKIP_REASONS = (
+    "not_regular_file",
+    "symlink_outside_source",
+    "symlink_inside_source",
+    "symlink_loop",
+    "broken_symlink",
+    "unreadable_directory",
+    "unrepresentable_name",
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One directory entry that is not a directory: a regular file to read (`skip` None) or an
+    entry listed but never opened (`skip` one of SKIP_REASONS, `size` 0)."""
+
+    url: str
+    size: int
+    skip: str | None = None
 
 
 def _skip(name: str) -> bool:
@@ -457,33 +511,186 @@ def _rel(root: str, name: str) -> str | None:
     return None
 
 
-def find_files(url: str) -> list[tuple[str, int]]:
-    """All files below `url` (recursively) as (url, size), sorted by url.
+def _escape(raw: bytes) -> str:
+    """bytes → str with each non-UTF-8 byte as %XX and '%' as %25 (surrogateescape marks them)."""
+    out = []
+    for c in raw.decode("utf-8", "surrogateescape"):
+        if c == "%":
+            out.append("%25")
+        elif "\udc80" <= c <= "\udcff":
+            out.append(f"%{ord(c) - 0xDC00:02X}")
+        else:
+            out.append(c)
+    return "".join(out)
 
-    Returned URLs keep the caller's spelling (protocol included; plain local paths made
-    absolute) so they can be passed straight back to this module. Directories, S3 "folder"
-    marker objects and our in-flight temp files are skipped. If `url` is itself a file the
-    result is that one file.
-    """
+
+_ESCAPED = re.compile(r"%([0-9A-F]{2})")
+
+
+def _unescape(path: str) -> bytes | None:
+    """The bytes `_escape` made `path` from, or None when `path` is not such an escape (an
+    escape always stands for bytes that are not UTF-8)."""
+    raw = b"".join(
+        bytes([int(part, 16)]) if i % 2 else part.encode("utf-8", "surrogateescape")
+        for i, part in enumerate(_ESCAPED.split(path))
+    )
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw
+    return None
+
+
+def _local_path(path: str) -> str | bytes:
+    """A local path as listed (see above) → what os.open takes."""
+    if "%" in path and not os.path.lexists(path):
+        raw = _unescape(path)
+        if raw is not None:
+            return raw
+    return path
+
+
+def _open_regular(path: str) -> IO[bytes]:
+    """A local regular file, opened without ever blocking on a FIFO or touching a device."""
+    fd = os.open(_local_path(path), os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", path)
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+class _LocalTree:
+    """Entries of one local tree; `within` (default: the tree) is what counts as inside."""
+
+    def __init__(self, base: str, path: str, within: str | None):
+        self.base, self.prefix = base, _split(base)[0]
+        self.root = os.fsencode(path)
+        inside = url_to_fs(absolute(within))[1] if within is not None else path
+        self.inside = os.path.realpath(os.fsencode(inside))
+
+    def url(self, p: bytes) -> tuple[str, str | None]:
+        """(URL, skip reason or None) for the bytes path `p` below the root."""
+        rel = p[len(self.root) :].lstrip(b"/")
+        try:
+            return join(self.base, rel.decode("utf-8")), None
+        except UnicodeDecodeError:
+            escaped = _escape(p)
+            return self.prefix + escaped, "unrepresentable_name" if os.path.lexists(escaped) else None
+
+    def symlink(self, p: bytes) -> str:
+        try:
+            target = os.stat(p)  # follows the link, opens nothing
+        except OSError as exc:
+            return "symlink_loop" if exc.errno == errno.ELOOP else "broken_symlink"
+        real = os.path.realpath(p)
+        if not _under(real, self.inside):
+            return "symlink_outside_source"
+        if stat.S_ISDIR(target.st_mode) and _under(os.path.realpath(os.path.dirname(p)), real):
+            return "symlink_loop"  # a directory link to one of its own ancestors
+        return "symlink_inside_source"
+
+    def scan(self, d: bytes) -> tuple[list[bytes], list[Entry]]:
+        """One directory: (sub-directory paths, entries). Raises OSError if `d` is unreadable."""
+        dirs, entries = [], []
+        with os.scandir(d) as it:
+            for e in it:
+                if e.name.startswith(_TMP_PREFIX_B):
+                    continue
+                try:
+                    if e.is_dir(follow_symlinks=False):
+                        dirs.append(e.path)
+                        continue
+                    url, bad = self.url(e.path)
+                    if bad:
+                        entries.append(Entry(url, 0, bad))
+                    elif e.is_symlink():
+                        entries.append(Entry(url, 0, self.symlink(e.path)))
+                    elif e.is_file(follow_symlinks=False):
+                        entries.append(Entry(url, e.stat(follow_symlinks=False).st_size))
+                    else:
+                        entries.append(Entry(url, 0, "not_regular_file"))
+                except FileNotFoundError:  # removed while we listed: no longer in the tree
+                    continue
+        return dirs, entries
+
+    def walk(self) -> list[Entry]:
+        """Every entry below the root, depth-first with an explicit stack (no recursion limit)."""
+        out: list[Entry] = []
+        stack = [self.root]
+        while stack:
+            d = stack.pop()
+            try:
+                dirs, entries = self.scan(d)
+            except FileNotFoundError:
+                if d == self.root:
+                    raise
+                continue
+            except OSError:
+                if d == self.root:
+                    raise
+                out.append(Entry(self.url(d)[0], 0, "unreadable_directory"))
+                continue
+            out.extend(entries)
+            stack.extend(dirs)
+        return out
+
+
+_TMP_PREFIX_B = os.fsencode(_TMP_PREFIX)
+
+
+def _under(path: bytes, root: bytes) -> bool:
+    return path == root or path.startswith(root.rstrip(b"/") + b"/")
+
+
+def walk(url: str, *, within: str | None = None) -> list[Entry]:
+    """Every directory entry below `url` that is not a directory, sorted by url (the listing
+    policy above). `within` is the tree that counts as inside for symlinks (default `url`; a
+    listing fanned out over sub-directories passes the root). If `url` is a file the result is
+    that one file."""
     base = absolute(url)
     fs, path = url_to_fs(base)
-    out = []
-    for name, info in fs.find(path, detail=True).items():
-        if info.get("type") != "file" or _skip(name):
-            continue
-        rel = _rel(path, name)
-        if rel is None:  # defensive: never report something outside the requested tree
-            continue
-        out.append((join(base, rel) if rel else base, int(info.get("size") or 0)))
-    out.sort()
+    if protocol(base) in _LOCAL:
+        if not os.path.isdir(path):
+            info = os.stat(path)
+            return [Entry(base, info.st_size) if stat.S_ISREG(info.st_mode) else Entry(base, 0, "not_regular_file")]
+        out = _LocalTree(base, path, within).walk()
+    else:
+        out = []
+        for name, info in fs.find(path, detail=True).items():
+            if info.get("type") != "file" or _skip(name):
+                continue
+            rel = _rel(path, name)
+            if rel is None:  # defensive: never report something outside the requested tree
+                continue
+            out.append(Entry(join(base, rel) if rel else base, int(info.get("size") or 0)))
+    out.sort(key=lambda e: e.url)
     return out
 
 
-def list_dir(url: str) -> tuple[list[str], list[tuple[str, int]]]:
-    """One level below `url`: (sorted sub-directory urls, sorted (file url, size))."""
+def find_files(url: str) -> list[tuple[str, int]]:
+    """All regular files below `url` (recursively) as (url, size), sorted by url.
+
+    Returned URLs keep the caller's spelling (protocol included; plain local paths made
+    absolute) so they can be passed straight back to this module. Directories, S3 "folder"
+    marker objects, our in-flight temp files and whatever `walk` skips are left out. If `url`
+    is itself a file the result is that one file.
+    """
+    return [(e.url, e.size) for e in walk(url) if e.skip is None]
+
+
+def scan_dir(url: str, *, within: str | None = None) -> tuple[list[str], list[Entry]]:
+    """One level below `url`: (sorted sub-directory urls, sorted entries as `walk` has them)."""
     base = absolute(url)
     fs, path = url_to_fs(base)
-    dirs, files = [], []
+    if protocol(base) in _LOCAL:
+        tree = _LocalTree(base, path, within)
+        dirs, entries = tree.scan(tree.root)
+        return sorted(tree.url(d)[0] for d in dirs), sorted(entries, key=lambda e: e.url)
+    dirs, entries = [], []
     for info in fs.ls(path, detail=True):
         name = info["name"]
         rel = _rel(path, name)
@@ -492,8 +699,15 @@ def list_dir(url: str) -> tuple[list[str], list[tuple[str, int]]]:
         if info.get("type") == "directory":
             dirs.append(join(base, rel))
         elif not _skip(name):
-            files.append((join(base, rel), int(info.get("size") or 0)))
-    return sorted(dirs), sorted(files)
+            entries.append(Entry(join(base, rel), int(info.get("size") or 0)))
+    return sorted(dirs), sorted(entries, key=lambda e: e.url)
+
+
+def list_dir(url: str) -> tuple[list[str], list[tuple[str, int]]]:
+    """One level below `url`: (sorted sub-directory urls, sorted (file url, size)) of regular
+    files only (`scan_dir` has the skipped entries too)."""
+    dirs, entries = scan_dir(url)
+    return dirs, [(e.url, e.size) for e in entries if e.skip is None]
 
 
 # --------------------------------------------------------------------------- preflight checks
@@ -670,7 +884,7 @@ def check_readable(url: str) -> None:
                 with os.scandir(path) as it:
                     next(it, None)
             else:
-                with open(path, "rb") as f:
+                with _open_regular(path) as f:  # a FIFO would block a plain open forever
                     f.read(1)
         except OSError as exc:
             raise ConfigError(f"cannot read {url}: {_os_reason(exc)}") from None

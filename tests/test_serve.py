@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import socket
 import zipfile
 from pathlib import Path
@@ -385,3 +386,149 @@ def test_index_command(files, tmp_path, capsys):
     (other / shardspec.MANIFEST).write_text(json.dumps(m))
     assert cli.main(["index", files["xr_model"], str(other), str(tmp_path / "iy"), "--no-progress"]) == 2
     assert "profile" in capsys.readouterr().err and not (tmp_path / "iy").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# authentication, binding and hostile input (a second application with keys and tight budgets)
+
+KEYS = ["k1-" + "a" * 29, "k2-" + "b" * 29]
+SECURE = dict(max_upload_mb=64, max_image_mb=16, decode_timeout_s=2, body_timeout_s=2, decode_workers=2)
+
+
+def test_binding_without_auth_is_refused(monkeypatch, tmp_path):
+    from radforge.errors import ConfigError
+
+    for host in ("127.0.0.1", "::1", "localhost"):
+        serve_mod.check_exposure(host, False, False)
+    for host in ("0.0.0.0", "::", "10.1.2.3", "serve.internal", ""):
+        with pytest.raises(ConfigError, match="refusing to serve without authentication") as e:
+            serve_mod.check_exposure(host, False, False)
+        assert "\n" not in str(e.value)
+        serve_mod.check_exposure(host, True, False)
+        serve_mod.check_exposure(host, False, True)
+    monkeypatch.setattr(serve_mod, "_proxy_host", lambda: "0.0.0.0")
+    monkeypatch.delenv("RADFORGE_API_KEYS", raising=False)
+    with pytest.raises(ConfigError, match="refusing to serve without authentication on 0.0.0.0"):
+        serve_mod.build_app({"model": "a"})
+    serve_mod.build_app({"model": "a", "allow_unauthenticated": True})
+    monkeypatch.setenv("RADFORGE_API_KEYS", ",".join(KEYS))
+    app = serve_mod.build_app({"model": "a", "max_image_mb": 100, "decode_workers": 3, "max_models_per_replica": 1})
+    # the documented formula: 1024 + 512 × models + workers × (512 + 4 × max_image_mb) MB
+    assert app._bound_deployment.ray_actor_options["memory"] == (1024 + 512 + 3 * (512 + 400)) * 2**20
+
+
+def test_api_keys_from_env_and_file(monkeypatch, tmp_path):
+    from radforge.errors import ConfigError
+
+    f = tmp_path / "keys"
+    f.write_text(f"# serve keys\n{KEYS[1]}\n\n")
+    monkeypatch.setenv("MY_KEYS", f" {KEYS[0]} ,")
+    cfg = config.from_dict(config.ServeConfig, {"model": "a", "api_keys_env": "MY_KEYS", "api_keys_file": str(f)})
+    keys = serve_mod.load_api_keys(cfg)
+    assert keys == [k.encode() for k in KEYS]
+    assert serve_mod.key_matches(KEYS[1].encode(), keys) and not serve_mod.key_matches(b"k2-" + b"b" * 28, keys)
+    monkeypatch.setenv("MY_KEYS", "short-secret")
+    with pytest.raises(ConfigError) as e:
+        serve_mod.load_api_keys(cfg)
+    assert "short-secret" not in str(e.value)
+    # keys are never config values (the config shows in the dashboard and model dirs)
+    with pytest.raises(ConfigError):
+        config.from_dict(config.ServeConfig, {"model": "a", "api_keys": KEYS})
+
+
+@pytest.fixture(scope="module")
+def secure(server, files, tmp_path_factory):
+    """The X-ray model again under /secure, with two API keys from a file and small budgets."""
+    from ray import serve
+
+    f = tmp_path_factory.mktemp("keys") / "keys"
+    f.write_text("\n".join(KEYS) + "\n")
+    app = serve_mod.build_app({"model": files["xr_model"], "api_keys_file": str(f), "num_cpus": "0",
+                               "max_models_per_replica": 1, **SECURE})
+    serve.run(app, name="radforge-secure", route_prefix="/secure", blocking=False)
+    url = server + "/secure"
+    for _ in range(240):
+        try:
+            if requests.get(url + "/healthz", timeout=5).status_code == 200:
+                break
+        except requests.RequestException:
+            pass
+        import time
+
+        time.sleep(0.5)
+    return url
+
+
+def auth(i: int = 0) -> dict:
+    return {"Authorization": f"Bearer {KEYS[i]}"}
+
+
+@pytest.mark.timeout(300)
+def test_api_keys_over_http(secure, files):
+    assert requests.get(secure + "/healthz", timeout=30).status_code == 200
+    for hdr in ({}, {"Authorization": "Bearer " + "x" * 32}, {"X-API-Key": KEYS[0][:-1]}, {"Authorization": KEYS[0]}):
+        for r in (requests.get(secure + "/v1/models", headers=hdr, timeout=30),
+                  post(secure, "/v1/embed", files["xray"], hdr)):
+            assert r.status_code == 401 and r.json() == {"error": "unauthorized", "detail": "authentication required"}
+            assert not any(k.encode() in r.content for k in KEYS)
+    for hdr in (auth(0), auth(1), {"X-API-Key": KEYS[1]}):
+        assert requests.get(secure + "/v1/models", headers=hdr, timeout=30).status_code == 200
+    r = post(secure, "/v1/embed", files["xray"], auth(1))
+    assert r.status_code == 200 and len(r.json()["embedding"]) == 32
+
+
+def _bomb(files) -> bytes:
+    import pydicom
+
+    ds = pydicom.dcmread(files["xray_path"])
+    ds.Rows = ds.Columns = 65535
+    buf = io.BytesIO()
+    ds.save_as(buf)
+    return buf.getvalue()
+
+
+def _slow_body(url: str, key: str) -> tuple[int, float]:
+    """Headers announcing 1 MB, then 100 bytes and silence: the status line and the seconds it took."""
+    import time
+    from urllib.parse import urlparse
+
+    u = urlparse(url)
+    t = time.perf_counter()
+    with socket.create_connection((u.hostname, u.port), timeout=30) as s:
+        s.sendall((f"POST {u.path}/v1/embed HTTP/1.1\r\nHost: {u.hostname}\r\nAuthorization: Bearer {key}\r\n"
+                   f"Content-Type: application/dicom\r\nContent-Length: {1 << 20}\r\n\r\n").encode() + b"\0" * 100)
+        line = s.recv(4096).split(b"\r\n", 1)[0]
+    return int(line.split()[1]), time.perf_counter() - t
+
+
+@pytest.mark.timeout(300)
+def test_hostile_uploads_get_json_4xx_and_valid_requests_keep_their_latency(secure, files):
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    def valid():
+        t = time.perf_counter()
+        r = post(secure, "/v1/embed", files["xray"], auth())
+        return r.status_code, time.perf_counter() - t
+
+    clean = sorted(valid()[1] for _ in range(5))[2]
+    stall = b"\0" * 128 + b"DICM" + b"\0" * (32 << 20)  # zero-filled header: slow to parse
+    hostile = [("bomb", _bomb(files), {413}, {"too_large"}),
+               ("stall", stall, {408, 400}, {"timeout", "unreadable_header", "truncated", "not_dicom"}),
+               ("garbage", os.urandom(200_000), {400}, {"not_dicom"})]
+    with ThreadPoolExecutor(8) as ex:
+        bad = {name: ex.submit(post, secure, "/v1/embed", data, auth()) for name, data, _, _ in hostile}
+        slow = ex.submit(_slow_body, secure, KEYS[0])
+        time.sleep(0.2)
+        good = [ex.submit(valid) for _ in range(4)]
+        for name, _, statuses, codes in hostile:
+            r = bad[name].result()
+            assert r.status_code in statuses and r.json()["error"] in codes, (name, r.status_code, r.text)
+        status, took = slow.result()
+        assert status == 408 and took < SECURE["body_timeout_s"] + 10
+        for f in good:
+            status, took = f.result()
+            # a valid request waits at most one hostile request's budget
+            assert status == 200 and took < clean + SECURE["decode_timeout_s"] + 3, (took, clean)
+    assert requests.get(secure + "/healthz", timeout=30).status_code == 200
+    assert valid()[0] == 200

@@ -452,6 +452,16 @@ class ServeConfig:
     max_replicas: int = 1  # > min_replicas turns autoscaling on
     target_ongoing_requests: float = 8.0  # autoscaling target per replica
     max_ongoing_requests: int | None = None  # per replica; default: max(32, 2 × max_batch_size)
+    # Per-request budgets (hostile input): past any of them the request gets a JSON 4xx.
+    max_image_mb: float = 512.0  # pixels the DICOM headers declare (rows×cols×frames×samples×bytes), summed over a request's files: 413 too_large before decoding
+    decode_timeout_s: float = 30.0  # decoding one request; past it its worker process is killed: 408 timeout
+    body_timeout_s: float = 60.0  # reading one request body: 408 timeout
+    decode_workers: int = 2  # decode processes per replica (an abort or a timeout costs one request, not the replica)
+    replica_memory_mb: float | None = None  # declared to Ray; default `declared_memory_mb()` (the formula is there)
+    # Authentication: keys never go in this config (it is visible in the dashboard); it names where they are.
+    api_keys_env: str = "RADFORGE_API_KEYS"  # env var of the replicas: API keys, comma-separated
+    api_keys_file: str | None = None  # a file on every node: one API key per line (# comments)
+    allow_unauthenticated: bool = False  # serve without keys on a non-loopback address (trusted network only)
 
     def __post_init__(self):
         if not self.model:
@@ -469,6 +479,25 @@ class ServeConfig:
             _at_least(key, getattr(self, key), 0)
         if self.max_replicas < self.min_replicas:
             raise SettingError("max_replicas must be >= min_replicas")
+        for key in ("max_image_mb", "decode_timeout_s", "body_timeout_s"):
+            _above(key, getattr(self, key), 0)
+        _at_least("decode_workers", self.decode_workers, 1)
+        if self.replica_memory_mb is not None:
+            _above("replica_memory_mb", self.replica_memory_mb, 0)
+
+    def declared_memory_mb(self) -> float:
+        """Memory a replica declares to Ray (`ray_actor_options.memory`), so the scheduler, not the
+        OOM killer, keeps replicas apart: 1024 MB (Ray worker, torch, FastAPI) + 512 MB per
+        multiplexed model + per decode worker 512 MB (interpreter, pydicom) + 4 × max_image_mb
+        (the decoded pixels, their float32 copy and the resampled output). Decode workers are
+        capped at that per-worker figure (RLIMIT_DATA), so a lying file fails in its worker.
+        `replica_memory_mb` overrides the total (large models)."""
+        if self.replica_memory_mb is not None:
+            return float(self.replica_memory_mb)
+        return 1024 + 512 * self.max_models_per_replica + self.decode_workers * self.decode_worker_memory_mb()
+
+    def decode_worker_memory_mb(self) -> float:
+        return 512 + 4 * self.max_image_mb
 
 
 # ---------------------------------------------------------------------------------------------

@@ -362,20 +362,30 @@ def _preflight(source: str, dest: str, private: str) -> None:
 
 
 def _list(source: str):
-    """Listing fanned out over sub-directories, so huge trees are listed in parallel."""
+    """Listing fanned out over sub-directories, so huge trees are listed in parallel.
+
+    Rows are every directory entry that is not a directory (storage.walk's policy): `skip` is ""
+    for a file to scan, else the reason it is never opened (FIFO, socket, symlink, ...); the scan
+    turns those into index rows with status "skipped", so they are counted in `seen`.
+    """
     import ray
 
+    source = storage.absolute(source)  # workers do not share the driver's cwd
     fs, path = storage.url_to_fs(source)
     if fs.isfile(path):
-        return ray.data.from_items([{"path": source, "size": int(fs.size(path))}])
-    subdirs, files = storage.list_dir(source)
-    top = ray.data.from_items([{"path": p, "size": s} for p, s in files]) if files else None
+        return ray.data.from_items([{"path": source, "size": int(fs.size(path)), "skip": ""}])
+    subdirs, top = storage.scan_dir(source)
+    top_ds = ray.data.from_items(_listed(top)) if top else None
     if not subdirs:
-        return top if top is not None else ray.data.from_items([])
+        return top_ds if top_ds is not None else ray.data.from_items([])
     nested = ray.data.from_items([{"dir": d} for d in subdirs]).flat_map(
-        lambda r: [{"path": p, "size": s} for p, s in storage.find_files(r["dir"])]
+        lambda r: _listed(storage.walk(r["dir"], within=source))
     )
-    return nested.union(top) if top is not None else nested
+    return nested.union(top_ds) if top_ds is not None else nested
+
+
+def _listed(entries: list[storage.Entry]) -> list[dict]:
+    return [{"path": e.url, "size": e.size, "skip": e.skip or ""} for e in entries]
 
 
 def _partitions(n: int) -> int:
@@ -438,7 +448,11 @@ def _read_index_parts(batch: pa.Table):
 
 def _scan_batch(batch: pa.Table) -> pa.Table:
     rows = []
-    for path, size in zip(batch.column("path").to_pylist(), batch.column("size").to_pylist()):
+    skips = batch.column("skip").to_pylist() if "skip" in batch.column_names else [""] * batch.num_rows
+    for path, size, skip in zip(batch.column("path").to_pylist(), batch.column("size").to_pylist(), skips):
+        if skip:  # listed but never opened (see _list)
+            rows.append({**dicom.rejected_row(path, size, skip), "status": "skipped"})
+            continue
         try:
             # Small blocks: a header is a few KB; reading whole 500 KB slices would double the I/O.
             with storage.open_input(path, block_size=64 * 1024) as f:
@@ -489,7 +503,11 @@ def _items_of(batch: pa.Table) -> list[dicom.PlanItem]:
 
 def _plan_batch(batch: pa.Table, recipe: IngestRecipe, secret: bytes) -> pa.Table:
     ctx = dicom.PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(secret))
-    return _items_table(dicom.plan_group(_index_rows(batch), ctx))
+    rows = _index_rows(batch)
+    # Entries the listing skipped (status "skipped", see _list) keep that disposition.
+    skipped = [dicom.PlanItem(status="skipped", reason=r["reason"], paths=[r["path"]], all_paths=[r["path"]])
+               for r in rows if r["status"] == "skipped"]
+    return _items_table(skipped + dicom.plan_group([r for r in rows if r["status"] != "skipped"], ctx))
 
 
 def _assign_batch(batch: pa.Table, n_shards: dict, done: list[str], slots: int) -> pa.Table:

@@ -75,11 +75,16 @@ route, status and latency only).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import io
+import ipaddress
 import json
 import logging
+import os
+import sys
 import zipfile
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -93,8 +98,14 @@ log = logging.getLogger("radforge.serve")
 def build_app(args: dict | config.ServeConfig) -> serve.Application:
     """The Serve application for `serve run radforge.serve:build_app model=URL` / a config file."""
     a = args if isinstance(args, config.ServeConfig) else config.from_dict(config.ServeConfig, dict(args or {}))
+    # Where Serve is already up (serve run, serve deploy's build task, tests) refuse here, before any
+    # replica starts; replicas check again with the host found here (unknown: treated as exposed).
+    host = _proxy_host()
+    if host is not None:
+        check_exposure(host, bool(load_api_keys(a)), a.allow_unauthenticated)
     options: dict[str, Any] = {
-        "ray_actor_options": {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus},
+        "ray_actor_options": {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus,
+                              "memory": int(a.declared_memory_mb() * 1024 * 1024)},
         # Batches only fill when a replica may hold at least a batch of requests at once.
         "max_ongoing_requests": a.max_ongoing_requests or max(32, 2 * a.max_batch_size),
     }
@@ -108,7 +119,88 @@ def build_app(args: dict | config.ServeConfig) -> serve.Application:
         }
     else:
         options["num_replicas"] = max(1, a.min_replicas)
-    return RadforgeServer.options(**options).bind(a)
+    return RadforgeServer.options(**options).bind(a, host)
+
+
+# ---------------------------------------------------------------------------------------------
+# Authentication and binding
+# ---------------------------------------------------------------------------------------------
+
+MIN_KEY_CHARS = 16
+
+
+def load_api_keys(cfg: config.ServeConfig) -> list[bytes]:
+    """The API keys of `cfg`: the env var `api_keys_env` (comma-separated) plus `api_keys_file`
+    (one per line, `#` comments). Errors never quote a key."""
+    raw = [k.strip() for k in os.environ.get(cfg.api_keys_env, "").split(",")]
+    if cfg.api_keys_file:
+        try:
+            with open(cfg.api_keys_file, encoding="utf-8") as f:
+                raw += [line.split("#", 1)[0].strip() for line in f]
+        except (OSError, UnicodeDecodeError) as e:
+            raise config.SettingError(f"api_keys_file {cfg.api_keys_file} cannot be read: {type(e).__name__}") from None
+    keys = [k for k in raw if k]
+    for k in keys:
+        if len(k) < MIN_KEY_CHARS or not k.isascii() or not k.isprintable() or " " in k:
+            raise config.SettingError(
+                f"API keys must be at least {MIN_KEY_CHARS} printable ASCII characters without spaces "
+                f"(one of {len(keys)} is not; e.g. `openssl rand -hex 32`)")
+    return [k.encode() for k in keys]
+
+
+def check_exposure(host: str, authenticated: bool, allow_unauthenticated: bool) -> None:
+    """SettingError (one line) when Serve binds `host`, a non-loopback address, with no API key."""
+    if authenticated or allow_unauthenticated or _is_loopback(host):
+        return
+    raise config.SettingError(
+        f"refusing to serve without authentication on {host or 'all interfaces'}: set API keys "
+        f"(api_keys_env / api_keys_file) or allow_unauthenticated=true for a trusted network")
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a name or "": it may resolve to anything
+
+
+def _proxy_host() -> str | None:
+    """The host Serve's HTTP proxy binds, when a Serve instance is running; else None."""
+    import ray
+
+    if not ray.is_initialized():  # looking would start a local Ray
+        return None
+    try:
+        from ray.serve.context import _get_global_client
+
+        client = _get_global_client(raise_if_no_controller_running=False)
+        return None if client is None else str(client.http_config.host)
+    except Exception as e:  # noqa: BLE001 — no Ray / no Serve yet: the replicas check again
+        log.debug("Serve's HTTP host is unknown here: %s", type(e).__name__)
+        return None
+
+
+def key_matches(provided: bytes, keys: list[bytes]) -> bool:
+    """Constant time in the key contents: every key is compared, no early exit."""
+    ok = False
+    for k in keys:
+        ok |= hmac.compare_digest(provided, k)
+    return ok
+
+
+def _presented_key(headers) -> bytes:
+    auth = headers.get("authorization", "")
+    if auth[:7].lower() == "bearer ":
+        return auth[7:].strip().encode("utf-8", "replace")
+    return headers.get("x-api-key", "").strip().encode("utf-8", "replace")
+
+
+# The keys of this replica process (one deployment replica per Ray worker process); set by
+# RadforgeServer.__init__, read by the auth middleware. Empty = no authentication.
+_API_KEYS: list[bytes] = []
+OPEN_PATHS = frozenset({"/healthz"})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,6 +215,9 @@ class ApiError(Exception):
         super().__init__(code)
         self.status, self.code = status, code
         self.detail = detail or _DETAILS.get(code, code.replace("_", " "))
+
+    def __reduce__(self):  # crosses the decode worker's process boundary
+        return ApiError, (self.status, self.code, self.detail)
 
 
 _DETAILS = {
@@ -140,6 +235,8 @@ _DETAILS = {
     "gantry_tilt": "gantry-tilted CT series are not supported",
     "too_few_slices": "too few slices for a CT volume",
     "too_large": "the image is too large",
+    "timeout": "the request exceeded its time budget",
+    "unauthorized": "authentication required",
     "decode_error": "the pixel data cannot be decoded",
     "multiple_images": "send one image or one CT series per request",
     "localizer": "a localizer (scout) image is not a diagnostic image",
@@ -194,6 +291,16 @@ def _make_fastapi() -> FastAPI:
         description="Embeddings, zero-shot findings and retrieval for CT and X-ray DICOM (see radforge.serve).",
         version="1",
     )
+
+    @app.middleware("http")
+    async def _authenticate(request: Request, call_next):
+        path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+        path = path[len(root):] if root and path.startswith(root) else path
+        keys = sys.modules["radforge.serve"]._API_KEYS  # set by the replica (see RadforgeServer.__init__)
+        if keys and path not in OPEN_PATHS and not key_matches(_presented_key(request.headers), keys):
+            return JSONResponse({"error": "unauthorized", "detail": _DETAILS["unauthorized"]}, status_code=401,
+                                headers={"WWW-Authenticate": "Bearer"})
+        return await call_next(request)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):
@@ -298,6 +405,143 @@ def load_npy(data: bytes, image):
     return np.ascontiguousarray(arr)
 
 
+def declared_image_bytes(parts: list[bytes]) -> int:
+    """Pixel bytes the DICOM headers declare (rows × columns × frames × samples × bits/8), summed;
+    read before any pixel data (`stop_before_pixels`). Files whose header does not parse count 0:
+    the decoder rejects them."""
+    import pydicom
+
+    total = 0
+    for data in parts:
+        try:
+            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
+                                 specific_tags=["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated"])
+            dims = [int(ds.get(t) or d) for t, d in (("Rows", 0), ("Columns", 0), ("NumberOfFrames", 1), ("SamplesPerPixel", 1))]
+            bits = int(ds.get("BitsAllocated") or 16)
+        except Exception:  # noqa: BLE001 — pydicom raises many types on crafted headers
+            continue
+        total += dims[0] * dims[1] * max(1, dims[2]) * max(1, dims[3]) * max(1, (bits + 7) // 8)
+    return total
+
+
+def decode_request(parts: list[bytes], profile, image_name: str, view_cfg, *, max_files: int, max_bytes: int,
+                   max_image_bytes: int):
+    """Upload parts → (model input, preprocessing description): unpack, the pixel budget from the
+    headers, then the ingest decode path and the model's view. Runs in a decode worker process."""
+    from radforge import dicom, kinds
+
+    image = kinds.get(image_name)
+    kind, payload = unpack_upload(parts, max_files=max_files, max_bytes=max_bytes)
+    if kind == "npy":
+        array, modality = load_npy(payload, image), None
+    else:
+        declared = declared_image_bytes(payload)
+        if declared > max_image_bytes:
+            raise ApiError(413, "too_large", f"the images declare {declared / 2**20:.0f} MB of pixels; "
+                                             f"the limit is {max_image_bytes / 2**20:.0f} MB (max_image_mb)")
+        try:
+            array, meta = dicom.canonical_from_files(payload, profile, image=image)
+        except dicom.Reject as r:
+            raise _reject_error(r.reason) from None
+        except MemoryError:
+            raise ApiError(413, "too_large") from None
+        modality = meta["modality"]
+    key = (image_name, repr(view_cfg))
+    view = _VIEWS.get(key)
+    if view is None:
+        view = _VIEWS[key] = image.view(view_cfg)
+    x = view(array, {})
+    prep = {
+        "profile_id": profile.profile_id,
+        "view": config.to_dict(view_cfg),
+        "input": kind,
+        "modality": modality,
+        "canonical_shape": list(array.shape),
+        "input_shape": list(x.shape),
+    }
+    return x, prep
+
+
+_VIEWS: dict = {}  # per process: (image kind, view config) → view
+
+
+def _decode_worker_init(memory_bytes: int) -> None:
+    """A decode worker caps its own private memory: a file that lies about its size (RLE bomb)
+    fails in this process (MemoryError or an abort), never in the replica."""
+    import resource
+
+    if memory_bytes > 0:
+        resource.setrlimit(resource.RLIMIT_DATA, (memory_bytes, memory_bytes))
+
+
+def _warm() -> None:
+    """A new decode worker imports what decoding needs before it takes a request."""
+    import importlib
+
+    for name in ("pydicom", "radforge.dicom", "radforge.transforms", "torch"):
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            pass
+
+
+class DecodePool:
+    """`n` single-process decode slots. A request holds one slot; when it runs past `timeout_s`
+    its process is killed, when its process dies (an abort) the request gets a 4xx; either way the
+    slot gets a fresh process, which joins the pool once warm, and no other request is affected.
+    A valid request waits for a slot at most as long as the requests ahead of it may run."""
+
+    def __init__(self, n: int, memory_bytes: int):
+        import multiprocessing
+
+        # spawn: a fork of a replica would copy its threads' locks and the loaded models.
+        self._ctx = multiprocessing.get_context("spawn")
+        self._memory = memory_bytes
+        self._free: asyncio.Queue = asyncio.Queue()
+        self._starting = [self._new() for _ in range(n)]  # warm up while the replica loads
+        self.replaced = 0  # processes killed (timeout) or lost (abort)
+
+    def _new(self) -> tuple[ProcessPoolExecutor, Any]:
+        ex = ProcessPoolExecutor(1, mp_context=self._ctx, initializer=_decode_worker_init, initargs=(self._memory,))
+        return ex, ex.submit(_warm)
+
+    def _join_when_warm(self, slot) -> None:
+        loop = asyncio.get_running_loop()
+        ex, warm = slot
+        warm.add_done_callback(lambda _: loop.call_soon_threadsafe(self._free.put_nowait, ex))
+
+    async def run(self, timeout_s: float, fn, *args, **kw):
+        import functools
+
+        while self._starting:
+            self._join_when_warm(self._starting.pop())
+        ex = await self._free.get()
+        try:
+            fut = asyncio.wrap_future(ex.submit(functools.partial(fn, *args, **kw)))
+            result = await asyncio.wait_for(fut, timeout_s)
+        except asyncio.TimeoutError:
+            self._replace(ex)
+            raise ApiError(408, "timeout", f"decoding took longer than {timeout_s:g} s (decode_timeout_s)") from None
+        except BrokenProcessPool:
+            self._replace(ex)
+            raise ApiError(422, "decode_error") from None
+        except asyncio.CancelledError:  # the client went away: its decode must not hold the slot
+            self._replace(ex)
+            raise
+        except BaseException:
+            self._free.put_nowait(ex)
+            raise
+        self._free.put_nowait(ex)
+        return result
+
+    def _replace(self, ex: ProcessPoolExecutor) -> None:
+        self.replaced += 1
+        for p in list((getattr(ex, "_processes", None) or {}).values()):
+            p.kill()
+        ex.shutdown(wait=False, cancel_futures=True)
+        self._join_when_warm(self._new())
+
+
 _FINDING_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789 _-/(),.'")
 
 
@@ -371,7 +615,7 @@ _TEXT_BODY = {"required": True, "content": {"application/json": {"schema": {"typ
 @serve.deployment(name="RadforgeServer")
 @serve.ingress(app)
 class RadforgeServer:
-    def __init__(self, settings: config.ServeConfig):
+    def __init__(self, settings: config.ServeConfig, host: str | None = None):
         from radforge import checkpoint, index, models
 
         self.cfg = settings  # validated by build_app
@@ -395,9 +639,16 @@ class RadforgeServer:
             self._index_urls[index.info(url).model_id] = url
         self._indexes: dict[str, tuple[Any, list[str]]] = {}
         self._device = "cuda" if self.cfg.num_gpus > 0 else "cpu"
-        self._decode_pool = ThreadPoolExecutor(1, thread_name_prefix="radforge-decode")
+        import radforge.serve as this  # the module itself: Serve ships this class by value
+
+        keys = load_api_keys(self.cfg)
+        host = host or _proxy_host()
+        check_exposure("0.0.0.0" if host is None else host, bool(keys), self.cfg.allow_unauthenticated)
+        this._API_KEYS[:] = keys
+        log.info("authentication: %s", f"{len(keys)} API key(s)" if keys else "off")
+        self._decode_pool = DecodePool(self.cfg.decode_workers, int(self.cfg.decode_worker_memory_mb() * 2**20))
+        self._io_pool = ThreadPoolExecutor(1, thread_name_prefix="radforge-io")  # index loads
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="radforge-model")
-        self._views: dict[str, Any] = {}
         self._embed_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
 
@@ -427,13 +678,19 @@ class RadforgeServer:
         limit, without keeping it) so the client reads a clean 413 instead of a reset."""
         cl = request.headers.get("content-length", "")
         declared = int(cl) if cl.isdigit() else None
+        if declared is not None and declared > 4 * self._max_bytes + (16 << 20):
+            raise ApiError(413, "payload_too_large")  # not worth draining
         chunks, n = [], 0
-        async for chunk in request.stream():
-            n += len(chunk)
-            if n <= self._max_bytes:
-                chunks.append(chunk)
-            elif n > 4 * self._max_bytes + (16 << 20):
-                break
+        try:
+            async with asyncio.timeout(self.cfg.body_timeout_s):
+                async for chunk in request.stream():
+                    n += len(chunk)
+                    if n <= self._max_bytes:
+                        chunks.append(chunk)
+                    elif n > 4 * self._max_bytes + (16 << 20):
+                        break
+        except TimeoutError:
+            raise ApiError(408, "timeout", f"the body took longer than {self.cfg.body_timeout_s:g} s (body_timeout_s)") from None
         if n > self._max_bytes or (declared is not None and declared > self._max_bytes):
             raise ApiError(413, "payload_too_large")
         return b"".join(chunks)
@@ -465,38 +722,14 @@ class RadforgeServer:
         """Request → (model input float32 [C, ...], preprocessing description, form fields)."""
         parts, fields = await self._upload(request)
         lm = await self._get_model(mid)
+        args = (parts, lm.profile, lm.image.name, lm.view)
+        kw = {"max_files": self.cfg.max_files, "max_bytes": self._max_bytes,
+              "max_image_bytes": int(self.cfg.max_image_mb * 2**20)}
         if len(parts) == 1 and parts[0][:6] == NPY_MAGIC:
-            x, prep = self._preprocess(lm, parts)  # sub-millisecond: a thread hop would cost more
+            x, prep = decode_request(*args, **kw)  # bounded by the upload limit; a process hop would cost more
         else:
-            loop = asyncio.get_running_loop()
-            x, prep = await loop.run_in_executor(self._decode_pool, self._preprocess, lm, parts)
+            x, prep = await self._decode_pool.run(self.cfg.decode_timeout_s, decode_request, *args, **kw)
         return x, prep, fields
-
-    def _preprocess(self, lm, parts: list[bytes]):
-        from radforge import config, dicom
-
-        kind, payload = unpack_upload(parts, max_files=self.cfg.max_files, max_bytes=self._max_bytes)
-        if kind == "npy":
-            array, modality = load_npy(payload, lm.image), None
-        else:
-            try:
-                array, meta = dicom.canonical_from_files(payload, lm.profile, image=lm.image)
-            except dicom.Reject as r:
-                raise _reject_error(r.reason) from None
-            modality = meta["modality"]
-        view = self._views.get(lm.model_id)
-        if view is None:
-            view = self._views[lm.model_id] = lm.image.view(lm.view)
-        x = view(array, {})
-        prep = {
-            "profile_id": lm.profile.profile_id,
-            "view": config.to_dict(lm.view),
-            "input": kind,
-            "modality": modality,
-            "canonical_shape": list(array.shape),
-            "input_shape": list(x.shape),
-        }
-        return x, prep
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._model_pool, fn, *args)
@@ -528,7 +761,7 @@ class RadforgeServer:
             from radforge import index
 
             loop = asyncio.get_running_loop()
-            self._indexes[mid] = await loop.run_in_executor(self._decode_pool, index.load, self._index_urls[mid])
+            self._indexes[mid] = await loop.run_in_executor(self._io_pool, index.load, self._index_urls[mid])
         return self._indexes[mid]
 
     # -- endpoints -------------------------------------------------------------------------

@@ -212,3 +212,45 @@ def test_unreadable_directory_is_counted(tmp_path):
         assert _reasons(storage.walk(str(tmp_path))) == {"unreadable_directory": 1}
     finally:
         os.chmod(tmp_path / "locked", 0o755)
+
+
+# --------------------------------------------------------------------------- a real ingest
+
+
+@pytest.mark.timeout(300)  # a FIFO that was opened would hang the run: the test fails instead
+def test_ingest_counts_every_entry_and_reads_the_non_utf8_file(hostile, tmp_path, ray_cluster):
+    import json
+
+    from radforge import config, ingest, phantoms, shardspec
+    from radforge.config import IngestRecipe
+
+    st = phantoms.make_study(phantoms.make_patient(0))
+    phantoms.xray(hostile / "dx.dcm", st, rows=64, cols=64)
+    phantoms.xray(tmp_path / "tmp.dcm", phantoms.make_study(phantoms.make_patient(1)), rows=64, cols=64)
+    latin = os.path.join(os.fsencode(hostile / "sub"), b"r\xf6ntgen.dcm")  # not UTF-8
+    os.rename(tmp_path / "tmp.dcm", latin)
+    deep = p = str(hostile / "deep")  # 1,100 nested folders (a RecursionError before)
+    os.mkdir(deep)
+    try:
+        for _ in range(1100):
+            p = os.path.join(p, "d")
+            os.mkdir(p)
+        _write(os.path.join(p, "leaf.bin"), b"deep")
+        recipe = config.load(IngestRecipe, None, ["deid.demo_key=true"])
+        t = time.perf_counter()
+        res = ingest.run(str(hostile), str(tmp_path / "shards"), recipe, progress=False)
+        took = time.perf_counter() - t
+        listed = storage.walk(str(hostile))
+    finally:
+        _unwind(deep)
+    inputs = res.manifest["inputs"]
+    assert shardspec.reconciles(inputs), inputs
+    assert inputs["seen"] == len(listed)  # every directory entry that is not a directory
+    assert inputs["used"] == 2, inputs  # both radiographs, the non-UTF-8 one included
+    assert inputs["skipped"] == dict(_reasons(listed)), inputs
+    assert inputs["rejected"] == {"not_dicom": 4}, inputs  # a.bin, b.bin, caf\xe9-50%.bin, the deep leaf
+    ledger = [json.loads(line) for line in storage.read_bytes(storage.join(res.private, "rejects.jsonl")).splitlines()]
+    assert Counter((r["status"], r["reason"]) for r in ledger) == Counter(
+        {("skipped", k): v for k, v in inputs["skipped"].items()} | {("rejected", k): v for k, v in inputs["rejected"].items()})
+    assert any(r["path"].endswith("/sub/caf%E9-50%25.bin") for r in ledger)  # escaped, reversible
+    print(f"hostile ingest: {took:.1f} s, inputs {inputs}")

@@ -172,6 +172,17 @@ def test_list_dir_one_level(root):
     assert files == [(storage.join(root, "a", "10.dcm"), 2), (storage.join(root, "a", "2.dcm"), 4)]
 
 
+def test_walk_and_scan_dir_on_every_backend(root):
+    """Object stores have only objects: the same listing as before, nothing skipped; a local
+    tree of plain files lists the same way (tests/test_listing.py has the hostile trees)."""
+    _make_tree(root)
+    assert [(e.url, e.size) for e in storage.walk(root)] == storage.find_files(root)
+    assert all(e.skip is None for e in storage.walk(root))
+    dirs, entries = storage.scan_dir(root)
+    assert (dirs, [(e.url, e.size) for e in entries]) == storage.list_dir(root)
+    assert storage.walk(storage.join(root, "b.dcm")) == [storage.Entry(storage.join(root, "b.dcm"), 2)]
+
+
 def test_relative_local_paths_become_absolute(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     storage.write_bytes_atomic("rel/x.bin", b"1")

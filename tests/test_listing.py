@@ -7,6 +7,7 @@ the one real ingest (marked slow by `ray_cluster`) checks the accounting end to 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import subprocess
@@ -144,19 +145,27 @@ def _unwind(root: str) -> None:
         p = os.path.dirname(p)
 
 
-@pytest.fixture
-def deep(tmp_path):
-    """1,100 nested folders and one file at the bottom (os.makedirs itself would recurse)."""
-    root = p = str(tmp_path / "deep")
+@contextlib.contextmanager
+def _deep_tree(root: str, depth: int = 1100):
+    """`depth` nested folders under `root` with one file at the bottom, removed afterwards
+    (os.makedirs and pytest's own tmp_path cleanup would recurse)."""
+    p = root
     os.mkdir(root)
     try:
-        for _ in range(1100):
+        for _ in range(depth):
             p = os.path.join(p, "d")
             os.mkdir(p)
         _write(os.path.join(p, "leaf.bin"), b"deep")
         yield root
     finally:
         _unwind(root)
+
+
+@pytest.fixture
+def deep(tmp_path):
+    """1,100 nested folders and one file at the bottom."""
+    with _deep_tree(str(tmp_path / "deep")) as root:
+        yield root
 
 
 def test_1100_nested_folders(deep):
@@ -229,20 +238,12 @@ def test_ingest_counts_every_entry_and_reads_the_non_utf8_file(hostile, tmp_path
     phantoms.xray(tmp_path / "tmp.dcm", phantoms.make_study(phantoms.make_patient(1)), rows=64, cols=64)
     latin = os.path.join(os.fsencode(hostile / "sub"), b"r\xf6ntgen.dcm")  # not UTF-8
     os.rename(tmp_path / "tmp.dcm", latin)
-    deep = p = str(hostile / "deep")  # 1,100 nested folders (a RecursionError before)
-    os.mkdir(deep)
-    try:
-        for _ in range(1100):
-            p = os.path.join(p, "d")
-            os.mkdir(p)
-        _write(os.path.join(p, "leaf.bin"), b"deep")
+    with _deep_tree(str(hostile / "deep")):  # 1,100 nested folders (a RecursionError before)
         recipe = config.load(IngestRecipe, None, ["deid.demo_key=true"])
         t = time.perf_counter()
         res = ingest.run(str(hostile), str(tmp_path / "shards"), recipe, progress=False)
         took = time.perf_counter() - t
         listed = storage.walk(str(hostile))
-    finally:
-        _unwind(deep)
     inputs = res.manifest["inputs"]
     assert shardspec.reconciles(inputs), inputs
     assert inputs["seen"] == len(listed)  # every directory entry that is not a directory

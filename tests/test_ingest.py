@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -389,3 +390,35 @@ def test_index_rows_and_plan_items_cross_the_arrow_edge_unchanged(tmp_path):
     items = [it for g in {r["group_key"] for r in rows} for it in dicom.plan_group([r for r in rows if r["group_key"] == g], ctx)]
     assert sorted(it.status for it in items) == ["planned", "planned", "rejected"]
     assert ingest._items_of(ingest._items_table(items)) == items
+
+
+# ----------------------------------------------------------------------------- hostile input
+
+
+def test_bombs_and_stalls_cost_one_file_each_and_are_ledgered_with_the_figure(ray_cluster, tmp_path):
+    """The crafted files of tests/test_hostile.py in a real ingest, next to valid X-rays: each is
+    refused from its header (no decoding, no stall), counted, and ledgered privately."""
+    from test_hostile import rle_bomb, sparse_giant
+
+    src = tmp_path / "src"
+    src.mkdir()
+    study = phantoms.make_study(phantoms.make_patient(0))
+    for i in range(2):
+        phantoms.xray(src / f"ok{i}.dcm", study, rows=40 + i, cols=32, seed=i)
+    (src / "bomb.dcm").write_bytes(rle_bomb())
+    sparse_giant(src / "giant.dcm", 30000, 30000)
+    with open(src / "zeros.dcm", "wb") as f:
+        f.write(b"\0" * 128 + b"DICM")
+        f.truncate(132 + 64 * 1024 * 1024)
+    t = time.time()
+    res = ingest.run(str(src), str(tmp_path / "out"), config.load(IngestRecipe, None, ["deid.demo_key=true"]), progress=False)
+    inp = res.manifest["inputs"]
+    assert inp["seen"] == 5 and inp["used"] == 2 and shardspec.reconciles(inp)
+    assert inp["rejected"] == {"too_large": 2, "unreadable_header": 1}
+    assert time.time() - t < 120
+    lines = [json.loads(x) for x in storage.read_bytes(storage.join(res.private, "rejects.jsonl")).decode().splitlines()]
+    by_name = {os.path.basename(r["path"]): r for r in lines}
+    assert "8589672450 pixel bytes" in by_name["bomb.dcm"]["detail"]
+    assert str(30000 * 30000 * 2) in by_name["giant.dcm"]["detail"]
+    assert "detail" not in by_name["zeros.dcm"]
+    assert "detail" not in json.dumps(res.manifest)  # figures stay in the private ledger

@@ -63,6 +63,8 @@ class CTConfig(Section):
     # "reject" the series, or "drop" repeated positions when the pixels are identical copies.
     duplicate_positions: str = "reject"
     # Largest source volume (voxels) one worker may assemble; bigger series are rejected, not OOM'd.
+    # Also the budget of each file, checked from its header before any decoder runs: rows ×
+    # columns × frames × samples per pixel × bits allocated / 16 ≤ max_voxels ("too_large").
     max_voxels: int = 1024 * 1024 * 2000
 
     def __post_init__(self):
@@ -87,9 +89,15 @@ class XrayConfig(Section):
     # "window": apply the header's VOI (VOI LUT Sequence, else the first window) as a radiologist
     # would see it; "none": store Modality-LUT values rescaled to the BitsStored range.
     voi: str = "window"
+    # Budget of one radiograph, in 16-bit pixels: rows × columns × frames × samples per pixel ×
+    # bits allocated / 16, from the header, before any decoder runs; larger → rejected
+    # "too_large" (a 4k × 4k DX is 16.8 M; the default is ~6300²). Decoding one image peaks at
+    # about 32 bytes per pixel (formula in radforge.ingest), ~1.3 GB at the default.
+    max_pixels: int = 40_000_000
 
     def __post_init__(self):
         _at_least("xray.longest_side", self.longest_side, 16)
+        _above("xray.max_pixels", self.max_pixels, 0)
         _choice("xray.voi", self.voi, ("window", "none"))
 
 

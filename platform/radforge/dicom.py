@@ -44,7 +44,7 @@ import pydicom
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from radforge import deid, kinds
-from radforge.config import CTConfig, IngestRecipe
+from radforge.config import CTConfig, IngestRecipe, XrayConfig
 from radforge.transforms import Profile, spacing_zyx
 
 # Never let pydicom warn about invalid element values: its warnings quote the value, and a
@@ -115,11 +115,37 @@ SKIP_REASONS = ("localizer", "modality_not_selected")
 
 
 class Reject(Exception):
-    """An input that cannot become a sample. `reason` is a code from REJECT_REASONS."""
+    """An input that cannot become a sample. `reason` is a code from REJECT_REASONS.
 
-    def __init__(self, reason: str):
+    `detail` is an optional figure for the private ledger (e.g. the declared size of a
+    `too_large` image and the budget it exceeds): numbers only, never a header value's text. It
+    is not part of the message, which stays the bare code.
+    """
+
+    def __init__(self, reason: str, detail: str | None = None):
         super().__init__(reason)
         self.reason = reason
+        self.detail = detail
+
+
+@dataclass(frozen=True)
+class HeaderLimits:
+    """Per-file caps on what the header read (`scan`) may consume before the pixel data.
+
+    A hostile or broken file cannot make a header read slow or large: past either cap the file
+    is `unreadable_header`, in bounded time (~0.35 s per 100k elements) and memory (`max_bytes`).
+    Element headers are counted as 8-byte reads (each element, sequence item and delimiter
+    starts with one), so the count includes a few value reads of 8 bytes; the defaults leave
+    room for a 3,000-frame Enhanced CT (~30 elements per frame) and a large private blob.
+    """
+
+    max_bytes: int = 32 * 1024 * 1024  # header bytes read (values included), pixel data excluded
+    max_elements: int = 200_000  # data elements + sequence items read
+    # A Deflated data set is one zlib stream (header and pixels): it may inflate to at most this.
+    max_inflated_bytes: int = 1024 * 1024 * 1024
+
+
+HEADER_LIMITS = HeaderLimits()
 
 
 INDEX_SCHEMA = pa.schema(
@@ -141,6 +167,10 @@ INDEX_SCHEMA = pa.schema(
         ("rows", pa.int32()),
         ("cols", pa.int32()),
         ("n_frames", pa.int32()),
+        # Decoded size of the file's pixel data as its header declares it: rows × columns ×
+        # frames × samples per pixel × bits allocated / 8, the figure every budget is checked on
+        # before any decoder runs; None when the header does not say (planning rejects it).
+        ("pixel_bytes", pa.int64()),
         ("pixel_spacing", pa.list_(pa.float64())),
         ("iop", pa.list_(pa.float64())),
         ("positions", pa.list_(pa.list_(pa.float64()))),  # one per frame
@@ -156,16 +186,17 @@ INDEX_SCHEMA = pa.schema(
 # ---------------------------------------------------------------------------------------------
 
 
-def scan(path: str, size: int, fileobj) -> dict:
+def scan(path: str, size: int, fileobj, limits: HeaderLimits = HEADER_LIMITS) -> dict:
     """Header-only read of one file into an index row. Never raises.
 
     Reads the preamble and the data set up to the Pixel Data element, then at most a few
     8-12 byte item headers to prove the pixel data is complete, so scanning a 500 KB slice costs a
-    few KB of I/O (Deflated files are the exception: deflate is one stream, read whole).
+    few KB of I/O (Deflated files are the exception: deflate is one stream, read whole). What the
+    read may consume is capped by `limits` (`HeaderLimits`): beyond it, `unreadable_header`.
     """
     with _quiet():
         try:
-            return _scan(path, size, fileobj)
+            return _scan(path, size, fileobj, limits)
         except _PASS_THROUGH:
             raise
         except BaseException:  # noqa: BLE001 — last resort for "never raises" (see _PASS_THROUGH)
@@ -179,14 +210,14 @@ def rejected_row(path: str, size: int, reason: str | None) -> dict:
     return row
 
 
-def _scan(path: str, size: int, fileobj) -> dict:
+def _scan(path: str, size: int, fileobj, limits: HeaderLimits) -> dict:
     row = rejected_row(path, size, None)
     if size == 0:
         row["reason"] = "not_dicom"
         return row
-    reader = _Reader(fileobj)
+    reader = _Reader(fileobj, limits)
     try:
-        ds = _read_header(reader)
+        ds = _read_header(reader, limits)
     except Reject as r:
         row["reason"] = r.reason
         return row
@@ -231,13 +262,31 @@ class _Reader:
     and a value cut exactly at its start is a second empty read.
     """
 
-    def __init__(self, f):
+    def __init__(self, f, limits: HeaderLimits = HEADER_LIMITS):
         self._f = f
         self._short = 0
         self._partial = False
+        self._limits = limits
+        self._bytes = 0  # read so far
+        self._elements = 0  # 8-byte reads so far (element and item headers)
 
     def read(self, n: int = -1) -> bytes:
+        # The caps are checked before reading: a declared 4 GB value is refused, not allocated.
+        room = self._limits.max_bytes - self._bytes
+        if n is None or n < 0:
+            b = self._f.read(room + 1)
+            if len(b) > room:
+                raise Reject("unreadable_header")
+            self._bytes += len(b)
+            return b
+        if n > room:
+            raise Reject("unreadable_header")
+        if n == 8:
+            self._elements += 1
+            if self._elements > self._limits.max_elements:
+                raise Reject("unreadable_header")
         b = self._f.read(n)
+        self._bytes += len(b)
         if n is not None and n >= 0 and len(b) < n:
             self._short += 1
             self._partial |= len(b) > 0
@@ -250,6 +299,11 @@ class _Reader:
         return self._f.tell()
 
     @property
+    def raw(self):
+        """The file itself, for reads that must not count against the caps."""
+        return self._f
+
+    @property
     def truncated(self) -> bool:
         return self._partial or self._short > 1
 
@@ -259,12 +313,14 @@ class _Reader:
         return self._short > 0
 
 
-def _read_header(fileobj) -> pydicom.Dataset:
+def _read_header(fileobj, limits: HeaderLimits = HEADER_LIMITS) -> pydicom.Dataset:
     head = fileobj.read(132)
     # PS3.10 files start with a 128-byte preamble and "DICM". Without it, reading means
     # force-parsing, which also "succeeds" on text and random bytes, so the line is drawn here.
     if len(head) < 132 or head[128:132] != b"DICM":
         raise Reject("not_dicom")
+    if _meta_transfer_syntax(fileobj) == DeflatedExplicitVRLittleEndian:
+        _check_inflated_size(getattr(fileobj, "raw", fileobj), limits.max_inflated_bytes)
     fileobj.seek(0)
     try:
         ds = pydicom.dcmread(fileobj, stop_before_pixels=True)
@@ -288,27 +344,78 @@ _LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN
 def _meta_names_transfer_syntax(f) -> bool:
     """Whether the file meta (group 2, always Explicit VR Little Endian) holds a Transfer Syntax
     UID: what tells a data set cut short from a smashed header when pydicom raised mid-read."""
+    return _meta_transfer_syntax(f) is not None
+
+
+def _meta_transfer_syntax(f) -> str | None:
+    """The Transfer Syntax UID of the file meta, read by hand (a few small reads), or None."""
     try:
         f.seek(132)
-        while True:
+        for _ in range(64):  # group 2 has a dozen elements; anything longer is not a file meta
             h = f.read(8)
             if len(h) < 8:
-                return False
+                return None
             group, elem = struct.unpack("<HH", h[:4])
             if group != 0x0002:
-                return False
+                return None
             if h[4:6] in _LONG_VRS:
                 ext = f.read(4)
                 if len(ext) < 4:
-                    return False
+                    return None
                 (length,) = struct.unpack("<I", ext)
             else:
                 (length,) = struct.unpack("<H", h[6:8])
             if elem == 0x0010:
-                return 0 < length < 0xFFFFFFFF and len(f.read(length)) == length
+                if not 0 < length <= 64:
+                    return None
+                v = f.read(length)
+                return v.rstrip(b"\0 ").decode("ascii") if len(v) == length else None
             f.seek(f.tell() + length)
-    except Exception:  # noqa: BLE001
-        return False
+    except Exception:  # noqa: BLE001 — a Reject from the capped reader included
+        return None
+    return None
+
+
+def _check_inflated_size(f, limit: int) -> None:
+    """A Deflated data set is inflated whole by pydicom; refuse one that would inflate past
+    `limit` (a deflate bomb) by inflating it here first, in chunks, discarding the output.
+    Where the deflated stream starts, the file meta ends: its group length says where."""
+    f.seek(132)
+    h = f.read(12)
+    if len(h) < 12 or h[:4] != b"\x02\x00\x00\x00":
+        return  # no group length: pydicom will make what it can of it
+    (glen,) = struct.unpack("<I", h[8:12])
+    f.seek(144 + glen)
+    z = zlib.decompressobj(-zlib.MAX_WBITS)
+    total = 0
+    while True:
+        chunk = f.read(1 << 20)
+        if not chunk:
+            return
+        buf = chunk
+        while buf:
+            out = z.decompress(buf, 1 << 24)
+            total += len(out)
+            if total > limit:
+                raise Reject("too_large", f"inflates to > {limit} bytes")
+            buf = z.unconsumed_tail
+            if z.eof:
+                return
+
+
+def declared_pixel_bytes(ds) -> int | None:
+    """Decoded size of a data set's pixel data from its header alone: rows × columns × frames ×
+    samples per pixel × bits allocated / 8 (rounded up), for every transfer syntax (what a
+    decoder allocates, whatever the compressed size). None when Rows, Columns or BitsAllocated
+    is missing or not positive, or a count is absurd: such a header cannot be budgeted."""
+    rows, cols, bits = _int(_get(ds, "Rows")), _int(_get(ds, "Columns")), _int(_get(ds, "BitsAllocated"))
+    frames = _int(_get(ds, "NumberOfFrames"))
+    spp = _int(_get(ds, "SamplesPerPixel"))
+    frames = frames if frames and frames > 0 else 1  # absent, 0 or negative: pydicom decodes one
+    spp = 1 if spp is None else spp
+    if not all(v is not None and 0 < v < 2**32 for v in (rows, cols, bits, spp, frames)):
+        return None
+    return -(-rows * cols * frames * spp * bits // 8)
 
 
 _SCANNED_SAFE = (*deid.SAFE_ATTRIBUTES, *deid.AGE_SEX_ATTRIBUTES)  # what the index keeps for metadata
@@ -334,6 +441,7 @@ def _fill_row(row: dict, ds: pydicom.Dataset) -> None:
     row["cols"] = _int(_get(ds, "Columns"))
     n_frames = _int(_get(ds, "NumberOfFrames"))
     row["n_frames"] = n_frames if n_frames and n_frames > 0 else 1
+    row["pixel_bytes"] = declared_pixel_bytes(ds)
     ps, iop, positions = _geometry(ds, row["n_frames"])
     row["pixel_spacing"], row["iop"], row["positions"] = ps, iop, positions
     safe = {}
@@ -501,6 +609,10 @@ class PlanItem:
     key: str | None = None  # sample key: series pseudonym (CT), image pseudonym (X-ray)
     split: str | None = None
     est_bytes: int = 0  # estimated stored size, for shard counts
+    # Planned: the largest decoded pixel data of one of its files, as the headers declared it
+    # and the budget allowed; decoding refuses a file that now declares more (`too_large`).
+    decode_bytes: int = 0
+    detail: str | None = None  # dispositions: a figure for the private ledger (`Reject.detail`)
     frames: list[int] = field(default_factory=list)  # per path: frame index, -1 = single-frame file
     modality: str | None = None
     patient: str | None = None  # pseudonyms
@@ -546,7 +658,7 @@ def plan_group(rows: list[dict], ctx: PlanContext) -> list[PlanItem]:
             try:
                 out.append(rules.plan(sample_rows, ctx))
             except Reject as rej:
-                out.append(_disposition(sample_rows, "rejected", rej.reason))
+                out.append(_disposition(sample_rows, "rejected", rej.reason, rej.detail))
     return out
 
 
@@ -565,9 +677,28 @@ def _file_disposition(r: dict, kind: kinds.ImageKind | None, ctx: PlanContext) -
     return None
 
 
-def _disposition(rows: list[dict], status: str, reason: str) -> PlanItem:
+def _disposition(rows: list[dict], status: str, reason: str, detail: str | None = None) -> PlanItem:
     paths = [r["path"] for r in rows]
-    return PlanItem(status=status, reason=reason, paths=paths, all_paths=list(paths))
+    return PlanItem(status=status, reason=reason, paths=paths, all_paths=list(paths), detail=detail)
+
+
+def _check_budget(rows: list[dict], pixels: int, key: str) -> int:
+    """Refuse, from the headers alone, files a decoder would expand beyond `pixels` 16-bit
+    pixels (rows × columns × frames × samples × bits allocated / 16 > pixels), and files much
+    larger than that (a native Pixel Data element declaring more than the image, trailing junk):
+    `too_large`, with the figure. Returns the largest declared pixel bytes (what may be decoded)."""
+    limit = 2 * pixels
+    largest = 0
+    for r in rows:
+        n = r.get("pixel_bytes")
+        if n is None:
+            raise Reject("decode_error")  # no Rows/Columns/BitsAllocated: nothing can decode it
+        if n > limit:
+            raise Reject("too_large", f"{n} pixel bytes declared > {limit} ({key} x 2 B)")
+        if r["size"] > 2 * n + HEADER_LIMITS.max_bytes:
+            raise Reject("too_large", f"{r['size']} file bytes for {n} pixel bytes")
+        largest = max(largest, n)
+    return largest
 
 
 def _monochrome(r: dict) -> bool:
@@ -581,6 +712,7 @@ def _plan_ct(rows: list[dict], ctx: PlanContext) -> PlanItem:
     cfg = ctx.recipe.ct
     first = rows[0]
     _check_ct_rows(rows)
+    decode_bytes = _check_budget(rows, cfg.max_voxels, "ct.max_voxels")
     iop0 = np.array(first["iop"])
     ps0 = np.array(first["pixel_spacing"])
     col_dir, row_dir, normal = _slice_axes(iop0)
@@ -588,7 +720,7 @@ def _plan_ct(rows: list[dict], ctx: PlanContext) -> PlanItem:
     step, travel = _check_stacking(slices, z, normal, float(ps0.min()), cfg)
     n = len(slices)
     if n * first["rows"] * first["cols"] > cfg.max_voxels:
-        raise Reject("too_large")
+        raise Reject("too_large", f"{n * first['rows'] * first['cols']} voxels > {cfg.max_voxels} (ct.max_voxels)")
     src_spacing = [step, float(ps0[0]), float(ps0[1])]  # z, y (row spacing), x (column spacing)
     src_shape = [n, int(first["rows"]), int(first["cols"])]
     out_shape = [max(1, round(src_shape[i] * src_spacing[i] / cfg.spacing_mm[i])) for i in range(3)]
@@ -604,6 +736,7 @@ def _plan_ct(rows: list[dict], ctx: PlanContext) -> PlanItem:
     # Files dropped as duplicates still count as used inputs of this series.
     item.all_paths = [r["path"] for r in rows]
     item.est_bytes = int(np.prod(out_shape)) * 2
+    item.decode_bytes = decode_bytes
     item.source_shape, item.source_spacing_mm = src_shape, src_spacing
     item.source_affine = affine.tolist()
     return item
@@ -704,6 +837,7 @@ def _plan_xray(rows: list[dict], ctx: PlanContext) -> PlanItem:
     (r,) = rows
     if not r["rows"] or not r["cols"]:
         raise Reject("missing_geometry")
+    decode_bytes = _check_budget(rows, ctx.recipe.xray.max_pixels, "xray.max_pixels")
     if not _monochrome(r):
         raise Reject("unsupported_photometric")
     if (r["n_frames"] or 1) != 1:
@@ -717,6 +851,7 @@ def _plan_xray(rows: list[dict], ctx: PlanContext) -> PlanItem:
     if r["pixel_spacing"]:
         item.source_spacing_mm = list(r["pixel_spacing"])
     item.frames = [-1]
+    item.decode_bytes = decode_bytes
     return item
 
 
@@ -769,7 +904,14 @@ _PASS_THROUGH = (KeyboardInterrupt, SystemExit, GeneratorExit, MemoryError)
 _TRUNCATION_WORDS = ("truncat", "too short", "insufficient", "end of", "less than expected")
 
 
-def _pixels(ds) -> np.ndarray:
+def _pixels(ds, limit: int) -> np.ndarray:
+    """The decoded pixel array, after checking from the header that it fits `limit` bytes: the
+    file read now may not be the file scanned, and no decoder runs on a budget not checked."""
+    declared = declared_pixel_bytes(ds)
+    if declared is None:
+        raise Reject("decode_error")
+    if declared > limit:
+        raise Reject("too_large", f"{declared} pixel bytes declared > {limit} planned")
     if "PixelData" not in ds:
         if "FloatPixelData" in ds or "DoubleFloatPixelData" in ds:
             raise Reject("decode_error")  # no CT or radiograph stores floats
@@ -849,6 +991,7 @@ def load_ct(item: PlanItem, read: Callable[[str], bytes]) -> tuple[np.ndarray, n
     Input problems raise `Reject`; nothing else does except `read`'s own I/O errors.
     """
     shape = item.source_shape
+    limit = _decode_limit(item)
     vol = np.empty(shape, dtype=np.float32)
     cache: dict[str, tuple[pydicom.Dataset, np.ndarray]] = {}
     for k, (path, frame) in enumerate(zip(item.paths, item.frames)):
@@ -857,15 +1000,23 @@ def load_ct(item: PlanItem, read: Callable[[str], bytes]) -> tuple[np.ndarray, n
             if frame < 0:
                 cache.clear()
             data = read(path)
-            cache[path] = _safely(_decode_pixels, data)
+            cache[path] = _safely(_decode_pixels, data, limit)
         ds, arr = cache[path]
         _safely(_hu_plane, ds, arr, frame, shape, vol[k])
     return vol, np.array(item.source_affine, dtype=np.float64)
 
 
-def _decode_pixels(data: bytes) -> tuple[pydicom.Dataset, np.ndarray]:
+def _decode_pixels(data: bytes, limit: int) -> tuple[pydicom.Dataset, np.ndarray]:
     ds = _decode(data)
-    return ds, _pixels(ds)
+    return ds, _pixels(ds, limit)
+
+
+def _decode_limit(item: PlanItem) -> int:
+    """Pixel bytes a file of `item` may decode to: what planning budgeted, else (an item made
+    by hand) the default budget of its kind."""
+    if item.decode_bytes > 0:
+        return item.decode_bytes
+    return 2 * (CTConfig().max_voxels if item.kind is kinds.CT else XrayConfig().max_pixels)
 
 
 def _hu_plane(ds, arr: np.ndarray, frame: int, shape: list[int], out: np.ndarray) -> None:
@@ -902,12 +1053,12 @@ def load_xray(item: PlanItem, read: Callable[[str], bytes], voi: str) -> np.ndar
     if voi not in ("window", "none"):
         raise ValueError(f"voi must be 'window' or 'none', got {voi!r}")
     data = read(item.paths[0])
-    return _safely(_xray, data, voi)
+    return _safely(_xray, data, voi, _decode_limit(item))
 
 
-def _xray(data: bytes, voi: str) -> np.ndarray:
+def _xray(data: bytes, voi: str, limit: int) -> np.ndarray:
     ds = _decode(data)
-    raw = _pixels(ds)
+    raw = _pixels(ds, limit)
     photometric = _str(ds, "PhotometricInterpretation").upper()
     if raw.ndim != 2 or photometric not in ("MONOCHROME1", "MONOCHROME2"):
         raise Reject("unsupported_photometric")
@@ -1059,14 +1210,19 @@ def _rounded(spacing) -> list[float]:
 
 
 def canonical_from_files(datas: list[bytes], profile: Profile, *, image: kinds.ImageKind | None = None,
-                         ct: CTConfig | None = None) -> tuple[np.ndarray, dict]:
+                         ct: CTConfig | None = None, xray: XrayConfig | None = None,
+                         limits: HeaderLimits = HEADER_LIMITS) -> tuple[np.ndarray, dict]:
     """The DICOM files of ONE image (a radiograph, or every slice of one CT series) → (canonical
     array, metadata), exactly as ingest would store it: `scan` → `plan_group` → `canonical`.
 
     For serving, where the files arrive in a request rather than from a listing. `profile` is the
     model's `transforms.Profile`; `image` (a `kinds.ImageKind`) restricts the accepted modalities (others: Reject("modality_not_selected"));
-    `ct` is a `config.CTConfig` with the series validation thresholds (default: the ingest
-    defaults, which the profile does not record). Strict where ingest is lenient: any unusable
+    `ct` is a `config.CTConfig` with the series validation thresholds and the volume budget
+    (`max_voxels`), `xray` a `config.XrayConfig` whose `max_pixels` is the radiograph budget
+    (only the budget is read: resizing and VOI follow `profile`), `limits` the header caps
+    (`HeaderLimits`); defaults: the ingest defaults, which the profile does not record. Every
+    budget is checked from the headers before any decoder runs (`Reject("too_large")`, whose
+    `detail` holds the figures); a header past `limits` is `Reject("unreadable_header")`. Strict where ingest is lenient: any unusable
     file rejects the whole request (a stray file in a series upload is a client error, not
     something to drop silently), and more than one series or image is Reject("multiple_images").
 
@@ -1074,18 +1230,19 @@ def canonical_from_files(datas: list[bytes], profile: Profile, *, image: kinds.I
     """
     # Planning reads only the modalities and the CT validation thresholds of a recipe; the pixels
     # follow `profile` (`canonical`), so nothing of the profile is turned back into a recipe.
-    recipe = IngestRecipe(modalities=list(image.modalities if image else kinds.MODALITIES), ct=ct or CTConfig())
+    recipe = IngestRecipe(modalities=list(image.modalities if image else kinds.MODALITIES), ct=ct or CTConfig(),
+                          xray=xray or XrayConfig())
     # Pseudonyms are computed by planning but never leave this function: any key will do.
     ctx = PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(b"radforge-canonical-from-files"))
     files = {f"file{i}": bytes(d) for i, d in enumerate(datas)}
     groups: dict[str, list[dict]] = {}
     for path, data in files.items():
-        row = scan(path, len(data), io.BytesIO(data))
+        row = scan(path, len(data), io.BytesIO(data), limits)
         groups.setdefault(row["group_key"], []).append(row)
     items = [it for rows in groups.values() for it in plan_group(rows, ctx)]
     for it in items:  # rejections first: a series with a gap beats a skipped localizer
         if it.status == "rejected" or it.reason == "modality_not_selected":
-            raise Reject(it.reason)
+            raise Reject(it.reason, it.detail)
     planned = [it for it in items if it.status == "planned"]
     if not planned:
         raise Reject(items[0].reason if items else "not_dicom")

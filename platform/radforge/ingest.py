@@ -27,6 +27,20 @@ Cost model (`radforge bench ingest`): a Ray Data task costs ~10-20 ms and each d
 ~0.2 s of fixed overhead, so work is cut into few, large tasks; what remains is the per-file work
 itself (header scan ~1 ms, decode + HU + resample + encode a few ms per CT slice).
 
+Hostile input: every budget is checked from the headers before any decoder runs (`dicom.scan`
+caps the header read at `dicom.HEADER_LIMITS`; planning refuses a file whose rows × columns ×
+frames × samples × bits allocated exceed `xray.max_pixels` / `ct.max_voxels`, `too_large`, the
+figure in the private ledger's `detail`), and the build task decodes in a child process
+(`_Decoder`): a decoder that aborts, crashes, is OOM-killed or overruns DECODE_TIMEOUT_S costs
+that one sample (`decode_error`, with what happened as the detail), and a build task that dies
+anyway is retried BUILD_TASK_RETRIES times, then the run fails, instead of Ray Data's default of
+retrying forever. Peak memory of a build task ≈ the Ray worker (~0.3 GB) + its decoder child
+(~0.2 GB + one sample): an X-ray ≈ 32 B × pixels (file, decoded pixels, float64 modality/VOI
+values, resize; measured 32-34 B/px at 4096² and 6000²), so ≤ 32 B × `xray.max_pixels`
+(1.3 GB at the default); a CT series ≈ 4 B × source voxels (the HU volume, ≤ `ct.max_voxels`)
++ 6 B × stored voxels (resampled float32 + int16) + one decoded file (≤ 2 B × `ct.max_voxels`):
+~5 B per source voxel when the profile downsamples (measured: 100 × 512² → 127 MB).
+
 Resume/idempotence: the plan is a pure function of the inputs, the recipe and the secret, so a
 restarted run computes the same shard assignment; shards whose completion record exists are not
 rebuilt. A finished DEST with the same plan digest is a no-op. A DEST holding a different plan is
@@ -44,6 +58,7 @@ import math
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -67,6 +82,8 @@ log = logging.getLogger("radforge.ingest")
 SCAN_BATCH = 128
 PLAN_ROWS_PER_PARTITION = 50_000  # index rows (~1 KB each) per plan partition: ~50 MB per task
 INDEX_PART_ROWS = 250_000  # rows per private index parquet part (parallel re-read at scale)
+BUILD_TASK_RETRIES = 3  # a build task that died (node lost, OOM-killed) is retried this often, then the run fails
+DECODE_TIMEOUT_S = 600.0  # one sample's decode (`_Decoder`); beyond it the child is killed: decode_error
 
 # The plan as Ray Data columns: one per `dicom.PlanItem` field (`_items_table` / `_items_of`).
 ITEM_SCHEMA = pa.schema(
@@ -79,6 +96,8 @@ ITEM_SCHEMA = pa.schema(
         ("key", pa.string()),
         ("split", pa.string()),
         ("est_bytes", pa.int64()),
+        ("decode_bytes", pa.int64()),
+        ("detail", pa.string()),  # a disposition's figure (too_large): private ledger only
         ("frames", pa.list_(pa.int32())),
         ("modality", pa.string()),
         ("patient", pa.string()),
@@ -296,19 +315,25 @@ def _build(plan: _Plan, done: dict[str, dict], recipe: IngestRecipe, tables: "_T
     todo_items = plan.planned - sum(r["items"] for r in done.values())
     if todo_items <= 0:
         return 0
-    outcomes = _assign(plan, done).map_batches(
-        _build_shards,
-        batch_size=None,
-        batch_format="pyarrow",
-        fn_kwargs={
-            "dest": dest,
-            "progress_url": progress_url,
-            "recipe": recipe,
-            "profile": Profile.from_recipe(recipe),
-            "tables_ref": ray.put(tables.read()) if tables else None,
-            "digest": plan.digest,
-        },
-    )
+    with warnings.catch_warnings():
+        # Ray Data retries a task forever by default; a build task that keeps dying (decoding
+        # runs in `_Decoder`'s child, so it is not the input) fails the run instead. Ray 2.60
+        # has no named parameter for it yet, only the deprecated ray_remote_args (removed in 2.64).
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        outcomes = _assign(plan, done).map_batches(
+            _build_shards,
+            batch_size=None,
+            batch_format="pyarrow",
+            max_retries=BUILD_TASK_RETRIES,
+            fn_kwargs={
+                "dest": dest,
+                "progress_url": progress_url,
+                "recipe": recipe,
+                "profile": Profile.from_recipe(recipe),
+                "tables_ref": ray.put(tables.read()) if tables else None,
+                "digest": plan.digest,
+            },
+        )
     built = 0
     bar = _bar(progress, todo_items, "sample", "build shards")
     for batch in outcomes.iter_batches(batch_format="pyarrow", batch_size=None):
@@ -579,17 +604,20 @@ def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe: IngestRe
     shard = batch.column("shard")[0].as_py()
     items = sorted(_items_of(batch), key=lambda it: it.key)
     outcomes = []  # one per item, in item order
+    details: dict[int, str] = {}  # item index → the figure of its rejection (private ledger)
     modalities: dict[str, int] = {}
     used_files = 0
     with tempfile.TemporaryDirectory(prefix="radforge-shard-") as tmp:
         local = os.path.join(tmp, "shard.tar")
         with open(local, "wb") as fh:
             writer = wds.TarWriter(fh, user="radforge", group="radforge", mtime=0, encoder=False)
-            for item in items:
+            for i, item in enumerate(items):
                 try:
-                    sample = make_sample(item, recipe, tables, profile=profile)
+                    sample = make_sample(item, recipe, tables, profile=profile, decode=_DECODER.canonical)
                 except dicom.Reject as r:
                     outcomes.append(_outcome(shard, item, "rejected", r.reason, 0))
+                    if r.detail:
+                        details[i] = r.detail
                     continue
                 except Exception as e:  # noqa: BLE001 — ledger it; never print header values
                     log.warning("sample in %s failed: %s", shard, type(e).__name__)
@@ -615,7 +643,8 @@ def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe: IngestRe
         "sha256": sha if samples else None,
         "modalities": modalities,
         "used_files": used_files,
-        "rejects": [{"paths": it.all_paths, "reason": o["reason"]} for it, o in zip(items, outcomes) if o["status"] == "rejected"],
+        "rejects": [{"paths": it.all_paths, "reason": o["reason"], "detail": details.get(i)}
+                    for i, (it, o) in enumerate(zip(items, outcomes)) if o["status"] == "rejected"],
         "items": len(items),
     }
     # Written after the upload: a record always means a complete, uploaded shard.
@@ -636,12 +665,13 @@ def _outcome(shard: str, item: dicom.PlanItem, status: str, reason: str | None, 
 
 
 def make_sample(item: dicom.PlanItem, recipe: IngestRecipe, tables: dict | None = None, *,
-                profile: Profile | None = None) -> shardspec.Sample:
+                profile: Profile | None = None, decode=None) -> shardspec.Sample:
     """One planned item → the sample to store. Raises dicom.Reject for unusable inputs.
 
     The pixels go through `dicom.canonical`, the one DICOM → stored-array path that serving
     (`dicom.canonical_from_files`) uses too. `profile` is `Profile.from_recipe(recipe)`, passed
-    in by callers that build many samples.
+    in by callers that build many samples. `decode(item, profile)` runs that path (default: in
+    this process; the build stage passes `_DECODER.canonical`, a child process).
     """
     profile = profile or Profile.from_recipe(recipe)
     meta: dict[str, Any] = {
@@ -657,7 +687,7 @@ def make_sample(item: dicom.PlanItem, recipe: IngestRecipe, tables: dict | None 
     }
     if item.source_spacing_mm is not None:
         meta["source_spacing_mm"] = [round(float(v), 6) for v in item.source_spacing_mm]
-    array, geometry = dicom.canonical(item, storage.read_bytes, profile)
+    array, geometry = (decode or _canonical)(item, profile)
     meta.update(geometry)
     report = None
     if tables:
@@ -668,6 +698,82 @@ def make_sample(item: dicom.PlanItem, recipe: IngestRecipe, tables: dict | None 
             report = deid.redact_report(report, item.phi_terms)
     meta["has_report"] = report is not None
     return shardspec.Sample(item.key, array, meta, report)
+
+
+def _canonical(item: dicom.PlanItem, profile: Profile):
+    return dicom.canonical(item, storage.read_bytes, profile)
+
+
+class _Decoder:
+    """Decoding in a child process, so that a decoder that aborts (pylibjpeg-rle aborts the
+    process when an allocation fails), crashes or is OOM-killed costs the one sample it was
+    decoding (ledgered `decode_error`, with what happened as the detail), not the build task,
+    which Ray would otherwise retry with the same input. Budgets are checked before this (plan
+    and `dicom._pixels`), so a child dying is the exception, not the defence.
+
+    One child per Ray worker process (spawned on first use, ~1 s, then reused across tasks);
+    a dead or timed-out child is replaced on the next sample. Items and arrays cross a pipe.
+    """
+
+    def __init__(self, fn=None):
+        self._fn = fn or _canonical  # fn(item, profile) -> (array, geometry), run in the child
+        self._proc = None
+        self._conn = None
+
+    def canonical(self, item: dicom.PlanItem, profile: Profile):
+        if self._proc is None or not self._proc.is_alive():
+            self._start()
+        self._conn.send((item, profile))
+        if not self._conn.poll(DECODE_TIMEOUT_S):
+            self._stop()
+            raise dicom.Reject("decode_error", f"decoding exceeded {DECODE_TIMEOUT_S:g} s")
+        try:
+            msg = self._conn.recv()
+        except (EOFError, OSError):
+            code = self._stop()
+            raise dicom.Reject("decode_error", f"decoder process died (exit code {code})") from None
+        if msg[0] == "ok":
+            return msg[1], msg[2]
+        if msg[0] == "reject":
+            raise dicom.Reject(msg[1], msg[2])
+        raise RuntimeError(msg[1])  # an error type name only: _build_shard logs and ledgers it
+
+    def _start(self) -> None:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")  # not fork: a Ray worker has threads
+        self._conn, child = ctx.Pipe()
+        self._proc = ctx.Process(target=_decoder_main, args=(child, self._fn), daemon=True, name="radforge-decoder")
+        self._proc.start()
+        child.close()
+
+    def _stop(self):
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        proc.kill()
+        proc.join(10)
+        self._conn.close()
+        return proc.exitcode
+
+
+def _decoder_main(conn, fn) -> None:
+    """The child's loop: (item, profile) in, ("ok", array, geometry) | ("reject", reason,
+    detail) | ("error", exception type name) out; ends when the parent goes."""
+    while True:
+        try:
+            item, profile = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            conn.send(("ok", *fn(item, profile)))
+        except dicom.Reject as r:
+            conn.send(("reject", r.reason, r.detail))
+        except Exception as e:  # noqa: BLE001 — the type name only: messages may quote header values
+            conn.send(("error", type(e).__name__))
+
+
+_DECODER = _Decoder()
 
 
 def _load_progress(progress_url: str, digest: str) -> dict[str, dict]:
@@ -704,6 +810,7 @@ def _accounting(items, records: dict[str, dict], seen: int, private: str) -> dic
                 "path": pc.list_flatten(paths),
                 "status": pc.take(batch.column("status"), parent),
                 "reason": pc.take(batch.column("reason"), parent),
+                "detail": pc.take(batch.column("detail"), parent),
             }
         )
 
@@ -718,13 +825,14 @@ def _accounting(items, records: dict[str, dict], seen: int, private: str) -> dic
             for batch in items.map_batches(explode, batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=8192):
                 for row in batch.group_by(["status", "reason"]).aggregate([("path", "count")]).to_pylist():
                     add(row["status"], row["reason"], row["path_count"])
-                out.writelines(json.dumps(r) + "\n" for r in batch.to_pylist())
+                out.writelines(json.dumps(_ledger_line(r)) + "\n" for r in batch.to_pylist())
             used = 0
             for rec in records.values():
                 used += rec["used_files"]
                 for rej in rec["rejects"]:
                     add("rejected", rej["reason"], len(rej["paths"]))
-                    out.writelines(json.dumps({"path": p, "status": "rejected", "reason": rej["reason"]}) + "\n" for p in rej["paths"])
+                    out.writelines(json.dumps(_ledger_line({"path": p, "status": "rejected", "reason": rej["reason"],
+                                                            "detail": rej.get("detail")})) + "\n" for p in rej["paths"])
         storage.put_file_atomic(local, storage.join(private, "rejects.jsonl"))
     return {
         "seen": seen,
@@ -732,6 +840,11 @@ def _accounting(items, records: dict[str, dict], seen: int, private: str) -> dic
         "skipped": dict(sorted(counts["skipped"].items())),
         "rejected": dict(sorted(counts["rejected"].items())),
     }
+
+
+def _ledger_line(r: dict) -> dict:
+    """A rejects-ledger line: path, status, reason, and the figure (`detail`) when there is one."""
+    return {k: v for k, v in r.items() if k != "detail" or v is not None}
 
 
 def _bar(enabled: bool, total: int | None, unit: str, desc: str):

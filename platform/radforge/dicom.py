@@ -21,6 +21,13 @@ Slices are ordered by ImagePositionPatient projected on the slice normal (the cr
 the ImageOrientationPatient direction cosines), never by file name or InstanceNumber: both are
 unreliable in real archives.
 
+Hostile input: `scan` reads a header under `HeaderLimits` (bytes, elements, inflation) and
+records the decoded size its header declares (`pixel_bytes`: rows × columns × frames × samples
+× bits allocated / 8, whatever the transfer syntax); planning refuses files past the recipe's
+budgets (`xray.max_pixels`, `ct.max_voxels`) as `too_large`, with the figure in
+`Reject.detail` / `PlanItem.detail`; decoding checks the figure again on the bytes it is given
+(`PlanItem.decode_bytes`), so no decoder runs on a size nobody budgeted.
+
 Privacy: index rows hold original UIDs, paths and the identifying values needed to redact reports,
 so the index is a private artifact. Reason codes and exception messages never contain header values.
 """

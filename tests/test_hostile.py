@@ -315,7 +315,8 @@ def test_deflate_bomb_is_refused_before_inflating():
 # 3. fuzzer over header fields
 
 
-FUZZ_XRAY = config.XrayConfig(max_pixels=1 << 20)  # small budget: what passes decodes quickly
+FUZZ_XRAY = config.XrayConfig(max_pixels=1 << 20)  # small budgets: what passes decodes quickly
+FUZZ_CT = config.CTConfig(max_voxels=1 << 20, min_slices=2)
 FUZZ_CASE_S = 2.0
 EMPTY_ENCAPSULATED = struct.pack("<HHI", 0xFFFE, 0xE000, 0) + struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)  # empty BOT, end
 TS = [ExplicitVRLittleEndian, ImplicitVRLittleEndian, RLELossless, JPEG2000Lossless]
@@ -329,7 +330,8 @@ def crafted(draw):
     bits = draw(st.sampled_from([16, 16, 8, 0, 1, 12, 32, 64]), label="BitsAllocated")
     spp = draw(st.sampled_from([1, 1, 1, 0, 3, 4]), label="SamplesPerPixel")
     ts = draw(st.sampled_from([TS[0], *TS]), label="TransferSyntax")
-    ds = header(max(rows, 0), max(cols, 0), bits=max(bits, 1), spp=max(spp, 1), frames=frames, ts=ts)
+    modality = draw(st.sampled_from(["DX", "DX", "CT"]), label="Modality")
+    ds = header(max(rows, 0), max(cols, 0), modality=modality, bits=max(bits, 1), spp=max(spp, 1), frames=frames, ts=ts)
     ds.Rows, ds.Columns, ds.BitsAllocated, ds.SamplesPerPixel = rows, cols, bits, spp
     if ts in (RLELossless, JPEG2000Lossless):
         sizes = draw(st.lists(st.integers(2, 3000), min_size=0, max_size=4), label="fragment sizes")
@@ -369,17 +371,26 @@ def test_fuzzer_runs_under_a_watchdog():
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(ds=crafted())
 def test_fuzz_header_fields_give_a_reason_or_an_array_in_budget(ds):
+    ct = ds.Modality == "CT"
     try:
-        data = to_bytes(ds)
+        datas = [to_bytes(ds)]
+        if ct:  # a second slice 1 mm along the normal: the smallest series that plans
+            ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+            ds.ImagePositionPatient = [0, 0, 1]
+            datas.append(to_bytes(ds))
     except Exception:  # noqa: BLE001 — pydicom refused to write this combination: nothing to test
         return
     t = time.perf_counter()
     try:
-        arr, meta = dicom.canonical_from_files([data], PROFILE, image=kinds.XRAY, xray=FUZZ_XRAY)
+        arr, meta = dicom.canonical_from_files(datas, PROFILE, image=kinds.CT if ct else kinds.XRAY, ct=FUZZ_CT,
+                                               xray=FUZZ_XRAY)
     except dicom.Reject as e:
         assert e.reason in REJECT | set(dicom.SKIP_REASONS) and str(e) == e.reason
     else:
-        assert arr.ndim == 2 and ds.Rows * ds.Columns <= FUZZ_XRAY.max_pixels
+        if ct:
+            assert arr.ndim == 3 and 2 * ds.Rows * ds.Columns <= FUZZ_CT.max_voxels
+        else:
+            assert arr.ndim == 2 and ds.Rows * ds.Columns <= FUZZ_XRAY.max_pixels
     assert time.perf_counter() - t < FUZZ_CASE_S
 
 
@@ -443,3 +454,21 @@ def test_declared_pixel_bytes_is_what_pydicom_expects_for_every_test_file():
                 assert row["pixel_bytes"] == expected, path
             checked += 1
     assert checked > 50
+
+
+def test_decoding_applies_the_header_caps_again():
+    """A file swapped after its scan (same name, a stalling header) is refused at decode too."""
+    good = native(32, 32)
+    ctx = dicom.PlanContext(recipe=config.IngestRecipe(), pseudo=deid.Pseudonymizer(b"k"))
+    (item,) = dicom.plan_group([dicom.scan("f", len(good), io.BytesIO(good))], ctx)
+    stall = header(32, 32)
+    for i in range(3000):
+        stall.add_new((0x0009, 0x1000 + i), "LO", "x")
+    stall.PixelData = bytes(32 * 32 * 2)
+    stall["PixelData"].VR = "OW"
+    swapped = {"f": to_bytes(stall)}
+    assert dicom.canonical(item, swapped.__getitem__, PROFILE)[0].shape == (32, 32)  # within the default caps
+    capped = dicom.HeaderLimits(max_elements=1000)
+    with pytest.raises(dicom.Reject) as e:
+        dicom._decode(swapped["f"], capped)
+    assert e.value.reason == "unreadable_header"

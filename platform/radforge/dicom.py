@@ -35,6 +35,7 @@ so the index is a private artifact. Reason codes and exception messages never co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import logging
 import math
@@ -894,9 +895,14 @@ def _sample_item(kind: kinds.ImageKind, first: dict, rows: list[dict], ctx: Plan
 # ---------------------------------------------------------------------------------------------
 
 
-def _decode(data: bytes) -> pydicom.Dataset:
+def _decode(data: bytes, limits: HeaderLimits = HEADER_LIMITS) -> pydicom.Dataset:
+    """The whole data set of a planned file, under the header caps again (the bytes read now
+    may not be those scanned), with room for the pixel data, which is in memory already."""
+    if _meta_transfer_syntax(io.BytesIO(data)) == DeflatedExplicitVRLittleEndian:
+        _check_inflated_size(io.BytesIO(data), limits.max_inflated_bytes)
+    f = _Reader(io.BytesIO(data), dataclasses.replace(limits, max_bytes=limits.max_bytes + len(data)))
     try:
-        return pydicom.dcmread(io.BytesIO(data))
+        return pydicom.dcmread(f)
     except zlib.error as e:  # a Deflated data set cut short
         raise Reject("truncated" if "-5" in str(e) else "unreadable_header") from None
     except Exception:  # noqa: BLE001

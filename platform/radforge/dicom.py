@@ -119,6 +119,7 @@ REJECT_REASONS = (
     "decode_error",
     "multiple_images",  # canonical_from_files: one request holds more than one series / image
 )
+# Planning's skips; the listing's (never opened: FIFOs, symlinks…) are `storage.SKIP_REASONS`.
 SKIP_REASONS = ("localizer", "modality_not_selected")
 
 
@@ -160,7 +161,7 @@ INDEX_SCHEMA = pa.schema(
     [
         ("path", pa.string()),
         ("size", pa.int64()),
-        ("status", pa.string()),  # "ok" | "rejected"
+        ("status", pa.string()),  # "ok" | "rejected" | "skipped" (by the listing: never opened)
         ("reason", pa.string()),
         ("group_key", pa.string()),  # what plan_group groups on
         ("modality", pa.string()),

@@ -405,29 +405,12 @@ def load_npy(data: bytes, image):
     return np.ascontiguousarray(arr)
 
 
-def declared_image_bytes(parts: list[bytes]) -> int:
-    """Pixel bytes the DICOM headers declare (rows × columns × frames × samples × bits/8), summed;
-    read before any pixel data (`stop_before_pixels`). Files whose header does not parse count 0:
-    the decoder rejects them."""
-    import pydicom
-
-    total = 0
-    for data in parts:
-        try:
-            ds = pydicom.dcmread(io.BytesIO(data), stop_before_pixels=True,
-                                 specific_tags=["Rows", "Columns", "NumberOfFrames", "SamplesPerPixel", "BitsAllocated"])
-            dims = [int(ds.get(t) or d) for t, d in (("Rows", 0), ("Columns", 0), ("NumberOfFrames", 1), ("SamplesPerPixel", 1))]
-            bits = int(ds.get("BitsAllocated") or 16)
-        except Exception:  # noqa: BLE001 — pydicom raises many types on crafted headers
-            continue
-        total += dims[0] * dims[1] * max(1, dims[2]) * max(1, dims[3]) * max(1, (bits + 7) // 8)
-    return total
-
-
 def decode_request(parts: list[bytes], profile, image_name: str, view_cfg, *, max_files: int, max_bytes: int,
                    max_image_bytes: int):
-    """Upload parts → (model input, preprocessing description): unpack, the pixel budget from the
-    headers, then the ingest decode path and the model's view. Runs in a decode worker process."""
+    """Upload parts → (model input, preprocessing description): unpack, then the ingest decode path
+    (whose header read is capped and which refuses what the headers declare beyond the pixel
+    budget before any decoder runs: `max_image_bytes` of 16-bit pixels, as CT voxels or X-ray
+    pixels) and the model's view. Runs in a decode worker process."""
     from radforge import dicom, kinds
 
     image = kinds.get(image_name)
@@ -435,13 +418,14 @@ def decode_request(parts: list[bytes], profile, image_name: str, view_cfg, *, ma
     if kind == "npy":
         array, modality = load_npy(payload, image), None
     else:
-        declared = declared_image_bytes(payload)
-        if declared > max_image_bytes:
-            raise ApiError(413, "too_large", f"the images declare {declared / 2**20:.0f} MB of pixels; "
-                                             f"the limit is {max_image_bytes / 2**20:.0f} MB (max_image_mb)")
+        budget = max(1, max_image_bytes // 2)  # 16-bit values
         try:
-            array, meta = dicom.canonical_from_files(payload, profile, image=image)
+            array, meta = dicom.canonical_from_files(payload, profile, image=image,
+                                                     ct=config.CTConfig(max_voxels=budget),
+                                                     xray=config.XrayConfig(max_pixels=budget))
         except dicom.Reject as r:
+            if r.reason == "too_large" and r.detail:  # figures only (dicom.Reject)
+                raise ApiError(413, "too_large", f"{r.detail}; the limit is max_image_mb") from None
             raise _reject_error(r.reason) from None
         except MemoryError:
             raise ApiError(413, "too_large") from None

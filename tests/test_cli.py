@@ -27,7 +27,7 @@ EXPECTED_SURFACE = {
         "--no-progress",
     },
     "inspect": {"DEST", "-h", "--help", "--samples", "--json", "--split", "--png", "--montage"},
-    "bench": {"what", "-h", "--help", "--json", "--workdir", "--series", "--slices", "--size", "--syntax"},
+    "bench": {"what", "-h", "--help", "--json", "--workdir", "--series", "--slices", "--size", "--syntax", "--hostile"},
     "train": {"RECIPE", "-h", "--help", "--set", "--resume", "--no-progress"},
     "export": {"CHECKPOINT", "OUT", "-h", "--help"},
     "evaluate": {"MODEL", "SHARDS", "-h", "--help", "--split", "--set", "--json"},
@@ -82,6 +82,18 @@ def test_bench_choices_are_part_of_the_surface():
     bench = _subparsers(cli._build_parser())["bench"]
     choices = {a.dest: a.choices for a in bench._actions if a.choices}
     assert choices == {"what": ["ingest", "train", "stream", "serve"], "syntax": ["explicit", "rle", "jpegls", "j2k"]}
+
+
+def test_bench_hostile_is_a_serve_option(monkeypatch, capsys):
+    from radforge import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "bench_serve_hostile", lambda **kw: calls.append(kw) or {"benchmark": "serve-hostile"})
+    assert cli.main(["bench", "serve", "--hostile", "--json"]) == 0
+    assert calls == [{"workdir": None}] and json.loads(capsys.readouterr().out) == {"benchmark": "serve-hostile"}
+    assert cli.main(["bench", "ingest", "--hostile"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "--hostile" in err[0] and not calls[1:]
 
 
 def _env() -> dict:

@@ -38,6 +38,25 @@ SYNTAXES = {
 }
 
 
+def _rss_pss(p) -> tuple[int, int]:
+    """(RSS, PSS) bytes of psutil process `p`. smaps_rollup is one cheap read; psutil's
+    memory_full_info parses all of smaps, which costs a sampler tens of ms per Ray process and
+    would skew the timings. Without smaps_rollup, PSS is reported as RSS."""
+    rss = pss = None
+    try:
+        with open(f"/proc/{p.pid}/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("Rss:"):
+                    rss = int(line.split()[1]) * 1024
+                elif line.startswith("Pss:"):
+                    pss = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    if pss is None:
+        rss = pss = p.memory_info().rss
+    return rss or pss, pss
+
+
 class _PeakRSS:
     """Samples the memory of this process and its Ray worker processes.
 
@@ -55,16 +74,7 @@ class _PeakRSS:
         import psutil
 
         def mem(p) -> int:
-            # smaps_rollup is one cheap read; psutil's memory_full_info parses all of smaps,
-            # which costs this sampler tens of ms per Ray process and would skew the timings.
-            try:
-                with open(f"/proc/{p.pid}/smaps_rollup") as f:
-                    for line in f:
-                        if line.startswith("Pss:"):
-                            return int(line.split()[1]) * 1024
-            except OSError:
-                pass
-            return p.memory_info().rss
+            return _rss_pss(p)[1]
 
         me = psutil.Process()
         while not self._stop.is_set():
@@ -88,9 +98,14 @@ class _PeakRSS:
         self._t.join()
 
 
-def run(what: str, *, workdir: str | None = None, series: int | None = None, slices: int | None = None, size: int = 512, syntax: str = "rle") -> dict:
+def run(what: str, *, workdir: str | None = None, series: int | None = None, slices: int | None = None, size: int = 512, syntax: str = "rle",
+        hostile: bool = False) -> dict:
+    if hostile and what != "serve":
+        from radforge.errors import ConfigError
+
+        raise ConfigError("--hostile is an option of `radforge bench serve` only")
     if what == "serve":
-        return bench_serve(workdir=workdir)
+        return bench_serve_hostile(workdir=workdir) if hostile else bench_serve(workdir=workdir)
     if what == "train":
         return bench_train(workdir=workdir)
     if what == "stream":
@@ -353,6 +368,8 @@ def _met(value: float, target) -> str:
 
 
 def format_result(r: dict) -> str:
+    if r["benchmark"] == "serve-hostile":
+        return format_serve_hostile(r)
     if r["benchmark"] == "serve":
         return format_serve(r)
     if r["benchmark"] == "train":
@@ -851,6 +868,303 @@ def format_serve(r: dict) -> str:
             for c, v in by_c.items():
                 lines.append(f"  {name:<24}{c[1:]:>5}{v['rps']:>10.1f}{v['p50_ms']:>10.2f}{v['p99_ms']:>10.2f}")
     lines += ["", *_block("ratios (target)", r["ratios"], lambda k, v: f"{k:<44}{v:>8.2f}  (target {r['targets'][k]})")]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# radforge bench serve --hostile
+#
+# One app (the bench model, default budgets of config.ServeConfig, API keys from a file) on one
+# local Ray, bound to 127.0.0.1. Two kinds of runs alternate (`rounds` each), the same client code
+# at concurrency 16 on both:
+#
+#   clean     valid DICOM uploads only (a 1024² DX, 2 MB, through the decode workers)
+#   hostile   the same valid uploads with every 4th request crafted (25 %), cycling through
+#               bomb      RLE pixel data, a 3 KB file declaring 65535² × 16 bit (8.6 GB)
+#               stall     a zero-filled 32 MB file after the 'DICM' preamble (header parse stall)
+#               garbage   200 kB of random bytes
+#               oversized the valid file declaring 400 frames (840 MB of pixels, body 2 MB)
+#
+# Reported: status counts per kind (target: no 5xx, no client-side error), the valid requests'
+# p50/p99 on each side, pooled over rounds (target: hostile p99 ≤ 2 × clean p99), and the replica's
+# memory sampled every 0.2 s (RSS and PSS of the replica process and of its decode workers), with
+# the replica and decode-worker pids seen (a replica restart would show as a second replica pid).
+
+
+HOSTILE_KINDS = ("bomb", "stall", "garbage", "oversized")
+
+
+def _hostile_payloads(valid: bytes) -> dict[str, bytes]:
+    """The crafted uploads, made from the valid file (see the table above)."""
+    import io
+    import struct
+
+    import numpy as np
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    bomb = pydicom.dcmread(io.BytesIO(valid))
+    bomb.Rows = bomb.Columns = 65535
+    bomb.file_meta.TransferSyntaxUID = RLELossless
+    # one RLE frame of 2 segments, each of 400 replicate runs (0x81, 0): 128 output bytes per 2 input
+    seg = b"\x81\x00" * 400
+    frame = struct.pack("<16I", 2, 64, 64 + len(seg), *[0] * 13) + seg * 2
+    bomb.PixelData = encapsulate([frame])
+    bomb["PixelData"].VR = "OB"
+    oversized = pydicom.dcmread(io.BytesIO(valid))
+    oversized.NumberOfFrames = 400
+    out = {}
+    for name, ds in (("bomb", bomb), ("oversized", oversized)):
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out[name] = buf.getvalue()
+    out["stall"] = b"\0" * 128 + b"DICM" + b"\0" * (32 << 20)
+    out["garbage"] = np.random.default_rng(0).bytes(200_000)
+    return {k: out[k] for k in HOSTILE_KINDS}
+
+
+def _mixed_load(url: str, schedule: list[tuple[str, bytes]], concurrency: int, headers: dict) -> tuple[list[tuple], float]:
+    """`schedule` (kind, payload) POSTed in order by `concurrency` client threads (keep-alive
+    sessions) → ([(kind, status or exception name, error code, seconds)], wall seconds). Unlike
+    `_load`, a non-200 is a result, not a failure."""
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    nxt, lock = itertools.count(), threading.Lock()
+
+    def worker(_):
+        out = []
+        with requests.Session() as s:
+            while True:
+                with lock:
+                    i = next(nxt)
+                if i >= len(schedule):
+                    return out
+                kind, payload = schedule[i]
+                t = time.perf_counter()
+                try:
+                    r = s.post(url, data=payload, headers={"Content-Type": "application/dicom", **headers}, timeout=120)
+                    status = r.status_code
+                    try:
+                        code = r.json().get("error") if status != 200 else None
+                    except ValueError:
+                        code = "not-json"
+                except requests.RequestException as e:
+                    status, code = type(e).__name__, None
+                    s.close()
+                out.append((kind, status, code, time.perf_counter() - t))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        res = [x for part in pool.map(worker, range(concurrency)) for x in part]
+    return res, time.perf_counter() - t0
+
+
+class _ReplicaMemory:
+    """Samples, every 0.2 s, RSS and PSS of the Serve replica processes under this process (Ray's
+    proctitle `ray::ServeReplica:…`) and of their children (the decode workers and
+    multiprocessing's resource tracker). Keeps the peaks of: replica alone, largest decode worker,
+    replica + all its children; and every replica and decode-worker pid seen."""
+
+    def __init__(self):
+        self.peak = {"replica_rss": 0, "replica_pss": 0, "worker_rss": 0, "worker_pss": 0, "total_rss": 0, "total_pss": 0}
+        self.replicas: set[int] = set()
+        self.workers: set[int] = set()
+        self.samples = 0
+        self._stop = threading.Event()
+        self._t = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self) -> None:
+        import psutil
+
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if "ServeReplica" not in " ".join(p.cmdline()):
+                    continue
+                r_rss, r_pss = _rss_pss(p)
+                t_rss, t_pss = r_rss, r_pss
+                self.replicas.add(p.pid)
+                for c in p.children(recursive=True):
+                    try:
+                        c_rss, c_pss = _rss_pss(c)
+                    except (psutil.Error, OSError):
+                        continue
+                    t_rss, t_pss = t_rss + c_rss, t_pss + c_pss
+                    if "multiprocessing.spawn" in " ".join(c.cmdline()):  # not the resource tracker
+                        self.workers.add(c.pid)
+                        self._keep(worker_rss=c_rss, worker_pss=c_pss)
+                self._keep(replica_rss=r_rss, replica_pss=r_pss, total_rss=t_rss, total_pss=t_pss)
+            except (psutil.Error, OSError):
+                continue
+        self.samples += 1
+
+    def _keep(self, **kw: int) -> None:
+        for k, v in kw.items():
+            self.peak[k] = max(self.peak[k], v)
+
+    def _loop(self):
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(0.2)
+
+    def __enter__(self):
+        self._t.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._t.join()
+
+    def report(self) -> dict:
+        return {**{f"peak_{k}_mb": round(v / 2**20) for k, v in self.peak.items()},
+                "replica_pids_seen": len(self.replicas), "decode_worker_pids_seen": len(self.workers),
+                "samples": self.samples}
+
+
+def bench_serve_hostile(*, workdir: str | None = None, requests_per_round: int = 128, rounds: int = 3,
+                        concurrency: int = 16) -> dict:
+    """See the table above. Bounded: 2 × `rounds` runs of `requests_per_round` requests each
+    (default 768 in all, about 2 minutes on 2 cores), every request under a 120 s client timeout."""
+    import contextlib
+    import socket
+    import sys
+
+    import ray
+    import requests
+    from ray import serve
+
+    from radforge import phantoms
+    from radforge import serve as rserve
+
+    own = workdir is None
+    root = workdir or tempfile.mkdtemp(prefix="radforge-bench-serve-hostile-")
+    ncpu = max(2, os.cpu_count() or 2)
+    key = "bench-" + os.urandom(16).hex()
+    try:
+        model_url = _bench_model(root)
+        path = os.path.join(root, "valid-dx.dcm")
+        phantoms.xray(path, phantoms.make_study(phantoms.make_patient(0)), rows=1024, cols=1024)
+        with open(path, "rb") as f:
+            valid = f.read()
+        crafted = _hostile_payloads(valid)
+        keys_file = os.path.join(root, "api-keys")
+        with open(keys_file, "w") as f:
+            f.write(key + "\n")
+        settings = {"model": model_url, "api_keys_file": keys_file, "num_cpus": max(1, ncpu // 2), "max_models_per_replica": 1}
+        hostile = []
+        for i in range(requests_per_round):  # every 4th crafted, cycling through the kinds
+            kind = HOSTILE_KINDS[(i // 4) % len(HOSTILE_KINDS)] if i % 4 == 3 else "valid"
+            hostile.append((kind, crafted.get(kind, valid)))
+        schedules = {"clean": [("valid", valid)] * requests_per_round, "hostile": hostile}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        results: dict[str, list] = {"clean": [], "hostile": []}
+        walls = {"clean": 0.0, "hostile": 0.0}
+        loadavg = [round(os.getloadavg()[0], 2)]
+        mem = _ReplicaMemory()
+        with contextlib.redirect_stdout(sys.stderr):  # Ray's raylet notices would corrupt --json
+            ray.shutdown()
+            ray.init(address="local", num_cpus=ncpu, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                serve.run(rserve.build_app(settings), name="bench-hostile", route_prefix="/", blocking=False)
+                base = f"http://127.0.0.1:{port}"
+                hdr = {"Authorization": f"Bearer {key}"}
+                _load(base + "/v1/embed", valid, 4, 16, headers=hdr)  # warm-up: model load, decode workers, connections
+                mem.sample()
+                idle = dict(mem.peak)
+                with mem:
+                    for _ in range(rounds):
+                        for side in ("clean", "hostile"):
+                            res, wall = _mixed_load(base + "/v1/embed", schedules[side], concurrency, hdr)
+                            results[side] += res
+                            walls[side] += wall
+                            loadavg.append(round(os.getloadavg()[0], 2))
+                healthz = requests.get(base + "/healthz", timeout=30).status_code
+            finally:
+                serve.shutdown()
+                ray.shutdown()
+        summary: dict[str, dict] = {}
+        for side, res in results.items():
+            by_kind: dict[str, dict] = {}
+            for kind, status, code, _ in res:
+                k = f"{status} {code}" if code else str(status)
+                by_kind.setdefault(kind, {}).setdefault(k, 0)
+                by_kind[kind][k] += 1
+            ok = [t for kind, status, _, t in res if kind == "valid" and status == 200]
+            summary[side] = {
+                "requests": len(res), "crafted": sum(1 for kind, *_ in res if kind != "valid"),
+                "status_by_kind": by_kind,
+                "5xx": sum(1 for _, s, _, _ in res if isinstance(s, int) and s >= 500),
+                "client_errors": sum(1 for _, s, _, _ in res if not isinstance(s, int)),
+                "valid_not_200": sum(1 for kind, s, _, _ in res if kind == "valid" and s != 200),
+                "rps_all": round(len(res) / walls[side], 1),
+                "valid": _percentiles(ok, walls[side]) if ok else None,
+                "crafted_p99_ms": round(float(sorted(t for kind, _, _, t in res if kind != "valid")[-1]) * 1000, 1)
+                if any(kind != "valid" for kind, *_ in res) else None,
+            }
+        c, h = summary["clean"]["valid"], summary["hostile"]["valid"]
+        ratio = round(h["p99_ms"] / c["p99_ms"], 2) if c and h else None
+        return {
+            "benchmark": "serve-hostile",
+            "setup": {"model": "mae tiny, xray 224 px (random weights)", "valid": f"DX 1024² 16-bit DICOM, {len(valid) / 1e6:.1f} MB",
+                      "crafted": {k: len(v) for k, v in crafted.items()}, "crafted_fraction": 0.25,
+                      "concurrency": concurrency, "requests_per_round": requests_per_round, "rounds": rounds,
+                      "cpus": ncpu, "replica_cpus": settings["num_cpus"], "budgets": _budgets(settings)},
+            "sides": summary,
+            "memory": {"idle_before": {k + "_mb": round(v / 2**20) for k, v in idle.items()}, "during": mem.report()},
+            "healthz_after": healthz,
+            "ratios": {"5xx (hostile)": summary["hostile"]["5xx"],
+                       "connection errors (hostile)": summary["hostile"]["client_errors"],
+                       "hostile p99 / clean p99 (valid requests)": ratio},
+            "targets": {"5xx (hostile)": "== 0", "connection errors (hostile)": "== 0",
+                        "hostile p99 / clean p99 (valid requests)": "<= 2"},
+            "loadavg_1min": loadavg,
+        }
+    finally:
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _budgets(settings: dict) -> dict:
+    from radforge import config
+
+    cfg = config.from_dict(config.ServeConfig, settings)
+    return {k: getattr(cfg, k) for k in ("max_upload_mb", "max_image_mb", "decode_timeout_s", "body_timeout_s", "decode_workers")} | {
+        "declared_memory_mb": cfg.declared_memory_mb()}
+
+
+def format_serve_hostile(r: dict) -> str:
+    s = r["setup"]
+    lines = ["radforge bench serve --hostile", "=" * 30,
+             f"valid: {s['valid']}; crafted ({s['crafted_fraction']:.0%} of the hostile side): "
+             + ", ".join(f"{k} {v / 1e6:.3g} MB" for k, v in s["crafted"].items()),
+             f"concurrency {s['concurrency']}, {s['requests_per_round']} requests per run, {s['rounds']} rounds of clean + hostile, "
+             f"{s['cpus']} CPUs (replica {s['replica_cpus']}); budgets {s['budgets']}", ""]
+    lines.append(f"  {'run':<10}{'requests':>9}{'crafted':>9}{'5xx':>5}{'errors':>8}{'req/s':>8}"
+                 f"{'valid req/s':>13}{'valid p50 ms':>14}{'valid p99 ms':>14}")
+    for side, v in r["sides"].items():
+        ok = v["valid"] or {"rps": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan")}
+        lines.append(f"  {side:<10}{v['requests']:>9}{v['crafted']:>9}{v['5xx']:>5}{v['client_errors']:>8}{v['rps_all']:>8.1f}"
+                     f"{ok['rps']:>13.1f}{ok['p50_ms']:>14.1f}{ok['p99_ms']:>14.1f}")
+    lines += ["", "status by kind:"]
+    for side, v in r["sides"].items():
+        for kind, counts in v["status_by_kind"].items():
+            lines.append(f"  {side:<8}{kind:<10}" + ", ".join(f"{k}: {n}" for k, n in counts.items()))
+    m = r["memory"]["during"]
+    lines += ["", f"replica memory over the run ({m['samples']} samples every 0.2 s), peaks in MB:",
+              f"  replica RSS {m['peak_replica_rss_mb']} / PSS {m['peak_replica_pss_mb']}; largest decode worker RSS "
+              f"{m['peak_worker_rss_mb']} / PSS {m['peak_worker_pss_mb']}; replica + workers RSS {m['peak_total_rss_mb']} / "
+              f"PSS {m['peak_total_pss_mb']} (declared to Ray: {s['budgets']['declared_memory_mb']:.0f})",
+              f"  idle before: {r['memory']['idle_before']}",
+              f"  replica pids seen {m['replica_pids_seen']} (1 = no restart), decode worker pids seen {m['decode_worker_pids_seen']}; "
+              f"/healthz after: {r['healthz_after']}", ""]
+    lines += _block("ratios (target)", r["ratios"], lambda k, v: f"{k:<44}{v!s:>8}  (target {r['targets'][k]})")
+    lines.append(f"1-min load average during the run: {r['loadavg_1min']}")
     return "\n".join(lines)
 
 

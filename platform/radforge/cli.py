@@ -59,7 +59,7 @@ def _suffixes(raw: dict) -> dict:
 def _bench(a) -> int:
     from radforge import bench
 
-    result = bench.run(a.what, **{k: v for k, v in vars(a).items() if k in ("workdir", "series", "slices", "size", "syntax")})
+    result = bench.run(a.what, **{k: v for k, v in vars(a).items() if k in ("workdir", "series", "slices", "size", "syntax", "hostile")})
     print(json.dumps(result, indent=1) if a.json else bench.format_result(result))
     return 0
 
@@ -136,6 +136,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--slices", type=int, help="slices per series (default: per benchmark, ingest 128, stream 64)")
     s.add_argument("--size", type=int, default=512, help="rows = columns of each slice")
     s.add_argument("--syntax", default="rle", choices=["explicit", "rle", "jpegls", "j2k"], help="transfer syntax of the corpus")
+    s.add_argument("--hostile", action="store_true",
+                   help="serve only: valid DICOM uploads mixed with 25%% crafted ones (bombs, stalls, garbage) vs a clean run")
     s.set_defaults(fn=_bench)
 
     s = sub.add_parser("train", help="train a model from a recipe on the Ray cluster (Ray Train + DeepSpeed)")

@@ -581,3 +581,37 @@ def test_make_stop(local_head):
     assert not _alive(pid) and local_head.head_pid() is None
     with pytest.raises(OSError):  # Serve's port is closed too
         urllib.request.urlopen(f"http://127.0.0.1:{local_head.serve_port}/healthz", timeout=5)
+
+
+RAY_TOKEN_SECRET = "radforge-ray-token"  # cluster/README.md "Exposure"; key auth_token (KubeRay's name)
+
+
+def _strings(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _strings(v)
+    elif isinstance(obj, list):
+        for v in obj:
+            yield from _strings(v)
+    elif isinstance(obj, str):
+        yield obj
+
+
+def test_ray_token_auth_is_on_and_nothing_is_exposed_by_default():
+    """Launcher: every `ray start` runs with RAY_AUTH_MODE=token and the head's dashboard/job API
+    binds 127.0.0.1. KubeRay: authOptions names the token Secret, every Ray container sets
+    RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from that Secret itself (the operator keeps env it finds),
+    the head service is ClusterIP and no Service anywhere is LoadBalancer or NodePort."""
+    launcher = _load(CLUSTER / "ray-cluster.yaml")
+    starts = [c for k in ("head_start_ray_commands", "worker_start_ray_commands") for c in launcher[k] if "ray start" in c]
+    assert starts and all("RAY_AUTH_MODE=token ray start" in c for c in starts)
+    assert all("--dashboard-host=127.0.0.1" in c for c in launcher["head_start_ray_commands"] if "ray start" in c)
+    for fname, doc in _kuberay_docs().items():
+        spec = _cluster_spec(doc)
+        assert spec.get("authOptions") == {"mode": "token", "secretName": RAY_TOKEN_SECRET}, fname
+        for group, c in _all_containers(doc):
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env.get("RAY_AUTH_MODE", {}).get("value") == "token", (fname, group)
+            assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": RAY_TOKEN_SECRET, "key": "auth_token"}, (fname, group)
+        assert spec["headGroupSpec"].get("serviceType") == "ClusterIP", fname
+        assert not {"LoadBalancer", "NodePort"} & set(_strings(doc)), fname

@@ -57,36 +57,19 @@ def _rss_pss(p) -> tuple[int, int]:
     return rss or pss, pss
 
 
-class _PeakRSS:
-    """Samples the memory of this process and its Ray worker processes.
-
-    PSS, not RSS: every worker maps the shared object store, which RSS counts once per process
-    (5+ GB "peaks" for a 300 MB corpus). Only this process's descendants count (the local
-    cluster `ray.init` started), not other Ray users on the machine.
-    """
+class _Sampler:
+    """Calls `sample()` every 0.2 s on a background thread while the `with` block runs."""
 
     def __init__(self):
-        self.peak = 0
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
 
+    def sample(self) -> None:
+        raise NotImplementedError
+
     def _loop(self):
-        import psutil
-
-        def mem(p) -> int:
-            return _rss_pss(p)[1]
-
-        me = psutil.Process()
         while not self._stop.is_set():
-            total = mem(me)
-            for p in me.children(recursive=True):
-                try:
-                    cmd = " ".join(p.cmdline())
-                    if "ray::" in cmd or "default_worker.py" in cmd:
-                        total += mem(p)
-                except (psutil.Error, OSError):
-                    continue
-            self.peak = max(self.peak, total)
+            self.sample()
             self._stop.wait(0.2)
 
     def __enter__(self):
@@ -96,6 +79,33 @@ class _PeakRSS:
     def __exit__(self, *exc):
         self._stop.set()
         self._t.join()
+
+
+class _PeakRSS(_Sampler):
+    """Samples the memory of this process and its Ray worker processes.
+
+    PSS, not RSS: every worker maps the shared object store, which RSS counts once per process
+    (5+ GB "peaks" for a 300 MB corpus). Only this process's descendants count (the local
+    cluster `ray.init` started), not other Ray users on the machine.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self.peak = 0
+
+    def sample(self) -> None:
+        import psutil
+
+        me = psutil.Process()
+        total = _rss_pss(me)[1]
+        for p in me.children(recursive=True):
+            try:
+                cmd = " ".join(p.cmdline())
+                if "ray::" in cmd or "default_worker.py" in cmd:
+                    total += _rss_pss(p)[1]
+            except (psutil.Error, OSError):
+                continue
+        self.peak = max(self.peak, total)
 
 
 def run(what: str, *, workdir: str | None = None, series: int | None = None, slices: int | None = None, size: int = 512, syntax: str = "rle",
@@ -963,19 +973,18 @@ def _mixed_load(url: str, schedule: list[tuple[str, bytes]], concurrency: int, h
     return res, time.perf_counter() - t0
 
 
-class _ReplicaMemory:
+class _ReplicaMemory(_Sampler):
     """Samples, every 0.2 s, RSS and PSS of the Serve replica processes under this process (Ray's
     proctitle `ray::ServeReplica:…`) and of their children (the decode workers and
     multiprocessing's resource tracker). Keeps the peaks of: replica alone, largest decode worker,
     replica + all its children; and every replica and decode-worker pid seen."""
 
     def __init__(self):
+        super().__init__()
         self.peak = {"replica_rss": 0, "replica_pss": 0, "worker_rss": 0, "worker_pss": 0, "total_rss": 0, "total_pss": 0}
         self.replicas: set[int] = set()
         self.workers: set[int] = set()
         self.samples = 0
-        self._stop = threading.Event()
-        self._t = threading.Thread(target=self._loop, daemon=True)
 
     def sample(self) -> None:
         import psutil
@@ -1004,19 +1013,6 @@ class _ReplicaMemory:
     def _keep(self, **kw: int) -> None:
         for k, v in kw.items():
             self.peak[k] = max(self.peak[k], v)
-
-    def _loop(self):
-        while not self._stop.is_set():
-            self.sample()
-            self._stop.wait(0.2)
-
-    def __enter__(self):
-        self._t.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._t.join()
 
     def report(self) -> dict:
         return {**{f"peak_{k}_mb": round(v / 2**20) for k, v in self.peak.items()},
@@ -1088,25 +1084,7 @@ def bench_serve_hostile(*, workdir: str | None = None, requests_per_round: int =
             finally:
                 serve.shutdown()
                 ray.shutdown()
-        summary: dict[str, dict] = {}
-        for side, res in results.items():
-            by_kind: dict[str, dict] = {}
-            for kind, status, code, _ in res:
-                k = f"{status} {code}" if code else str(status)
-                by_kind.setdefault(kind, {}).setdefault(k, 0)
-                by_kind[kind][k] += 1
-            ok = [t for kind, status, _, t in res if kind == "valid" and status == 200]
-            summary[side] = {
-                "requests": len(res), "crafted": sum(1 for kind, *_ in res if kind != "valid"),
-                "status_by_kind": by_kind,
-                "5xx": sum(1 for _, s, _, _ in res if isinstance(s, int) and s >= 500),
-                "client_errors": sum(1 for _, s, _, _ in res if not isinstance(s, int)),
-                "valid_not_200": sum(1 for kind, s, _, _ in res if kind == "valid" and s != 200),
-                "rps_all": round(len(res) / walls[side], 1),
-                "valid": _percentiles(ok, walls[side]) if ok else None,
-                "crafted_p99_ms": round(float(sorted(t for kind, _, _, t in res if kind != "valid")[-1]) * 1000, 1)
-                if any(kind != "valid" for kind, *_ in res) else None,
-            }
+        summary = {side: _side_summary(res, walls[side]) for side, res in results.items()}
         c, h = summary["clean"]["valid"], summary["hostile"]["valid"]
         ratio = round(h["p99_ms"] / c["p99_ms"], 2) if c and h else None
         return {
@@ -1128,6 +1106,27 @@ def bench_serve_hostile(*, workdir: str | None = None, requests_per_round: int =
     finally:
         if own:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _side_summary(res: list[tuple], wall: float) -> dict:
+    """One side's (kind, status, code, seconds) results → counts per kind and status, 5xx, client
+    errors, and the valid requests' latency percentiles."""
+    by_kind: dict[str, dict] = {}
+    for kind, status, code, _ in res:
+        k = f"{status} {code}" if code else str(status)
+        by_kind.setdefault(kind, {}).setdefault(k, 0)
+        by_kind[kind][k] += 1
+    ok = [t for kind, status, _, t in res if kind == "valid" and status == 200]
+    crafted = sorted(t for kind, _, _, t in res if kind != "valid")
+    return {
+        "requests": len(res), "crafted": len(crafted), "status_by_kind": by_kind,
+        "5xx": sum(1 for _, s, _, _ in res if isinstance(s, int) and s >= 500),
+        "client_errors": sum(1 for _, s, _, _ in res if not isinstance(s, int)),
+        "valid_not_200": sum(1 for kind, s, _, _ in res if kind == "valid" and s != 200),
+        "rps_all": round(len(res) / wall, 1),
+        "valid": _percentiles(ok, wall) if ok else None,
+        "crafted_p99_ms": round(float(crafted[round(0.99 * (len(crafted) - 1))]) * 1000, 1) if crafted else None,
+    }
 
 
 def _budgets(settings: dict) -> dict:

@@ -532,3 +532,30 @@ def test_hostile_uploads_get_json_4xx_and_valid_requests_keep_their_latency(secu
             assert status == 200 and took < clean + SECURE["decode_timeout_s"] + 3, (took, clean)
     assert requests.get(secure + "/healthz", timeout=30).status_code == 200
     assert valid()[0] == 200
+
+
+def test_a_decode_worker_that_aborts_or_stalls_costs_one_request_and_is_replaced():
+    """The pool's own contract, without Ray: an abort (what the RLE decoder does under a memory
+    limit) is a 422 for that request, a stall past the budget a 408; each time the slot gets a
+    fresh process and the next request is served."""
+    import asyncio
+    import operator
+    import time
+
+    from radforge import serve as serve_mod
+
+    async def go():
+        pool = serve_mod.DecodePool(1, (512 + 4 * 512) * 2**20)  # the default worker cap
+        assert await pool.run(120, operator.add, 2, 3) == 5
+        with pytest.raises(serve_mod.ApiError) as e:
+            await pool.run(120, os.abort)
+        assert (e.value.status, e.value.code) == (422, "decode_error")
+        assert await pool.run(120, operator.add, 1, 1) == 2
+        t = time.perf_counter()
+        with pytest.raises(serve_mod.ApiError) as e:
+            await pool.run(1.0, time.sleep, 60)
+        assert (e.value.status, e.value.code) == (408, "timeout") and time.perf_counter() - t < 10
+        assert await pool.run(120, operator.mul, 3, 4) == 12
+        assert pool.replaced == 2
+
+    asyncio.run(go())

@@ -545,7 +545,8 @@ def test_a_decode_worker_that_aborts_or_stalls_costs_one_request_and_is_replaced
     from radforge import serve as serve_mod
 
     async def go():
-        pool = serve_mod.DecodePool(1, (512 + 4 * 512) * 2**20)  # the default worker cap
+        cap_mb = config.from_dict(config.ServeConfig, {"model": "m"}).decode_worker_memory_mb()  # the default cap
+        pool = serve_mod.DecodePool(1, int(cap_mb * 2**20))
         assert await pool.run(120, operator.add, 2, 3) == 5
         with pytest.raises(serve_mod.ApiError) as e:
             await pool.run(120, os.abort)

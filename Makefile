@@ -15,7 +15,7 @@ PIN    := $(if $(CONSTRAINTS),PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)))
 DEMO_DIR ?= var/demo
 PYTEST_ARGS ?=
 
-.PHONY: setup test test-fast demo bench lint clean ray-job-ingest help
+.PHONY: setup sysdeps test test-fast demo bench lint clean ray-job-ingest help
 .PHONY: cluster-local submit-ingest submit-train deploy status stop image-cpu image-cuda images
 
 help:
@@ -35,9 +35,27 @@ $(STAMP): pyproject.toml $(CONSTRAINTS) Makefile
 	$(PIN) $(PIP) install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# System packages the full tier drives as real peers: Chromium (the evaluation report is opened
+# headless) and Orthanc with its DICOMweb plugin (the DICOMweb source is ingested from it).
+# Installed with apt-get when missing and running as root; otherwise a clear message and the
+# tests that need them fail naming the package.
+SYSDEPS_BIN := chromium:chromium Orthanc:orthanc /usr/share/orthanc/plugins/libOrthancDicomWeb.so:orthanc-dicomweb
+sysdeps:
+	@missing=""; for pair in $(SYSDEPS_BIN); do f=$${pair%%:*}; pkg=$${pair##*:}; \
+	  if ! command -v $$f >/dev/null 2>&1 && [ ! -e $$f ]; then missing="$$missing $$pkg"; fi; done; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	    echo "installing system packages:$$missing"; \
+	    apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q $$missing >/dev/null; \
+	  else \
+	    echo "radforge: system packages missing:$$missing — install them (Debian/Ubuntu: sudo apt-get install$$missing);" \
+	         "the tests that drive them will fail until then" >&2; \
+	  fi; \
+	fi
+
 # Tiers (tests/conftest.py): `slow` = needs Ray (the ray_cluster fixture, or marked by its module);
 # a test outside `slow` that starts Ray fails, so nothing slow hides in the fast tier.
-test: $(STAMP)
+test: $(STAMP) sysdeps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)

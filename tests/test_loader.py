@@ -81,9 +81,9 @@ def _epoch(loader, n=None):
     epoch has begun: so a count of them checks the loader, not the slice."""
     if n is not None:
         return list(itertools.islice(iter(loader), n))
-    start, out = loader.state_dict()["epoch"], []
+    start, out = loader.metrics()["epoch"], []
     for batch in loader:
-        if loader.state_dict()["epoch"] != start:
+        if loader.metrics()["epoch"] != start:
             return out
         out.append(batch)
         assert len(out) <= 10_000, "the epoch never ends"
@@ -102,7 +102,7 @@ def test_ranks_and_workers_cover_each_sample_once(tmp_path, workers):
         loader = _loader(dest, rank=rank, world=2, num_workers=workers)
         batches = _epoch(loader)
         assert len(batches) == loader.batches_per_epoch == 12
-        assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["batches"] == 1  # read into the next
+        assert (loader.state().single.epoch, loader.state().single.batches) == (1, 1)  # read into the next
         seen += _keys(batches)
     assert sorted(seen) == sorted(k for ks in keys.values() for k in ks)
 
@@ -124,7 +124,7 @@ def test_equal_batches_with_uneven_shards_and_next_epoch_follows(tmp_path):
     for rank in range(3):
         loader = _loader(dest, rank=rank, world=3)
         first = _epoch(loader)  # ends on the first batch of the next epoch
-        assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["batches"] == 1
+        assert (loader.state().single.epoch, loader.state().single.batches) == (1, 1)
         counts.add(len(first))
         assert len(set(_keys(first))) == len(_keys(first))  # no repeats within the epoch
     assert counts == {loader.batches_per_epoch} and loader.batches_per_epoch >= 3
@@ -199,20 +199,23 @@ def test_state_is_small_json_and_checkpoints_of_version_1_still_resume(tmp_path)
     first = _loader(dest, seed=1)
     _epoch(first, 3)
     state = first.state()
-    assert (state.epoch, state.batches, state.samples) == (0, 3, 6)
+    assert (state.single.epoch, state.single.batches, state.single.samples, state.taken) == (0, 3, 6, (3,))
     assert LoaderState.from_json(json.loads(json.dumps(first.state_dict()))) == state
-    # The form checkpoints of STATE_VERSION 1 hold (written before LoaderState existed).
-    saved = {"version": 1, "split": "train", "seed": 1, "epoch": 0, "batches": 3, "samples": 6,
-             "layout": {"world_size": 1, "num_workers": 1, "batch_size": 2}, "segments": []}
-    assert first.state_dict() == saved
-    for resume in (saved, state):  # the JSON form or the object itself
+    body = {"split": "train", "seed": 1, "epoch": 0, "batches": 3, "samples": 6,
+            "layout": {"world_size": 1, "num_workers": 1, "batch_size": 2}, "segments": []}
+    assert first.state_dict() == {"version": 2, "sources": [body], "taken": [3]}
+    v1 = {"version": 1, **body}  # the form checkpoints written before mixtures hold
+    assert LoaderState.from_json(v1) == state
+    for resume in (v1, state.to_json(), state):  # both JSON forms or the object itself
         assert _keys(_epoch(_loader(dest, seed=1, state=resume), 5)) == ref[6:]
     with pytest.raises(ConfigError, match="version"):
-        _loader(dest, seed=1, state={**saved, "version": 2})
+        _loader(dest, seed=1, state={**v1, "version": 3})
     with pytest.raises(ConfigError, match="malformed"):
-        _loader(dest, seed=1, state={k: v for k, v in saved.items() if k != "layout"})
+        _loader(dest, seed=1, state={k: v for k, v in v1.items() if k != "layout"})
     with pytest.raises(ConfigError, match="another split or seed"):
-        _loader(dest, seed=2, state=saved)
+        _loader(dest, seed=2, state=v1)
+    with pytest.raises(ConfigError, match="2-source mixture"):
+        _loader(dest, seed=1, state={"version": 2, "sources": [body, body], "taken": [3, 0]})
 
 
 def test_evaluation_pass_over_ranks_keeps_partial_batches(tmp_path):
@@ -337,3 +340,77 @@ def test_real_ingest_output(ingested, image):
     assert loader.metrics()["skipped_samples"] == 0 and loader.metrics()["bad_shards"] == 0
     assert batches[0]["image"].shape[1:] == loader.input_shape
     assert all(torch.isfinite(b["image"]).all() for b in batches)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weighted mixtures (data.sources)
+
+
+def _mixture(tmp_path, sizes_by_source, weights):
+    """One shard set per source (keys restart at 0 in each: batches say their source)."""
+    return [{"shards": write_set(tmp_path / f"m{i}", sizes)[0], "weight": w}
+            for i, (sizes, w) in enumerate(zip(sizes_by_source, weights))]
+
+
+def _mix_loader(sources, *, rank=0, world=1, batch=2, seed=0, state=None, num_workers=0):
+    from radforge.config import SourceConfig
+
+    cfg = DataConfig(sources=[SourceConfig(**s) for s in sources], shuffle_buffer=4, num_workers=num_workers)
+    return build_loader(cfg, VIEW, split="train", batch_size=batch, rank=rank, world_size=world, seed=seed, state=state)
+
+
+def test_mixture_proportions_within_two_batches_per_source(tmp_path):
+    """3 sources weighted 5:3:2; after N samples each source's share is within 2 batches of its
+    target (2 × batch / N: 0.4 % at N = 1000), and each source still covers its epoch once."""
+    sources = _mixture(tmp_path, [[10] * 4, [7] * 3, [5] * 2], [5, 3, 2])
+    loader = _mix_loader(sources, seed=3)
+    batches = list(itertools.islice(iter(loader), 500))
+    n = sum(len(b["key"]) for b in batches)
+    by_source = {name: sum(len(b["key"]) for b in batches if b["source"] == name) for name in loader.names}
+    m = loader.metrics()
+    for name, p in zip(loader.names, (0.5, 0.3, 0.2)):
+        assert abs(by_source[name] / n - p) <= 2 * 2 / n
+        assert m[f"mix_{name}_frac"] == by_source[name] / n and m[f"mix_{name}_target"] == pytest.approx(p)
+    # per source: every sample once per epoch (source 2 has 10 samples = 5 batches per epoch)
+    s2 = [b for b in batches if b["source"] == loader.names[2]]
+    assert sorted(_keys(s2[:5])) == sorted(_keys(s2[5:10])) and len(set(_keys(s2[:5]))) == 10
+    # seeded: the same interleave and order again, another one with another seed
+    again = list(itertools.islice(iter(_mix_loader(sources, seed=3)), 500))
+    other = list(itertools.islice(iter(_mix_loader(sources, seed=4)), 500))
+    assert [b["source"] for b in again] == [b["source"] for b in batches] and _keys(again) == _keys(batches)
+    assert _keys(other) != _keys(batches)
+    # repeat / choose: the shares follow the samples per mixture epoch
+    rep = _mix_loader([{**sources[0], "weight": None, "repeat": 1.0}, {**sources[1], "weight": None, "choose": 40}])
+    assert list(rep.target) == pytest.approx([40 / 80, 40 / 80])
+
+
+def test_mixture_resume_is_exact_and_world_size_changes_repeat_nothing(tmp_path):
+    sources = _mixture(tmp_path, [[6] * 8, [6] * 4], [2, 1])
+    ref = list(itertools.islice(iter(_mix_loader(sources, world=2, seed=1)), 30))
+    first = _mix_loader(sources, world=2, seed=1)
+    got = list(itertools.islice(iter(first), 7))
+    state = json.loads(json.dumps(first.state_dict()))
+    assert state["version"] == 2 and len(state["sources"]) == 2 and sum(state["taken"]) == 7
+    resumed = _mix_loader(sources, world=2, seed=1, state=state)
+    got += list(itertools.islice(iter(resumed), 23))
+    assert _keys(got) == _keys(ref) and [b["source"] for b in got] == [b["source"] for b in ref]
+    assert all(torch.equal(x["image"], y["image"]) for x, y in zip(got, ref))
+    # 2 ranks → 1 and 1 → 2: the rest of each source's epoch, no sample of it again
+    for before, after in ((2, 1), (1, 2)):
+        consumed, st = [], None
+        for rank in range(before):
+            ld = _mix_loader(sources, rank=rank, world=before, seed=1)
+            consumed += list(itertools.islice(iter(ld), 6))
+            st = ld.state_dict()
+        later = {"0_ct": [], "1_ct": []}
+        for rank in range(after):
+            ld = _mix_loader(sources, rank=rank, world=after, seed=1, state=st)
+            left = {name: src.batches_left() for name, src in zip(ld.names, ld.sources)}  # this epoch's rest
+            for b in itertools.islice(iter(ld), 60):
+                if len(later[b["source"]]) < left[b["source"]] * (rank + 1):
+                    later[b["source"]].append(b)
+        for name, rest in later.items():
+            seen = _keys(b for b in consumed if b["source"] == name)
+            rest = _keys(rest)
+            assert rest and len(seen) == len(set(seen)) and len(rest) == len(set(rest)), (before, after, name)
+            assert not set(seen) & set(rest), (before, after, name)

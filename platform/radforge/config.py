@@ -183,10 +183,39 @@ IMAGE_KINDS = tuple(kinds.KINDS)  # ct = 3D volumes (CT); xray = 2D images (CR, 
 
 
 @dataclass
+class SourceConfig(Section):
+    """One shard set of a weighted mixture (`data.sources`, after MosaicML Streaming's `Stream`).
+    Give each source a `weight`, or give them `repeat`/`choose` (a mixture epoch's samples)."""
+
+    shards: str  # shard set: directory URL holding manifest.json (any fsspec URL); required
+    weight: float | None = None  # share of the mixture's samples (normalised over the sources)
+    repeat: float | None = None  # instead of weight: passes over this source per mixture epoch (0.5 = half of it)
+    choose: int | None = None  # instead of weight: samples of this source per mixture epoch
+    split: str | None = None  # the split streamed from it (null = data.train_split)
+    image: str | None = None  # ct | xray (null = data.image); sources of both kinds train one model on both
+    name: str | None = None  # label in the metrics (mix_<name>_frac); null = "<index>_<image>"
+
+    def __post_init__(self):
+        given = [k for k in ("weight", "repeat", "choose") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise SettingError(f"data.sources: give one of weight, repeat or choose per source, not {' and '.join(given)}")
+        for k in ("weight", "repeat"):
+            if getattr(self, k) is not None:
+                _above(f"data.sources.{k}", getattr(self, k), 0)
+        if self.choose is not None:
+            _at_least("data.sources.choose", self.choose, 1)
+        if self.image is not None:
+            _choice("data.sources.image", self.image, IMAGE_KINDS)
+
+
+@dataclass
 class DataConfig(Section):
     """Where the shards are and how they stream (radforge.loader)."""
 
     shards: str = "var/demo/shards"  # shard set: directory URL holding manifest.json (any fsspec URL)
+    # A weighted mixture instead of one shard set (see SourceConfig); the first source is then the
+    # primary one: `shards`/`image` are set to it (evaluation, the tokenizer and the profile use it).
+    sources: list[SourceConfig] = field(default_factory=list)
     image: str = "ct"  # ct: CT volumes, 3D models; xray: CR/DX images, 2D models
     train_split: str = "train"  # the split streamed for training
     val_split: str = "val"  # the validation split's name (no code reads it yet; eval.split is what evaluation uses)
@@ -199,9 +228,35 @@ class DataConfig(Section):
 
     def __post_init__(self):
         _choice("data.image", self.image, IMAGE_KINDS)
+        if self.sources:
+            self._resolve_sources()
         _at_least("data.shuffle_buffer", self.shuffle_buffer, 1)
         _at_least("data.num_workers", self.num_workers, 0)
         _above("data.cache_limit_gb", self.cache_limit_gb, 0)
+
+    def _resolve_sources(self) -> None:
+        """Defaults from this section, one way of weighting, distinct names; the first source is primary."""
+        default = DataConfig.__dataclass_fields__["shards"].default
+        if self.shards not in (default, self.sources[0].shards):
+            raise SettingError("data.shards and data.sources both given: the first source is the primary shard set")
+        weighted = [s.weight is not None for s in self.sources]
+        if any(weighted) and not all(weighted):
+            raise SettingError("data.sources: either every source has a weight, or every source repeat/choose")
+        if not any(weighted) and len(self.sources) > 1 and not all(s.repeat or s.choose for s in self.sources):
+            raise SettingError("data.sources: give every source a weight (or repeat/choose)")
+        primary_image = self.sources[0].image or self.image
+        for i, s in enumerate(self.sources):
+            s.split = s.split or self.train_split
+            s.image = s.image or self.image
+            s.name = s.name or f"{i}_{s.image}"
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names) or not all(n.isidentifier() or n[0].isdigit() for n in names):
+            raise SettingError(f"data.sources: names must be distinct identifiers, got {names}")
+        self.shards, self.image = self.sources[0].shards, primary_image
+
+    def images(self) -> tuple[str, ...]:
+        """The image kinds this data holds, primary first (one unless sources mix CT and X-ray)."""
+        return tuple(dict.fromkeys([self.image, *(s.image for s in self.sources)]))
 
 
 @dataclass
@@ -408,11 +463,12 @@ class TrainRecipe(Section):
             raise SettingError("steps and log_every must be >= 1")
         if _objectives()[self.model.kind].require_report:
             self.data.require_report = True  # an objective that trains on pairs skips report-less samples
-        if self.data.image == "ct":
+        images = self.data.images()
+        if "ct" in images:
             bad = [s for s, p in zip(self.view.ct_size, self.model.patch_ct) if s % p]
             if bad:
                 raise SettingError(f"model.patch_ct {list(self.model.patch_ct)} must divide view.ct_size {list(self.view.ct_size)}")
-        elif self.view.xray_size % self.model.patch_xray:
+        if "xray" in images and self.view.xray_size % self.model.patch_xray:
             raise SettingError(f"model.patch_xray {self.model.patch_xray} must divide view.xray_size {self.view.xray_size}")
         if self.deepspeed.precision != "fp32" and not self.scale.use_gpu:
             raise SettingError(f"deepspeed.precision {self.deepspeed.precision} needs scale.use_gpu: true (CPU training is fp32)")

@@ -41,8 +41,26 @@ order); the manifest's per-shard modality counts give the number of slots withou
 * Per-sample randomness (crop, flip) is drawn from ``(seed, epoch, slot)``, never from position,
   so a resumed run produces the same tensors.
 
-Resume guarantees (`LoaderState`: epoch + batches consumed in it + the layout that consumed them)
-----------------------------------------------------------------------------------------------------
+Mixtures (``data.sources``: `MixtureLoader`)
+--------------------------------------------
+* Each source is a `StreamingLoader` of its own (its shard set, split, image kind, seed derived
+  from the run's seed and its index), so everything above holds per source: its own epochs, shuffle,
+  equal batches per rank and resume. A batch comes from ONE source, so it is homogeneous in image
+  kind (a CT + X-ray run batches CT and X-ray apart) and says which (``batch["source"]``).
+* Which source gives the next batch is a function of the batches taken from each so far and a
+  seeded phase per source (`MixtureLoader.next_source`): the same on every rank at every step, so
+  every rank takes the same source (and kind) at the same step and batches stay equal across
+  ranks. Shares: ``weight`` normalised, or samples per mixture epoch (``choose``, or ``repeat`` ×
+  the source's samples). After t batches each source has had its share of them within ±2 batches
+  (a low-discrepancy interleave, not i.i.d. draws); ``metrics()`` reports the realised share
+  (``mix_<name>_frac``) beside the target. Sources cycle their epochs independently: a small
+  source with a large weight is repeated more often (one epoch of it is still each sample once).
+* The state holds each source's position and the counts per source, so a resume continues the
+  exact same mixed sequence (same layout), and under another layout each source re-plans the rest
+  of its epoch as below while the interleave goes on from the same counts.
+
+Resume guarantees (`LoaderState`: per source the epoch + batches consumed in it + the layout that consumed them)
+----------------------------------------------------------------------------------------------------------------
 All ranks consume batches in lockstep, so rank 0's state describes every rank. ``state_dict()`` is
 the state's JSON form (what checkpoints store, `STATE_VERSION`); it loads under any layout.
 
@@ -87,11 +105,12 @@ import torch.utils.data as tud
 from radforge import kinds, shardspec, storage
 from radforge.errors import ConfigError
 
-__all__ = ["build_loader", "StreamingLoader", "LoaderError", "LoaderState", "Layout", "STATE_VERSION"]
+__all__ = ["build_loader", "StreamingLoader", "MixtureLoader", "LoaderError", "LoaderState", "SourceState", "Layout",
+           "STATE_VERSION"]
 
 log = logging.getLogger(__name__)
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: a mixture of sources (1: one source; still read)
 
 
 class LoaderError(RuntimeError):
@@ -139,10 +158,10 @@ class _Segment:
 
 
 @dataclass(frozen=True)
-class LoaderState:
-    """Where a run stands in its data (MosaicML Streaming style: epoch, position, canonical layout,
-    seed). Rank-independent: all ranks consume in lockstep. Its JSON form (`to_json`) is what
-    checkpoints store."""
+class SourceState:
+    """Where a run stands in ONE source's data (MosaicML Streaming style: epoch, position,
+    canonical layout, seed). Rank-independent: all ranks consume in lockstep. (The whole of
+    `LoaderState` up to version 1.)"""
 
     split: str
     seed: int
@@ -157,18 +176,48 @@ class LoaderState:
         return sum(s.samples for s in self.segments) + _Segment(self.layout, self.batches).samples
 
     def to_json(self) -> dict:
-        return {"version": STATE_VERSION, "split": self.split, "seed": self.seed, "epoch": self.epoch,
-                "batches": self.batches, "samples": self.samples, "layout": self.layout.to_json(),
-                "segments": [s.to_json() for s in self.segments]}
+        return {"split": self.split, "seed": self.seed, "epoch": self.epoch, "batches": self.batches,
+                "samples": self.samples, "layout": self.layout.to_json(), "segments": [s.to_json() for s in self.segments]}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "SourceState":
+        return cls(split=d["split"], seed=int(d["seed"]), epoch=int(d["epoch"]), batches=int(d["batches"]),
+                   layout=Layout.from_json(d["layout"]),
+                   segments=tuple(_Segment(Layout.from_json(s), int(s["batches"])) for s in d.get("segments", [])))
+
+
+@dataclass(frozen=True)
+class LoaderState:
+    """Where a run stands in its data: each source's position and the mixture's (batches per rank
+    drawn from each source since the run began, which fixes the next draw). One source is a
+    mixture of one. Its JSON form (`to_json`, `STATE_VERSION`) is what checkpoints store; version 1
+    (one source, no mixture) is still read."""
+
+    sources: tuple[SourceState, ...]
+    taken: tuple[int, ...]  # batches per rank drawn from each source so far (the mixture position)
+
+    def __post_init__(self):
+        if len(self.sources) != len(self.taken) or not self.sources:
+            raise ConfigError("loader state: one mixture count per source, and at least one source")
+
+    @property
+    def single(self) -> SourceState:
+        if len(self.sources) != 1:
+            raise ConfigError(f"loader state of a {len(self.sources)}-source mixture; this loader has one source")
+        return self.sources[0]
+
+    def to_json(self) -> dict:
+        return {"version": STATE_VERSION, "sources": [s.to_json() for s in self.sources], "taken": list(self.taken)}
 
     @classmethod
     def from_json(cls, d: dict) -> "LoaderState":
-        if d.get("version") != STATE_VERSION:
-            raise ConfigError(f"loader state version {d.get('version')!r} is not {STATE_VERSION}")
+        version = d.get("version") if isinstance(d, dict) else None
+        if version not in (1, STATE_VERSION):
+            raise ConfigError(f"loader state version {version!r} is not 1 or {STATE_VERSION}")
         try:
-            return cls(split=d["split"], seed=int(d["seed"]), epoch=int(d["epoch"]), batches=int(d["batches"]),
-                       layout=Layout.from_json(d["layout"]),
-                       segments=tuple(_Segment(Layout.from_json(s), int(s["batches"])) for s in d.get("segments", [])))
+            if version == 1:  # one source, its fields at the top
+                return cls((SourceState.from_json(d),), (int(d["batches"]),))
+            return cls(tuple(SourceState.from_json(s) for s in d["sources"]), tuple(int(n) for n in d["taken"]))
         except (KeyError, TypeError, ValueError) as e:
             raise ConfigError(f"loader state is malformed ({type(e).__name__}: {e})") from None
 
@@ -613,6 +662,7 @@ class _RankStreams(tud.IterableDataset):
         self.shards, self.layout, self.total = loader._shards, loader._layout, loader._total
         self.rank, self.seed, self.train, self.data = loader.rank, loader.seed, loader.train, loader.data
         self.modalities, self.findings, self.view = loader._modalities, loader.findings, loader._view
+        self.text_view = loader._text_view
         # The first epoch may be a re-planned remainder (segments) and may resume mid-way.
         self.epoch0, self.segment0, self.remaining0 = loader._epoch, len(loader._segments), remaining
         self.start_batch, self.rotate = loader._batch, rotate
@@ -676,6 +726,8 @@ class _RankStreams(tud.IterableDataset):
             raise _Skip("skipped:no_report")
         rng = np.random.default_rng(rng_key) if self.train else None
         image = np.asarray(self.view(array, meta, rng), dtype=np.float32)
+        if report and self.text_view is not None:
+            report = self.text_view(report, rng)
         return {"image": image, "text": report or "", "labels": _label_vector(meta.get("labels"), self.findings),
                 "key": raw["__key__"], "modality": meta["modality"]}
 
@@ -690,7 +742,8 @@ class StreamingLoader:
 
     def __init__(self, data, view, *, split: str, batch_size: int, rank: int = 0, world_size: int = 1,
                  seed: int = 0, train: bool = True, findings: list[str] | None = None,
-                 state: LoaderState | dict | None = None):
+                 state: LoaderState | dict | None = None, corrupt: Callable | None = None,
+                 text_view: Callable | None = None):
         if batch_size < 1:
             raise ConfigError("batch_size must be >= 1")
         if world_size < 1 or not 0 <= rank < world_size:
@@ -699,6 +752,13 @@ class StreamingLoader:
         self._layout = Layout(world_size, max(1, data.num_workers), batch_size)
         kind = kinds.get(data.image)
         self._modalities, self._view = kind.modalities, kind.view(view)
+        if corrupt is not None:  # robustness evaluation: view -> corruptions.CorruptedView around it
+            if self.train:
+                raise ConfigError("corrupt= is for evaluation loaders (train=False) only")
+            self._view = corrupt(self._view)
+        # report -> text the model reads: text(report, rng) with the sample's seeded rng in
+        # training, None in evaluation (models.text.ReportView: sentence sampling). Picklable.
+        self._text_view = text_view
         self.input_shape = self._view.input_shape
         self.manifest = shardspec.read_manifest(data.shards)
         self._shards, self._total = self._eligible_shards()
@@ -706,6 +766,7 @@ class StreamingLoader:
         self.batches_per_epoch = self._batches(np.ones(self._total, dtype=bool), self._layout)
         self._check_fit()
         self._epoch, self._batch = 0, 0
+        self._taken = 0  # batches yielded since the run began (the state's mixture count)
         self._segments: tuple[_Segment, ...] = ()  # earlier layouts of this epoch
         self._metrics = _Counters(samples=0, batches=0, skipped_samples=0, substituted=0, bad_shards=0, data_wait_s=0.0)
         if state:
@@ -809,6 +870,7 @@ class StreamingLoader:
             if "image" not in item:
                 continue
             self._batch += 1
+            self._taken += 1
             self._metrics.add("batches")
             self._metrics.add("samples", len(item["key"]))
             yield item
@@ -829,14 +891,19 @@ class StreamingLoader:
     # -- state -----------------------------------------------------------------------------
 
     def state(self) -> LoaderState:
-        return LoaderState(self.split, self.seed, self._epoch, self._batch, self._layout, self._segments)
+        own = SourceState(self.split, self.seed, self._epoch, self._batch, self._layout, self._segments)
+        return LoaderState((own,), (self._taken,))
 
     def state_dict(self) -> dict:
         """The state's JSON form (what checkpoints store)."""
         return self.state().to_json()
 
     def load_state_dict(self, state: LoaderState | dict) -> None:
-        st = state if isinstance(state, LoaderState) else LoaderState.from_json(state)
+        whole = state if isinstance(state, (LoaderState, SourceState)) else LoaderState.from_json(state)
+        if isinstance(whole, LoaderState):
+            st, self._taken = whole.single, whole.taken[0]
+        else:
+            st = whole
         if st.split != self.split or st.seed != self.seed:
             raise ConfigError("loader state belongs to another split or seed; it cannot continue this run")
         self._epoch, self._segments = st.epoch, st.segments
@@ -856,9 +923,120 @@ class StreamingLoader:
         return m
 
 
+class MixtureLoader:
+    """Batches drawn from several sources (`data.sources`) in the configured proportions; each
+    source is a `StreamingLoader` of its own (its epochs, shuffle, equal batches and resume). See
+    "Mixtures" in the module doc. Same interface as `StreamingLoader` where training uses it."""
+
+    def __init__(self, data, view, *, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 train: bool = True, findings: list[str] | None = None, state: LoaderState | dict | None = None,
+                 **source_kw):
+        import dataclasses
+
+        self.data, self.seed, self.train, self.rank = data, int(seed), bool(train), rank
+        self.names = [s.name for s in data.sources]
+        self.sources = [
+            StreamingLoader(dataclasses.replace(data, shards=s.shards, image=s.image, sources=[]), view, split=s.split,
+                            batch_size=batch_size, rank=rank, world_size=world_size, seed=_source_seed(self.seed, i),
+                            train=train, findings=findings, **source_kw)
+            for i, s in enumerate(data.sources)]
+        # One label vector for every batch: the sources' findings together (or the ones given).
+        self.findings = list(findings) if findings is not None else sorted({f for s in self.sources for f in s.findings})
+        for s in self.sources:
+            s.findings = self.findings
+        self.input_shapes = {s.data.image: s.input_shape for s in self.sources}
+        self.input_shape = self.sources[0].input_shape
+        self.manifest = self.sources[0].manifest
+        self.batches_per_epoch = sum(s.batches_per_epoch for s in self.sources)  # nominal: sources cycle on their own
+        self.target = _mixture_weights(data.sources, [s._total for s in self.sources])
+        self._phase = np.random.default_rng([self.seed, 13]).random(len(self.sources))
+        self._taken = [0] * len(self.sources)
+        if state:
+            self.load_state_dict(state)
+
+    def next_source(self) -> int:
+        """The source of the next batch: source i's k-th batch sits at (k + phase_i) / p_i on one
+        time line and batches are taken in time order, so after t batches each source has had
+        p_i·t of them within ±2 (a seeded low-discrepancy interleave; i.i.d. draws would err by
+        ~√(p(1-p)/t)). A function of the counts alone: every rank draws the same source."""
+        times = [(n + u) / p for n, u, p in zip(self._taken, self._phase, self.target)]
+        return int(np.argmin(times))
+
+    def __iter__(self) -> Iterator[dict]:
+        if not self.train:  # evaluation: one pass over each source in turn
+            for i, src in enumerate(self.sources):
+                for batch in src:
+                    yield {**batch, "source": self.names[i]}
+            return
+        its: dict[int, Iterator[dict]] = {}
+        while True:
+            i = self.next_source()
+            if i not in its:  # a source's workers start with its first batch
+                its[i] = iter(self.sources[i])
+            batch = next(its[i])
+            self._taken[i] += 1
+            yield {**batch, "source": self.names[i]}
+
+    def state(self) -> LoaderState:
+        return LoaderState(tuple(s.state().single for s in self.sources), tuple(self._taken))
+
+    def state_dict(self) -> dict:
+        """The state's JSON form (what checkpoints store)."""
+        return self.state().to_json()
+
+    def load_state_dict(self, state: LoaderState | dict) -> None:
+        st = state if isinstance(state, LoaderState) else LoaderState.from_json(state)
+        if len(st.sources) != len(self.sources):
+            raise ConfigError(f"loader state of {len(st.sources)} source(s); this run mixes {len(self.sources)}")
+        for src, one, n in zip(self.sources, st.sources, st.taken):
+            src.load_state_dict(LoaderState((one,), (n,)))
+        self._taken = list(st.taken)
+
+    def batches_left(self) -> int:
+        """Batches left in the sources' current epochs together (each source cycles on its own)."""
+        return sum(s.batches_left() for s in self.sources)
+
+    def metrics(self) -> dict:
+        """The sources' counters summed, plus per source the realised share of the batches (= of
+        the samples: equal batch sizes) drawn since the run began (mix_<name>_frac), its target
+        (mix_<name>_target) and the source's epoch (mix_<name>_epoch)."""
+        m = _Counters()
+        for s in self.sources:
+            m.merge({k: v for k, v in s.metrics().items() if k not in ("epoch", "batches_per_epoch")})
+        total = max(1, sum(self._taken))
+        for name, n, p, s in zip(self.names, self._taken, self.target, self.sources):
+            m[f"mix_{name}_frac"] = n / total
+            m[f"mix_{name}_target"] = float(p)
+            m[f"mix_{name}_epoch"] = s.metrics()["epoch"]
+        m["epoch"] = min(s.metrics()["epoch"] for s in self.sources)
+        m["batches_per_epoch"] = self.batches_per_epoch
+        return dict(m)
+
+
+def _source_seed(seed: int, i: int) -> int:
+    """Each source's own seed (two sources over one shard set must not shuffle alike)."""
+    return seed if i == 0 else int(np.random.SeedSequence([seed, i]).generate_state(1)[0])
+
+
+def _mixture_weights(sources, totals: list[int]) -> np.ndarray:
+    """Normalised shares: the weights, or each source's samples per mixture epoch (choose, or
+    repeat × its samples in the split)."""
+    raw = [s.weight if s.weight is not None else s.choose if s.choose is not None else (s.repeat or 1.0) * n
+           for s, n in zip(sources, totals)]
+    w = np.asarray(raw, dtype=np.float64)
+    return w / w.sum()
+
+
 def build_loader(data, view, *, split: str, batch_size: int, rank: int = 0, world_size: int = 1, seed: int = 0,
                  train: bool = True, findings: list[str] | None = None,
-                 state: LoaderState | dict | None = None) -> StreamingLoader:
-    """The loader for one rank (see the module docstring for the guarantees)."""
+                 state: LoaderState | dict | None = None, corrupt: Callable | None = None,
+                 text_view: Callable | None = None) -> StreamingLoader:
+    """The loader for one rank (see the module docstring for the guarantees). `corrupt` (evaluation
+    only) wraps the model view, e.g. ``lambda v: corruptions.CorruptedView(v, "xray", "blur", 3)``.
+    `text_view(report, rng)` rewrites each report (training: rng is the sample's seeded generator)."""
+    if getattr(data, "sources", None):  # a weighted mixture (MixtureLoader): each source streams its own split
+        return MixtureLoader(data, view, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
+                             train=train, findings=findings, state=state, text_view=text_view)
     return StreamingLoader(data, view, split=split, batch_size=batch_size, rank=rank, world_size=world_size,
-                           seed=seed, train=train, findings=findings, state=state)
+                           seed=seed, train=train, findings=findings, state=state, corrupt=corrupt,
+                           text_view=text_view)

@@ -140,6 +140,37 @@ class ShardConfig(Section):
 
 
 @dataclass
+class DicomwebConfig(Section):
+    """A `dicomweb+http(s)://HOST:PORT/PATH` SOURCE (radforge.dicomweb): QIDO-RS filters, paging
+    and the WADO-RS client. Ignored for other sources. Credentials are never recipe values."""
+
+    study_date: str | None = None  # QIDO StudyDate: "YYYYMMDD", or a range "YYYYMMDD-YYYYMMDD" (either end may be empty)
+    modalities_in_study: list[str] = field(default_factory=list)  # QIDO ModalitiesInStudy: studies holding any of these
+    modality: list[str] = field(default_factory=list)  # series-level Modality: only series of these modalities
+    body_part: str | None = None  # series-level BodyPartExamined (e.g. CHEST)
+    query: dict[str, str] = field(default_factory=dict)  # any other study-level QIDO attribute → value (e.g. InstitutionName)
+    page_size: int = 1000  # QIDO results per request (limit/offset paging)
+    concurrency: int = 8  # WADO-RS requests in flight per Ray task (read-ahead)
+    retries: int = 5  # retries per request on 429/5xx/timeouts/connection errors, exponential backoff
+    backoff_s: float = 0.5  # first retry delay, seconds; doubles per retry (jittered, capped at 30 s)
+    timeout_s: float = 60.0  # connect/read timeout per request, seconds
+    # A secrets file (YAML/JSON: {token: …} or {username: …, password: …}), readable on every Ray node;
+    # else RADFORGE_DICOMWEB_TOKEN or RADFORGE_DICOMWEB_USERNAME/_PASSWORD in the workers' environment.
+    credentials_file: str | None = None
+
+    def __post_init__(self):
+        _at_least("dicomweb.page_size", self.page_size, 1)
+        _at_least("dicomweb.concurrency", self.concurrency, 1)
+        _at_least("dicomweb.retries", self.retries, 0)
+        _above("dicomweb.timeout_s", self.timeout_s, 0)
+        _at_least("dicomweb.backoff_s", self.backoff_s, 0)
+        ends = (self.study_date or "").split("-")
+        if self.study_date is not None and not (
+                len(ends) <= 2 and any(ends) and all(e == "" or (len(e) == 8 and e.isdigit()) for e in ends)):
+            raise SettingError(f"dicomweb.study_date must be YYYYMMDD or YYYYMMDD-YYYYMMDD, got {self.study_date!r}")
+
+
+@dataclass
 class IngestRecipe(Section):
     """DICOM → shards (shards/recipes/*.yaml); each section is documented on its class."""
 
@@ -153,6 +184,7 @@ class IngestRecipe(Section):
     # Fractions of patients per split, assigned from the patient pseudonym.
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     shards: ShardConfig = field(default_factory=ShardConfig)
+    dicomweb: DicomwebConfig = field(default_factory=DicomwebConfig)  # a dicomweb+http(s):// SOURCE's filters and client
     # Where the private index and rejects ledger go (they hold source paths and original UIDs).
     # Default: "<DEST>.private". Never inside DEST.
     private_dir: str | None = None

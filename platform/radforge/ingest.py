@@ -142,6 +142,7 @@ class Result:
     reused_shards: int = 0
     noop: bool = False
     stage_s: dict = field(default_factory=dict)
+    source_stats: dict = field(default_factory=dict)  # DICOMweb: requests, retries (by cause), bytes
 
     @property
     def ok(self) -> bool:
@@ -176,6 +177,7 @@ def run(
     t0 = time.time()
     dest = dest.rstrip("/")
     private = (recipe.private_dir or dest + ".private").rstrip("/")
+    source = _source(source, recipe)
     _preflight(source, dest, private)
     secret = deid.load_secret(recipe.deid)
     tables = _TablesSpec.load(reports, recipe.reports, labels, recipe.labels)
@@ -209,7 +211,8 @@ def run(
         stage["build"] = time.time() - t
 
         m = _write_manifest(plan, recipe, secret, seen, dest, private, progress_url)
-    return Result(dest, private, m, time.time() - t0, built_shards=built, reused_shards=len(done), stage_s=stage)
+    return Result(dest, private, m, time.time() - t0, built_shards=built, reused_shards=len(done), stage_s=stage,
+                  source_stats=_source_stats(source))
 
 
 @contextlib.contextmanager
@@ -370,6 +373,24 @@ def _write_manifest(plan: _Plan, recipe: IngestRecipe, secret: bytes, seen: int,
 # ---------------------------------------------------------------------------------------------
 
 
+def _source(source: str, recipe: IngestRecipe) -> str:
+    """SOURCE as the listing takes it: a DICOMweb URL gets the recipe's filters and client
+    settings in its query (and its request counters are reset for this run)."""
+    from radforge import dicomweb
+
+    if not dicomweb.is_dicomweb(source):
+        return source
+    source = dicomweb.resolve(source, recipe.dicomweb)
+    dicomweb.reset_stats(source)
+    return source
+
+
+def _source_stats(source: str) -> dict:
+    from radforge import dicomweb
+
+    return dicomweb.read_stats(source) if dicomweb.is_dicomweb(source) else {}
+
+
 def _preflight(source: str, dest: str, private: str) -> None:
     storage.check_readable(source)
     norm = lambda u: u.rstrip("/") + "/"  # noqa: E731
@@ -396,9 +417,8 @@ def _list(source: str):
     import ray
 
     source = storage.absolute(source)  # workers do not share the driver's cwd
-    fs, path = storage.url_to_fs(source)
-    if fs.isfile(path):
-        return ray.data.from_items([{"path": source, "size": int(fs.size(path)), "skip": ""}])
+    if storage.isfile(source):
+        return ray.data.from_items([{"path": e.url, "size": e.size, "skip": ""} for e in storage.walk(source)])
     subdirs, top = storage.scan_dir(source)
     top_ds = ray.data.from_items(_listed(top)) if top else None
     if not subdirs:
@@ -474,14 +494,20 @@ def _read_index_parts(batch: pa.Table):
 def _scan_batch(batch: pa.Table) -> pa.Table:
     rows = []
     skips = batch.column("skip").to_pylist() if "skip" in batch.column_names else [""] * batch.num_rows
-    for path, size, skip in zip(batch.column("path").to_pylist(), batch.column("size").to_pylist(), skips):
+    paths = batch.column("path").to_pylist()
+    with storage.read_ahead([p for p, skip in zip(paths, skips) if not skip]):  # DICOMweb: bounded parallel fetch
+        return _scan_rows(rows, paths, batch.column("size").to_pylist(), skips)
+
+
+def _scan_rows(rows: list, paths: list, sizes: list, skips: list) -> pa.Table:
+    for path, size, skip in zip(paths, sizes, skips):
         if skip:  # listed but never opened (see _list)
             rows.append({**dicom.rejected_row(path, size, skip), "status": "skipped"})
             continue
         try:
             # Small blocks: a header is a few KB; reading whole 500 KB slices would double the I/O.
             with storage.open_input(path, block_size=64 * 1024) as f:
-                rows.append(dicom.scan(path, size, f))
+                rows.append(dicom.scan(path, size if size >= 0 else _size_of(f), f))
         except (OSError, ValueError):
             rows.append(dicom.rejected_row(path, size, "unreadable_header"))
     return _index_table(rows)
@@ -700,8 +726,21 @@ def make_sample(item: dicom.PlanItem, recipe: IngestRecipe, tables: dict | None 
     return shardspec.Sample(item.key, array, meta, report)
 
 
+def _size_of(f) -> int:
+    """A listing that could not know the size (-1, DICOMweb): the size of what was read."""
+    size = f.seek(0, os.SEEK_END)
+    f.seek(0)
+    return size
+
+
 def _canonical(item: dicom.PlanItem, profile: Profile):
-    return dicom.canonical(item, storage.read_bytes, profile)
+    from radforge.dicomweb import DicomwebError
+
+    try:
+        with storage.read_ahead(item.paths):  # DICOMweb: a series' slices fetched in parallel
+            return dicom.canonical(item, storage.read_bytes, profile)
+    except DicomwebError as e:  # retries exhausted: this sample, not the task (the message names no UID)
+        raise dicom.Reject("fetch_error", str(e)) from None
 
 
 class _Decoder:

@@ -18,6 +18,10 @@ environment, exactly as the AWS CLI reads it:
 Credentials are never copied into filesystem options: a filesystem pickled to a Ray worker
 carries the endpoint but resolves credentials from the worker's own environment.
 
+DICOMweb archives (``dicomweb+http://HOST:PORT/PATH``, ``dicomweb+https://``) are read-only
+sources: listing and reading dispatch to `radforge.dicomweb` (QIDO-RS studies are the
+"sub-directories" of the root, WADO-RS instances its files; sizes are unknown until read, -1).
+
 Atomicity: readers never see a partial object. Local (and other hierarchical) targets are
 written to a hidden temp file beside the target and renamed over it; object stores get a
 single PUT (or a multipart upload, which only becomes visible on completion).
@@ -66,6 +70,8 @@ __all__ = [
     "find_files",
     "scan_dir",
     "list_dir",
+    "read_ahead",
+    "isfile",
     "check_readable",
     "check_writable",
     "pyarrow_filesystem",
@@ -268,6 +274,27 @@ def _set_env(env: dict[str, str | None]) -> None:
 
 
 @contextmanager
+def read_ahead(urls: list[str]) -> Iterator[None]:
+    """While open, reads of these URLs may be served by a bounded pool that fetched them ahead,
+    in this order (DICOMweb instances: `dicomweb.concurrency` requests in flight per process);
+    a no-op for every other store, whose reads are cheap to start."""
+    urls = [u for u in urls if _is_dicomweb(u)]
+    if not urls:
+        yield
+        return
+    with _dicomweb().read_ahead(urls):
+        yield
+
+
+def isfile(url: str) -> bool:
+    """Whether `url` names one file (a DICOMweb instance) rather than a tree to list."""
+    if _is_dicomweb(url):
+        return _dicomweb().Source.parse(url).instance is not None
+    fs, path = url_to_fs(absolute(url))
+    return fs.isfile(path)
+
+
+@contextmanager
 def s3_endpoint_env(endpoint: str, key: str) -> Iterator[None]:
     """Point every S3 client of this process, and of the processes it starts (a local Ray
     cluster's workers inherit os.environ), at `endpoint` with the static credentials key/key;
@@ -284,12 +311,26 @@ def s3_endpoint_env(endpoint: str, key: str) -> Iterator[None]:
 # --------------------------------------------------------------------------- reads
 
 
+def _dicomweb():
+    from radforge import dicomweb
+
+    return dicomweb
+
+
+def _is_dicomweb(url) -> bool:
+    return isinstance(url, str) and url[:9].lower() == "dicomweb+"
+
+
 def exists(url: str) -> bool:
+    if _is_dicomweb(url):
+        return True  # a listed instance; a wrong one fails when read (HTTP 404)
     fs, path = url_to_fs(url)
     return fs.exists(path)
 
 
 def read_bytes(url: str) -> bytes:
+    if _is_dicomweb(url):
+        return _dicomweb().read_bytes(url)
     fs, path = url_to_fs(url)
     if is_local(url):
         local = _local_path(path)
@@ -305,6 +346,8 @@ def read_head(url: str, nbytes: int) -> bytes:
         raise ValueError("nbytes must be >= 0")
     if nbytes == 0:
         return b""
+    if _is_dicomweb(url):  # WADO-RS has no ranges: the whole instance, cut
+        return _dicomweb().read_bytes(url)[:nbytes]
     fs, path = url_to_fs(url)
     if is_local(url):
         with _open_regular(path) as f:
@@ -328,6 +371,8 @@ def open_input(url: str, block_size: int | None = None) -> IO[bytes]:
     Local paths must name regular files: a FIFO or a device raises OSError at once instead of
     blocking (a listing never hands them out; this covers one swapped in after it).
     """
+    if _is_dicomweb(url):
+        return _dicomweb().open_input(url)
     fs, path = url_to_fs(url)
     if is_local(url):  # the OS page cache does the buffering
         return _open_regular(path)
@@ -487,7 +532,8 @@ SKIP_REASONS = (
 @dataclass(frozen=True)
 class Entry:
     """One directory entry that is not a directory: a regular file to read (`skip` None) or an
-    entry listed but never opened (`skip` one of SKIP_REASONS, `size` 0)."""
+    entry listed but never opened (`skip` one of SKIP_REASONS, `size` 0). `size` is -1 when the
+    listing cannot know it (a DICOMweb instance): the reader learns it from the bytes."""
 
     url: str
     size: int
@@ -651,6 +697,8 @@ def walk(url: str, *, within: str | None = None) -> list[Entry]:
     policy above). `within` is the tree that counts as inside for symlinks (default `url`; a
     listing fanned out over sub-directories passes the root). If `url` is a file the result is
     that one file."""
+    if _is_dicomweb(url):
+        return [Entry(u, -1) for u in _dicomweb().walk(url)]
     base = absolute(url)
     fs, path = url_to_fs(base)
     if protocol(base) in _LOCAL:
@@ -683,7 +731,14 @@ def find_files(url: str) -> list[tuple[str, int]]:
 
 
 def scan_dir(url: str, *, within: str | None = None) -> tuple[list[str], list[Entry]]:
-    """One level below `url`: (sorted sub-directory urls, sorted entries as `walk` has them)."""
+    """One level below `url`: (sorted sub-directory urls, sorted entries as `walk` has them).
+    A DICOMweb root's sub-directories are its studies (QIDO-RS, paged, filtered)."""
+    if _is_dicomweb(url):
+        dw = _dicomweb()
+        src = dw.Source.parse(url)
+        if src.study is None:
+            return dw.studies(src), []
+        return [], [Entry(u, -1) for u in dw.walk(url)]
     base = absolute(url)
     fs, path = url_to_fs(base)
     if protocol(base) in _LOCAL:
@@ -872,6 +927,9 @@ def _resolve(url: str, doing: str) -> tuple[str, str, Any, str]:
 
 def check_readable(url: str) -> None:
     """Raise ConfigError (one line) unless `url` exists and can be read. Fails in seconds."""
+    if _is_dicomweb(url):
+        _dicomweb().check_readable(url)
+        return
     url, proto, fs, path = _resolve(url, "read")
     if proto in _S3:
         _check_readable_s3(url, path)

@@ -1,0 +1,307 @@
+"""DICOMweb sources against a real Orthanc (QIDO-RS / WADO-RS, auth on), a fault-injecting proxy,
+and incremental ingest (`--append`).
+
+Orthanc (Debian's `orthanc` + `orthanc-dicomweb`, installed by `make sysdeps`) runs on 127.0.0.1
+on free ports with a temp storage dir and a test user; the corpus goes in through its REST API
+(POST /instances). The fast tests talk to it without Ray; one slow test ingests through it.
+"""
+
+from __future__ import annotations
+
+import http.client
+import http.server
+import json
+import logging
+import os
+import random
+import shutil
+import socket
+import subprocess
+import threading
+import time
+import urllib.request
+from base64 import b64encode
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from radforge import config, dicomweb, storage
+from radforge.config import IngestRecipe
+from radforge.errors import ConfigError
+
+ORTHANC = "/usr/sbin/Orthanc"
+PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+USER, PASSWORD = "radforge-test", "pw-" + "s3cr3t" * 4  # the password is grepped for below
+
+pytestmark = pytest.mark.skipif(not (os.path.exists(ORTHANC) and os.path.exists(PLUGIN)),
+                                reason="Orthanc + DICOMweb plugin not installed (make sysdeps)")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Orthanc:
+    port: int
+    root: Path
+    proc: subprocess.Popen
+    credentials: str  # secrets file
+
+    @property
+    def http(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def url(self) -> str:
+        return f"dicomweb+http://127.0.0.1:{self.port}/dicom-web"
+
+    def _req(self, method: str, path: str, data: bytes | None = None):
+        req = urllib.request.Request(self.http + path, data=data, method=method)
+        req.add_header("Authorization", "Basic " + b64encode(f"{USER}:{PASSWORD}".encode()).decode())
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return json.loads(r.read() or b"null")
+
+    def upload(self, paths) -> int:
+        for p in paths:
+            self._req("POST", "/instances", Path(p).read_bytes())
+        return len(list(paths))
+
+    def clear(self) -> None:
+        for study in self._req("GET", "/studies"):
+            self._req("DELETE", f"/studies/{study}")
+
+
+def _start_orthanc(root: Path) -> Orthanc:
+    port = _free_port()
+    root.mkdir(parents=True, exist_ok=True)
+    cfg = {
+        "Name": "radforge-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
+        "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+        "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
+        "Plugins": [PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "HttpThreadsCount": 16,
+        "StableAge": 1, "SaveJobs": False,
+    }
+    (root / "orthanc.json").write_text(json.dumps(cfg))
+    log = open(root / "orthanc.log", "wb")
+    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log)
+    cred = root / "dicomweb-credentials.yaml"
+    cred.write_text(f"username: {USER}\npassword: {PASSWORD}\n")
+    o = Orthanc(port, root, proc, str(cred))
+    deadline = time.time() + 30
+    while True:
+        try:
+            o._req("GET", "/system")
+            return o
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-2000:]}")
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    o = _start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    try:
+        yield o
+    finally:
+        o.proc.terminate()
+        try:
+            o.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            o.proc.kill()
+
+
+def _files(root) -> list[str]:
+    return sorted(str(p) for p in Path(root).rglob("*.dcm"))
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    """6 patients (CT 8 × 32² + DX 64² each: 12 studies), uploaded by the tests that need them."""
+    from radforge import phantoms
+
+    root = tmp_path_factory.mktemp("dw-corpus")
+    return phantoms.training_corpus(root / "src", n_patients=6, ct_slices=8, ct_matrix=32, xray_size=64)
+
+
+# --------------------------------------------------------------------------- a fault-injecting proxy
+
+
+@dataclass
+class FaultProxy:
+    """HTTP proxy on 127.0.0.1 in front of Orthanc: per request, with a seeded draw, answers 503,
+    429 (Retry-After: 0), drops the connection, stalls past the client timeout, or forwards."""
+
+    upstream_port: int
+    rates: dict = field(default_factory=lambda: {"503": 0.12, "429": 0.04, "drop": 0.04, "stall": 0.03})
+    stall_s: float = 1.5
+    seed: int = 0
+    faults: Counter = field(default_factory=Counter)
+    forwarded: int = 0
+
+    def start(self) -> "FaultProxy":
+        rng, lock, proxy = random.Random(self.seed), threading.Lock(), self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *a):  # quiet
+                pass
+
+            def do_GET(self):
+                with lock:
+                    x, fault = rng.random(), None
+                    for kind, p in proxy.rates.items():
+                        if x < p:
+                            fault = kind
+                            break
+                        x -= p
+                    if fault:
+                        proxy.faults[fault] += 1
+                    else:
+                        proxy.forwarded += 1
+                if fault in ("503", "429"):
+                    body = b"injected"
+                    self.send_response(int(fault))
+                    self.send_header("Content-Length", str(len(body)))
+                    if fault == "429":
+                        self.send_header("Retry-After", "0")
+                    self.end_headers()
+                    self.wfile.write(body)
+                    return
+                if fault == "stall":
+                    time.sleep(proxy.stall_s)
+                if fault in ("drop", "stall"):
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    return
+                up = http.client.HTTPConnection("127.0.0.1", proxy.upstream_port, timeout=60)
+                up.request("GET", self.path, headers={k: v for k, v in self.headers.items() if k.lower() != "host"})
+                r = up.getresponse()
+                body = r.read()
+                self.send_response(r.status)
+                for k, v in r.getheaders():
+                    if k.lower() not in ("transfer-encoding", "connection", "content-length"):
+                        self.send_header(k, v)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                up.close()
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.port = self.server.server_address[1]
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    @property
+    def url(self) -> str:
+        return f"dicomweb+http://127.0.0.1:{self.port}/dicom-web"
+
+
+def _recipe(*sets: str) -> IngestRecipe:
+    return config.load(IngestRecipe, None, list(sets))
+
+
+def _source(url: str, credentials: str, *sets: str) -> str:
+    return dicomweb.resolve(url, _recipe(f"dicomweb.credentials_file={credentials}", *sets).dicomweb)
+
+
+# --------------------------------------------------------------------------- fast tier (no Ray)
+
+
+def test_urls_parse_and_resolve_round_trip():
+    src = dicomweb.Source.parse("dicomweb+https://pacs.example:443/wado/rs/studies/1.2.3/series/4.5/instances/6.7?retries=2")
+    assert (src.scheme, src.netloc, src.root, src.study, src.series, src.instance) == (
+        "https", "pacs.example:443", "/wado/rs", "1.2.3", "4.5", "6.7")
+    assert src.settings.retries == 2 and src.http("studies") == "https://pacs.example:443/wado/rs/studies"
+    assert dicomweb.Source.parse(src.url()) == src
+    cfg = _recipe("dicomweb.modalities_in_study=[CT,DX]", "dicomweb.body_part=CHEST", "dicomweb.study_date=20240101-",
+                  "dicomweb.page_size=7").dicomweb
+    resolved = dicomweb.Source.parse(dicomweb.resolve("dicomweb+http://h:1/dicom-web?StudyDate=2023", cfg))
+    assert dict(resolved.study_filters()) == {"StudyDate": "2023", "ModalitiesInStudy": "CT,DX"}  # the URL's own wins
+    assert dict(resolved.series_filters()) == {"BodyPartExamined": "CHEST"}
+    assert resolved.settings.page_size == 7
+    with pytest.raises(ConfigError) as e:
+        dicomweb.Source.parse(f"dicomweb+http://{USER}:{PASSWORD}@h:1/dicom-web")
+    assert PASSWORD not in str(e.value)
+    with pytest.raises(Exception):
+        _recipe("dicomweb.study_date=2024-01-01")
+
+
+def test_qido_pages_over_more_studies_than_one_page(orthanc, corpus):
+    orthanc.clear()
+    orthanc.upload(_files(corpus.dicom_dir))
+    src = _source(orthanc.url, orthanc.credentials, "dicomweb.page_size=3")
+    dicomweb.reset_stats(src)
+    paged, _ = storage.scan_dir(src)
+    requests = dicomweb.read_stats(src)["requests"]
+    whole, _ = storage.scan_dir(_source(orthanc.url, orthanc.credentials))
+    assert len(paged) == 12 and [dicomweb.Source.parse(u).study for u in paged] == [
+        dicomweb.Source.parse(u).study for u in whole]
+    assert requests == 12 // 3 + 1  # 4 full pages, then an empty one ends the listing
+    instances = [e for s in paged for e in storage.walk(s)]
+    assert len(instances) == len(_files(corpus.dicom_dir)) and all(e.size == -1 and e.skip is None for e in instances)
+    # Filters reach the server: a study-level and a series-level one.
+    ct_studies, _ = storage.scan_dir(_source(orthanc.url, orthanc.credentials, "dicomweb.modalities_in_study=[CT]"))
+    assert len(ct_studies) == 6
+    dx = storage.walk(_source(orthanc.url, orthanc.credentials, "dicomweb.modality=[DX]", "dicomweb.page_size=2"))
+    assert len(dx) == 6
+
+
+def test_retries_under_faults_return_the_same_bytes(orthanc, corpus):
+    """Through the proxy (503, 429, dropped connections, stalls past a 1 s timeout), listing and
+    WADO-RS reads finish with the bytes read directly; every injected fault is one counted retry."""
+    orthanc.clear()
+    orthanc.upload(_files(corpus.dicom_dir)[:20])
+    direct = {dicomweb.Source.parse(e.url).instance: storage.read_bytes(e.url)
+              for e in storage.walk(_source(orthanc.url, orthanc.credentials))}
+    proxy = FaultProxy(orthanc.port, seed=1).start()
+    try:
+        src = _source(proxy.url, orthanc.credentials, "dicomweb.timeout_s=1", "dicomweb.backoff_s=0.01",
+                      "dicomweb.retries=8", "dicomweb.concurrency=4", "dicomweb.page_size=2")
+        dicomweb.reset_stats(src)
+        urls = [e.url for e in storage.walk(src)]
+        with storage.read_ahead(urls):
+            got = {dicomweb.Source.parse(u).instance: storage.read_bytes(u) for u in urls}
+    finally:
+        proxy.stop()
+    stats = dicomweb.read_stats(src)
+    assert got == direct
+    assert sum(proxy.faults.values()) > 0 and stats["retries"] == sum(proxy.faults.values()), (stats, proxy.faults)
+    assert stats["requests"] == proxy.forwarded + stats["retries"]
+    assert stats.get("retry_http_503", 0) == proxy.faults["503"]
+
+
+def test_credentials_never_reach_messages_or_logs(orthanc, tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.DEBUG)
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text(f"username: {USER}\npassword: not-{PASSWORD}\n")
+    with pytest.raises(ConfigError) as e:
+        storage.check_readable(_source(orthanc.url, str(wrong)))
+    assert "HTTP 401" in str(e.value)
+    # A bearer token from the environment (Orthanc refuses it: it is not a registered user).
+    token = "tok-" + "z9" * 16
+    monkeypatch.setenv(dicomweb.TOKEN_ENV, token)
+    with pytest.raises(dicomweb.DicomwebError) as e2:
+        dicomweb.read(dicomweb.Source.parse(orthanc.url).below(study="1", series="2", instance="3").url())
+    proxy = FaultProxy(orthanc.port, rates={"503": 1.0}).start()
+    try:
+        with pytest.raises(dicomweb.DicomwebError) as e3:
+            dicomweb.walk(_source(proxy.url, orthanc.credentials, "dicomweb.retries=2", "dicomweb.backoff_s=0"))
+    finally:
+        proxy.stop()
+    assert "after 2 retries" in str(e3.value)
+    texts = [str(e.value), str(e2.value), str(e3.value), repr(e3.value), caplog.text]
+    for secret in (PASSWORD, token, b64encode(f"{USER}:{PASSWORD}".encode()).decode()):
+        assert not any(secret in t for t in texts)

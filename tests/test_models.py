@@ -389,3 +389,47 @@ def test_sample_sentences_keeps_true_statements():
         seen.add(len(parts))
     assert seen == {1, 2, 3}
     assert text_mod.sample_sentences("", rng) == ""
+
+
+REPORT = ("EXAMINATION: Chest imaging, accession [REDACTED].\nPATIENT: [REDACTED] [REDACTED], MRN [REDACTED], 071Y F.\n"
+          "Referred by Dr. [REDACTED] to [REDACTED].\nFINDINGS: No pulmonary nodule. There is a pleural effusion\n"
+          "layering posteriorly. The heart is enlarged, consistent with cardiomegaly.\nIMPRESSION: Effusion; cardiomegaly.\n")
+
+
+def test_report_sections_keep_the_findings_and_impression_in_the_asked_order():
+    got = text_mod.report_sections(REPORT, ("findings", "impression"))
+    assert got == ("No pulmonary nodule. There is a pleural effusion layering posteriorly. The heart is enlarged, "
+                   "consistent with cardiomegaly. Effusion; cardiomegaly.")
+    assert text_mod.report_sections(REPORT, ("impression", "findings")).startswith("Effusion; cardiomegaly. No pul")
+    assert text_mod.report_sections(REPORT, ()) == REPORT  # off: the whole report
+    assert text_mod.report_sections("Heart size is normal.", ("findings",)) == "Heart size is normal."  # no headers
+
+
+def test_report_view_samples_sentences_only_with_a_generator_and_reproducibly():
+    import numpy as np
+
+    view = text_mod.ReportView.from_config(TextConfig(sections=["findings", "impression"], sample_sentences=True))
+    whole = text_mod.report_sections(REPORT, ("findings", "impression"))
+    assert view(REPORT) == whole  # evaluation: sections only
+    draws = [view(REPORT, np.random.default_rng([7, i])) for i in range(40)]
+    assert draws == [view(REPORT, np.random.default_rng([7, i])) for i in range(40)]  # seeded
+    sentences = lambda t: {p.strip() for p in t.split(".") if p.strip()}  # noqa: E731
+    assert len(set(draws)) > 5 and all(sentences(d) <= sentences(whole) for d in draws)
+    assert text_mod.ReportView()(REPORT, np.random.default_rng(0)) == REPORT  # both off: unchanged
+
+
+def test_truncation_is_counted_with_its_figure(tokenizer):
+    lengths = text_mod.token_lengths(tokenizer, [REPORT, "No pleural effusion."])
+    assert lengths[0] > 24 >= lengths[1] > 2
+    line = text_mod.truncation_warning(lengths, 24)
+    assert "1 of 2 training reports (50%)" in line and f"longest {lengths[0]} tokens" in line
+    assert text_mod.truncation_warning(lengths, max(lengths)) is None
+
+
+def test_text_towers_read_the_configured_sections(tokenizer):
+    torch.manual_seed(0)
+    cfg = TextConfig(width=32, depth=1, heads=2, max_len=24, sections=["findings", "impression"])
+    tower = text_mod.SmallTextEncoder(tokenizer, cfg).eval()
+    with torch.no_grad():
+        a, b = tower([REPORT, text_mod.report_sections(REPORT, cfg.sections)])
+    assert torch.allclose(a, b)

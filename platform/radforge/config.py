@@ -417,9 +417,16 @@ class DeepSpeedSettings(Section):
             raise SettingError("deepspeed.micro_batch and deepspeed.grad_accum must be >= 1")
         if self.offload_optimizer and self.zero_stage == 0:
             raise SettingError("deepspeed.offload_optimizer needs zero_stage >= 1")
+    # Report sections the tower reads (headers such as "FINDINGS:", case-insensitive), in this
+    # order; empty = the whole report. A report with none of them is read whole.
+    sections: list[str] = field(default_factory=list)
+    sample_sentences: bool = False  # training only: a seeded random subset of the sentences per sample
 
 
 @dataclass
+        self.sections = [str(x).strip().lower() for x in self.sections]
+        if any(not x for x in self.sections):
+            raise SettingError("model.text.sections: section names must be non-empty (e.g. [findings, impression])")
 class ScaleConfig(Section):
     """Ray Train scaling: multi-node is configuration only."""
 

@@ -72,6 +72,9 @@ from pydicom.uid import (
 
 FINDINGS: tuple[str, ...] = ("nodule", "effusion", "cardiomegaly")
 PHI_MARKER = "ZZPHI"
+# Small CT lesions (training_corpus(ct_lesions=True)): diameter mm and |contrast| HU ranges, the
+# subtle end of what a radiologist reports on a chest CT.
+LESION_MM, LESION_HU = (4.0, 9.0), (20.0, 70.0)
 PRIVATE_CREATOR = "ZZPHI CREATOR"
 PRIVATE_GROUP = 0x0011
 
@@ -209,6 +212,10 @@ class Study:
     findings: dict[str, int | None]
     index_in_patient: int = 0
     study_time: str = "093000"
+    # CT only: (diameter mm, contrast HU) of a small soft-tissue nodule drawn instead of the large
+    # default one when the nodule is present (`training_corpus(ct_lesions=True)`); the report
+    # states its size, as real reports do, so evaluation can band AUROC by size.
+    lesion: tuple[float, float] | None = None
 
     def present(self, finding: str) -> bool:
         return self.findings.get(finding) == 1
@@ -254,6 +261,10 @@ class Study:
         """Free-text report: states every mentioned finding and repeats the PHI, as real ones do."""
         p = self.patient
         found = [_SENTENCES[f][v] for f, v in self.findings.items() if v is not None]
+        if self.lesion is not None and self.present("nodule"):
+            d, c = self.lesion
+            found[list(k for k, v in self.findings.items() if v is not None).index("nodule")] = \
+                f"{'An' if round(d) in (8, 11, 18) else 'A'} {d:.0f} mm {'hyper' if c > 0 else 'hypo'}dense soft-tissue nodule is present."
         positives = [f for f in FINDINGS if self.findings.get(f) == 1]
         impression = ("; ".join(positives).capitalize() + ".") if positives else \
             "No acute cardiopulmonary abnormality."
@@ -300,12 +311,15 @@ def _grid(n: int) -> np.ndarray:
     return ((np.arange(n, dtype=np.float32) + 0.5) / n * 2 - 1)
 
 
-def chest_volume(shape_zyx: tuple[int, int, int], study: Study, seed: int = 0) -> np.ndarray:
+def chest_volume(shape_zyx: tuple[int, int, int], study: Study, seed: int = 0,
+                 spacing_zyx: tuple[float, float, float] | None = None) -> np.ndarray:
     """int16 HU volume in canonical LPS order: body, lungs, spine, heart, LAS bone marker, findings.
 
     Coordinates are normalised per axis (u: right->left, v: anterior->posterior, w:
     inferior->superior), so the anatomy fills the same fraction of any matrix; findings jitter in
     position/size per seed but keep one consistent look (learnable by a tiny model).
+    A study with `lesion` set (and `spacing_zyx` given: its size is physical) gets that small
+    soft-tissue nodule (`_small_lesion`) instead of the large lung nodule.
     """
     nz, ny, nx = shape_zyx
     rng = _rng("volume", study.study_uid, seed)
@@ -328,14 +342,42 @@ def chest_volume(shape_zyx: tuple[int, int, int], study: Study, seed: int = 0) -
     if study.present("effusion"):  # supine patient: fluid layers in the dependent (posterior) lung
         level = 0.15 + rng.uniform(-0.05, 0.05)
         vol[lungs & np.broadcast_to((v > level) & (w < 0.6), shape_zyx)] = _FLUID
+    small = study.lesion is not None and spacing_zyx is not None
     if study.present("nodule"):
         side = 1 if rng.random() < 0.5 else -1
         nu, nv, nw = 0.4 * side + rng.uniform(-0.08, 0.08), -0.15 + rng.uniform(-0.1, 0.1), rng.uniform(-0.4, 0.2)
-        put(((u - nu) / 0.13) ** 2 + ((v - nv) / 0.13) ** 2 + ((w - nw) / 0.25) ** 2 <= 1, _NODULE)
+        if not small:
+            put(((u - nu) / 0.13) ** 2 + ((v - nv) / 0.13) ** 2 + ((w - nw) / 0.25) ** 2 <= 1, _NODULE)
     # fixed (never jittered) marker: patient Left (u>0), Anterior (v<0), Superior (w>0)
     put(((u - 0.55) / 0.1) ** 2 + ((v + 0.45) / 0.1) ** 2 + ((w - 0.6) / 0.2) ** 2 <= 1, _MARKER)
+    if small and study.present("nodule"):
+        _small_lesion(vol, study, spacing_zyx, _rng("lesion", study.study_uid, seed))
     noise = rng.integers(-10, 11, size=shape_zyx, dtype=np.int16)
     return np.clip(np.rint(vol).astype(np.int16) + noise, -1024, 3071).astype(np.int16)
+
+
+def _small_lesion(vol: np.ndarray, study: Study, spacing_zyx, rng: np.random.Generator) -> None:
+    """Add a sphere of `study.lesion` = (diameter mm, contrast HU) inside plain soft tissue (body,
+    not lung, heart, bone or marker), with partial-volume edges (4³ sub-samples per voxel): a
+    4 mm lesion on 4 mm slices is a faint blur on one or two slices, as on a scanner."""
+    diameter, contrast = study.lesion
+    sp = np.asarray(spacing_zyx, dtype=np.float32)
+    tissue = vol == _BODY
+    half = np.ceil(diameter / 2 / sp).astype(int) + 1
+    sub = (np.arange(4, dtype=np.float32) + 0.5) / 4 - 0.5
+    for _ in range(500):  # a centre whose whole sphere lies in tissue
+        c = np.array([rng.uniform(h, n - h) for h, n in zip(half, vol.shape)])
+        lo = np.floor(c - half).astype(int)
+        box = tuple(slice(a, a + 2 * h + 1) for a, h in zip(lo, half))
+        grids = [(np.arange(b.start, b.stop, dtype=np.float32)[:, None] + sub[None, :] - cc) * s
+                 for b, cc, s in zip(box, c, sp)]  # [n, 4] sub-sample offsets per axis, in mm
+        d2 = (grids[0][:, None, None, :, None, None] ** 2 + grids[1][None, :, None, None, :, None] ** 2
+              + grids[2][None, None, :, None, None, :] ** 2)
+        cover = (d2 <= (diameter / 2) ** 2).mean(axis=(3, 4, 5))
+        if tissue[box].shape == cover.shape and tissue[box][cover > 0].all():
+            vol[box] += contrast * cover
+            return
+    raise ValueError(f"no room for a {diameter} mm lesion in a {vol.shape} volume")
 
 
 def chest_radiograph(rows: int, cols: int, study: Study, max_value: int, seed: int = 0
@@ -598,7 +640,7 @@ def ct_series(out_dir: str | os.PathLike, study: Study, *, n_slices: int = 24, r
     dr, dc = pixel_spacing
     axis, (nz, ny, nx), (dz, dy, dx) = _ct_grid(orientation, max(pos) + 1, rows, cols, pixel_spacing,
                                                 slice_spacing, localizer)
-    vol = chest_volume((nz, ny, nx), study, seed)
+    vol = chest_volume((nz, ny, nx), study, seed, spacing_zyx=(dz, dy, dx))
     x0 = round(-(nx - 1) * dx / 2, 2)
     y0 = round(-(ny - 1) * dy / 2 + float(rng.integers(-20, 21)), 2)
     z0 = round(-(nz - 1) * dz / 2 - 150 + float(rng.integers(-40, 41)) * 0.5, 2)
@@ -1260,7 +1302,7 @@ class TrainingCorpus:
 
 def training_corpus(root: str | os.PathLike, *, n_patients: int = 120, with_ct: bool = True, with_xray: bool = True,
                     ct_slices: int = 16, ct_matrix: int = 48, xray_size: int = 128,
-                    first_patient: int = 0, seed: int = 0) -> TrainingCorpus:
+                    first_patient: int = 0, seed: int = 0, ct_lesions: bool = False) -> TrainingCorpus:
     """Write `n_patients` patients, each with a small CT series and/or a small DX radiograph, plus
     reports.csv / labels.csv, for training tests and the demo (fast to ingest: small matrices).
 
@@ -1271,6 +1313,8 @@ def training_corpus(root: str | os.PathLike, *, n_patients: int = 120, with_ct: 
     planted PHI, so privacy checks apply to training outputs too. Patients are numbered from
     `first_patient`, so a training corpus can sit beside `build_corpus` patients in one source
     without sharing IDs or accession numbers (merge the tables with `write_tables`).
+    `ct_lesions`: a CT nodule is a small soft-tissue lesion (`LESION_MM` diameter, ±`LESION_HU`
+    contrast, uniform; `Study.lesion`) instead of the large lung nodule, and its report says its size.
     """
     if n_patients < 1 or not (with_ct or with_xray):
         raise ValueError("need n_patients >= 1 and at least one of with_ct / with_xray")
@@ -1282,6 +1326,10 @@ def training_corpus(root: str | os.PathLike, *, n_patients: int = 120, with_ct: 
         p = make_patient(i, seed)
         if with_ct:
             s = make_study(p, 0, seed=seed)
+            if ct_lesions:
+                r = _rng("lesion-size", s.study_uid, seed)
+                s.lesion = (round(float(r.uniform(*LESION_MM)), 1),
+                            float(r.choice((-1, 1)) * round(float(r.uniform(*LESION_HU)))))
             info = ct_series(dicom / f"pt{i:05d}" / "ct", s, n_slices=ct_slices, rows=ct_matrix, cols=ct_matrix,
                              pixel_spacing=(2.0, 2.0), slice_spacing=4.0, keep_volume=False, seed=seed * 100003 + i)
             studies.append(s)

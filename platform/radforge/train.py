@@ -244,25 +244,36 @@ def _prepare_tokenizer(recipe: TrainRecipe, manifest: dict, run_store: str) -> d
     from radforge import shardspec
     from radforge.models import text
 
-    saved = checkpoint.run_tokenizer(run_store)
-    if saved:
-        return saved
-
-    def reports():
+    def reports():  # what the tower reads of them: model.text.sections
         n = 0
         for raw in shardspec.iter_samples(recipe.data.shards, manifest, split=recipe.data.train_split):
             if "txt" in raw:
-                yield raw["txt"].decode("utf-8")
+                yield text.report_sections(raw["txt"].decode("utf-8"), recipe.model.text.sections)
                 n += 1
                 if n >= MAX_TOKENIZER_TEXTS:
                     return
 
-    tok = text.train_tokenizer(reports(), recipe.model.text)
-    with tempfile.TemporaryDirectory() as d:
-        tok.save(d)
-        files = {name: _read_file(os.path.join(d, name)) for name in sorted(os.listdir(d))}
-    checkpoint.keep_run_tokenizer(run_store, files)
+    files = checkpoint.run_tokenizer(run_store)
+    if not files:
+        tok = text.train_tokenizer(reports(), recipe.model.text)
+        with tempfile.TemporaryDirectory() as d:
+            tok.save(d)
+            files = {name: _read_file(os.path.join(d, name)) for name in sorted(os.listdir(d))}
+        checkpoint.keep_run_tokenizer(run_store, files)
+    _warn_truncation(_tokenizer_from_files(files), list(reports()), recipe.model.text.max_len)
     return files
+
+
+def _warn_truncation(tok, reports: list[str], max_len: int) -> None:
+    """Once per run, on the driver: how many training reports are longer than the tower reads."""
+    import warnings
+
+    from radforge.models import text
+
+    line = text.truncation_warning(text.token_lengths(tok, reports), max_len) if reports else None
+    if line:
+        warnings.warn(line, stacklevel=3)
+        print(f"radforge train: warning: {line}", flush=True)
 
 
 def _read_file(path: str) -> bytes:
@@ -671,7 +682,8 @@ class Trainer:
                              activation_checkpointing=r.deepspeed.activation_checkpointing)
         loader = loader_mod.build_loader(
             r.data, r.view, split=r.data.train_split, batch_size=r.deepspeed.micro_batch, rank=rank, world_size=world,
-            seed=r.seed, train=True, findings=r.eval.findings or None, state=ckpt.state.loader if ckpt.state else None)
+            seed=r.seed, train=True, findings=r.eval.findings or None, state=ckpt.state.loader if ckpt.state else None,
+            text_view=_text_view(r))
         engine, optimizer, _, _ = deepspeed.initialize(
             model=model, model_parameters=_param_groups(model, r.optim.weight_decay), config=deepspeed_config(r),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(r, s)))
@@ -826,4 +838,12 @@ def _tokenizer_from_files(files: dict[str, bytes] | None):
         for name, data in files.items():
             with open(os.path.join(d, name), "wb") as f:
                 f.write(data)
+def _text_view(recipe: TrainRecipe):
+    """The loader's report rewrite for objectives with a text tower (sections, sentence sampling)."""
+    from radforge import models
+    from radforge.models import text
+
+    return text.ReportView.from_config(recipe.model.text) if models.get(recipe.model.kind).text_tower else None
+
+
         return text.Tokenizer.load(d)

@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import fsspec
 import torch
@@ -110,6 +112,65 @@ def sample_sentences(text: str, rng) -> str:
     return " ".join(parts[i] for i in rng.permutation(len(parts))[:k])
 
 
+_HEADER = re.compile(r"^[ \t]*([A-Za-z][A-Za-z /]{0,40}):", re.M)
+
+
+def report_sections(text: str, sections: Sequence[str]) -> str:
+    """The named sections of a report ("FINDINGS: …" up to the next "HEADER:" line), joined in
+    `sections` order; the whole text when `sections` is empty or the report has none of them.
+    Real reports open with examination, history and technique lines that fill a short token
+    budget before the findings; reading the findings and impression keeps what the image shows."""
+    if not sections or not text:
+        return text
+    heads = list(_HEADER.finditer(text))
+    found: dict[str, str] = {}
+    for i, m in enumerate(heads):
+        end = heads[i + 1].start() if i + 1 < len(heads) else len(text)
+        found.setdefault(m.group(1).strip().lower(), " ".join(text[m.end():end].split()))
+    parts = [found[name] for name in sections if found.get(name)]
+    return " ".join(parts) if parts else text
+
+
+@dataclass(frozen=True)
+class ReportView:
+    """What training feeds the text tower for a report (the loader's `text_view`): its sections
+    (`model.text.sections`) and, with a generator, a random subset of their sentences
+    (`model.text.sample_sentences`). Evaluation and serving read sections only: the towers apply
+    `report_sections` themselves, so the same words reach the model everywhere."""
+
+    sections: tuple[str, ...] = ()
+    sample: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: TextConfig) -> "ReportView":
+        return cls(tuple(cfg.sections), bool(cfg.sample_sentences))
+
+    def __call__(self, text: str, rng=None) -> str:
+        text = report_sections(text, self.sections)
+        return sample_sentences(text, rng) if self.sample and rng is not None else text
+
+
+def token_lengths(tokenizer: Tokenizer, texts: Iterable[str]) -> list[int]:
+    """Untruncated token counts ([CLS] and [SEP] included) of `texts` under `tokenizer`."""
+    from tokenizers import Tokenizer as _Tok
+
+    raw = _Tok.from_str(tokenizer._tok.to_str())
+    raw.no_truncation()
+    raw.no_padding()
+    return [len(e.ids) for e in raw.encode_batch([t or "" for t in texts])]
+
+
+def truncation_warning(lengths: Sequence[int], max_len: int) -> str | None:
+    """One line stating how many reports exceed `max_len` tokens (and lose their tail), or None."""
+    over = [n for n in lengths if n > max_len]
+    if not over:
+        return None
+    return (f"model.text.max_len={max_len}: {len(over)} of {len(lengths)} training reports "
+            f"({100 * len(over) / len(lengths):.0f}%) are longer (median {sorted(lengths)[len(lengths) // 2]}, "
+            f"longest {max(over)} tokens) and are truncated; raise model.text.max_len or read only "
+            f"model.text.sections (e.g. [findings, impression])")
+
+
 def _mean_pool(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     m = mask.to(x.dtype)[..., None]
     return (x * m).sum(1) / m.sum(1).clamp(min=1)
@@ -122,6 +183,7 @@ class SmallTextEncoder(nn.Module):
         super().__init__()
         self.tokenizer = tokenizer
         self.width = cfg.width
+        self.sections = tuple(cfg.sections)
         self.tok_embed = nn.Embedding(tokenizer.vocab_size, cfg.width)
         self.pos_embed = nn.Parameter(torch.zeros(1, tokenizer.max_len, cfg.width))
         self.transformer = Transformer(cfg.width, cfg.depth, cfg.heads)
@@ -130,7 +192,7 @@ class SmallTextEncoder(nn.Module):
         nn.init.normal_(self.pos_embed, std=0.01)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
-        ids, mask = self.tokenizer(texts)
+        ids, mask = self.tokenizer([report_sections(t, self.sections) for t in texts])
         device = self.tok_embed.weight.device
         ids, mask = ids.to(device), mask.to(device)
         x = self.tok_embed(ids) + self.pos_embed[:, : ids.shape[1]]
@@ -144,15 +206,16 @@ class SmallTextEncoder(nn.Module):
 class HFTextEncoder(nn.Module):
     """A Hugging Face encoder (BERT-like) with its tokenizer; mean-pooled last hidden state."""
 
-    def __init__(self, model: nn.Module, tokenizer, max_len: int):
+    def __init__(self, model: nn.Module, tokenizer, max_len: int, sections: Sequence[str] = ()):
         super().__init__()
         self.model = model
         self.tokenizer = tokenizer
         self.max_len = max_len
+        self.sections = tuple(sections)
         self.width = int(model.config.hidden_size)
 
     def forward(self, texts: list[str]) -> torch.Tensor:
-        enc = self.tokenizer([t or "" for t in texts], padding=True, truncation=True,
+        enc = self.tokenizer([report_sections(t or "", self.sections) for t in texts], padding=True, truncation=True,
                              max_length=self.max_len, return_tensors="pt")
         device = next(self.model.parameters()).device
         enc = {k: v.to(device) for k, v in enc.items()}
@@ -217,4 +280,4 @@ def build_text_encoder(cfg: TextConfig, tokenizer: Tokenizer | None = None, *, p
                              "on the training reports, or Tokenizer.load from an exported model)")
         return SmallTextEncoder(tokenizer, cfg)
     model, tok = load_hf(cfg.path, weights=pretrained)
-    return HFTextEncoder(model, tok, cfg.max_len)
+    return HFTextEncoder(model, tok, cfg.max_len, cfg.sections)

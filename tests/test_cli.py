@@ -30,7 +30,7 @@ EXPECTED_SURFACE = {
     "bench": {"what", "-h", "--help", "--json", "--workdir", "--series", "--slices", "--size", "--syntax", "--hostile"},
     "train": {"RECIPE", "-h", "--help", "--set", "--resume", "--no-progress"},
     "export": {"CHECKPOINT", "OUT", "-h", "--help"},
-    "evaluate": {"MODEL", "SHARDS", "-h", "--help", "--split", "--set", "--json"},
+    "evaluate": {"MODEL", "SHARDS", "-h", "--help", "--split", "--set", "--json", "--protocol", "--report", "--no-progress"},
     "index": {"MODEL", "SHARDS", "OUT", "-h", "--help", "--split", "--no-progress"},
 }
 

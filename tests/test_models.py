@@ -299,8 +299,9 @@ def test_every_objective_answers_the_protocol(tokenizer):
             else:
                 with pytest.raises(models.Unsupported, match=f"a {kind} model cannot"):
                     call()
-    assert models.REGISTRY["clip"].evaluations == ("zero_shot", "retrieval")
-    assert models.REGISTRY["mae"].evaluations == ("recon_loss", "linear_probe")
+    frozen = ("knn", "linear_probe", "few_shot")
+    assert models.REGISTRY["clip"].evaluations == ("zero_shot", "retrieval", *frozen, "fairness", "robustness", "calibration")
+    assert models.REGISTRY["mae"].evaluations == ("recon_loss", *frozen, "fairness", "robustness", "calibration")
     with pytest.raises(ValueError, match="unknown model kind"):
         models.get("dino")
 

@@ -305,7 +305,7 @@ def test_tiny_clip_learns_zero_shot_findings(shards, tmp_path):
     res = train.run(r, resume="never", progress=False)
     assert res.steps == r.steps
     model = checkpoint.export(res.checkpoint, str(tmp_path / "model"))
-    result = evaluate.run(model, shards, split="test", cfg=r.eval)
+    result = evaluate.run(model, shards, split="test", protocols=("quick",), cfg=r.eval)
     assert result["mean_auroc"] >= 0.8, evaluate.format_table(result)
 
 
@@ -321,9 +321,9 @@ def test_tiny_mae_validation_loss_falls_well_below_its_initial_value(shards, tmp
     lm0 = checkpoint.LoadedModel(model=init, kind="mae", image=kinds.CT, view=r.view, profile=Profile(), model_id="init",
                                  findings=[], prompts={})
     cfg = config.from_dict(type(r.eval), {**config.to_dict(r.eval), "findings": []})
-    before = evaluate.run(lm0, shards, split="val", cfg=cfg)["recon_loss"]
+    before = evaluate.run(lm0, shards, split="val", protocols=("quick",), cfg=cfg)["recon_loss"]
     res = train.run(r, resume="never", progress=False)
-    after = evaluate.run(checkpoint.export(res.checkpoint, str(tmp_path / "model")), shards, split="val", cfg=cfg)["recon_loss"]
+    after = evaluate.run(checkpoint.export(res.checkpoint, str(tmp_path / "model")), shards, split="val", protocols=("quick",), cfg=cfg)["recon_loss"]
     assert after < 0.6 * before, (before, after)
 
 
@@ -332,7 +332,8 @@ def test_cli_export_and_evaluate(zero_runs, one_shard, tmp_path, capsys):
 
     out = str(tmp_path / "model")
     assert cli.main(["export", zero_runs[2].checkpoint, out]) == 0
-    assert cli.main(["evaluate", out, one_shard, "--split", "train", "--set", "bootstrap=10", "--json"]) == 0
+    assert cli.main(["evaluate", out, one_shard, "--split", "train", "--protocol", "zero_shot,retrieval,calibration",
+                     "--set", "bootstrap=10", "--json", "--no-progress"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["kind"] == "clip" and result["n"] == 48 and "mean_auroc" in result
     assert cli.main(["export", str(tmp_path / "nothing"), out]) == 2  # one-line error, no traceback

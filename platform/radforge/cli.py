@@ -91,7 +91,8 @@ def _evaluate(a) -> int:
     from radforge.config import EvalConfig
 
     cfg = config.load(EvalConfig, None, list(a.set or []))
-    result = evaluate.run(a.model, a.shards, split=a.split, cfg=cfg)
+    result = evaluate.run(a.model, a.shards, split=a.split, protocols=[a.protocol], report_dir=a.report, cfg=cfg,
+                          progress=not a.no_progress)
     print(json.dumps(result, sort_keys=True) if a.json else evaluate.format_table(result))
     return 0
 
@@ -153,10 +154,15 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", metavar="OUT", help="where the model directory goes (any fsspec URL)")
     s.set_defaults(fn=_export)
 
-    s = sub.add_parser("evaluate", help="zero-shot AUROC / retrieval (CLIP), reconstruction + linear probe (MAE)")
+    s = sub.add_parser("evaluate", help="evaluation protocols (kNN, probes, few-shot, zero-shot, fairness, robustness, "
+                                        "calibration, ...) chosen from the model's capabilities; an HTML report")
     _model_and_shards(s, "evaluate")
+    s.add_argument("--protocol", default="all", metavar="P[,P...]",
+                   help="protocols to run, comma-separated, or 'all' (every one the model supports; default)")
+    s.add_argument("--report", metavar="DIR", help="also write DIR/index.html (self-contained, PNGs beside it)")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override an eval setting, e.g. bootstrap=200")
     s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--no-progress", action="store_true", help="no progress lines on stderr")
     s.set_defaults(fn=_evaluate)
 
     s = sub.add_parser("index", help="embeddings of a split's samples → a retrieval index for the serve app (/v1/retrieve)")

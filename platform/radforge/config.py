@@ -469,10 +469,37 @@ class EvalConfig(Section):
     negative_prompt: str = "no {finding}."  # (see positive_prompt)
     bootstrap: int = 1000  # resamples for the 95% CIs
     max_samples: int = 0  # cap per evaluation (0 = the whole split)
+    # Protocols of `radforge evaluate` (radforge.evaluate; the JSON's "config" repeats every value used).
+    knn_k: int = 20  # neighbours of the cosine kNN (DINO's protocol)
+    knn_temperature: float = 0.07  # neighbour weight exp(cosine / T)
+    probe_c: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0, 10.0, 100.0])  # C grid, chosen on val
+    few_shot_fractions: list[float] = field(default_factory=lambda: [0.01, 0.1, 1.0])  # of the train labels
+    few_shot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])  # k positives + k negatives per finding
+    few_shot_seeds: int = 5  # draws per few-shot setting (mean ± 95% CI over them)
+    corruptions: list[str] = field(default_factory=list)  # empty = every corruption of the image kind
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    corruption_seed: int = 0  # corruption noise is drawn from (seed, corruption, severity, sample content)
+    min_group: int = 20  # fairness: smaller subgroups (labelled samples) are reported as too small
+    age_bands: list[int] = field(default_factory=lambda: [18, 40, 60, 80])  # band edges in years
+    threshold: float | None = None  # fairness operating point; None = Youden's J per finding on the split
+    ece_bins: int = 10  # equal-width bins of the ECE and the reliability diagrams
 
     def __post_init__(self):
         if self.every_steps < 0 or self.bootstrap < 0 or self.max_samples < 0:
             raise SettingError("eval.every_steps, eval.bootstrap and eval.max_samples must be >= 0")
+        if self.knn_k < 1 or self.few_shot_seeds < 1 or self.min_group < 1 or self.ece_bins < 2:
+            raise SettingError("eval.knn_k, few_shot_seeds and min_group must be >= 1, ece_bins >= 2")
+        _above("eval.knn_temperature", self.knn_temperature, 0)
+        if not self.probe_c or any(not c > 0 for c in self.probe_c):
+            raise SettingError("eval.probe_c must be a non-empty list of positive numbers")
+        if any(not 0 < f <= 1 for f in self.few_shot_fractions) or any(k < 1 for k in self.few_shot_shots):
+            raise SettingError("eval.few_shot_fractions must be in (0, 1], eval.few_shot_shots >= 1")
+        if any(s not in (1, 2, 3, 4, 5) for s in self.severities):
+            raise SettingError("eval.severities must be among 1..5")
+        if list(self.age_bands) != sorted(set(self.age_bands)) or any(a <= 0 for a in self.age_bands):
+            raise SettingError("eval.age_bands must be increasing positive ages in years")
+        if self.threshold is not None and not 0 < self.threshold < 1:
+            raise SettingError("eval.threshold must be in (0, 1) or null (Youden's J)")
         if "{finding}" not in self.positive_prompt or "{finding}" not in self.negative_prompt:
             raise SettingError("eval.positive_prompt and eval.negative_prompt must contain {finding}")
 

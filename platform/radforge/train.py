@@ -598,7 +598,7 @@ class Validator:
                 model_id=f"{r.name}@{step}", findings=self.findings,
                 prompts={"positive": r.eval.positive_prompt, "negative": r.eval.negative_prompt}, device=str(self.device))
             with torch.no_grad():
-                out = _eval_scalars(evaluate.run(lm, r.data.shards, split=r.eval.split, cfg=r.eval))
+                out = _eval_scalars(evaluate.run(lm, r.data.shards, split=r.eval.split, protocols=("quick",), cfg=r.eval))
         torch.distributed.barrier()
         return out
 

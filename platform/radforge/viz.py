@@ -1,6 +1,7 @@
-"""Pictures for people: a contact sheet of shard samples, to eyeball an ingest at a glance.
+"""Pictures for people: a contact sheet of shard samples, to eyeball an ingest at a glance, and
+the evaluation report (`write_report`: index.html + matplotlib PNGs, no network).
 
-Pillow and numpy only (no torch, no ray), so it runs anywhere a shard can be read, including a
+Pillow and numpy only (no torch, no ray; the report adds matplotlib, imported when drawn), so it runs anywhere a shard can be read, including a
 laptop pointed at object storage. The one piece of shared preprocessing it uses, the HU window,
 comes from `radforge.transforms.WindowHU` (numpy path, which never imports torch), so what people
 see is windowed exactly like what models see.
@@ -26,6 +27,7 @@ dense) get one panel, min-max scaled to 8 bits, with no letters: laterality is n
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from typing import Any, BinaryIO, Sequence, Union
@@ -33,7 +35,7 @@ from typing import Any, BinaryIO, Sequence, Union
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["montage", "shard_montage", "save_png", "CT_WINDOW"]
+__all__ = ["montage", "shard_montage", "save_png", "write_report", "CT_WINDOW"]
 
 CT_WINDOW = (40.0, 400.0)  # soft tissue (level, width) in HU
 
@@ -283,3 +285,205 @@ def save_png(image: Union[Image.Image, np.ndarray],
     if isinstance(image, np.ndarray):
         image = Image.fromarray(image)
     image.save(path_or_fileobj, format="PNG")
+
+
+# ---------------------------------------------------------------------------------------------
+# The evaluation report (radforge.evaluate.run(report_dir=...)): index.html + PNGs beside it
+
+
+REPORT_SECTIONS = ("summary", "roc", "frozen", "fairness", "robustness", "calibration", "config")
+_CSS = ("body{font-family:sans-serif;max-width:1100px;margin:2em auto;color:#222}table{border-collapse:collapse;"
+        "margin:.5em 0}td,th{border:1px solid #bbb;padding:2px 8px;text-align:right}th{background:#eee}"
+        "td:first-child,th:first-child{text-align:left}img{max-width:100%;border:1px solid #ddd}"
+        "pre{background:#f6f6f6;padding:1em;overflow-x:auto}.small{color:#888}")
+
+
+def _esc(v) -> str:
+    import html
+
+    return html.escape(str(v), quote=True)
+
+
+def _f3(v) -> str:
+    return "–" if v is None else f"{v:.3f}"
+
+
+def _ci3(ci) -> str:
+    return "–" if not ci or ci[0] is None else f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    head = "".join(f"<th>{_esc(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{_esc(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _figure(out_dir: str, name: str, draw) -> str:
+    """Draw with matplotlib (Agg) into out_dir/name; -> the <img> tag, linked relatively."""
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(5.2, 3.8), dpi=90)
+    try:
+        draw(fig)
+        fig.tight_layout()
+        fig.savefig(os.path.join(out_dir, name), format="png")
+    finally:
+        plt.close(fig)
+    return f'<img src="{_esc(name)}" alt="{_esc(name)}">'
+
+
+def _slug(s: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in s)[:60]
+
+
+def _roc_section(curves: dict, prot: dict, out_dir: str) -> str:
+    findings = sorted({f for per in curves.values() for f in per})
+    if not findings:
+        return "<p>No ROC curves: no protocol produced scores for a finding with both classes.</p>"
+    parts = []
+    for f in findings:
+        def draw(fig, f=f):
+            ax = fig.add_subplot(111)
+            for scorer, per in curves.items():
+                if f in per:
+                    fpr, tpr = per[f]
+                    auc = (prot.get(scorer, {}).get("per_finding", {}).get(f, {}) or {}).get("auroc")
+                    ax.plot(fpr, tpr, label=f"{scorer} ({_f3(auc)})")
+            ax.plot([0, 1], [0, 1], ":", color="grey")
+            ax.set(xlabel="false-positive rate", ylabel="true-positive rate", title=f"ROC: {f}")
+            ax.legend(fontsize=8, loc="lower right")
+        parts.append(_figure(out_dir, f"roc_{_slug(f)}.png", draw))
+    return "".join(parts)
+
+
+def _frozen_section(prot: dict) -> str:
+    parts = []
+    for name in ("zero_shot", "knn", "linear_probe", "fine_tune"):
+        if name in prot:
+            rows = [(f, _f3(v["auroc"]), _ci3(v["ci95"]), v.get("n_pos", ""), v.get("n_neg", ""))
+                    for f, v in prot[name]["per_finding"].items()]
+            rows.append(("mean", _f3(prot[name]["mean_auroc"]), "", "", ""))
+            parts.append(f"<h3>{_esc(name)}</h3>" + _table(("finding", "AUROC", "95% CI", "pos", "neg"), rows))
+    if "few_shot" in prot:
+        rows = [(s, _f3(v["mean_auroc"]), _ci3(v["ci95"]), v["n_seeds"], f"{v['mean_train_samples']:.0f}")
+                for s, v in prot["few_shot"]["settings"].items()]
+        parts.append("<h3>few_shot</h3>" + _table(("setting", "mean AUROC", "95% CI (seeds)", "seeds", "train samples"), rows))
+    for name in ("retrieval", "recon_loss"):
+        if name in prot:
+            parts.append(f"<h3>{_esc(name)}</h3><pre>{_esc(json.dumps(prot[name], indent=1))}</pre>")
+    return "".join(parts) or "<p>No frozen-feature protocol ran.</p>"
+
+
+def _fairness_section(fr: dict | None, out_dir: str) -> str:
+    if not fr:
+        return ""
+    parts = [f"<p>Scorer: {_esc(fr['scorer'])}; operating threshold: {_esc(fr['threshold_rule'])}; "
+             f"groups under {fr['min_group']} labelled samples are reported as too small.</p>"]
+    for attr, a in fr["attributes"].items():
+        findings = list(a["per_finding"])
+        rows = []
+        for g, v in a["groups"].items():
+            cells = ["too small"] * len(findings) if v["too_small"] else \
+                [f"{_f3(v['per_finding'][f]['auroc'])} {_ci3(v['per_finding'][f]['ci95'])}" for f in findings]
+            rows.append((g, v["n"], *cells))
+        parts.append(f"<h3>{_esc(attr)}</h3>" + _table((attr, "n", *findings), rows))
+        gap_rows = [(f, _f3(v["auroc_gap"]), _f3(v["es_auc"]), _f3(v["equal_opportunity_diff"]),
+                     _f3(v["statistical_parity_diff"])) for f, v in a["per_finding"].items()]
+        parts.append(_table(("finding", "AUROC gap", "ES-AUC", "equal-opportunity diff", "statistical-parity diff"), gap_rows))
+
+        def draw(fig, a=a, findings=findings):
+            ax = fig.add_subplot(111)
+            big = [(g, v) for g, v in a["groups"].items() if not v["too_small"]]
+            width = 0.8 / max(1, len(big))
+            for i, (g, v) in enumerate(big):
+                vals = [v["per_finding"][f]["auroc"] or 0 for f in findings]
+                ax.bar(np.arange(len(findings)) + i * width, vals, width, label=str(g))
+            ax.set_xticks(np.arange(len(findings)) + 0.4 - width / 2, findings, rotation=20, fontsize=8)
+            ax.set(ylim=(0, 1), ylabel="AUROC", title=f"AUROC by {attr}")
+            ax.legend(fontsize=8)
+        parts.append(_figure(out_dir, f"fairness_{_slug(attr)}.png", draw))
+    return "".join(parts)
+
+
+def _robustness_section(rb: dict | None, out_dir: str) -> str:
+    if not rb:
+        return ""
+
+    def draw(fig):
+        ax = fig.add_subplot(111)
+        for name, sev in rb["corruptions"].items():
+            ax.plot([int(s) for s in sev], [v["mean_auroc"] if v["mean_auroc"] is not None else np.nan for v in sev.values()],
+                    marker="o", label=name)
+        if rb["clean"]["mean_auroc"] is not None:
+            ax.axhline(rb["clean"]["mean_auroc"], color="black", ls=":", label="clean")
+        ax.set(xlabel="severity", ylabel="mean AUROC", title=f"robustness ({rb['scorer']})")
+        ax.legend(fontsize=7, ncol=2)
+    rows = [(name, *(f"{_f3(v['mean_auroc'])} ({_f3(v['relative_drop'])})" for v in sev.values()))
+            for name, sev in rb["corruptions"].items()]
+    sev = [f"severity {s} (rel. drop)" for s in rb["severities"]]
+    return (f"<p>Clean mean AUROC {_f3(rb['clean']['mean_auroc'])}; corruption seed {rb['seed']}.</p>"
+            + _figure(out_dir, "robustness.png", draw) + _table(("corruption", *sev), rows))
+
+
+def _calibration_section(cal: dict | None, out_dir: str) -> str:
+    if not cal:
+        return ""
+    parts = []
+    for scorer, src in cal["sources"].items():
+        def draw(fig, src=src, scorer=scorer):
+            ax = fig.add_subplot(111)
+            for f, v in src["per_finding"].items():
+                d = v["reliability"]
+                if d["confidence"]:
+                    ax.plot(d["confidence"], d["accuracy"], marker="o", label=f"{f} (ECE {_f3(v['ece'])})")
+            ax.plot([0, 1], [0, 1], ":", color="grey")
+            ax.set(xlabel="mean predicted probability", ylabel="observed frequency", title=f"reliability: {scorer}",
+                   xlim=(0, 1), ylim=(0, 1))
+            ax.legend(fontsize=7)
+        parts.append(f"<h3>{_esc(scorer)}: mean ECE {_f3(src['mean_ece'])}</h3>"
+                     + _figure(out_dir, f"reliability_{_slug(scorer)}.png", draw))
+    return "".join(parts)
+
+
+def write_report(result: dict, curves: dict, out_dir: str) -> str:
+    """index.html (self-contained: inline CSS, no network, PNGs beside it linked relatively) for
+    an evaluation result; sections REPORT_SECTIONS, each present (with the reason when a protocol
+    was skipped). -> the path of index.html (local directories only)."""
+    import json as _json
+
+    os.makedirs(out_dir, exist_ok=True)
+    prot, skipped = result.get("protocols", {}), result.get("skipped", {})
+
+    def why(*names):
+        return "".join(f"<p class='small'>{_esc(n)} not run: {_esc(skipped[n])}</p>" for n in names if n in skipped)
+
+    summary = _table(("protocol", "seconds"), [(k, v) for k, v in (result.get("protocol_seconds") or {}).items()])
+    body = {
+        "summary": f"<p>Model {_esc(result.get('model_id'))} ({_esc(result.get('kind'))}), split {_esc(result.get('split'))}, "
+                   f"n = {result.get('n')}, {result.get('seconds')} s.</p>{summary}" + why(*skipped),
+        "roc": _roc_section(curves, prot, out_dir),
+        "frozen": _frozen_section(prot) + why("knn", "linear_probe", "few_shot", "zero_shot", "fine_tune"),
+        "fairness": _fairness_section(prot.get("fairness"), out_dir) + why("fairness"),
+        "robustness": _robustness_section(prot.get("robustness"), out_dir) + why("robustness"),
+        "calibration": _calibration_section(prot.get("calibration"), out_dir) + why("calibration"),
+        "config": f"<pre>{_esc(_json.dumps(result.get('config', {}), indent=1, sort_keys=True))}</pre>",
+    }
+    titles = {"summary": "Summary", "roc": "ROC curves per finding", "frozen": "Frozen-feature protocols",
+              "fairness": "Subgroup fairness", "robustness": "Corruption robustness",
+              "calibration": "Calibration (reliability diagrams)", "config": "Configuration"}
+    sections = "".join(f'<section id="{s}"><h2>{titles[s]}</h2>{body[s] or "<p>not run</p>"}</section>'
+                       for s in REPORT_SECTIONS)
+    # Written by the page itself once loaded: how many pictures decoded (the report test reads it).
+    check = ("<script>window.addEventListener('load',function(){var i=document.images,n=0;for(var k=0;k<i.length;k++)"
+             "{if(i[k].complete&&i[k].naturalWidth>0)n++}document.getElementById('render-check').textContent="
+             "n+'/'+i.length+' images rendered'})</script>")
+    page = (f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>radforge evaluation: {_esc(result.get('model_id'))}"
+            f"</title><style>{_CSS}</style></head><body><h1>radforge evaluation</h1>"
+            f"<p id='render-check'>not loaded</p>{sections}{check}</body></html>")
+    path = os.path.join(out_dir, "index.html")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return path

@@ -32,27 +32,36 @@ from torch import nn
 
 CAPABILITIES = frozenset({"embed_image", "embed_text", "zero_shot", "reconstruct"})
 
-# Evaluation protocols, each with the capabilities it needs (and the one that makes it moot).
+# Evaluation protocols (radforge.evaluate), each with the capability sets that allow it (any one
+# of them suffices). One table: `evaluations_for` and evaluate's skip messages both read it.
 #   zero_shot     AUROC of the prompt probabilities per finding
 #   retrieval     image <-> report recall@K
 #   recon_loss    seeded masked-reconstruction loss
-#   linear_probe  AUROC of a logistic regression on frozen image embeddings (when the model
-#                 cannot score findings itself)
-EVALUATIONS = ("zero_shot", "retrieval", "recon_loss", "linear_probe")
+#   knn           temperature-weighted cosine kNN on frozen image embeddings (DINO's protocol)
+#   linear_probe  logistic regression on frozen image embeddings (fit on train, C chosen on val)
+#   few_shot      the probe on 1/10/100 % of the train labels and on k = 1/5/10 shots, seeds
+#   fine_tune     AUROC of the model's own classifier head (`classify`: a fine-tuned model)
+#   fairness, robustness, calibration: of the model's best scorer (its classifier, else its
+#                 zero-shot probabilities, else a linear probe on its embeddings)
+_SCORES = (frozenset({"classify"}), frozenset({"zero_shot"}), frozenset({"embed_image"}))
+EVALUATION_NEEDS: dict[str, tuple[frozenset[str], ...]] = {
+    "zero_shot": (frozenset({"zero_shot"}),),
+    "retrieval": (frozenset({"embed_image", "embed_text"}),),
+    "recon_loss": (frozenset({"reconstruct"}),),
+    "knn": (frozenset({"embed_image"}),),
+    "linear_probe": (frozenset({"embed_image"}),),
+    "few_shot": (frozenset({"embed_image"}),),
+    "fine_tune": (frozenset({"classify"}),),
+    "fairness": _SCORES,
+    "robustness": _SCORES,
+    "calibration": _SCORES,
+}
+EVALUATIONS = tuple(EVALUATION_NEEDS)
 
 
 def evaluations_for(capabilities: frozenset[str]) -> tuple[str, ...]:
     """The evaluation protocols a model with `capabilities` supports, in EVALUATIONS order."""
-    out = []
-    if "zero_shot" in capabilities:
-        out.append("zero_shot")
-    if {"embed_image", "embed_text"} <= capabilities:
-        out.append("retrieval")
-    if "reconstruct" in capabilities:
-        out.append("recon_loss")
-    if "embed_image" in capabilities and "zero_shot" not in capabilities:
-        out.append("linear_probe")
-    return tuple(out)
+    return tuple(p for p, needs in EVALUATION_NEEDS.items() if any(n <= capabilities for n in needs))
 
 
 class Unsupported(ValueError):

@@ -347,6 +347,84 @@ class TextConfig(Section):
 
 
 @dataclass
+class DinoConfig(Section):
+    """DINO (`model.kind: dino`, radforge.models.dino): self-distillation with an EMA teacher,
+    multi-crop views (transforms.RandMultiCrop), the iBOT masked-patch loss and optional KoLeo.
+    Defaults follow DINOv2 where a small batch allows (crops, temperatures, momentum, masking)."""
+
+    global_crops: int = 2  # views the teacher sees, at the model view's own size
+    local_crops: int = 4  # small views only the student sees (DINOv2: 8)
+    global_scale: tuple[float, float] = (0.32, 1.0)  # area (3D: volume) fraction of a global crop
+    local_scale: tuple[float, float] = (0.05, 0.32)  # area (3D: volume) fraction of a local crop
+    local_size: float = 0.5  # local crop side / model view side, rounded to whole patches (DINOv2 98/224)
+    flip_prob: float = 0.0  # left-right flip per crop (off: laterality is anatomy)
+    jitter: float = 0.3  # contrast × U(1 ± jitter), brightness + U(± jitter) in view units, per crop
+    mask_prob: float = 0.5  # iBOT: share of global crops with hidden patches
+    mask_ratio: tuple[float, float] = (0.1, 0.5)  # iBOT: fraction of a masked crop's patches hidden
+    out_dim: int = 4096  # prototypes of the DINO head (DINOv2: 65536)
+    head_hidden: int = 2048  # DINO head MLP width
+    head_bottleneck: int = 256  # DINO head output before the weight-normalised prototypes
+    head_layers: int = 3  # DINO head linear layers
+    student_temp: float = 0.1  # softmax temperature of the student
+    teacher_temp: float = 0.07  # of the teacher, after the warm-up
+    warmup_teacher_temp: float = 0.04  # of the teacher at step 0, linear to teacher_temp
+    teacher_temp_warmup_steps: int = 30  # optimizer steps of that warm-up
+    center_momentum: float = 0.9  # EMA of the teacher-output centre (DINO centering)
+    momentum: float = 0.996  # teacher EMA momentum at step 0, cosine to 1.0 at momentum_steps
+    momentum_steps: int = 0  # 0 = the run's `steps`
+    dino_weight: float = 1.0  # weight of the CLS (DINO) loss
+    ibot_weight: float = 1.0  # weight of the iBOT masked-patch loss (0 = off)
+    koleo_weight: float = 0.0  # weight of the KoLeo spreading loss on student CLS (DINOv2: 0.1; 0 = off)
+
+    def __post_init__(self):
+        _at_least("model.dino.global_crops", self.global_crops, 2)
+        _at_least("model.dino.local_crops", self.local_crops, 0)
+        for k in ("global_scale", "local_scale", "mask_ratio"):
+            lo, hi = (float(v) for v in getattr(self, k))
+            if not 0 < lo <= hi <= 1:
+                raise SettingError(f"model.dino.{k} must be 0 < low <= high <= 1, got {[lo, hi]}")
+            setattr(self, k, (lo, hi))
+        for k in ("local_size", "flip_prob", "mask_prob", "jitter"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise SettingError(f"model.dino.{k} must be in [0, 1]")
+        _above("model.dino.local_size", self.local_size, 0)
+        for k in ("out_dim", "head_hidden", "head_bottleneck"):
+            _at_least(f"model.dino.{k}", getattr(self, k), 1)
+        _at_least("model.dino.head_layers", self.head_layers, 2)
+        for k in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            _above(f"model.dino.{k}", getattr(self, k), 0)
+        _at_least("model.dino.teacher_temp_warmup_steps", self.teacher_temp_warmup_steps, 0)
+        _at_least("model.dino.momentum_steps", self.momentum_steps, 0)
+        for k in ("center_momentum", "momentum"):
+            if not 0 <= getattr(self, k) <= 1:
+                raise SettingError(f"model.dino.{k} must be in [0, 1]")
+        for k in ("dino_weight", "ibot_weight", "koleo_weight"):
+            _at_least(f"model.dino.{k}", getattr(self, k), 0)
+
+
+@dataclass
+class FinetuneConfig(Section):
+    """model.kind finetune: a multi-label head on an image tower, all weights or LoRA adapters (peft)."""
+
+    method: str = "lora"  # full (every weight trains) | lora (only adapters on lora_targets + the head)
+    lora_r: int = 8  # adapter rank
+    lora_alpha: float = 16.0  # adapter updates are scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.0  # dropout on the adapters' input (probability)
+    lora_targets: list[str] = field(default_factory=lambda: ["attn.qkv", "attn.proj"])  # module-name suffixes: the ViT's attention projections
+    head_dropout: float = 0.0  # dropout on the pooled features before the linear head (probability)
+
+    def __post_init__(self):
+        _choice("model.finetune.method", self.method, ("full", "lora"))
+        _at_least("model.finetune.lora_r", self.lora_r, 1)
+        _above("model.finetune.lora_alpha", self.lora_alpha, 0)
+        for key in ("lora_dropout", "head_dropout"):
+            if not 0 <= getattr(self, key) < 1:
+                raise SettingError(f"model.finetune.{key} must be in [0, 1)")
+        if self.method == "lora" and not self.lora_targets:
+            raise SettingError("model.finetune.lora_targets must name at least one module (e.g. attn.qkv)")
+
+
+@dataclass
 class ModelConfig(Section):
     """What to train. The image encoder is a ViT whose dimensionality follows data.image."""
 
@@ -362,6 +440,7 @@ class ModelConfig(Section):
     init_temperature: float = 0.07  # CLIP: initial softmax temperature (learnable)
     init_from: str | None = None  # CLIP: an exported MAE model dir whose encoder initialises the image tower
     text: TextConfig = field(default_factory=TextConfig)  # CLIP: the text tower
+    dino: DinoConfig = field(default_factory=DinoConfig)  # DINO: heads, crops, losses, schedules
 
     def __post_init__(self):
         _choice("model.kind", self.kind, tuple(_objectives()))
@@ -529,6 +608,8 @@ class TrainRecipe(Section):
             raise SettingError("steps and log_every must be >= 1")
         if _objectives()[self.model.kind].require_report:
             self.data.require_report = True  # an objective that trains on pairs skips report-less samples
+        if self.model.dino.momentum_steps == 0:  # the teacher momentum's cosine spans the run
+            self.model.dino.momentum_steps = self.steps
         images = self.data.images()
         if "ct" in images:
             bad = [s for s, p in zip(self.view.ct_size, self.model.patch_ct) if s % p]

@@ -644,8 +644,9 @@ class Trainer:
 
     def __init__(self, recipe: TrainRecipe, info: WorkerInfo, *, engine, optimizer, loader, profile: Profile,
                  checkpointer: Checkpointer, metrics: Metrics, validator: Validator, hooks: Sequence[Hook] = (),
-                 tokenizer: dict[str, bytes] | None = None, device=None):
+                 tokenizer: dict[str, bytes] | None = None, device=None, views=None):
         self.recipe, self.info, self.step = recipe, info, info.start_step
+        self.views = views  # transforms.RandMultiCrop for objectives that train on multi-crop views
         self.engine, self.optimizer, self.loader, self.profile = engine, optimizer, loader, profile
         self.checkpointer, self.metrics, self.validator, self.hooks = checkpointer, metrics, validator, list(hooks)
         self.tokenizer, self.device = tokenizer, device
@@ -690,10 +691,15 @@ class Trainer:
         ckpt.load_engine(engine)
         for h in job.hooks:
             h.start(info)
+        from radforge import transforms
+
+        views = transforms.RandMultiCrop(r.model.dino, input_shape, r.model.patch(kinds.get(r.data.image))) \
+            if models.get(r.model.kind).multicrop else None
         return cls(r, info, engine=engine, optimizer=optimizer, loader=loader, profile=job.profile, checkpointer=ckpt,
                    metrics=Metrics(r, info, MetricsSink(job.run_dir, info.start_step) if rank == 0 else None, job.progress),
                    validator=Validator(r, info, job.profile, list(loader.findings), tokenizer, device),
-                   hooks=job.hooks, tokenizer=checkpoint.tokenizer_files(model) if rank == 0 else None, device=device)
+                   hooks=job.hooks, tokenizer=checkpoint.tokenizer_files(model) if rank == 0 else None, device=device,
+                   views=views)
 
     # ------------------------------------------------------------------ loop
     def train(self) -> None:
@@ -707,6 +713,7 @@ class Trainer:
                 h.before_step(self.step)
             lr, grad_norm, keys = self._step(batches)
             self.step += 1
+            self.engine.module.on_step_end(self.step)  # EMA teachers, schedules (models.objective)
             for h in self.hooks:
                 h.after_step(self.step, keys)
             metrics = self.metrics.log(self.step, lr, grad_norm, self.loader) if self.metrics.due(self.step) else None
@@ -736,6 +743,8 @@ class Trainer:
             wait += time.perf_counter() - tw
             keys.extend(batch["key"])
             batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
+            if self.views is not None:  # crops from (seed, step, sample key): the same on any rank
+                batch = self.views.apply(batch, _mix(r.seed, self.step))
             # MAE masks (torch's global RNG) are a function of (seed, step, micro, rank): a
             # resumed run draws what the uninterrupted one would have.
             torch.manual_seed(_mix(r.seed, self.step, micro, self.info.rank))

@@ -822,3 +822,139 @@ class Profile:
 
 
 __all__ += ["CropOrPad", "RandFlip", "NormalizeIntensity", "ResizeShortest", "View", "CTView", "XrayView", "Profile"]
+
+
+# --------------------------------------------------------------------------------------------
+# Multi-crop views (DINO / iBOT self-distillation)
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """One sample's multi-crop draw: per crop (globals first, then locals) the box centre and
+    half-extent in grid_sample's normalised coordinates ([-1, 1], array axis order), a left-right
+    flip, an intensity (contrast, brightness) pair; per global crop the patches hidden from the
+    student (iBOT), as a flat bool mask in token order."""
+
+    centres: np.ndarray  # [crops, ndim]
+    halves: np.ndarray  # [crops, ndim], in (0, 1]
+    flips: np.ndarray  # [crops] bool
+    intensity: np.ndarray  # [crops, 2]: x * contrast + brightness
+    masks: np.ndarray  # [global crops, patches] bool, True = hidden from the student
+
+
+class MultiCrop:
+    """The deterministic twin of `RandMultiCrop`: a batch of model views and one `CropPlan` per
+    sample → ``{"global_crops" [G·B, C, *spatial], "local_crops" [L·B, C, *local_size],
+    "crop_masks" [G·B, patches]}``, crop-major (crop 0 of every sample, then crop 1, …) as DINO
+    orders them. Resampling is one batched ``grid_sample`` per group (bilinear, 2D and 3D alike)
+    on the images' device, so crops of a GPU batch are cut on the GPU."""
+
+    def __init__(self, spatial: Sequence[int], local_size: Sequence[int], n_global: int):
+        self.spatial, self.local_size, self.n_global = tuple(spatial), tuple(local_size), int(n_global)
+
+    def __repr__(self) -> str:
+        return f"MultiCrop(global={self.spatial}, local={self.local_size}, n_global={self.n_global})"
+
+    def __call__(self, images, plans: Sequence[CropPlan]) -> dict:
+        import torch
+
+        nd = len(self.spatial)
+        b = images.shape[0]
+        if images.ndim != nd + 2 or len(plans) != b:
+            raise ValueError(f"MultiCrop: images [B, C, *{self.spatial}] and one plan per sample; got {tuple(images.shape)}, {len(plans)} plans")
+        n_crops = plans[0].centres.shape[0]
+        # crop-major [crops, B, ...] parameters
+        centres = np.stack([p.centres for p in plans], axis=1)
+        halves = np.stack([p.halves for p in plans], axis=1)
+        flips = np.stack([p.flips for p in plans], axis=1)
+        inten = np.stack([p.intensity for p in plans], axis=1)
+        out = {}
+        for name, sl, size in (("global_crops", slice(0, self.n_global), self.spatial),
+                               ("local_crops", slice(self.n_global, n_crops), self.local_size)):
+            c, h, f, k = centres[sl], halves[sl], flips[sl], inten[sl]
+            n = c.shape[0] * b
+            if n == 0:
+                out[name] = images.new_zeros((0, images.shape[1], *size))
+                continue
+            theta = np.zeros((n, nd, nd + 1), dtype=np.float32)
+            # affine_grid's coordinates run (x, y[, z]) = array axes reversed
+            for j in range(nd):
+                axis = nd - 1 - j
+                theta[:, j, j] = h.reshape(n, nd)[:, axis] * np.where(f.reshape(n) & (axis == nd - 1), -1.0, 1.0)
+                theta[:, j, nd] = c.reshape(n, nd)[:, axis]
+            theta_t = torch.from_numpy(theta).to(images.device, images.dtype)
+            src = images.repeat(c.shape[0], *([1] * (images.ndim - 1)))
+            grid = torch.nn.functional.affine_grid(theta_t, [n, images.shape[1], *size], align_corners=False)
+            crops = torch.nn.functional.grid_sample(src, grid, mode="bilinear", padding_mode="border", align_corners=False)
+            kk = torch.from_numpy(k.reshape(n, 2).astype(np.float32)).to(images.device, images.dtype)
+            shape = (n,) + (1,) * (crops.ndim - 1)
+            out[name] = crops * kk[:, 0].view(shape) + kk[:, 1].view(shape)
+        masks = np.stack([p.masks for p in plans], axis=1)  # [G, B, N]
+        out["crop_masks"] = torch.from_numpy(masks.reshape(-1, masks.shape[-1])).to(images.device)
+        return out
+
+
+class RandMultiCrop:
+    """DINOv2-style multi-crop of a batch of model views (2D X-ray or 3D CT), drawn from an
+    explicit seed per sample: ``(seed, key)`` → one `CropPlan` (`draw`), applied by `MultiCrop`.
+    The seed is what the trainer passes (the run's seed mixed with the step), the key the sample's
+    own, so a sample's crops do not depend on the rank or micro-batch it lands in: the same step
+    gives the same crops on 1 worker or on 8 (and after a resume).
+
+    ``cfg`` is a `config.DinoConfig` (duck-typed: this module imports nothing of ours):
+    ``global_crops`` boxes covering ``global_scale`` of the area (volume in 3D) resampled to the
+    view's own size; ``local_crops`` covering ``local_scale`` resampled to ``local_size`` × the
+    view's size (rounded to whole patches); aspect ratios log-uniform in [3/4, 4/3] per axis pair;
+    a left-right flip with ``flip_prob``; contrast × U(1 ± jitter) and brightness + U(± jitter)
+    (view units); on each global crop, with ``mask_prob``, a fraction U(``mask_ratio``) of its
+    patches hidden from the student (iBOT; random patches, not iBOT's blocks)."""
+
+    def __init__(self, cfg, input_shape: Sequence[int], patch: Sequence[int]):
+        self.cfg = cfg
+        self.spatial = tuple(int(s) for s in input_shape[1:])
+        self.patch = tuple(int(p) for p in patch)
+        if len(self.spatial) != len(self.patch) or any(s % p for s, p in zip(self.spatial, self.patch)):
+            raise ValueError(f"RandMultiCrop: patch {self.patch} must divide the view {self.spatial}")
+        self.local_size = tuple(max(p, int(round(s * cfg.local_size / p)) * p) for s, p in zip(self.spatial, self.patch))
+        self.grid = tuple(s // p for s, p in zip(self.spatial, self.patch))
+        self.crop = MultiCrop(self.spatial, self.local_size, cfg.global_crops)
+
+    def __repr__(self) -> str:
+        c = self.cfg
+        return f"RandMultiCrop({c.global_crops}×{self.spatial} + {c.local_crops}×{self.local_size})"
+
+    def draw(self, seed: int, key: str) -> CropPlan:
+        c = self.cfg
+        digest = int.from_bytes(hashlib.sha256(str(key).encode()).digest()[:8], "little")
+        rng = np.random.default_rng([int(seed) & (2**63 - 1), digest])
+        nd = len(self.spatial)
+        scales = [c.global_scale] * c.global_crops + [c.local_scale] * c.local_crops
+        halves, centres = [], []
+        for lo, hi in scales:
+            frac = rng.uniform(lo, hi)
+            log_ratio = rng.uniform(-math.log(4 / 3), math.log(4 / 3), size=nd) / 2
+            side = np.clip(frac ** (1 / nd) * np.exp(log_ratio - log_ratio.mean()), 1e-3, 1.0)
+            halves.append(side)
+            centres.append(rng.uniform(-(1 - side), 1 - side))
+        n = len(scales)
+        flips = rng.random(n) < c.flip_prob
+        j = c.jitter
+        intensity = np.stack([rng.uniform(1 - j, 1 + j, n), rng.uniform(-j, j, n)], axis=1)
+        patches = math.prod(self.grid)
+        masks = np.zeros((c.global_crops, patches), dtype=bool)
+        for g in range(c.global_crops):
+            if rng.random() < c.mask_prob:
+                k = max(1, int(round(rng.uniform(*c.mask_ratio) * patches)))
+                masks[g, rng.permutation(patches)[:k]] = True
+        return CropPlan(np.array(centres), np.array(halves), flips, intensity, masks)
+
+    def __call__(self, images, keys: Sequence[str], seed: int) -> dict:
+        """images [B, C, *spatial] (a batch of this kind's model view) → the crops (see `MultiCrop`)."""
+        return self.crop(images, [self.draw(seed, k) for k in keys])
+
+    def apply(self, batch: dict, seed: int) -> dict:
+        """A loader batch with its multi-crop views added (what the trainer feeds DINO)."""
+        return {**batch, **self(batch["image"], batch["key"], seed)}
+
+
+__all__ += ["CropPlan", "MultiCrop", "RandMultiCrop"]

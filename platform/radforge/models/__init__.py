@@ -12,6 +12,8 @@ objective needs from the outside before it is built:
     mae   MAE(ViT 2D/3D)                          embed_image, reconstruct
     clip  CLIP(ViT 2D/3D, small or HF text tower) embed_image, embed_text, zero_shot;
                                                   needs a text tower and every sample's report
+    dino  DINO(student ViT + EMA teacher, 2D/3D)  embed_image (the teacher's CLS); trains on
+                                                  multi-crop views (transforms.RandMultiCrop)
 
 Adding an objective is one module here (a subclass of `Objective`) plus one REGISTRY entry.
 The image dimensionality follows `image` (a `kinds.ImageKind`: `cfg.patch(image)` has its
@@ -28,6 +30,7 @@ from radforge import kinds
 from radforge.kinds import ImageKind
 from radforge.models import text as text_mod
 from radforge.models.clip import CLIP
+from radforge.models.dino import DINO
 from radforge.models.mae import MAE, load_encoder_state
 from radforge.models.objective import CAPABILITIES, EVALUATIONS, Objective, Unsupported, evaluations_for
 from radforge.models.vit import PRESETS, Transformer, ViT, vit
@@ -59,6 +62,21 @@ def build_clip(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int], t
     return model
 
 
+def build_dino(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int], tokenizer=None, *, pretrained: bool = True,
+               init_encoder=None) -> DINO:
+    student = vit(cfg.preset, input_shape, _patch(cfg, image, input_shape))
+    if init_encoder is not None:  # before the teacher is copied from the student
+        load_encoder_state(_Tower(student), init_encoder)
+    return DINO(student, cfg.dino)
+
+
+class _Tower:
+    """`load_encoder_state` initialises `model.visual`; DINO's student is that tower."""
+
+    def __init__(self, visual):
+        self.visual = visual
+
+
 @dataclass(frozen=True)
 class ObjectiveSpec:
     """One objective: how to build it and what it needs before it is built."""
@@ -67,6 +85,7 @@ class ObjectiveSpec:
     build: Callable[..., Objective]  # (cfg, image, input_shape, tokenizer, *, pretrained, init_encoder) -> model
     text_tower: bool = False  # takes `cfg.text`; a small text tower needs a trained tokenizer
     require_report: bool = False  # trains on image-report pairs: samples without a report are skipped
+    multicrop: bool = False  # trains on multi-crop views: the trainer adds transforms.RandMultiCrop(cfg.dino) views
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -84,6 +103,7 @@ class ObjectiveSpec:
 REGISTRY: dict[str, ObjectiveSpec] = {
     "mae": ObjectiveSpec(MAE, build_mae),
     "clip": ObjectiveSpec(CLIP, build_clip, text_tower=True, require_report=True),
+    "dino": ObjectiveSpec(DINO, build_dino, multicrop=True),
 }
 
 
@@ -119,4 +139,4 @@ def set_activation_checkpointing(model, on: bool) -> None:
 
 
 __all__ = ["REGISTRY", "ObjectiveSpec", "get", "build", "set_activation_checkpointing", "Objective", "Unsupported",
-           "CAPABILITIES", "EVALUATIONS", "evaluations_for", "MAE", "CLIP", "ViT", "PRESETS", "load_encoder_state"]
+           "CAPABILITIES", "EVALUATIONS", "evaluations_for", "MAE", "CLIP", "DINO", "ViT", "PRESETS", "load_encoder_state"]

@@ -99,6 +99,10 @@ class Objective(nn.Module):
     def forward(self, batch: Mapping) -> dict:  # pragma: no cover - every objective overrides
         raise NotImplementedError
 
+    def on_step_end(self, step: int) -> None:
+        """Called by the trainer after every optimizer step (`step` = steps done, 1-based) on every
+        rank: EMA teachers, temperature schedules. Default: nothing."""
+
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
         raise self._unsupported("embed_image")
 

@@ -1,0 +1,328 @@
+"""DINO / iBOT self-distillation (Caron et al. 2021; Zhou et al. 2022; Oquab et al. 2023, DINOv2;
+RAD-DINO continues DINOv2 on radiographs) for 2D X-rays and 3D CT volumes.
+
+A student ViT (models.vit, plus a class token of its own) learns to match an EMA teacher of
+itself. Every sample arrives as multi-crop views (`transforms.RandMultiCrop`, applied by the
+trainer: ``batch["global_crops"]``, ``["local_crops"]``, ``["crop_masks"]``); the teacher sees the
+global crops, the student all of them, with iBOT's hidden patches replaced by a mask token.
+
+Losses (weights in `config.DinoConfig`):
+* DINO: cross-entropy between the teacher's centred, sharpened CLS distribution over
+  `out_dim` prototypes of one global crop and the student's of every other crop.
+* iBOT: the same on the patch tokens the student did not see (teacher: unmasked crop), per
+  image averaged over its hidden patches, then over all global crops (crops without hidden
+  patches count as 0, so the loss is a plain per-sample mean; DINOv2 divides by the masked crops
+  instead, a constant factor of ~mask_prob absorbed by `ibot_weight`). One head serves both
+  (DINOv2's default, `separate_head: false`).
+* KoLeo (optional): −mean log nearest-neighbour distance of the student's L2-normalised global
+  CLS tokens, per crop, within the rank's micro-batch (as DINOv2; it is not rank-invariant).
+
+The head is an MLP (`head_layers`, GELU) to a `head_bottleneck` space, L2-normalised, then
+weight-normalised prototypes with the norm fixed at 1 (DINO freezes weight_g = 1), so the
+logits are cosines. Teacher temperature warms up linearly from `warmup_teacher_temp`; the EMA
+momentum follows a cosine from `momentum` to 1 over `momentum_steps` (both on the optimizer step
+the trainer reports through `on_step_end`).
+
+Centering, not Sinkhorn-Knopp: DINOv2 uses SK, which equipartitions a batch over the
+prototypes; with the global batches this platform trains on CPU (8-64 samples over 256+
+prototypes) the equipartition constraint is far from its regime (B ≪ K) and forces near-uniform
+targets. Centering (an EMA of the teacher's mean logits, all-reduced over ranks) is one
+all-reduce per step, works at any batch size and is exactly invariant to the world size.
+
+ZeRO 0–3: the teacher is kept OUT of the optimizer and out of ZeRO's partitioning by holding its
+weights as persistent buffers, not parameters (`_freeze_as_buffers`). DeepSpeed partitions only
+parameters, so every rank holds the full teacher (which it needs for its forward pass anyway),
+buffers still travel in every checkpoint (DeepSpeed's module states; zero_to_fp32 copies them)
+and in the export, and the teacher never gets gradients, optimizer state or weight decay. The
+EMA update (`on_step_end`, called by the trainer after each optimizer step) reads the student:
+under ZeRO-3 its parameters are partitions, so it is gathered with
+`deepspeed.zero.GatheredParameters` (read-only, in chunks of at most ~50M elements so the
+transient full copy stays bounded) and every rank applies the same update to its identical
+teacher. Chosen over gathering a partitioned teacher (a second gather plus a scatter back every
+step) and over updating partitions in place (ties the code to ZeRO's flat-buffer layout). Cost:
+one extra all-gather of the student per step (ZeRO-3 already gathers it twice per step) and
+the teacher's full size per GPU (ViT-B: 0.35 GB fp32), which is fine up to ViT-L. Under bf16
+the engine casts buffers too; the teacher is put back to fp32 on the first update (a 0.996 EMA
+step is below bf16's resolution) and run under autocast in the student's dtype.
+
+Capabilities: embed_image = the teacher backbone's CLS token, L2-normalised (what DINO
+evaluates and serves). The teacher backbone is registered as `encoder` (a ViT), so an exported
+DINO model is a valid `model.init_from` for CLIP (`load_encoder_state` reads `encoder.*`).
+
+Left out of DINOv2 (see the module's README entry): Sinkhorn-Knopp (above), iBOT block masking
+(random patches instead), separate iBOT head, last-layer freezing during the first epoch,
+stochastic depth / layer scale / register tokens, blur and solarisation (intensity jitter
+only), the high-resolution adaptation phase, and the DINOv2 data curation.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import math
+from collections.abc import Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from radforge.models.objective import Objective
+from radforge.models.vit import ViT
+
+_GATHER_CHUNK = 50_000_000  # elements gathered at once for the ZeRO-3 EMA update
+
+
+class DINOHead(nn.Module):
+    """MLP → L2-normalised bottleneck → cosine logits against weight-normalised prototypes."""
+
+    def __init__(self, width: int, out_dim: int, hidden: int, bottleneck: int, layers: int = 3):
+        super().__init__()
+        dims = [width] + [hidden] * (layers - 1) + [bottleneck]
+        mods: list[nn.Module] = []
+        for i, (a, b) in enumerate(zip(dims, dims[1:])):
+            mods.append(nn.Linear(a, b))
+            if i < len(dims) - 2:
+                mods.append(nn.GELU())
+        self.mlp = nn.Sequential(*mods)
+        self.prototypes = nn.Parameter(torch.empty(out_dim, bottleneck))
+        for m in self.mlp:
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+        nn.init.trunc_normal_(self.prototypes, std=0.02)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
+        return z @ F.normalize(self.prototypes, dim=-1, eps=1e-6).T.to(z.dtype)
+
+
+def _freeze_as_buffers(module: nn.Module) -> None:
+    """Every parameter of `module` becomes a persistent buffer of the same name (see the module
+    docstring: invisible to the optimizer and to ZeRO partitioning, still in every state dict)."""
+    for m in module.modules():
+        for name in list(m._parameters):
+            p = m._parameters.pop(name)
+            if p is not None:
+                m.register_buffer(name, p.detach().clone())
+
+
+def _pos_embed(vit: ViT, grid: tuple[int, ...]) -> torch.Tensor:
+    """The ViT's position table for a patch grid: its own, or interpolated (local crops) as
+    DINOv2 does (bicubic in 2D, trilinear in 3D), so a small crop sees the whole positional range."""
+    pos, native = vit.pos_embed, tuple(vit.patch_embed.grid)
+    if tuple(grid) == native:
+        return pos
+    t = pos.reshape(1, *native, -1).movedim(-1, 1).float()
+    mode = "bicubic" if len(native) == 2 else "trilinear"
+    t = F.interpolate(t, size=tuple(grid), mode=mode, align_corners=False)
+    return t.movedim(1, -1).reshape(1, math.prod(grid), -1).to(pos.dtype)
+
+
+def _gathered(params: list):
+    """Full ZeRO-3 parameters for reading (a no-op for ordinary tensors)."""
+    import contextlib
+
+    if params and hasattr(params[0], "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
+    return contextlib.nullcontext()
+
+
+def _all_reduce_sum(x: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(x)
+    return x
+
+
+class DINO(Objective):
+    name = "dino"
+    capabilities = frozenset({"embed_image"})
+    metrics = ("dino_loss", "ibot_loss", "koleo_loss", "teacher_temp", "momentum")
+
+    def __init__(self, backbone: ViT, cfg):
+        """`backbone`: the student ViT (the teacher starts as its copy); `cfg`: a config.DinoConfig."""
+        super().__init__()
+        self.cfg = cfg
+        width = backbone.width
+        self.student = backbone
+        self.student_cls = nn.Parameter(torch.zeros(1, 1, width))
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
+        nn.init.trunc_normal_(self.student_cls, std=0.02)
+        self.head = DINOHead(width, cfg.out_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.head_layers)
+        # the teacher: same weights at step 0, buffers from here on
+        self.encoder = copy.deepcopy(backbone)
+        self.teacher_head = copy.deepcopy(self.head)
+        self.register_buffer("teacher_cls", self.student_cls.detach().clone())
+        _freeze_as_buffers(self.encoder)
+        _freeze_as_buffers(self.teacher_head)
+        self.register_buffer("center", torch.zeros(1, cfg.out_dim))
+        self.register_buffer("center_patch", torch.zeros(1, cfg.out_dim))
+        # optimizer steps done: an integer (a bf16 engine casts floating buffers), shape [1] (not
+        # 0-dim: DeepSpeed views tensors as bytes when broadcasting)
+        self.register_buffer("steps_done", torch.zeros(1, dtype=torch.long))
+        self._pairs = self._ema_pairs()
+
+    # -- schedules ------------------------------------------------------------------------------
+
+    def teacher_temp(self, step: int | None = None) -> float:
+        c = self.cfg
+        step = int(self.steps_done.item()) if step is None else step
+        if c.teacher_temp_warmup_steps and step < c.teacher_temp_warmup_steps:
+            return c.warmup_teacher_temp + (c.teacher_temp - c.warmup_teacher_temp) * step / c.teacher_temp_warmup_steps
+        return c.teacher_temp
+
+    def momentum(self, step: int | None = None) -> float:
+        c = self.cfg
+        step = int(self.steps_done.item()) if step is None else step
+        if not c.momentum_steps:
+            return c.momentum
+        progress = min(1.0, step / c.momentum_steps)
+        return 1 - (1 - c.momentum) * (math.cos(math.pi * progress) + 1) / 2
+
+    # -- the EMA teacher ------------------------------------------------------------------------
+
+    def _ema_pairs(self) -> list[tuple[str, str]]:
+        """(student parameter name, teacher buffer name), by structure."""
+        pairs = [("student_cls", "teacher_cls")]
+        pairs += [(f"student.{n}", f"encoder.{n}") for n, _ in self.student.named_parameters()]
+        pairs += [(f"head.{n}", f"teacher_head.{n}") for n, _ in self.head.named_parameters()]
+        return pairs
+
+    def _teacher_fp32(self) -> None:
+        for t in [t for _, t in self._pairs] + ["center", "center_patch"]:
+            buf = self.get_buffer(t)
+            if buf.dtype != torch.float32:
+                owner, _, leaf = t.rpartition(".")
+                (self.get_submodule(owner) if owner else self)._buffers[leaf] = buf.float()
+
+    @torch.no_grad()
+    def on_step_end(self, step: int) -> None:
+        """After optimizer step `step` (1-based count of steps done): teacher ← m·teacher + (1−m)·student."""
+        m = self.momentum(step - 1)  # the momentum of the step just taken
+        self.steps_done.fill_(step)
+        self._teacher_fp32()
+        params = dict(self.named_parameters())
+        chunk: list[tuple[str, str]] = []
+        size = 0
+        for s, t in self._pairs:
+            chunk.append((s, t))
+            size += getattr(params[s], "ds_numel", params[s].numel())
+            if size >= _GATHER_CHUNK:
+                self._ema_chunk(chunk, params, m)
+                chunk, size = [], 0
+        if chunk:
+            self._ema_chunk(chunk, params, m)
+
+    def _ema_chunk(self, chunk, params, m: float) -> None:
+        students = [params[s] for s, _ in chunk]
+        with _gathered(students):
+            for (s, t), p in zip(chunk, students):
+                buf = self.get_buffer(t)
+                buf.mul_(m).add_(p.detach().to(buf.dtype), alpha=1 - m)
+
+    # -- forward --------------------------------------------------------------------------------
+
+    def _encode(self, vit: ViT, cls: torch.Tensor, images: torch.Tensor, masks: torch.Tensor | None = None):
+        """(CLS [B, D], patch tokens [B, N, D]) of a ViT with a class token prepended."""
+        weight = next(itertools.chain(vit.patch_embed.parameters(), vit.patch_embed.buffers()))
+        x = vit.patch_embed(images.to(weight.dtype))
+        grid = tuple(s // p for s, p in zip(images.shape[2:], vit.patch_embed.patch))
+        if masks is not None:
+            x = torch.where(masks[..., None], self.mask_token.to(x.dtype), x)
+        x = x + _pos_embed(vit, grid).to(x.dtype)
+        x = torch.cat([cls.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        x = vit.transformer(x)
+        return x[:, 0], x[:, 1:]
+
+    @torch.no_grad()
+    def _teacher(self, crops: torch.Tensor, masks: torch.Tensor):
+        """Teacher CLS and masked-patch logits (fp32, under autocast in the student's dtype)."""
+        self._teacher_fp32()
+        dtype = self.student_cls.dtype
+        with torch.autocast(crops.device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16)):
+            cls, patches = self._encode(self.encoder, self.teacher_cls, crops.float())
+            cls_logits = self.teacher_head(cls)
+            patch_logits = self.teacher_head(patches[masks])
+        return cls_logits.float(), patch_logits.float()
+
+    def _centred_probs(self, logits: torch.Tensor, center: torch.Tensor, temp: float, update: str) -> torch.Tensor:
+        """softmax((logits − centre) / T), then the centre's EMA over every rank's rows."""
+        probs = F.softmax((logits - center) / temp, dim=-1)
+        if self.training:
+            stats = torch.cat([logits.sum(0), logits.new_tensor([logits.shape[0]])])
+            stats = _all_reduce_sum(stats)
+            if stats[-1] > 0:
+                cm = self.cfg.center_momentum
+                buf = getattr(self, update)
+                buf.mul_(cm).add_((stats[:-1] / stats[-1])[None].to(buf.dtype), alpha=1 - cm)
+        return probs
+
+    def forward(self, batch: Mapping) -> dict:
+        """Multi-crop batch (see the module docstring) → {"loss", "dino_loss", "ibot_loss", "koleo_loss", ...}."""
+        if "global_crops" not in batch:
+            raise ValueError("DINO trains on multi-crop views: batch needs global_crops/local_crops/crop_masks "
+                             "(transforms.RandMultiCrop; radforge.train adds them for objectives that ask for it)")
+        c = self.cfg
+        g, l_crops, masks = batch["global_crops"], batch["local_crops"], batch["crop_masks"].bool()
+        n_g = c.global_crops
+        b = g.shape[0] // n_g
+        tt = self.teacher_temp()
+        t_cls, t_patch = self._teacher(g, masks)
+        t_probs = self._centred_probs(t_cls, self.center, tt, "center").view(n_g, b, -1)
+
+        s_cls, s_patches = self._encode(self.student, self.student_cls, g, masks)
+        s_logits = [self.head(s_cls).float().view(n_g, b, -1)]
+        if l_crops.shape[0]:
+            s_local, _ = self._encode(self.student, self.student_cls, l_crops)
+            s_logits.append(self.head(s_local).float().view(-1, b, s_logits[0].shape[-1]))
+        s_logp = F.log_softmax(torch.cat(s_logits) / c.student_temp, dim=-1)  # [crops, B, K]
+
+        dino, pairs = s_logp.new_zeros(()), 0
+        for i in range(n_g):
+            for v in range(s_logp.shape[0]):
+                if v != i:
+                    dino = dino - (t_probs[i] * s_logp[v]).sum(-1).mean()
+                    pairs += 1
+        dino = dino / pairs
+
+        ibot = s_logp.new_zeros(())
+        if c.ibot_weight > 0:
+            # Always run (an empty selection on a rank without hidden patches): ZeRO-3 gathers the
+            # head's weights on every call and the centre all-reduces, so all ranks must call alike.
+            t_pp = self._centred_probs(t_patch, self.center_patch, tt, "center_patch")
+            s_pp = F.log_softmax(self.head(s_patches[masks]).float() / c.student_temp, dim=-1)
+            per_patch = -(t_pp * s_pp).sum(-1)
+            weight = (1.0 / masks.sum(-1).clamp(min=1).float())[:, None].expand_as(masks)[masks]
+            ibot = (per_patch * weight).sum() / masks.shape[0]
+
+        koleo = s_logp.new_zeros(())
+        if c.koleo_weight > 0:
+            for chunk in s_cls.float().view(n_g, b, -1):
+                koleo = koleo + _koleo(chunk)
+        loss = c.dino_weight * dino + c.ibot_weight * ibot + c.koleo_weight * koleo
+        return {"loss": loss, "dino_loss": dino.detach(), "ibot_loss": ibot.detach(), "koleo_loss": koleo.detach(),
+                "teacher_temp": torch.tensor(tt), "momentum": torch.tensor(self.momentum())}
+
+    # -- inference ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def embed_image(self, images: torch.Tensor) -> torch.Tensor:
+        """The teacher backbone's CLS token, L2-normalised: [B, width]."""
+        cls, _ = self._encode(self.encoder, self.teacher_cls, images)
+        return F.normalize(cls.float(), dim=-1)
+
+
+def _koleo(x: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """Kozachenko–Leonenko entropy estimator (DINOv2's KoLeo): −mean log distance to the nearest
+    other sample, on L2-normalised rows."""
+    if x.shape[0] < 2:
+        return x.new_zeros(())
+    x = F.normalize(x, dim=-1, eps=eps)
+    dots = x @ x.T
+    dots.fill_diagonal_(-2.0)
+    nn_idx = dots.argmax(dim=1)
+    dist = (x - x[nn_idx]).norm(dim=-1)
+    return -torch.log(dist + eps).mean()

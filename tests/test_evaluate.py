@@ -184,9 +184,9 @@ def test_mae_recon_loss_and_linear_probe():
 # ------------------------------------------------------------------------------- run on shards
 
 
-def _write_shards(dest, splits: dict[str, int]) -> str:
+def _write_shards(dest, splits: dict[str, int], *, extra=None, labelled: bool = True) -> str:
     """X-ray shards in the shard format (shardspec) from `_synthetic`: uint16 images, reports,
-    labels; one shard per split."""
+    labels (none when `labelled` is false); one shard per split. `extra(k, split)`: more metadata."""
     import hashlib
     import io
     import os
@@ -204,7 +204,8 @@ def _write_shards(dest, splits: dict[str, int]) -> str:
             for i in range(n):
                 arr = np.clip((images[i, 0].numpy() + 2) * 10000, 0, 65535).astype(np.uint16)
                 lab = {f: (None if math.isnan(v) else int(v)) for f, v in zip(FINDINGS, labels[i].tolist())}
-                meta = {"modality": "DX", "shape": list(arr.shape), "split": split, "labels": lab, "has_report": True}
+                meta = {"modality": "DX", "shape": list(arr.shape), "split": split, "has_report": True,
+                        **({"labels": lab} if labelled else {}), **(extra(k, split) if extra else {})}
                 for suffix, data in shardspec.encode_sample(f"{k:024x}", arr, meta, texts[i]).items():
                     info = tarfile.TarInfo(f"{k:024x}.{suffix}")
                     info.size = len(data)
@@ -234,14 +235,335 @@ def test_run_streams_the_split_through_the_loader(tmp_path):
     mae = MAE(ViT((1, SIZE, SIZE), (4, 4), 32, 2, 2), decoder_width=32, decoder_depth=1)
     loaded = SimpleNamespace(model=mae, kind="mae", image=kinds.XRAY, view=view, findings=FINDINGS, model_id="t")
     with torch.no_grad():  # as the training loop calls it: the linear probe still fits
-        r = evaluate.run(loaded, shards, split="test", cfg=EvalConfig(bootstrap=10))
+        r = evaluate.run(loaded, shards, split="test", protocols=("quick",), cfg=EvalConfig(bootstrap=10))
     assert r["kind"] == "mae" and r["n"] == 24 and r["split"] == "test" and r["recon_loss"] > 0
     assert r["linear_probe"]["n_train"] == 40 and set(r["per_finding"]) == set(FINDINGS)
     tok = text_mod.train_tokenizer(["no nodule.", "effusion is present."], TextConfig(vocab_size=100, max_len=24))
     clip = CLIP(ViT((1, SIZE, SIZE), (8, 8), 32, 2, 2), text_mod.SmallTextEncoder(tok, TextConfig(width=32, depth=1, heads=2, max_len=24)), 16)
     loaded = SimpleNamespace(model=clip, kind="clip", image=kinds.XRAY, view=view, findings=FINDINGS, model_id="c")
     with torch.no_grad():  # as the training loop calls it
-        r = evaluate.run(loaded, shards, split="test", cfg=EvalConfig(bootstrap=10, max_samples=20))
+        r = evaluate.run(loaded, shards, split="test", protocols=("quick",), cfg=EvalConfig(bootstrap=10, max_samples=20))
     assert r["n"] == 20 and r["n_with_report"] == 20 and set(r["recall"]) == {"image_to_text", "text_to_image"}
     assert all(0 <= v <= 1 for d in r["recall"].values() for v in d.values())
     json.dumps(r)
+
+
+# ------------------------------------------------------------- scikit-learn reference checks
+
+
+def test_auroc_and_the_bootstraps_vectorised_auroc_equal_sklearn():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(4)
+    for n in (6, 50, 300):
+        s = rng.integers(0, 6, (40, n)).astype(float)  # ties
+        y = rng.random((40, n)) < 0.4
+        y[:, 0], y[:, 1] = True, False
+        ours = evaluate._auroc_per_row(s, y)
+        ref = [roc_auc_score(y[i], s[i]) for i in range(len(s))]
+        np.testing.assert_allclose(ours, ref, atol=1e-12)
+        assert evaluate.auroc(s[0], y[0]) == pytest.approx(ref[0], abs=1e-12)
+    assert np.isnan(evaluate._auroc_per_row(np.ones((1, 4)), np.ones((1, 4), dtype=bool))).all()
+
+
+def test_knn_equals_sklearn_weighted_cosine_knn():
+    from sklearn.neighbors import KNeighborsClassifier
+
+    rng = np.random.default_rng(5)
+    xt, xe = rng.normal(size=(120, 16)), rng.normal(size=(30, 16))
+    yt = np.stack([(xt[:, 0] > 0), (xt[:, 1] > 0.5)], 1).astype(float)
+    k, t = 20, 0.07
+    ours = evaluate.knn_scores(xt, yt, xe, k=k, temperature=t)
+    for j in range(2):
+        ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
+                                   weights=lambda d: np.exp((1 - d) / t)).fit(xt, yt[:, j]).predict_proba(xe)[:, 1]
+        np.testing.assert_allclose(ours[:, j], ref, atol=1e-9)
+    # unknown labels are not neighbours: the vote is over the k nearest LABELLED samples
+    yn = yt.copy()
+    yn[::3, 0] = np.nan
+    keep = ~np.isnan(yn[:, 0])
+    ref = KNeighborsClassifier(n_neighbors=k, metric="cosine", algorithm="brute",
+                               weights=lambda d: np.exp((1 - d) / t)).fit(xt[keep], yn[keep, 0]).predict_proba(xe)[:, 1]
+    np.testing.assert_allclose(evaluate.knn_scores(xt, yn, xe, k=k, temperature=t)[:, 0], ref, atol=1e-9)
+
+
+def test_probe_is_sklearns_logistic_regression_with_c_chosen_on_val():
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.preprocessing import StandardScaler
+
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(260, 12))
+    y = ((x[:, 0] + 0.5 * x[:, 1] + rng.normal(0, 1.0, 260)) > 0).astype(float)[:, None]
+    y[::9] = np.nan
+    xt, yt, xv, yv, xe = x[:160], y[:160], x[160:220], y[160:220], x[220:]
+    grid = [0.001, 0.1, 10.0]
+    probes, on_val = evaluate.select_probes(xt, yt, xv, yv, grid)
+    assert on_val
+    keep = ~np.isnan(yt[:, 0])
+    sc = StandardScaler().fit(xt[keep])
+    fits = {c: LogisticRegression(C=c, max_iter=2000).fit(sc.transform(xt[keep]), yt[keep, 0]) for c in grid}
+    kv = ~np.isnan(yv[:, 0])
+    val_auc = {c: roc_auc_score(yv[kv, 0], fits[c].predict_proba(sc.transform(xv[kv]))[:, 1]) for c in grid}
+    best = max(grid, key=lambda c: (val_auc[c], -c))
+    assert probes[0].c == best
+    np.testing.assert_allclose(probes[0].predict(xe), fits[best].predict_proba(sc.transform(xe))[:, 1], atol=1e-8)
+    # one class in train: a constant, no crash
+    assert evaluate.fit_probe(xt, np.ones(160), 1.0).predict(xe).tolist() == [1.0] * len(xe)
+
+
+def test_ece_and_reliability_follow_sklearns_calibration_curve():
+    from sklearn.calibration import calibration_curve
+
+    rng = np.random.default_rng(7)
+    p = rng.random(4000)
+    y_cal = (rng.random(4000) < p).astype(float)  # calibrated by construction
+    y_over = (rng.random(4000) < 0.5).astype(float)  # p carries no information: badly calibrated
+    e_cal, d = evaluate.ece(p, y_cal, 10)
+    e_over, _ = evaluate.ece(p, y_over, 10)
+    assert e_cal < 0.03 < 0.2 < e_over
+    acc, conf = calibration_curve(y_cal, p, n_bins=10)
+    np.testing.assert_allclose(d["accuracy"], acc)
+    np.testing.assert_allclose(d["confidence"], conf)
+    assert sum(d["count"]) == 4000
+    manual = sum(((np.minimum((p * 10).astype(int), 9) == b).sum() / 4000) * abs(a - c)
+                 for b, a, c in zip(range(10), acc, conf))  # every bin is populated here
+    assert e_cal == pytest.approx(manual, abs=1e-12)
+
+
+def test_fairness_figures_by_hand():
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(8)
+    n = 300
+    sex = np.array(["F", "M"] * (n // 2), dtype=object)
+    y = (rng.random(n) < 0.4).astype(float)
+    noise = np.where(sex == "F", 0.3, 1.0)  # the model is better on F
+    s = 1 / (1 + np.exp(-(2 * y - 1 + rng.normal(0, 1, n) * noise)))
+    band = np.array(["40-59"] * (n - 10) + ["80+"] * 10, dtype=object)
+    test = evaluate.Pass(np.zeros((n, 0)), y[:, None], [""] * n, [str(i) for i in range(n)])
+
+    class Fixed:  # the model's scorer is its classifier: fixed probabilities
+        capabilities = frozenset({"classify"})
+
+    ctx = evaluate.Context(model=Fixed(), cfg=EvalConfig(bootstrap=50, min_group=20, threshold=0.5), findings=["f"],
+                           prompts={}, test=dataclasses_replace(test, probs=s[:, None]), groups={"sex": list(sex), "age_band": list(band)},
+                           model_findings=["f"])
+    r = evaluate._fairness(ctx)
+    a = r["attributes"]["sex"]
+    auc = {g: roc_auc_score(y[sex == g], s[sex == g]) for g in ("F", "M")}
+    tpr = {g: ((s >= 0.5) & (y == 1) & (sex == g)).sum() / ((y == 1) & (sex == g)).sum() for g in ("F", "M")}
+    rate = {g: (s[sex == g] >= 0.5).mean() for g in ("F", "M")}
+    overall = roc_auc_score(y, s)
+    assert a["groups"]["F"]["per_finding"]["f"]["auroc"] == pytest.approx(auc["F"])
+    g = a["per_finding"]["f"]
+    assert g["auroc_gap"] == pytest.approx(abs(auc["F"] - auc["M"])) and auc["F"] > auc["M"]
+    assert g["es_auc"] == pytest.approx(overall / (1 + abs(overall - auc["F"]) + abs(overall - auc["M"])))
+    assert g["equal_opportunity_diff"] == pytest.approx(abs(tpr["F"] - tpr["M"]))
+    assert g["statistical_parity_diff"] == pytest.approx(abs(rate["F"] - rate["M"]))
+    lo, hi = a["groups"]["F"]["per_finding"]["f"]["ci95"]
+    assert lo <= auc["F"] <= hi
+    ages = r["attributes"]["age_band"]
+    assert ages["groups"]["80+"] == {"n": 10, "too_small": True}  # reported as too small, no numbers
+    assert ages["per_finding"]["f"]["auroc_gap"] is None  # one group left: no gap
+    json.dumps(r)
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def test_age_bands_from_dicom_ages():
+    assert [evaluate.age_band(a) for a in ("067Y", "006M", "085Y", "018Y", "017Y", 45, "010W", "", None, "abcY")] == \
+        ["60-79", "0-17", "80+", "18-39", "0-17", "40-59", "0-17", None, None, None]
+
+
+# ------------------------------------------------------------------------------ corruptions
+
+
+def test_corruptions_are_seeded_keep_the_stored_form_and_grow_with_severity():
+    from radforge import corruptions
+
+    rng = np.random.default_rng(9)
+    xr = (rng.random((128, 144)) * 30000 + 15000).astype(np.uint16)  # blur's sigma: 0.4 % of the short side and up
+    ct = rng.normal(0, 60, (6, 24, 24)).astype(np.int16)
+    for kind, arr in (("xray", xr), ("ct", ct)):
+        for name in corruptions.for_kind(kind):
+            outs = [corruptions.apply(arr, kind, name, s) for s in corruptions.SEVERITIES]
+            assert all(o.dtype == arr.dtype and o.shape == arr.shape for o in outs), name
+            np.testing.assert_array_equal(outs[2], corruptions.apply(arr.copy(), kind, name, 3))  # seeded by content
+            dist = [np.abs(o.astype(float) - arr).mean() for o in outs]
+            assert dist[0] > 0 and dist[-1] > dist[0], (kind, name, dist)
+    np.testing.assert_array_equal(corruptions.apply(ct, "ct", "hu_offset", 4), ct + 75)  # stored units: HU
+    assert not np.array_equal(corruptions.apply(xr, "xray", "gaussian_noise", 3, seed=1),
+                              corruptions.apply(xr, "xray", "gaussian_noise", 3, seed=0))
+    assert set(corruptions.for_kind("ct")) == {"dose_noise", "blur", "contrast", "bias_field", "downsample", "hu_offset"}
+    with pytest.raises(ValueError, match="does not apply to ct"):
+        corruptions.apply(ct, "ct", "jpeg", 1)
+    with pytest.raises(ValueError, match="severity"):
+        corruptions.CorruptedView(None, "xray", "blur", 6)
+
+
+def test_the_loader_hands_corrupted_views_in_evaluation_only(tmp_path):
+    from radforge import corruptions, shardspec
+    from radforge.config import DataConfig, ViewConfig
+    from radforge.errors import ConfigError
+    from radforge.loader import build_loader
+
+    shards = _write_shards(tmp_path / "shards", {"test": 8})
+    view = ViewConfig(xray_size=SIZE, rand_crop=False)
+    data = DataConfig(shards=shards, image="xray", num_workers=0, require_report=False)
+    wrap = lambda v: corruptions.CorruptedView(v, "xray", "jpeg", 5)  # noqa: E731
+    got = next(iter(build_loader(data, view, split="test", batch_size=8, train=False, corrupt=wrap)))["image"].numpy()
+    manifest = shardspec.read_manifest(shards)
+    plain = kinds.XRAY.view(view)
+    want = [plain(corruptions.apply(shardspec.decode_sample(raw)[0], "xray", "jpeg", 5), None, None)
+            for raw in shardspec.iter_samples(shards, manifest, split="test")]
+    np.testing.assert_allclose(got, np.stack(want), atol=1e-6)
+    with pytest.raises(ConfigError, match="evaluation"):
+        build_loader(data, view, split="test", batch_size=8, train=True, corrupt=wrap)
+
+
+# ------------------------------------------------------------------- whole runs on shard sets
+
+
+def _demographics(k: int, split: str) -> dict:
+    """Sex and age as ingest keeps them (deid.keep_age_sex: DICOM AS ages, never dates); a small
+    80+ group."""
+    return {"sex": "MF"[k % 2], "age": "083Y" if k % 17 == 0 else f"{30 + (k * 7) % 45:03d}Y"}
+
+
+def _tiny_mae():
+    torch.manual_seed(0)
+    return MAE(ViT((1, SIZE, SIZE), (4, 4), 32, 2, 2), decoder_width=32, decoder_depth=1)
+
+
+def _loaded(model, kind="mae", prompts=None):
+    from types import SimpleNamespace
+
+    from radforge.config import ViewConfig
+
+    view = ViewConfig(xray_size=SIZE, xray_mean=0.5, xray_std=0.25, rand_crop=False)
+    return SimpleNamespace(model=model, kind=kind, image=kinds.XRAY, view=view, findings=FINDINGS, model_id="t",
+                           prompts=prompts or {})
+
+
+@pytest.fixture(scope="module")
+def demo_shards(tmp_path_factory):
+    return _write_shards(tmp_path_factory.mktemp("demo-shards"), {"train": 96, "val": 40, "test": 120}, extra=_demographics)
+
+
+def test_run_all_protocols_on_an_mae(demo_shards):
+    cfg = EvalConfig(bootstrap=40, few_shot_seeds=3, corruptions=["gaussian_noise", "blur"], severities=[1, 5])
+    r = evaluate.run(_loaded(_tiny_mae()), demo_shards, split="test", protocols=("all",), cfg=cfg)
+    p = r["protocols"]
+    assert set(p) == {"recon_loss", "knn", "linear_probe", "few_shot", "fairness", "robustness", "calibration"}
+    assert set(r["skipped"]) == {"zero_shot", "retrieval", "fine_tune"}
+    assert "a mae model cannot run zero_shot: it needs zero_shot" in r["skipped"]["zero_shot"]
+    for name in ("knn", "linear_probe"):
+        assert set(p[name]["per_finding"]) == set(FINDINGS) and p[name]["mean_auroc"] > 0.7, (name, p[name])
+        for v in p[name]["per_finding"].values():
+            assert v["ci95"][0] <= v["auroc"] <= v["ci95"][1]
+    assert p["linear_probe"]["c_chosen_on"] == "val" and p["linear_probe"]["n_train"] == 96
+    fs = p["few_shot"]["settings"]
+    assert list(fs) == ["1%", "10%", "100%", "1-shot", "5-shot", "10-shot"]
+    assert fs["10-shot"]["n_seeds"] == 3 and fs["100%"]["n_seeds"] == 1
+    # all labels: the probe again (rows permuted: lbfgs lands a hair apart)
+    assert fs["100%"]["mean_auroc"] == pytest.approx(p["linear_probe"]["mean_auroc"], abs=5e-3)
+    fr = p["fairness"]
+    assert fr["scorer"] == "linear_probe" and set(fr["attributes"]) == {"sex", "age_band"}
+    assert set(fr["attributes"]["sex"]["groups"]) == {"F", "M"}
+    assert fr["attributes"]["age_band"]["groups"]["80+"]["too_small"] is True
+    rb = p["robustness"]
+    assert set(rb["corruptions"]) == {"gaussian_noise", "blur"} and set(rb["corruptions"]["blur"]) == {"1", "5"}
+    worst = rb["corruptions"]["gaussian_noise"]["5"]
+    assert worst["relative_drop"] == pytest.approx((rb["clean"]["mean_auroc"] - worst["mean_auroc"]) / rb["clean"]["mean_auroc"])
+    assert rb["clean"]["mean_auroc"] == pytest.approx(p["linear_probe"]["mean_auroc"])
+    assert set(p["calibration"]["sources"]) == {"linear_probe"}
+    c = r["config"]
+    assert c["eval"]["knn_k"] == 20 and c["corruptions"] == ["gaussian_noise", "blur"] and c["eval"]["few_shot_seeds"] == 3
+    assert r["mean_auroc"] == p["linear_probe"]["mean_auroc"]  # the headline: the best scorer
+    text = evaluate.format_table(r)
+    assert "kNN AUROC" in text and "few-shot" in text and "too small" in text and "skipped zero_shot" in text
+    json.dumps(r)
+
+
+def test_zero_shot_uses_the_prompts_saved_in_model_json(tmp_path, demo_shards):
+    from radforge import checkpoint, models
+    from radforge.config import ModelConfig, ViewConfig
+
+    cfg = ModelConfig(kind="clip", preset="tiny", patch_xray=8, embed_dim=16,
+                      text=TextConfig(vocab_size=120, max_len=16, width=32, depth=1, heads=2))
+    tok = text_mod.train_tokenizer(["there is a nodule.", "no effusion.", "cardiomegaly is present."] * 4, cfg.text)
+    view = ViewConfig(xray_size=SIZE, xray_mean=0.5, xray_std=0.25, rand_crop=False)
+    torch.manual_seed(1)
+    model = models.build(cfg, "xray", kinds.XRAY.view(view).input_shape, tok, pretrained=False)
+    saved = {"positive": "there is {finding}.", "negative": "there is no {finding}."}
+    out = checkpoint.write_model(str(tmp_path / "clip"), model, image="xray", model_cfg=cfg, view=view,
+                                 profile=Profile(), model_id="clip-t", findings=FINDINGS, prompts=saved)
+    ecfg = EvalConfig(bootstrap=0, max_samples=40)
+    r = evaluate.run(out, demo_shards, split="test", protocols=["zero_shot"], cfg=ecfg)
+    zs = r["protocols"]["zero_shot"]
+    assert zs["prompts"] == {**saved, "source": "model.json"} and r["config"]["prompts"]["source"] == "model.json"
+    # the same figures as the model's own zero-shot with those prompts (what Serve computes)
+    lm = checkpoint.load_for_inference(out)
+    images, labels = [], []
+    from radforge.config import DataConfig
+    from radforge.loader import build_loader
+
+    for b in build_loader(DataConfig(shards=demo_shards, image="xray", num_workers=0, require_report=False), lm.view,
+                          split="test", batch_size=40, train=False, findings=FINDINGS):
+        images.append(b["image"]), labels.append(b["labels"])
+        break
+    with torch.no_grad():
+        probs = lm.zero_shot(images[0], FINDINGS).numpy()
+    for j, f in enumerate(FINDINGS):
+        assert zs["per_finding"][f]["auroc"] == pytest.approx(evaluate.auroc(probs[:, j], labels[0][:, j].numpy()), abs=1e-6)
+    # an explicit eval prompt wins, and says so
+    r2 = evaluate.run(out, demo_shards, split="test", protocols=["zero_shot"],
+                      cfg=EvalConfig(bootstrap=0, max_samples=40, positive_prompt="{finding}.", negative_prompt="not {finding}."))
+    assert r2["protocols"]["zero_shot"]["prompts"]["source"] == "eval config"
+
+
+def test_unlabelled_split_runs_only_label_free_protocols(tmp_path):
+    shards = _write_shards(tmp_path / "s", {"train": 24, "test": 16}, labelled=False)
+    r = evaluate.run(_loaded(_tiny_mae()), shards, split="test", protocols=["all"], cfg=EvalConfig(bootstrap=10))
+    assert set(r["protocols"]) == {"recon_loss"} and r["protocols"]["recon_loss"]["recon_loss"] > 0
+    assert "no labels" in r["skipped"]["knn"] and "no labels" in r["skipped"]["robustness"]
+    from radforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown evaluation protocol 'knnn'"):
+        evaluate.run(_loaded(_tiny_mae()), shards, split="test", protocols=["knn,knnn"])
+    with pytest.raises(ConfigError, match="split 'val' is not in"):
+        evaluate.run(_loaded(_tiny_mae()), shards, split="val")
+
+
+def test_fine_tune_protocol_scores_the_models_classifier(demo_shards):
+    """A model with `classify` (a fine-tuned one): the protocol's AUROC is sklearn's on its own
+    probabilities, columns matched by finding name (the head's order may differ)."""
+    from sklearn.metrics import roc_auc_score
+
+    from radforge.models.objective import Objective
+
+    class Head(Objective):
+        name = "head"
+
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def classify(self, images):  # cardiomegaly, nodule: mean brightness of their regions
+            return torch.sigmoid(torch.stack([images[:, 0, 5:13, 6:14].mean((1, 2)), images[:, 0, 1:8, 1:8].amax((1, 2))], 1))
+
+    Head.capabilities = frozenset({"classify"})  # set after class creation: whether or not CAPABILITIES lists it yet
+    loaded = _loaded(Head())
+    loaded.findings = ["cardiomegaly", "nodule"]
+    r = evaluate.run(loaded, demo_shards, split="test", protocols=["fine_tune", "calibration", "knn"],
+                     cfg=EvalConfig(bootstrap=20, findings=FINDINGS))
+    ft = r["protocols"]["fine_tune"]
+    assert ft["findings_without_head"] == ["effusion"] and ft["per_finding"]["effusion"]["auroc"] is None
+    assert ft["per_finding"]["cardiomegaly"]["auroc"] > 0.8
+    assert "knn" in r["skipped"] and set(r["protocols"]["calibration"]["sources"]) == {"fine_tune"}
+    assert r["mean_auroc"] == ft["mean_auroc"]

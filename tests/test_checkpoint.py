@@ -65,8 +65,10 @@ def test_export_and_load_for_inference_round_trip(tmp_path, one_process_group):
     assert (back.step, back.tag, back.world_size, back.findings, back.loader) == (1, "step00000001", 1, ["nodule"], {"pos": 7})
     assert back.recipe == r and back.profile == Profile() and back.image is kinds.CT and back.tokenizer is None
     assert checkpoint.find(str(tmp_path)) == [ckpt] and checkpoint.saved_loader_ranks(ckpt) == [0]
-    with pytest.raises(ConfigError, match="written by 1 workers, this run has 2"):
-        checkpoint.load(ckpt, world_size=2)
+    # elastic: any worker count resumes; a rank the writer did not have gets rank 0's position
+    assert checkpoint.load(ckpt, rank=3, world_size=4).loader == {"pos": 7}
+    assert not checkpoint.needs_universal(back, 1) and checkpoint.needs_universal(back, 2)
+    _elastic_engine_load(r, ckpt, back, engine, images)
 
     out = checkpoint.export(ckpt, str(tmp_path / "model"))
     lm = checkpoint.load_for_inference(out)
@@ -77,6 +79,32 @@ def test_export_and_load_for_inference_round_trip(tmp_path, one_process_group):
     assert torch.equal(lm.embed_images(images), live)
     with pytest.raises(ValueError):
         lm.zero_shot(images, ["nodule"])  # MAE has no text tower
+
+
+def _elastic_engine_load(r: TrainRecipe, ckpt: str, state, engine, images) -> None:
+    """The universal path of load_engine (what a resume on another worker count takes), in this
+    one-process world: the state claims 2 writers, so the ZeRO-1 shards go through
+    ds_to_universal; the new engine then has the trained weights and the optimizer's step."""
+    import dataclasses
+
+    import deepspeed
+
+    from radforge import train
+
+    two = dataclasses.replace(state, world_size=2)
+    fresh = models.build(r.model, "ct", images.shape[1:])
+    with pytest.raises(ConfigError, match="load_universal=True"):
+        plain, *_ = deepspeed.initialize(model=fresh, model_parameters=list(fresh.parameters()),
+                                         config=train.deepspeed_config(r))
+        checkpoint.load_engine(ckpt, two, plain)
+    fresh = models.build(r.model, "ct", images.shape[1:])
+    uni, *_ = deepspeed.initialize(model=fresh, model_parameters=list(fresh.parameters()),
+                                   config=train.deepspeed_config(r, load_universal=True))
+    checkpoint.load_engine(ckpt, two, uni)
+    want, got = engine.module.state_dict(), uni.module.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
+    assert uni.global_steps == engine.global_steps == 1
+    assert not any(n.startswith("radforge-universal-") for n in os.listdir(ckpt))  # scratch removed
 
 
 @pytest.fixture

@@ -7,9 +7,17 @@ This module owns both layouts; train, tests and tools go through `RunState`, `sa
     state.json            step, DeepSpeed tag, world size, recipe, shard profile, findings
     ds/<tag>/...          DeepSpeed sharded state (module states + one ZeRO shard per rank)
     ds/latest
-    loader/rank-R.json    each rank's loader position
+    loader/rank-R.json    each rank's loader position (all equal: ranks consume in lockstep)
     tokenizer/            the text tower's tokenizer (small: BPE vocabulary; hf: tokenizer files
                           and the model config), for models that embed text
+
+Elastic resume: a checkpoint written by N workers resumes on M ≠ N. `load` gives every rank a
+loader position (rank 0's where the checkpoint has none for that rank: the loader re-plans the rest
+of the epoch for the new layout), and `load_engine` turns ZeRO-1/2/3 shards, which are laid out per
+rank, into a DeepSpeed universal checkpoint (`deepspeed.checkpoint.ds_to_universal`: fp32 weights
+and Adam moments per parameter, world-size independent) in a scratch folder of the local copy and
+loads that (the engine must be built with `train.deepspeed_config(..., load_universal=True)`:
+`needs_universal` says when). ZeRO-0 state is not partitioned and loads under any world size.
 
 `export(checkpoint, out)` writes a model directory that needs nothing else to rebuild the model:
 
@@ -98,8 +106,8 @@ class RunState:
     """Everything a training checkpoint holds besides DeepSpeed's own engine state.
 
     `loader` is one rank's loader position (each rank saves and restores its own); the rest is the
-    same on every rank and written by rank 0. A checkpoint is only resumable with `world_size`
-    workers: ZeRO optimizer shards are laid out per rank."""
+    same on every rank and written by rank 0. `world_size` is the writer's: resuming with another
+    worker count goes through a universal checkpoint (`needs_universal`, `load_engine`)."""
 
     step: int  # optimizer steps completed
     world_size: int
@@ -137,16 +145,16 @@ def save(directory: str, state: RunState, engine, *, rank: int) -> None:
 
 
 def load(url: str, *, rank: int = 0, world_size: int | None = None) -> RunState:
-    """The run state of the checkpoint at `url` (any URL), with `rank`'s loader position.
-    `world_size`: the resuming run's, refused when it differs from the checkpoint's."""
+    """The run state of the checkpoint at `url` (any URL), with `rank`'s loader position (rank
+    0's when the checkpoint has none for `rank`: a run resumed on more workers than wrote it).
+    `world_size`: the resuming run's (informational; any worker count resumes)."""
     try:
         raw = json.loads(storage.read_bytes(storage.join(url, _STATE)))
     except FileNotFoundError:
         raise ConfigError(f"{url} is not a radforge training checkpoint (no {_STATE})") from None
-    if world_size is not None and raw["world_size"] != world_size:
-        raise ConfigError(f"checkpoint was written by {raw['world_size']} workers, this run has {world_size}: "
-                          "resume with the same scale.num_workers, or export it and start a new run with model.init_from")
     loader_url = storage.join(url, _LOADER, f"rank-{rank:05d}.json")
+    if not storage.exists(loader_url):
+        loader_url = storage.join(url, _LOADER, f"rank-{0:05d}.json")
     return RunState(step=int(raw["step"]), world_size=int(raw["world_size"]),
                     recipe=config.from_dict(TrainRecipe, raw["recipe"]), profile=Profile.from_dict(raw["profile"]),
                     findings=list(raw["findings"]), tokenizer=_read_tree(storage.join(url, _TOKENIZER)),
@@ -154,11 +162,42 @@ def load(url: str, *, rank: int = 0, world_size: int | None = None) -> RunState:
                     tag=raw["tag"])
 
 
+def needs_universal(state: RunState, world_size: int) -> bool:
+    """Whether resuming `state` on `world_size` workers needs DeepSpeed's universal checkpoint
+    (ZeRO ≥ 1 partitions optimizer state per rank; ZeRO-0 does not)."""
+    return world_size != state.world_size and state.recipe.deepspeed.zero_stage > 0
+
+
 def load_engine(directory: str, state: RunState, engine) -> None:
-    """Restore a DeepSpeed engine (weights, optimizer shard, scheduler) from a local checkpoint."""
-    path, _ = engine.load_checkpoint(os.path.join(directory, _DS), tag=state.tag)
+    """Restore a DeepSpeed engine (weights, optimizer shard, scheduler) from a local checkpoint;
+    under another world size (ZeRO ≥ 1) through a universal checkpoint made here."""
+    ds_dir = os.path.join(directory, _DS)
+    if needs_universal(state, engine.dp_world_size):
+        if not engine.load_universal_checkpoint():
+            raise ConfigError(f"checkpoint of {state.world_size} workers on {engine.dp_world_size}: build the engine "
+                              "with train.deepspeed_config(..., load_universal=True)")
+        with tempfile.TemporaryDirectory(prefix="radforge-universal-", dir=directory) as uni:
+            _to_universal(os.path.join(ds_dir, state.tag), os.path.join(uni, state.tag))
+            path, _ = engine.load_checkpoint(uni, tag=state.tag)
+    else:
+        path, _ = engine.load_checkpoint(ds_dir, tag=state.tag)
     if path is None:
         raise RuntimeError("DeepSpeed could not load the checkpoint's engine state")
+
+
+def _to_universal(tag_dir: str, out_dir: str) -> None:
+    """DeepSpeed's ds_to_universal on one tag folder (every rank's ZeRO shards) → out_dir. In this
+    process (no extraction pool): each resuming rank converts its own copy; quiet, like export."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    args = argparse.Namespace(input_folder=tag_dir, output_folder=out_dir, num_extract_workers=1, num_merge_workers=1,
+                              keep_temp_folder=False, strict=True, inject_missing_state=True)
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        ds_to_universal.main(args)
 
 
 def find(url: str) -> list[str]:

@@ -966,7 +966,7 @@ class MixtureLoader:
         if not self.train:  # evaluation: one pass over each source in turn
             for i, src in enumerate(self.sources):
                 for batch in src:
-                    yield {**batch, "source": self.names[i]}
+                    yield {**batch, "source": self.names[i], "kind": self.data.sources[i].image}
             return
         its: dict[int, Iterator[dict]] = {}
         while True:
@@ -975,7 +975,7 @@ class MixtureLoader:
                 its[i] = iter(self.sources[i])
             batch = next(its[i])
             self._taken[i] += 1
-            yield {**batch, "source": self.names[i]}
+            yield {**batch, "source": self.names[i], "kind": self.data.sources[i].image}
 
     def state(self) -> LoaderState:
         return LoaderState(tuple(s.state().single for s in self.sources), tuple(self._taken))

@@ -30,8 +30,10 @@ Resume
 rank's loader position, so the sample sequence continues exactly (same world size). The MAE mask
 RNG is reseeded from (seed, step, rank) every micro-step, so a resumed run draws the same masks as
 an uninterrupted one. `resume="never"` deletes `storage_path/name` (the run's old checkpoints) and
-its metrics first. Resuming with a different number of workers is refused: ZeRO optimizer shards
-are laid out per rank (export the checkpoint and start a new run with `model.init_from` instead).
+its metrics first. Resuming with a different number of workers (elastic): ZeRO optimizer shards are laid out per
+rank, so `checkpoint.load_engine` converts them into a DeepSpeed universal checkpoint and the
+engine is built with `load_universal` (`deepspeed_config`); the loader re-plans the rest of the
+epoch over the samples not yet consumed (no sample of the epoch repeated).
 
 Learning-rate schedule: linear warmup over `optim.warmup_steps`, then cosine to `lr × min_lr_ratio`
 at `steps`, a `LambdaLR` DeepSpeed steps once per optimizer step; the lr at step k is the same for
@@ -88,7 +90,7 @@ class TrainResult:
 # DeepSpeed config and schedule: the only place these are made
 
 
-def deepspeed_config(recipe: TrainRecipe) -> dict:
+def deepspeed_config(recipe: TrainRecipe, *, load_universal: bool = False) -> dict:
     """The DeepSpeed config for `recipe`. Batch sizes come from the recipe alone:
     micro_batch × grad_accum × num_workers = train_batch_size (DeepSpeed checks the identity).
 
@@ -123,6 +125,8 @@ def deepspeed_config(recipe: TrainRecipe) -> dict:
         "steps_per_print": 10**12,  # our own metrics; DeepSpeed's prints would interleave
         "wall_clock_breakdown": False,
     }
+    if load_universal:  # resuming a checkpoint of another world size (checkpoint.needs_universal)
+        cfg["checkpoint"] = {"load_universal": True}
     return cfg
 
 
@@ -150,7 +154,9 @@ def run(recipe: TrainRecipe, *, resume: str = "auto", progress: bool = True, hoo
         raise ConfigError(f"resume must be auto or never, got {resume!r}")
     manifest = _read_train_split(recipe)
     # Absolute URLs: workers run elsewhere (another cwd, another node).
-    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, shards=storage.absolute(recipe.data.shards)),
+    sources = [dataclasses.replace(s, shards=storage.absolute(s.shards)) for s in recipe.data.sources]
+    recipe = dataclasses.replace(recipe, data=dataclasses.replace(recipe.data, shards=storage.absolute(recipe.data.shards),
+                                                                  sources=sources),
                                  output_dir=storage.absolute(recipe.output_dir))
     store = storage.absolute(recipe.checkpoint.storage_path)
     run_store = storage.join(store, recipe.name)
@@ -367,6 +373,10 @@ class TraceSamples(Hook):
         path = os.path.join(storage.url_to_fs(info.run_dir)[1], "samples", f"rank-{info.rank:05d}.jsonl")
         # a resumed run replays the steps after its checkpoint
         _keep_rows(path, lambda row: row["step"] <= info.start_step)
+        if info.rank == 0:  # and ranks of an earlier, larger run (elastic resume) have none after it
+            for name in sorted(os.listdir(os.path.dirname(path))):
+                if name.startswith("rank-") and int(name[5:10]) >= info.world:
+                    _keep_rows(os.path.join(os.path.dirname(path), name), lambda row: row["step"] <= info.start_step)
         self.f = open(path, "a")
 
     def after_step(self, step: int, keys: list[str]) -> None:
@@ -433,6 +443,7 @@ class Checkpointer:
         ckpt = ray.train.get_checkpoint()
         self.dir = ckpt.to_directory() if ckpt is not None else None
         self.state = checkpoint.load(self.dir, rank=rank, world_size=world) if self.dir else None
+        self.universal = self.state is not None and checkpoint.needs_universal(self.state, world)  # elastic resume
 
     def load_engine(self, engine) -> None:
         if self.state is not None:
@@ -506,6 +517,24 @@ class Metrics:
 
     def _reset(self) -> None:
         self.window = {"time": 0.0, "wait": 0.0, "steps": 0, "loss": 0.0}
+        self.by_kind: dict[str, list[float]] = {}  # image kind -> [loss sum, micro-batches] (CT + X-ray runs)
+
+    def kind_loss(self, kind: str, loss) -> None:
+        s = self.by_kind.setdefault(kind, [0.0, 0])
+        s[0], s[1] = s[0] + float(loss), s[1] + 1
+
+    def _mixture(self, lm: dict) -> dict:
+        """Per image kind its mean loss over the window (loss_<kind>; every rank joins the
+        reduction) when the run mixes kinds, and the loader's realised mixture shares."""
+        import torch
+
+        out = {k: v for k, v in lm.items() if k.startswith("mix_")}
+        names = self.recipe.data.images()
+        if len(names) > 1:
+            t = torch.tensor([v for k in names for v in self.by_kind.get(k, [0.0, 0])], dtype=torch.float64)
+            torch.distributed.all_reduce(t)
+            out.update({f"loss_{k}": float(t[2 * i] / t[2 * i + 1]) for i, k in enumerate(names) if t[2 * i + 1] > 0})
+        return out
 
     def step_done(self, loss, wait: float, seconds: float) -> None:
         """One small all-reduce per step: loss (mean over ranks), wait and time (worst rank)."""
@@ -538,6 +567,7 @@ class Metrics:
             "rss_mb": psutil.Process().memory_info().rss / 1e6,
             "skipped_samples": int(counters[0]), "bad_shards": int(counters[1]), "nodes": self.info.nodes,
         }
+        m.update(self._mixture(lm))
         if self.recipe.scale.use_gpu:
             m["cuda_max_allocated_mb"] = torch.cuda.max_memory_allocated() / 1e6
         self._reset()
@@ -620,8 +650,7 @@ class Validator:
                 state = {n: t.detach().clone().cpu() for n, t in [*module.named_parameters(), *module.named_buffers()]}
         if self.info.rank != 0:
             return None
-        copy = models.build(r.model, r.data.image, kinds.get(r.data.image).view(r.view).input_shape, self.tokenizer,
-                            pretrained=False)
+        copy = models.build_multi(r.model, _input_shapes(r), self.tokenizer, pretrained=False)
         copy.load_state_dict(state, strict=False)
         return copy.to(self.device).eval()
 
@@ -678,7 +707,7 @@ class Trainer:
         # Outside weights (model.init_from, an HF text tower) only for a fresh start; a resumed run
         # gets every weight from its checkpoint.
         fresh = ckpt.state is None
-        model = models.build(r.model, r.data.image, input_shape, tokenizer, pretrained=fresh,
+        model = models.build_multi(r.model, _input_shapes(r), tokenizer, pretrained=fresh,
                              init_encoder=checkpoint.read_weights(r.model.init_from) if fresh and r.model.init_from else None,
                              activation_checkpointing=r.deepspeed.activation_checkpointing)
         loader = loader_mod.build_loader(
@@ -686,7 +715,8 @@ class Trainer:
             seed=r.seed, train=True, findings=r.eval.findings or None, state=ckpt.state.loader if ckpt.state else None,
             text_view=_text_view(r))
         engine, optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=_param_groups(model, r.optim.weight_decay), config=deepspeed_config(r),
+            model=model, model_parameters=_param_groups(model, r.optim.weight_decay),
+            config=deepspeed_config(r, load_universal=ckpt.universal),
             lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(r, s)))
         ckpt.load_engine(engine)
         for h in job.hooks:
@@ -756,6 +786,8 @@ class Trainer:
                     grad_norm = _grad_norm(self.engine.module)
             self.engine.step()
             losses.append(loss.detach().float())
+            if "kind" in batch:  # a mixture's batch: one image kind (radforge.loader)
+                self.metrics.kind_loss(batch["kind"], losses[-1])
         if grad_norm is None:
             g = self.engine.get_global_grad_norm()
             grad_norm = float(g) if g is not None else float("nan")
@@ -799,6 +831,11 @@ def _setup_device(recipe: TrainRecipe):
     return torch.device("cpu")
 
 
+def _input_shapes(recipe: TrainRecipe) -> dict[str, tuple[int, ...]]:
+    """{image kind: model input shape} for every kind the data holds (primary first)."""
+    return {k: tuple(kinds.get(k).view(recipe.view).input_shape) for k in recipe.data.images()}
+
+
 def _forever(loader) -> Iterator[dict]:
     """The loader's batches, pass after pass (train loaders normally never end); an empty pass ends it."""
     while True:
@@ -838,6 +875,14 @@ def _param_groups(model, weight_decay: float) -> list[dict]:
     return groups
 
 
+def _text_view(recipe: TrainRecipe):
+    """The loader's report rewrite for objectives with a text tower (sections, sentence sampling)."""
+    from radforge import models
+    from radforge.models import text
+
+    return text.ReportView.from_config(recipe.model.text) if models.get(recipe.model.kind).text_tower else None
+
+
 def _tokenizer_from_files(files: dict[str, bytes] | None):
     if not files:
         return None
@@ -847,12 +892,4 @@ def _tokenizer_from_files(files: dict[str, bytes] | None):
         for name, data in files.items():
             with open(os.path.join(d, name), "wb") as f:
                 f.write(data)
-def _text_view(recipe: TrainRecipe):
-    """The loader's report rewrite for objectives with a text tower (sections, sentence sampling)."""
-    from radforge import models
-    from radforge.models import text
-
-    return text.ReportView.from_config(recipe.model.text) if models.get(recipe.model.kind).text_tower else None
-
-
         return text.Tokenizer.load(d)

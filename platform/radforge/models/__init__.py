@@ -140,3 +140,17 @@ def set_activation_checkpointing(model, on: bool) -> None:
 
 __all__ = ["REGISTRY", "ObjectiveSpec", "get", "build", "set_activation_checkpointing", "Objective", "Unsupported",
            "CAPABILITIES", "EVALUATIONS", "evaluations_for", "MAE", "CLIP", "DINO", "ViT", "PRESETS", "load_encoder_state"]
+def build_multi(cfg: ModelConfig, shapes: dict, tokenizer=None, **kw) -> Objective:
+    """One `cfg.kind` model for several image kinds (`shapes`: {kind name: input_shape}, primary
+    first): a patch embedding per kind, the rest shared (`models.multi.MultiKind`). One kind:
+    plain `build`. `kw` as for `build` (init_encoder applies to the first kind's encoder)."""
+    from radforge.models.multi import MultiKind
+
+    names = list(shapes)
+    if len(names) == 1:
+        return build(cfg, names[0], shapes[names[0]], tokenizer, **kw)
+    parts = {k: build(cfg, k, shapes[k], tokenizer, **(kw if i == 0 else {**kw, "init_encoder": None}))
+             for i, k in enumerate(names)}
+    return MultiKind(parts, {k: kinds.get(k).ndim for k in names})
+
+

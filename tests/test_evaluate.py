@@ -184,7 +184,7 @@ def test_mae_recon_loss_and_linear_probe():
 # ------------------------------------------------------------------------------- run on shards
 
 
-def _write_shards(dest, splits: dict[str, int], *, extra=None, labelled: bool = True) -> str:
+def _write_shards(dest, splits: dict[str, int], *, extra=None, labelled: bool = True, ct: bool = False) -> str:
     """X-ray shards in the shard format (shardspec) from `_synthetic`: uint16 images, reports,
     labels (none when `labelled` is false); one shard per split. `extra(k, split)`: more metadata."""
     import hashlib
@@ -203,8 +203,10 @@ def _write_shards(dest, splits: dict[str, int], *, extra=None, labelled: bool = 
         with tarfile.open(fileobj=buf, mode="w") as tf:
             for i in range(n):
                 arr = np.clip((images[i, 0].numpy() + 2) * 10000, 0, 65535).astype(np.uint16)
+                if ct:  # `ct`: the same picture as a 4-slice HU volume (soft tissue ± 150 HU)
+                    arr = np.repeat(np.rint(40 + images[i, 0].numpy() * 150).astype(np.int16)[None], 4, 0)
                 lab = {f: (None if math.isnan(v) else int(v)) for f, v in zip(FINDINGS, labels[i].tolist())}
-                meta = {"modality": "DX", "shape": list(arr.shape), "split": split, "has_report": True,
+                meta = {"modality": "CT" if ct else "DX", "shape": list(arr.shape), "split": split, "has_report": True,
                         **({"labels": lab} if labelled else {}), **(extra(k, split) if extra else {})}
                 for suffix, data in shardspec.encode_sample(f"{k:024x}", arr, meta, texts[i]).items():
                     info = tarfile.TarInfo(f"{k:024x}.{suffix}")
@@ -215,7 +217,7 @@ def _write_shards(dest, splits: dict[str, int], *, extra=None, labelled: bool = 
         with open(os.path.join(dest, path), "wb") as f:
             f.write(data)
         recs.append({"path": path, "split": split, "samples": n, "bytes": len(data),
-                     "sha256": hashlib.sha256(data).hexdigest(), "modalities": {"DX": n}})
+                     "sha256": hashlib.sha256(data).hexdigest(), "modalities": {"CT" if ct else "DX": n}})
     manifest = shardspec.new_manifest(profile=Profile(), recipe={}, deid={}, plan_digest="t")
     shardspec.finalize(manifest, recs, {"seen": 0, "used": 0, "skipped": {}, "rejected": {}})
     with open(os.path.join(dest, shardspec.MANIFEST), "w") as f:
@@ -567,3 +569,26 @@ def test_fine_tune_protocol_scores_the_models_classifier(demo_shards):
     assert ft["per_finding"]["cardiomegaly"]["auroc"] > 0.8
     assert "knn" in r["skipped"] and set(r["protocols"]["calibration"]["sources"]) == {"fine_tune"}
     assert r["mean_auroc"] == ft["mean_auroc"]
+
+
+def test_ct_robustness_corrupts_in_hounsfield_units_before_the_windows(tmp_path):
+    """A 3D MAE on CT shards: every CT corruption at severities 1 and 5, through the CT view."""
+    from types import SimpleNamespace
+
+    from radforge import corruptions
+    from radforge.config import ViewConfig
+
+    shards = _write_shards(tmp_path / "ct", {"train": 48, "val": 16, "test": 40}, ct=True)
+    view = ViewConfig(ct_size=(4, SIZE, SIZE), ct_windows=[(40.0, 400.0)], rand_crop=False, rand_flip=False)
+    torch.manual_seed(0)
+    mae = MAE(ViT((1, 4, SIZE, SIZE), (2, 4, 4), 32, 2, 2), decoder_width=32, decoder_depth=1)
+    loaded = SimpleNamespace(model=mae, kind="mae", image=kinds.CT, view=view, findings=FINDINGS, model_id="ct", prompts={})
+    r = evaluate.run(loaded, shards, split="test", protocols=["robustness", "linear_probe"],
+                     cfg=EvalConfig(bootstrap=20, severities=[1, 5]))
+    rb = r["protocols"]["robustness"]
+    assert list(rb["corruptions"]) == corruptions.for_kind("ct") == r["config"]["corruptions"]
+    assert rb["levels"]["hu_offset"] == [10, 25, 50, 75, 100] and rb["clean"]["mean_auroc"] > 0.7
+    for name, sev in rb["corruptions"].items():
+        assert set(sev) == {"1", "5"} and all(v["mean_auroc"] is not None for v in sev.values()), name
+    with pytest.raises(Exception, match="does not apply to ct"):
+        evaluate.run(loaded, shards, split="test", protocols=["robustness"], cfg=EvalConfig(bootstrap=0, corruptions=["jpeg"]))

@@ -350,6 +350,7 @@ class Context:
     stream: Callable[..., Pass] | None = None  # (split, corruption=None, severity=None) -> Pass
     groups: dict | None = None  # attribute -> [group label or None per test sample]
     model_findings: list[str] = field(default_factory=list)
+    train_missing: str = "the shard set has no train split to fit on"
     probes: list[Probe] | None = None
     probe_on_val: bool = False
     curves: dict = field(default_factory=dict)  # scorer -> finding -> (fpr, tpr): the report's ROC
@@ -628,7 +629,7 @@ def _execute(ctx: Context, names: Sequence[str], skipped: dict) -> tuple[dict, d
         if not labelled and name not in LABEL_FREE:
             why = "the split has no labels: only the label-free protocols (retrieval, recon_loss) ran"
         elif name in _NEEDS_TRAIN and ctx.train is None:
-            why = "the shard set has no labelled train split to fit on"
+            why = ctx.train_missing
         elif name in ("fairness", "robustness", "calibration") and not ctx.scorers():
             why = "no scorer: the model has no classifier or zero-shot, and there is no train split for a probe"
         elif name == "fairness" and not ctx.groups:
@@ -826,6 +827,8 @@ def run(model, shards: str, split: str = "test", protocols: Sequence[str] = ("al
         ctx = Context(model=obj, cfg=cfg, findings=list(findings or []), prompts=_prompts(model, cfg), test=test,
                       train=train, val=val, kind=kind, stream=lambda corruption, severity: stream(split, corruption, severity),
                       groups=groups, model_findings=list(getattr(model, "findings", None) or []), say=say)
+        if split == "train":
+            ctx.train_missing = "probes are fitted on the train split: evaluate another split (val, test)"
         results, seconds = _execute(ctx, names, skipped)
     finally:
         obj.train(was_training)

@@ -69,7 +69,7 @@ def test_vit_shapes_and_patchify_roundtrip(shape, patch, n):
 def test_vit_presets_via_build_and_bad_shapes():
     m = models.build(ModelConfig(kind="mae", preset="tiny"), "xray", (1, 32, 32))
     assert m.encoder.width == models.PRESETS["tiny"][0] and len(m.encoder.transformer.blocks) == models.PRESETS["tiny"][1]
-    assert set(models.REGISTRY) == {"mae", "clip"}
+    assert {"mae", "clip", "finetune"} <= set(models.REGISTRY)
     with pytest.raises(ValueError, match="does not fit"):
         models.build(ModelConfig(kind="mae"), "ct", (1, 32, 32))
     with pytest.raises(ValueError, match="must divide"):
@@ -279,7 +279,7 @@ def test_every_objective_answers_the_protocol(tokenizer):
     those return what objective.py promises, the others raise Unsupported (a ValueError)."""
     images = torch.randn(2, 1, 16, 16)
     for kind, spec in models.REGISTRY.items():
-        cfg = ModelConfig(kind=kind, preset="tiny", patch_xray=8, decoder_width=32, decoder_depth=1)
+        cfg = ModelConfig(kind=kind, preset="tiny", patch_xray=8, decoder_width=32, decoder_depth=1, findings=["nodule"])
         m = models.build(cfg, "xray", (1, 16, 16), tokenizer).eval()
         assert isinstance(m, models.Objective) and m.name == kind
         assert m.capabilities == spec.capabilities and m.capabilities <= models.CAPABILITIES
@@ -287,12 +287,13 @@ def test_every_objective_answers_the_protocol(tokenizer):
         assert "embed_image" in m.capabilities  # every objective so far; serve's /v1/embed relies on it
         emb = m.embed_image(images)
         assert emb.shape[0] == 2 and torch.allclose(emb.float().norm(dim=1), torch.ones(2), atol=1e-5)
-        out = m({"image": images, "text": REPORTS[:2]})
+        out = m({"image": images, "text": REPORTS[:2], "labels": torch.tensor([[1.0], [float("nan")]])})
         assert set(out) == {"loss", *m.metrics} and all(v.numel() == 1 for v in out.values())
         assert spec.text_tower == spec.require_report == ("embed_text" in m.capabilities)
         calls = {"embed_text": lambda: m.embed_text(REPORTS[:3]),
                  "zero_shot": lambda: m.zero_shot(images, ["nodule"], "{finding}.", "no {finding}."),
-                 "reconstruct": lambda: m.reconstruct(images, torch.Generator().manual_seed(0))}
+                 "reconstruct": lambda: m.reconstruct(images, torch.Generator().manual_seed(0)),
+                 "classify": lambda: m.classify(images)}
         for cap, call in calls.items():
             if cap in m.capabilities:
                 call()

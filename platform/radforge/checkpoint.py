@@ -54,6 +54,7 @@ _STATE = "state.json"
 _DS = "ds"
 _LOADER = "loader"
 _TOKENIZER = "tokenizer"
+_HF_CONFIG = "config.json"  # a Hugging Face model directory (model.init_from)
 
 
 @dataclass
@@ -265,10 +266,11 @@ def export(checkpoint_url: str, out_url: str) -> str:
         # safetensors refuses shared storage (tied weights); contiguous clones keep it simple
         weights = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in weights.items()}
         r = state.recipe
+        weights, model_cfg = _exported(r.model, weights)
         digest = _write_model_dir(out_url, weights, state.tokenizer, tmp, {
             "kind": r.model.kind,
             "image": r.data.image,
-            "model": config.to_dict(r.model),
+            "model": config.to_dict(model_cfg),
             "view": config.to_dict(r.view),
             "profile": state.profile.to_dict(),
             "findings": state.findings,
@@ -286,12 +288,21 @@ def write_model(out_url: str, model, *, image: ImageKind | str, model_cfg: Model
     and tests that need one without a training run. Returns out_url."""
     image = kinds.get(image) if isinstance(image, str) else image
     weights = {k: v.detach().contiguous().clone().cpu() for k, v in model.state_dict().items()}
+    weights, model_cfg = _exported(model_cfg, weights)
     with tempfile.TemporaryDirectory(prefix="radforge-model-") as tmp:
         _write_model_dir(out_url, weights, tokenizer_files(model), tmp, {
             "kind": model_cfg.kind, "image": image.name, "model": config.to_dict(model_cfg), "view": config.to_dict(view),
             "profile": profile.to_dict(), "findings": list(findings), "prompts": dict(prompts or {}), "recipe": {},
             "step": 0, "model_id": model_id})
     return out_url
+
+
+def _exported(model_cfg: ModelConfig, weights: dict) -> tuple[dict, ModelConfig]:
+    """What the objective writes into a model directory (models.ObjectiveSpec.exported: a LoRA
+    fine-tune merges its adapters and is saved as `method: full`); as trained otherwise."""
+    from radforge import models
+
+    return models.get(model_cfg.kind).exported(weights, model_cfg)
 
 
 def _write_model_dir(out_url: str, weights: dict, tokenizer: dict[str, bytes] | None, tmp: str, meta: dict) -> str:
@@ -364,9 +375,19 @@ def _fetch(url: str, local: str) -> str:
 
 
 def read_weights(model_url: str) -> dict:
-    """The state dict of an exported model directory (any URL)."""
+    """The state dict of an exported model directory (any URL) — what `model.init_from` reads.
+    A Hugging Face image model directory instead (config.json, no model.json: Dinov2Model,
+    Dinov2WithRegistersModel, ViTModel, CLIPVisionModel; local or any fsspec URL, fetched to a
+    temporary directory first) is loaded offline with `from_pretrained` and returned as a radforge
+    image tower under `encoder.` (radforge.models.hf), like an MAE export's encoder."""
     from safetensors.torch import load as load_bytes
 
+    if not storage.exists(storage.join(model_url, MODEL_JSON)) and storage.exists(storage.join(model_url, _HF_CONFIG)):
+        from radforge.models import hf
+
+        with tempfile.TemporaryDirectory(prefix="radforge-hf-") as tmp:
+            local = _fetch(model_url, os.path.join(tmp, "hf"))
+            return {f"encoder.{k}": v for k, v in hf.read_image_tower(local).items()}
     return load_bytes(storage.read_bytes(storage.join(model_url, WEIGHTS)))
 
 

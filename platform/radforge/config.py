@@ -335,9 +335,16 @@ class TextConfig(Section):
     width: int = 128  # small: transformer width (divisible by heads)
     depth: int = 2  # small: transformer blocks
     heads: int = 4  # small: attention heads
+    # Report sections the tower reads (headers such as "FINDINGS:", case-insensitive), in this
+    # order; empty = the whole report. A report with none of them is read whole.
+    sections: list[str] = field(default_factory=list)
+    sample_sentences: bool = False  # training only: a seeded random subset of the sentences per sample
 
     def __post_init__(self):
         _choice("model.text.kind", self.kind, ("small", "hf"))
+        self.sections = [str(x).strip().lower() for x in self.sections]
+        if any(not x for x in self.sections):
+            raise SettingError("model.text.sections: section names must be non-empty (e.g. [findings, impression])")
         if self.kind == "hf" and not self.path:
             raise SettingError("model.text.path must name the Hugging Face model directory when kind is hf")
         for k in ("vocab_size", "max_len", "width", "depth", "heads"):
@@ -428,7 +435,7 @@ class FinetuneConfig(Section):
 class ModelConfig(Section):
     """What to train. The image encoder is a ViT whose dimensionality follows data.image."""
 
-    kind: str = "mae"  # mae | clip
+    kind: str = "mae"  # mae | clip | finetune (and the registry's other objectives)
     preset: str = "tiny"  # ViT size: tiny | small | base | large
     patch_ct: tuple[int, int, int] = (8, 16, 16)  # 3D patch (z, y, x) voxels; must divide view.ct_size
     patch_xray: int = 16  # 2D patch (px); must divide view.xray_size
@@ -438,7 +445,15 @@ class ModelConfig(Section):
     decoder_depth: int = 2  # MAE decoder: transformer blocks
     embed_dim: int = 128  # CLIP: joint embedding size
     init_temperature: float = 0.07  # CLIP: initial softmax temperature (learnable)
-    init_from: str | None = None  # CLIP: an exported MAE model dir whose encoder initialises the image tower
+    # An image tower to start from (fresh runs only): an exported radforge model dir (model.json;
+    # its image encoder: MAE/CLIP/DINO/finetune) or a Hugging Face dir (config.json + weights;
+    # Dinov2Model / Dinov2WithRegistersModel / ViTModel / CLIPVisionModel), local or any fsspec
+    # URL; an HF source needs model.backbone (and preset, patch) to match it (radforge.models.hf).
+    init_from: str | None = None
+    backbone: str = "radforge"  # image-tower structure: radforge | dinov2 | vit | clip (those of the HF classes above)
+    registers: int = 0  # backbone dinov2: register tokens (Dinov2WithRegistersModel weights)
+    findings: list[str] = field(default_factory=list)  # finetune: the head's findings, in order; empty = eval.findings
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig())  # finetune: full or LoRA
     text: TextConfig = field(default_factory=TextConfig)  # CLIP: the text tower
     dino: DinoConfig = field(default_factory=DinoConfig)  # DINO: heads, crops, losses, schedules
 
@@ -451,6 +466,10 @@ class ModelConfig(Section):
         if not 0 < self.mask_ratio < 1:
             raise SettingError("model.mask_ratio must be in (0, 1)")
         _above("model.init_temperature", self.init_temperature, 0)
+        _choice("model.backbone", self.backbone, ("radforge", "dinov2", "vit", "clip"))  # models.vit.STYLES
+        _at_least("model.registers", self.registers, 0)
+        if self.registers and self.backbone != "dinov2":
+            raise SettingError("model.registers needs model.backbone: dinov2")
 
     def patch(self, image: kinds.ImageKind) -> tuple[int, ...]:
         """The patch (voxels per axis) for an image kind: `patch_ct` in 3D, `patch_xray` squared in 2D."""
@@ -496,16 +515,9 @@ class DeepSpeedSettings(Section):
             raise SettingError("deepspeed.micro_batch and deepspeed.grad_accum must be >= 1")
         if self.offload_optimizer and self.zero_stage == 0:
             raise SettingError("deepspeed.offload_optimizer needs zero_stage >= 1")
-    # Report sections the tower reads (headers such as "FINDINGS:", case-insensitive), in this
-    # order; empty = the whole report. A report with none of them is read whole.
-    sections: list[str] = field(default_factory=list)
-    sample_sentences: bool = False  # training only: a seeded random subset of the sentences per sample
 
 
 @dataclass
-        self.sections = [str(x).strip().lower() for x in self.sections]
-        if any(not x for x in self.sections):
-            raise SettingError("model.text.sections: section names must be non-empty (e.g. [findings, impression])")
 class ScaleConfig(Section):
     """Ray Train scaling: multi-node is configuration only."""
 
@@ -608,6 +620,8 @@ class TrainRecipe(Section):
             raise SettingError("steps and log_every must be >= 1")
         if _objectives()[self.model.kind].require_report:
             self.data.require_report = True  # an objective that trains on pairs skips report-less samples
+        if "classify" in _objectives()[self.model.kind].capabilities:
+            self._head_findings()
         if self.model.dino.momentum_steps == 0:  # the teacher momentum's cosine spans the run
             self.model.dino.momentum_steps = self.steps
         images = self.data.images()
@@ -619,6 +633,18 @@ class TrainRecipe(Section):
             raise SettingError(f"model.patch_xray {self.model.patch_xray} must divide view.xray_size {self.view.xray_size}")
         if self.deepspeed.precision != "fp32" and not self.scale.use_gpu:
             raise SettingError(f"deepspeed.precision {self.deepspeed.precision} needs scale.use_gpu: true (CPU training is fp32)")
+
+    def _head_findings(self) -> None:
+        """A classifier's head outputs and the loader's label columns are one list, in one order:
+        model.findings (saved in model.json) = eval.findings (what the loader reads)."""
+        m, e = list(self.model.findings), list(self.eval.findings)
+        if m and e and m != e:
+            raise SettingError(f"model.findings {m} and eval.findings {e} differ; set one of them (the other follows)")
+        if not (m or e):
+            raise SettingError(f"model.kind {self.model.kind} needs its head's findings: set eval.findings to the "
+                               "shards' label names to predict, in order (e.g. [cardiomegaly, effusion])")
+        self.model.findings = list(m or e)
+        self.eval.findings = list(m or e)
 
     @property
     def global_batch(self) -> int:

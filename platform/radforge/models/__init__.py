@@ -12,6 +12,8 @@ objective needs from the outside before it is built:
     mae   MAE(ViT 2D/3D)                          embed_image, reconstruct
     clip  CLIP(ViT 2D/3D, small or HF text tower) embed_image, embed_text, zero_shot;
                                                   needs a text tower and every sample's report
+    finetune  FineTune(ViT 2D/3D + linear head,   classify, embed_image; full or LoRA (peft);
+              model.findings)                     export merges LoRA (spec.export)
     dino  DINO(student ViT + EMA teacher, 2D/3D)  embed_image (the teacher's CLS); trains on
                                                   multi-crop views (transforms.RandMultiCrop)
 
@@ -31,9 +33,11 @@ from radforge.kinds import ImageKind
 from radforge.models import text as text_mod
 from radforge.models.clip import CLIP
 from radforge.models.dino import DINO
+from radforge.models import finetune as finetune_mod
+from radforge.models.finetune import FineTune
 from radforge.models.mae import MAE, load_encoder_state
 from radforge.models.objective import CAPABILITIES, EVALUATIONS, Objective, Unsupported, evaluations_for
-from radforge.models.vit import PRESETS, Transformer, ViT, vit
+from radforge.models.vit import PRESETS, Transformer, ViT, encoder_weights, vit
 
 
 def _patch(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int]) -> tuple[int, ...]:
@@ -43,18 +47,23 @@ def _patch(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int]) -> tu
     return patch
 
 
+def image_tower(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int]) -> ViT:
+    """The ViT of a model config: preset size, the image kind's patch, `model.backbone` structure."""
+    return vit(cfg.preset, input_shape, _patch(cfg, image, input_shape), style=cfg.backbone, registers=cfg.registers)
+
+
 def build_mae(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int], tokenizer=None, *, pretrained: bool = True,
               init_encoder=None) -> MAE:
     if init_encoder is not None:
         raise ValueError("model.init_from initialises a CLIP image tower; an MAE starts from scratch")
-    encoder = vit(cfg.preset, input_shape, _patch(cfg, image, input_shape))
+    encoder = image_tower(cfg, image, input_shape)
     return MAE(encoder, mask_ratio=cfg.mask_ratio, norm_pix_loss=cfg.norm_pix_loss,
                decoder_width=cfg.decoder_width, decoder_depth=cfg.decoder_depth)
 
 
 def build_clip(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int], tokenizer=None, *, pretrained: bool = True,
                init_encoder=None) -> CLIP:
-    visual = vit(cfg.preset, input_shape, _patch(cfg, image, input_shape))
+    visual = image_tower(cfg, image, input_shape)
     text = text_mod.build_text_encoder(cfg.text, tokenizer, pretrained=pretrained)
     model = CLIP(visual, text, cfg.embed_dim, cfg.init_temperature)
     if init_encoder is not None:
@@ -77,6 +86,14 @@ class _Tower:
         self.visual = visual
 
 
+def build_finetune(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int], tokenizer=None, *,
+                   pretrained: bool = True, init_encoder=None) -> FineTune:
+    encoder = image_tower(cfg, image, input_shape)
+    if init_encoder is not None:  # before the adapters: they wrap the loaded layers
+        encoder.load_pretrained(encoder_weights(init_encoder))
+    return FineTune(encoder, cfg.findings, cfg.finetune)
+
+
 @dataclass(frozen=True)
 class ObjectiveSpec:
     """One objective: how to build it and what it needs before it is built."""
@@ -86,10 +103,16 @@ class ObjectiveSpec:
     text_tower: bool = False  # takes `cfg.text`; a small text tower needs a trained tokenizer
     require_report: bool = False  # trains on image-report pairs: samples without a report are skipped
     multicrop: bool = False  # trains on multi-crop views: the trainer adds transforms.RandMultiCrop(cfg.dino) views
+    # (state dict, ModelConfig) -> what an export writes (finetune: LoRA merged, method full); None = as trained
+    export: Callable[..., tuple] | None = None
 
     @property
     def capabilities(self) -> frozenset[str]:
         return self.model.capabilities
+
+    def exported(self, state: dict, cfg: ModelConfig) -> tuple[dict, ModelConfig]:
+        """The weights and model config an exported model directory holds (checkpoint.export)."""
+        return self.export(state, cfg) if self.export is not None else (state, cfg)
 
     @property
     def metrics(self) -> tuple[str, ...]:
@@ -104,6 +127,7 @@ REGISTRY: dict[str, ObjectiveSpec] = {
     "mae": ObjectiveSpec(MAE, build_mae),
     "clip": ObjectiveSpec(CLIP, build_clip, text_tower=True, require_report=True),
     "dino": ObjectiveSpec(DINO, build_dino, multicrop=True),
+    "finetune": ObjectiveSpec(FineTune, build_finetune, export=finetune_mod.exported),
 }
 
 
@@ -138,8 +162,6 @@ def set_activation_checkpointing(model, on: bool) -> None:
             m.activation_checkpointing = bool(on)
 
 
-__all__ = ["REGISTRY", "ObjectiveSpec", "get", "build", "set_activation_checkpointing", "Objective", "Unsupported",
-           "CAPABILITIES", "EVALUATIONS", "evaluations_for", "MAE", "CLIP", "DINO", "ViT", "PRESETS", "load_encoder_state"]
 def build_multi(cfg: ModelConfig, shapes: dict, tokenizer=None, **kw) -> Objective:
     """One `cfg.kind` model for several image kinds (`shapes`: {kind name: input_shape}, primary
     first): a patch embedding per kind, the rest shared (`models.multi.MultiKind`). One kind:
@@ -154,3 +176,6 @@ def build_multi(cfg: ModelConfig, shapes: dict, tokenizer=None, **kw) -> Objecti
     return MultiKind(parts, {k: kinds.get(k).ndim for k in names})
 
 
+__all__ = ["REGISTRY", "ObjectiveSpec", "get", "build", "set_activation_checkpointing", "Objective", "Unsupported",
+           "CAPABILITIES", "EVALUATIONS", "evaluations_for", "MAE", "CLIP", "DINO", "ViT", "PRESETS", "load_encoder_state",
+           "FineTune", "image_tower"]

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from radforge.models.objective import Objective
-from radforge.models.vit import ViT, Transformer, init_weights, sincos_pos_embed
+from radforge.models.vit import ViT, Transformer, encoder_weights, init_weights, sincos_pos_embed
 
 
 class MAE(Objective):
@@ -143,32 +143,10 @@ class MAE(Objective):
         }
 
 
-def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # DeepSpeed / DDP wrap the module as "module."; torch.compile as "_orig_mod.".
-    out = {}
-    for k, v in state.items():
-        for p in ("module.", "_orig_mod."):
-            while k.startswith(p):
-                k = k[len(p):]
-        out[k] = v
-    return out
-
-
-def load_encoder_state(clip_model: nn.Module, mae_state_dict: Mapping[str, torch.Tensor]) -> list[str]:
-    """Initialise a CLIP image tower (`clip_model.visual`, a ViT) from an MAE state dict's
-    `encoder.*` weights. Shapes must match (same preset, patch and input shape); a mismatch is a
-    ValueError naming the key, never a silent partial load. Returns the keys loaded."""
-    state = _strip_prefixes(mae_state_dict)
-    enc = {k[len("encoder."):]: v for k, v in state.items() if k.startswith("encoder.")}
-    if not enc:
-        raise ValueError("the state dict has no MAE encoder weights (no 'encoder.*' keys)")
-    target = clip_model.visual.state_dict()
-    missing = sorted(set(target) - set(enc))
-    if missing:
-        raise ValueError(f"MAE encoder lacks {len(missing)} image-tower weights, e.g. {missing[0]}")
-    for k, v in enc.items():
-        if k in target and target[k].shape != v.shape:
-            raise ValueError(f"MAE encoder weight {k} has shape {tuple(v.shape)}, the image tower needs "
-                             f"{tuple(target[k].shape)} (same preset, patch and input shape?)")
-    clip_model.visual.load_state_dict({k: enc[k] for k in target})
-    return sorted(target)
+def load_encoder_state(clip_model: nn.Module, state_dict: Mapping[str, torch.Tensor]) -> list[str]:
+    """Initialise an image tower (`clip_model.visual`, a ViT) from the image encoder in an
+    exported model's state dict (`vit.encoder_weights`: an MAE's `encoder.*`, a CLIP's `visual.*`,
+    a DINO teacher, a finetune, an HF tower mapped by models.hf) with `ViT.load_pretrained`:
+    strict, so a mismatch is a ValueError naming the tensors, never a silent partial load.
+    Returns the keys loaded."""
+    return clip_model.visual.load_pretrained(encoder_weights(state_dict))

@@ -15,6 +15,8 @@ ValueError naming the model and the capability).
                   positive, negative); zero_shot(images, ...)
     reconstruct   reconstruction_loss(images, generator)            scalar (masked-patch loss)
                   reconstruct(images, generator)                     {"masked", "reconstruction", "mask"}
+    classify      classify(images [B, *input_shape])                 [B, F] probabilities, in the order of
+                                                                     `model.findings` (saved in model.json)
 
 Embeddings come in the model's compute dtype (training keeps its autocast dtype); inference
 callers take `.float()`. `metrics` names the scalars `forward` returns besides "loss" (what training logs), and
@@ -30,7 +32,7 @@ from typing import ClassVar
 import torch
 from torch import nn
 
-CAPABILITIES = frozenset({"embed_image", "embed_text", "zero_shot", "reconstruct"})
+CAPABILITIES = frozenset({"embed_image", "embed_text", "zero_shot", "reconstruct", "classify"})
 
 # Evaluation protocols (radforge.evaluate), each with the capability sets that allow it (any one
 # of them suffices). One table: `evaluations_for` and evaluate's skip messages both read it.
@@ -122,6 +124,9 @@ class Objective(nn.Module):
         if "zero_shot" not in self.capabilities:
             raise self._unsupported("zero_shot")
         return self.zero_shot_from_embeddings(self.embed_image(images), findings, positive, negative)
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        raise self._unsupported("classify")
 
     def reconstruction_loss(self, images: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
         raise self._unsupported("reconstruct")

@@ -331,6 +331,9 @@ def test_ece_and_reliability_follow_sklearns_calibration_curve():
     manual = sum(((np.minimum((p * 10).astype(int), 9) == b).sum() / 4000) * abs(a - c)
                  for b, a, c in zip(range(10), acc, conf))  # every bin is populated here
     assert e_cal == pytest.approx(manual, abs=1e-12)
+    assert evaluate._ece_binned(p, y_cal > 0.5, 10) == pytest.approx(e_cal, abs=1e-12)  # the bootstrap's ECE
+    lo, hi = evaluate.ece_ci(p, y_over, 10, n=200)
+    assert lo <= e_over <= hi and hi - lo < 0.1
 
 
 def test_fairness_figures_by_hand():

@@ -234,6 +234,27 @@ def ece(probs, labels, bins: int = 10) -> tuple[float, dict]:
     return value, {"confidence": conf.tolist(), "accuracy": acc.tolist(), "count": counts.tolist()}
 
 
+def _ece_binned(p: np.ndarray, y: np.ndarray, bins: int) -> float:
+    """ECE of one sample set by bin counts (the bootstrap's inner loop; equals `ece`)."""
+    b = np.minimum((p * bins).astype(int), bins - 1)
+    n = np.bincount(b, minlength=bins)
+    conf = np.bincount(b, weights=p, minlength=bins)
+    acc = np.bincount(b, weights=y.astype(float), minlength=bins)
+    return float(np.abs(acc - conf).sum() / len(p))
+
+
+def ece_ci(probs, labels, bins: int = 10, *, n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap 95% CI of the ECE (resampling samples, seeded)."""
+    p, y = _known(probs, labels)
+    if n <= 0 or not len(p):
+        return float("nan"), float("nan")
+    p = np.clip(p, 0, 1)
+    rng = np.random.default_rng(seed)
+    stats = [_ece_binned(p[idx], y[idx], bins) for idx in rng.integers(0, len(p), (n, len(p)))]
+    lo, hi = np.percentile(stats, [2.5, 97.5])
+    return float(lo), float(hi)
+
+
 def _num(x) -> float | None:
     return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
 
@@ -581,7 +602,8 @@ def _calibration(ctx: Context) -> dict:
         per = {}
         for j, f in enumerate(ctx.findings):
             value, diagram = ece(probs[:, j], ctx.test.y[:, j], ctx.cfg.ece_bins)
-            per[f] = {"ece": _num(value), "reliability": diagram}
+            lo, hi = ece_ci(probs[:, j], ctx.test.y[:, j], ctx.cfg.ece_bins, n=ctx.cfg.bootstrap, seed=j)
+            per[f] = {"ece": _num(value), "ci95": [_num(lo), _num(hi)], "reliability": diagram}
         vals = [v["ece"] for v in per.values() if v["ece"] is not None]
         sources[scorer] = {"per_finding": per, "mean_ece": float(np.mean(vals)) if vals else None}
     return {"bins": ctx.cfg.ece_bins, "sources": sources}

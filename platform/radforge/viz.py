@@ -443,8 +443,10 @@ def _calibration_section(cal: dict | None, out_dir: str) -> str:
             ax.set(xlabel="mean predicted probability", ylabel="observed frequency", title=f"reliability: {scorer}",
                    xlim=(0, 1), ylim=(0, 1))
             ax.legend(fontsize=7)
+        rows = [(f, _f3(v["ece"]), _ci3(v.get("ci95"))) for f, v in src["per_finding"].items()]
         parts.append(f"<h3>{_esc(scorer)}: mean ECE {_f3(src['mean_ece'])}</h3>"
-                     + _figure(out_dir, f"reliability_{_slug(scorer)}.png", draw))
+                     + _figure(out_dir, f"reliability_{_slug(scorer)}.png", draw)
+                     + _table(("finding", f"ECE ({cal['bins']} bins)", "95% CI"), rows))
     return "".join(parts)
 
 

@@ -435,3 +435,43 @@ def test_text_towers_read_the_configured_sections(tokenizer):
     with torch.no_grad():
         a, b = tower([REPORT, text_mod.report_sections(REPORT, cfg.sections)])
     assert torch.allclose(a, b)
+
+
+def test_a_3d_clip_learns_ct_findings_from_report_sections():
+    """The CT CLIP path in miniature: phantom chest volumes through the CT model view, reports read
+    through their findings/impression sections; after a short fit the loss has fallen and zero-shot
+    AUROC of the two large findings (read from prompts the model never saw) is well above chance,
+    where the untrained model is not."""
+    import numpy as np
+
+    from radforge import phantoms
+    from radforge.config import ViewConfig
+    from radforge.evaluate import auroc
+    from radforge.transforms import CTView
+
+    view = CTView(ViewConfig(ct_size=(8, 32, 32)))
+    studies = [phantoms.make_study(phantoms.make_patient(i), findings={
+        "nodule": 0, "effusion": i % 2, "cardiomegaly": (i // 2) % 2}) for i in range(16)]
+    vols = torch.from_numpy(np.stack([view(phantoms.chest_volume((8, 32, 32), s, seed=i), {}, None)
+                                      for i, s in enumerate(studies)])).float()
+    sections = ["findings", "impression"]
+    reports = [s.report for s in studies]
+    tok = text_mod.train_tokenizer([text_mod.report_sections(r, sections) for r in reports * 2],
+                                   TextConfig(vocab_size=300, max_len=32))
+    torch.manual_seed(0)
+    tower = text_mod.SmallTextEncoder(tok, TextConfig(width=32, depth=1, heads=2, max_len=32, sections=sections))
+    clip = CLIP(_tiny_vit(tuple(vols.shape[1:]), (4, 8, 8), width=32), tower, embed_dim=16)
+    labels = np.array([[s.findings["effusion"], s.findings["cardiomegaly"]] for s in studies])
+
+    def mean_auroc():
+        clip.eval()
+        p = clip.zero_shot(vols, ["effusion", "cardiomegaly"]).numpy()
+        clip.train()
+        return np.mean([auroc(p[:, j], labels[:, j]) for j in range(2)])
+
+    before = mean_auroc()
+    losses = _fit(clip, {"image": vols, "text": reports}, steps=60, lr=2e-3)
+    after = mean_auroc()
+    # 4 distinct section texts among 16 pairs: the loss cannot go below ~log(4) = 1.39 (from ~3.5)
+    assert losses[-1] < 0.8 * losses[0], losses[::10]
+    assert after >= 0.8 and after > before + 0.3, (before, after)

@@ -68,7 +68,6 @@ def test_export_and_load_for_inference_round_trip(tmp_path, one_process_group):
     # elastic: any worker count resumes; a rank the writer did not have gets rank 0's position
     assert checkpoint.load(ckpt, rank=3, world_size=4).loader == {"pos": 7}
     assert not checkpoint.needs_universal(back, 1) and checkpoint.needs_universal(back, 2)
-    _elastic_engine_load(r, ckpt, back, engine, images)
 
     out = checkpoint.export(ckpt, str(tmp_path / "model"))
     lm = checkpoint.load_for_inference(out)
@@ -79,6 +78,7 @@ def test_export_and_load_for_inference_round_trip(tmp_path, one_process_group):
     assert torch.equal(lm.embed_images(images), live)
     with pytest.raises(ValueError):
         lm.zero_shot(images, ["nodule"])  # MAE has no text tower
+    _elastic_engine_load(r, ckpt, back, engine, images)  # last: it trains `engine` one more step
 
 
 def _elastic_engine_load(r: TrainRecipe, ckpt: str, state, engine, images) -> None:
@@ -92,11 +92,8 @@ def _elastic_engine_load(r: TrainRecipe, ckpt: str, state, engine, images) -> No
     from radforge import train
 
     two = dataclasses.replace(state, world_size=2)
-    fresh = models.build(r.model, "ct", images.shape[1:])
-    with pytest.raises(ConfigError, match="load_universal=True"):
-        plain, *_ = deepspeed.initialize(model=fresh, model_parameters=list(fresh.parameters()),
-                                         config=train.deepspeed_config(r))
-        checkpoint.load_engine(ckpt, two, plain)
+    with pytest.raises(ConfigError, match="load_universal=True"):  # refused before touching the engine
+        checkpoint.load_engine(ckpt, two, engine)
     fresh = models.build(r.model, "ct", images.shape[1:])
     uni, *_ = deepspeed.initialize(model=fresh, model_parameters=list(fresh.parameters()),
                                    config=train.deepspeed_config(r, load_universal=True))
@@ -104,6 +101,14 @@ def _elastic_engine_load(r: TrainRecipe, ckpt: str, state, engine, images) -> No
     want, got = engine.module.state_dict(), uni.module.state_dict()
     assert want.keys() == got.keys() and all(torch.equal(want[k], got[k]) for k in want)
     assert uni.global_steps == engine.global_steps == 1
+    # the Adam moments and the step count came along: one more identical step stays identical
+    for e in (engine, uni):
+        e.module.train()
+        torch.manual_seed(1)  # the same MAE mask
+        e.backward(e({"image": images})["loss"])
+        e.step()
+    want, got = engine.module.state_dict(), uni.module.state_dict()
+    assert all(torch.allclose(want[k], got[k], atol=1e-6) for k in want)
     assert not any(n.startswith("radforge-universal-") for n in os.listdir(ckpt))  # scratch removed
 
 

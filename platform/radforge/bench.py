@@ -377,6 +377,10 @@ def _met(value: float, target) -> str:
     return f"target ≥ {target}: {'met' if value >= target else 'NOT met'}"
 
 
+def _met_below(value: float, target) -> str:
+    return f"target ≤ {target:.0%}: {'met' if value <= target else 'NOT met'}"
+
+
 def format_result(r: dict) -> str:
     if r["benchmark"] == "serve-hostile":
         return format_serve_hostile(r)
@@ -419,6 +423,12 @@ def format_result(r: dict) -> str:
 #   raw_dicom  a torch Dataset that reads the same series' DICOM files from the same endpoint
 #              and assembles them with pydicom (sorted by position, HU). Target loader ≥ 10 ×
 #              raw_dicom (volumes/s).
+#
+#   mixture    radforge.loader's MixtureLoader over 3 sources (the same shard set three times,
+#              weights 0.5/0.3/0.2, each source its own seed and stream): samples/s against the
+#              single-source loader. Target ≥ 0.9 ×. Plus the realised share error (max over
+#              sources of |share - weight|) after 10,000 samples of its interleave, which is a
+#              function of the counts alone (`MixtureLoader.schedule`, no data read); target ≤ 1 %.
 #
 # The loader and tar_read run `rounds` interleaved blocks of `block` consecutive passes over all the
 # data (a fresh loader iterator per block), raw_dicom two passes; the best of each counts (least
@@ -558,6 +568,7 @@ def bench_stream(*, workdir: str | None, series: int, slices: int, size: int, sy
                 return run_block
 
             loader_block, loader_nov_block = make_block(True), make_block(False)
+            mix_block, mix = _mixture_block(dest, view, loaders[True].batches_per_epoch * block)
             ld = loaders[True]
             per_pass = ld.batches_per_epoch
 
@@ -579,7 +590,8 @@ def bench_stream(*, workdir: str | None, series: int, slices: int, size: int, sy
             load_before = os.getloadavg()[0]
             timed = _Best()
             for _ in range(rounds):
-                for name, fn in (("tar", tar_block), ("loader", loader_block), ("loader_nov", loader_nov_block)):
+                for name, fn in (("tar", tar_block), ("loader", loader_block), ("loader_nov", loader_nov_block),
+                                 ("mixture", mix_block)):
                     timed(name, fn, per=block)
             for _ in range(2):
                 timed("raw", raw_pass)
@@ -601,9 +613,46 @@ def bench_stream(*, workdir: str | None, series: int, slices: int, size: int, sy
             "cpu_s_per_pass": {"loader": round(cpu["loader"], 4), "loader_no_sha256": round(cpu["loader_nov"], 4),
                                "tar_read": round(cpu["tar"], 4)},
             "load_avg_1min": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+            "mixture": _mixture_figures(mix, single_s=loader_s, mix_s=best["mixture"]),
             "loader": {"input_shape": list(ld.input_shape), "batches_per_pass": per_pass, "data_wait_s": round(m["data_wait_s"], 2),
                        "skipped_samples": m["skipped_samples"], "bad_shards": m["bad_shards"], "passes": f"{rounds} x {block}"},
         }
+
+
+def _mixture_block(dest: str, view, samples: int):
+    """A block of `samples` batches (batch 1) from a 3-source mixture, and the mixture loader."""
+    import itertools
+
+    from radforge import loader
+    from radforge.config import DataConfig, SourceConfig
+
+    srcs = [SourceConfig(shards=dest, image="ct", weight=w, name=f"s{i}") for i, w in enumerate(MIX_WEIGHTS)]
+    mx = loader.build_loader(DataConfig(sources=srcs, num_workers=0, shuffle_buffer=8), view, split="train",
+                             batch_size=1, seed=0)
+
+    def run_block():
+        for _ in itertools.islice(iter(mx), samples):
+            pass
+
+    return run_block, mx
+
+
+MIX_WEIGHTS = (0.5, 0.3, 0.2)
+MIX_SAMPLES = 10_000
+
+
+def _mixture_figures(mx, *, single_s: float, mix_s: float) -> dict:
+    """Throughput ratio (same samples per block) and the share errors: after the timed blocks
+    (what the run's metrics said) and after MIX_SAMPLES samples of the interleave from the start."""
+    import numpy as np
+
+    m = mx.metrics()
+    taken = np.bincount(mx.schedule(MIX_SAMPLES, taken=[0] * len(mx.names)), minlength=len(mx.names))
+    return {"sources": len(mx.names), "weights": list(MIX_WEIGHTS),
+            "samples_per_s_ratio (mixture / single)": round(single_s / mix_s, 3), "target_ratio": 0.9,
+            "share_error_after_10k": round(float(np.max(np.abs(taken / MIX_SAMPLES - np.asarray(MIX_WEIGHTS)))), 5),
+            "target_share_error": 0.01, "samples_timed": int(m["samples"]),
+            "share_error_timed": round(max(abs(m[f"mix_{n}_frac"] - w) for n, w in zip(mx.names, MIX_WEIGHTS)), 5)}
 
 
 def format_stream(r: dict) -> str:
@@ -619,6 +668,13 @@ def format_stream(r: dict) -> str:
                     lambda k, v: f"{k:<26}{v:>10.4f}")
     lines.append(f"  {'tar_read / loader (CPU)':<26}{cp['tar_read'] / max(cp['loader'], 1e-9):>10.3f}")
     lines.append(f"machine load (1-min average) before / after the timed passes: {r['load_avg_1min'][0]} / {r['load_avg_1min'][1]}")
+    mx = r.get("mixture")
+    if mx:
+        k = "samples_per_s_ratio (mixture / single)"
+        lines.append(f"mixture of {mx['sources']} sources (weights {mx['weights']}): samples/s {mx[k]:.3f} × the single source "
+                     f"({_met(mx[k], mx['target_ratio'])}); share error after 10k samples {mx['share_error_after_10k']:.2%} "
+                     f"({_met_below(mx['share_error_after_10k'], mx['target_share_error'])}), after the timed "
+                     f"{mx['samples_timed']} {mx['share_error_timed']:.2%}")
     lo = r["loader"]
     lines.append(f"loader: input {lo['input_shape']}, {lo['batches_per_pass']} batches/pass, best block of {lo['passes']} passes, "
                  f"skipped {lo['skipped_samples']}, bad shards {lo['bad_shards']}; loader_no_sha256 = data.verify_sha256 off")

@@ -24,8 +24,9 @@ loads that (the engine must be built with `train.deepspeed_config(..., load_univ
     model.safetensors     consolidated fp32 weights (ZeRO-1/2/3 shards gathered by DeepSpeed's
                           zero_to_fp32, which reads the fp32 master copy, so bf16 runs export
                           their full-precision weights), text tower included
-    model.json            {"kind", "image", "model", "view", "profile", "findings", "prompts",
-                           "recipe", "step", "model_id"}
+    model.json            {"kind", "image", "images", "model", "view", "profile", "findings", "prompts",
+                           "recipe", "step", "model_id"} ("images": every kind of a CT + X-ray model,
+                           rebuilt as one `models.multi.MultiKind`; "image" is the primary one)
     tokenizer/            copied from the checkpoint: with model.safetensors it rebuilds the text
                           tower, a Hugging Face one too (`model.text.path` is provenance only)
 
@@ -270,6 +271,7 @@ def export(checkpoint_url: str, out_url: str) -> str:
         digest = _write_model_dir(out_url, weights, state.tokenizer, tmp, {
             "kind": r.model.kind,
             "image": r.data.image,
+            "images": list(r.data.images()),  # every kind a CT + X-ray model embeds (primary first)
             "model": config.to_dict(model_cfg),
             "view": config.to_dict(r.view),
             "profile": state.profile.to_dict(),
@@ -419,7 +421,8 @@ def load_for_inference(model_url: str, device: str = "cpu") -> LoadedModel:
                 from radforge.models import text
 
                 tokenizer = text.Tokenizer.load(local)
-        model = models.build(model_cfg, image, image.view(view).input_shape, tokenizer, pretrained=False)
+        shapes = {k: kinds.get(k).view(view).input_shape for k in meta.get("images") or [image.name]}
+        model = models.build_multi(model_cfg, shapes, tokenizer, pretrained=False)  # one kind: models.build
     missing, unexpected = model.load_state_dict(read_weights(model_url), strict=False)
     # non-persistent buffers (position tables) are rebuilt from the shape; anything else is an error
     if unexpected or missing:

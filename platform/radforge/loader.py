@@ -959,8 +959,17 @@ class MixtureLoader:
         time line and batches are taken in time order, so after t batches each source has had
         p_i·t of them within ±2 (a seeded low-discrepancy interleave; i.i.d. draws would err by
         ~√(p(1-p)/t)). A function of the counts alone: every rank draws the same source."""
-        times = [(n + u) / p for n, u, p in zip(self._taken, self._phase, self.target)]
-        return int(np.argmin(times))
+        return self.schedule(1)[0]
+
+    def schedule(self, n: int, taken: list[int] | None = None) -> list[int]:
+        """The sources of the next `n` batches after `taken` batches per source (default: the
+        current counts), without reading anything or moving the state."""
+        taken, out = list(self._taken if taken is None else taken), []
+        for _ in range(n):
+            i = int(np.argmin([(k + u) / p for k, u, p in zip(taken, self._phase, self.target)]))
+            taken[i] += 1
+            out.append(i)
+        return out
 
     def __iter__(self) -> Iterator[dict]:
         if not self.train:  # evaluation: one pass over each source in turn

@@ -595,3 +595,36 @@ def test_ct_robustness_corrupts_in_hounsfield_units_before_the_windows(tmp_path)
         assert set(sev) == {"1", "5"} and all(v["mean_auroc"] is not None for v in sev.values()), name
     with pytest.raises(Exception, match="does not apply to ct"):
         evaluate.run(loaded, shards, split="test", protocols=["robustness"], cfg=EvalConfig(bootstrap=0, corruptions=["jpeg"]))
+
+
+def test_an_exported_finetune_model_gets_every_protocol(tmp_path, demo_shards):
+    """engineer D's `kind: finetune` (capability classify) from its model dir: fine_tune is
+    scikit-learn's AUROC of its own probabilities, and it is the scorer of fairness/robustness."""
+    from sklearn.metrics import roc_auc_score
+
+    from radforge import checkpoint, models
+    from radforge.config import DataConfig, ModelConfig, ViewConfig
+    from radforge.loader import build_loader
+
+    head = ["effusion", "nodule"]
+    cfg = ModelConfig(kind="finetune", patch_xray=8, findings=head)
+    view = ViewConfig(xray_size=SIZE, xray_mean=0.5, xray_std=0.25, rand_crop=False)
+    torch.manual_seed(2)
+    model = models.build(cfg, "xray", (1, SIZE, SIZE))
+    out = checkpoint.write_model(str(tmp_path / "ft"), model, image="xray", model_cfg=cfg, view=view, profile=Profile(),
+                                 model_id="ft-t", findings=head)
+    ecfg = EvalConfig(bootstrap=20, few_shot_seeds=2, corruptions=["blur"], severities=[3])
+    r = evaluate.run(out, demo_shards, split="test", protocols=["all"], cfg=ecfg)
+    assert set(r["protocols"]) >= {"fine_tune", "knn", "linear_probe", "fairness", "robustness", "calibration"}, r["protocol_seconds"]
+    assert r["protocols"]["fairness"]["scorer"] == r["protocols"]["robustness"]["scorer"] == "fine_tune"
+    assert set(r["protocols"]["calibration"]["sources"]) == {"fine_tune", "linear_probe"}
+    lm = checkpoint.load_for_inference(out)
+    data = DataConfig(shards=demo_shards, image="xray", num_workers=0, require_report=False)
+    probs, labels = [], []
+    with torch.no_grad():
+        for b in build_loader(data, lm.view, split="test", batch_size=64, train=False, findings=head):
+            probs.append(lm.model.classify(b["image"]).numpy()), labels.append(b["labels"].numpy())
+    p, y = np.concatenate(probs), np.concatenate(labels)
+    for j, f in enumerate(head):
+        k = ~np.isnan(y[:, j])
+        assert r["protocols"]["fine_tune"]["per_finding"][f]["auroc"] == pytest.approx(roc_auc_score(y[k, j], p[k, j]), abs=1e-9)

@@ -475,3 +475,27 @@ def test_a_3d_clip_learns_ct_findings_from_report_sections():
     # 4 distinct section texts among 16 pairs: the loss cannot go below ~log(4) = 1.39 (from ~3.5)
     assert losses[-1] < 0.8 * losses[0], losses[::10]
     assert after >= 0.8 and after > before + 0.3, (before, after)
+
+
+def test_attention_pool_clip_exports_and_loads_the_same_embeddings(tmp_path, tokenizer):
+    """model.image_pool: attention — a learned query over the patch tokens: the pool is part of the
+    model, saved and restored with it (export → load gives the same embeddings)."""
+    from radforge import checkpoint
+    from radforge.config import IngestRecipe, ViewConfig, from_dict
+    from radforge.transforms import Profile
+
+    cfg = ModelConfig(kind="clip", patch_ct=(4, 8, 8), embed_dim=16, image_pool="attention",
+                      text=TextConfig(width=32, depth=1, heads=2, max_len=24, sections=["findings"]))
+    view = ViewConfig(ct_size=(8, 32, 32))
+    torch.manual_seed(0)
+    model = models.build(cfg, "ct", (2, 8, 32, 32), tokenizer).eval()
+    assert model.attn_pool is not None and any(k.startswith("attn_pool.") for k in model.state_dict())
+    images = torch.rand(3, 2, 8, 32, 32)
+    profile = Profile.from_recipe(from_dict(IngestRecipe, {"name": "pool-test"}))
+    out = checkpoint.write_model(str(tmp_path / "m"), model, image="ct", model_cfg=cfg, view=view, profile=profile,
+                                 model_id="pool-test", findings=["nodule"])
+    lm = checkpoint.load_for_inference(out)
+    assert torch.allclose(lm.embed_images(images), model.embed_image(images).float(), atol=1e-5)
+    assert lm.model.text.sections == ("findings",)
+    with pytest.raises(ValueError, match="image pool"):
+        CLIP(model.visual, model.text, 16, pool="max")

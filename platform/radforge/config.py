@@ -528,6 +528,7 @@ class ScaleConfig(Section):
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra custom resources
 
+    image_pool: str = "mean"  # CLIP: image features from the tower's pool (mean) or a learned attention pool (attention)
     def __post_init__(self):
         _at_least("scale.num_workers", self.num_workers, 1)
         _choice("scale.placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
@@ -550,6 +551,7 @@ class CheckpointConfig(Section):
 
 @dataclass
 class EvalConfig(Section):
+        _choice("model.image_pool", self.image_pool, ("mean", "attention"))  # models.clip.POOLS
     """In-loop and offline evaluation (radforge.evaluate)."""
 
     every_steps: int = 0  # 0 = only at the end

@@ -65,7 +65,7 @@ def build_clip(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int], t
                init_encoder=None) -> CLIP:
     visual = image_tower(cfg, image, input_shape)
     text = text_mod.build_text_encoder(cfg.text, tokenizer, pretrained=pretrained)
-    model = CLIP(visual, text, cfg.embed_dim, cfg.init_temperature)
+    model = CLIP(visual, text, cfg.embed_dim, cfg.init_temperature, pool=cfg.image_pool)
     if init_encoder is not None:
         load_encoder_state(model, init_encoder)
     return model

@@ -46,15 +46,49 @@ def _gather(x: torch.Tensor) -> tuple[torch.Tensor, int]:
     return x, 0
 
 
+class AttentionPool(nn.Module):
+    """One learned query attending over the image tower's patch tokens (multi-head; CLIP's
+    ResNet attnpool, SigLIP's MAP head): [B, N, D] -> [B, D]. A finding that covers one patch of a
+    hundred (a 5 mm lesion in a 24 mm patch grid) is a hundredth of a mean pool but can take most
+    of an attention pool's weight."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} must be divisible by heads {heads}")
+        self.heads = heads
+        self.query = nn.Parameter(torch.randn(1, 1, width) * width ** -0.5)
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.proj = nn.Linear(width, width)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        b, n, d = tokens.shape
+        h = self.heads
+        q = self.q(self.query.to(tokens.dtype)).expand(b, -1, -1).view(b, 1, h, d // h).transpose(1, 2)
+        k, v = self.kv(tokens).view(b, n, 2, h, d // h).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, d)
+        return self.norm(self.proj(out))
+
+
+POOLS = ("mean", "attention")  # model.image_pool
+
+
 class CLIP(Objective):
     name = "clip"
     capabilities = frozenset({"embed_image", "embed_text", "zero_shot"})
     metrics = ("logit_scale", "accuracy")
 
-    def __init__(self, visual: ViT, text: nn.Module, embed_dim: int, init_temperature: float = 0.07):
+    def __init__(self, visual: ViT, text: nn.Module, embed_dim: int, init_temperature: float = 0.07,
+                 pool: str = "mean"):
         super().__init__()
+        if pool not in POOLS:
+            raise ValueError(f"image pool must be one of {', '.join(POOLS)}, got {pool!r}")
         self.visual = visual
         self.text = text
+        # "mean": the tower's own pool (mean of patch tokens, or its class token); "attention": ours
+        self.attn_pool = AttentionPool(visual.width, 4 if visual.width % 4 == 0 else 1) if pool == "attention" else None
         self.image_proj = nn.Linear(visual.width, embed_dim, bias=False)
         self.text_proj = nn.Linear(text.width, embed_dim, bias=False)
         nn.init.normal_(self.image_proj.weight, std=visual.width ** -0.5)
@@ -68,7 +102,8 @@ class CLIP(Objective):
         self.text.save_tokenizer(directory)
 
     def embed_image(self, images: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.image_proj(self.visual.pool(images)), dim=-1)
+        pooled = self.visual.pool(images) if self.attn_pool is None else self.attn_pool(self.visual(images))
+        return F.normalize(self.image_proj(pooled), dim=-1)
 
     def embed_text(self, texts: list[str]) -> torch.Tensor:
         return F.normalize(self.text_proj(self.text(list(texts))), dim=-1)

@@ -125,6 +125,31 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
     assert train.lr_factor(r, 110) == pytest.approx(0.1) and min(f) >= 0.1
 
 
+def test_one_model_for_ct_and_xray_shares_all_but_the_patch_embeddings():
+    """models.build_multi (what a CT + X-ray recipe trains): the kind follows the image's ndim,
+    only the patch embeddings and the shape-specific pixel heads are per kind, and every
+    parameter gets a gradient from either kind's batch (the same graph on every rank)."""
+    from radforge import models
+
+    r = config.load(TrainRecipe, str(RECIPES / "tiny-mix-ct-xray.yaml"), ["view.ct_size=[8, 16, 16]", "view.xray_size=32"])
+    shapes = train._input_shapes(r)
+    assert list(shapes) == ["ct", "xray"]
+    torch.manual_seed(0)
+    m = models.build_multi(r.model, shapes)
+    own = {k: {n.split(".", 2)[2] for n, p in m.named_parameters() if n.startswith(f"kinds.{k}.")} for k in shapes}
+    assert {n for n in own["xray"] if "patch_embed" not in n} <= {"decoder_pred.weight", "decoder_pred.bias"}
+    assert any(n.startswith("encoder.transformer.") for n in m.shared) and "mask_token" in m.shared
+    for images in (torch.rand(2, *shapes["ct"]), torch.rand(2, *shapes["xray"])):
+        m.zero_grad()
+        m({"image": images})["loss"].backward()
+        assert all(p.grad is not None for p in m.parameters())
+        assert m.embed_image(images).shape == (2, 128)
+    again = models.build_multi(r.model, shapes)
+    again.load_state_dict(m.state_dict())
+    x = torch.rand(2, *shapes["xray"])
+    assert torch.equal(again.embed_image(x), m.embed_image(x))
+
+
 def test_every_recipe_loads_and_builds(tmp_path):
     """Each YAML under jobs/recipes loads, and its model builds for its view (production models
     included: built on the meta device, no memory)."""

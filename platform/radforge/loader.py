@@ -1045,7 +1045,7 @@ def build_loader(data, view, *, split: str, batch_size: int, rank: int = 0, worl
     `text_view(report, rng)` rewrites each report (training: rng is the sample's seeded generator)."""
     if getattr(data, "sources", None):  # a weighted mixture (MixtureLoader): each source streams its own split
         return MixtureLoader(data, view, batch_size=batch_size, rank=rank, world_size=world_size, seed=seed,
-                             train=train, findings=findings, state=state, text_view=text_view)
+                             train=train, findings=findings, state=state, text_view=text_view, corrupt=corrupt)
     return StreamingLoader(data, view, split=split, batch_size=batch_size, rank=rank, world_size=world_size,
                            seed=seed, train=train, findings=findings, state=state, corrupt=corrupt,
                            text_view=text_view)

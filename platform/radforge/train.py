@@ -204,6 +204,10 @@ def _read_train_split(recipe: TrainRecipe) -> dict:
     splits = manifest["totals"].get("by_split", {})
     if recipe.data.train_split not in splits:
         raise ConfigError(f"shard set {recipe.data.shards} has no {recipe.data.train_split!r} split (has: {', '.join(splits) or 'none'})")
+    for s in recipe.data.sources:  # a mixture: every source's own split, before any worker starts
+        has = shardspec.read_manifest(s.shards)["totals"].get("by_split", {})
+        if s.split not in has:
+            raise ConfigError(f"data.sources {s.name}: shard set {s.shards} has no {s.split!r} split (has: {', '.join(has) or 'none'})")
     return manifest
 
 

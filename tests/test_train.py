@@ -362,3 +362,55 @@ def test_cli_export_and_evaluate(zero_runs, one_shard, tmp_path, capsys):
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert result["kind"] == "clip" and result["n"] == 48 and "mean_auroc" in result
     assert cli.main(["export", str(tmp_path / "nothing"), out]) == 2  # one-line error, no traceback
+
+
+# --------------------------------------------------------------------------- DINO under ZeRO
+
+
+def _tiny_dino(shards: str, tmp: Path, *, workers: int, stage: int, steps: int = 5) -> TrainRecipe:
+    """tiny-dino-xray shrunk like `_tiny`: 32 px, global batch 8, no shuffle, a small head."""
+    return config.load(TrainRecipe, str(RECIPES / "tiny-dino-xray.yaml"), [
+        f"data.shards={shards}", f"steps={steps}", "log_every=1", "view.xray_size=32", "view.rand_crop=false",
+        "data.num_workers=0", "data.shuffle_buffer=1", f"deepspeed.micro_batch={8 // workers}", f"scale.num_workers={workers}",
+        f"deepspeed.zero_stage={stage}", "optim.warmup_steps=2", f"checkpoint.every_steps={steps}", "eval.every_steps=0",
+        "model.dino.out_dim=64", "model.dino.head_hidden=64", "model.dino.head_bottleneck=32", "model.dino.momentum=0.9",
+        f"checkpoint.storage_path={tmp / 'ckpt'}", f"output_dir={tmp / 'runs'}"])
+
+
+@pytest.fixture(scope="module")
+def dino_runs(one_shard, tmp_path_factory, ray_cluster):
+    """tiny DINO: 1 worker ZeRO-0 and 2 workers ZeRO-3 (global batch 8, the one-shard set)."""
+    out = {}
+    for workers, stage in ((1, 0), (2, 3)):
+        tmp = tmp_path_factory.mktemp(f"dino-z{stage}")
+        out[stage] = train.run(_tiny_dino(one_shard, tmp, workers=workers, stage=stage), resume="never", progress=False)
+    return out
+
+
+def test_dino_zero3_on_two_workers_follows_zero0_on_one_and_exports_its_teacher(dino_runs, one_shard, tmp_path):
+    """DINO's loss depends on the global batch only: crops and iBOT masks are drawn per sample
+    from (seed, step, key), the centre is all-reduced, each rank's loss is a mean over equal
+    micro-batches and the teacher is updated from the full (ZeRO-3: gathered) student on every
+    rank. What differs is float32 summation order, as in the CLIP test; DINO's sharp teacher
+    softmax (T = 0.04 → 1/T = 25) amplifies a logit difference ~25×, so the CLIP tolerance
+    (2e-3) still holds with margin for ~1e-6 drifts; a lost gradient, a rank-dependent crop or a
+    teacher updated from a partition moves the loss by > 1e-2.
+    Then export (ZeRO-3 shards → fp32, the teacher's buffers included) → load: the ZeRO-3 teacher
+    embeds like the ZeRO-0 one, and both moved away from the initial student (the EMA ran)."""
+    from radforge import models
+    from radforge.loader import build_loader
+
+    ref, got = _losses(dino_runs[0]), _losses(dino_runs[3])
+    assert len(ref) == 5 and all(np.isfinite(ref))
+    np.testing.assert_allclose(got, ref, rtol=2e-3, err_msg="DINO ZeRO-3 (2 workers) vs ZeRO-0 (1 worker)")
+    z3 = checkpoint.load_for_inference(checkpoint.export(dino_runs[3].checkpoint, str(tmp_path / "z3")))
+    z0 = checkpoint.load_for_inference(checkpoint.export(dino_runs[0].checkpoint, str(tmp_path / "z0")))
+    assert z3.kind == "dino" and int(z3.model.steps_done.item()) == 5
+    r = _tiny_dino(one_shard, tmp_path, workers=1, stage=0)
+    batch = next(iter(build_loader(config.from_dict(type(r.data), {**config.to_dict(r.data), "num_workers": 0}),
+                                   z3.view, split="train", batch_size=8, train=False)))
+    a, b = z3.embed_images(batch["image"]), z0.embed_images(batch["image"])
+    assert a.shape == (8, 128) and torch.allclose(a, b, atol=2e-3)
+    torch.manual_seed(r.seed)
+    init = models.build(r.model, "xray", kinds.XRAY.view(r.view).input_shape).eval()
+    assert (a - init.embed_image(batch["image"])).abs().max() > 1e-2

@@ -372,6 +372,7 @@ class DinoConfig(Section):
     head_hidden: int = 2048  # DINO head MLP width
     head_bottleneck: int = 256  # DINO head output before the weight-normalised prototypes
     head_layers: int = 3  # DINO head linear layers
+    head_batch_norm: bool = False  # standardise the head's input over the global batch (models.dino.DINOHead)
     student_temp: float = 0.1  # softmax temperature of the student
     teacher_temp: float = 0.07  # of the teacher, after the warm-up
     warmup_teacher_temp: float = 0.04  # of the teacher at step 0, linear to teacher_temp

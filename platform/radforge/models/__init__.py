@@ -73,17 +73,10 @@ def build_clip(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int], t
 
 def build_dino(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int], tokenizer=None, *, pretrained: bool = True,
                init_encoder=None) -> DINO:
-    student = vit(cfg.preset, input_shape, _patch(cfg, image, input_shape))
-    if init_encoder is not None:  # before the teacher is copied from the student
-        load_encoder_state(_Tower(student), init_encoder)
+    student = image_tower(cfg, image, input_shape)
+    if init_encoder is not None:  # before the teacher is copied from the student (RAD-DINO: DINOv2's weights)
+        student.load_pretrained(encoder_weights(init_encoder))
     return DINO(student, cfg.dino)
-
-
-class _Tower:
-    """`load_encoder_state` initialises `model.visual`; DINO's student is that tower."""
-
-    def __init__(self, visual):
-        self.visual = visual
 
 
 def build_finetune(cfg: ModelConfig, image: ImageKind, input_shape: Sequence[int], tokenizer=None, *,
@@ -102,9 +95,9 @@ class ObjectiveSpec:
     build: Callable[..., Objective]  # (cfg, image, input_shape, tokenizer, *, pretrained, init_encoder) -> model
     text_tower: bool = False  # takes `cfg.text`; a small text tower needs a trained tokenizer
     require_report: bool = False  # trains on image-report pairs: samples without a report are skipped
-    multicrop: bool = False  # trains on multi-crop views: the trainer adds transforms.RandMultiCrop(cfg.dino) views
     # (state dict, ModelConfig) -> what an export writes (finetune: LoRA merged, method full); None = as trained
     export: Callable[..., tuple] | None = None
+    multicrop: bool = False  # trains on multi-crop views: the trainer adds transforms.RandMultiCrop(cfg.dino) views
 
     @property
     def capabilities(self) -> frozenset[str]:
@@ -126,8 +119,8 @@ class ObjectiveSpec:
 REGISTRY: dict[str, ObjectiveSpec] = {
     "mae": ObjectiveSpec(MAE, build_mae),
     "clip": ObjectiveSpec(CLIP, build_clip, text_tower=True, require_report=True),
-    "dino": ObjectiveSpec(DINO, build_dino, multicrop=True),
     "finetune": ObjectiveSpec(FineTune, build_finetune, export=finetune_mod.exported),
+    "dino": ObjectiveSpec(DINO, build_dino, multicrop=True),
 }
 
 

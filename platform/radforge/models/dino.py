@@ -73,10 +73,20 @@ _GATHER_CHUNK = 50_000_000  # elements gathered at once for the ZeRO-3 EMA updat
 
 
 class DINOHead(nn.Module):
-    """MLP → L2-normalised bottleneck → cosine logits against weight-normalised prototypes."""
+    """[batch standardisation →] MLP → L2-normalised bottleneck → cosine logits against
+    weight-normalised prototypes.
 
-    def __init__(self, width: int, out_dim: int, hidden: int, bottleneck: int, layers: int = 3):
+    `batch_norm`: standardise each input feature over the whole global batch (statistics
+    all-reduced over ranks and not back-propagated: BatchNorm without affine or running stats, the
+    same on 1 or N ranks). DINO's head has a BatchNorm option for the same reason it helps here:
+    a randomly initialised ViT maps similar images (phantom radiographs) to nearly the same CLS
+    (cosine ≈ 0.9995 between samples), so the centred teacher has nothing sample-specific to
+    sharpen and collapses to uniform; standardising across the batch hands the head the
+    differences between samples instead of their shared component. Off by default (DINOv2)."""
+
+    def __init__(self, width: int, out_dim: int, hidden: int, bottleneck: int, layers: int = 3, batch_norm: bool = False):
         super().__init__()
+        self.batch_norm = batch_norm
         dims = [width] + [hidden] * (layers - 1) + [bottleneck]
         mods: list[nn.Module] = []
         for i, (a, b) in enumerate(zip(dims, dims[1:])):
@@ -92,8 +102,21 @@ class DINOHead(nn.Module):
         nn.init.trunc_normal_(self.prototypes, std=0.02)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.batch_norm:
+            x = _standardise(x)
         z = F.normalize(self.mlp(x), dim=-1, eps=1e-6)
         return z @ F.normalize(self.prototypes, dim=-1, eps=1e-6).T.to(z.dtype)
+
+
+def _standardise(x: torch.Tensor, eps: float = 1e-5) -> torch.Tensor:
+    """(x − mean) / std per feature over every rank's rows (statistics detached)."""
+    with torch.no_grad():
+        f = x.detach().float()
+        stats = _all_reduce_sum(torch.cat([f.sum(0), (f * f).sum(0), f.new_tensor([f.shape[0]])]))
+        n = stats[-1].clamp(min=1)
+        mean, sq = stats[: x.shape[-1]] / n, stats[x.shape[-1]: -1] / n
+        std = (sq - mean * mean).clamp(min=0).add(eps).sqrt()
+    return (x - mean.to(x.dtype)) / std.to(x.dtype)
 
 
 def _freeze_as_buffers(module: nn.Module) -> None:
@@ -148,14 +171,19 @@ class DINO(Objective):
         self.cfg = cfg
         width = backbone.width
         self.student = backbone
-        self.student_cls = nn.Parameter(torch.zeros(1, 1, width))
+        # A class token of DINO's own unless the tower has one (model.backbone dinov2/vit/clip:
+        # public weights bring theirs, and it travels with the exported tower).
+        own_cls = getattr(backbone, "cls_token", None) is None
+        self.student_cls = nn.Parameter(torch.zeros(1, 1, width)) if own_cls else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
-        nn.init.trunc_normal_(self.student_cls, std=0.02)
-        self.head = DINOHead(width, cfg.out_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.head_layers)
+        if own_cls:
+            nn.init.trunc_normal_(self.student_cls, std=0.02)
+        self.head = DINOHead(width, cfg.out_dim, cfg.head_hidden, cfg.head_bottleneck, cfg.head_layers,
+                             batch_norm=cfg.head_batch_norm)
         # the teacher: same weights at step 0, buffers from here on
         self.encoder = copy.deepcopy(backbone)
         self.teacher_head = copy.deepcopy(self.head)
-        self.register_buffer("teacher_cls", self.student_cls.detach().clone())
+        self.register_buffer("teacher_cls", self.student_cls.detach().clone() if own_cls else None)
         _freeze_as_buffers(self.encoder)
         _freeze_as_buffers(self.teacher_head)
         self.register_buffer("center", torch.zeros(1, cfg.out_dim))
@@ -164,6 +192,7 @@ class DINO(Objective):
         # 0-dim: DeepSpeed views tensors as bytes when broadcasting)
         self.register_buffer("steps_done", torch.zeros(1, dtype=torch.long))
         self._pairs = self._ema_pairs()
+        self._external_to_zero3()
 
     # -- schedules ------------------------------------------------------------------------------
 
@@ -186,7 +215,7 @@ class DINO(Objective):
 
     def _ema_pairs(self) -> list[tuple[str, str]]:
         """(student parameter name, teacher buffer name), by structure."""
-        pairs = [("student_cls", "teacher_cls")]
+        pairs = [("student_cls", "teacher_cls")] if self.student_cls is not None else []
         pairs += [(f"student.{n}", f"encoder.{n}") for n, _ in self.student.named_parameters()]
         pairs += [(f"head.{n}", f"teacher_head.{n}") for n, _ in self.head.named_parameters()]
         return pairs
@@ -225,23 +254,42 @@ class DINO(Objective):
 
     # -- forward --------------------------------------------------------------------------------
 
-    def _encode(self, vit: ViT, cls: torch.Tensor, images: torch.Tensor, masks: torch.Tensor | None = None):
-        """(CLS [B, D], patch tokens [B, N, D]) of a ViT with a class token prepended."""
+    def _external_to_zero3(self) -> None:
+        """The student tower's own tensors that `_encode` reads outside the tower's forward (a
+        learned position table, class/register tokens) are registered with ZeRO-3 as used by this
+        module's forward, so it gathers them (training imports deepspeed before building)."""
+        import sys
+
+        if "deepspeed" not in sys.modules:
+            return
+        import deepspeed
+
+        for p in self.student.parameters(recurse=False):
+            deepspeed.zero.register_external_parameter(self, p)
+
+    def _encode(self, vit: ViT, cls: torch.Tensor | None, images: torch.Tensor, masks: torch.Tensor | None = None):
+        """(CLS [B, D], patch tokens [B, N, D]) of a ViT with a class token (DINO's `cls`, or
+        the tower's own) and the tower's register tokens prepended; iBOT's hidden patches
+        replaced by the mask token before the position embedding is added."""
         weight = next(itertools.chain(vit.patch_embed.parameters(), vit.patch_embed.buffers()))
         x = vit.patch_embed(images.to(weight.dtype))
         grid = tuple(s // p for s, p in zip(images.shape[2:], vit.patch_embed.patch))
         if masks is not None:
             x = torch.where(masks[..., None], self.mask_token.to(x.dtype), x)
         x = x + _pos_embed(vit, grid).to(x.dtype)
-        x = torch.cat([cls.to(x.dtype).expand(x.shape[0], -1, -1), x], dim=1)
+        prefix = [t for t in (getattr(vit, "cls_token", None), getattr(vit, "registers", None)) if t is not None]
+        prefix = prefix if prefix and getattr(vit, "cls_token", None) is not None else [cls, *prefix]
+        x = torch.cat([*(t.to(x.dtype).expand(x.shape[0], -1, -1) for t in prefix), x], dim=1)
+        if getattr(vit, "pre_norm", None) is not None:
+            x = vit.pre_norm(x)
         x = vit.transformer(x)
-        return x[:, 0], x[:, 1:]
+        return x[:, 0], x[:, sum(t.shape[1] for t in prefix):]
 
     @torch.no_grad()
     def _teacher(self, crops: torch.Tensor, masks: torch.Tensor):
         """Teacher CLS and masked-patch logits (fp32, under autocast in the student's dtype)."""
         self._teacher_fp32()
-        dtype = self.student_cls.dtype
+        dtype = self.mask_token.dtype
         with torch.autocast(crops.device.type, dtype=dtype, enabled=dtype in (torch.bfloat16, torch.float16)):
             cls, patches = self._encode(self.encoder, self.teacher_cls, crops.float())
             cls_logits = self.teacher_head(cls)

@@ -435,9 +435,9 @@ def test_the_loader_hands_corrupted_views_in_evaluation_only(tmp_path):
 
 
 def _demographics(k: int, split: str) -> dict:
-    """Sex and age as ingest keeps them (deid.keep_age_sex: DICOM AS ages, never dates); a small
-    80+ group."""
-    return {"sex": "MF"[k % 2], "age": "083Y" if k % 17 == 0 else f"{30 + (k * 7) % 45:03d}Y"}
+    """Sex and age as ingest keeps them (deid.keep_age_sex: under `acquisition`, DICOM AS ages,
+    never dates); a small 80+ group."""
+    return {"acquisition": {"sex": "MF"[k % 2], "age": "083Y" if k % 17 == 0 else f"{30 + (k * 7) % 45:03d}Y"}}
 
 
 def _tiny_mae():

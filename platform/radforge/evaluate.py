@@ -743,8 +743,9 @@ def run_on_batches(loaded, batches: Iterable[dict], cfg: EvalConfig, *, findings
 
 
 def _group_labels(shards: str, split: str, keys: Sequence[str], age_edges: Sequence[int]) -> dict:
-    """attribute -> group per key, from the samples' metadata (ingest keeps "sex" and "age"
-    only with deid.keep_age_sex; an "age_band" already in the metadata is used as it is)."""
+    """attribute -> group per key, from the samples' metadata: `acquisition.sex` / `.age`
+    (shards/SPEC.md; ingest keeps them only with deid.keep_age_sex), an `age_band` used as it
+    is; top-level keys of those names are read too."""
     import json
 
     from radforge import shardspec
@@ -754,6 +755,7 @@ def _group_labels(shards: str, split: str, keys: Sequence[str], age_edges: Seque
     for raw in shardspec.iter_samples(shardspec.shards_root(shards), manifest, split=split):
         if raw["__key__"] in want and "json" in raw:
             m = json.loads(raw["json"])
+            m = {**m, **(m.get("acquisition") or {})}
             meta[raw["__key__"]] = (m.get("sex"), m.get("age_band") or age_band(m.get("age"), age_edges))
     sex = [_sex(meta.get(k, (None, None))[0]) for k in keys]
     band = [meta.get(k, (None, None))[1] for k in keys]

@@ -383,6 +383,7 @@ def dataclasses_replace(obj, **kw):
 def test_age_bands_from_dicom_ages():
     assert [evaluate.age_band(a) for a in ("067Y", "006M", "085Y", "018Y", "017Y", 45, "010W", "", None, "abcY")] == \
         ["60-79", "0-17", "80+", "18-39", "0-17", "40-59", "0-17", None, None, None]
+    assert evaluate.age_band("60-69") == "60-69" and evaluate.age_band("90+") == "90+"  # stored bands pass through
 
 
 # ------------------------------------------------------------------------------ corruptions

@@ -41,6 +41,7 @@ The result is a JSON-able dict; it never holds report text or sample keys, only 
 from __future__ import annotations
 
 import math
+import re
 import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -776,6 +777,8 @@ def age_band(age, edges: Sequence[int] = (18, 40, 60, 80)) -> str | None:
     ("60-79", "80+"); None when absent or unreadable. Never sees a date."""
     if age is None or age == "":
         return None
+    if isinstance(age, str) and re.fullmatch(r"\d+-\d+|\d+\+", age.strip()):
+        return age.strip()  # already a band (an ingest that stores bands)
     try:
         if isinstance(age, (int, float)):
             years = float(age)

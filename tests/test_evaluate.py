@@ -582,7 +582,7 @@ def test_ct_robustness_corrupts_in_hounsfield_units_before_the_windows(tmp_path)
     from radforge import corruptions
     from radforge.config import ViewConfig
 
-    shards = _write_shards(tmp_path / "ct", {"train": 48, "val": 16, "test": 40}, ct=True)
+    shards = _write_shards(tmp_path / "ct", {"train": 40, "val": 16, "test": 32}, ct=True)
     view = ViewConfig(ct_size=(4, SIZE, SIZE), ct_windows=[(40.0, 400.0)], rand_crop=False, rand_flip=False)
     torch.manual_seed(0)
     mae = MAE(ViT((1, 4, SIZE, SIZE), (2, 4, 4), 32, 2, 2), decoder_width=32, decoder_depth=1)

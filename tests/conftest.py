@@ -10,6 +10,8 @@ reported. A Ray test cannot sneak into the fast tier unnoticed.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -140,19 +142,80 @@ def s3_bucket(s3_server: S3Server) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_cluster(s3_server: S3Server) -> Iterator[str]:
+def ray_cluster(s3_server: S3Server, tmp_path_factory) -> Iterator[str]:
     """One real local Ray cluster (2 CPUs) for the session; yields its address.
 
     It depends on `s3_server` so that the AWS environment is in place before Ray starts its
-    workers: they inherit os.environ at start-up.
+    workers: they inherit os.environ at start-up. Before it goes, every shard set the session
+    wrote is read with `ray.data.read_webdataset` (`_read_every_shard_set`).
     """
     import ray
 
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
     try:
         yield ray.get_runtime_context().gcs_address
+        _read_every_shard_set(tmp_path_factory.getbasetemp(), "ray.data")
     finally:
         ray.shutdown()
+
+
+# --------------------------------------------------------------------------- shards read by stock tools
+
+
+def _read_every_shard_set(root: Path, reader: str) -> dict:
+    """Read every shard listed by every manifest.json under `root` (the session's tmp_path
+    trees) with a stock reader, `webdataset.WebDataset` or `ray.data.read_webdataset`: both refuse
+    a tar with a duplicate key, and each must yield exactly the samples the manifest counts.
+    Shards a test altered on purpose (sha256 no longer the manifest's, or deleted) are left out.
+    The figures go to `<root>/shard-readability.json` (and the terminal summary)."""
+    sets, tars, expected, altered = 0, [], 0, 0
+    for mpath in sorted(root.rglob("manifest.json")):
+        try:
+            m = json.loads(mpath.read_text())
+        except (OSError, ValueError):
+            continue
+        if m.get("schema") != "radforge.shards" or not m.get("shards"):
+            continue
+        sets += 1
+        for s in m["shards"]:
+            tar = mpath.parent / s["path"]
+            if not tar.is_file() or hashlib.sha256(tar.read_bytes()).hexdigest() != s["sha256"]:
+                altered += 1
+                continue
+            tars.append(str(tar))
+            expected += s["samples"]
+    if reader == "ray.data" and tars:
+        import ray
+
+        got = ray.data.read_webdataset(tars, decoder=None).count()
+    elif tars:
+        import webdataset as wds
+
+        got = sum(1 for _ in wds.WebDataset(tars, shardshuffle=False, empty_check=False))
+    else:
+        got = 0
+    out = root / "shard-readability.json"
+    figures = json.loads(out.read_text()) if out.exists() else {}
+    figures[reader] = {"shard_sets": sets, "tars": len(tars), "samples": got, "altered_left_out": altered}
+    out.write_text(json.dumps(figures, sort_keys=True))
+    assert got == expected, f"{reader} read {got} samples from {len(tars)} shards; the manifests list {expected}"
+    return figures[reader]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _every_shard_set_reads_with_stock_webdataset(tmp_path_factory):
+    """At the end of the session (after the Ray cluster, which checks with ray.data first)."""
+    yield
+    _read_every_shard_set(tmp_path_factory.getbasetemp(), "webdataset")
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    base = getattr(config, "_tmp_path_factory", None)
+    path = base.getbasetemp() / "shard-readability.json" if base is not None else None
+    if path is not None and path.exists():
+        for reader, f in sorted(json.loads(path.read_text()).items()):
+            terminalreporter.write_line(f"stock readers: {reader} read {f['samples']} samples from {f['tars']} tars "
+                                        f"of {f['shard_sets']} shard sets ({f['altered_left_out']} listed shards absent or changed by their tests)")
 
 
 @pytest.fixture

@@ -24,7 +24,10 @@ def _ingest(a) -> int:
     result = ingest.run(a.source, a.dest, recipe, reports=a.reports, labels=a.labels, progress=not a.no_progress)
     title = "radforge ingest: already complete (no-op)" if result.noop else "radforge ingest"
     print(shardspec.format_summary(result.manifest, wall_s=None if result.noop else result.wall_s, title=title))
-    print(f"\n  shards + manifest: {result.dest}\n  private index + rejects ledger: {result.private}")
+    if result.ok:
+        print(f"\n  shards + manifest: {result.dest}\n  private index + rejects ledger: {result.private}")
+    else:  # no manifest was written: DEST holds nothing to read
+        print(f"\n  no shards or manifest written\n  private index + rejects ledger: {result.private}")
     if not result.ok:
         print("radforge: nothing could be ingested (see the rejects ledger)", file=sys.stderr)
         return 1
@@ -43,6 +46,9 @@ def _inspect(a) -> int:
             print(json.dumps(meta, sort_keys=True) if a.json else f"{raw['__key__']}  {meta['modality']}  {meta['shape']}  {meta['split']}")
     elif not a.png:
         print(shardspec.format_summary(m, title=f"radforge shards: {dest}"))
+        sel = _selection(dest)
+        if sel and sel.get("studies"):
+            print("\n" + shardspec.format_selection(sel))
     if a.png:
         from radforge import viz
 
@@ -50,6 +56,13 @@ def _inspect(a) -> int:
         viz.save_png(sheet, a.png)
         print(f"montage of {n} samples written to {a.png}")
     return 0
+
+
+def _selection(dest: str) -> dict | None:
+    from radforge import shardspec, storage
+
+    url = storage.join(dest, shardspec.SELECTION)
+    return json.loads(storage.read_bytes(url)) if storage.exists(url) else None
 
 
 def _suffixes(raw: dict) -> dict:

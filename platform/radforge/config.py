@@ -46,6 +46,11 @@ class Section:
 # ---------------------------------------------------------------------------------------------
 
 SUPPORTED_MODALITIES = kinds.MODALITIES
+# What may tell the acquisitions of one CT series apart (`ct.split_acquisitions_by`); each is
+# read per frame where Enhanced CT keeps it in a functional group.
+SPLIT_ATTRIBUTES = ("AcquisitionNumber", "TemporalPositionIdentifier", "TemporalPositionIndex",
+                    "ContrastBolusAgentPhase", "EchoNumbers", "ImageType")
+SERIES_PLANES = ("axial", "coronal", "sagittal", "oblique")
 
 
 @dataclass
@@ -66,6 +71,11 @@ class CTConfig(Section):
     # Also the budget of each file, checked from its header before any decoder runs: rows ×
     # columns × frames × samples per pixel × bits allocated / 16 ≤ max_voxels ("too_large").
     max_voxels: int = 1024 * 1024 * 2000
+    # Repeated slice positions in one series that these attributes tell apart are separate
+    # acquisitions (phases, echoes, time points): one volume each. Tried one attribute at a time in
+    # this order, then all together; repeats none of them explains stay `duplicate_position`.
+    # Only attributes from SPLIT_ATTRIBUTES (none identifies a patient: they name the sub-volume).
+    split_acquisitions_by: list[str] = field(default_factory=lambda: list(SPLIT_ATTRIBUTES))
 
     def __post_init__(self):
         # Comparisons are written so that NaN fails them (`not x > 0`), since NaN < 0 is False too.
@@ -78,6 +88,9 @@ class CTConfig(Section):
         if not 0 <= self.max_tilt_deg < 90:
             raise SettingError(f"ct.max_tilt_deg must be in [0, 90), got {self.max_tilt_deg!r}")
         _choice("ct.duplicate_positions", self.duplicate_positions, ("reject", "drop"))
+        bad = [a for a in self.split_acquisitions_by if a not in SPLIT_ATTRIBUTES]
+        if bad:
+            raise SettingError(f"ct.split_acquisitions_by: {bad} not among {list(SPLIT_ATTRIBUTES)}")
         _above("ct.max_voxels", self.max_voxels, 0)
 
 
@@ -94,9 +107,15 @@ class XrayConfig(Section):
     # "too_large" (a 4k × 4k DX is 16.8 M; the default is ~6300²). Decoding one image peaks at
     # about 32 bytes per pixel (formula in radforge.ingest), ~1.3 GB at the default.
     max_pixels: int = 40_000_000
+    # PresentationIntentType: "presentation" keeps FOR PRESENTATION images (and those without the
+    # attribute, e.g. CR) and skips FOR PROCESSING ones ("for_processing"); "processing" keeps the
+    # raw detector images and skips FOR PRESENTATION ones ("for_presentation"). Either way, when
+    # both exist for one exposure exactly one is used and the other counted.
+    presentation_intent: str = "presentation"
 
     def __post_init__(self):
         _at_least("xray.longest_side", self.longest_side, 16)
+        _choice("xray.presentation_intent", self.presentation_intent, ("presentation", "processing"))
         _above("xray.max_pixels", self.max_pixels, 0)
         _choice("xray.voi", self.voi, ("window", "none"))
 
@@ -110,6 +129,10 @@ class DeidConfig(Section):
     # Demo mode uses a public, fixed key: pseudonyms are then NOT secret. Marked in the manifest.
     demo_key: bool = False
     keep_age_sex: bool = False  # keep the patient's age and sex in each sample's metadata
+    # Pixels that may carry names (PS3.15 Clean Pixel Data): BurnedInAnnotation YES, Secondary
+    # Capture SOP classes, screen captures. Rejected "burned_in_annotation" unless this is true
+    # (then CR/DX Secondary Captures are ingested as radiographs). Only for cleaned pixel data.
+    allow_burned_in: bool = False
 
     def __post_init__(self):
         if not self.secret_env or not self.secret_env.strip():
@@ -127,6 +150,64 @@ class TableConfig(Section):
 
     def __post_init__(self):
         _choice("join_on", self.join_on, ("AccessionNumber", "StudyInstanceUID"))
+
+
+@dataclass
+class SeriesRule(Section):
+    """One CT series selection rule (`series.rules`): it matches a series when every condition
+    given holds (unset conditions always hold), and then keeps or drops it."""
+
+    name: str  # the reason a dropped series is counted under ("rule:<name>"); required
+    action: str = "keep"  # keep | drop
+    image_type: list[str] = field(default_factory=list)  # every value must be in ImageType (e.g. [DERIVED, SECONDARY])
+    series_description: str | None = None  # regex searched in SeriesDescription (case-insensitive)
+    kernel: str | None = None  # regex searched in ConvolutionKernel (case-insensitive)
+    slice_thickness_mm: tuple[float, float] | None = None  # [min, max] SliceThickness, inclusive
+    plane: list[str] = field(default_factory=list)  # acquisition plane from IOP: axial | coronal | sagittal | oblique
+    min_slices: int = 0  # fewer slice positions than this: condition fails
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not self.name.isidentifier():
+            raise SettingError(f"series.rules: name {self.name!r} must be a plain identifier")
+        _choice("series.rules.action", self.action, ("keep", "drop"))
+        for p in self.plane:
+            _choice("series.rules.plane", p, SERIES_PLANES)
+        import re
+
+        for what in ("series_description", "kernel"):
+            try:
+                re.compile(getattr(self, what) or "")
+            except re.error as e:
+                raise SettingError(f"series.rules.{what}: not a regular expression ({e})") from None
+        self.image_type = [v.upper() for v in self.image_type]
+
+
+def _default_series_rules() -> list[SeriesRule]:
+    return [
+        SeriesRule(name="secondary", action="drop", image_type=["SECONDARY"]),
+        SeriesRule(name="dose_report", action="drop", series_description=r"dose\s*(report|info)|patient\s*protocol|screen\s*save"),
+    ]
+
+
+@dataclass
+class SeriesConfig(Section):
+    """Which CT series become samples (after MONAI Deploy's series selector): `rules` in order, the
+    first that matches decides; a series no rule matches follows `default`; then, per study,
+    `per_study` chooses among the kept series. Every dropped series is counted skipped
+    ("rule:<name>", "no_rule", "per_study:<choice>")."""
+
+    rules: list[SeriesRule] = field(default_factory=_default_series_rules)  # in order; default: drop SECONDARY and dose reports
+    default: str = "keep"  # keep | drop: series no rule matches
+    # all: every kept series; thinnest: the kept series with the smallest SliceThickness (all its
+    # acquisitions); first_match: the series kept by the earliest keep rule (ties: thinnest).
+    per_study: str = "all"
+
+    def __post_init__(self):
+        _choice("series.default", self.default, ("keep", "drop"))
+        _choice("series.per_study", self.per_study, ("all", "thinnest", "first_match"))
+        names = [r.name for r in self.rules]
+        if len(set(names)) != len(names):
+            raise SettingError(f"series.rules: rule names must be unique, got {names}")
 
 
 @dataclass
@@ -184,6 +265,7 @@ class IngestRecipe(Section):
     # Fractions of patients per split, assigned from the patient pseudonym.
     splits: dict[str, float] = field(default_factory=lambda: {"train": 0.8, "val": 0.1, "test": 0.1})
     shards: ShardConfig = field(default_factory=ShardConfig)
+    series: SeriesConfig = field(default_factory=SeriesConfig)  # CT series selection rules
     dicomweb: DicomwebConfig = field(default_factory=DicomwebConfig)  # a dicomweb+http(s):// SOURCE's filters and client
     # Where the private index and rejects ledger go (they hold source paths and original UIDs).
     # Default: "<DEST>.private". Never inside DEST.
@@ -446,6 +528,7 @@ class ModelConfig(Section):
     decoder_depth: int = 2  # MAE decoder: transformer blocks
     embed_dim: int = 128  # CLIP: joint embedding size
     init_temperature: float = 0.07  # CLIP: initial softmax temperature (learnable)
+    image_pool: str = "mean"  # CLIP: image features from the tower's pool (mean) or a learned attention pool (attention)
     # An image tower to start from (fresh runs only): an exported radforge model dir (model.json;
     # its image encoder: MAE/CLIP/DINO/finetune) or a Hugging Face dir (config.json + weights;
     # Dinov2Model / Dinov2WithRegistersModel / ViTModel / CLIPVisionModel), local or any fsspec
@@ -468,6 +551,7 @@ class ModelConfig(Section):
             raise SettingError("model.mask_ratio must be in (0, 1)")
         _above("model.init_temperature", self.init_temperature, 0)
         _choice("model.backbone", self.backbone, ("radforge", "dinov2", "vit", "clip"))  # models.vit.STYLES
+        _choice("model.image_pool", self.image_pool, ("mean", "attention"))  # models.clip.POOLS
         _at_least("model.registers", self.registers, 0)
         if self.registers and self.backbone != "dinov2":
             raise SettingError("model.registers needs model.backbone: dinov2")
@@ -529,7 +613,6 @@ class ScaleConfig(Section):
     placement_strategy: str = "PACK"  # PACK | SPREAD | STRICT_PACK | STRICT_SPREAD
     resources_per_worker: dict[str, float] = field(default_factory=dict)  # extra custom resources
 
-    image_pool: str = "mean"  # CLIP: image features from the tower's pool (mean) or a learned attention pool (attention)
     def __post_init__(self):
         _at_least("scale.num_workers", self.num_workers, 1)
         _choice("scale.placement_strategy", self.placement_strategy, ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"))
@@ -552,7 +635,6 @@ class CheckpointConfig(Section):
 
 @dataclass
 class EvalConfig(Section):
-        _choice("model.image_pool", self.image_pool, ("mean", "attention"))  # models.clip.POOLS
     """In-loop and offline evaluation (radforge.evaluate)."""
 
     every_steps: int = 0  # 0 = only at the end

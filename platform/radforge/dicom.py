@@ -7,7 +7,13 @@ Stages, each a plain function so Ray Data can call them and tests can call them 
    reason code).
 2. `plan_group(rows, ctx)`: all index rows of one SeriesInstanceUID (or one X-ray) → `PlanItem`s,
    validated from the headers alone (geometry, ordering, gaps, tilt) so a bad series costs no
-   pixel decoding.
+   pixel decoding. Real-archive rules, in this order: per file (burned-in pixels, presentation
+   intent, localizers), then instance identity (files sharing a SOPInstanceUID: identical pixels
+   → one used, `duplicate_instance`; different → `conflicting_instance`; the only decoding
+   planning does, and only for such copies), then CT series selection (`select_series`, recipe
+   `series.rules`) and the split of several acquisitions in one series (`_split_acquisitions`).
+   The per-study choice (`choose_per_study`) needs every series of a study: ingest applies it
+   after planning.
 3. `load_ct(item, read)` / `load_xray(item, read, voi)`: decode the planned files (pydicom's pixel
    handlers + pylibjpeg plugins for every transfer syntax) into HU / presentation values.
 4. `canonical(item, read, profile)`: a planned item → the stored array, per a `transforms.Profile`
@@ -36,9 +42,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import hashlib
 import io
 import logging
 import math
+import re
 import struct
 import threading
 import warnings
@@ -52,7 +60,7 @@ import pydicom
 from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from radforge import deid, kinds
-from radforge.config import CTConfig, IngestRecipe, XrayConfig
+from radforge.config import SPLIT_ATTRIBUTES, CTConfig, IngestRecipe, SeriesConfig, SeriesRule, XrayConfig
 from radforge.transforms import Profile, spacing_zyx
 
 # Never let pydicom warn about invalid element values: its warnings quote the value, and a
@@ -118,9 +126,28 @@ REJECT_REASONS = (
     "unsupported_photometric",
     "decode_error",
     "multiple_images",  # canonical_from_files: one request holds more than one series / image
+    "conflicting_instance",  # one SOPInstanceUID, different pixel data: no copy can be trusted
+    "inconsistent_meta",  # file meta's MediaStorageSOP{Instance,Class}UID contradicts the data set
+    "burned_in_annotation",  # pixels may carry names: BurnedInAnnotation YES, Secondary Capture, screen capture
 )
 # Planning's skips; the listing's (never opened: FIFOs, symlinks…) are `storage.SKIP_REASONS`.
-SKIP_REASONS = ("localizer", "modality_not_selected")
+# Series selection adds "rule:<name>", "no_rule" and "per_study:<choice>" (`is_skip_reason`).
+SKIP_REASONS = ("localizer", "modality_not_selected", "duplicate_instance", "for_processing", "for_presentation", "no_rule")
+SELECTION_PREFIXES = ("rule:", "per_study:")
+
+
+def is_skip_reason(reason: str | None) -> bool:
+    """A planning skip: a fixed code or a series selection rule's ("rule:<name>", "per_study:<choice>")."""
+    return reason in SKIP_REASONS or (reason or "").startswith(SELECTION_PREFIXES)
+
+
+SECONDARY_CAPTURE = (
+    "1.2.840.10008.5.1.4.1.1.7",  # Secondary Capture Image Storage
+    "1.2.840.10008.5.1.4.1.1.7.1",  # Multi-frame Single Bit SC
+    "1.2.840.10008.5.1.4.1.1.7.2",  # Multi-frame Grayscale Byte SC
+    "1.2.840.10008.5.1.4.1.1.7.3",  # Multi-frame Grayscale Word SC
+    "1.2.840.10008.5.1.4.1.1.7.4",  # Multi-frame True Color SC
+)
 
 
 class Reject(Exception):
@@ -186,6 +213,10 @@ INDEX_SCHEMA = pa.schema(
         ("safe", pa.string()),  # allow-listed attributes (deid.SAFE_ATTRIBUTES): a dict in a
         # scanned row, JSON in the Arrow index (ingest converts at its edge)
         ("phi_terms", pa.list_(pa.string())),  # identifying values, for report redaction only
+        # Selection attributes (`_ATTRS`: burned-in, presentation intent, orientation, acquisition
+        # split values, SeriesDescription), a dict in a scanned row, JSON in the Arrow index;
+        # "frames" holds per-frame values of a multi-frame file. Private: descriptions may hold PHI.
+        ("attrs", pa.string()),
     ]
 )
 
@@ -247,6 +278,7 @@ def _scan(path: str, size: int, fileobj, limits: HeaderLimits) -> dict:
     try:
         if reader.truncated:
             raise Reject("truncated")
+        _check_file_meta(ds, row)
         if row["modality"] in kinds.MODALITIES or row["sop_class_uid"] in _IMAGE_SOP_CLASSES:
             # A cut exactly between two elements reads cleanly but leaves the file at EOF
             # where Pixel Data should start; other modalities are rejected anyway, unread.
@@ -465,10 +497,68 @@ def _fill_row(row: dict, ds: pydicom.Dataset) -> None:
         if k is not None:
             safe["ConvolutionKernel"] = k
     row["safe"] = safe
+    row["attrs"] = _selection_attrs(ds, row["n_frames"])
     terms = []
     for attr in deid.IDENTIFYING_ATTRIBUTES:
         terms += [str(v) for v in _as_list(_get(ds, attr)) if v]
     row["phi_terms"] = deid.identifying_terms(terms)
+
+
+def _check_file_meta(ds, row: dict) -> None:
+    """The file meta must name the instance the data set holds (PS3.10 7.1): a file whose
+    MediaStorageSOPInstanceUID / ClassUID contradicts SOPInstanceUID / SOPClassUID is a broken
+    copy (edited data set, stale meta) and never joins a series. Absent values are not checked."""
+    meta = getattr(ds, "file_meta", None)
+    if meta is None:
+        return
+    for meta_kw, field_name in (("MediaStorageSOPInstanceUID", "sop_uid"), ("MediaStorageSOPClassUID", "sop_class_uid")):
+        v = _str(meta, meta_kw)
+        if v and row[field_name] and v != row[field_name]:
+            raise Reject("inconsistent_meta")
+
+
+# What the index keeps for selection and splitting (`attrs`), beside the geometry. None is
+# patient-identifying except SeriesDescription, which stays in the private index (rules match it
+# there; only the rule's name leaves).
+_ATTRS = ("BurnedInAnnotation", "ConversionType", "PresentationIntentType", "PatientOrientation",
+          "SeriesDescription", *SPLIT_ATTRIBUTES)
+# Per-frame homes of split attributes in Enhanced CT: (functional group sequence, attribute) → key.
+_FRAME_ATTRS = {("FrameContentSequence", "TemporalPositionIndex"): "TemporalPositionIndex",
+                ("FrameContentSequence", "FrameAcquisitionNumber"): "AcquisitionNumber",
+                ("CTImageFrameTypeSequence", "FrameType"): "ImageType",
+                ("ContrastBolusUsageSequence", "ContrastBolusAgentPhase"): "ContrastBolusAgentPhase"}
+
+
+def _selection_attrs(ds, n_frames: int) -> dict:
+    out = {}
+    for kw in _ATTRS:
+        v = _attr_value(_get(ds, kw))
+        if v is not None:
+            out[kw] = v
+    if n_frames > 1 and _get(ds, "PerFrameFunctionalGroupsSequence"):
+        frames = []
+        for i in range(n_frames):
+            f = {}
+            for (seq, attr), key in _FRAME_ATTRS.items():
+                v = _attr_value(_functional(ds, i, seq, attr))
+                if v is not None:
+                    f[key] = v
+            frames.append(f)
+        if any(frames):
+            out["frames"] = frames
+    return out
+
+
+def _attr_value(v):
+    """A selection attribute as plain text (multi-valued joined with backslashes), or None."""
+    if v is None:
+        return None
+    try:
+        items = [str(x).strip() for x in _as_list(v)]
+    except Exception:  # noqa: BLE001 — undecodable text
+        return None
+    text = "\\".join(items)
+    return text[:256] if text else None
 
 
 def _geometry(ds, n_frames: int):
@@ -598,6 +688,15 @@ class PlanContext:
 
     recipe: IngestRecipe
     pseudo: deid.Pseudonymizer
+    # (index row, byte budget) → digest of the file's decoded pixels (`pixel_digest`), asked only
+    # for files sharing a SOPInstanceUID; raises Reject. Default: read the row's path locally.
+    pixel_digest: Callable[[dict, int], str] | None = None
+
+    def digest(self, row: dict, limit: int) -> str:
+        if self.pixel_digest is not None:
+            return self.pixel_digest(row, limit)
+        with open(row["path"], "rb") as f:
+            return pixel_digest(f.read(), limit)
 
 
 @dataclass
@@ -636,6 +735,11 @@ class PlanItem:
     accession: str = ""
     study_uid: str = ""
     phi_terms: list[str] = field(default_factory=list)
+    # CT: the acquisition of a split series ("AcquisitionNumber=2"); its key is "<series>-<8 hex>".
+    sub_series: str | None = None
+    selected_by: str | None = None  # CT: the series rule that kept it (None: no rule matched, default keep)
+    flip: list[str] = field(default_factory=list)  # X-ray: display flips applied ("horizontal", "vertical")
+    orientation: list[str] | None = None  # X-ray: PatientOrientation (row, column) once flipped; None: not recognised
 
     def join_key(self, attribute: str) -> str:
         """This item's value of a table join attribute (`config.TableConfig.join_on`)."""
@@ -662,13 +766,70 @@ def plan_group(rows: list[dict], ctx: PlanContext) -> list[PlanItem]:
             by_kind.setdefault(kind, []).append(r)
     for kind, krows in by_kind.items():
         rules = _RULES[kind]
-        # A CT series is one sample of all its rows; each radiograph is a sample of its own.
+        krows, copies = _dedupe_instances(krows, kind, ctx)
+        out += copies
+        # A CT series is one sample of all its rows (or one per acquisition); each radiograph is a
+        # sample of its own.
         for sample_rows in [[r] for r in krows] if rules.per_file else [krows]:
-            try:
-                out.append(rules.plan(sample_rows, ctx))
-            except Reject as rej:
-                out.append(_disposition(sample_rows, "rejected", rej.reason, rej.detail))
+            out += rules.plan(sample_rows, ctx)
     return out
+
+
+def _attempt(plan: Callable[[list[dict], PlanContext], PlanItem], rows: list[dict], ctx: PlanContext) -> list[PlanItem]:
+    try:
+        return [plan(rows, ctx)]
+    except Reject as rej:
+        return [_disposition(rows, "rejected", rej.reason, rej.detail)]
+
+
+def pixel_digest(data: bytes, limit: int) -> str:
+    """SHA-256 of a file's decoded pixel values (and the rescale and photometric that give them
+    meaning), whatever the transfer syntax: equal digests = identical images. Raises Reject."""
+    return _safely(_pixel_digest, data, limit)
+
+
+def _pixel_digest(data: bytes, limit: int) -> str:
+    ds, arr = _decode_pixels(data, limit)
+    h = hashlib.sha256(repr((arr.shape, _rescale(ds, -1), _str(ds, "PhotometricInterpretation"))).encode())
+    values = arr.astype(np.int64 if arr.dtype.kind in "iub" else np.float64, copy=False)
+    h.update(np.ascontiguousarray(values).tobytes())
+    return h.hexdigest()
+
+
+def _dedupe_instances(rows: list[dict], kind: kinds.ImageKind, ctx: PlanContext) -> tuple[list[dict], list[PlanItem]]:
+    """Files sharing a SOPInstanceUID (a copy in another folder, another transfer syntax, a
+    re-send) → (the rows to plan, dispositions of the others). Identical decoded pixels: the first
+    copy by path is used, the rest `skipped: duplicate_instance`; different pixels: every copy
+    `rejected: conflicting_instance`. A multi-frame file is one instance of all its frames, so its
+    copies are compared frame for frame. Copies past the kind's budget (or without one) are left
+    to planning, which refuses them without decoding."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r["sop_uid"] or "path:" + r["path"], []).append(r)
+    if all(len(g) == 1 for g in groups.values()):
+        return rows, []
+    budget = 2 * (ctx.recipe.ct.max_voxels if kind is kinds.CT else ctx.recipe.xray.max_pixels)
+    kept: list[dict] = []
+    out: list[PlanItem] = []
+    for copies in groups.values():
+        copies = sorted(copies, key=lambda r: r["path"])
+        if len(copies) == 1 or any(not r.get("pixel_bytes") or r["pixel_bytes"] > budget for r in copies):
+            kept += copies
+            continue
+        digests: dict[str, str] = {}
+        for r in copies:
+            try:
+                digests[r["path"]] = ctx.digest(r, budget)
+            except Reject as rej:
+                out.append(_disposition([r], "rejected", rej.reason, rej.detail))
+        good = [r for r in copies if r["path"] in digests]
+        if len(set(digests.values())) > 1:
+            out.append(_disposition(good, "rejected", "conflicting_instance"))
+        elif good:
+            kept.append(good[0])
+            if len(good) > 1:
+                out.append(_disposition(good[1:], "skipped", "duplicate_instance"))
+    return kept, out
 
 
 def _file_disposition(r: dict, kind: kinds.ImageKind | None, ctx: PlanContext) -> tuple[str, str] | None:
@@ -679,10 +840,44 @@ def _file_disposition(r: dict, kind: kinds.ImageKind | None, ctx: PlanContext) -
         return "rejected", "unsupported_modality"
     if r["modality"] not in ctx.recipe.modalities:
         return "skipped", "modality_not_selected"
-    if r["sop_class_uid"] not in _RULES[kind].sop_classes:
+    attrs = r.get("attrs") or {}
+    if _burned_in(r, attrs) and not ctx.recipe.deid.allow_burned_in:
+        return "rejected", "burned_in_annotation"
+    sc_ok = kind is kinds.XRAY and ctx.recipe.deid.allow_burned_in and r["sop_class_uid"] in SECONDARY_CAPTURE
+    if r["sop_class_uid"] not in _RULES[kind].sop_classes and not sc_ok:
         return "rejected", "unsupported_sop_class"
     if "LOCALIZER" in (r["image_type"] or "").upper():
         return "skipped", "localizer"
+    if kind is kinds.XRAY:
+        return _intent_disposition(r, attrs, ctx.recipe.xray.presentation_intent)
+    return None
+
+
+DX_FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.1.1"
+
+
+def _burned_in(r: dict, attrs: dict) -> bool:
+    """Pixels that may show names or IDs (PS3.15 Annex E, Clean Pixel Data): the header says so,
+    the SOP class is a Secondary Capture, or it is a screen capture (ConversionType WSD, a
+    SCREEN SAVE image type)."""
+    return (
+        attrs.get("BurnedInAnnotation", "").upper() == "YES"
+        or r["sop_class_uid"] in SECONDARY_CAPTURE
+        or attrs.get("ConversionType", "").upper() == "WSD"
+        or "SCREEN" in (r["image_type"] or "").upper()
+    )
+
+
+def _intent_disposition(r: dict, attrs: dict, keep: str) -> tuple[str, str] | None:
+    """PresentationIntentType (the DX For Processing SOP class implies it): keep the intent the
+    recipe names (`xray.presentation_intent`) and images without one (CR); skip the other."""
+    intent = attrs.get("PresentationIntentType", "").upper()
+    if not intent and r["sop_class_uid"] == DX_FOR_PROCESSING:
+        intent = "FOR PROCESSING"
+    if intent == "FOR PROCESSING" and keep == "presentation":
+        return "skipped", "for_processing"
+    if intent == "FOR PRESENTATION" and keep == "processing":
+        return "skipped", "for_presentation"
     return None
 
 
@@ -713,6 +908,166 @@ def _check_budget(rows: list[dict], pixels: int, key: str) -> int:
 def _monochrome(r: dict) -> bool:
     # HU and presentation values come from a single sample per pixel.
     return r["safe"].get("PhotometricInterpretation") in ("MONOCHROME1", "MONOCHROME2")
+
+
+def _plan_ct_series(rows: list[dict], ctx: PlanContext) -> list[PlanItem]:
+    """The rows of one CT series → its items: skipped by a selection rule (`series.rules`), or one
+    volume per acquisition (`_split_acquisitions`), each planned (or rejected) on its own."""
+    rule, keep = select_series(rows, ctx.recipe.series)
+    if not keep:
+        return [_series_disposition(rows, "skipped", f"rule:{rule}" if rule else "no_rule", ctx)]
+    try:
+        _check_ct_rows(rows)
+        parts = _split_acquisitions(rows, ctx.recipe.ct)
+    except Reject as rej:
+        return [_series_disposition(rows, "rejected", rej.reason, ctx, rej.detail)]
+    out: list[PlanItem] = []
+    claimed: set[str] = set()  # a multi-frame file split across acquisitions counts in the first
+    for sub, part in parts:
+        paths = [r["path"] for r in part if r["path"] not in claimed]
+        claimed.update(paths)
+        try:
+            item = _plan_ct(part, ctx)
+        except Reject as rej:
+            if paths:
+                out.append(_series_disposition([r for r in part if r["path"] in paths], "rejected", rej.reason, ctx, rej.detail))
+            continue
+        item.all_paths, item.selected_by = paths, rule
+        if sub is not None:
+            item.sub_series = sub
+            item.key = f"{item.series}-{hashlib.sha256(sub.encode()).hexdigest()[:8]}"
+        out.append(item)
+    return out
+
+
+def _series_disposition(rows: list[dict], status: str, reason: str, ctx: PlanContext, detail: str | None = None) -> PlanItem:
+    """A whole series' disposition, with its pseudonyms (what `radforge inspect` lists per study)."""
+    item = _disposition(rows, status, reason, detail)
+    first = rows[0]
+    item.modality = first["modality"]
+    item.study = ctx.pseudo("study", first["study_uid"] or "")
+    item.series = ctx.pseudo("series", first["series_uid"] or "")
+    return item
+
+
+def series_plane(iop) -> str | None:
+    """Acquisition plane from ImageOrientationPatient: the patient axis the slice normal is within
+    ~18° of (axial: z, coronal: y, sagittal: x), else oblique; None without a usable IOP."""
+    if iop is None:
+        return None
+    n = np.cross(np.asarray(iop[:3], float), np.asarray(iop[3:], float))
+    norm = float(np.linalg.norm(n))
+    if not norm > 1e-6:
+        return None
+    a = np.abs(n / norm)
+    return {0: "sagittal", 1: "coronal", 2: "axial"}[int(a.argmax())] if a.max() >= 0.95 else "oblique"
+
+
+def select_series(rows: list[dict], cfg: SeriesConfig) -> tuple[str | None, bool]:
+    """(name of the first rule the series matches or None, keep?) from its headers alone."""
+    for rule in cfg.rules:
+        if _rule_matches(rule, rows):
+            return rule.name, rule.action == "keep"
+    return None, cfg.default == "keep"
+
+
+def _rule_matches(rule: SeriesRule, rows: list[dict]) -> bool:
+    first = rows[0]
+    attrs, safe = first.get("attrs") or {}, first.get("safe") or {}
+    if rule.image_type and not set(rule.image_type) <= {v.strip().upper() for v in (first["image_type"] or "").split("\\")}:
+        return False
+    for pattern, value in ((rule.series_description, attrs.get("SeriesDescription")), (rule.kernel, safe.get("ConvolutionKernel"))):
+        if pattern is not None:
+            text = "\\".join(map(str, value)) if isinstance(value, list) else value
+            if text is None or not re.search(pattern, str(text), re.IGNORECASE):
+                return False
+    if rule.slice_thickness_mm is not None:
+        t = _floats(safe.get("SliceThickness"), 1)
+        if t is None or not rule.slice_thickness_mm[0] <= t[0] <= rule.slice_thickness_mm[1]:
+            return False
+    if rule.plane and series_plane(first["iop"]) not in rule.plane:
+        return False
+    n = len({tuple(np.round(p, 2)) for r in rows for p in (r["positions"] or [])})
+    return n >= rule.min_slices
+
+
+def choose_per_study(series: list[dict], cfg: SeriesConfig) -> dict[str, str]:
+    """`series.per_study` over the planned CT volumes of a run: `series` holds one dict per
+    volume (key, study, series pseudonyms, selected_by, slice_thickness) → {key: skip reason} of
+    the volumes not chosen. A chosen series keeps all its acquisitions."""
+    if cfg.per_study == "all":
+        return {}
+    rank = {r.name: i for i, r in enumerate(cfg.rules)}
+
+    def order(v: dict):
+        t = v.get("slice_thickness")
+        thick = t if isinstance(t, (int, float)) and math.isfinite(t) else math.inf
+        by_rule = rank.get(v.get("selected_by"), len(rank))
+        return (by_rule, thick, v["series"]) if cfg.per_study == "first_match" else (thick, by_rule, v["series"])
+
+    by_study: dict[str, list[dict]] = {}
+    for v in series:
+        by_study.setdefault(v["study"], []).append(v)
+    drops = {}
+    for vols in by_study.values():
+        chosen = min(vols, key=order)["series"]
+        drops.update({v["key"]: f"per_study:{cfg.per_study}" for v in vols if v["series"] != chosen})
+    return drops
+
+
+def _split_acquisitions(rows: list[dict], cfg: CTConfig) -> list[tuple[str | None, list[dict]]]:
+    """[(sub-series key or None, rows)]: the series whole, or one part per acquisition when its
+    repeated slice positions are told apart by `cfg.split_acquisitions_by` (one attribute at a
+    time in order, then all of those that vary together; the split leaving fewest repeats wins,
+    every part holding at least two frames). Frames of a multi-frame file are split too (rows
+    restricted to some frames carry `_frames`, their indices in the file)."""
+    normal = _slice_axes(np.array(rows[0]["iop"]))[2]
+    frames = [(r, f, float(np.dot(p, normal))) for r in rows for f, p in enumerate(r["positions"])]
+    base = _repeats([z for _, _, z in frames])
+    if not base:
+        return [(None, rows)]
+    varying = [a for a in cfg.split_acquisitions_by if len({_frame_attr(r, f, a) for r, f, _ in frames}) > 1]
+    best = None
+    for cand in [[a] for a in varying] + ([varying] if len(varying) > 1 else []):
+        parts: dict[tuple, list] = {}
+        for r, f, z in frames:
+            parts.setdefault(tuple(_frame_attr(r, f, a) or "" for a in cand), []).append((r, f, z))
+        if len(parts) < 2 or min(map(len, parts.values())) < 2:
+            continue
+        left = sum(_repeats([z for _, _, z in p]) for p in parts.values())
+        if left < base and (best is None or left < best[0]):
+            best = (left, cand, parts)
+    if best is None:
+        return [(None, rows)]
+    _, cand, parts = best
+    return [(",".join(f"{a}={v}" for a, v in zip(cand, vals)), _part_rows(p)) for vals, p in sorted(parts.items())]
+
+
+def _repeats(z: list[float]) -> int:
+    """Frames at a position already taken (the criterion `_ordered_slices` rejects on)."""
+    if len(z) < 2:
+        return 0
+    steps = np.diff(np.sort(np.asarray(z)))
+    return int((steps < 1e-3 * max(1.0, float(np.median(np.abs(steps))))).sum())
+
+
+def _frame_attr(r: dict, f: int, attr: str):
+    attrs = r.get("attrs") or {}
+    per_frame = attrs.get("frames") or []
+    if f < len(per_frame) and attr in per_frame[f]:
+        return per_frame[f][attr]
+    return attrs.get(attr)
+
+
+def _part_rows(part: list[tuple[dict, int, float]]) -> list[dict]:
+    frames: dict[str, tuple[dict, list[int]]] = {}
+    for r, f, _ in part:
+        frames.setdefault(r["path"], (r, []))[1].append(f)
+    out = []
+    for r, fs in frames.values():
+        whole = len(fs) == len(r["positions"])
+        out.append(r if whole else {**r, "positions": [r["positions"][f] for f in fs], "_frames": fs})
+    return out
 
 
 def _plan_ct(rows: list[dict], ctx: PlanContext) -> PlanItem:
@@ -758,7 +1113,7 @@ def _check_ct_rows(rows: list[dict]) -> None:
             raise Reject("missing_geometry")
         # One position per frame; a multi-frame file whose per-frame groups disagree with
         # NumberOfFrames would otherwise plan frames the decoder does not have.
-        if len(r["positions"]) != (r["n_frames"] or 1):
+        if len(r["positions"]) != (len(r["_frames"]) if "_frames" in r else (r["n_frames"] or 1)):
             raise Reject("missing_geometry")
     for r in rows:
         if not _monochrome(r):  # colour "CT" cannot be rescaled to HU
@@ -798,8 +1153,9 @@ def _ordered_slices(rows: list[dict], normal: np.ndarray, cfg) -> tuple[list[tup
     normal, duplicates rejected or dropped per `cfg.duplicate_positions`; and the projections."""
     slices = []
     for r in rows:
-        for f, p in enumerate(r["positions"]):
-            slices.append((float(np.dot(p, normal)), p, r["path"], f if r["n_frames"] > 1 else -1))
+        index = r.get("_frames") or (range(len(r["positions"])) if r["n_frames"] > 1 else [-1])
+        for f, p in zip(index, r["positions"]):
+            slices.append((float(np.dot(p, normal)), p, r["path"], f))
     slices.sort(key=lambda s: (s[0], s[2], s[3]))
     z = np.array([s[0] for s in slices])
     if len(slices) >= 2:
@@ -861,7 +1217,31 @@ def _plan_xray(rows: list[dict], ctx: PlanContext) -> PlanItem:
         item.source_spacing_mm = list(r["pixel_spacing"])
     item.frames = [-1]
     item.decode_bytes = decode_bytes
+    item.flip, item.orientation = display_flips((r.get("attrs") or {}).get("PatientOrientation"), r["safe"].get("ViewPosition"))
     return item
+
+
+VIEWS = {"PA": "frontal", "AP": "frontal", "LL": "lateral", "RL": "lateral"}  # ViewPosition → view
+
+
+def display_flips(patient_orientation: str | None, view_position) -> tuple[list[str], list[str] | None]:
+    """(flips, orientation after them) that store a radiograph the same way every time: rows
+    toward the patient's left (frontal; toward posterior for a lateral view: the patient faces
+    the viewer's left) and columns toward the feet. From PatientOrientation (row direction \\
+    column direction, PS3.3 C.7.6.1.1.1); unrecognised or rotated (rows along head-feet): no
+    flip, orientation None."""
+    parts = [p.strip().upper()[:1] for p in (patient_orientation or "").split("\\")]
+    if len(parts) != 2 or parts[0] not in "LRAP" or parts[1] not in "HF" or not all(parts):
+        return [], None
+    row, col = parts
+    flips = []
+    if row in ("R", "A"):
+        flips.append("horizontal")
+        row = {"R": "L", "A": "P"}[row]
+    if col == "H":
+        flips.append("vertical")
+        col = "F"
+    return flips, [row, col]
 
 
 def _sample_item(kind: kinds.ImageKind, first: dict, rows: list[dict], ctx: PlanContext) -> PlanItem:
@@ -1209,8 +1589,15 @@ def _canonical_ct(item: PlanItem, read: Callable[[str], bytes], profile: Profile
 
 
 def _canonical_xray(item: PlanItem, read: Callable[[str], bytes], profile: Profile) -> tuple[np.ndarray, dict]:
-    array = profile.canonical_xray(load_xray(item, read, profile.xray_voi))
-    meta = {"shape": list(array.shape), "photometric": "MONOCHROME2", "units": "presentation", "spacing_mm": None}
+    values = load_xray(item, read, profile.xray_voi)
+    if "horizontal" in item.flip:
+        values = values[:, ::-1]
+    if "vertical" in item.flip:
+        values = values[::-1, :]
+    array = profile.canonical_xray(np.ascontiguousarray(values))
+    meta = {"shape": list(array.shape), "photometric": "MONOCHROME2", "units": "presentation", "spacing_mm": None,
+            "view": VIEWS.get(str(item.safe.get("ViewPosition") or "").upper()), "display_flip": list(item.flip),
+            "patient_orientation": item.orientation}
     src_sp = item.source_spacing_mm
     if src_sp:
         sy = item.source_shape[0] / array.shape[0]
@@ -1244,11 +1631,13 @@ def canonical_from_files(datas: list[bytes], profile: Profile, *, image: kinds.I
     """
     # Planning reads only the modalities and the CT validation thresholds of a recipe; the pixels
     # follow `profile` (`canonical`), so nothing of the profile is turned back into a recipe.
+    # Series selection rules are a corpus policy, not a property of one image: none apply here.
     recipe = IngestRecipe(modalities=list(image.modalities if image else kinds.MODALITIES), ct=ct or CTConfig(),
-                          xray=xray or XrayConfig())
-    # Pseudonyms are computed by planning but never leave this function: any key will do.
-    ctx = PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(b"radforge-canonical-from-files"))
+                          xray=xray or XrayConfig(), series=SeriesConfig(rules=[]))
     files = {f"file{i}": bytes(d) for i, d in enumerate(datas)}
+    # Pseudonyms are computed by planning but never leave this function: any key will do.
+    ctx = PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(b"radforge-canonical-from-files"),
+                      pixel_digest=lambda row, limit: pixel_digest(files[row["path"]], limit))
     groups: dict[str, list[dict]] = {}
     for path, data in files.items():
         row = scan(path, len(data), io.BytesIO(data), limits)
@@ -1278,13 +1667,14 @@ class _KindRules:
     group_prefix: str  # `_group_key`: "<prefix>:<uid>"
     group_field: str  # the index row field one sample groups on
     per_file: bool  # each file of a group is a sample of its own (else the group is one sample)
-    plan: Callable[[list[dict], PlanContext], PlanItem]
+    plan: Callable[[list[dict], PlanContext], list[PlanItem]]  # rows of one sample (group) → its items
     canonical: Callable[[PlanItem, Callable[[str], bytes], Profile], tuple[np.ndarray, dict]]
 
 
 _RULES: dict[kinds.ImageKind, _KindRules] = {
-    kinds.CT: _KindRules((CT_STORAGE, ENHANCED_CT_STORAGE), "ct", "series_uid", False, _plan_ct, _canonical_ct),
-    kinds.XRAY: _KindRules(XRAY_STORAGE, "xr", "sop_uid", True, _plan_xray, _canonical_xray),
+    kinds.CT: _KindRules((CT_STORAGE, ENHANCED_CT_STORAGE), "ct", "series_uid", False, _plan_ct_series, _canonical_ct),
+    kinds.XRAY: _KindRules(XRAY_STORAGE, "xr", "sop_uid", True, lambda rows, ctx: _attempt(_plan_xray, rows, ctx),
+                           _canonical_xray),
 }
 assert set(_RULES) == set(kinds.KINDS.values()), "every image kind needs its planning rules"
 _IMAGE_SOP_CLASSES = frozenset(c for r in _RULES.values() for c in r.sop_classes)

@@ -112,6 +112,10 @@ ITEM_SCHEMA = pa.schema(
         ("accession", pa.string()),  # private join keys and redaction terms: never written to DEST
         ("study_uid", pa.string()),
         ("phi_terms", pa.list_(pa.string())),
+        ("sub_series", pa.string()),  # CT: the acquisition of a split series (its key has a suffix)
+        ("selected_by", pa.string()),  # CT: the series rule that kept it
+        ("flip", pa.list_(pa.string())),  # X-ray: display flips applied
+        ("orientation", pa.list_(pa.string())),  # X-ray: PatientOrientation after the flips
     ]
 )
 _ITEM_FIELDS = tuple(f.name for f in dataclasses.fields(dicom.PlanItem))
@@ -281,6 +285,7 @@ def _plan(index, recipe: IngestRecipe, secret: bytes, tables: "_TablesSpec | Non
         .map_groups(_plan_batch, batch_format="pyarrow", fn_kwargs={"recipe": recipe, "secret": secret})
         .materialize()
     )
+    items = _select_per_study(items, recipe)
     # One pass of small per-block aggregates: bytes per split (→ shard counts) and the plan digest.
     agg = _aggregate(items)
     target = recipe.shards.target_mb * 1024 * 1024
@@ -364,6 +369,8 @@ def _write_manifest(plan: _Plan, recipe: IngestRecipe, secret: bytes, seen: int,
     if not shardspec.reconciles(inputs):  # pragma: no cover - a bug, never an input problem
         raise RuntimeError(f"input accounting does not reconcile: {inputs}")
     if m["totals"]["samples"]:
+        sel = shardspec.selection(_series_items(plan.items))
+        storage.write_bytes_atomic(storage.join(dest, shardspec.SELECTION), json.dumps(sel, indent=1).encode())
         storage.write_bytes_atomic(storage.join(dest, shardspec.MANIFEST), json.dumps(m, indent=1, sort_keys=True).encode())
     return m
 
@@ -519,7 +526,8 @@ def _scan_rows(rows: list, paths: list, sizes: list, skips: list) -> pa.Table:
 
 def _index_table(rows: list[dict]) -> pa.Table:
     """Scanned index rows (`dicom.scan`) → an INDEX_SCHEMA table."""
-    rows = [{**r, "safe": json.dumps(r["safe"], sort_keys=True) if r["safe"] is not None else None} for r in rows]
+    rows = [{**r, **{k: json.dumps(r.get(k), sort_keys=True) if r.get(k) is not None else None for k in _JSON_INDEX}}
+            for r in rows]
     return pa.Table.from_pylist(rows, schema=dicom.INDEX_SCHEMA)
 
 
@@ -527,8 +535,12 @@ def _index_rows(batch: pa.Table) -> list[dict]:
     """An INDEX_SCHEMA table → index rows as `dicom.plan_group` takes them."""
     rows = batch.to_pylist()
     for r in rows:
-        r["safe"] = json.loads(r["safe"]) if r["safe"] is not None else None
+        for k in _JSON_INDEX:
+            r[k] = json.loads(r[k]) if r.get(k) is not None else None
     return rows
+
+
+_JSON_INDEX = ("safe", "attrs")  # index columns that are dicts in a scanned row, JSON in Arrow
 
 
 def _items_table(items: list[dicom.PlanItem]) -> pa.Table:
@@ -553,12 +565,59 @@ def _items_of(batch: pa.Table) -> list[dicom.PlanItem]:
 
 
 def _plan_batch(batch: pa.Table, recipe: IngestRecipe, secret: bytes) -> pa.Table:
-    ctx = dicom.PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(secret))
+    ctx = dicom.PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(secret), pixel_digest=_copy_digest)
     rows = _index_rows(batch)
     # Entries the listing skipped (status "skipped", see _list) keep that disposition.
     skipped = [dicom.PlanItem(status="skipped", reason=r["reason"], paths=[r["path"]], all_paths=[r["path"]])
                for r in rows if r["status"] == "skipped"]
     return _items_table(skipped + dicom.plan_group([r for r in rows if r["status"] != "skipped"], ctx))
+
+
+def _series_items(items) -> list[dict]:
+    """One small dict per CT series item (planned, or a series-level disposition with its
+    pseudonyms) for `selection.json`: O(series) on the driver."""
+    import pyarrow.compute as pc
+
+    cols = ["status", "reason", "key", "study", "series", "selected_by", "sub_series"]
+
+    def keep(batch: pa.Table) -> pa.Table:
+        ct = pc.and_(pc.equal(batch.column("modality"), "CT"), pc.is_valid(batch.column("series")))
+        return batch.filter(pc.fill_null(ct, False)).select(cols)
+
+    return items.map_batches(keep, batch_format="pyarrow").take_all()
+
+
+def _copy_digest(row: dict, limit: int) -> str:
+    """Pixel digest of a file sharing its SOPInstanceUID with another (planning compares the
+    copies), decoded in `_DIGESTER`'s child process like every decode of input pixels."""
+    item = dicom.PlanItem(status="planned", reason=None, paths=[row["path"]], all_paths=[], decode_bytes=limit)
+    return _DIGESTER.canonical(item, None)[0]
+
+
+def _pixel_digest_of(item: dicom.PlanItem, _profile) -> tuple[str, None]:
+    return dicom.pixel_digest(storage.read_bytes(item.paths[0]), item.decode_bytes), None
+
+
+def _select_per_study(items, recipe: IngestRecipe):
+    """`series.per_study` (not "all"): the planned CT volumes not chosen in their study become
+    skipped dispositions. The driver sees one small dict per volume (O(series), not O(files))."""
+    if recipe.series.per_study == "all":
+        return items
+    cols = ["status", "kind", "key", "study", "series", "selected_by", "safe"]
+    vols = [{**v, "slice_thickness": json.loads(v["safe"]).get("SliceThickness")}
+            for v in items.select_columns(cols).take_all() if v["status"] == "planned" and v["kind"] == kinds.CT.name]
+    drops = dicom.choose_per_study(vols, recipe.series)
+    if not drops:
+        return items
+    return items.map_batches(_drop_batch, batch_format="pyarrow", fn_kwargs={"drops": drops}).materialize()
+
+
+def _drop_batch(batch: pa.Table, drops: dict[str, str]) -> pa.Table:
+    its = _items_of(batch)
+    for it in its:
+        if it.status == "planned" and it.key in drops:
+            it.status, it.reason, it.paths, it.kind = "skipped", drops[it.key], list(it.all_paths), None
+    return _items_table(its)
 
 
 def _assign_batch(batch: pa.Table, n_shards: dict, done: list[str], slots: int) -> pa.Table:
@@ -624,8 +683,6 @@ def _build_shards(batch: pa.Table, **kwargs) -> pa.Table:
 def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe: IngestRecipe, profile: Profile, tables_ref,
                  digest: str) -> pa.Table:
     """Build one shard: samples in key order, tar written locally, uploaded atomically, recorded."""
-    import webdataset as wds
-
     tables = _tables(tables_ref)
     shard = batch.column("shard")[0].as_py()
     items = sorted(_items_of(batch), key=lambda it: it.key)
@@ -636,7 +693,7 @@ def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe: IngestRe
     with tempfile.TemporaryDirectory(prefix="radforge-shard-") as tmp:
         local = os.path.join(tmp, "shard.tar")
         with open(local, "wb") as fh:
-            writer = wds.TarWriter(fh, user="radforge", group="radforge", mtime=0, encoder=False)
+            writer = shardspec.TarWriter(fh)  # refuses a second sample with the same key
             for i, item in enumerate(items):
                 try:
                     sample = make_sample(item, recipe, tables, profile=profile, decode=_DECODER.canonical)
@@ -650,7 +707,7 @@ def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe: IngestRe
                     outcomes.append(_outcome(shard, item, "rejected", "decode_error", 0))
                     continue
                 members = sample.members()
-                writer.write({"__key__": sample.key, **members})
+                writer.write(sample.key, members)
                 modalities[item.modality] = modalities.get(item.modality, 0) + 1
                 used_files += len(item.all_paths)
                 outcomes.append(_outcome(shard, item, "used", None, sum(len(v) for v in members.values())))
@@ -711,6 +768,8 @@ def make_sample(item: dicom.PlanItem, recipe: IngestRecipe, tables: dict | None 
         "acquisition": deid.safe_metadata(item.safe, recipe.deid),
         "source_shape": item.source_shape,
     }
+    if item.sub_series is not None:
+        meta["sub_series"] = item.sub_series
     if item.source_spacing_mm is not None:
         meta["source_spacing_mm"] = [round(float(v), 6) for v in item.source_spacing_mm]
     array, geometry = (decode or _canonical)(item, profile)
@@ -813,6 +872,7 @@ def _decoder_main(conn, fn) -> None:
 
 
 _DECODER = _Decoder()
+_DIGESTER = _Decoder(_pixel_digest_of)  # planning's duplicate-instance comparison (`_copy_digest`)
 
 
 def _load_progress(progress_url: str, digest: str) -> dict[str, dict]:
@@ -926,19 +986,37 @@ class _TablesSpec:
         out: dict[str, Any] = {}
         if self.reports:
             cfg = self.reports_cfg
-            t, keys = _keyed_table("reports", self.reports, cfg.key_column, [cfg.text_column])
+            t = _read_table(self.reports, cfg.key_column)
+            key, join_on = _table_key("reports", self.reports, t, cfg)
+            t, keys = _keyed_table("reports", self.reports, key, [cfg.text_column], t)
             texts = t.column(cfg.text_column).to_pylist()
-            out["reports"] = {"join_on": cfg.join_on, "map": {k: v for k, v in zip(keys, texts) if k and v}}
+            out["reports"] = {"join_on": join_on, "map": {k: v for k, v in zip(keys, texts) if k and v}}
         if self.labels:
             cfg = self.labels_cfg
             t = _read_table(self.labels, cfg.key_column)
-            findings = cfg.findings or [c for c in t.column_names if c != cfg.key_column and c not in (
+            key, join_on = _table_key("labels", self.labels, t, cfg)
+            findings = cfg.findings or [c for c in t.column_names if c != key and c not in (
                 "StudyInstanceUID", "AccessionNumber", "PatientID", "report")]
-            t, keys = _keyed_table("labels", self.labels, cfg.key_column, findings, t)
+            t, keys = _keyed_table("labels", self.labels, key, findings, t)
             cols = {f: t.column(f).to_pylist() for f in findings}
             mapping = {k: {f: _label(cols[f][i]) for f in findings} for i, k in enumerate(keys) if k}
-            out["labels"] = {"join_on": cfg.join_on, "findings": findings, "map": mapping}
+            out["labels"] = {"join_on": join_on, "findings": findings, "map": mapping}
         return out
+
+
+KEY_COLUMNS = ("AccessionNumber", "StudyInstanceUID")  # table columns named after a join attribute
+
+
+def _table_key(what: str, url: str, t: pa.Table, cfg: config.TableConfig) -> tuple[str, str]:
+    """(key column, join attribute): the configured `key_column` when the table has it; else the
+    table's one column named after a join attribute (AccessionNumber or StudyInstanceUID), joined
+    on that attribute, so no `--set` is needed; none or both: the missing-column error."""
+    if cfg.key_column in t.column_names:
+        return cfg.key_column, cfg.join_on
+    known = [c for c in KEY_COLUMNS if c in t.column_names]
+    if len(known) == 1:
+        return known[0], known[0]
+    raise ConfigError(f"{what} table {url} has no column {cfg.key_column!r} (columns: {', '.join(t.column_names)})")
 
 
 def _keyed_table(what: str, url: str, key_column: str, columns: list[str], t: pa.Table | None = None):
@@ -979,7 +1057,7 @@ def _read_table(url: str, key_column: str) -> pa.Table:
         if url.endswith((".jsonl", ".json", ".ndjson")):
             return pjson.read_json(buf)
         # Keys stay strings (accession numbers with leading zeros); label cells parse later.
-        return pcsv.read_csv(buf, convert_options=pcsv.ConvertOptions(strings_can_be_null=True, column_types={key_column: pa.string()}))
+        return pcsv.read_csv(buf, convert_options=pcsv.ConvertOptions(strings_can_be_null=True, column_types={c: pa.string() for c in (key_column, *KEY_COLUMNS)}))
     except pa.ArrowInvalid as e:
         raise ConfigError(f"cannot read table {url}: {str(e).splitlines()[0]}") from None
 

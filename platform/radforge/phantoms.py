@@ -1342,3 +1342,79 @@ def training_corpus(root: str | os.PathLike, *, n_patients: int = 120, with_ct: 
     reports_csv, labels_csv = write_tables(root, studies)
     return TrainingCorpus(root=str(root), dicom_dir=str(dicom), reports_csv=reports_csv, labels_csv=labels_csv,
                           studies=studies, files=files)
+
+
+# --------------------------------------------------------------------------------------------
+# real-archive variants of written files (issue 9): copies, acquisitions, header edits
+
+
+def rewrite(src: str | os.PathLike, dest: str | os.PathLike, *, transfer_syntax: str | None = None,
+            pixels: np.ndarray | None = None, new_sop: str | None = None, **attrs) -> str:
+    """Write `src` again as `dest`: the same instance (same SOPInstanceUID) unless `new_sop`
+    ("<anything>": a UID derived from it and the source's), optionally in another transfer
+    syntax, with other stored `pixels` and with header attributes set (`attrs`, keyword → value;
+    None deletes). What a PACS re-send, a copy in another folder or an edited export looks like."""
+    ds = pydicom.dcmread(src)
+    stored = ds.pixel_array if pixels is None else pixels
+    if new_sop is not None:
+        ds.SOPInstanceUID = _uid("rewrite", ds.SOPInstanceUID, new_sop)
+    for kw, v in attrs.items():
+        if v is None:
+            if kw in ds:
+                delattr(ds, kw)
+        else:
+            setattr(ds, kw, v)
+    ts = UID(transfer_syntax or ds.file_meta.TransferSyntaxUID)
+    del ds.PixelData  # `_write` attaches the stored values afresh (and compresses them for `ts`)
+    _write(ds, dest, ts, np.ascontiguousarray(stored))
+    return str(dest)
+
+
+def second_acquisition(info: SeriesInfo, out_dir: str | os.PathLike, *, acquisition_number: int = 2,
+                       hu_offset: int = 100) -> list[str]:
+    """A second acquisition of `info`'s series at the same slice positions (same
+    SeriesInstanceUID, new SOP instances, AcquisitionNumber `acquisition_number`, pixels
+    `hu_offset` HU brighter): a contrast phase written into the series of the native scan."""
+    out = []
+    for k, p in enumerate(info.paths):
+        ds = pydicom.dcmread(p)
+        arr = ds.pixel_array.astype(np.int32) + int(round(hu_offset / float(ds.RescaleSlope)))
+        arr = arr.astype(ds.pixel_array.dtype)
+        dest = Path(out_dir) / f"acq{acquisition_number}_{k:04d}.dcm"
+        out.append(rewrite(p, dest, pixels=arr, new_sop=f"acq{acquisition_number}", AcquisitionNumber=acquisition_number))
+    return out
+
+
+def oriented_series(out_dir: str | os.PathLike, study: Study, *, row_dir, col_dir, n_slices: int = 12,
+                    rows: int = 40, cols: int = 36, pixel_spacing: tuple[float, float] = (0.7, 0.9),
+                    slice_spacing: float = 2.0, reverse_files: bool = False, origin=(10.0, -20.0, -140.0),
+                    seed: int = 0) -> list[str]:
+    """An axial-content CT series written with any orientation: images along `row_dir` /
+    `col_dir` (unit cosines, PS3.3 C.7.6.2.1.1), slices stacked along their cross product, file
+    names shuffled; `reverse_files` numbers the files against the stacking (feet-first archives).
+    Pixels are a smooth random field in HU (no truth beyond the files: for comparing readers)."""
+    row_dir, col_dir = np.asarray(row_dir, float), np.asarray(col_dir, float)
+    normal = np.cross(row_dir, col_dir)
+    rng = _rng("oriented", study.study_uid, seed, tuple(row_dir), tuple(col_dir))
+    base = rng.normal(0, 1, (n_slices, rows, cols)).cumsum(axis=2).cumsum(axis=1)
+    hu = np.rint(base / np.abs(base).max() * 900 + 40).astype(np.int16)
+    series_uid, frame_uid = _uid("oriented", study.study_uid, seed, "series"), _uid("oriented", study.study_uid, seed, "frame")
+    out_dir = Path(out_dir)
+    paths = []
+    for k in range(n_slices):
+        ds = Dataset()
+        _ct_common(ds, study, series_uid=series_uid, frame_uid=frame_uid, series_number=1,
+                   description=f"{PHI_MARKER} oriented", comment=f"{PHI_MARKER} slice", slice_thickness=slice_spacing)
+        ds.SOPClassUID, ds.SOPInstanceUID = CTImageStorage, _uid("oriented", series_uid, k)
+        ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+        ds.InstanceNumber = (n_slices - k) if reverse_files else k + 1
+        ds.AcquisitionNumber = 1
+        ds.ImagePositionPatient = [_ds(v) for v in np.asarray(origin) + k * slice_spacing * normal]
+        ds.ImageOrientationPatient = [_ds(v) for v in (*row_dir, *col_dir)]
+        ds.PixelSpacing = [_ds(v) for v in pixel_spacing]
+        _image_pixel(ds, rows, cols, 16, True)
+        ds.RescaleIntercept, ds.RescaleSlope, ds.RescaleType = "0", "1", "HU"
+        name = hashlib.sha1(ds.SOPInstanceUID.encode()).hexdigest()[:12]
+        _write(ds, out_dir / f"{name}.dcm", ExplicitVRLittleEndian, hu[k])
+        paths.append(str(out_dir / f"{name}.dcm"))
+    return paths

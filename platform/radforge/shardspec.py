@@ -95,6 +95,31 @@ _CODECS = {"npy": (_npy_encode, _npy_decode), "png": (_png_encode, _png_decode)}
 assert {k.codec for k in kinds.KINDS.values()} <= set(_CODECS), "every image kind's codec needs an encoder"
 
 
+class DuplicateKeyError(RuntimeError):
+    """A second sample with a key already in the shard: a bug in whoever made the keys (planning
+    makes them unique by construction), never an input problem. Stock readers refuse such tars."""
+
+
+class TarWriter:
+    """webdataset's TarWriter with the shard conventions (owner radforge, mtime 0, members written
+    as given) that refuses a duplicate key instead of writing a tar no stock reader accepts."""
+
+    def __init__(self, fileobj):
+        import webdataset as wds
+
+        self._tar = wds.TarWriter(fileobj, user="radforge", group="radforge", mtime=0, encoder=False)
+        self._keys: set[str] = set()
+
+    def write(self, key: str, members: dict[str, bytes]) -> None:
+        if key in self._keys:
+            raise DuplicateKeyError(f"sample key {key} written twice to one shard")
+        self._keys.add(key)
+        self._tar.write({"__key__": key, **members})
+
+    def close(self) -> None:
+        self._tar.close()
+
+
 def shard_name(split: str, index: int) -> str:
     """Deterministic shard path relative to DEST: `<split>/<split>-000042.tar`."""
     return f"{split}/{split}-{index:06d}.tar"
@@ -195,6 +220,38 @@ def iter_samples(dest: str, manifest: dict, *, limit: int | None = None, split: 
 
 def _mb(n: int) -> str:
     return f"{n / 1e6:,.1f} MB"
+
+
+SELECTION = "selection.json"  # per study: which CT series became samples and why (pseudonyms only)
+
+
+def selection(series: list[dict]) -> dict:
+    """`selection.json`: {"studies": {study: [{"series", "key", "status", "why", "sub_series"}]}}
+    from one dict per CT series item (status "used" for a planned sample; why: the rule that kept
+    it, "default" when none matched, or the skip/reject reason). Pseudonyms and rule names only."""
+    studies: dict[str, list[dict]] = {}
+    for v in series:
+        why = v["reason"] or (f"rule:{v['selected_by']}" if v.get("selected_by") else "default")
+        entry = {"series": v["series"], "key": v["key"], "status": "used" if v["status"] == "planned" else v["status"],
+                 "why": why, "sub_series": v.get("sub_series")}
+        studies.setdefault(v["study"], []).append(entry)
+    for entries in studies.values():
+        entries.sort(key=lambda e: (e["status"] != "used", e["series"], e["sub_series"] or ""))
+    return {"schema": SCHEMA, "studies": dict(sorted(studies.items()))}
+
+
+def format_selection(sel: dict, limit: int = 20) -> str:
+    """Per study, the CT series kept and dropped, with the reason (`radforge inspect`)."""
+    studies = sel.get("studies", {})
+    lines = [f"CT series selection ({len(studies)} studies; pseudonyms)"]
+    for study, entries in list(studies.items())[:limit]:
+        lines.append(f"  study {study}")
+        for e in entries:
+            sub = f" [{e['sub_series']}]" if e.get("sub_series") else ""
+            lines.append(f"    {e['status']:<9}series {e['series']}{sub}  {e['why']}")
+    if len(studies) > limit:
+        lines.append(f"  … {len(studies) - limit} more studies in {SELECTION}")
+    return "\n".join(lines)
 
 
 def format_summary(manifest: dict, *, wall_s: float | None = None, title: str = "radforge shards") -> str:

@@ -352,3 +352,19 @@ def test_ingest_of_an_archive_counts_every_reason_and_reads_with_stock_tools(arc
     blob = b"".join(Path(t).read_bytes() for t in tars) + json.dumps(res.manifest).encode() + printed.encode()
     blob += (Path(res.dest) / shardspec.SELECTION).read_bytes()
     assert phantoms.PHI_MARKER.encode() not in blob
+
+
+def test_frames_of_one_enhanced_ct_file_split_by_temporal_position(tmp_path, study):
+    """Per-frame split values (FrameContentSequence.TemporalPositionIndex): two time points of
+    one multi-frame file become two volumes of ten frames each; the file counts once."""
+    info = phantoms.enhanced_ct(tmp_path / "MF", study, n_frames=20, shuffle_frames=False)
+    (row,) = scan_paths(info.paths)
+    row["positions"] = row["positions"][:10] * 2  # frames 10-19 repeat the positions of 0-9
+    row["attrs"]["frames"] = [{"TemporalPositionIndex": "1" if f < 10 else "2"} for f in range(20)]
+    items = plan_all([row], "ct.min_slices=8")
+    vols = sorted((it for it in items if it.status == "planned"), key=lambda it: it.sub_series)
+    assert [v.sub_series for v in vols] == ["TemporalPositionIndex=1", "TemporalPositionIndex=2"]
+    assert [sorted(v.frames) for v in vols] == [list(range(10)), list(range(10, 20))]
+    assert [v.all_paths for v in vols] == [info.paths, []]
+    hu, _ = dicom.load_ct(vols[1], lambda p: Path(p).read_bytes())
+    assert hu.shape == (10, 48, 48) and np.array_equal(np.rint(hu).astype(np.int16), info.hu_lps[10:])

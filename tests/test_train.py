@@ -285,6 +285,57 @@ def test_resume_across_runs_on_s3_reproduces_the_sample_sequence(one_shard, zero
     assert lm.kind == "clip" and lm.image is kinds.XRAY
 
 
+def _mix(shards: str, tmp: Path, workers: int) -> TrainRecipe:
+    """tiny-mix-ct-xray shrunk: CT 8×16×16 and X-ray 32 px, one source each on the session corpus,
+    global batch 8, 8 steps, a checkpoint every 3, no retries (a kill ends the run)."""
+    return config.load(TrainRecipe, str(RECIPES / "tiny-mix-ct-xray.yaml"), [
+        f"data.sources=[{{shards: {shards}, image: ct, weight: 0.5, name: ct}}, "
+        f"{{shards: {shards}, image: xray, weight: 0.5, name: xray}}]",
+        "steps=8", "log_every=1", "data.num_workers=0", "data.shuffle_buffer=8", f"scale.num_workers={workers}",
+        f"deepspeed.micro_batch={8 // workers}", "optim.warmup_steps=2", "checkpoint.every_steps=3", "eval.every_steps=0",
+        "eval.split=none", "view.ct_size=[8, 16, 16]", "view.xray_size=32", "model.patch_ct=[4, 8, 8]", "model.patch_xray=8",
+        "checkpoint.max_failures=0", f"checkpoint.storage_path={tmp / 'ckpt'}", f"output_dir={tmp / 'runs'}"])
+
+
+def test_mixed_ct_xray_run_learns_both_and_resumes_on_other_worker_counts(shards, tmp_path, ray_cluster):
+    """One MAE for CT and X-ray (a patch embedding each, one transformer) under ZeRO-2, trained
+    as a chain of three jobs on 2 → 1 → 2 workers: job 1 dies after step 4 (checkpoint 3), job 2
+    resumes it on ONE worker (universal checkpoint, loader re-plan) and dies after step 7
+    (checkpoint 6), job 3 finishes on two. Each batch is one kind and every rank takes the same
+    kind at the same step (else ZeRO would hang or mix shapes); both kinds' losses fall across the
+    resumes; 8 steps × 8 samples fit one epoch of each source, so no sample may come twice."""
+    from ray.train import TrainingFailedError
+
+    hooks = [train.TraceSamples(), train.KillAt(step=4, rank=0, marker=str(tmp_path / "k4")),
+             train.KillAt(step=7, rank=0, marker=str(tmp_path / "k7"))]
+    for i, workers in enumerate((2, 1, 2)):
+        r = _mix(shards, tmp_path, workers)
+        if i < 2:
+            with pytest.raises((TrainingFailedError, RuntimeError)):
+                train.run(r, resume="never" if i == 0 else "auto", progress=False, hooks=hooks)
+        else:
+            res = train.run(r, resume="auto", progress=False, hooks=hooks)
+    assert res.steps == 8 and (tmp_path / "k4").exists() and (tmp_path / "k7").exists()
+    rows = [h for h in res.history if "loss" in h]
+    assert [h["step"] for h in rows] == list(range(1, 9))
+    kinds_by_step = [("ct" if "loss_ct" in h else "xray") for h in rows]
+    assert all(("loss_ct" in h) != ("loss_xray" in h) for h in rows)  # one kind per step, on every rank
+    for kind in ("ct", "xray"):
+        losses = [h[f"loss_{kind}"] for h in rows if f"loss_{kind}" in h]
+        assert len(losses) == 4 and losses[-1] < 0.8 * losses[0], (kind, losses)  # learns, through both resumes
+        assert abs(rows[-1][f"mix_{kind}_frac"] - 0.5) <= 2 / 8  # ±2 batches of 8 (loader guarantee)
+    trace = _trace(res.run_dir)
+    assert sorted(trace) == list(range(1, 9)) and all(len(trace[s]) == 8 for s in trace)  # global batch kept
+    keys = [k for s in sorted(trace) for k in trace[s]]
+    assert len(keys) == len(set(keys)) == 64  # no sample of either source's epoch twice (2→1 and 1→2)
+    modality = {raw["__key__"]: json.loads(raw["json"])["modality"]
+                for raw in shardspec.iter_samples(shards, shardspec.read_manifest(shards), split="train")}
+    for s, kind in zip(sorted(trace), kinds_by_step):  # each step's batch is of the kind its loss says
+        assert {kinds.of_modality(modality[k]).name for k in trace[s]} == {kind}
+    lm = checkpoint.load_for_inference(checkpoint.export(res.checkpoint, str(tmp_path / "model")))  # one model, both kinds
+    assert lm.embed_images(torch.rand(2, 2, 8, 16, 16)).shape == lm.embed_images(torch.rand(2, 1, 32, 32)).shape == (2, 128)
+
+
 def test_two_node_cluster_places_one_worker_per_node(one_shard, tmp_path):
     """A simulated 2-node cluster (ray.cluster_utils.Cluster, a custom resource per node) runs the
     2-worker job with STRICT_SPREAD. Own Ray instance, so it runs in a subprocess: the session's

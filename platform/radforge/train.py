@@ -30,8 +30,8 @@ Resume
 rank's loader position, so the sample sequence continues exactly (same world size). The MAE mask
 RNG is reseeded from (seed, step, rank) every micro-step, so a resumed run draws the same masks as
 an uninterrupted one. `resume="never"` deletes `storage_path/name` (the run's old checkpoints) and
-its metrics first. Resuming with a different number of workers (elastic): ZeRO optimizer shards are laid out per
-rank, so `checkpoint.load_engine` converts them into a DeepSpeed universal checkpoint and the
+its metrics first. Resuming with a different number of workers (elastic): ZeRO optimizer shards
+are laid out per rank, so `checkpoint.load_engine` converts them into a DeepSpeed universal checkpoint and the
 engine is built with `load_universal` (`deepspeed_config`); the loader re-plans the rest of the
 epoch over the samples not yet consumed (no sample of the epoch repeated).
 
@@ -42,8 +42,16 @@ every ZeRO stage and world size (it depends on k only). Metrics record the lr th
 Metrics (every `log_every` steps, rank 0): loss (mean over ranks and micro-batches), lr, samples/s,
 step time, data-wait fraction (time blocked on the loader / step time, worst rank), gradient norm
 (before clipping), memory (RSS; CUDA max allocated), loader counters (skipped samples, bad shards,
-summed over ranks). They go to `ray.train.report`, `OUTPUT/NAME/metrics.jsonl` and TensorBoard
-event files in `OUTPUT/NAME/tb`; `OUTPUT/NAME/loss.png` is drawn at the end.
+summed over ranks); with `data.sources` each source's realised and target share of the batches
+(`mix_<name>_frac`, `mix_<name>_target`, `mix_<name>_epoch`) and, when the sources mix image
+kinds, each kind's mean loss over the window (`loss_ct`, `loss_xray`). They go to `ray.train.report`,
+`OUTPUT/NAME/metrics.jsonl` and TensorBoard event files in `OUTPUT/NAME/tb`; `OUTPUT/NAME/loss.png`
+is drawn at the end.
+
+CT + X-ray in one run: sources of both kinds build one model (`models.build_multi`: a patch
+embedding per kind, the rest shared); each batch is one source's, so one kind, and the mixture's
+interleave is a function of the counts, so every rank takes the same kind at the same step and
+runs the same graph (ZeRO's collectives stay aligned).
 
 Test/debug hooks are passed in, never read from the environment: `run(recipe, hooks=[...])`
 with picklable `Hook` objects that travel to every worker in the worker config.

@@ -23,7 +23,9 @@ loads that (the engine must be built with `train.deepspeed_config(..., load_univ
 
     model.safetensors     consolidated fp32 weights (ZeRO-1/2/3 shards gathered by DeepSpeed's
                           zero_to_fp32, which reads the fp32 master copy, so bf16 runs export
-                          their full-precision weights), text tower included
+                          their full-precision weights), text tower included; as the objective
+                          exports them (`models.ObjectiveSpec.exported`: a LoRA fine-tune's adapters
+                          merged into its weights, its model.json `model` then says method full)
     model.json            {"kind", "image", "images", "model", "view", "profile", "findings", "prompts",
                            "recipe", "step", "model_id"} ("images": every kind of a CT + X-ray model,
                            rebuilt as one `models.multi.MultiKind`; "image" is the primary one)

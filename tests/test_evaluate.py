@@ -629,3 +629,19 @@ def test_an_exported_finetune_model_gets_every_protocol(tmp_path, demo_shards):
     for j, f in enumerate(head):
         k = ~np.isnan(y[:, j])
         assert r["protocols"]["fine_tune"]["per_finding"][f]["auroc"] == pytest.approx(roc_auc_score(y[k, j], p[k, j]), abs=1e-9)
+
+
+def test_remote_shards_give_the_same_figures_as_local_ones(tmp_path):
+    """memory:// stands for object storage: the run-scoped shard cache (robustness re-reads the
+    split once per corruption and severity) changes no figure."""
+    import fsspec
+
+    local = _write_shards(tmp_path / "s", {"train": 32, "test": 24})
+    fs = fsspec.filesystem("memory")
+    for p in sorted((tmp_path / "s").rglob("*")):
+        if p.is_file():
+            fs.pipe(f"/evalremote/{p.relative_to(tmp_path / 's')}", p.read_bytes())
+    cfg = EvalConfig(bootstrap=10, corruptions=["jpeg"], severities=[2, 4])
+    a = evaluate.run(_loaded(_tiny_mae()), local, split="test", protocols=["robustness"], cfg=cfg)
+    b = evaluate.run(_loaded(_tiny_mae()), "memory://evalremote", split="test", protocols=["robustness"], cfg=cfg)
+    assert a["protocols"]["robustness"]["corruptions"] == b["protocols"]["robustness"]["corruptions"]

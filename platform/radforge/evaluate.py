@@ -277,7 +277,7 @@ def _mean_auroc(per_finding: Mapping) -> float | None:
 
 
 def _mean_ci(values: Sequence[float]) -> tuple[float | None, list]:
-    """Mean and 95% t-interval over seeds (a single value: no interval)."""
+    """Mean and 95% t-interval over seeds, clipped to [0, 1] (AUROCs); one value: no interval."""
     from scipy import stats
 
     v = np.asarray([x for x in values if x is not None], dtype=np.float64)
@@ -287,7 +287,7 @@ def _mean_ci(values: Sequence[float]) -> tuple[float | None, list]:
     if len(v) < 2:
         return m, [None, None]
     h = float(stats.t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
-    return m, [m - h, m + h]
+    return m, [max(0.0, m - h), min(1.0, m + h)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -806,7 +806,9 @@ def run(model, shards: str, split: str = "test", protocols: Sequence[str] = ("al
     -> {"model_id", "kind", "split", "n", "protocols": {name: figures}, "skipped": {name: why},
         "config": everything needed to repeat the run, "protocol_seconds", "seconds",
         "per_finding" / "mean_auroc" / "recall" / "recon_loss" (the headline, legacy keys)}."""
-    from radforge import corruptions, shardspec
+    import tempfile
+
+    from radforge import corruptions, shardspec, storage
     from radforge.config import DataConfig
     from radforge.loader import build_loader
 
@@ -827,8 +829,13 @@ def run(model, shards: str, split: str = "test", protocols: Sequence[str] = ("al
     if split not in splits:
         raise ConfigError(f"split {split!r} is not in {shards} (it has: {', '.join(sorted(splits)) or 'none'})")
 
+    # Remote shards are read once per pass (robustness: 1 + corruptions x severities passes), so a
+    # run-scoped local cache turns the repeats into disk reads (removed when the run ends).
+    cache = None if storage.is_local(shards) else tempfile.TemporaryDirectory(prefix="radforge-eval-")
+
     def loader(which: str, corruption: str | None = None, severity: int | None = None):
-        data = DataConfig(shards=shards, image=kind, num_workers=0, require_report=False)
+        data = DataConfig(shards=shards, image=kind, num_workers=0, require_report=False,
+                          cache_dir=cache.name if cache else None)
         wrap = (lambda v: corruptions.CorruptedView(v, kind, corruption, severity, cfg.corruption_seed)) if corruption else None
         return build_loader(data, model.view, split=which, batch_size=EVAL_BATCH, train=False, findings=findings, corrupt=wrap)
 
@@ -859,6 +866,8 @@ def run(model, shards: str, split: str = "test", protocols: Sequence[str] = ("al
         results, seconds = _execute(ctx, names, skipped)
     finally:
         obj.train(was_training)
+        if cache is not None:
+            cache.cleanup()
     result = {"model_id": getattr(model, "model_id", None), "kind": obj.name, "split": split, "n": len(test.texts),
               "protocols": results, "skipped": skipped, "config": _config(cfg, ctx, names, split), **_headline(results),
               "protocol_seconds": seconds, "seconds": round(time.perf_counter() - t0, 3)}

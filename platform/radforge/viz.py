@@ -371,9 +371,15 @@ def _frozen_section(prot: dict) -> str:
         rows = [(s, _f3(v["mean_auroc"]), _ci3(v["ci95"]), v["n_seeds"], f"{v['mean_train_samples']:.0f}")
                 for s, v in prot["few_shot"]["settings"].items()]
         parts.append("<h3>few_shot</h3>" + _table(("setting", "mean AUROC", "95% CI (seeds)", "seeds", "train samples"), rows))
-    for name in ("retrieval", "recon_loss"):
-        if name in prot:
-            parts.append(f"<h3>{_esc(name)}</h3><pre>{_esc(json.dumps(prot[name], indent=1))}</pre>")
+    rec = prot.get("retrieval", {}).get("recall")
+    if rec:
+        ks = list(next(iter(rec.values())))
+        rows = [(d.replace("_", " "), *(_f3(rec[d][k]) for k in ks)) for d in rec]
+        parts.append(f"<h3>retrieval ({prot['retrieval']['n_with_report']} reports)</h3>"
+                     + _table(("direction", *(f"R@{k}" for k in ks)), rows))
+    if "recon_loss" in prot:
+        parts.append(f"<h3>recon_loss</h3><p>masked-patch reconstruction loss {_f3(prot['recon_loss']['recon_loss'])} "
+                     f"(masks seed {prot['recon_loss']['masks_seed']})</p>")
     return "".join(parts) or "<p>No frozen-feature protocol ran.</p>"
 
 
@@ -454,8 +460,6 @@ def write_report(result: dict, curves: dict, out_dir: str) -> str:
     """index.html (self-contained: inline CSS, no network, PNGs beside it linked relatively) for
     an evaluation result; sections REPORT_SECTIONS, each present (with the reason when a protocol
     was skipped). -> the path of index.html (local directories only)."""
-    import json as _json
-
     os.makedirs(out_dir, exist_ok=True)
     prot, skipped = result.get("protocols", {}), result.get("skipped", {})
 
@@ -471,7 +475,7 @@ def write_report(result: dict, curves: dict, out_dir: str) -> str:
         "fairness": _fairness_section(prot.get("fairness"), out_dir) + why("fairness"),
         "robustness": _robustness_section(prot.get("robustness"), out_dir) + why("robustness"),
         "calibration": _calibration_section(prot.get("calibration"), out_dir) + why("calibration"),
-        "config": f"<pre>{_esc(_json.dumps(result.get('config', {}), indent=1, sort_keys=True))}</pre>",
+        "config": f"<pre>{_esc(json.dumps(result.get('config', {}), indent=1, sort_keys=True))}</pre>",
     }
     titles = {"summary": "Summary", "roc": "ROC curves per finding", "frozen": "Frozen-feature protocols",
               "fairness": "Subgroup fairness", "robustness": "Corruption robustness",

@@ -653,7 +653,7 @@ class EvalConfig(Section):
     few_shot_shots: list[int] = field(default_factory=lambda: [1, 5, 10])  # k positives + k negatives per finding
     few_shot_seeds: int = 5  # draws per few-shot setting (mean ± 95% CI over them)
     corruptions: list[str] = field(default_factory=list)  # empty = every corruption of the image kind
-    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    severities: list[int] = field(default_factory=lambda: [1, 2, 3, 4, 5])  # of each corruption (radforge.corruptions)
     corruption_seed: int = 0  # corruption noise is drawn from (seed, corruption, severity, sample content)
     min_group: int = 20  # fairness: smaller subgroups (labelled samples) are reported as too small
     age_bands: list[int] = field(default_factory=lambda: [18, 40, 60, 80])  # band edges in years

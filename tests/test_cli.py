@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EXPECTED_SURFACE = {
     "ingest": {
         "SOURCE", "DEST", "-h", "--help", "--recipe", "--reports", "--labels", "--set", "--demo",
-        "--no-progress",
+        "--no-progress", "--append",
     },
     "inspect": {"DEST", "-h", "--help", "--samples", "--json", "--split", "--png", "--montage"},
     "bench": {"what", "-h", "--help", "--json", "--workdir", "--series", "--slices", "--size", "--syntax", "--hostile"},

@@ -305,3 +305,101 @@ def test_credentials_never_reach_messages_or_logs(orthanc, tmp_path, caplog, mon
     texts = [str(e.value), str(e2.value), str(e3.value), repr(e3.value), caplog.text]
     for secret in (PASSWORD, token, b64encode(f"{USER}:{PASSWORD}".encode()).decode()):
         assert not any(secret in t for t in texts)
+
+
+# --------------------------------------------------------------------------- slow tier: one Ray ingest module
+
+
+def _samples(dest: str) -> dict[str, tuple]:
+    from radforge import shardspec
+
+    m = shardspec.read_manifest(dest)
+    out = {}
+    for raw in shardspec.iter_samples(dest, m):
+        array, meta, report = shardspec.decode_sample({k: v for k, v in raw.items() if not k.startswith("__")})
+        out[raw["__key__"]] = (array, meta, raw["__url__"].split(dest, 1)[1])
+    return out
+
+
+def _growing_series(root: Path) -> tuple[list[str], list[str]]:
+    """A 12-slice CT series of a 7th patient split into its first 9 slices (by position) and the
+    last 3, which arrive with the append."""
+    import pydicom
+
+    from radforge import phantoms
+
+    info = phantoms.ct_series(root, phantoms.make_study(phantoms.make_patient(50)), n_slices=12, rows=32, cols=32,
+                              keep_volume=False)
+    paths = sorted(info.paths, key=lambda p: float(pydicom.dcmread(p, stop_before_pixels=True).ImagePositionPatient[2]))
+    return paths[:9], paths[9:]
+
+
+def test_ingest_through_dicomweb_equals_the_folder_and_appends(ray_cluster, orthanc, corpus, tmp_path, deid_secret):
+    """One Orthanc-backed Ray module: (1) the shards ingested through DICOMweb, behind the fault
+    proxy, equal those of the same files ingested from a folder, and the retries are counted;
+    (2) `--append` after new studies and new slices arrive writes only new shards, supersedes
+    the series that grew, keeps version 1 readable, and reconciles per version and in total."""
+    import numpy as np
+
+    from radforge import ingest, shardspec
+
+    files = _files(corpus.dicom_dir)
+    grown_first, grown_later = _growing_series(tmp_path / "grown")
+    first = [f for f in files if "/pt00005/" not in f] + grown_first  # patient 5 arrives later
+    later = [f for f in files if "/pt00005/" in f] + grown_later
+    orthanc.clear()
+    orthanc.upload(first)
+    folder = tmp_path / "folder-src"
+    for i, f in enumerate(first):
+        (folder / f"{i:04d}.dcm").parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(f, folder / f"{i:04d}.dcm")
+    recipe = _recipe("shards.target_mb=0.05", f"dicomweb.credentials_file={orthanc.credentials}",
+                     "dicomweb.timeout_s=1", "dicomweb.backoff_s=0.01", "dicomweb.retries=8", "dicomweb.page_size=4")
+    t = time.time()
+    from_folder = ingest.run(str(folder), str(tmp_path / "folder"), recipe, progress=False)
+    folder_s = time.time() - t
+    proxy = FaultProxy(orthanc.port, seed=3).start()
+    try:
+        t = time.time()
+        web = ingest.run(proxy.url, str(tmp_path / "web"), recipe, progress=False)
+        web_s = time.time() - t
+    finally:
+        proxy.stop()
+    a, b = _samples(from_folder.dest), _samples(web.dest)
+    assert sorted(a) == sorted(b) and len(a) == 11
+    for k in a:
+        assert np.array_equal(a[k][0], b[k][0]) and a[k][1] == b[k][1] and a[k][2] == b[k][2]
+    assert web.manifest["inputs"] == from_folder.manifest["inputs"]
+    assert web.source_stats["retries"] == sum(proxy.faults.values()) > 0, (web.source_stats, proxy.faults)
+    print(f"\nFIGURES folder {len(first) / folder_s:.1f} instances/s ({folder_s:.1f} s); dicomweb via fault proxy "
+          f"{len(first) / web_s:.1f} instances/s ({web_s:.1f} s); faults {dict(proxy.faults)}; stats {web.source_stats}")
+
+    # (2) Append: patient 5's two studies and the grown series' last 3 slices arrive.
+    v1 = web.manifest
+    old_bytes = {s["path"]: (Path(web.dest) / s["path"]).read_bytes() for s in v1["shards"]}
+    orthanc.upload(later)
+    t = time.time()
+    v2 = ingest.run(orthanc.url, web.dest, recipe, progress=False, append=True).manifest
+    append_s = time.time() - t
+    assert v2["version"] == 2 and shardspec.read_manifest(web.dest, version=1) == v1
+    assert shardspec.read_manifest(web.dest, version=2) == v2 == shardspec.read_manifest(web.dest)
+    assert v2["shards"][: len(v1["shards"])] == v1["shards"]  # old shards listed unchanged…
+    assert all((Path(web.dest) / p).read_bytes() == data for p, data in old_bytes.items())  # …and never rewritten
+    added = v2["shards"][len(v1["shards"]):]
+    assert added and all("-v0002-" in s["path"] and s["version"] == 2 for s in added)
+    mine = v2["versions"][-1]["inputs"]
+    assert (mine["new"], mine["replanned"]) == (len(later), len(grown_first)) and mine["seen"] == len(later) + len(grown_first)
+    assert shardspec.reconciles(mine) and shardspec.reconciles(v2["inputs"])
+    assert v2["inputs"]["seen"] == v1["inputs"]["seen"] + len(later)
+    assert v2["inputs"]["used"] == v1["inputs"]["used"] + len(later)
+    (gone,) = v2["superseded"]
+    after = _samples(web.dest)
+    old_sample, new_sample = b[gone["key"]], after[gone["key"]]
+    assert old_sample[1]["source_shape"][0] == 9 and new_sample[1]["source_shape"][0] == 12
+    # same patient → same pseudonym and split; every key once; totals count live samples
+    assert (old_sample[1]["patient"], old_sample[1]["split"]) == (new_sample[1]["patient"], new_sample[1]["split"])
+    assert len(after) == v2["totals"]["samples"] == 11 + 2
+    again = ingest.run(orthanc.url, web.dest, recipe, progress=False, append=True)
+    assert again.noop and again.manifest == v2
+    print(f"FIGURES append: {len(later)} new + {len(grown_first)} re-planned files in {append_s:.1f} s, "
+          f"{len(added)} new shard(s), {len(v2['superseded'])} superseded, inputs v2 {mine}, total {v2['inputs']}")

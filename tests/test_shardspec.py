@@ -149,7 +149,8 @@ def test_finalize_totals_and_accounting():
     m = _manifest()
     assert m["schema"] == "radforge.shards" and m["schema_version"] == shardspec.SCHEMA_VERSION
     assert [s["path"] for s in m["shards"]] == ["train/train-000000.tar", "train/train-000001.tar", "val/val-000000.tar"]
-    assert all(set(s) == {"path", "split", "samples", "bytes", "sha256", "modalities"} for s in m["shards"])
+    assert all(set(s) == {"path", "split", "samples", "bytes", "sha256", "modalities", "version"} for s in m["shards"])
+    assert m["version"] == 1 and [v["version"] for v in m["versions"]] == [1] and m["superseded"] == []
     t = m["totals"]
     assert t["shards"] == 3 and t["samples"] == 9 and t["bytes"] == 900
     assert t["by_modality"] == {"CR": 2, "CT": 4, "DX": 3}
@@ -160,6 +161,33 @@ def test_finalize_totals_and_accounting():
     assert sum(t["by_modality"].values()) == t["samples"]
     assert m["inputs"] == INPUTS and shardspec.reconciles(m["inputs"])
     json.loads(json.dumps(m))
+
+
+def test_append_version_keeps_old_shards_supersedes_and_counts_live_samples(tmp_path):
+    """Version 2 on top of version 1: old entries unchanged, new ones after them, a superseded
+    sample out of the totals and of iter_samples' stream, each version's own accounting kept."""
+    v1 = _manifest()
+    new = shardspec.new_manifest(profile=Profile.from_recipe(IngestRecipe()), recipe={}, deid={}, plan_digest="q" * 16)
+    new["version"] = 2
+    added = {"path": shardspec.shard_name("train", 0, 2), "split": "train", "samples": 2, "bytes": 50,
+             "sha256": "e" * 64, "modalities": {"CT": 2}}
+    mine = {"seen": 9, "used": 9, "skipped": {}, "rejected": {}}
+    shardspec.finalize(new, [added], mine)
+    gone = [{"key": "k1", "shard": "train/train-000000.tar", "split": "train", "modality": "CT"}]
+    total = {"seen": 36, "used": 26, "skipped": {"localizer": 2}, "rejected": {"slice_gap": 5, "not_dicom": 3}}
+    v2 = shardspec.append_version(v1, new, gone, total)
+    assert added["path"] == "train/train-v0002-000000.tar"
+    assert v2["shards"][:3] == v1["shards"] and v2["shards"][3]["version"] == 2
+    assert v2["totals"]["samples"] == 9 + 2 - 1 and v2["totals"]["by_split"]["train"]["modalities"]["CT"] == 4 + 2 - 1
+    assert v2["superseded"] == [{**gone[0], "by_version": 2}] and shardspec.superseded(v2) == {"train/train-000000.tar": {"k1"}}
+    assert [v["version"] for v in v2["versions"]] == [1, 2] and v2["versions"][1]["inputs"] == mine
+    assert v2["versions"][1]["shards"] == [added["path"]] and v2["inputs"] == total and shardspec.reconciles(total)
+    assert v1["versions"][0] == v2["versions"][0] and v1["shards"] == v2["shards"][:3]  # v1 itself untouched
+    # read_manifest pins a version through manifests/vN.json
+    for m in (v1, v2):
+        _write_json(tmp_path / shardspec.manifest_path(m["version"]), m)
+    _write_json(tmp_path / shardspec.MANIFEST, v2)
+    assert shardspec.read_manifest(str(tmp_path), version=1) == v1 and shardspec.read_manifest(str(tmp_path)) == v2
 
 
 def test_finalize_does_not_depend_on_record_order():

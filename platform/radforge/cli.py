@@ -21,9 +21,14 @@ def _ingest(a) -> int:
     if a.demo:
         sets.append("deid.demo_key=true")
     recipe = config.load(IngestRecipe, a.recipe, sets)
-    result = ingest.run(a.source, a.dest, recipe, reports=a.reports, labels=a.labels, progress=not a.no_progress)
+    result = ingest.run(a.source, a.dest, recipe, reports=a.reports, labels=a.labels, progress=not a.no_progress,
+                        **({"append": True} if a.append else {}))
     title = "radforge ingest: already complete (no-op)" if result.noop else "radforge ingest"
     print(shardspec.format_summary(result.manifest, wall_s=None if result.noop else result.wall_s, title=title))
+    if result.source_stats:  # DICOMweb: how hard the archive was to read
+        st = result.source_stats
+        causes = ", ".join(f"{k[6:]} {v}" for k, v in st.items() if k.startswith("retry_"))
+        print(f"  DICOMweb: {st.get('requests', 0):,} requests, {st.get('retries', 0):,} retries" + (f" ({causes})" if causes else ""))
     if result.ok:
         print(f"\n  shards + manifest: {result.dest}\n  private index + rejects ledger: {result.private}")
     else:  # no manifest was written: DEST holds nothing to read
@@ -130,6 +135,8 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--labels", metavar="TABLE", help="labels table (CSV, Parquet or JSONL), CheXpert 1/0/-1/blank")
     s.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a recipe value, e.g. ct.spacing_mm=[2,1,1]")
     s.add_argument("--demo", action="store_true", help="use the public demo pseudonym key (not for real data)")
+    s.add_argument("--append", action="store_true",
+                   help="add the inputs not yet in DEST as a new manifest version (old shards untouched; manifests/vN.json kept)")
     s.add_argument("--no-progress", action="store_true", help="no progress bars")
     s.set_defaults(fn=_ingest)
 

@@ -161,6 +161,7 @@ class _Plan:
     n_shards: dict[str, int]  # split -> shard count
     planned: int  # items to build
     digest: str  # plan digest: inputs, recipe, secret (through the pseudonyms) and tables
+    version: int = 1  # the manifest version these shards belong to (`--append`: N + 1), in their names
 
 
 # ---------------------------------------------------------------------------------------------
@@ -176,8 +177,13 @@ def run(
     reports: str | None = None,
     labels: str | None = None,
     progress: bool = True,
+    append: bool = False,
 ) -> Result:
-    """Ingest SOURCE into DEST. Raises ConfigError (before any work) on bad configuration."""
+    """Ingest SOURCE into DEST. Raises ConfigError (before any work) on bad configuration.
+
+    `append`: DEST holds a finished ingest (version N); only inputs not in its index (by SOP
+    Instance UID) are planned, with the earlier files of the series they join; their shards are
+    written beside the old ones as version N + 1 (see `_Previous`)."""
     t0 = time.time()
     dest = dest.rstrip("/")
     private = (recipe.private_dir or dest + ".private").rstrip("/")
@@ -192,16 +198,23 @@ def run(
         ray.init(logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
     stage: dict[str, float] = {}
     with _data_context():
+        prev = _Previous.load(dest, private, secret) if append else None
         t = time.time()
         index, seen = _list_and_scan(source, private, progress)
         stage["scan"] = time.time() - t
+        if prev is not None:
+            index, seen = prev.select(index, private)
+            if seen == 0:  # nothing arrived since version N
+                return Result(dest, private, prev.manifest, time.time() - t0, noop=True, stage_s=stage,
+                              source_stats=_source_stats(source))
         t = time.time()
         plan = _plan(index, recipe, secret, tables, seen)
+        plan.version = prev.version + 1 if prev is not None else 1
         stage["plan"] = time.time() - t
 
         manifest_url = storage.join(dest, shardspec.MANIFEST)
         progress_url = storage.join(private, "progress")
-        if storage.exists(manifest_url):
+        if storage.exists(manifest_url) and prev is None:
             existing = json.loads(storage.read_bytes(manifest_url))
             if existing.get("plan_digest") == plan.digest:
                 return Result(dest, private, existing, time.time() - t0, noop=True, stage_s=stage)
@@ -214,7 +227,7 @@ def run(
         built = _build(plan, done, recipe, tables, dest, progress_url, progress)
         stage["build"] = time.time() - t
 
-        m = _write_manifest(plan, recipe, secret, seen, dest, private, progress_url)
+        m = _write_manifest(plan, recipe, secret, seen, dest, private, progress_url, prev)
     return Result(dest, private, m, time.time() - t0, built_shards=built, reused_shards=len(done), stage_s=stage,
                   source_stats=_source_stats(source))
 
@@ -309,7 +322,7 @@ def _assign(plan: _Plan, done: dict[str, dict]):
     todo = plan.items.map_batches(
         _assign_batch,
         batch_format="pyarrow",
-        fn_kwargs={"n_shards": plan.n_shards, "done": sorted(done), "slots": slots},
+        fn_kwargs={"n_shards": plan.n_shards, "done": sorted(done), "slots": slots, "version": plan.version},
     )
     return todo.sort("slot", boundaries=list(range(1, slots)))
 
@@ -354,9 +367,10 @@ def _build(plan: _Plan, done: dict[str, dict], recipe: IngestRecipe, tables: "_T
 
 
 def _write_manifest(plan: _Plan, recipe: IngestRecipe, secret: bytes, seen: int, dest: str, private: str,
-                    progress_url: str) -> dict:
+                    progress_url: str, prev: "_Previous | None" = None) -> dict:
     """manifest: from the completion records and the input accounting, written last and
-    atomically (only when there is at least one sample)."""
+    atomically (only when there is at least one sample); also kept as `manifests/vN.json`.
+    With `prev` (an append) version N + 1 on top of version N."""
     records = _load_progress(progress_url, plan.digest)
     inputs = _accounting(plan.items, records, seen, private)
     m = shardspec.new_manifest(
@@ -365,14 +379,171 @@ def _write_manifest(plan: _Plan, recipe: IngestRecipe, secret: bytes, seen: int,
         deid={"pseudonyms": "hmac-sha256", "demo_key": secret == deid.DEMO_KEY, "keep_age_sex": recipe.deid.keep_age_sex},
         plan_digest=plan.digest,
     )
+    m["version"] = plan.version
     shardspec.finalize(m, list(records.values()), inputs)
     if not shardspec.reconciles(inputs):  # pragma: no cover - a bug, never an input problem
         raise RuntimeError(f"input accounting does not reconcile: {inputs}")
+    if prev is not None:
+        m = prev.next_manifest(m, records, private)
     if m["totals"]["samples"]:
         sel = shardspec.selection(_series_items(plan.items))
         storage.write_bytes_atomic(storage.join(dest, shardspec.SELECTION), json.dumps(sel, indent=1).encode())
-        storage.write_bytes_atomic(storage.join(dest, shardspec.MANIFEST), json.dumps(m, indent=1, sort_keys=True).encode())
+        body = json.dumps(m, indent=1, sort_keys=True).encode()
+        storage.write_bytes_atomic(storage.join(dest, shardspec.manifest_path(m["version"])), body)
+        storage.write_bytes_atomic(storage.join(dest, shardspec.MANIFEST), body)
     return m
+
+
+# ---------------------------------------------------------------------------------------------
+# Append (`--append`): version N + 1 of a finished DEST
+# ---------------------------------------------------------------------------------------------
+
+_DISPOSITIONS = pa.schema([("ident", pa.string()), ("path", pa.string()), ("group_key", pa.string()),
+                           ("status", pa.string()), ("reason", pa.string())])
+
+
+@dataclass
+class _Previous:
+    """What an append builds on: version N's manifest and every known file's latest
+    disposition, `<private>/dispositions/vN.parquet` (identity = SOP Instance UID, else the
+    path; used | skipped | rejected and the reason). Made from the index and the ledger of
+    version 1 on the first append, before the scan replaces the index, so a killed append
+    re-run plans the same inputs (and reuses its completed shards). Held in the driver: ~100 B
+    per file."""
+
+    manifest: dict
+    known: pa.Table  # _DISPOSITIONS rows of version N
+    new: int = 0  # files not known to version N
+    replanned: int = 0  # known files planned again with the series a new file joined
+    groups: set = field(default_factory=set)  # group keys (series / images) this version plans
+
+    @property
+    def version(self) -> int:
+        return int(self.manifest.get("version", 1))
+
+    @classmethod
+    def load(cls, dest: str, private: str, secret: bytes) -> "_Previous":
+        import pyarrow.parquet as pq
+
+        try:
+            m = shardspec.read_manifest(dest)
+        except ConfigError:
+            raise ConfigError(f"--append needs a finished ingest in {dest} (no manifest.json): run without --append first") from None
+        if m.get("deid", {}).get("demo_key") != (secret == deid.DEMO_KEY):
+            raise ConfigError("--append must use the pseudonym key of the earlier versions (demo key on one side only)")
+        url = storage.join(private, "dispositions", f"v{int(m.get('version', 1))}.parquet")
+        if not storage.exists(url):
+            storage.write_bytes_atomic(url, _parquet_bytes(_dispositions(_index_idents(private), private)))
+        with storage.open_input(url) as f:
+            return cls(m, pq.read_table(f))
+
+    def select(self, index, private: str):
+        """The index rows to plan: files not known to version N and every file of a group one of
+        them belongs to (a series that gained slices is planned whole) → (dataset, row count)."""
+        import pyarrow.compute as pc
+
+        rows = _index_idents(private)
+        fresh = pc.invert(pc.is_in(rows.column("ident"), value_set=self.known.column("ident")))
+        groups = pc.unique(rows.filter(fresh).column("group_key"))
+        self.new = int(pc.sum(fresh).as_py() or 0)
+        selected = int(pc.sum(pc.is_in(rows.column("group_key"), value_set=groups)).as_py() or 0)
+        self.replanned = selected - self.new
+        self.groups = set(groups.to_pylist())
+        return index.map_batches(_in_groups, batch_format="pyarrow", fn_kwargs={"groups": sorted(self.groups)}), selected
+
+    def next_manifest(self, m: dict, records: dict[str, dict], private: str) -> dict:
+        """Version N + 1: this version's shards and accounting on top of version N; samples of
+        earlier versions that a new one replaces (same key) are superseded; the totals count
+        every known file once, at its latest disposition."""
+        import pyarrow.compute as pc
+
+        m["inputs"] = {**m["inputs"], "new": self.new, "replanned": self.replanned}
+        earlier = _sample_index(storage.join(private, "progress"), {s["path"] for s in self.manifest["shards"]})
+        gone = [earlier[k] for r in records.values() for k in r.get("keys", {}) if k in earlier]
+        mine = _dispositions(_index_idents(private), private, self.groups)
+        keep = pc.invert(pc.is_in(self.known.column("group_key"), value_set=pc.unique(mine.column("group_key"))))
+        known = pa.concat_tables([self.known.filter(keep), mine])
+        url = storage.join(private, "dispositions", f"v{m['version']}.parquet")
+        storage.write_bytes_atomic(url, _parquet_bytes(known))
+        out = shardspec.append_version(self.manifest, m, gone, _inputs_of(known))
+        if not shardspec.reconciles(out["inputs"]):  # pragma: no cover - a bug, never an input problem
+            raise RuntimeError(f"input accounting does not reconcile: {out['inputs']}")
+        return out
+
+
+def _in_groups(batch: pa.Table, groups: list[str]) -> pa.Table:
+    import pyarrow.compute as pc
+
+    return batch.filter(pc.is_in(batch.column("group_key"), value_set=pa.array(groups, pa.string())))
+
+
+def _index_idents(private: str) -> pa.Table:
+    """(ident, path, group_key) of every row of the private index as it is now."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    parts = []
+    for url, _ in storage.find_files(storage.join(private, "index")):
+        with storage.open_input(url) as f:
+            parts.append(pq.read_table(f, columns=["path", "sop_uid", "group_key"]))
+    t = pa.concat_tables(parts) if parts else pa.table({"path": [], "sop_uid": [], "group_key": []},
+                                                         schema=pa.schema([("path", pa.string()), ("sop_uid", pa.string()), ("group_key", pa.string())]))
+    ident = pc.if_else(pc.is_null(t.column("sop_uid")), pc.binary_join_element_wise("path:", t.column("path"), ""),
+                       pc.binary_join_element_wise("sop:", t.column("sop_uid"), ""))
+    return pa.table({"ident": ident, "path": t.column("path"), "group_key": t.column("group_key")})
+
+
+def _dispositions(rows: pa.Table, private: str, groups: set[str] | None = None) -> pa.Table:
+    """Each file of `rows` planned by the last run with its disposition: the run's private
+    ledger (`rejects.jsonl`: skipped / rejected) or used. Rows the run did not plan (an append
+    plans some groups only) are left out."""
+    ledger: dict[str, tuple[str, str]] = {}
+    url = storage.join(private, "rejects.jsonl")
+    if storage.exists(url):
+        for line in storage.read_bytes(url).splitlines():
+            r = json.loads(line)
+            ledger[r["path"]] = (r["status"], r["reason"])
+    out = {n: [] for n in _DISPOSITIONS.names}
+    for ident, path, group in zip(*(rows.column(c).to_pylist() for c in ("ident", "path", "group_key"))):
+        if groups is not None and group not in groups:
+            continue
+        status, reason = ledger.get(path, ("used", None))
+        for k, v in zip(_DISPOSITIONS.names, (ident, path, group, status, reason)):
+            out[k].append(v)
+    return pa.table(out, schema=_DISPOSITIONS)
+
+
+def _inputs_of(known: pa.Table) -> dict:
+    """Manifest `inputs` over every known file at its latest disposition."""
+    counts = {"skipped": {}, "rejected": {}}
+    used = 0
+    for status, reason in zip(known.column("status").to_pylist(), known.column("reason").to_pylist()):
+        if status == "used":
+            used += 1
+        else:
+            counts[status][reason] = counts[status].get(reason, 0) + 1
+    return {"seen": known.num_rows, "used": used, "skipped": dict(sorted(counts["skipped"].items())),
+            "rejected": dict(sorted(counts["rejected"].items()))}
+
+
+def _sample_index(progress_url: str, shards: set[str]) -> dict[str, dict]:
+    """key → {"key", "shard", "split", "modality"} of the samples in `shards` (completion records)."""
+    out = {}
+    for url, _ in storage.find_files(progress_url):
+        if url.endswith(".json"):
+            rec = json.loads(storage.read_bytes(url))
+            if rec["path"] in shards:
+                for key, modality in rec.get("keys", {}).items():
+                    out[key] = {"key": key, "shard": rec["path"], "split": rec["split"], "modality": modality}
+    return out
+
+
+def _parquet_bytes(t: pa.Table) -> bytes:
+    import pyarrow.parquet as pq
+
+    buf = pa.BufferOutputStream()
+    pq.write_table(t, buf)
+    return buf.getvalue().to_pybytes()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -620,7 +791,7 @@ def _drop_batch(batch: pa.Table, drops: dict[str, str]) -> pa.Table:
     return _items_table(its)
 
 
-def _assign_batch(batch: pa.Table, n_shards: dict, done: list[str], slots: int) -> pa.Table:
+def _assign_batch(batch: pa.Table, n_shards: dict, done: list[str], slots: int, version: int = 1) -> pa.Table:
     """Planned items only, each with its shard and build slot (shard number across splits mod
     `slots`); items of already completed shards are dropped."""
     import pyarrow.compute as pc
@@ -633,7 +804,7 @@ def _assign_batch(batch: pa.Table, n_shards: dict, done: list[str], slots: int) 
     shards, slot = [], []
     for key, split in zip(batch.column("key").to_pylist(), batch.column("split").to_pylist()):
         b = deid.Pseudonymizer.bucket(key, n_shards[split])
-        shards.append(shardspec.shard_name(split, b))
+        shards.append(shardspec.shard_name(split, b, version))
         slot.append((first[split] + b) % slots)
     batch = batch.append_column("shard", pa.array(shards, pa.string())).append_column("slot", pa.array(slot, pa.int64()))
     if done:
@@ -729,6 +900,7 @@ def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe: IngestRe
         "rejects": [{"paths": it.all_paths, "reason": o["reason"], "detail": details.get(i)}
                     for i, (it, o) in enumerate(zip(items, outcomes)) if o["status"] == "rejected"],
         "items": len(items),
+        "keys": {o["key"]: o["modality"] for o in outcomes if o["status"] == "used"},  # superseding (`--append`)
     }
     # Written after the upload: a record always means a complete, uploaded shard.
     storage.write_bytes_atomic(storage.join(progress_url, shard.replace("/", "__") + ".json"), json.dumps(record).encode())

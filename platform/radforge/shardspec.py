@@ -23,8 +23,9 @@ import numpy as np
 from radforge import kinds
 
 SCHEMA = "radforge.shards"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: manifest versions (`--append`), superseded samples, manifests/vN.json
 MANIFEST = "manifest.json"
+MANIFESTS = "manifests"  # manifests/v<N>.json: every version's manifest, kept (a pinned run reads one)
 
 
 @dataclass
@@ -120,9 +121,17 @@ class TarWriter:
         self._tar.close()
 
 
-def shard_name(split: str, index: int) -> str:
-    """Deterministic shard path relative to DEST: `<split>/<split>-000042.tar`."""
-    return f"{split}/{split}-{index:06d}.tar"
+def shard_name(split: str, index: int, version: int = 1) -> str:
+    """Deterministic shard path relative to DEST: `<split>/<split>-000042.tar` (version 1), and
+    `<split>/<split>-v0002-000042.tar` for the shards an `--append` version N ≥ 2 adds."""
+    if version <= 1:
+        return f"{split}/{split}-{index:06d}.tar"
+    return f"{split}/{split}-v{version:04d}-{index:06d}.tar"
+
+
+def manifest_path(version: int) -> str:
+    """Path relative to DEST of version N's manifest (`manifest.json` is the latest one)."""
+    return f"{MANIFESTS}/v{version}.json"
 
 
 def new_manifest(*, profile, recipe: dict, deid: dict, plan_digest: str) -> dict[str, Any]:
@@ -134,7 +143,10 @@ def new_manifest(*, profile, recipe: dict, deid: dict, plan_digest: str) -> dict
         "recipe": recipe,
         "deid": deid,
         "plan_digest": plan_digest,
+        "version": 1,
+        "versions": [],
         "shards": [],
+        "superseded": [],
         "totals": {},
         "inputs": {},
     }
@@ -154,7 +166,8 @@ def finalize(manifest: dict, shard_records: list[dict], inputs: dict) -> dict:
             s["modalities"][m] = s["modalities"].get(m, 0) + n
             by_modality[m] = by_modality.get(m, 0) + n
     manifest["shards"] = [
-        {k: r[k] for k in ("path", "split", "samples", "bytes", "sha256", "modalities")} for r in shards
+        {**{k: r[k] for k in ("path", "split", "samples", "bytes", "sha256", "modalities")}, "version": manifest.get("version", 1)}
+        for r in shards
     ]
     manifest["totals"] = {
         "shards": len(shards),
@@ -164,7 +177,70 @@ def finalize(manifest: dict, shard_records: list[dict], inputs: dict) -> dict:
         "by_modality": dict(sorted(by_modality.items())),
     }
     manifest["inputs"] = inputs
+    manifest["versions"] = [_version_entry(manifest)]
     return manifest
+
+
+def _version_entry(m: dict) -> dict:
+    return {"version": m["version"], "plan_digest": m["plan_digest"], "shards": [s["path"] for s in m["shards"]],
+            "superseded": len(m.get("superseded", [])), "inputs": m["inputs"]}
+
+
+def append_version(previous: dict, new: dict, superseded: list[dict], inputs: dict) -> dict:
+    """The manifest of version N+1: `new` (finalized from this version's shards and its own
+    `inputs`, with `new["version"]` = N+1) on top of `previous` (version N). Shards: every
+    previous one unchanged, then the new ones. `superseded`: {"key", "shard", "modality",
+    "split"} of earlier samples a new one replaces (a series that gained slices); they stay in
+    their shard and readers skip them. `inputs`: the totals over all versions (every known file
+    once, at its latest disposition); each version's own are in `versions`."""
+    version_inputs = new["inputs"]
+    m = dict(new)
+    m["shards"] = list(previous["shards"]) + new["shards"]
+    m["superseded"] = list(previous.get("superseded", [])) + [{**s, "by_version": new["version"]} for s in superseded]
+    entry = _version_entry({**new, "superseded": superseded, "inputs": version_inputs})
+    m["versions"] = list(_versions(previous)) + [entry]
+    _totals(m)
+    m["inputs"] = inputs
+    return m
+
+
+def _versions(m: dict) -> list[dict]:
+    """A manifest's versions (a schema-1 manifest is version 1 of itself)."""
+    return m.get("versions") or [{"version": 1, "plan_digest": m.get("plan_digest"), "shards": [s["path"] for s in m["shards"]],
+                                  "superseded": 0, "inputs": m.get("inputs", {})}]
+
+
+def _totals(m: dict) -> None:
+    """Totals over the shards, less the superseded samples (what a reader of this version sees)."""
+    t = {"shards": 0, "samples": 0, "bytes": 0, "by_split": {}, "by_modality": {}}
+    for r in m["shards"]:
+        s = t["by_split"].setdefault(r["split"], {"shards": 0, "samples": 0, "bytes": 0, "modalities": {}})
+        t["shards"] += 1
+        s["shards"] += 1
+        t["bytes"] += r["bytes"]
+        s["bytes"] += r["bytes"]
+        for mod, n in r["modalities"].items():
+            s["modalities"][mod] = s["modalities"].get(mod, 0) + n
+            t["by_modality"][mod] = t["by_modality"].get(mod, 0) + n
+        s["samples"] += r["samples"]
+        t["samples"] += r["samples"]
+    for old in m["superseded"]:
+        s = t["by_split"][old["split"]]
+        s["samples"] -= 1
+        t["samples"] -= 1
+        s["modalities"][old["modality"]] -= 1
+        t["by_modality"][old["modality"]] -= 1
+    t["by_split"] = dict(sorted(t["by_split"].items()))
+    t["by_modality"] = dict(sorted(t["by_modality"].items()))
+    m["totals"] = t
+
+
+def superseded(manifest: dict) -> dict[str, set[str]]:
+    """shard path → keys of samples in it that a later version replaced (readers skip them)."""
+    out: dict[str, set[str]] = {}
+    for s in manifest.get("superseded", []):
+        out.setdefault(s["shard"], set()).add(s["key"])
+    return out
 
 
 def reconciles(inputs: dict) -> bool:
@@ -177,12 +253,15 @@ def shards_root(url: str) -> str:
     return url[: -len(MANIFEST)].rstrip("/") if url.endswith("/" + MANIFEST) or url == MANIFEST else url
 
 
-def read_manifest(url: str) -> dict:
-    """Load and check a manifest (a DEST directory URL or the manifest's own URL)."""
+def read_manifest(url: str, version: int | None = None) -> dict:
+    """Load and check a manifest (a DEST directory URL or the manifest's own URL); `version`
+    pins version N (`manifests/vN.json`: the fixed snapshot an `--append` left behind)."""
     from radforge import storage
     from radforge.errors import ConfigError
 
-    if not url.endswith(".json"):
+    if version is not None:
+        url = storage.join(shards_root(url), manifest_path(version))
+    elif not url.endswith(".json"):
         url = storage.join(url, MANIFEST)
     try:
         m = json.loads(storage.read_bytes(url))
@@ -205,13 +284,17 @@ def iter_samples(dest: str, manifest: dict, *, limit: int | None = None, split: 
     from radforge import storage
 
     n = 0
+    gone = superseded(manifest)
     for shard in manifest["shards"]:
         if split and shard["split"] != split:
             continue
         url = storage.join(dest, shard["path"])
+        skip = gone.get(shard["path"], set())
         with storage.open_input(url) as f:
             files = ({**s, "__url__": url} for s in tar_file_iterator(f))
             for sample in group_by_keys(files):
+                if sample["__key__"] in skip:
+                    continue
                 yield sample
                 n += 1
                 if limit is not None and n >= limit:
@@ -271,6 +354,11 @@ def format_summary(manifest: dict, *, wall_s: float | None = None, title: str = 
         row(f"  {reason}", f"{n:,}")
     ok = "yes" if reconciles(inp) else "NO"
     row("accounting", ok, "seen = used + skipped + rejected")
+    if manifest.get("version", 1) > 1:
+        last = manifest["versions"][-1]["inputs"]
+        row("version", f"{manifest['version']}", f"this version: {last.get('new', 0)} new files, {last.get('replanned', 0)} "
+            f"re-planned with their series, {len(manifest['versions'][-1]['shards'])} new shard(s), "
+            f"{manifest['versions'][-1]['superseded']} sample(s) superseded")
     lines.append("")
     mods = t.get("by_modality", {})
     xray = {m: n for m, n in mods.items() if m in kinds.XRAY.modalities}

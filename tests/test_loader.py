@@ -414,3 +414,23 @@ def test_mixture_resume_is_exact_and_world_size_changes_repeat_nothing(tmp_path)
             rest = _keys(rest)
             assert rest and len(seen) == len(set(seen)) and len(rest) == len(set(rest)), (before, after, name)
             assert not set(seen) & set(rest), (before, after, name)
+
+
+def test_superseded_samples_are_skipped_and_a_version_pin_reads_its_snapshot(tmp_path):
+    """After `ingest --append` a rebuilt series' old sample stays in its shard, listed as
+    superseded: the latest version streams every other sample once; data.shards_version=1 reads
+    manifests/v1.json, where it is still live."""
+    dest, keys = write_set(tmp_path / "s", [5, 4])
+    m = shardspec.read_manifest(dest)
+    old = json.loads(json.dumps(m))
+    os.makedirs(os.path.join(dest, shardspec.MANIFESTS))
+    with open(os.path.join(dest, shardspec.manifest_path(1)), "w") as f:
+        json.dump(old, f)
+    gone = keys[m["shards"][0]["path"]][2]
+    m["version"], m["superseded"] = 2, [{"key": gone, "shard": m["shards"][0]["path"], "split": "train", "modality": "CT"}]
+    with open(os.path.join(dest, shardspec.MANIFEST), "w") as f:
+        json.dump(m, f)
+    latest = _keys(_loader(dest, batch=3, train=False))
+    pinned = _keys(_loader(dest, batch=3, train=False, shards_version=1))
+    everything = sorted(k for ks in keys.values() for k in ks)
+    assert sorted(latest) == [k for k in everything if k != gone] and sorted(pinned) == everything

@@ -327,6 +327,7 @@ class DataConfig(Section):
     """Where the shards are and how they stream (radforge.loader)."""
 
     shards: str = "var/demo/shards"  # shard set: directory URL holding manifest.json (any fsspec URL)
+    shards_version: int | None = None  # pin manifest version N (manifests/vN.json after `ingest --append`); null = latest
     # A weighted mixture instead of one shard set (see SourceConfig); the first source is then the
     # primary one: `shards`/`image` are set to it (evaluation, the tokenizer and the profile use it).
     sources: list[SourceConfig] = field(default_factory=list)

@@ -58,6 +58,9 @@ Mixtures (``data.sources``: `MixtureLoader`)
 * The state holds each source's position and the counts per source, so a resume continues the
   exact same mixed sequence (same layout), and under another layout each source re-plans the rest
   of its epoch as below while the interleave goes on from the same counts.
+* Cost: each source runs its own streams, so a rank runs ``sources × max(1, num_workers)``
+  DataLoader workers, each prefetching one shard ahead; a source's workers start with its first
+  batch. Samples per second match one source's once past the start (`radforge bench stream`).
 
 Resume guarantees (`LoaderState`: per source the epoch + batches consumed in it + the layout that consumed them)
 ----------------------------------------------------------------------------------------------------------------
@@ -233,8 +236,9 @@ class _Shard:
     path: str  # relative to the shard set
     url: str
     sha256: str | None
-    slots: int  # selected samples (from the manifest's modality counts)
+    slots: int  # selected samples (from the manifest's modality counts, less the superseded ones)
     offset: int  # global slot number of this shard's ordinal 0
+    skip: frozenset = frozenset()  # keys of samples a later manifest version superseded (`--append`)
 
     def left(self, remaining: np.ndarray) -> np.ndarray:
         """This shard's part of a boolean slot mask."""
@@ -421,6 +425,8 @@ def _selected(samples: Iterable[dict], shard: _Shard, modalities: tuple[str, ...
     fewer than its manifest record says."""
     ordinal = 0
     for sample in samples:
+        if sample.get("__key__") in shard.skip:  # replaced by a later version's sample
+            continue
         modality = _meta(sample).get("modality")
         if modality is not None and modality not in modalities:
             continue
@@ -760,7 +766,7 @@ class StreamingLoader:
         # training, None in evaluation (models.text.ReportView: sentence sampling). Picklable.
         self._text_view = text_view
         self.input_shape = self._view.input_shape
-        self.manifest = shardspec.read_manifest(data.shards)
+        self.manifest = shardspec.read_manifest(data.shards, version=data.shards_version)
         self._shards, self._total = self._eligible_shards()
         self.findings = list(findings) if findings is not None else self._discover_findings()
         self.batches_per_epoch = self._batches(np.ones(self._total, dtype=bool), self._layout)
@@ -776,11 +782,14 @@ class StreamingLoader:
         """The split's shards holding samples of the selected kind, and their slot count."""
         root = shardspec.shards_root(self.data.shards)
         shards, offset = [], 0
+        gone = {(s["shard"], s["key"]) for s in self.manifest.get("superseded", []) if s["modality"] in self._modalities}
         for rec in self.manifest["shards"]:
-            n = sum(rec.get("modalities", {}).get(m, 0) for m in self._modalities)
+            skip = frozenset(k for p, k in gone if p == rec["path"])
+            n = sum(rec.get("modalities", {}).get(m, 0) for m in self._modalities) - len(skip)
             if rec["split"] != self.split or n == 0:
                 continue
-            shards.append(_Shard(len(shards), rec["path"], storage.join(root, rec["path"]), rec.get("sha256"), n, offset))
+            shards.append(_Shard(len(shards), rec["path"], storage.join(root, rec["path"]), rec.get("sha256"), n, offset,
+                                 skip))
             offset += n
         if not shards:
             raise ConfigError(f"no {self.data.image} samples in split {self.split!r} of {self.data.shards}")
@@ -936,7 +945,7 @@ class MixtureLoader:
         self.data, self.seed, self.train, self.rank = data, int(seed), bool(train), rank
         self.names = [s.name for s in data.sources]
         self.sources = [
-            StreamingLoader(dataclasses.replace(data, shards=s.shards, image=s.image, sources=[]), view, split=s.split,
+            StreamingLoader(dataclasses.replace(data, shards=s.shards, image=s.image, sources=[], shards_version=None), view, split=s.split,
                             batch_size=batch_size, rank=rank, world_size=world_size, seed=_source_seed(self.seed, i),
                             train=train, findings=findings, **source_kw)
             for i, s in enumerate(data.sources)]

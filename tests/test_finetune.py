@@ -145,6 +145,25 @@ def test_lora_export_merges_adapters_and_loads_exactly(tmp_path):
     assert torch.equal(again.encoder.patch_embed.proj.weight, lm.model.encoder.patch_embed.proj.weight)
 
 
+@pytest.mark.parametrize("kind", ["mae", "clip"])
+def test_starts_from_an_exported_models_image_encoder(tmp_path, kind):
+    """`model.init_from` = an MAE export (`encoder.*`) or a CLIP export (`visual.*`): the tower's
+    weights are the export's, the adapters start at zero (same function as the source tower)."""
+    from radforge.models import text
+
+    cfg = ModelConfig(kind=kind, patch_xray=8, decoder_width=32, decoder_depth=1)
+    tok = text.train_tokenizer(["no effusion.", "a nodule is present."] * 10, cfg.text) if kind == "clip" else None
+    src = models.build(cfg, "xray", (1, 32, 32), tok)
+    out = checkpoint.write_model(str(tmp_path / kind), src, image="xray", model_cfg=cfg, view=ViewConfig(xray_size=32),
+                                 profile=Profile(), model_id=kind)
+    ft = models.build(ModelConfig(kind="finetune", patch_xray=8, findings=FINDINGS), "xray", (1, 32, 32),
+                      init_encoder=checkpoint.read_weights(out)).eval()
+    tower = src.encoder if kind == "mae" else src.visual
+    x = _task(4, 3)["image"]
+    with torch.no_grad():
+        assert torch.allclose(ft.encoder.pool(x), tower.pool(x), atol=1e-6)
+
+
 def test_merge_lora_is_the_adapted_layer():
     lin = torch.nn.Linear(6, 5)
     a, b = torch.randn(2, 6), torch.randn(5, 2)

@@ -303,6 +303,8 @@ class SourceConfig(Section):
 
     shards: str  # shard set: directory URL holding manifest.json (any fsspec URL); required
     weight: float | None = None  # share of the mixture's samples (normalised over the sources)
+    # repeat / choose (MosaicML's, as rates): the share is repeat × the source's samples, or choose,
+    # over the sum of all sources'; a source still cycles ALL its samples, epoch after epoch.
     repeat: float | None = None  # instead of weight: passes over this source per mixture epoch (0.5 = half of it)
     choose: int | None = None  # instead of weight: samples of this source per mixture epoch
     split: str | None = None  # the split streamed from it (null = data.train_split)

@@ -46,12 +46,14 @@ Mixtures (``data.sources``: `MixtureLoader`)
 * Each source is a `StreamingLoader` of its own (its shard set, split, image kind, seed derived
   from the run's seed and its index), so everything above holds per source: its own epochs, shuffle,
   equal batches per rank and resume. A batch comes from ONE source, so it is homogeneous in image
-  kind (a CT + X-ray run batches CT and X-ray apart) and says which (``batch["source"]``).
+  kind (a CT + X-ray run batches CT and X-ray apart) and says which (``batch["source"]``,
+  ``batch["kind"]``).
 * Which source gives the next batch is a function of the batches taken from each so far and a
   seeded phase per source (`MixtureLoader.next_source`): the same on every rank at every step, so
   every rank takes the same source (and kind) at the same step and batches stay equal across
   ranks. Shares: ``weight`` normalised, or samples per mixture epoch (``choose``, or ``repeat`` ×
-  the source's samples). After t batches each source has had its share of them within ±2 batches
+  the source's samples), which set rates only: a mixture epoch is nominal, no subset is chosen.
+  After t batches each source has had its share of them within ±2 batches
   (a low-discrepancy interleave, not i.i.d. draws); ``metrics()`` reports the realised share
   (``mix_<name>_frac``) beside the target. Sources cycle their epochs independently: a small
   source with a large weight is repeated more often (one epoch of it is still each sample once).

@@ -368,3 +368,14 @@ def test_frames_of_one_enhanced_ct_file_split_by_temporal_position(tmp_path, stu
     assert [v.all_paths for v in vols] == [info.paths, []]
     hu, _ = dicom.load_ct(vols[1], lambda p: Path(p).read_bytes())
     assert hu.shape == (10, 48, 48) and np.array_equal(np.rint(hu).astype(np.int16), info.hu_lps[10:])
+
+
+def test_volumes_without_a_series_uid_get_keys_of_their_own(tmp_path, study):
+    """Each file without SeriesInstanceUID is a group of its own; two Enhanced CT volumes must
+    not share the one pseudonym of an empty UID."""
+    paths = []
+    for i in range(2):
+        info = phantoms.enhanced_ct(tmp_path / f"MF{i}", study, n_frames=10, seed=i)
+        paths.append(phantoms.rewrite(info.paths[0], tmp_path / f"nouid{i}.dcm", SeriesInstanceUID=None))
+    items = plan_all(scan_paths(paths), "ct.min_slices=8")  # asserts unique keys
+    assert [it.status for it in items] == ["planned", "planned"]

@@ -1248,7 +1248,9 @@ def _sample_item(kind: kinds.ImageKind, first: dict, rows: list[dict], ctx: Plan
     """A planned item's identity (pseudonyms, key, split) and private fields, from its rows."""
     pseudo = ctx.pseudo
     patient = pseudo("patient", first["patient_id"] or ("nopatient:" + (first["study_uid"] or "")))
-    series = pseudo("series", first["series_uid"] or "")
+    # Without a SeriesInstanceUID each file is a group of its own (`_group_key`): its path keys
+    # it, so two such volumes never share a sample key.
+    series = pseudo("series", first["series_uid"] or "nouid:" + first["path"])
     paths = [r["path"] for r in rows]
     return PlanItem(
         status="planned",

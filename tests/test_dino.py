@@ -155,6 +155,9 @@ def test_export_then_load_gives_the_same_embeddings_and_initialises_clip(tmp_pat
     out = _export(tmp_path, cfg, m.eval())
     lm = checkpoint.load_for_inference(out)
     assert lm.kind == "dino" and lm.image is kinds.XRAY
+    from radforge import serve
+
+    assert "embed" in serve.endpoints_for(lm.model.capabilities)  # /v1/embed answers for it
     x = torch.randn(5, *shape)
     torch.testing.assert_close(lm.embed_images(x), m.embed_image(x))
     # a CLIP image tower initialised from it gets the teacher backbone (not the student)
@@ -178,3 +181,4 @@ def test_the_tiny_recipe_builds_and_resolves_the_momentum_schedule():
     assert m.cfg.out_dim == r.model.dino.out_dim
     with pytest.raises(config.ConfigError, match="model.dino.local_scale"):
         config.load(TrainRecipe, "jobs/recipes/tiny-dino-xray.yaml", ["model.dino.local_scale=[0.5, 0.2]"])
+

@@ -452,7 +452,7 @@ def test_dino_zero3_on_two_workers_follows_zero0_on_one_and_exports_its_teacher(
     from radforge.loader import build_loader
 
     ref, got = _losses(dino_runs[0]), _losses(dino_runs[3])
-    assert len(ref) == 5 and all(np.isfinite(ref))
+    assert len(ref) == 5 and all(np.isfinite(ref)) and ref[-1] < ref[0]  # the loss falls
     np.testing.assert_allclose(got, ref, rtol=2e-3, err_msg="DINO ZeRO-3 (2 workers) vs ZeRO-0 (1 worker)")
     z3 = checkpoint.load_for_inference(checkpoint.export(dino_runs[3].checkpoint, str(tmp_path / "z3")))
     z0 = checkpoint.load_for_inference(checkpoint.export(dino_runs[0].checkpoint, str(tmp_path / "z0")))

@@ -108,6 +108,13 @@ def test_mismatched_structure_is_refused_naming_the_tensors(tmp_path):
                      (2, 8, 32, 32), init_encoder=state)
 
 
+def test_an_init_from_that_is_no_model_says_so(tmp_path):
+    from radforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="neither an exported radforge model .* nor a Hugging Face"):
+        checkpoint.read_weights(str(tmp_path))
+
+
 def test_structures_radforge_cannot_express_are_refused(tmp_path):
     gelu_clip = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(intermediate_size=512, hidden_act="gelu", **_SIZE))
     gelu_clip.save_pretrained(tmp_path / "clip-gelu")

@@ -392,7 +392,11 @@ def read_weights(model_url: str) -> dict:
         with tempfile.TemporaryDirectory(prefix="radforge-hf-") as tmp:
             local = _fetch(model_url, os.path.join(tmp, "hf"))
             return {f"encoder.{k}": v for k, v in hf.read_image_tower(local).items()}
-    return load_bytes(storage.read_bytes(storage.join(model_url, WEIGHTS)))
+    try:
+        return load_bytes(storage.read_bytes(storage.join(model_url, WEIGHTS)))
+    except FileNotFoundError:
+        raise ConfigError(f"{model_url} is neither an exported radforge model (no {WEIGHTS}) nor a Hugging Face "
+                          f"model directory (no {_HF_CONFIG})") from None
 
 
 def read_model_meta(model_url: str) -> dict:

@@ -81,7 +81,7 @@ def test_a_command_is_required(capsys):
 def test_bench_choices_are_part_of_the_surface():
     bench = _subparsers(cli._build_parser())["bench"]
     choices = {a.dest: a.choices for a in bench._actions if a.choices}
-    assert choices == {"what": ["ingest", "train", "stream", "serve"], "syntax": ["explicit", "rle", "jpegls", "j2k"]}
+    assert choices == {"what": ["ingest", "train", "stream", "serve", "dicomweb"], "syntax": ["explicit", "rle", "jpegls", "j2k"]}
 
 
 def test_bench_hostile_is_a_serve_option(monkeypatch, capsys):

@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import http.client
 import http.server
-import json
 import logging
 import os
 import random
 import shutil
 import socket
-import subprocess
 import threading
 import time
-import urllib.request
 from base64 import b64encode
 from collections import Counter
 from dataclasses import dataclass, field
@@ -28,93 +25,23 @@ from pathlib import Path
 import pytest
 
 from radforge import config, dicomweb, storage
+from radforge.bench import ORTHANC_BIN, ORTHANC_DICOMWEB_PLUGIN, Orthanc
 from radforge.config import IngestRecipe
 from radforge.errors import ConfigError
 
-ORTHANC = "/usr/sbin/Orthanc"
-PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 USER, PASSWORD = "radforge-test", "pw-" + "s3cr3t" * 4  # the password is grepped for below
 
-pytestmark = pytest.mark.skipif(not (os.path.exists(ORTHANC) and os.path.exists(PLUGIN)),
+pytestmark = pytest.mark.skipif(not (os.path.exists(ORTHANC_BIN) and os.path.exists(ORTHANC_DICOMWEB_PLUGIN)),
                                 reason="Orthanc + DICOMweb plugin not installed (make sysdeps)")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@dataclass
-class Orthanc:
-    port: int
-    root: Path
-    proc: subprocess.Popen
-    credentials: str  # secrets file
-
-    @property
-    def http(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def url(self) -> str:
-        return f"dicomweb+http://127.0.0.1:{self.port}/dicom-web"
-
-    def _req(self, method: str, path: str, data: bytes | None = None):
-        req = urllib.request.Request(self.http + path, data=data, method=method)
-        req.add_header("Authorization", "Basic " + b64encode(f"{USER}:{PASSWORD}".encode()).decode())
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return json.loads(r.read() or b"null")
-
-    def upload(self, paths) -> int:
-        for p in paths:
-            self._req("POST", "/instances", Path(p).read_bytes())
-        return len(list(paths))
-
-    def clear(self) -> None:
-        for study in self._req("GET", "/studies"):
-            self._req("DELETE", f"/studies/{study}")
-
-
-def _start_orthanc(root: Path) -> Orthanc:
-    port = _free_port()
-    root.mkdir(parents=True, exist_ok=True)
-    cfg = {
-        "Name": "radforge-test", "StorageDirectory": str(root / "db"), "IndexDirectory": str(root / "db"),
-        "HttpPort": port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
-        "AuthenticationEnabled": True, "RegisteredUsers": {USER: PASSWORD},
-        "Plugins": [PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"}, "HttpThreadsCount": 16,
-        "StableAge": 1, "SaveJobs": False,
-    }
-    (root / "orthanc.json").write_text(json.dumps(cfg))
-    log = open(root / "orthanc.log", "wb")
-    proc = subprocess.Popen([ORTHANC, str(root / "orthanc.json")], stdout=log, stderr=log)
-    cred = root / "dicomweb-credentials.yaml"
-    cred.write_text(f"username: {USER}\npassword: {PASSWORD}\n")
-    o = Orthanc(port, root, proc, str(cred))
-    deadline = time.time() + 30
-    while True:
-        try:
-            o._req("GET", "/system")
-            return o
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError(f"Orthanc did not start: {(root / 'orthanc.log').read_text()[-2000:]}")
-            time.sleep(0.1)
 
 
 @pytest.fixture(scope="module")
 def orthanc(tmp_path_factory):
-    o = _start_orthanc(tmp_path_factory.mktemp("orthanc"))
+    o = Orthanc(str(tmp_path_factory.mktemp("orthanc")), USER, PASSWORD)
     try:
         yield o
     finally:
-        o.proc.terminate()
-        try:
-            o.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            o.proc.kill()
+        o.stop()
 
 
 def _files(root) -> list[str]:

@@ -150,7 +150,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_inspect)
 
     s = sub.add_parser("bench", help="benchmarks, printed as ratios measured side by side")
-    s.add_argument("what", choices=["ingest", "train", "stream", "serve"])
+    s.add_argument("what", choices=["ingest", "train", "stream", "serve", "dicomweb"])
     s.add_argument("--json", action="store_true")
     s.add_argument("--workdir", help="where the generated corpus goes (default: a temp dir)")
     s.add_argument("--series", type=int, help="CT series in the generated corpus (default: per benchmark, ingest 8, stream 4)")

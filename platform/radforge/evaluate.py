@@ -795,6 +795,19 @@ def age_band(age, edges: Sequence[int] = (18, 40, 60, 80)) -> str | None:
     return None
 
 
+def _reference_passes(stream, names, obj, split: str, splits, say) -> tuple[Pass | None, Pass | None]:
+    """The train pass (probes, kNN) and the val pass (the probes' C), when a protocol needs them."""
+    need = set(names) & (_NEEDS_TRAIN | {"fairness", "robustness", "calibration"})
+    if not need or "embed_image" not in obj.capabilities or split == "train" or "train" not in splits:
+        return None, None
+    say("embedding split train")
+    train = stream("train")
+    if "val" not in splits or split == "val":
+        return train, None
+    say("embedding split val")
+    return train, stream("val")
+
+
 def run(model, shards: str, split: str = "test", protocols: Sequence[str] = ("all",), report_dir: str | None = None,
         cfg: EvalConfig | None = None, *, progress: bool = False) -> dict:
     """Evaluate an exported model (dir URL, or a checkpoint.LoadedModel) on `split` of `shards`
@@ -849,14 +862,7 @@ def run(model, shards: str, split: str = "test", protocols: Sequence[str] = ("al
         findings = loader(split).findings  # the split's label columns when neither cfg nor model names them
         say(f"embedding split {split}")
         test = stream(split)
-        need_probe = set(names) & (_NEEDS_TRAIN | {"fairness", "robustness", "calibration"})
-        train = val = None
-        if need_probe and "embed_image" in obj.capabilities and split != "train" and "train" in splits:
-            say("embedding split train")
-            train = stream("train")
-            if "val" in splits and split != "val":
-                say("embedding split val")
-                val = stream("val")
+        train, val = _reference_passes(stream, names, obj, split, splits, say)
         groups = _group_labels(shards, split, test.keys, cfg.age_bands) if "fairness" in names else None
         ctx = Context(model=obj, cfg=cfg, findings=list(findings or []), prompts=_prompts(model, cfg), test=test,
                       train=train, val=val, kind=kind, stream=lambda corruption, severity: stream(split, corruption, severity),

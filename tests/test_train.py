@@ -326,6 +326,9 @@ def test_mixed_ct_xray_run_learns_both_and_resumes_on_other_worker_counts(shards
         assert abs(rows[-1][f"mix_{kind}_frac"] - 0.5) <= 2 / 8  # ±2 batches of 8 (loader guarantee)
     trace = _trace(res.run_dir)
     assert sorted(trace) == list(range(1, 9)) and all(len(trace[s]) == 8 for s in trace)  # global batch kept
+    rank0 = [json.loads(ln) for ln in open(os.path.join(storage.url_to_fs(res.run_dir)[1], "samples", "rank-00000.jsonl"))]
+    # job 2 resumed at step 3 on one worker (8 keys a step), job 3 at step 6 on two (4 each)
+    assert {row["step"]: len(row["keys"]) for row in rank0} == {1: 4, 2: 4, 3: 4, 4: 8, 5: 8, 6: 8, 7: 4, 8: 4}
     keys = [k for s in sorted(trace) for k in trace[s]]
     assert len(keys) == len(set(keys)) == 64  # no sample of either source's epoch twice (2→1 and 1→2)
     modality = {raw["__key__"]: json.loads(raw["json"])["modality"]

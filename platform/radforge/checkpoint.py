@@ -204,6 +204,14 @@ def _to_universal(tag_dir: str, out_dir: str) -> None:
         ds_to_universal.main(args)
 
 
+def local_copy(url: str) -> tuple[str, bool]:
+    """A local directory holding the checkpoint at `url`: the directory itself when it is local
+    (False: not a copy, keep it), else a fresh temporary copy (True: the caller deletes it)."""
+    if storage.is_local(url):
+        return _fetch(url, ""), False
+    return _fetch(url, tempfile.mkdtemp(prefix="radforge-resume-")), True
+
+
 def find(url: str) -> list[str]:
     """The training checkpoints below `url` (e.g. a run's storage folder), sorted."""
     if not storage.exists(url):

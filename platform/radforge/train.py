@@ -26,8 +26,9 @@ Resume
 ------
 `resume="auto"` (default): Ray Train v2 restores a run from `storage_path/name` when one exists
 (its checkpoint-manager snapshot), and a restarted worker group after a failure does the same:
-`ray.train.get_checkpoint()` is the latest checkpoint, and the loop continues at its step with each
-rank's loader position, so the sample sequence continues exactly (same world size). The MAE mask
+`ray.train.get_checkpoint()` is the latest checkpoint (or the newest one on storage when that has
+more steps: a job that dies right after a checkpoint can leave it uploaded but not yet registered
+in Ray's snapshot), and the loop continues at its step with each rank's loader position, so the sample sequence continues exactly (same world size). The MAE mask
 RNG is reseeded from (seed, step, rank) every micro-step, so a resumed run draws the same masks as
 an uninterrupted one. `resume="never"` deletes `storage_path/name` (the run's old checkpoints) and
 its metrics first. Resuming with a different number of workers (elastic): ZeRO optimizer shards
@@ -176,7 +177,8 @@ def run(recipe: TrainRecipe, *, resume: str = "auto", progress: bool = True, hoo
     storage.check_writable(store)
     storage.makedirs(run_dir)
     job = _Job(recipe=recipe, profile=Profile.from_dict(manifest["profile"]), run_dir=run_dir, progress=progress,
-               tokenizer=_prepare_tokenizer(recipe, manifest, run_store), hooks=tuple(hooks))
+               tokenizer=_prepare_tokenizer(recipe, manifest, run_store), hooks=tuple(hooks),
+               resume_from=_newest_checkpoint(run_store) if resume == "auto" else None)
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", log_to_driver=progress)
     pa_fs, pa_path = storage.pyarrow_filesystem(store)
@@ -202,6 +204,9 @@ class _Job:
     progress: bool
     tokenizer: dict[str, bytes] | None  # a small text tower's trained tokenizer files
     hooks: tuple[Hook, ...] = ()
+    # resume="auto": the newest checkpoint on storage. A job that dies right after a checkpoint can
+    # leave it uploaded but never registered in Ray's snapshot; the newer of the two is resumed.
+    resume_from: str | None = None
 
 
 def _read_train_split(recipe: TrainRecipe) -> dict:
@@ -217,6 +222,12 @@ def _read_train_split(recipe: TrainRecipe) -> dict:
         if s.split not in has:
             raise ConfigError(f"data.sources {s.name}: shard set {s.shards} has no {s.split!r} split (has: {', '.join(has) or 'none'})")
     return manifest
+
+
+def _newest_checkpoint(run_store: str) -> str | None:
+    """The checkpoint with the most steps under a run's storage folder (None: none yet)."""
+    found = checkpoint.find(run_store)
+    return max(found, key=lambda u: checkpoint.load(u).step) if found else None
 
 
 def _torch_trainer(job: _Job, pa_fs, pa_path: str):
@@ -448,12 +459,15 @@ class Checkpointer:
     """Ray Train checkpoints in radforge.checkpoint's layout: the run state to resume from, and a
     save every `every_steps` and at the last step (every rank, its own local directory)."""
 
-    def __init__(self, rank: int, world: int, every_steps: int, last_step: int):
+    def __init__(self, rank: int, world: int, every_steps: int, last_step: int, newest: str | None = None):
         import ray.train
 
         self.rank, self.world, self.every, self.last = rank, world, every_steps, last_step
         ckpt = ray.train.get_checkpoint()
         self.dir = ckpt.to_directory() if ckpt is not None else None
+        self._owned = self.dir is not None  # a local copy of ours (deleted at close)
+        if newest and (self.dir is None or checkpoint.load(self.dir).step < checkpoint.load(newest).step):
+            self.dir, self._owned = checkpoint.local_copy(newest)  # uploaded, never registered with Ray
         self.state = checkpoint.load(self.dir, rank=rank, world_size=world) if self.dir else None
         self.universal = self.state is not None and checkpoint.needs_universal(self.state, world)  # elastic resume
 
@@ -473,7 +487,7 @@ class Checkpointer:
             ray.train.report(_clean(metrics), checkpoint=Checkpoint.from_directory(d))
 
     def close(self) -> None:
-        if self.dir and os.path.isdir(self.dir):
+        if self.dir and self._owned and os.path.isdir(self.dir):
             import shutil
 
             shutil.rmtree(self.dir, ignore_errors=True)
@@ -709,7 +723,7 @@ class Trainer:
         deepspeed.init_distributed(dist_backend="nccl" if r.scale.use_gpu else "gloo")
         nodes: list = [None] * world
         torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-        ckpt = Checkpointer(rank, world, r.checkpoint.every_steps, r.steps)
+        ckpt = Checkpointer(rank, world, r.checkpoint.every_steps, r.steps, newest=job.resume_from)
         info = WorkerInfo(rank=rank, world=world, node=nodes[rank], nodes=len(set(nodes)), run_dir=job.run_dir,
                           start_step=ckpt.state.step if ckpt.state else 0)
 

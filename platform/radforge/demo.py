@@ -10,12 +10,14 @@
    montage; val and test splits of ≥ 50 studies per modality (full cohort);
 3. a tiny 3D MAE on the CT volumes (2 workers, DeepSpeed ZeRO-2);
 4. a tiny CLIP on X-ray ↔ report, 5. a tiny 3D CLIP on CT ↔ report (2 workers, ZeRO-2 each);
-   [a tiny DINO on the X-rays when `kind: dino` is registered];
-6. export → `model-*/` (loadable without DeepSpeed), retrieval indexes → `index-*/`;
-7. `radforge evaluate … --protocol all --report DIR` on every model (zero-shot, kNN, probes,
+   6. a tiny DINO on the X-rays (self-distillation, 2 workers);
+7. export → `model-*/` (loadable without DeepSpeed), retrieval indexes → `index-*/`;
+8. `radforge evaluate … --protocol all --report DIR` on every model (zero-shot, kNN, probes,
    few-shot, fairness, robustness, calibration as each model supports), tables with 95% CIs, the
-   CT CLIP's nodule AUROC by lesion size band, and the targets met or missed, said plainly;
-8. Ray Serve on 127.0.0.1 with both CLIPs: real HTTP requests with an X-ray DICOM file and a zipped
+   CT CLIP's nodule AUROC by lesion size band, and the targets met or missed, said plainly. A
+   frozen-feature figure (MAE, DINO) is printed beside the same architecture's untrained one: on
+   phantoms random features already separate some findings, and only the difference is learning;
+9. Ray Serve on 127.0.0.1 with both CLIPs: real HTTP requests with an X-ray DICOM file and a zipped
    CT series, answers printed, Serve shut down.
 
 Every artifact lands under --out. `--quick` shrinks the cohort and the step counts and trains only
@@ -185,7 +187,7 @@ def _headline(res: dict) -> tuple[str, dict] | None:
     return max(probes, key=lambda p: p[1]["mean_auroc"]) if probes else None
 
 
-def _target_line(name: str, res: dict) -> str:
+def _target_line(name: str, res: dict, baseline: dict | None = None) -> str:
     kind, floor = TARGETS[name]
     head = _headline(res)
     if head is None:
@@ -199,7 +201,12 @@ def _target_line(name: str, res: dict) -> str:
         weak = sorted(f for f, lo in lows.items() if lo is None or lo <= 0.5)
         ok = ok and not weak
         text += f", every finding's CI lower bound > 0.5: {'yes' if not weak else 'no (' + ', '.join(weak) + ')'}"
-    return f"{text}  → {'met' if ok else 'MISSED'}"
+    text += f"  → {'met' if ok else 'MISSED'}"
+    if baseline is not None:
+        fresh = (baseline.get("protocols", {}).get(prot) or {}).get("mean_auroc")
+        if fresh is not None and mean is not None:
+            text += f"; the same architecture untrained: {fresh:.3f} ({mean - fresh:+.3f} from training)"
+    return text
 
 
 def _print_bands(bands: dict) -> None:
@@ -208,6 +215,66 @@ def _print_bands(bands: dict) -> None:
         lo, hi = v["ci95"]
         print(f"        {band:<9} {v['auroc']:.3f}  [{lo:.3f}, {hi:.3f}]  pos {v['n_pos']:>3}  neg {v['n_neg']:>3}"
               + ("   ← not distinguishable from chance" if not lo > 0.5 else ""))
+
+
+def _export_all(trained: dict, out: str, shards: str) -> tuple[dict, dict]:
+    """Export every run; a retrieval index of the test split for each model that embeds text."""
+    from radforge import checkpoint, index
+
+    dirs = {name: os.path.join(out, f"model-{name}") for name in trained}
+    indexes = {}
+    for name, res in trained.items():
+        checkpoint.export(res.checkpoint, dirs[name])
+        if "embed_text" in checkpoint.load_for_inference(dirs[name]).model.capabilities:
+            indexes[name] = os.path.join(out, f"index-{name}")
+            info = index.build(dirs[name], shards, indexes[name], split="test")
+            print(f"      {dirs[name]}  (index of {info.n} test {'volumes' if name.endswith('ct') else 'images'})")
+        else:
+            print(f"      {dirs[name]}")
+    return dirs, indexes
+
+
+def _untrained_copy(model_dir: str, out_dir: str) -> str:
+    """The exported model's architecture with fresh seeded weights, as a model directory: the
+    baseline a frozen-feature figure has to beat before it says anything about training."""
+    import torch
+
+    from radforge import checkpoint, config, kinds, models
+    from radforge.config import ModelConfig, ViewConfig
+    from radforge.transforms import Profile
+
+    meta = checkpoint.read_model_meta(model_dir)
+    cfg, view, image = config.from_dict(ModelConfig, meta["model"]), config.from_dict(ViewConfig, meta["view"]), kinds.get(meta["image"])
+    torch.manual_seed(0)
+    model = models.build(cfg, image, image.view(view).input_shape, None, pretrained=False)
+    return checkpoint.write_model(out_dir, model, image=image, model_cfg=cfg, view=view,
+                                  profile=Profile.from_dict(meta["profile"]), model_id=f"{meta['model_id']}-untrained",
+                                  findings=meta["findings"])
+
+
+def _evaluate_all(dirs: dict, shards: str, recipes_used: dict, out: str, *, quick: bool) -> dict:
+    """Every protocol on every model (one report each), the CT CLIP's lesion size bands, and the
+    targets; frozen-feature targets also name the untrained architecture's figure."""
+    from radforge import evaluate
+
+    results, baselines = {}, {}
+    for name, model_dir in dirs.items():
+        cfg = recipes_used[name].eval
+        t = time.perf_counter()
+        results[name] = evaluate.run(model_dir, shards, split="test", protocols=("all",),
+                                     report_dir=os.path.join(out, "reports", name), cfg=cfg)
+        print(f"\n   {name}  ({time.perf_counter() - t:.0f} s)\n" + evaluate.format_table(results[name]))
+        head = _headline(results[name])
+        if head and head[0] != "zero_shot":
+            fresh = _untrained_copy(model_dir, os.path.join(out, "untrained", name))
+            baselines[name] = evaluate.run(fresh, shards, split="test", protocols=(head[0],), cfg=cfg)
+    if "clip-ct" in dirs and (bands := lesion_size_bands(dirs["clip-ct"], shards, "test",
+                                                         bootstrap=recipes_used["clip-ct"].eval.bootstrap)):
+        _print_bands(bands)
+    print("\n      targets on the test split" + (" (--quick: a few steps, not expected to meet them)" if quick else ""))
+    for name in dirs:
+        print(_target_line(name, results[name], baselines.get(name)))
+    return results
 
 
 def _train(i: int, n: int, text: str, recipe) -> object:
@@ -233,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from radforge import checkpoint, config, evaluate, index, ingest, models, shardspec, viz
+    from radforge import config, ingest, shardspec, viz
     from radforge.config import IngestRecipe
 
     here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -241,13 +308,15 @@ def main(argv: list[str] | None = None) -> int:
     out = os.path.abspath(a.out)
     corpus_dir, shards = os.path.join(out, "corpus"), os.path.join(out, "shards")
     cohort = 24 if a.quick else a.cohort
-    steps = (["steps=6", "log_every=2", "checkpoint.every_steps=3", "eval.bootstrap=50", "deepspeed.micro_batch=4"]
+    # --quick: every protocol still runs (one corruption severity instead of five).
+    steps = (["steps=6", "log_every=2", "checkpoint.every_steps=3", "eval.bootstrap=50", "eval.severities=[3]",
+              "deepspeed.micro_batch=4"]
              if a.quick else [])
     # --quick trains what Serve needs (the two CLIPs); MAE and DINO have their own tests.
     runs = [] if a.quick else [("mae-ct", "tiny-mae-ct.yaml", "a tiny 3D MAE on the CT volumes")]
     runs += [("clip-xray", "tiny-clip-xray.yaml", "a tiny CLIP on X-ray ↔ report"),
              ("clip-ct", "tiny-clip-ct.yaml", "a tiny 3D CLIP on CT volume ↔ report")]
-    if not a.quick and "dino" in models.REGISTRY and os.path.exists(os.path.join(recipes, "tiny-dino-xray.yaml")):
+    if not a.quick:
         runs.append(("dino-xray", "tiny-dino-xray.yaml", "a tiny DINO (self-distillation) on the X-rays"))
     n = 5 + len(runs)
     t0 = time.perf_counter()
@@ -283,31 +352,9 @@ def main(argv: list[str] | None = None) -> int:
 
     i = 3 + len(runs)
     _stage(i, n, "exporting every model; building the retrieval indexes of the test split")
-    dirs = {name: os.path.join(out, f"model-{name}") for name in trained}
-    indexes = {}
-    for name, res in trained.items():
-        checkpoint.export(res.checkpoint, dirs[name])
-        if name.startswith("clip"):
-            indexes[name] = os.path.join(out, f"index-{name}")
-            info = index.build(dirs[name], shards, indexes[name], split="test")
-            print(f"      {dirs[name]}  (index of {info.n} test {'volumes' if name.endswith('ct') else 'images'})")
-        else:
-            print(f"      {dirs[name]}")
-
+    dirs, indexes = _export_all(trained, out, shards)
     _stage(i + 1, n, "evaluating every model on the held-out test split (radforge evaluate --protocol all --report)")
-    results = {}
-    for name in trained:
-        report_dir = os.path.join(out, "reports", name)
-        t = time.perf_counter()
-        results[name] = evaluate.run(dirs[name], shards, split="test", protocols=("all",), report_dir=report_dir,
-                                     cfg=recipes_used[name].eval)
-        print(f"\n   {name}  ({time.perf_counter() - t:.0f} s)\n" + evaluate.format_table(results[name]))
-    bands = lesion_size_bands(dirs["clip-ct"], shards, "test", bootstrap=recipes_used["clip-ct"].eval.bootstrap)
-    if bands:
-        _print_bands(bands)
-    print("\n      targets on the test split" + (" (--quick: a few steps, not expected to meet them)" if a.quick else ""))
-    for name in trained:
-        print(_target_line(name, results[name]))
+    results = _evaluate_all(dirs, shards, recipes_used, out, quick=a.quick)
 
     _stage(i + 2, n, "serving both CLIPs with Ray Serve on 127.0.0.1 and querying them over HTTP")
     cohort_dir = os.path.join(corpus.dicom_dir, "cohort")

@@ -338,8 +338,8 @@ def _bad_cases(files):
 
 def test_bad_input_gives_4xx_json_and_the_replica_keeps_serving(server, files):
     for name, data, hdr, status, code in _bad_cases(files):
-        if data is None:
-            r = post(server, "/v1/embed", files=[("a", ("a.dcm", files["xray"])), ("b", ("b.dcm", files["xray"]))])
+        if data is None:  # two different radiographs (two copies of one are one image: duplicate_instance)
+            r = post(server, "/v1/embed", files=[("a", ("a.dcm", files["xray"])), ("b", ("b.dcm", files["others"][0]))])
         else:
             r = post(server, "/v1/embed", data, hdr)
         assert (r.status_code, r.json().get("error")) == (status, code), (name, r.status_code, r.text)
@@ -347,6 +347,8 @@ def test_bad_input_gives_4xx_json_and_the_replica_keeps_serving(server, files):
         ok = post(server, "/v1/embed", files["xray"])
         assert ok.status_code == 200, (name, ok.text)
     assert requests.get(server + "/v1/nothing", timeout=30).json()["error"] == "not_found"
+    copies = post(server, "/v1/embed", files=[("a", ("a.dcm", files["xray"])), ("b", ("b.dcm", files["xray"]))])
+    assert copies.status_code == 200 and copies.json()["embedding"] == post(server, "/v1/embed", files["xray"]).json()["embedding"]
 
 
 def test_no_phi_in_responses_or_serve_logs(server, files, log_baseline):

@@ -219,16 +219,17 @@ def _print_bands(bands: dict) -> None:
 
 def _export_all(trained: dict, out: str, shards: str) -> tuple[dict, dict]:
     """Export every run; a retrieval index of the test split for each model that embeds text."""
-    from radforge import checkpoint, index
+    from radforge import checkpoint, index, kinds, models
 
     dirs = {name: os.path.join(out, f"model-{name}") for name in trained}
     indexes = {}
     for name, res in trained.items():
         checkpoint.export(res.checkpoint, dirs[name])
-        if "embed_text" in checkpoint.load_for_inference(dirs[name]).model.capabilities:
+        meta = checkpoint.read_model_meta(dirs[name])  # the registry answers; no weights loaded twice
+        if "embed_text" in models.get(meta["kind"]).capabilities:
             indexes[name] = os.path.join(out, f"index-{name}")
             info = index.build(dirs[name], shards, indexes[name], split="test")
-            print(f"      {dirs[name]}  (index of {info.n} test {'volumes' if name.endswith('ct') else 'images'})")
+            print(f"      {dirs[name]}  (index of {info.n} test {'volumes' if kinds.get(meta['image']).ndim == 3 else 'images'})")
         else:
             print(f"      {dirs[name]}")
     return dirs, indexes

@@ -1,0 +1,549 @@
+"""radforge bench serve
+
+/v1/embed of radforge.serve over HTTP on 127.0.0.1, side by side in one run on one local Ray.
+Two applications run at once, each one replica with the same resources: "batched"
+(max_batch_size=16, batch_wait_timeout_s=0.01) and "unbatched" (max_batch_size=1). They are
+measured in alternating rounds and the best round of each counts, so load from other processes
+on the machine hits both alike.
+
+  in_process    np.load → ModelView → LoadedModel.embed_images in this process with the
+                replica's thread count; at concurrency 1 each in-process call is interleaved
+                with one HTTP request, so "Serve overhead" = p50(HTTP, unbatched) − p50(in-process)
+                compares like with like
+  healthz_get   an empty GET through the same path: the floor of any Serve request here (a POST
+                costs more: the replica pulls the body from the proxy with extra RPCs)
+  model_only    embed_images per item at batch 1 vs batch 16: the most batching can give on this
+                device (a compute-bound CPU forward gains little; a GPU gains a lot)
+
+Payload: one X-ray in the stored form (.npy uint16 [256, 256]) for a freshly initialised tiny
+MAE X-ray model at the default 224 px view (weights do not change the cost); cuda when present.
+Everything Serve-side runs twice: with Serve's defaults and with its documented throughput
+tuning (SERVE_TUNED_ENV). Targets: batched ≥ 3 × unbatched requests/s at concurrency 16; Serve
+overhead p50 ≤ 5 ms. The client runs on the same machine as the server.
+
+Reading the figures: batching pays where a forward of 16 costs much less than 16 forwards
+(`model_only` ceiling ≫ 1: accelerators, small models). A CPU forward of this ViT is compute-bound,
+per-item cost about flat in batch size, so batched ≈ unbatched there. Serve's per-request cost
+is the empty-GET floor plus, for a POST, the replica pulling the body from the proxy (actor
+calls); both grow with scheduling delay on a loaded machine.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import threading
+import time
+
+from radforge.bench._common import _Sampler, _block, _rss_pss
+
+
+def _bench_model(root: str) -> str:
+    """A tiny MAE X-ray model dir in the exported format, random weights (cost only)."""
+    import torch
+
+    from radforge import checkpoint, kinds, models
+    from radforge.config import IngestRecipe, ModelConfig, ViewConfig
+    from radforge.transforms import Profile
+
+    torch.manual_seed(0)
+    view, cfg = ViewConfig(rand_crop=False), ModelConfig(kind="mae", preset="tiny")
+    model = models.build(cfg, kinds.XRAY, kinds.XRAY.view(view).input_shape, pretrained=False)
+    return checkpoint.write_model(os.path.join(root, "bench-model"), model, image=kinds.XRAY, model_cfg=cfg, view=view,
+                                  profile=Profile.from_recipe(IngestRecipe()), model_id="bench-mae-xray")
+
+
+def _load(url: str, payload: bytes, concurrency: int, n: int, headers: dict | None = None) -> dict:
+    """`n` POSTs of `payload` by `concurrency` client threads (keep-alive sessions) → rps, p50, p99."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import requests
+
+    per = max(1, n // concurrency)
+
+    def worker(_):
+        lat = []
+        with requests.Session() as s:
+            for _ in range(per):
+                t = time.perf_counter()
+                r = s.post(url, data=payload, headers=headers or {}, timeout=120)
+                lat.append(time.perf_counter() - t)
+                if r.status_code != 200:
+                    raise RuntimeError(f"bench request failed: HTTP {r.status_code} {r.text[:200]}")
+        return lat
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        lats = [x for part in pool.map(worker, range(concurrency)) for x in part]
+    wall = time.perf_counter() - t0
+    a = np.array(lats) * 1000
+    return {"n": len(lats), "rps": round(len(lats) / wall, 1), "p50_ms": round(float(np.percentile(a, 50)), 2),
+            "p99_ms": round(float(np.percentile(a, 99)), 2)}
+
+
+def _percentiles(lat_s: list[float], wall_s: float) -> dict:
+    import numpy as np
+
+    a = np.array(lat_s) * 1000
+    return {"n": len(lat_s), "rps": round(len(lat_s) / wall_s, 1), "p50_ms": round(float(np.percentile(a, 50)), 2),
+            "p99_ms": round(float(np.percentile(a, 99)), 2)}
+
+
+# Serve's own documented tuning (ray/serve/_private/constants.py): user code and router on the
+# replica's / proxy's main event loop, buffered request logs, gRPC between proxy and replica.
+# Direct ingress (also part of it) stays off: the proxy is what a cluster deployment runs.
+SERVE_TUNED_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0"}
+
+
+def _serve_side(model_url: str, payload: bytes, in_process, *, cuda: bool, ncpu: int, replica_cpus: int,
+                requests_c16: int, requests_c1: int, rounds: int, env: dict) -> dict:
+    """One local Ray (started with `env`), both apps up, alternating rounds; best round counts."""
+    import contextlib
+    import socket
+    import sys
+
+    import ray
+    import requests
+    from ray import serve
+
+    from radforge import serve as rserve
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)  # Ray's processes inherit the environment of the ray.init call
+    # Ray prints raylet notices (e.g. the killed controller's retried shutdown task) on stdout,
+    # which would corrupt `--json`; they go to stderr until ray.shutdown() stops the printer.
+    with contextlib.redirect_stdout(sys.stderr):
+        ray.shutdown()
+        ray.init(num_cpus=ncpu, num_gpus=1 if cuda else 0, include_dashboard=False, log_to_driver=False,
+                 logging_level="WARNING")
+        best: dict[str, dict] = {}
+        inproc_lat, http_lat, get_lat = [], [], []
+        try:
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            urls = {}
+            for name, batch in (("unbatched", 1), ("batched", 16)):
+                app = rserve.build_app({"model": model_url, "max_batch_size": batch, "batch_wait_timeout_s": 0.01,
+                                        "num_cpus": replica_cpus, "num_gpus": 0.5 if cuda else 0})
+                serve.run(app, name=f"bench-{name}", route_prefix=f"/{name}", blocking=False)
+                urls[name] = f"http://127.0.0.1:{port}/{name}/v1/embed"
+                _load(urls[name], payload, 4, 32)  # warm-up: model load, connections
+            for _ in range(rounds):
+                # Concurrency 1, each HTTP request interleaved with one in-process call.
+                with requests.Session() as sess:
+                    for _ in range(requests_c1):
+                        t = time.perf_counter()
+                        in_process()
+                        inproc_lat.append(time.perf_counter() - t)
+                        t = time.perf_counter()
+                        r = sess.post(urls["unbatched"], data=payload, timeout=120)
+                        http_lat.append(time.perf_counter() - t)
+                        if r.status_code != 200:
+                            raise RuntimeError(f"bench request failed: HTTP {r.status_code}")
+                    # The floor of any request through Serve's HTTP path: an empty GET.
+                    for _ in range(requests_c1):
+                        t = time.perf_counter()
+                        sess.get(urls["unbatched"].replace("/v1/embed", "/healthz"), timeout=120)
+                        get_lat.append(time.perf_counter() - t)
+                for name in ("unbatched", "batched"):
+                    for c in (1, 16):
+                        res = _load(urls[name], payload, c, requests_c16 if c == 16 else requests_c1)
+                        key = f"{name}/c{c}"
+                        if key not in best or res["rps"] > best[key]["rps"]:
+                            best[key] = res
+        finally:
+            serve.shutdown()
+            ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
+    runs = {
+        "in_process": {"c1": _percentiles(inproc_lat, sum(inproc_lat))},
+        "unbatched_interleaved": {"c1": _percentiles(http_lat, sum(http_lat))},
+        "healthz_get": {"c1": _percentiles(get_lat, sum(get_lat))},
+        "unbatched": {"c1": best["unbatched/c1"], "c16": best["unbatched/c16"]},
+        "batched": {"c1": best["batched/c1"], "c16": best["batched/c16"]},
+    }
+    return {
+        "runs": runs,
+        "ratios": {
+            "batched / unbatched rps @16": round(best["batched/c16"]["rps"] / best["unbatched/c16"]["rps"], 2),
+            "serve overhead p50 ms @1": round(runs["unbatched_interleaved"]["c1"]["p50_ms"] - runs["in_process"]["c1"]["p50_ms"], 2),
+        },
+    }
+
+
+def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests_c1: int = 60, rounds: int = 2) -> dict:
+    import io
+
+    import numpy as np
+    import torch
+
+    from radforge import checkpoint
+    from radforge import serve as rserve
+
+    own = workdir is None
+    root = workdir or tempfile.mkdtemp(prefix="radforge-bench-serve-")
+    cuda = torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    # One replica per app; on CPU each gets half the cores (both apps are up at once).
+    ncpu = max(2, os.cpu_count() or 2)
+    replica_cpus = 1 if cuda else max(1, ncpu // 2)
+    try:
+        model_url = _bench_model(root)
+        img = (np.random.default_rng(0).random((256, 256)) * 65535).astype(np.uint16)
+        buf = io.BytesIO()
+        np.save(buf, img)
+        payload = buf.getvalue()
+
+        torch.set_num_threads(replica_cpus)  # what Ray gives a replica (OMP_NUM_THREADS = num_cpus)
+        lm = checkpoint.load_for_inference(model_url, device)
+        view = lm.image.view(lm.view)
+
+        def in_process():
+            x = view(rserve.load_npy(payload, lm.image), {})
+            e = lm.embed_images(torch.from_numpy(x[None]))
+            if cuda:
+                torch.cuda.synchronize()
+            return e
+
+        x1 = torch.from_numpy(view(rserve.load_npy(payload, lm.image), {})[None])
+        per_item = {}
+        for b in (1, 16):
+            xb = x1.expand(b, *x1.shape[1:]).contiguous()
+            lm.embed_images(xb)
+            n = max(2, 32 // b)
+            t = time.perf_counter()
+            for _ in range(n):
+                lm.embed_images(xb)
+            if cuda:
+                torch.cuda.synchronize()
+            per_item[b] = (time.perf_counter() - t) / (n * b) * 1000
+
+        modes = {}
+        for mode, env in (("default", {}), ("tuned", SERVE_TUNED_ENV)):
+            modes[mode] = _serve_side(model_url, payload, in_process, cuda=cuda, ncpu=ncpu, replica_cpus=replica_cpus,
+                                      requests_c16=requests_c16, requests_c1=requests_c1, rounds=rounds, env=env)
+        return {
+            "benchmark": "serve",
+            "setup": {"model": "mae tiny, xray 224 px (random weights)", "payload": "npy uint16 [256, 256]",
+                      "device": device, "cpus": ncpu, "replica_cpus": replica_cpus, "torch_threads": torch.get_num_threads(),
+                      "rounds": rounds, "tuned_env": SERVE_TUNED_ENV},
+            "model_only_ms_per_item": {"batch_1": round(per_item[1], 2), "batch_16": round(per_item[16], 2)},
+            "modes": modes,
+            "ratios": {
+                "model-only batching ceiling": round(per_item[1] / per_item[16], 2),
+                **{f"{k} [{m}]": v for m, r in modes.items() for k, v in r["ratios"].items()},
+            },
+            "targets": {"model-only batching ceiling": "-",
+                        **{f"{k} [{m}]": t for m in modes for k, t in (("batched / unbatched rps @16", ">= 3"),
+                                                                       ("serve overhead p50 ms @1", "<= 5"))}},
+        }
+    finally:
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def format_serve(r: dict) -> str:
+    lines = ["radforge bench serve", "=" * 20, f"setup: {r['setup']}"]
+    m = r["model_only_ms_per_item"]
+    lines.append(f"model only, ms per item: batch 1 {m['batch_1']:.2f}, batch 16 {m['batch_16']:.2f}")
+    for mode, res in r["modes"].items():
+        lines += ["", f"Serve settings: {mode}", f"  {'run':<24}{'conc':>5}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}"]
+        for name, by_c in res["runs"].items():
+            for c, v in by_c.items():
+                lines.append(f"  {name:<24}{c[1:]:>5}{v['rps']:>10.1f}{v['p50_ms']:>10.2f}{v['p99_ms']:>10.2f}")
+    lines += ["", *_block("ratios (target)", r["ratios"], lambda k, v: f"{k:<44}{v:>8.2f}  (target {r['targets'][k]})")]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# radforge bench serve --hostile
+#
+# One app (the bench model, default budgets of config.ServeConfig, API keys from a file) on one
+# local Ray, bound to 127.0.0.1. Two kinds of runs alternate (`rounds` each), the same client code
+# at concurrency 16 on both:
+#
+#   clean     valid DICOM uploads only (a 1024² DX, 2 MB, through the decode workers)
+#   hostile   the same valid uploads with every 4th request crafted (25 %), cycling through
+#               bomb      RLE pixel data, a 3 KB file declaring 65535² × 16 bit (8.6 GB)
+#               stall     a zero-filled 32 MB file after the 'DICM' preamble (header parse stall)
+#               garbage   200 kB of random bytes
+#               oversized the valid file declaring 400 frames (840 MB of pixels, body 2 MB)
+#
+# Reported: status counts per kind (target: no 5xx, no client-side error), the valid requests'
+# p50/p99 on each side, pooled over rounds (target: hostile p99 ≤ 2 × clean p99), and the replica's
+# memory sampled every 0.2 s (RSS and PSS of the replica process and of its decode workers), with
+# the replica and decode-worker pids seen (a replica restart would show as a second replica pid).
+
+
+HOSTILE_KINDS = ("bomb", "stall", "garbage", "oversized")
+
+
+def _hostile_payloads(valid: bytes) -> dict[str, bytes]:
+    """The crafted uploads, made from the valid file (see the table above)."""
+    import io
+    import struct
+
+    import numpy as np
+    import pydicom
+    from pydicom.encaps import encapsulate
+    from pydicom.uid import RLELossless
+
+    bomb = pydicom.dcmread(io.BytesIO(valid))
+    bomb.Rows = bomb.Columns = 65535
+    bomb.file_meta.TransferSyntaxUID = RLELossless
+    # one RLE frame of 2 segments, each of 400 replicate runs (0x81, 0): 128 output bytes per 2 input
+    seg = b"\x81\x00" * 400
+    frame = struct.pack("<16I", 2, 64, 64 + len(seg), *[0] * 13) + seg * 2
+    bomb.PixelData = encapsulate([frame])
+    bomb["PixelData"].VR = "OB"
+    oversized = pydicom.dcmread(io.BytesIO(valid))
+    oversized.NumberOfFrames = 400
+    out = {}
+    for name, ds in (("bomb", bomb), ("oversized", oversized)):
+        buf = io.BytesIO()
+        ds.save_as(buf, enforce_file_format=True)
+        out[name] = buf.getvalue()
+    out["stall"] = b"\0" * 128 + b"DICM" + b"\0" * (32 << 20)
+    out["garbage"] = np.random.default_rng(0).bytes(200_000)
+    return {k: out[k] for k in HOSTILE_KINDS}
+
+
+def _mixed_load(url: str, schedule: list[tuple[str, bytes]], concurrency: int, headers: dict) -> tuple[list[tuple], float]:
+    """`schedule` (kind, payload) POSTed in order by `concurrency` client threads (keep-alive
+    sessions) → ([(kind, status or exception name, error code, seconds)], wall seconds). Unlike
+    `_load`, a non-200 is a result, not a failure."""
+    import itertools
+    from concurrent.futures import ThreadPoolExecutor
+
+    import requests
+
+    nxt, lock = itertools.count(), threading.Lock()
+
+    def worker(_):
+        out = []
+        with requests.Session() as s:
+            while True:
+                with lock:
+                    i = next(nxt)
+                if i >= len(schedule):
+                    return out
+                kind, payload = schedule[i]
+                t = time.perf_counter()
+                try:
+                    r = s.post(url, data=payload, headers={"Content-Type": "application/dicom", **headers}, timeout=120)
+                    status = r.status_code
+                    try:
+                        code = r.json().get("error") if status != 200 else None
+                    except ValueError:
+                        code = "not-json"
+                except requests.RequestException as e:
+                    status, code = type(e).__name__, None
+                    s.close()
+                out.append((kind, status, code, time.perf_counter() - t))
+
+    t0 = time.perf_counter()
+    with ThreadPoolExecutor(concurrency) as pool:
+        res = [x for part in pool.map(worker, range(concurrency)) for x in part]
+    return res, time.perf_counter() - t0
+
+
+class _ReplicaMemory(_Sampler):
+    """Samples, every 0.2 s, RSS and PSS of the Serve replica processes under this process (Ray's
+    proctitle `ray::ServeReplica:…`) and of their children (the decode workers and
+    multiprocessing's resource tracker). Keeps the peaks of: replica alone, largest decode worker,
+    replica + all its children; and every replica and decode-worker pid seen."""
+
+    def __init__(self):
+        super().__init__()
+        self.peak = {"replica_rss": 0, "replica_pss": 0, "worker_rss": 0, "worker_pss": 0, "total_rss": 0, "total_pss": 0}
+        self.replicas: set[int] = set()
+        self.workers: set[int] = set()
+        self.samples = 0
+
+    def sample(self) -> None:
+        import psutil
+
+        for p in psutil.Process().children(recursive=True):
+            try:
+                if "ServeReplica" not in " ".join(p.cmdline()):
+                    continue
+                r_rss, r_pss = _rss_pss(p)
+                t_rss, t_pss = r_rss, r_pss
+                self.replicas.add(p.pid)
+                for c in p.children(recursive=True):
+                    try:
+                        c_rss, c_pss = _rss_pss(c)
+                    except (psutil.Error, OSError):
+                        continue
+                    t_rss, t_pss = t_rss + c_rss, t_pss + c_pss
+                    if "multiprocessing.spawn" in " ".join(c.cmdline()):  # not the resource tracker
+                        self.workers.add(c.pid)
+                        self._keep(worker_rss=c_rss, worker_pss=c_pss)
+                self._keep(replica_rss=r_rss, replica_pss=r_pss, total_rss=t_rss, total_pss=t_pss)
+            except (psutil.Error, OSError):
+                continue
+        self.samples += 1
+
+    def _keep(self, **kw: int) -> None:
+        for k, v in kw.items():
+            self.peak[k] = max(self.peak[k], v)
+
+    def report(self) -> dict:
+        return {**{f"peak_{k}_mb": round(v / 2**20) for k, v in self.peak.items()},
+                "replica_pids_seen": len(self.replicas), "decode_worker_pids_seen": len(self.workers),
+                "samples": self.samples}
+
+
+def bench_serve_hostile(*, workdir: str | None = None, requests_per_round: int = 128, rounds: int = 3,
+                        concurrency: int = 16) -> dict:
+    """See the table above. Bounded: 2 × `rounds` runs of `requests_per_round` requests each
+    (default 768 in all, about 2 minutes on 2 cores), every request under a 120 s client timeout."""
+    import contextlib
+    import socket
+    import sys
+
+    import ray
+    import requests
+    from ray import serve
+
+    from radforge import phantoms
+    from radforge import serve as rserve
+
+    own = workdir is None
+    root = workdir or tempfile.mkdtemp(prefix="radforge-bench-serve-hostile-")
+    ncpu = max(2, os.cpu_count() or 2)
+    key = "bench-" + os.urandom(16).hex()
+    try:
+        model_url = _bench_model(root)
+        path = os.path.join(root, "valid-dx.dcm")
+        phantoms.xray(path, phantoms.make_study(phantoms.make_patient(0)), rows=1024, cols=1024)
+        with open(path, "rb") as f:
+            valid = f.read()
+        crafted = _hostile_payloads(valid)
+        keys_file = os.path.join(root, "api-keys")
+        with open(keys_file, "w") as f:
+            f.write(key + "\n")
+        settings = {"model": model_url, "api_keys_file": keys_file, "num_cpus": max(1, ncpu // 2), "max_models_per_replica": 1}
+        hostile = []
+        for i in range(requests_per_round):  # every 4th crafted, cycling through the kinds
+            kind = HOSTILE_KINDS[(i // 4) % len(HOSTILE_KINDS)] if i % 4 == 3 else "valid"
+            hostile.append((kind, crafted.get(kind, valid)))
+        schedules = {"clean": [("valid", valid)] * requests_per_round, "hostile": hostile}
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        results: dict[str, list] = {"clean": [], "hostile": []}
+        walls = {"clean": 0.0, "hostile": 0.0}
+        loadavg = [round(os.getloadavg()[0], 2)]
+        mem = _ReplicaMemory()
+        with contextlib.redirect_stdout(sys.stderr):  # Ray's raylet notices would corrupt --json
+            ray.shutdown()
+            ray.init(address="local", num_cpus=ncpu, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+            try:
+                serve.start(http_options={"host": "127.0.0.1", "port": port})
+                serve.run(rserve.build_app(settings), name="bench-hostile", route_prefix="/", blocking=False)
+                base = f"http://127.0.0.1:{port}"
+                hdr = {"Authorization": f"Bearer {key}"}
+                _load(base + "/v1/embed", valid, 4, 16, headers=hdr)  # warm-up: model load, decode workers, connections
+                mem.sample()
+                idle = dict(mem.peak)
+                with mem:
+                    for _ in range(rounds):
+                        for side in ("clean", "hostile"):
+                            res, wall = _mixed_load(base + "/v1/embed", schedules[side], concurrency, hdr)
+                            results[side] += res
+                            walls[side] += wall
+                            loadavg.append(round(os.getloadavg()[0], 2))
+                healthz = requests.get(base + "/healthz", timeout=30).status_code
+            finally:
+                serve.shutdown()
+                ray.shutdown()
+        summary = {side: _side_summary(res, walls[side]) for side, res in results.items()}
+        c, h = summary["clean"]["valid"], summary["hostile"]["valid"]
+        ratio = round(h["p99_ms"] / c["p99_ms"], 2) if c and h else None
+        return {
+            "benchmark": "serve-hostile",
+            "setup": {"model": "mae tiny, xray 224 px (random weights)", "valid": f"DX 1024² 16-bit DICOM, {len(valid) / 1e6:.1f} MB",
+                      "crafted": {k: len(v) for k, v in crafted.items()}, "crafted_fraction": 0.25,
+                      "concurrency": concurrency, "requests_per_round": requests_per_round, "rounds": rounds,
+                      "cpus": ncpu, "replica_cpus": settings["num_cpus"], "budgets": _budgets(settings)},
+            "sides": summary,
+            "memory": {"idle_before": {k + "_mb": round(v / 2**20) for k, v in idle.items()}, "during": mem.report()},
+            "healthz_after": healthz,
+            "ratios": {"5xx (hostile)": summary["hostile"]["5xx"],
+                       "connection errors (hostile)": summary["hostile"]["client_errors"],
+                       "hostile p99 / clean p99 (valid requests)": ratio},
+            "targets": {"5xx (hostile)": "== 0", "connection errors (hostile)": "== 0",
+                        "hostile p99 / clean p99 (valid requests)": "<= 2"},
+            "loadavg_1min": loadavg,
+        }
+    finally:
+        if own:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def _side_summary(res: list[tuple], wall: float) -> dict:
+    """One side's (kind, status, code, seconds) results → counts per kind and status, 5xx, client
+    errors, and the valid requests' latency percentiles."""
+    by_kind: dict[str, dict] = {}
+    for kind, status, code, _ in res:
+        k = f"{status} {code}" if code else str(status)
+        by_kind.setdefault(kind, {}).setdefault(k, 0)
+        by_kind[kind][k] += 1
+    ok = [t for kind, status, _, t in res if kind == "valid" and status == 200]
+    crafted = sorted(t for kind, _, _, t in res if kind != "valid")
+    return {
+        "requests": len(res), "crafted": len(crafted), "status_by_kind": by_kind,
+        "5xx": sum(1 for _, s, _, _ in res if isinstance(s, int) and s >= 500),
+        "client_errors": sum(1 for _, s, _, _ in res if not isinstance(s, int)),
+        "valid_not_200": sum(1 for kind, s, _, _ in res if kind == "valid" and s != 200),
+        "rps_all": round(len(res) / wall, 1),
+        "valid": _percentiles(ok, wall) if ok else None,
+        "crafted_p99_ms": round(float(crafted[round(0.99 * (len(crafted) - 1))]) * 1000, 1) if crafted else None,
+    }
+
+
+def _budgets(settings: dict) -> dict:
+    from radforge import config
+
+    cfg = config.from_dict(config.ServeConfig, settings)
+    return {k: getattr(cfg, k) for k in ("max_upload_mb", "max_image_mb", "decode_timeout_s", "body_timeout_s", "decode_workers")} | {
+        "declared_memory_mb": cfg.declared_memory_mb()}
+
+
+def format_serve_hostile(r: dict) -> str:
+    s = r["setup"]
+    lines = ["radforge bench serve --hostile", "=" * 30,
+             f"valid: {s['valid']}; crafted ({s['crafted_fraction']:.0%} of the hostile side): "
+             + ", ".join(f"{k} {v / 1e6:.3g} MB" for k, v in s["crafted"].items()),
+             f"concurrency {s['concurrency']}, {s['requests_per_round']} requests per run, {s['rounds']} rounds of clean + hostile, "
+             f"{s['cpus']} CPUs (replica {s['replica_cpus']}); budgets {s['budgets']}", ""]
+    lines.append(f"  {'run':<10}{'requests':>9}{'crafted':>9}{'5xx':>5}{'errors':>8}{'req/s':>8}"
+                 f"{'valid req/s':>13}{'valid p50 ms':>14}{'valid p99 ms':>14}")
+    for side, v in r["sides"].items():
+        ok = v["valid"] or {"rps": 0.0, "p50_ms": float("nan"), "p99_ms": float("nan")}
+        lines.append(f"  {side:<10}{v['requests']:>9}{v['crafted']:>9}{v['5xx']:>5}{v['client_errors']:>8}{v['rps_all']:>8.1f}"
+                     f"{ok['rps']:>13.1f}{ok['p50_ms']:>14.1f}{ok['p99_ms']:>14.1f}")
+    lines += ["", "status by kind:"]
+    for side, v in r["sides"].items():
+        for kind, counts in v["status_by_kind"].items():
+            lines.append(f"  {side:<8}{kind:<10}" + ", ".join(f"{k}: {n}" for k, n in counts.items()))
+    m = r["memory"]["during"]
+    lines += ["", f"replica memory over the run ({m['samples']} samples every 0.2 s), peaks in MB:",
+              f"  replica RSS {m['peak_replica_rss_mb']} / PSS {m['peak_replica_pss_mb']}; largest decode worker RSS "
+              f"{m['peak_worker_rss_mb']} / PSS {m['peak_worker_pss_mb']}; replica + workers RSS {m['peak_total_rss_mb']} / "
+              f"PSS {m['peak_total_pss_mb']} (declared to Ray: {s['budgets']['declared_memory_mb']:.0f})",
+              f"  idle before: {r['memory']['idle_before']}",
+              f"  replica pids seen {m['replica_pids_seen']} (1 = no restart), decode worker pids seen {m['decode_worker_pids_seen']}; "
+              f"/healthz after: {r['healthz_after']}", ""]
+    lines += _block("ratios (target)", r["ratios"], lambda k, v: f"{k:<44}{v!s:>8}  (target {r['targets'][k]})")
+    lines.append(f"1-min load average during the run: {r['loadavg_1min']}")
+    return "\n".join(lines)

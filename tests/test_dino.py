@@ -153,8 +153,19 @@ def test_export_then_load_gives_the_same_embeddings_and_initialises_clip(tmp_pat
             p.sub_(0.05 * p.grad)
     m.on_step_end(1)
     out = _export(tmp_path, cfg, m.eval())
-    lm = checkpoint.load_for_inference(out)
+    # the export is the teacher backbone alone: every tensor of it, nothing of the student, the
+    # heads, the centres or the schedule (the training-only members, named by the model itself)
+    weights = checkpoint.read_weights(out)
+    teacher = {k for k in m.state_dict() if k.startswith("encoder.") or k == "teacher_cls"}
+    assert set(weights) == teacher and len(teacher) > 10
+    for k in weights:
+        torch.testing.assert_close(weights[k], m.state_dict()[k], msg=k)
+    assert checkpoint.read_model_meta(out)["model"]["dino"]["teacher_only"] is True
+    lm = checkpoint.load_for_inference(out)  # strict: the rebuilt model holds exactly those tensors
     assert lm.kind == "dino" and lm.image is kinds.XRAY
+    assert set(lm.model.state_dict()) == teacher and not any(p.requires_grad for p in lm.model.parameters())
+    with pytest.raises(ValueError, match="only the teacher backbone"):
+        lm.model.train()(batch)
     from radforge import serve
 
     assert "embed" in serve.endpoints_for(lm.model.capabilities)  # /v1/embed answers for it

@@ -468,6 +468,7 @@ class DinoConfig(Section):
     dino_weight: float = 1.0  # weight of the CLS (DINO) loss
     ibot_weight: float = 1.0  # weight of the iBOT masked-patch loss (0 = off)
     koleo_weight: float = 0.0  # weight of the KoLeo spreading loss on student CLS (DINOv2: 0.1; 0 = off)
+    teacher_only: bool = False  # set by `radforge export`: the model is the teacher backbone alone (embeds, cannot train)
 
     def __post_init__(self):
         _at_least("model.dino.global_crops", self.global_crops, 2)

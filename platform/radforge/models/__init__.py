@@ -120,7 +120,7 @@ REGISTRY: dict[str, ObjectiveSpec] = {
     "mae": ObjectiveSpec(MAE, build_mae),
     "clip": ObjectiveSpec(CLIP, build_clip, text_tower=True, require_report=True),
     "finetune": ObjectiveSpec(FineTune, build_finetune, export=finetune_mod.exported),
-    "dino": ObjectiveSpec(DINO, build_dino, multicrop=True),
+    "dino": ObjectiveSpec(DINO, build_dino, multicrop=True, export=DINO.exported),  # export: the teacher backbone
 }
 
 

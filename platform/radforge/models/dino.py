@@ -67,6 +67,7 @@ only), the high-resolution adaptation phase, and the DINOv2 data curation.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import math
 from collections.abc import Mapping
@@ -79,6 +80,9 @@ from radforge.models.objective import Objective
 from radforge.models.vit import ViT
 
 _GATHER_CHUNK = 50_000_000  # elements gathered at once for the ZeRO-3 EMA update
+# state-dict path components that only training needs (DINO.exported leaves them out)
+_TRAINING_ONLY = frozenset({"student", "student_cls", "mask_token", "head", "teacher_head", "center", "center_patch",
+                            "steps_done"})
 
 
 class DINOHead(nn.Module):
@@ -179,10 +183,14 @@ class DINO(Objective):
         super().__init__()
         self.cfg = cfg
         width = backbone.width
-        self.student = backbone
         # A class token of DINO's own unless the tower has one (model.backbone dinov2/vit/clip:
         # public weights bring theirs, and it travels with the exported tower).
         own_cls = getattr(backbone, "cls_token", None) is None
+        if cfg.teacher_only:  # an exported model: the teacher backbone is all there is
+            self.encoder = backbone.requires_grad_(False)
+            self.teacher_cls = nn.Parameter(torch.zeros(1, 1, width), requires_grad=False) if own_cls else None
+            return
+        self.student = backbone
         self.student_cls = nn.Parameter(torch.zeros(1, 1, width)) if own_cls else None
         self.mask_token = nn.Parameter(torch.zeros(1, 1, width))
         if own_cls:
@@ -323,6 +331,9 @@ class DINO(Objective):
             raise ValueError("DINO trains on multi-crop views: batch needs global_crops/local_crops/crop_masks "
                              "(transforms.RandMultiCrop; radforge.train adds them for objectives that ask for it)")
         c = self.cfg
+        if c.teacher_only:
+            raise ValueError("this DINO model is an export: it holds only the teacher backbone, which embeds but does not "
+                             "train; to continue training, start a run from it with model.init_from")
         g, l_crops, masks = batch["global_crops"], batch["local_crops"], batch["crop_masks"].bool()
         n_g = c.global_crops
         b = g.shape[0] // n_g
@@ -362,6 +373,19 @@ class DINO(Objective):
         loss = c.dino_weight * dino + c.ibot_weight * ibot + c.koleo_weight * koleo
         return {"loss": loss, "dino_loss": dino.detach(), "ibot_loss": ibot.detach(), "koleo_loss": koleo.detach(),
                 "teacher_temp": torch.tensor(tt), "momentum": torch.tensor(self.momentum())}
+
+    # -- export -------------------------------------------------------------------------------
+
+    @staticmethod
+    def exported(state: Mapping[str, torch.Tensor], cfg) -> tuple[dict, object]:
+        """What `radforge export` writes (models.ObjectiveSpec.export): the teacher backbone
+        (`encoder.*`, and `teacher_cls` when DINO gave the tower its class token), nothing of the
+        student, the heads, the centres or the schedule, with `model.dino.teacher_only` set, so
+        loading builds just that tower (strict). `encoder.*` is what `model.init_from` reads."""
+        keep = {k: v for k, v in state.items() if not _TRAINING_ONLY & set(k.split("."))}
+        if not any(k.split(".")[-3:] == ["patch_embed", "proj", "weight"] for k in keep):
+            raise ValueError("a DINO export needs the teacher backbone (encoder.*), the weights have none")
+        return keep, dataclasses.replace(cfg, dino=dataclasses.replace(cfg.dino, teacher_only=True))
 
     # -- inference ------------------------------------------------------------------------------
 

@@ -61,7 +61,7 @@ from pydicom.uid import DeflatedExplicitVRLittleEndian
 
 from radforge import deid, kinds
 from radforge.config import SPLIT_ATTRIBUTES, CTConfig, IngestRecipe, SeriesConfig, SeriesRule, XrayConfig
-from radforge.transforms import Profile, spacing_zyx
+from radforge.transforms import NO_CLOCK, Profile, StageClock, spacing_zyx
 
 # Never let pydicom warn about invalid element values: its warnings quote the value, and a
 # malformed PatientName or date would then reach logs. Values are validated where they are used.
@@ -462,10 +462,53 @@ def declared_pixel_bytes(ds) -> int | None:
 _SCANNED_SAFE = (*deid.SAFE_ATTRIBUTES, *deid.AGE_SEX_ATTRIBUTES)  # what the index keeps for metadata
 
 
+class _HeaderValues:
+    """The elements `_fill_row` reads, fetched once by tag (`_ROW_TAGS`); `.get(keyword)`,
+    `in` and `[keyword]` answer like the data set's own. pydicom's `ds.get(keyword)` resolves
+    the keyword through its dictionary on every call, and `_fill_row` made ~60 such calls per
+    file, most for absent elements: about half of the header scan. An element whose value
+    fails to convert is left out (absent), as `_get` reads it; keywords not prefetched fall
+    back to the data set."""
+
+    __slots__ = ("_ds", "_elems")
+
+    def __init__(self, ds: pydicom.Dataset):
+        self._ds = ds
+        self._elems = {}
+        present = ds.keys()
+        for kw, tag in _ROW_TAGS:
+            if tag in present:
+                try:
+                    self._elems[kw] = ds[tag]  # converts the raw element, once
+                except Exception:  # noqa: BLE001 — malformed: reads as absent, like _get
+                    continue
+
+    def get(self, keyword: str, default=None):
+        elem = self._elems.get(keyword)
+        if elem is not None:
+            return elem.value
+        if keyword in _ROW_KEYWORDS:
+            return default
+        return _get(self._ds, keyword)
+
+    def __contains__(self, keyword: str) -> bool:
+        return keyword in self._elems if keyword in _ROW_KEYWORDS else keyword in self._ds
+
+    def __getitem__(self, keyword: str):
+        return self._elems[keyword] if keyword in _ROW_KEYWORDS else self._ds[keyword]
+
+
 def _fill_row(row: dict, ds: pydicom.Dataset) -> None:
+    _fill_row_from(row, ds, _HeaderValues(ds))
+
+
+def _fill_row_from(row: dict, ds: pydicom.Dataset, values) -> None:
     # Each attribute is read on its own: one malformed value (a DS of "abc", a US of odd length)
     # must cost that attribute, not the file. Geometry that fails to parse becomes None, which
-    # planning turns into missing_geometry.
+    # planning turns into missing_geometry. `values` answers `.get(keyword)` for the data set
+    # (`_HeaderValues`, or the data set itself: the reference the tests compare with).
+    meta = getattr(ds, "file_meta", None)
+    ds = values
     row["modality"] = _str(ds, "Modality").upper() or None
     row["sop_class_uid"] = _str(ds, "SOPClassUID") or None
     row["sop_uid"] = _str(ds, "SOPInstanceUID") or None
@@ -473,7 +516,6 @@ def _fill_row(row: dict, ds: pydicom.Dataset) -> None:
     row["study_uid"] = _str(ds, "StudyInstanceUID") or None
     row["patient_id"] = _str(ds, "PatientID")
     row["accession"] = _str(ds, "AccessionNumber")
-    meta = getattr(ds, "file_meta", None)
     row["transfer_syntax"] = (_str(meta, "TransferSyntaxUID") or None) if meta is not None else None
     image_type = _get(ds, "ImageType")
     if image_type is not None:
@@ -549,6 +591,15 @@ def _selection_attrs(ds, n_frames: int) -> dict:
     return out
 
 
+_ROW_KEYWORDS = frozenset((
+    "Modality", "SOPClassUID", "SOPInstanceUID", "SeriesInstanceUID", "StudyInstanceUID", "PatientID",
+    "AccessionNumber", "ImageType", "Rows", "Columns", "NumberOfFrames", "BitsAllocated", "SamplesPerPixel",
+    "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "PixelSpacing", "ImagerPixelSpacing",
+    "ImageOrientationPatient", "ImagePositionPatient", *_SCANNED_SAFE, *_ATTRS, *deid.IDENTIFYING_ATTRIBUTES))
+_ROW_TAGS = tuple(sorted((kw, pydicom.datadict.tag_for_keyword(kw)) for kw in _ROW_KEYWORDS))
+assert all(tag is not None for _, tag in _ROW_TAGS), "every keyword _fill_row reads must be a DICOM keyword"
+
+
 def _attr_value(v):
     """A selection attribute as plain text (multi-valued joined with backslashes), or None."""
     if v is None:
@@ -567,11 +618,12 @@ def _geometry(ds, n_frames: int):
     Anything malformed or non-finite is None (a NaN position would sort anywhere and pass every
     spacing test, since NaN comparisons are all False).
     """
-    if _get(ds, "PerFrameFunctionalGroupsSequence"):
+    per_frame = _get(ds, "PerFrameFunctionalGroupsSequence")
+    if per_frame:
         ps = _functional(ds, 0, "PixelMeasuresSequence", "PixelSpacing")
         iop = _functional(ds, 0, "PlaneOrientationSequence", "ImageOrientationPatient")
         positions = []
-        for i in range(len(ds.PerFrameFunctionalGroupsSequence)):
+        for i in range(len(per_frame)):
             positions.append(_floats(_functional(ds, i, "PlanePositionSequence", "ImagePositionPatient"), 3))
         if not positions or any(p is None for p in positions):
             positions = None
@@ -1325,7 +1377,12 @@ def _pixels(ds, limit: int) -> np.ndarray:
     if short:
         raise Reject("truncated")
     try:
-        return ds.pixel_array
+        # The decoder's own `as_array`, which `ds.pixel_array` calls too (same options, same
+        # array), without what the property adds around it: hashing the pixel module to key its
+        # cache, ~0.4 ms of a 512² slice's ~1 ms decode.
+        from pydicom.pixels import get_decoder
+
+        return get_decoder(ts).as_array(ds)[0]
     except _PASS_THROUGH:
         raise
     except BaseException as e:  # noqa: BLE001 — decoder errors vary by plugin (see _PASS_THROUGH)
@@ -1381,10 +1438,11 @@ def _number(v, default: float) -> float:
     return f[0]
 
 
-def load_ct(item: PlanItem, read: Callable[[str], bytes]) -> tuple[np.ndarray, np.ndarray]:
+def load_ct(item: PlanItem, read: Callable[[str], bytes], clock: StageClock = NO_CLOCK) -> tuple[np.ndarray, np.ndarray]:
     """Decode a planned CT series → (HU float32 volume [k, j, i] in planned slice order, affine).
 
-    Input problems raise `Reject`; nothing else does except `read`'s own I/O errors.
+    Input problems raise `Reject`; nothing else does except `read`'s own I/O errors. `clock`
+    is charged per stage (read, parse, decode, hu).
     """
     shape = item.source_shape
     limit = _decode_limit(item)
@@ -1396,9 +1454,14 @@ def load_ct(item: PlanItem, read: Callable[[str], bytes]) -> tuple[np.ndarray, n
             if frame < 0:
                 cache.clear()
             data = read(path)
-            cache[path] = _safely(_decode_pixels, data, limit)
+            clock.lap("read")
+            ds = _safely(_decode, data)
+            clock.lap("parse")
+            cache[path] = ds, _safely(_pixels, ds, limit)
+            clock.lap("decode")
         ds, arr = cache[path]
         _safely(_hu_plane, ds, arr, frame, shape, vol[k])
+        clock.lap("hu")
     return vol, np.array(item.source_affine, dtype=np.float64)
 
 
@@ -1427,10 +1490,24 @@ def _hu_plane(ds, arr: np.ndarray, frame: int, shape: list[int], out: np.ndarray
     if plane.shape != tuple(shape[1:]):
         raise Reject("mixed_geometry")
     slope, inter = _rescale(ds, frame)
-    np.multiply(plane, slope, out=out, casting="unsafe")
-    out += inter
-    if not np.isfinite(out).all():
-        raise Reject("decode_error")
+    if slope == 1.0:
+        # The same float32 values as the general path (an integer converts to float32 exactly
+        # either way, then one float32 addition), in one pass instead of two.
+        np.add(plane, np.float32(inter), out=out, casting="unsafe")
+    else:
+        np.multiply(plane, slope, out=out, casting="unsafe")
+        out += inter
+    # Finite slope and intercept (`_rescale`) on integer pixels cannot overflow float32 unless
+    # the stored range times the slope comes near float32's limit: only then scan for inf.
+    if not (np.issubdtype(plane.dtype, np.integer) and _bound(plane.dtype) * abs(slope) + abs(inter) < 1e37):
+        if not np.isfinite(out).all():
+            raise Reject("decode_error")
+
+
+def _bound(dtype) -> float:
+    """The largest magnitude an integer dtype holds."""
+    info = np.iinfo(dtype)
+    return float(max(-int(info.min), int(info.max)))
 
 
 def load_xray(item: PlanItem, read: Callable[[str], bytes], voi: str) -> np.ndarray:
@@ -1560,7 +1637,8 @@ def _window(ds, values: np.ndarray) -> np.ndarray | None:
 # ---------------------------------------------------------------------------------------------
 
 
-def canonical(item: PlanItem, read: Callable[[str], bytes], profile: Profile) -> tuple[np.ndarray, dict]:
+def canonical(item: PlanItem, read: Callable[[str], bytes], profile: Profile,
+              clock: StageClock = NO_CLOCK) -> tuple[np.ndarray, dict]:
     """A planned item → (stored canonical array, geometry metadata), per a preprocessing profile.
 
     `profile` is a `transforms.Profile` (the ingest recipe's, or the one a model was trained on),
@@ -1569,17 +1647,19 @@ def canonical(item: PlanItem, read: Callable[[str], bytes], profile: Profile) ->
     THE code path from DICOM to the stored form: ingest writes its output into shards, serving
     feeds it to the model view, so the two cannot drift apart.
 
-    Input problems raise `Reject`.
+    Input problems raise `Reject`. `clock` (a `transforms.StageClock`) is charged the CPU
+    seconds of each stage.
     """
     rules = _RULES.get(item.kind) if item.status == "planned" else None
     if rules is None:
         raise ValueError(f"not a planned sample: {item.status} item of kind {item.kind!r}")
-    return rules.canonical(item, read, profile)
+    return rules.canonical(item, read, profile, clock)
 
 
-def _canonical_ct(item: PlanItem, read: Callable[[str], bytes], profile: Profile) -> tuple[np.ndarray, dict]:
-    hu, affine = load_ct(item, read)
-    array, affine, source_spacing = profile.canonical_ct(hu, affine)
+def _canonical_ct(item: PlanItem, read: Callable[[str], bytes], profile: Profile,
+                  clock: StageClock = NO_CLOCK) -> tuple[np.ndarray, dict]:
+    hu, affine = load_ct(item, read, clock)
+    array, affine, source_spacing = profile.canonical_ct(hu, affine, clock)
     return array, {
         "canonical_source_spacing_mm": _rounded(source_spacing),
         "shape": list(array.shape),
@@ -1590,13 +1670,17 @@ def _canonical_ct(item: PlanItem, read: Callable[[str], bytes], profile: Profile
     }
 
 
-def _canonical_xray(item: PlanItem, read: Callable[[str], bytes], profile: Profile) -> tuple[np.ndarray, dict]:
+def _canonical_xray(item: PlanItem, read: Callable[[str], bytes], profile: Profile,
+                    clock: StageClock = NO_CLOCK) -> tuple[np.ndarray, dict]:
     values = load_xray(item, read, profile.xray_voi)
+    clock.lap("decode")
     if "horizontal" in item.flip:
         values = values[:, ::-1]
     if "vertical" in item.flip:
         values = values[::-1, :]
-    array = profile.canonical_xray(np.ascontiguousarray(values))
+    values = np.ascontiguousarray(values)
+    clock.lap("orient")
+    array = profile.canonical_xray(values, clock)
     meta = {"shape": list(array.shape), "photometric": "MONOCHROME2", "units": "presentation", "spacing_mm": None,
             "view": VIEWS.get(str(item.safe.get("ViewPosition") or "").upper()), "display_flip": list(item.flip),
             "patient_orientation": item.orientation}
@@ -1670,7 +1754,7 @@ class _KindRules:
     group_field: str  # the index row field one sample groups on
     per_file: bool  # each file of a group is a sample of its own (else the group is one sample)
     plan: Callable[[list[dict], PlanContext], list[PlanItem]]  # rows of one sample (group) → its items
-    canonical: Callable[[PlanItem, Callable[[str], bytes], Profile], tuple[np.ndarray, dict]]
+    canonical: Callable[[PlanItem, Callable[[str], bytes], Profile, StageClock], tuple[np.ndarray, dict]]
 
 
 _RULES: dict[kinds.ImageKind, _KindRules] = {

@@ -125,6 +125,16 @@ def test_ct_volumes_equal_ground_truth_in_lps(run1, corpus):
     assert {"axial", "coronal", "sagittal"} <= orientations
 
 
+def test_build_reports_its_cpu_seconds_per_stage(run1):
+    """The build tasks' stage clocks (decoder child included) reach the driver through the
+    outcome records: what `radforge bench ingest` breaks the build down by."""
+    cpu = run1.build_cpu_s
+    assert {"items", "meta", "read", "parse", "decode", "hu", "orient", "int16", "decoder_ipc", "encode", "tar",
+            "sha256", "upload", "record"} <= set(cpu)
+    assert all(v >= 0 for v in cpu.values()) and cpu["decode"] > 0
+    assert sum(cpu.values()) < run1.wall_s * 16  # CPU seconds of this run's tasks, not a clock's epoch
+
+
 def test_reports_are_redacted_and_labels_joined(run1, corpus):
     by_study = {}
     pseudo = deid.Pseudonymizer(SECRET.encode())

@@ -67,7 +67,7 @@ import pyarrow as pa
 from radforge import config, deid, dicom, kinds, shardspec, storage
 from radforge.config import IngestRecipe
 from radforge.errors import ConfigError
-from radforge.transforms import Profile
+from radforge.transforms import NO_CLOCK, Profile, StageClock
 
 log = logging.getLogger("radforge.ingest")
 
@@ -130,6 +130,9 @@ OUTCOME_SCHEMA = pa.schema(
         ("reason", pa.string()),
         ("n_files", pa.int64()),
         ("bytes", pa.int64()),
+        # CPU seconds per build stage (`transforms.StageClock`) of the whole shard, on its first
+        # row (null on the others): how `radforge bench ingest` breaks the build down.
+        ("cpu_s", pa.map_(pa.string(), pa.float64())),
     ]
 )
 
@@ -146,6 +149,7 @@ class Result:
     reused_shards: int = 0
     noop: bool = False
     stage_s: dict = field(default_factory=dict)
+    build_cpu_s: dict = field(default_factory=dict)  # CPU seconds per build stage, all build tasks summed
     source_stats: dict = field(default_factory=dict)  # DICOMweb: requests, retries (by cause), bytes
 
     @property
@@ -224,12 +228,12 @@ def run(
         done = _load_progress(progress_url, plan.digest)
 
         t = time.time()
-        built = _build(plan, done, recipe, tables, dest, progress_url, progress)
+        built, build_cpu = _build(plan, done, recipe, tables, dest, progress_url, progress)
         stage["build"] = time.time() - t
 
         m = _write_manifest(plan, recipe, secret, seen, dest, private, progress_url, prev)
     return Result(dest, private, m, time.time() - t0, built_shards=built, reused_shards=len(done), stage_s=stage,
-                  source_stats=_source_stats(source))
+                  source_stats=_source_stats(source), build_cpu_s=build_cpu)
 
 
 @contextlib.contextmanager
@@ -328,14 +332,15 @@ def _assign(plan: _Plan, done: dict[str, dict]):
 
 
 def _build(plan: _Plan, done: dict[str, dict], recipe: IngestRecipe, tables: "_TablesSpec | None",
-           dest: str, progress_url: str, progress: bool) -> int:
+           dest: str, progress_url: str, progress: bool) -> tuple[int, dict[str, float]]:
     """build: every shard without a completion record → shards in DEST, records in
-    `progress_url`. Returns the number of shards built."""
+    `progress_url`. Returns the number of shards built and the CPU seconds per build stage
+    (summed over the build tasks and their decoder processes)."""
     import ray
 
     todo_items = plan.planned - sum(r["items"] for r in done.values())
     if todo_items <= 0:
-        return 0
+        return 0, {}
     with warnings.catch_warnings():
         # Ray Data retries a task forever by default; a build task that keeps dying (decoding
         # runs in `_Decoder`'s child, so it is not the input) fails the run instead. Ray 2.60
@@ -356,14 +361,17 @@ def _build(plan: _Plan, done: dict[str, dict], recipe: IngestRecipe, tables: "_T
             },
         )
     built = 0
+    cpu = StageClock()
     bar = _bar(progress, todo_items, "sample", "build shards")
     for batch in outcomes.iter_batches(batch_format="pyarrow", batch_size=None):
         built += len(set(batch.column("shard").to_pylist()))
+        for stages in batch.column("cpu_s").to_pylist():
+            cpu.add(dict(stages or ()))
         if bar is not None:
             bar.update(batch.num_rows)
     if bar is not None:
         bar.close()
-    return built
+    return built, cpu.seconds
 
 
 def _write_manifest(plan: _Plan, recipe: IngestRecipe, secret: bytes, seen: int, dest: str, private: str,
@@ -854,9 +862,11 @@ def _build_shards(batch: pa.Table, **kwargs) -> pa.Table:
 def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe: IngestRecipe, profile: Profile, tables_ref,
                  digest: str) -> pa.Table:
     """Build one shard: samples in key order, tar written locally, uploaded atomically, recorded."""
+    clock = StageClock()
     tables = _tables(tables_ref)
     shard = batch.column("shard")[0].as_py()
     items = sorted(_items_of(batch), key=lambda it: it.key)
+    clock.lap("items")
     outcomes = []  # one per item, in item order
     details: dict[int, str] = {}  # item index → the figure of its rejection (private ledger)
     modalities: dict[str, int] = {}
@@ -867,7 +877,7 @@ def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe: IngestRe
             writer = shardspec.TarWriter(fh)  # refuses a second sample with the same key
             for i, item in enumerate(items):
                 try:
-                    sample = make_sample(item, recipe, tables, profile=profile, decode=_DECODER.canonical)
+                    sample = make_sample(item, recipe, tables, profile=profile, decode=_DECODER.canonical, clock=clock)
                 except dicom.Reject as r:
                     outcomes.append(_outcome(shard, item, "rejected", r.reason, 0))
                     if r.detail:
@@ -878,7 +888,9 @@ def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe: IngestRe
                     outcomes.append(_outcome(shard, item, "rejected", "decode_error", 0))
                     continue
                 members = sample.members()
+                clock.lap("encode")
                 writer.write(sample.key, members)
+                clock.lap("tar")
                 modalities[item.modality] = modalities.get(item.modality, 0) + 1
                 used_files += len(item.all_paths)
                 outcomes.append(_outcome(shard, item, "used", None, sum(len(v) for v in members.values())))
@@ -886,8 +898,10 @@ def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe: IngestRe
         samples = sum(modalities.values())
         size = os.path.getsize(local)
         sha = storage.sha256_file(local)
+        clock.lap("sha256")
         if samples:
             storage.put_file_atomic(local, storage.join(dest, shard))
+        clock.lap("upload")
     record = {
         "plan_digest": digest,
         "path": shard,
@@ -904,6 +918,9 @@ def _build_shard(batch: pa.Table, dest: str, progress_url: str, recipe: IngestRe
     }
     # Written after the upload: a record always means a complete, uploaded shard.
     storage.write_bytes_atomic(storage.join(progress_url, shard.replace("/", "__") + ".json"), json.dumps(record).encode())
+    clock.lap("record")
+    if outcomes:
+        outcomes[0]["cpu_s"] = clock.seconds
     return pa.Table.from_pylist(outcomes, schema=OUTCOME_SCHEMA)
 
 
@@ -920,13 +937,14 @@ def _outcome(shard: str, item: dicom.PlanItem, status: str, reason: str | None, 
 
 
 def make_sample(item: dicom.PlanItem, recipe: IngestRecipe, tables: dict | None = None, *,
-                profile: Profile | None = None, decode=None) -> shardspec.Sample:
+                profile: Profile | None = None, decode=None, clock: StageClock = NO_CLOCK) -> shardspec.Sample:
     """One planned item → the sample to store. Raises dicom.Reject for unusable inputs.
 
     The pixels go through `dicom.canonical`, the one DICOM → stored-array path that serving
     (`dicom.canonical_from_files`) uses too. `profile` is `Profile.from_recipe(recipe)`, passed
-    in by callers that build many samples. `decode(item, profile)` runs that path (default: in
-    this process; the build stage passes `_DECODER.canonical`, a child process).
+    in by callers that build many samples. `decode(item, profile, clock)` runs that path
+    (default: in this process; the build stage passes `_DECODER.canonical`, a child process).
+    `clock` (a `transforms.StageClock`) is charged the CPU seconds of each stage.
     """
     profile = profile or Profile.from_recipe(recipe)
     meta: dict[str, Any] = {
@@ -944,7 +962,8 @@ def make_sample(item: dicom.PlanItem, recipe: IngestRecipe, tables: dict | None 
         meta["sub_series"] = item.sub_series
     if item.source_spacing_mm is not None:
         meta["source_spacing_mm"] = [round(float(v), 6) for v in item.source_spacing_mm]
-    array, geometry = (decode or _canonical)(item, profile)
+    clock.lap("meta")
+    array, geometry = (decode or _canonical)(item, profile, clock)
     meta.update(geometry)
     report = None
     if tables:
@@ -954,6 +973,7 @@ def make_sample(item: dicom.PlanItem, recipe: IngestRecipe, tables: dict | None 
         if report is not None:
             report = deid.redact_report(report, item.phi_terms)
     meta["has_report"] = report is not None
+    clock.lap("meta")
     return shardspec.Sample(item.key, array, meta, report)
 
 
@@ -964,12 +984,12 @@ def _size_of(f) -> int:
     return size
 
 
-def _canonical(item: dicom.PlanItem, profile: Profile):
+def _canonical(item: dicom.PlanItem, profile: Profile, clock: StageClock = NO_CLOCK):
     from radforge.dicomweb import DicomwebError
 
     try:
         with storage.read_ahead(item.paths):  # DICOMweb: a series' slices fetched in parallel
-            return dicom.canonical(item, storage.read_bytes, profile)
+            return dicom.canonical(item, storage.read_bytes, profile, clock)
     except DicomwebError as e:  # retries exhausted: this sample, not the task (the message names no UID)
         raise dicom.Reject("fetch_error", str(e)) from None
 
@@ -986,13 +1006,19 @@ class _Decoder:
     """
 
     def __init__(self, fn=None):
-        self._fn = fn or _canonical  # fn(item, profile) -> (array, geometry), run in the child
+        # fn(item, profile) -> (array, geometry), run in the child; the default, `_canonical`,
+        # also reports its CPU seconds per stage.
+        self._fn = fn or _canonical
+        self._timed = fn is None
         self._proc = None
         self._conn = None
 
-    def canonical(self, item: dicom.PlanItem, profile: Profile):
+    def canonical(self, item: dicom.PlanItem, profile: Profile, clock: StageClock = NO_CLOCK):
+        """`fn(item, profile)` in the child; the child's CPU seconds per stage are added to
+        `clock`, and this process's own (pickling, the pipe) as "decoder_ipc"."""
         if self._proc is None or not self._proc.is_alive():
             self._start()
+        clock.lap("meta")
         self._conn.send((item, profile))
         if not self._conn.poll(DECODE_TIMEOUT_S):
             self._stop()
@@ -1002,7 +1028,9 @@ class _Decoder:
         except (EOFError, OSError):
             code = self._stop()
             raise dicom.Reject("decode_error", f"decoder process died (exit code {code})") from None
+        clock.lap("decoder_ipc")
         if msg[0] == "ok":
+            clock.add(msg[3])
             return msg[1], msg[2]
         if msg[0] == "reject":
             raise dicom.Reject(msg[1], msg[2])
@@ -1013,7 +1041,8 @@ class _Decoder:
 
         ctx = multiprocessing.get_context("spawn")  # not fork: a Ray worker has threads
         self._conn, child = ctx.Pipe()
-        self._proc = ctx.Process(target=_decoder_main, args=(child, self._fn), daemon=True, name="radforge-decoder")
+        self._proc = ctx.Process(target=_decoder_main, args=(child, self._fn, self._timed), daemon=True,
+                                 name="radforge-decoder")
         self._proc.start()
         child.close()
 
@@ -1027,16 +1056,18 @@ class _Decoder:
         return proc.exitcode
 
 
-def _decoder_main(conn, fn) -> None:
-    """The child's loop: (item, profile) in, ("ok", array, geometry) | ("reject", reason,
-    detail) | ("error", exception type name) out; ends when the parent goes."""
+def _decoder_main(conn, fn, timed: bool = False) -> None:
+    """The child's loop: (item, profile) in, ("ok", array, geometry, CPU seconds per stage) |
+    ("reject", reason, detail) | ("error", exception type name) out; ends when the parent goes."""
     while True:
         try:
             item, profile = conn.recv()
         except (EOFError, OSError):
             return
         try:
-            conn.send(("ok", *fn(item, profile)))
+            clock = StageClock()
+            out = fn(item, profile, clock) if timed else fn(item, profile)
+            conn.send(("ok", *out, clock.seconds))
         except dicom.Reject as r:
             conn.send(("reject", r.reason, r.detail))
         except Exception as e:  # noqa: BLE001 — the type name only: messages may quote header values

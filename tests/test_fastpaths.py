@@ -1,0 +1,240 @@
+"""The ingest's fast paths give the same values as a straightforward reference (Ray-free).
+
+Each reference is the plain way to compute the same thing: pydicom's own `ds.pixel_array`, its
+`apply_modality_lut`, `ds.get(keyword)` per attribute, and the float64 rounding `to_int16_hu`
+used before it worked in the input's own float type. The end-to-end check builds a stored CT
+array with those references and compares it with `ingest.make_sample`, voxel for voxel.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import warnings
+
+import numpy as np
+import pydicom
+import pydicom.data
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from pydicom.pixels import apply_modality_lut
+from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, RLELossless
+
+from radforge import config, deid, dicom, ingest, phantoms, transforms
+from radforge.config import IngestRecipe
+
+
+def _old_round_clip_hu(x) -> np.ndarray:
+    """`transforms._round_clip_hu` as it was: through float64."""
+    x = np.asarray(x, dtype=np.float64)
+    x = np.copysign(np.floor(np.abs(x) + 0.5), x)
+    x = np.nan_to_num(x, nan=transforms.HU_MIN, posinf=transforms.HU_MAX, neginf=transforms.HU_MIN)
+    np.clip(x, transforms.HU_MIN, transforms.HU_MAX, out=x)
+    return x.astype(np.int16)
+
+
+def _old_hu(plane: np.ndarray, slope: float, inter: float) -> np.ndarray:
+    """`dicom._hu_plane`'s arithmetic as it was: a float64 product cast to float32, then a
+    float32 addition of the intercept."""
+    out = np.empty(plane.shape, np.float32)
+    np.multiply(plane, slope, out=out, casting="unsafe")
+    out += inter
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# to_int16_hu
+
+
+TIES = np.array([0.5, -0.5, 1.5, -1.5, 2.5, -2.5, 0.49999997, -0.49999997, 0.50000006, -1023.5, -1024.5,
+                 32766.5, 32767.5, 8388607.5, -8388607.5, 16777216.0, 1e30, -1e30, np.nan, np.inf, -np.inf, -0.0],
+                np.float32)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_to_int16_hu_ties_and_specials_match_the_float64_reference(dtype):
+    x = TIES.astype(dtype)
+    np.testing.assert_array_equal(transforms.to_int16_hu(x), _old_round_clip_hu(x))
+    assert transforms.to_int16_hu(np.float32(2.5)).shape == ()
+    assert transforms.to_int16_hu(np.float32(-2.5)) == -3
+
+
+@settings(max_examples=60, deadline=None)
+@given(arrays(np.float32, st.tuples(st.integers(1, 3), st.integers(1, 40), st.integers(1, 40)),
+              elements=st.floats(-40000, 40000, width=32) | st.sampled_from([np.nan, np.inf, -np.inf])))
+def test_to_int16_hu_matches_the_float64_reference(x):
+    x[..., ::3] = np.round(x[..., ::3]) + np.float32(0.5)  # many exact ties
+    np.testing.assert_array_equal(transforms.to_int16_hu(x), _old_round_clip_hu(x))
+
+
+def test_to_int16_hu_crosses_its_piece_boundaries_unchanged(monkeypatch):
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((5, 37, 41)) * 900).astype(np.float32)
+    monkeypatch.setattr(transforms, "_ROUND_ELEMENTS", 1000)  # not a multiple of any axis
+    np.testing.assert_array_equal(transforms.to_int16_hu(x), _old_round_clip_hu(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# decode and HU
+
+
+def _pydicom_files() -> list[str]:
+    # The files shipped with pydicom (get_testdata_files would try to download the rest).
+    return sorted(glob.glob(os.path.join(os.path.dirname(pydicom.data.__file__), "test_files", "**", "*.dcm"),
+                            recursive=True))
+
+
+def test_pixels_equal_pydicom_pixel_array_on_its_test_files():
+    """`dicom._pixels` calls the decoder's `as_array` directly: the same array (values, dtype,
+    shape) as `ds.pixel_array` on every pydicom test file that decodes at all."""
+    compared = 0
+    for path in _pydicom_files():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            try:
+                ref = pydicom.dcmread(path).pixel_array
+            except Exception:  # noqa: BLE001 — files pydicom itself cannot decode here
+                continue
+            try:
+                got = dicom._pixels(pydicom.dcmread(path), 1 << 31)
+            except dicom.Reject:
+                continue  # refused before decoding (budget, truncation): not the decode path
+        assert got.dtype == ref.dtype and got.shape == ref.shape, path
+        np.testing.assert_array_equal(got, ref, err_msg=path)
+        compared += 1
+    assert compared >= 40
+
+
+@pytest.fixture(scope="module")
+def study():
+    return phantoms.make_study(phantoms.make_patient(7))
+
+
+SERIES = {
+    "native": dict(),
+    "rle": dict(transfer_syntax=RLELossless),
+    "slope": dict(rescale=(0.5, -1000.0)),
+    "per_slice": dict(per_slice_rescale=True, transfer_syntax=ImplicitVRLittleEndian),
+    "signed_bigendian": dict(rescale=(1.0, 0.0), transfer_syntax=ExplicitVRBigEndian),
+    "coronal": dict(orientation="coronal", rows=24, n_slices=20),
+}
+
+
+def _planned(paths: list[str], recipe: IngestRecipe) -> dicom.PlanItem:
+    rows = [dicom.scan(p, os.path.getsize(p), open(p, "rb")) for p in paths]
+    ctx = dicom.PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(b"k"))
+    (item,) = [it for it in dicom.plan_group(rows, ctx) if it.status == "planned"]
+    return item
+
+
+def _reference_hu(item: dicom.PlanItem, exact: bool) -> np.ndarray:
+    """The HU volume by the plain route: dcmread, pixel_array, then the old two-step float32
+    arithmetic (`exact`) or pydicom's float64 `apply_modality_lut`."""
+    planes = []
+    for path in item.paths:
+        ds = pydicom.dcmread(path)
+        px = ds.pixel_array
+        slope, inter = float(ds.get("RescaleSlope", 1.0)), float(ds.get("RescaleIntercept", 0.0))
+        planes.append(_old_hu(px, slope, inter) if exact else apply_modality_lut(px, ds).astype(np.float32))
+    return np.stack(planes)
+
+
+@pytest.mark.parametrize("name", sorted(SERIES))
+def test_load_ct_equals_pydicom_modality_lut(tmp_path, study, name):
+    info = phantoms.ct_series(tmp_path / name, study, **{"n_slices": 10, "rows": 32, "cols": 32, "seed": 5, **SERIES[name]})
+    item = _planned(info.paths, IngestRecipe())
+    vol, _ = dicom.load_ct(item, lambda p: open(p, "rb").read())
+    np.testing.assert_array_equal(vol, _reference_hu(item, exact=True))
+    # Against pydicom's float64 LUT: equal where the slope is 1, within float32 rounding else.
+    np.testing.assert_allclose(vol, _reference_hu(item, exact=False), rtol=2e-7, atol=0)
+
+
+def test_hu_plane_still_rejects_what_overflows_float32():
+    class Rescale:  # only what _rescale reads from a classic (not Enhanced) data set
+        RescaleSlope, RescaleIntercept = 1e35, 0.0
+
+        def get(self, k, default=None):
+            return getattr(self, k, default)
+
+        def __contains__(self, k):
+            return hasattr(self, k)
+
+        def __getitem__(self, k):
+            return type("E", (), {"value": getattr(self, k)})()
+
+    plane = np.full((4, 4), 60000, np.uint16)
+    out = np.empty((4, 4), np.float32)
+    with pytest.raises(dicom.Reject):
+        dicom._hu_plane(Rescale(), plane, -1, [1, 4, 4], out)
+
+
+# ---------------------------------------------------------------------------------------------
+# the index row fill
+
+
+def _header_files(tmp_path, study) -> list[str]:
+    ct = phantoms.ct_series(tmp_path / "ct", study, n_slices=3, rows=16, cols=16, seed=2).paths
+    ect = phantoms.enhanced_ct(tmp_path / "ect.dcm", study, n_frames=4, rows=16, cols=16).paths
+    dx = [phantoms.xray(tmp_path / "dx.dcm", study, rows=40, cols=32).path]
+    bad = list(phantoms.bad_files(tmp_path / "bad", study))
+    return [*ct, *ect, *dx, *bad, *_pydicom_files()]
+
+
+def test_fill_row_by_tag_equals_fill_row_by_keyword(tmp_path, study):
+    """`_HeaderValues` (every element fetched once by tag) fills the same index row as asking
+    the data set keyword by keyword, on phantoms (classic, Enhanced, DX, broken files) and every
+    pydicom test file."""
+    filled = 0
+    for path in _header_files(tmp_path, study):
+        try:
+            with open(path, "rb") as f:
+                ds_fast = dicom._read_header(f)
+            with open(path, "rb") as f:
+                ds_ref = dicom._read_header(f)
+        except Exception:  # noqa: BLE001 — not a readable header: _fill_row never sees it
+            continue
+        fast, ref = {}, {}
+        with dicom._quiet():
+            dicom._fill_row(fast, ds_fast)
+            dicom._fill_row_from(ref, ds_ref, ds_ref)
+        assert fast == ref, path
+        filled += 1
+    assert filled >= 60
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole sample
+
+
+@pytest.mark.parametrize("name", ["rle", "slope", "coronal"])
+def test_make_sample_equals_the_reference_pipeline(tmp_path, study, name):
+    """make_sample (clocked) stores exactly what the plain route gives: pydicom decode, the old
+    HU arithmetic, air floor, Orient, Resample, the old float64 rounding."""
+    info = phantoms.ct_series(tmp_path / name, study, **{"n_slices": 12, "rows": 40, "cols": 40, "seed": 9, **SERIES[name]})
+    recipe = config.load(IngestRecipe, None, ["ct.spacing_mm=[3.0,1.1,1.3]", "ct.min_slices=2"])
+    item = _planned(info.paths, recipe)
+    clock = transforms.StageClock()
+    sample = ingest.make_sample(item, recipe, clock=clock)
+    hu = np.maximum(_reference_hu(item, exact=True), transforms.HU_MIN)
+    hu, affine = transforms.Orient("LPS")(hu, np.array(item.source_affine))
+    hu, affine = transforms.Resample(recipe.ct.spacing_mm)(hu, affine)
+    np.testing.assert_array_equal(sample.array, _old_round_clip_hu(hu))
+    assert sample.meta["affine_lps"] == [[round(float(v), 6) for v in r] for r in affine.tolist()]
+    assert {"read", "parse", "decode", "hu", "orient", "resample", "int16", "meta"} <= set(clock.seconds)
+    assert all(v >= 0 for v in clock.seconds.values())
+
+
+def test_stage_clock_charges_cpu_not_sleep():
+    import time
+
+    clock = transforms.StageClock()
+    time.sleep(0.05)
+    clock.lap("sleep")
+    t = time.process_time()
+    while time.process_time() - t < 0.05:
+        pass
+    clock.lap("spin")
+    clock.add({"spin": 1.0, "child": 0.5})
+    assert clock.seconds["sleep"] < 0.02 and 1.04 <= clock.seconds["spin"] < 1.5 and clock.seconds["child"] == 0.5

@@ -691,8 +691,8 @@ def _scan_rows(rows: list, paths: list, sizes: list, skips: list) -> pa.Table:
             rows.append({**dicom.rejected_row(path, size, skip), "status": "skipped"})
             continue
         try:
-            # Small blocks: a header is a few KB; reading whole 500 KB slices would double the I/O.
-            with storage.open_input(path, block_size=64 * 1024) as f:
+            # Range reads of the header only (storage.HeadReader): the build reads the file once more, whole.
+            with storage.open_head(path, size) as f:
                 rows.append(dicom.scan(path, size if size >= 0 else _size_of(f), f))
         except (OSError, ValueError):
             rows.append(dicom.rejected_row(path, size, "unreadable_header"))

@@ -14,14 +14,16 @@ PIN    := $(if $(CONSTRAINTS),PIP_CONSTRAINT=$(abspath $(CONSTRAINTS)))
 
 DEMO_DIR ?= var/demo
 PYTEST_ARGS ?=
+# test-fast's pytest-xdist processes (the Ray-free tier's tests are isolated; 1 = one process).
+TEST_WORKERS ?= 2
 
 .PHONY: setup sysdeps test test-fast demo bench lint clean ray-job-ingest help
 .PHONY: cluster-local submit-ingest submit-train deploy status stop image-cpu image-cuda images
 
 help:
 	@echo "make setup      create .venv and install radforge with test extras"
-	@echo "make test-fast  the Ray-free unit tier (pytest -m 'not slow'; under 2 minutes on 2 cores)"
-	@echo "make test       everything, Ray / DeepSpeed / Serve end to end included (what CI runs)"
+	@echo "make test-fast  the Ray-free unit tier (pytest -m 'not slow' on TEST_WORKERS=2 processes; under 2 minutes on 2 cores)"
+	@echo "make test       everything, Ray / DeepSpeed / Serve end to end included (what CI runs; under 15 minutes on 2 cores)"
 	@echo "make demo       sample corpus → ingest → tiny MAE + CLIP → evaluation → export → Serve + HTTP queries ($(DEMO_DIR))"
 	@echo "make bench      run the ingest, stream, train and serve benchmarks (ratios measured side by side)"
 	@echo "make cluster-local | submit-ingest | submit-train | deploy | status | stop   (see cluster/README.md)"
@@ -59,7 +61,7 @@ test: $(STAMP) sysdeps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m radforge.demo --out $(DEMO_DIR)

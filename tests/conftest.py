@@ -32,9 +32,13 @@ _SLOW_FIXTURES = frozenset({"ray_cluster"})
 
 def pytest_configure(config):
     # Ray keeps its sessions in $RAY_TMPDIR/ray; children inherit the variable. A private one per
-    # test run lets the guard below see exactly this run's clusters (not another user's).
-    if "RAY_TMPDIR" not in os.environ:
+    # test run lets the guard below see exactly this run's clusters (not another user's). Under
+    # pytest-xdist each worker process gets its own (workers inherit the controller's): a Ray
+    # test on one worker must not look like a Ray start to a fast test running on another.
+    ours = os.environ.get("RAY_TMPDIR") == os.environ.get("_RADFORGE_TEST_RAY_TMPDIR")
+    if "RAY_TMPDIR" not in os.environ or (ours and os.environ.get("PYTEST_XDIST_WORKER")):
         os.environ["RAY_TMPDIR"] = config._radforge_ray_tmp = tempfile.mkdtemp(prefix="rft-", dir="/tmp")
+        os.environ.setdefault("_RADFORGE_TEST_RAY_TMPDIR", config._radforge_ray_tmp)
 
 
 def pytest_unconfigure(config):
@@ -43,6 +47,8 @@ def pytest_unconfigure(config):
         shutil.rmtree(tmp, ignore_errors=True)
         if os.environ.get("RAY_TMPDIR") == tmp:
             del os.environ["RAY_TMPDIR"]
+        if os.environ.get("_RADFORGE_TEST_RAY_TMPDIR") == tmp:
+            del os.environ["_RADFORGE_TEST_RAY_TMPDIR"]
 
 
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
@@ -211,11 +217,21 @@ def _every_shard_set_reads_with_stock_webdataset(tmp_path_factory):
 
 def pytest_terminal_summary(terminalreporter, config):
     base = getattr(config, "_tmp_path_factory", None)
-    path = base.getbasetemp() / "shard-readability.json" if base is not None else None
-    if path is not None and path.exists():
-        for reader, f in sorted(json.loads(path.read_text()).items()):
-            terminalreporter.write_line(f"stock readers: {reader} read {f['samples']} samples from {f['tars']} tars "
-                                        f"of {f['shard_sets']} shard sets ({f['altered_left_out']} listed shards absent or changed by their tests)")
+    if base is None:
+        return
+    root = base.getbasetemp()
+    # this process's figures, or each pytest-xdist worker's (their basetemps are root/<worker>)
+    paths = [root / "shard-readability.json"] + sorted(root.glob("*/shard-readability.json"))
+    totals: dict[str, dict] = {}
+    for path in paths:
+        if path.exists():
+            for reader, f in json.loads(path.read_text()).items():
+                t = totals.setdefault(reader, dict.fromkeys(f, 0))
+                for k, v in f.items():
+                    t[k] += v
+    for reader, f in sorted(totals.items()):
+        terminalreporter.write_line(f"stock readers: {reader} read {f['samples']} samples from {f['tars']} tars "
+                                    f"of {f['shard_sets']} shard sets ({f['altered_left_out']} listed shards absent or changed by their tests)")
 
 
 @pytest.fixture

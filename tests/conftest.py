@@ -35,10 +35,12 @@ def pytest_configure(config):
     # test run lets the guard below see exactly this run's clusters (not another user's). Under
     # pytest-xdist each worker process gets its own (workers inherit the controller's): a Ray
     # test on one worker must not look like a Ray start to a fast test running on another.
-    ours = os.environ.get("RAY_TMPDIR") == os.environ.get("_RADFORGE_TEST_RAY_TMPDIR")
-    if "RAY_TMPDIR" not in os.environ or (ours and os.environ.get("PYTEST_XDIST_WORKER")):
+    worker, parent = os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("_RADFORGE_TEST_RAY_TMPDIR")
+    if worker and parent and os.environ.get("RAY_TMPDIR") == parent:  # inside the controller's (it removes it)
+        os.environ["RAY_TMPDIR"] = tempfile.mkdtemp(prefix=f"{worker}-", dir=parent)
+    elif "RAY_TMPDIR" not in os.environ:
         os.environ["RAY_TMPDIR"] = config._radforge_ray_tmp = tempfile.mkdtemp(prefix="rft-", dir="/tmp")
-        os.environ.setdefault("_RADFORGE_TEST_RAY_TMPDIR", config._radforge_ray_tmp)
+        os.environ["_RADFORGE_TEST_RAY_TMPDIR"] = config._radforge_ray_tmp
 
 
 def pytest_unconfigure(config):

@@ -186,6 +186,49 @@ def test_qido_pages_over_more_studies_than_one_page(orthanc, corpus):
     assert len(dx) == 6
 
 
+def test_the_scan_retrieves_each_instance_once_and_the_build_reads_it_from_the_node(orthanc, corpus):
+    """WADO-RS has no byte ranges: the scan's one retrieval is the whole instance, kept on this
+    node's disk, so the build's read (storage.read_bytes) costs the server no request."""
+    from radforge import dicom
+
+    files = _files(corpus.dicom_dir)
+    orthanc.clear()
+    orthanc.upload(files)
+    src = _source(orthanc.url, orthanc.credentials)
+    instances = [e.url for e in storage.walk(src)]
+    dicomweb.reset_stats(src)
+    dicomweb.drop_cache(src)
+    rows = []
+    for u in instances:
+        with storage.open_head(u) as f:
+            rows.append(dicom.scan(u, ingest_size(f), f))
+    scanned = dicomweb.read_stats(src)
+    assert scanned["requests"] == len(instances) == len(files), scanned
+    assert all(r["status"] == "ok" for r in rows)
+    with storage.read_ahead(instances):  # the build's read-ahead asks nothing of what is kept
+        data = {u: storage.read_bytes(u) for u in instances}
+    built = dicomweb.read_stats(src)
+    assert built["requests"] == scanned["requests"] and built["cache_hits"] == len(instances)
+    assert built["cache_bytes"] == sum(map(len, data.values()))
+    assert 0 <= scanned["bytes"] - built["cache_bytes"] <= 512 * len(data)  # multipart boundaries and part headers
+    by_sop = {r["sop_uid"]: u for r, u in zip(rows, instances)}
+    for path in files[::9]:  # the bytes the build got are the archive's (a sample of them)
+        import pydicom
+
+        sop = pydicom.dcmread(path, stop_before_pixels=True).SOPInstanceUID
+        assert dicom.pixel_digest(data[by_sop[sop]], 1 << 30) == dicom.pixel_digest(Path(path).read_bytes(), 1 << 30)
+    assert not os.listdir(dicomweb.cache_dir(dicomweb.Source.parse(src).where))  # each taken once
+    storage.read_bytes(instances[0])  # a second read is a retrieval again
+    assert dicomweb.read_stats(src)["requests"] == scanned["requests"] + 1
+    dicomweb.drop_cache(src)
+
+
+def ingest_size(f) -> int:
+    from radforge import ingest
+
+    return ingest._size_of(f)
+
+
 def test_retries_under_faults_return_the_same_bytes(orthanc, corpus):
     """Through the proxy (503, 429, dropped connections, stalls past a 1 s timeout), listing and
     WADO-RS reads finish with the bytes read directly; every injected fault is one counted retry."""

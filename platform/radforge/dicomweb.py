@@ -245,7 +245,10 @@ def stats_dir(where: str) -> str:
 def reset_stats(url: str) -> None:
     import shutil
 
-    shutil.rmtree(stats_dir(Source.parse(url).where), ignore_errors=True)
+    where = Source.parse(url).where
+    with _STATS.lock:  # this process's counts not flushed yet belong to before the reset too
+        _STATS.pending.pop(where, None)
+    shutil.rmtree(stats_dir(where), ignore_errors=True)
 
 
 def read_stats(url: str) -> dict[str, int]:
@@ -504,7 +507,7 @@ class _ReadAhead:
     most `concurrency` requests in flight and 2 × `concurrency` answers held."""
 
     def __init__(self, urls: list[str]):
-        self.urls = [u for u in urls if is_dicomweb(u)]
+        self.urls = [u for u in urls if is_dicomweb(u) and not _CACHE.has(u)]  # kept by the scan: no fetch
         n = Source.parse(self.urls[0]).settings.concurrency if self.urls else 1
         self.window = 2 * n
         self.pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="radforge-wado")
@@ -551,6 +554,11 @@ def read_ahead(urls: list[str]):
 
 
 def read_bytes(url: str) -> bytes:
+    """An instance's bytes: kept by this node's header scan (`open_head`; each is taken once),
+    else from the read-ahead pool, else one WADO-RS retrieval."""
+    data = _CACHE.take(url)
+    if data is not None:
+        return data
     ra = getattr(_local, "ra", None)
     data = ra.take(url) if ra is not None else None
     return data if data is not None else read(url)
@@ -558,3 +566,90 @@ def read_bytes(url: str) -> bytes:
 
 def open_input(url: str) -> io.BytesIO:
     return io.BytesIO(read_bytes(url))
+
+
+def open_head(url: str) -> io.BytesIO:
+    """The header scan's read: WADO-RS has no byte ranges, so it is the whole instance, which is
+    kept on this node's disk for the build (`read_bytes`) where `_InstanceCache` has room."""
+    data = read_bytes(url)
+    _CACHE.put(url, data)
+    return io.BytesIO(data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Instances kept from the scan for the build
+# ---------------------------------------------------------------------------------------------
+
+CACHE_MAX_BYTES = 2 * 1024**3  # per process
+CACHE_MIN_FREE_BYTES = 4 * 1024**3  # left free on the temp filesystem
+
+
+def cache_dir(where: str) -> str:
+    import hashlib
+
+    return os.path.join(tempfile.gettempdir(), "radforge-dicomweb-cache", hashlib.sha256(where.encode()).hexdigest()[:16])
+
+
+class _InstanceCache:
+    """The instances a header scan retrieved, as files under `cache_dir` (mode 0700), so that the
+    build reads each instance once from the server, not twice (scan and build run in the same
+    node's Ray workers). Bounded: at most CACHE_MAX_BYTES put by one process, and none while the
+    temp filesystem has less than CACHE_MIN_FREE_BYTES free; past that the build fetches again.
+    A file is removed when the build takes it; `drop_cache` removes what is left (ingest calls it
+    at the start and the end of a run). Known limits: an instance scanned on one node and built on
+    another is fetched again (the request counters show it); files of a run that died stay until
+    the next run from the same server, or a reboot, clears them."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.held = 0
+
+    @staticmethod
+    def _path(url: str) -> str:
+        import hashlib
+
+        return os.path.join(cache_dir(Source.parse(url).where), hashlib.sha256(url.encode()).hexdigest())
+
+    def put(self, url: str, data: bytes) -> None:
+        import shutil
+
+        path = self._path(url)
+        with self.lock:
+            if self.held + len(data) > CACHE_MAX_BYTES:
+                return
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            if shutil.disk_usage(os.path.dirname(path)).free < CACHE_MIN_FREE_BYTES + len(data):
+                return
+            self.held += len(data)
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def has(self, url: str) -> bool:
+        return os.path.exists(self._path(url))
+
+    def take(self, url: str) -> bytes | None:
+        path = self._path(url)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            os.remove(path)
+        except FileNotFoundError:
+            return None
+        with self.lock:
+            self.held = max(0, self.held - len(data))
+        where = Source.parse(url).where
+        _STATS.add(where, "cache_hits")
+        _STATS.add(where, "cache_bytes", len(data))
+        return data
+
+
+_CACHE = _InstanceCache()
+
+
+def drop_cache(url: str) -> None:
+    """Remove the instances kept for `url`'s server on this node."""
+    import shutil
+
+    shutil.rmtree(cache_dir(Source.parse(url).where), ignore_errors=True)

@@ -568,13 +568,17 @@ def _source(source: str, recipe: IngestRecipe) -> str:
         return source
     source = dicomweb.resolve(source, recipe.dicomweb)
     dicomweb.reset_stats(source)
+    dicomweb.drop_cache(source)  # instances a run that died kept for its build
     return source
 
 
 def _source_stats(source: str) -> dict:
     from radforge import dicomweb
 
-    return dicomweb.read_stats(source) if dicomweb.is_dicomweb(source) else {}
+    if not dicomweb.is_dicomweb(source):
+        return {}
+    dicomweb.drop_cache(source)  # what the build did not take (disposed files, other nodes' copies)
+    return dicomweb.read_stats(source)
 
 
 def _preflight(source: str, dest: str, private: str) -> None:

@@ -493,9 +493,10 @@ def open_head(url: str, size: int = -1) -> HeadReader | IO[bytes]:
     """A file for reading the start of `url` (a DICOM header) with range reads: a `HeadReader`
     over `os.pread` locally and over ranged GETs (`cat_file(path, start, end)`) elsewhere, never
     downloading the object whole. `size` is the listed size (-1: unknown, asked of the store: one
-    HEAD). DICOMweb has no byte ranges: there it is the retrieved instance in memory."""
+    HEAD). DICOMweb has no byte ranges: there it is the retrieved instance in memory, which
+    `dicomweb.open_head` also keeps on this node's disk for the build's one read."""
     if _is_dicomweb(url):
-        return _dicomweb().open_input(url)
+        return _dicomweb().open_head(url)
     fs, path = url_to_fs(url)
     if is_local(url):
         f = _open_regular(path)

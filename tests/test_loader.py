@@ -38,9 +38,10 @@ def _members(k: int, modality: str, report: bool) -> dict[str, bytes]:
 
 
 def write_set(dest, sizes, *, split="train", modality=lambda k: "CT", report=lambda k: True, corrupt=(),
-              corrupt_member="npy"):
+              corrupt_member="npy", members=_members):
     """Shards of `sizes` samples (keys numbered 0.. across shards) + a manifest; `corrupt` keys get
-    an undecodable `corrupt_member` (.npy or .json). Returns (dest, {shard path: [keys]})."""
+    an undecodable `corrupt_member` (.npy or .json); `members(k, modality, report)` makes a
+    sample's members. Returns (dest, {shard path: [keys]})."""
     os.makedirs(os.path.join(dest, split), exist_ok=True)
     recs, keys, k = [], {}, 0
     for si, n in enumerate(sizes):
@@ -50,7 +51,7 @@ def write_set(dest, sizes, *, split="train", modality=lambda k: "CT", report=lam
             for _ in range(n):
                 m = modality(k)
                 mods[m] = mods.get(m, 0) + 1
-                for suffix, data in _members(k, m, report(k)).items():
+                for suffix, data in members(k, m, report(k)).items():
                     if k in corrupt and suffix == corrupt_member:
                         data = b"\x93NUMPY garbage" if suffix == "npy" else b"{not json"
                     info = tarfile.TarInfo(f"{_key(k)}.{suffix}")
@@ -267,6 +268,93 @@ def test_bad_data_is_skipped_counted_and_batches_stay_equal(tmp_path, damage):
     assert totals["skipped_samples"] >= (2 if corrupt else 1)
     assert totals["substituted"] == totals["skipped_samples"]
     assert totals["bad_shards"] == (0 if corrupt else 1)
+
+
+@pytest.mark.parametrize("where", ["payload", "header"])
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_flipped_byte_is_caught_before_any_sample_and_counted_as_before(tmp_path, where, train):
+    """sha256 now runs on its own thread beside the next shard's fetch, yet a shard that fails it
+    yields no sample, whether the flip hits a member's bytes or a tar header, and is counted
+    exactly as the loader counted it when it hashed before parsing (commit 5065d11, same set-up):
+    one mismatch, one bad shard, each of its 6 slots skipped and, in training, substituted."""
+    dest, keys = write_set(tmp_path / "s", [6, 6, 6, 6])
+    path = os.path.join(dest, "train/train-000001.tar")
+    with tarfile.open(path) as tf:
+        member = tf.getmembers()[4]  # the second sample's first member
+    data = bytearray(open(path, "rb").read())
+    data[member.offset_data + member.size // 2 if where == "payload" else member.offset + 10] ^= 0xFF
+    open(path, "wb").write(bytes(data))
+    totals, per_rank, seen = {}, [], []
+    for rank in range(2):
+        loader = _loader(dest, rank=rank, world=2, train=train)
+        batches = _epoch(loader) if train else list(loader)
+        per_rank.append(len(batches))
+        seen += _keys(batches)
+        for k, v in loader.metrics().items():
+            totals[k] = totals.get(k, 0) + v
+    assert not set(seen) & set(keys["train/train-000001.tar"])
+    assert (totals["sha_mismatch"], totals["bad_shards"], totals["skipped:bad_shard"], totals["skipped_samples"]) == (1, 1, 6, 6)
+    assert totals["substituted"] == (6 if train else 0)
+    assert per_rank == ([6, 6] if train else [6, 3]) and len(seen) == (24 if train else 18)
+
+
+def _phantom_members(k: int, modality: str, report: bool) -> dict[str, bytes]:
+    """Phantom anatomy in the stored forms ingest writes: CT volumes smaller and larger than the
+    view on each axis (so the view both pads and crops), 12-bit radiographs scaled to 16 bits."""
+    from radforge import phantoms
+
+    study = phantoms.make_study(phantoms.make_patient(k))
+    if modality == "CT":
+        arr = phantoms.chest_volume([(3, 12, 7), (9, 6, 11), (4, 8, 8)][k % 3], study, seed=k)
+    else:
+        arr = phantoms.chest_radiograph(18 + k, 26 - k % 4, study, 4095, seed=k)[0].astype(np.uint16) * 16
+    meta = {"modality": modality, "shape": list(arr.shape), "split": "train", "labels": {"nodule": k % 2},
+            "has_report": report}
+    return shardspec.encode_sample(_key(k), arr, meta, f"report {k}: ünïcode" if report else None)
+
+
+def _reference_views(dest: str, image: str) -> dict[str, tuple]:
+    """key → (view, meta, report) by the reference path: webdataset's stream reader (a copy per
+    member), np.load / PIL, then the kind's view (centre crop)."""
+    from PIL import Image
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    from radforge import kinds
+
+    kind = kinds.get(image)
+    view, out = kind.view(VIEW), {}
+    for rec in shardspec.read_manifest(dest)["shards"]:
+        with open(os.path.join(dest, rec["path"]), "rb") as f:
+            for s in group_by_keys({**m, "__url__": rec["path"]} for m in tar_file_iterator(f)):
+                meta = json.loads(s["json"])
+                if meta["modality"] not in kind.modalities:
+                    continue
+                arr = (np.load(io.BytesIO(s["npy"]), allow_pickle=False) if "npy" in s
+                       else np.asarray(Image.open(io.BytesIO(s["png"]))).astype(np.uint16))
+                out[s["__key__"]] = (np.asarray(view(arr, meta, None), np.float32), meta, s["txt"].decode() if "txt" in s else "")
+    return out
+
+
+@pytest.mark.parametrize("image", ["ct", "xray"])
+def test_fast_reader_gives_the_reference_samples_bit_for_bit(tmp_path, image):
+    """The loader's path (whole shard in memory, zero-copy members, .npy by frombuffer, sha256 on
+    its own thread) gives exactly what webdataset's stream reader + np.load give: same keys once
+    each, bit-identical views, same labels, reports and modalities."""
+    dest, _ = write_set(tmp_path / "s", [5, 4, 6], modality=lambda k: "CT" if k % 2 else "DX",
+                        report=lambda k: k % 3 != 0, members=_phantom_members)
+    want = _reference_views(dest, image)
+    cfg = DataConfig(shards=dest, image=image, num_workers=0, verify_sha256=True)
+    loader = build_loader(cfg, VIEW, split="train", batch_size=3, train=False, findings=["nodule"])
+    got = []
+    for b in loader:
+        for i, key in enumerate(b["key"]):
+            got.append(key)
+            view, meta, report = want[key]
+            assert torch.equal(b["image"][i], torch.from_numpy(view)), key
+            assert (b["text"][i], b["modality"][i], b["labels"][i, 0].item()) == (report, meta["modality"], meta["labels"]["nodule"])
+    assert sorted(got) == sorted(want) and len(want) >= 7
+    m = loader.metrics()
+    assert m["skipped_samples"] == 0 and m.get("sha_mismatch", 0) == 0 and m["shards_read"] == 3
 
 
 def test_all_bad_is_an_error_not_a_hang(tmp_path):

@@ -321,3 +321,103 @@ def test_shards_are_plain_tar_files(shard_set):
         names = tf.getnames()
     key = written[0][0]
     assert {f"{key}.npy", f"{key}.json", f"{key}.txt"} <= set(names)
+
+
+# ----------------------------------------------------------------------------- in-memory reader (the loader's fast path)
+
+
+def _reference_samples(data: bytes) -> list[dict]:
+    """The reference path: webdataset's stream reader over the same bytes (each member copied)."""
+    from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+    out = []
+    for s in group_by_keys({**f, "__url__": "mem"} for f in tar_file_iterator(io.BytesIO(data))):
+        s.pop("__url__")
+        out.append(s)
+    return out
+
+
+def _tar(entries) -> bytes:
+    """A tar from (name, bytes | None for a directory) in order, with GNU long names where needed."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for name, data in entries:
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tf.addfile(info)
+            else:
+                info.size = len(data)
+                tf.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def test_tar_samples_are_webdatasets_samples_without_copies(shard_set):
+    dest, written, _ = shard_set
+    for split in ("train", "val"):
+        data = (dest / shardspec.shard_name(split, 0)).read_bytes()
+        fast, ref = list(shardspec.tar_samples(data)), _reference_samples(data)
+        assert [s["__key__"] for s in fast] == [s["__key__"] for s in ref] and len(fast) == len(ref) > 0
+        for f, r in zip(fast, ref):
+            assert set(f) == set(r)
+            for suffix in set(f) - {"__key__"}:
+                assert isinstance(f[suffix], memoryview) and f[suffix].obj is data  # a view into the shard
+                assert bytes(f[suffix]) == r[suffix]
+            array, meta, report = shardspec.decode_sample(f, copy=False)
+            want, want_meta, want_report = shardspec.decode_sample({k: v for k, v in r.items() if k != "__key__"})
+            assert array.dtype == want.dtype and array.shape == want.shape and np.array_equal(array, want)
+            assert (meta, report) == (want_meta, want_report)
+            if "npy" in f:  # zero-copy: a read-only view of the shard's bytes; copy=True owns its array
+                assert not array.flags.writeable and np.shares_memory(array, np.frombuffer(data, np.uint8))
+                assert shardspec.decode_sample(f)[0].flags.writeable
+
+
+def test_tar_samples_follow_webdatasets_rules_on_odd_tars():
+    long_key = "k" * 120  # past tar's 100-character name field: a GNU long-name header
+    entries = [("dir", None), ("__meta__", b"skip"), ("a.NPY", b"1"), ("a.json", b"{}"), ("a.seg.png", b"2"),
+               (f"sub/{long_key}.txt", b"3"), ("noext", b"4"), ("b.json", b"5")]
+    data = _tar(entries)
+    fast = [{k: bytes(v) if isinstance(v, memoryview) else v for k, v in s.items()} for s in shardspec.tar_samples(data)]
+    assert fast == _reference_samples(data)
+    assert [s["__key__"] for s in fast] == ["a", f"sub/{long_key}", "b"] and set(fast[0]) == {"__key__", "npy", "json", "seg.png"}
+
+    dup = _tar([("a.json", b"1"), ("a.json", b"2")])
+    with pytest.raises(ValueError, match="duplicate"):
+        list(shardspec.tar_samples(dup))
+    with pytest.raises(ValueError, match="duplicate"):
+        _reference_samples(dup)
+    torn = _tar([("a.npy", b"x" * 4000), ("a.json", b"{}")])[:2048]  # cut inside the first member's data
+    with pytest.raises(tarfile.ReadError):
+        list(shardspec.tar_samples(torn))
+    with pytest.raises(tarfile.ReadError):
+        _reference_samples(torn)
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0), (3, 0)])
+@pytest.mark.parametrize("array", [_ct(3), np.asfortranarray(_ct(4)), np.zeros((0, 3, 2), np.int16),
+                                   _ct(5).astype(">i2"), np.arange(12, dtype=np.float64).reshape(3, 4)],
+                         ids=["ct", "fortran", "empty", "big-endian", "float64"])
+def test_npy_decoder_is_np_load(array, version):
+    buf = io.BytesIO()
+    np.lib.format.write_array(buf, array, version=version, allow_pickle=False)
+    data = buf.getvalue()
+    want = np.load(io.BytesIO(data), allow_pickle=False)
+    for copy in (True, False):
+        got = shardspec._npy_decode(data, copy=copy)
+        assert got.dtype == want.dtype and got.shape == want.shape and np.array_equal(got, want)
+        assert got.flags.c_contiguous == want.flags.c_contiguous and got.flags.f_contiguous == want.flags.f_contiguous
+        if version != (3, 0):  # 3.0 is read by np.load itself (an array of its own either way)
+            assert got.flags.writeable == copy
+
+
+def test_npy_decoder_refuses_what_np_load_refuses():
+    good = shardspec._npy_encode(_ct())
+    for bad in (good[:-1], good[:40], b"\x93NUMPZ" + good[6:], b""):
+        with pytest.raises(ValueError):
+            shardspec._npy_decode(bad)
+        with pytest.raises((ValueError, EOFError)):
+            np.load(io.BytesIO(bad), allow_pickle=False)
+    buf = io.BytesIO()
+    np.save(buf, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(ValueError, match="object"):
+        shardspec._npy_decode(buf.getvalue())

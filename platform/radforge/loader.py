@@ -21,16 +21,27 @@ order); the manifest's per-shard modality counts give the number of slots withou
   reads the stream's shards sequentially and emits slots in that order, holding at most about one
   buffer of raw samples.
 * Stages. A stream is webdataset-style generator stages composed in a list (`_RankStreams.stream`):
-  planned shard reads → `_prefetch` → `_shard_slots` (webdataset's ``tar_file_expander`` +
-  ``group_by_keys`` over ``radforge.storage``: no shell-outs, no copy of the corpus; selects the
+  planned shard reads → `_prefetch` → `_shard_slots` (`shardspec.tar_samples` over the verified
+  shard bytes: webdataset's grouping rules, no shell-outs, no copy of the corpus; selects the
   kind's modalities) → `_in_plan_order` → `_decode` (decode + report check + view) →
   `_substitute` (train) or `_good_only` (evaluation) → `_batched`. Every stage that can meet bad
   data takes the same ``handler=``: count the skip, warn, go on (`_count_warn_skip`).
-* I/O. Remote shards are fetched whole (one GET) and sha256-checked (``data.verify_sha256``) on a
-  prefetch thread one shard ahead, so at most two shards per stream are in memory and download
-  overlaps decoding. A stream runs epoch after epoch in one DataLoader iteration: workers start
-  once and the prefetch crosses epoch boundaries. ``data.cache_dir`` keeps verified shards on
-  local disk (LRU by file mtime, bounded by ``data.cache_limit_gb``).
+* I/O. A shard is fetched whole (one GET; local files: one read) on a prefetch thread one shard
+  ahead, and its sha256 (``data.verify_sha256``) is computed on a second thread, so a stream's
+  download, hashing and decoding of consecutive shards overlap (about ``radforge bench stream``'s
+  tar-read speed with verification on). A stream runs epoch after epoch in one DataLoader
+  iteration: workers start once and the prefetch crosses epoch boundaries. ``data.cache_dir``
+  keeps verified shards on local disk (LRU by file mtime, bounded by ``data.cache_limit_gb``; a
+  cache hit is not hashed again).
+* Verification guarantee. A shard's bytes are parsed only after its sha256 matched the manifest:
+  a mismatched shard yields no sample at all (its slots are bad slots, below, counted in
+  ``sha_mismatch``, ``bad_shards`` and ``skipped:bad_shard``), however the damage falls.
+* No copies between tar and view. The shard's members are memoryviews into its bytes
+  (`shardspec.tar_samples`), a CT volume is ``np.frombuffer`` over its ``.npy`` member
+  (`shardspec.decode_sample` with ``copy=False``) and the view crops it, so only the crop is ever
+  read. Memory: the shard being decoded, the one fetched ahead, and any older shard that samples
+  held by the shuffle (below) still point into; about one shuffle buffer of samples spans at most
+  two shards when shards hold more samples than the buffer.
 * Equal batches. Every stream yields exactly ``Q = min over streams(slots // batch_size)``
   batches per epoch, so every rank yields ``batches_per_epoch = Q × workers`` (ZeRO's collectives
   hang on an uneven rank); surplus slots of larger streams are left for that epoch (they differ
@@ -347,36 +358,51 @@ class _BadShard(Exception):
     """A shard that fails its sha256 check or holds fewer samples than its manifest record."""
 
 
-def _open_shard(shard: _Shard, *, verify: bool, cache_dir: str | None, cache_limit: float, counters: _Counters):
-    """A readable file object for the shard; raises `_BadShard` when it fails its sha256 check.
+@dataclass
+class _Fetched:
+    """A shard's bytes, and (when verifying) its sha256 being computed on the stream's hash thread."""
 
-    Remote shards are fetched whole with one GET (on the stream's prefetch thread, so the next
-    shard downloads while this one is decoded), hashed when verifying, and parsed from memory; a
-    shard is read whole anyway, and one GET beats many buffered range reads. The cache stores
-    verified shards under their sha256, evicting least recently used files beyond the size limit.
-    """
+    data: bytes
+    ok: Future | None = None  # -> False when its sha256 mismatched the manifest (None: nothing to check or cache)
+
+
+def _fetch_shard(shard: _Shard, *, verify: bool, cache_dir: str | None, cache_limit: float, counters: _Counters,
+                 hasher: ThreadPoolExecutor) -> _Fetched:
+    """The shard's bytes, fetched whole with one GET (a shard is read whole anyway, and one GET
+    beats many buffered range reads; local files: one read), on the stream's prefetch thread.
+
+    The sha256 is handed to a second thread (hashlib releases the GIL), so it overlaps the next
+    shard's GET and this one's decoding instead of adding to the fetch: the fetch thread only
+    waits on the network. The cache stores shards under their sha256 once they check (written on
+    the hash thread), evicting least recently used files beyond the size limit; a cache hit was
+    verified when it was stored."""
     cached = None
     if cache_dir:
         cached = os.path.join(cache_dir, (shard.sha256 or hashlib.sha256(shard.url.encode()).hexdigest()) + ".tar")
         try:
-            f = open(cached, "rb")
+            with open(cached, "rb") as f:
+                data = f.read()
             os.utime(cached)  # LRU order = mtime
             counters.add("cache_hits")
-            return f
+            return _Fetched(data)
         except FileNotFoundError:
             pass
-    if not verify and not cached and storage.is_local(shard.url):
-        return storage.open_input(shard.url)  # the OS page cache streams local files
-    # One GET for the whole object, then hash (~2 GB/s): measured faster than hashing ranged
-    # chunks while they download.
     data = storage.read_bytes(shard.url)
     counters.add("bytes_read", len(data))
-    if verify and shard.sha256 and hashlib.sha256(data).hexdigest() != shard.sha256:
-        counters.add("sha_mismatch")
-        raise _BadShard("sha256 does not match the manifest")
-    if cached:
+    check = verify and shard.sha256
+    if not check and not cached:
+        return _Fetched(data)
+    return _Fetched(data, hasher.submit(_check_and_cache, data, shard.sha256 if check else None, cached, cache_dir,
+                                        cache_limit))
+
+
+def _check_and_cache(data: bytes, want: str | None, cached: str | None, cache_dir: str | None,
+                     cache_limit: float) -> bool:
+    """(The hash thread.) Whether the shard matches sha256 `want` (True when None); caches it if so."""
+    ok = want is None or hashlib.sha256(data).hexdigest() == want
+    if ok and cached:
         _cache_put(cached, data, cache_dir, cache_limit)
-    return io.BytesIO(data)
+    return ok
 
 
 def _cache_put(path: str, data: bytes, cache_dir: str, limit_bytes: float) -> None:
@@ -402,9 +428,8 @@ def _cache_put(path: str, data: bytes, cache_dir: str, limit_bytes: float) -> No
 
 
 def _tar_samples(f, path: str) -> Iterator[dict]:
-    """webdataset's own tar stages over one open shard: members grouped into samples by key.
-    Their handler stays the default (re-raise): a torn tar stream cannot be resynchronised, so
-    the shard is the unit `_shard_slots` skips."""
+    """webdataset's own tar stages over one open shard, streamed (not held whole: label discovery
+    reads one shard at construction). Their handler stays the default (re-raise)."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     return group_by_keys(tar_file_expander(iter([{"url": path, "stream": f}])))
@@ -414,7 +439,7 @@ def _meta(sample: dict) -> dict:
     """A sample's JSON metadata, or {} when it is missing or corrupt (decoding then fails and the
     handler counts it)."""
     try:
-        meta = json.loads(sample["json"])
+        meta = json.loads(bytes(sample["json"]))  # members are memoryviews (`shardspec.tar_samples`)
     except Exception:
         return {}
     return meta if isinstance(meta, dict) else {}
@@ -485,7 +510,7 @@ class _Read:
     plan: _EpochPlan
     shard: _Shard
     wanted: set[int]
-    file: Future | None = None
+    fetched: Future | None = None  # -> _Fetched
     stats: _Counters = field(default_factory=_Counters)  # the fetch's counts (written on the prefetch thread)
 
 
@@ -507,18 +532,30 @@ def _shard_reads(plans: Iterable[_EpochPlan]) -> Iterator[_Read]:
 
 
 def _prefetch(reads: Iterable[_Read], *, fetch: Callable) -> Iterator[_Read]:
-    """Each read with its fetch started on a thread one shard ahead (possibly of the next epoch):
-    object-store latency and sha256 hide behind decoding, at most two shards are in memory. The
-    fetch keeps its own counters (`_Read.stats`): no shared mutable state across threads."""
-    with ThreadPoolExecutor(1, thread_name_prefix="radforge-prefetch") as pool:
+    """Each read with its fetch started on a thread one shard ahead (possibly of the next epoch),
+    and its sha256 on a second thread: object-store latency and hashing hide behind decoding, at
+    most two shards are fetched ahead. The fetch keeps its own counters (`_Read.stats`): no shared
+    mutable state across threads."""
+    with ThreadPoolExecutor(1, thread_name_prefix="radforge-prefetch") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="radforge-sha256") as hasher:
         ahead = None
         for read in reads:
-            read.file = pool.submit(fetch, read.shard, counters=read.stats)
+            read.fetched = pool.submit(fetch, read.shard, counters=read.stats, hasher=hasher)
             if ahead is not None:
                 yield ahead
             ahead = read
         if ahead is not None:
             yield ahead
+
+
+def _verified(read: _Read) -> bytes:
+    """The shard's bytes once its sha256 matched (when checked); raises `_BadShard` otherwise, so
+    no byte of a mismatched shard is parsed, and a shard is bad once however it is damaged."""
+    fetched = read.fetched.result()
+    if fetched.ok is not None and not fetched.ok.result():
+        read.stats.add("sha_mismatch")
+        raise _BadShard("sha256 does not match the manifest")
+    return fetched.data
 
 
 def _shard_slots(reads: Iterable[_Read], *, modalities: tuple[str, ...], counters: _Counters,
@@ -529,11 +566,10 @@ def _shard_slots(reads: Iterable[_Read], *, modalities: tuple[str, ...], counter
         shard, got = read.shard, set()
         counters.add("shards_read")
         try:
-            with read.file.result() as f:
-                for ordinal, sample in _selected(_tar_samples(f, shard.path), shard, modalities, counters):
-                    if ordinal in read.wanted:
-                        got.add(ordinal)
-                        yield _Slot(read.plan, shard.offset + ordinal, sample)
+            for ordinal, sample in _selected(shardspec.tar_samples(_verified(read)), shard, modalities, counters):
+                if ordinal in read.wanted:
+                    got.add(ordinal)
+                    yield _Slot(read.plan, shard.offset + ordinal, sample)
         except Exception as e:
             why = str(e) if isinstance(e, _BadShard) else type(e).__name__
             if not handler(_Skip("bad_shards", f"shard {shard.path}: {why}; its remaining samples are skipped")):
@@ -687,7 +723,7 @@ class _RankStreams(tud.IterableDataset):
 
         counters = _Counters()
         handler = _count_warn_skip(counters)
-        fetch = functools.partial(_open_shard, verify=self.data.verify_sha256, cache_dir=self.data.cache_dir,
+        fetch = functools.partial(_fetch_shard, verify=self.data.verify_sha256, cache_dir=self.data.cache_dir,
                                   cache_limit=self.data.cache_limit_gb * 1e9)
         epochs = itertools.count(self.epoch0) if self.train else [self.epoch0]
         if self.train:
@@ -729,7 +765,7 @@ class _RankStreams(tud.IterableDataset):
 
     def _sample(self, raw: dict, rng_key: list[int]) -> dict:
         """Raw members → the model view and its labels; raises (the handler counts it) when bad."""
-        array, meta, report = shardspec.decode_sample(raw)
+        array, meta, report = shardspec.decode_sample(raw, copy=False)  # the view crops/copies
         if self.data.require_report and not (report or "").strip():
             raise _Skip("skipped:no_report")
         rng = np.random.default_rng(rng_key) if self.train else None

@@ -16,7 +16,7 @@ from __future__ import annotations
 import io
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -58,12 +58,15 @@ def encode_sample(key: str, array: np.ndarray, meta: dict, report: str | None = 
     return members
 
 
-def decode_sample(members: dict[str, bytes]) -> tuple[np.ndarray, dict, str | None]:
-    """Tar members (suffix → bytes, as webdataset yields before decoding) → (array, meta, report)."""
-    meta = json.loads(members["json"])
+def decode_sample(members: dict, *, copy: bool = True) -> tuple[np.ndarray, dict, str | None]:
+    """Tar members (suffix → bytes or memoryview: what webdataset or `tar_samples` yield) →
+    (array, meta, report). ``copy=False`` returns a CT array that is a read-only view of the
+    member's bytes (no copy; the loader's path, where the view crops it at once); the default
+    returns an array of its own, as ``np.load`` does."""
+    meta = json.loads(bytes(members["json"]))  # bytes(): json refuses memoryviews (a no-op on bytes)
     codec = kinds.of_codec(members).codec
-    array = _CODECS[codec][1](members[codec])
-    report = members["txt"].decode("utf-8") if "txt" in members else None
+    array = _CODECS[codec][1](members[codec], copy=copy)
+    report = bytes(members["txt"]).decode("utf-8") if "txt" in members else None
     return array, meta, report
 
 
@@ -73,8 +76,34 @@ def _npy_encode(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _npy_decode(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+def _npy_decode(data, *, copy: bool = True) -> np.ndarray:
+    """`.npy` bytes → array, reading the header with numpy's own parser and the payload with
+    ``np.frombuffer`` (``np.load`` on a BytesIO copies the payload twice). Same checks as
+    ``np.load(allow_pickle=False)``: object arrays and short payloads raise ValueError."""
+    from numpy.lib import format as npy
+
+    view = memoryview(data).cast("B")
+    if bytes(view[:6]) != npy.MAGIC_PREFIX or len(view) < 10:
+        raise ValueError("not a .npy member (bad magic)")
+    version = (view[6], view[7])
+    if version == (1, 0):
+        end = 10 + int.from_bytes(view[8:10], "little")
+    elif version == (2, 0):
+        end = 12 + int.from_bytes(view[8:12], "little")
+    else:  # 3.0 (utf-8 field names, never written for the stored dtypes): numpy's own reader
+        return np.load(io.BytesIO(bytes(view)), allow_pickle=False)
+    head = io.BytesIO(bytes(view[:end]))
+    npy.read_magic(head)
+    read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
+    shape, fortran, dtype = read(head)
+    if dtype.hasobject:
+        raise ValueError("object arrays cannot be loaded (pickles are refused)")
+    count = int(np.prod(shape, dtype=np.int64))
+    if len(view) - end < count * dtype.itemsize:
+        raise ValueError(f".npy payload holds {len(view) - end} bytes; its header promises {count * dtype.itemsize}")
+    flat = np.frombuffer(view, dtype=dtype, count=count, offset=end)
+    array = flat.reshape(shape[::-1]).T if fortran else flat.reshape(shape)
+    return array.copy(order="K") if copy else array
 
 
 def _png_encode(array: np.ndarray) -> bytes:
@@ -85,8 +114,8 @@ def _png_encode(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _png_decode(data: bytes) -> np.ndarray:
-    from PIL import Image
+def _png_decode(data, *, copy: bool = True) -> np.ndarray:
+    from PIL import Image  # (a decoded PNG is always an array of its own: `copy` is moot)
 
     return np.asarray(Image.open(io.BytesIO(data))).astype(np.uint16)
 
@@ -299,6 +328,46 @@ def iter_samples(dest: str, manifest: dict, *, limit: int | None = None, split: 
                 n += 1
                 if limit is not None and n >= limit:
                     return
+
+
+def tar_samples(data: bytes) -> Iterator[dict]:
+    """The samples of one whole shard held in memory: dicts of suffix → memoryview of the member's
+    bytes inside `data`, plus ``__key__``; the same samples, keys and bytes as webdataset's
+    ``tar_file_iterator`` + ``group_by_keys`` (its key rule, lower-cased suffixes, non-files and
+    ``__…__`` entries skipped, a repeated suffix in one sample is a ValueError), without copying
+    a payload: tarfile reads only the 512-byte headers and seeks over the data.
+
+    A torn tar raises ``tarfile.ReadError`` where the stream reader would; a header that fails its
+    checksum mid-archive ends the iteration early, as in tarfile (the loader's sample count against
+    the manifest catches that). A view keeps `data` alive: copy what must outlive the shard."""
+    import re
+    import tarfile
+
+    from webdataset.tariterators import base_plus_ext
+
+    whole = memoryview(data)
+    tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")  # BytesIO shares an immutable bytes object
+    sample: dict | None = None
+    while (info := tf.next()) is not None:
+        tf.members.clear()  # the index tarfile keeps is not needed: constant memory per shard
+        name = info.name
+        if not info.isreg() or re.match(r"__[^/]*__($|/)", name):
+            continue
+        if info.issparse() or info.offset_data + info.size > len(whole):
+            raise tarfile.ReadError(f"{name}: unexpected end of data" if not info.issparse() else f"{name}: sparse member")
+        key, suffix = base_plus_ext(name)
+        if key is None:
+            continue
+        suffix = suffix.lower()
+        if sample is None or key != sample["__key__"]:
+            if sample is not None:
+                yield sample
+            sample = {"__key__": key}
+        if suffix in sample:
+            raise ValueError(f"{name}: duplicate file name in tar file {suffix} {sample.keys()}")
+        sample[suffix] = whole[info.offset_data : info.offset_data + info.size]
+    if sample is not None:
+        yield sample
 
 
 def _mb(n: int) -> str:

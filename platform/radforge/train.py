@@ -241,7 +241,9 @@ def _torch_trainer(job: _Job, pa_fs, pa_path: str):
     return TorchTrainer(
         _worker_loop,
         train_loop_config={"job": job},
-        torch_config=TorchConfig(backend="nccl" if scale.use_gpu else "gloo"),
+        # CPU tensors need gloo beside nccl: Metrics reduces its counters on the CPU, and a
+        # nccl-only process group has no backend for them.
+        torch_config=TorchConfig(backend="cpu:gloo,cuda:nccl" if scale.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=scale.num_workers, use_gpu=scale.use_gpu,
                                      resources_per_worker=resources, placement_strategy=scale.placement_strategy),
         run_config=RunConfig(
@@ -801,6 +803,7 @@ class Trainer:
             batch = {k: (v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v) for k, v in batch.items()}
             if self.views is not None:  # crops from (seed, step, sample key): the same on any rank
                 batch = self.views.apply(batch, _mix(r.seed, self.step))
+            batch = _cast_floats(batch, r.deepspeed.precision)
             # MAE masks (torch's global RNG) are a function of (seed, step, micro, rank): a
             # resumed run draws what the uninterrupted one would have.
             torch.manual_seed(_mix(r.seed, self.step, micro, self.info.rank))
@@ -855,6 +858,18 @@ def _setup_device(recipe: TrainRecipe):
     # every worker and they would fight over the same cores.
     torch.set_num_threads(max(1, int(recipe.scale.cpus_per_worker)))
     return torch.device("cpu")
+
+
+def _cast_floats(batch: dict, precision: str) -> dict:
+    """Float tensors of a batch in the engine's 16-bit dtype (fp32: unchanged). DeepSpeed's bf16
+    and fp16 engines hold 16-bit weights but cast no inputs (bf16 has no auto_cast, fp16's is
+    off), so float32 images would stop at the first patch-embedding conv."""
+    import torch
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    if dtype is None:
+        return batch
+    return {k: (v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v) for k, v in batch.items()}
 
 
 def _input_shapes(recipe: TrainRecipe) -> dict[str, tuple[int, ...]]:

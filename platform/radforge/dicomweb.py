@@ -36,7 +36,15 @@ worker: prefer the file on a cluster). They exist only in the request headers: n
 (userinfo in a SOURCE is refused), logs, exceptions, the index or the manifest. Error messages
 name the host and the kind of request, never UIDs or server text.
 
-Counters (requests, retries by cause, bytes) are kept per process and flushed as small JSON
+One retrieval per instance: WADO-RS has no byte ranges, so the header scan's read (`open_head`)
+is the whole instance; it is kept on the node's disk (`_InstanceCache`, bounded, mode 0700, each
+file taken once) and the build's read (`read_bytes`) takes it from there instead of asking the
+server again. The metadata-only route (WADO-RS `/metadata`, DICOM JSON) was not taken: the scan
+would then parse JSON instead of the file's own bytes (no truncation, file-meta or budget checks on
+what is built), and the build would still retrieve every instance whole.
+
+Counters (requests, retries by cause, bytes; cache_hits / cache_bytes: build reads served by the
+scan's copy) are kept per process and flushed as small JSON
 files under the system temp dir (`stats_dir`), which the ingest driver sums for its report.
 Known limit: on a multi-node cluster only the driver node's processes are counted.
 """

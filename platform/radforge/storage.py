@@ -22,6 +22,12 @@ DICOMweb archives (``dicomweb+http://HOST:PORT/PATH``, ``dicomweb+https://``) ar
 sources: listing and reading dispatch to `radforge.dicomweb` (QIDO-RS studies are the
 "sub-directories" of the root, WADO-RS instances its files; sizes are unknown until read, -1).
 
+Header reads (`open_head`, the ingest's scan): range requests for the start of an object, never
+the whole of it (`HeadReader`: the first 1/32 of the object, 8-64 KiB; extensions only for a longer
+header; an exact small request for a read far from the start). With the build's one whole read
+(`read_bytes`: one GET on S3, no HEAD) an ingest reads ≈ 1.03 × the corpus bytes from S3
+(`radforge bench ingest`, `source_reads`: 2 × 64 CT slices of 512², RLE, 281 KB each).
+
 Atomicity: readers never see a partial object. Local (and other hierarchical) targets are
 written to a hidden temp file beside the target and renamed over it; object stores get a
 single PUT (or a multipart upload, which only becomes visible on completion).

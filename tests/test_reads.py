@@ -153,8 +153,11 @@ def test_s3_scan_reads_a_prefix_and_the_build_reads_each_file_once(s3_spy, tmp_p
     local[enhanced] = os.path.getsize(enhanced)
     for path in local:
         storage.put_file_atomic(path, f"{bucket}/src/{os.path.basename(path)}")
+    copied = sorted(local)[0]  # a second copy of one slice (same SOP Instance UID, same pixels)
+    storage.put_file_atomic(copied, f"{bucket}/src/copy/{os.path.basename(copied)}")
+    local[copied + "#copy"] = local[copied]
     listed = storage.find_files(bucket + "/src")
-    assert len(listed) == 9
+    assert len(listed) == 10
     calls.clear()
 
     rows = []
@@ -171,20 +174,29 @@ def test_s3_scan_reads_a_prefix_and_the_build_reads_each_file_once(s3_spy, tmp_p
             # file's rest in one extension, a large one's last 8 bytes)
             assert len(gets) == 2 and gets[0][2:] == (f"bytes=0-{first - 1}", first)
             assert gets[1][2].endswith(f"-{size - 1}") and gets[1][3] <= max(8, size - first)
-        by_name = {os.path.basename(p): p for p in local}
+        by_name = {os.path.basename(p): p for p in local if not p.endswith("#copy")}
         assert {**row, "path": None} == {**_scan_whole(by_name[os.path.basename(url)]), "path": None,
                                          "group_key": row["group_key"]}
 
     calls.clear()
     recipe = config.load(config.IngestRecipe, None, ["deid.demo_key=true"])
-    ctx = dicom.PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(deid.DEMO_KEY))
+    # planning's comparison of copies, as ingest._pixel_digest_of does it (without the decoder child)
+    digest = lambda row, limit: dicom.pixel_digest(storage.read_bytes(row["path"]), limit)  # noqa: E731
+    ctx = dicom.PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(deid.DEMO_KEY), pixel_digest=digest)
     items = [it for it in dicom.plan_group([r for r in rows if r["modality"] == "CT" and r["n_frames"] == 1], ctx)]
     items += dicom.plan_group([r for r in rows if r["n_frames"] == 60], ctx)
     planned = [it for it in items if it.status == "planned"]
-    assert len(planned) == 2 and calls == []  # planning reads nothing (no copies to compare)
+    assert len(planned) == 2 and [it.reason for it in items if it.status == "skipped"] == ["duplicate_instance"]
+    sizes = dict(listed)
+    name = os.path.basename(copied)
+    # the one re-read there is: both copies of the duplicate, whole, to compare their pixels
+    assert sorted(c[1] for c in calls) == sorted(k for k in (u.split("/", 3)[3] for u in sizes) if k.endswith(name))
+    assert all(m == "get_object" and r is None and n == local[copied] for m, _, r, n in calls)
+    calls.clear()
     for item in planned:
         ingest.make_sample(item, recipe, None)
-    sizes = dict(listed)
-    assert sorted(c[1] for c in calls) == sorted(url.split("/", 3)[3] for url, _ in listed)  # one call per file
+    used = {p for it in planned for p in it.paths}  # the enhanced file is a path per frame
+    assert len(used) == 8 + 1  # 8 slices (one of the two copies) and the enhanced file
+    assert sorted(c[1] for c in calls) == sorted(u.split("/", 3)[3] for u in used)  # one call per file used
     for method, key, rng, nbytes in calls:
         assert method == "get_object" and rng is None and nbytes == sizes[f"{bucket}/{key}"]

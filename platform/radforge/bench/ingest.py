@@ -7,6 +7,8 @@
   ingest@1cpu  the full ingest (scan, plan, decode, HU, orient, resample, encode, tar, manifest)
                on a local Ray cluster of 1 CPU
   ingest@Ncpu  the same with all CPUs (N = os.cpu_count(), at least 2)
+  source_reads bytes and GETs read from SOURCE per stage, from moto S3, counted by the server
+               (`radforge.bench.reads`; 2 × 64 slices of 512² on a 2-CPU cluster of its own)
 
   in_process   one process, no Ray: the ingest's own work (scan, plan, make_sample); the ceiling
                for ingest@1cpu, so `ingest_1cpu / ingest_in_process` is what Ray costs
@@ -27,6 +29,7 @@ import shutil
 import time
 
 from radforge.bench._common import _Best, _block, _met, _PeakRSS, _ct_corpus, _tree_cpu_s, _warm_ray, _workdir
+from radforge.bench.reads import bench_source_reads, format_source_reads
 
 
 def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, syntax: str, repeats: int = 2) -> dict:
@@ -111,6 +114,8 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
                          "in_process": {k: round(v, 2) for k, v in inproc_stages.items()}},
             "cold_start_s": {"mean per cluster": round(sum(colds) / len(colds), 2)},
             "repeats": repeats,
+            # bytes and GETs per stage from moto S3, counted by the server (bench/reads.py)
+            "source_reads": bench_source_reads(root),
             "loadavg_1min": loadavg,
         }
 
@@ -189,6 +194,8 @@ def format_ingest(r: dict) -> str:
     if "cold_start_s" in r:
         lines.append("cold start, untimed (worker imports + a tiny warm-up ingest): "
                      + "; ".join(f"{k} {v:.1f} s" for k, v in r["cold_start_s"].items()))
+    if "source_reads" in r:
+        lines += format_source_reads(r["source_reads"])
     if "loadavg_1min" in r:
         lines.append(f"1-min load average during the run: {r['loadavg_1min']}")
     return "\n".join(lines)

@@ -428,6 +428,11 @@ def test_real_ingest_output(ingested, image):
     assert loader.metrics()["skipped_samples"] == 0 and loader.metrics()["bad_shards"] == 0
     assert batches[0]["image"].shape[1:] == loader.input_shape
     assert all(torch.isfinite(b["image"]).all() for b in batches)
+    want = _reference_views(ingested.dest, image)  # the fast reader on real ingest output, bit for bit
+    assert sorted(k for b in batches for k in b["key"]) == sorted(want)
+    for b in batches:
+        for i, key in enumerate(b["key"]):
+            assert torch.equal(b["image"][i], torch.from_numpy(want[key][0])) and b["modality"][i] == want[key][1]["modality"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -114,6 +114,25 @@ def test_empty_object(root):
     storage.write_bytes_atomic(url, b"")
     assert storage.read_bytes(url) == b""
     assert storage.read_head(url, 100) == b""  # S3 answers 416 to a range on an empty object
+    with storage.open_head(url, 0) as f:
+        assert f.read(132) == b"" and f.requests == 0
+
+
+def test_open_head_reads_by_ranges_on_every_backend(root):
+    url = storage.join(root, "slice.dcm")
+    data = os.urandom(400_000)
+    storage.write_bytes_atomic(url, data)
+    first = storage.head_first_range(len(data))
+    assert first == len(data) // 32  # between HEAD_FIRST_MIN and HEAD_FIRST_MAX
+    for size in (len(data), -1):  # the listed size, or asked of the store
+        with storage.open_head(url, size) as f:
+            assert f.read(132) == data[:132] and (f.requests, f.bytes_fetched) == (1, first)
+            f.seek(first - 4)  # onward: one extension of at least 3× the window
+            assert f.read(8) == data[first - 4:first + 4] and (f.requests, f.bytes_fetched) == (2, 4 * first)
+            assert f.seek(-8, os.SEEK_END) == len(data) - 8  # far: exactly the bytes asked for
+            assert f.read(8) == data[-8:] and (f.requests, f.bytes_fetched) == (3, 4 * first + 8)
+            assert f.read(8) == b""  # at the end: no request
+            assert f.requests == 3
 
 
 def test_put_file_atomic(root, tmp_path):

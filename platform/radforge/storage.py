@@ -423,6 +423,8 @@ class HeadReader:
     """
 
     def __init__(self, fetch, size: int, close=None):
+        if size < 0:
+            raise ValueError("HeadReader needs the object's size")
         self._fetch, self._close = fetch, close
         self.size = size
         self._lo, self._buf = 0, b""  # the window: object bytes [_lo, _lo + len(_buf))
@@ -443,9 +445,11 @@ class HeadReader:
         return self._lo + len(self._buf)
 
     def _extend(self, end: int) -> None:
+        """Fetch onward from the window to at least `end`: the first range, else 3× the window
+        (at most HEAD_WINDOW_MAX at a time)."""
         hi = self._hi()
-        want = hi + max(end - hi, 3 * max(hi - self._lo, 1), head_first_range(self.size) if hi == 0 else 0)
-        self._buf += self._get(hi, min(self.size, want))
+        grow = head_first_range(self.size) if hi == 0 else min(3 * (hi - self._lo), HEAD_WINDOW_MAX)
+        self._buf += self._get(hi, min(self.size, max(end, hi + grow)))
 
     def read(self, n: int = -1) -> bytes:
         pos = self._pos

@@ -341,6 +341,8 @@ def test_ingest_through_dicomweb_equals_the_folder_and_appends(ray_cluster, orth
         assert np.array_equal(a[k][0], b[k][0]) and a[k][1] == b[k][1] and a[k][2] == b[k][2]
     assert web.manifest["inputs"] == from_folder.manifest["inputs"]
     assert web.source_stats["retries"] == sum(proxy.faults.values()) > 0, (web.source_stats, proxy.faults)
+    # one retrieval per instance: every file the build used came from the scan's copy on this node
+    assert web.source_stats["cache_hits"] == web.manifest["inputs"]["used"] > 0, web.source_stats
     print(f"\nFIGURES folder {len(first) / folder_s:.1f} instances/s ({folder_s:.1f} s); dicomweb via fault proxy "
           f"{len(first) / web_s:.1f} instances/s ({web_s:.1f} s); faults {dict(proxy.faults)}; stats {web.source_stats}")
 

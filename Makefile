@@ -17,7 +17,7 @@ PYTEST_ARGS ?=
 # test-fast's pytest-xdist processes (the Ray-free tier's tests are isolated; 1 = one process).
 TEST_WORKERS ?= 2
 
-.PHONY: setup sysdeps test test-fast demo bench lint clean ray-job-ingest help
+.PHONY: setup sysdeps test test-fast demo bench bench-gpu lint clean ray-job-ingest help
 .PHONY: cluster-local submit-ingest submit-train deploy status stop image-cpu image-cuda images
 
 help:
@@ -26,6 +26,7 @@ help:
 	@echo "make test       everything, Ray / DeepSpeed / Serve end to end included (what CI runs; under 15 minutes on 2 cores)"
 	@echo "make demo       sample corpus → ingest → tiny MAE + CLIP → evaluation → export → Serve + HTTP queries ($(DEMO_DIR))"
 	@echo "make bench      run the ingest, stream, train and serve benchmarks (ratios measured side by side)"
+	@echo "make bench-gpu  on a CUDA machine: the GPU recipes' bf16 + nccl path (MFU, data-wait, memory vs DeepSpeed's estimate, GPU decode), a few minutes"
 	@echo "make cluster-local | submit-ingest | submit-train | deploy | status | stop   (see cluster/README.md)"
 
 setup: $(STAMP)
@@ -68,6 +69,12 @@ demo: $(STAMP)
 
 bench: $(STAMP)
 	for b in ingest stream train serve; do $(VENV)/bin/radforge bench $$b || exit 1; done
+
+# Needs a CUDA build of torch (`make setup CONSTRAINTS=`); refuses with "no CUDA device" otherwise.
+# BENCH_GPU_ARGS: e.g. --json, --peak-tflops 989, --cpu-dry-run (the same path on CPU, for CI).
+BENCH_GPU_ARGS ?=
+bench-gpu: $(STAMP)
+	$(VENV)/bin/radforge bench gpu $(BENCH_GPU_ARGS)
 
 lint: $(STAMP)
 	$(PY) -m compileall -q platform jobs tests

@@ -27,7 +27,8 @@ EXPECTED_SURFACE = {
         "--no-progress", "--append",
     },
     "inspect": {"DEST", "-h", "--help", "--samples", "--json", "--split", "--png", "--montage"},
-    "bench": {"what", "-h", "--help", "--json", "--workdir", "--series", "--slices", "--size", "--syntax", "--hostile"},
+    "bench": {"what", "-h", "--help", "--json", "--workdir", "--series", "--slices", "--size", "--syntax", "--hostile",
+              "--cpu-dry-run", "--peak-tflops"},
     "train": {"RECIPE", "-h", "--help", "--set", "--resume", "--no-progress"},
     "export": {"CHECKPOINT", "OUT", "-h", "--help"},
     "evaluate": {"MODEL", "SHARDS", "-h", "--help", "--split", "--set", "--json", "--protocol", "--report", "--no-progress"},
@@ -81,7 +82,7 @@ def test_a_command_is_required(capsys):
 def test_bench_choices_are_part_of_the_surface():
     bench = _subparsers(cli._build_parser())["bench"]
     choices = {a.dest: a.choices for a in bench._actions if a.choices}
-    assert choices == {"what": ["ingest", "train", "stream", "serve", "dicomweb"], "syntax": ["explicit", "rle", "jpegls", "j2k"]}
+    assert choices == {"what": ["ingest", "train", "stream", "serve", "dicomweb", "gpu"], "syntax": ["explicit", "rle", "jpegls", "j2k"]}
 
 
 def test_bench_hostile_is_a_serve_option(monkeypatch, capsys):

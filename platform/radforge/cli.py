@@ -77,7 +77,8 @@ def _suffixes(raw: dict) -> dict:
 def _bench(a) -> int:
     from radforge import bench
 
-    result = bench.run(a.what, **{k: v for k, v in vars(a).items() if k in ("workdir", "series", "slices", "size", "syntax", "hostile")})
+    result = bench.run(a.what, **{k: v for k, v in vars(a).items() if k in ("workdir", "series", "slices", "size", "syntax", "hostile",
+                                                                               "cpu_dry_run", "peak_tflops")})
     print(json.dumps(result, indent=1) if a.json else bench.format_result(result))
     return 0
 
@@ -150,7 +151,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_inspect)
 
     s = sub.add_parser("bench", help="benchmarks, printed as ratios measured side by side")
-    s.add_argument("what", choices=["ingest", "train", "stream", "serve", "dicomweb"])
+    s.add_argument("what", choices=["ingest", "train", "stream", "serve", "dicomweb", "gpu"])
     s.add_argument("--json", action="store_true")
     s.add_argument("--workdir", help="where the generated corpus goes (default: a temp dir)")
     s.add_argument("--series", type=int, help="CT series in the generated corpus (default: per benchmark, ingest 8, stream 4)")
@@ -159,6 +160,10 @@ def _build_parser() -> argparse.ArgumentParser:
     s.add_argument("--syntax", default="rle", choices=["explicit", "rle", "jpegls", "j2k"], help="transfer syntax of the corpus")
     s.add_argument("--hostile", action="store_true",
                    help="serve only: valid DICOM uploads mixed with 25%% crafted ones (bombs, stalls, garbage) vs a clean run")
+    s.add_argument("--cpu-dry-run", action="store_true",
+                   help="gpu only: the same code path on CPU (fp32, gloo, 3 steps, a tiny model) to check the script without a GPU")
+    s.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
+                   help="gpu only: the GPU's dense bf16 peak for MFU (default: from the table of known GPUs by device name)")
     s.set_defaults(fn=_bench)
 
     s = sub.add_parser("train", help="train a model from a recipe on the Ray cluster (Ray Train + DeepSpeed)")

@@ -8,6 +8,8 @@ One module per benchmark, each `bench_<name>(**options) -> dict` and `format_<na
             (`--hostile`: valid uploads mixed with crafted ones)
   train     step time and data-wait fraction of the training recipes
   dicomweb  the same corpus ingested from a folder and from Orthanc's DICOMweb plugin
+  gpu       the GPU recipes' bf16 + nccl path: MFU, data-wait, peak memory vs DeepSpeed's estimate,
+            GPU vs CPU decode (`--cpu-dry-run`: the same path on CPU, fp32/gloo, for CI)
 
 `radforge bench NAME` calls `run` and prints `format_result`; `--json` prints the dict.
 """
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 from radforge.bench._common import SYNTAXES
 from radforge.bench.dicomweb import ORTHANC_BIN, ORTHANC_DICOMWEB_PLUGIN, Orthanc, bench_dicomweb, format_dicomweb
+from radforge.bench.gpu import bench_gpu, format_gpu
 from radforge.bench.ingest import bench_ingest, format_ingest
 from radforge.bench.serve import bench_serve, bench_serve_hostile, format_serve, format_serve_hostile
 from radforge.bench.stream import bench_stream, format_stream
@@ -23,16 +26,22 @@ from radforge.bench.train import bench_train, format_train
 
 __all__ = ["SYNTAXES", "ORTHANC_BIN", "ORTHANC_DICOMWEB_PLUGIN", "Orthanc", "run", "format_result", "bench_ingest", "bench_stream",
            "bench_serve", "bench_serve_hostile", "bench_train", "bench_dicomweb", "format_ingest", "format_stream", "format_serve",
-           "format_serve_hostile", "format_train", "format_dicomweb"]
+           "format_serve_hostile", "format_train", "format_dicomweb", "bench_gpu", "format_gpu"]
 
 
 def run(what: str, *, workdir: str | None = None, series: int | None = None, slices: int | None = None, size: int = 512,
-        syntax: str = "rle", hostile: bool = False) -> dict:
+        syntax: str = "rle", hostile: bool = False, cpu_dry_run: bool = False, peak_tflops: float | None = None) -> dict:
     """Run benchmark `what` (names looked up at call time, so a test can replace one)."""
     if hostile and what != "serve":
         from radforge.errors import ConfigError
 
         raise ConfigError("--hostile is an option of `radforge bench serve` only")
+    if (cpu_dry_run or peak_tflops) and what != "gpu":
+        from radforge.errors import ConfigError
+
+        raise ConfigError("--cpu-dry-run and --peak-tflops are options of `radforge bench gpu` only")
+    if what == "gpu":
+        return bench_gpu(workdir=workdir, cpu_dry_run=cpu_dry_run, peak_tflops_override=peak_tflops)
     if what == "serve":
         return bench_serve_hostile(workdir=workdir) if hostile else bench_serve(workdir=workdir)
     if what == "train":
@@ -49,7 +58,7 @@ def run(what: str, *, workdir: str | None = None, series: int | None = None, sli
 
 
 _FORMATS = {"serve-hostile": "format_serve_hostile", "serve": "format_serve", "train": "format_train",
-            "stream": "format_stream", "dicomweb": "format_dicomweb"}
+            "stream": "format_stream", "dicomweb": "format_dicomweb", "gpu": "format_gpu"}
 
 
 def format_result(r: dict) -> str:

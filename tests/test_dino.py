@@ -193,3 +193,85 @@ def test_the_tiny_recipe_builds_and_resolves_the_momentum_schedule():
     with pytest.raises(config.ConfigError, match="model.dino.local_scale"):
         config.load(TrainRecipe, "jobs/recipes/tiny-dino-xray.yaml", ["model.dino.local_scale=[0.5, 0.2]"])
 
+
+
+# --------------------------------------------------------------------------- learning
+
+
+def _phantom_views(n: int, first: int, size: int = 32) -> tuple[torch.Tensor, np.ndarray]:
+    """n phantom PA radiographs (phantoms.chest_radiograph, the DX default 300 × 240) through the
+    stored form (Profile.canonical_xray) and the model view, with their [n, 3] finding labels
+    (1 / 0, NaN uncertain or not mentioned): what the loader would hand the model, without Ray."""
+    from radforge import phantoms
+
+    view = kinds.XRAY.view(ViewConfig(xray_size=size, rand_crop=False))
+    xs, ys = [], []
+    for i in range(first, first + n):
+        study = phantoms.make_study(phantoms.make_patient(i, seed=5), seed=5)
+        display, _ = phantoms.chest_radiograph(300, 240, study, 4095)
+        xs.append(view(Profile().canonical_xray(display.astype(np.float32) / 4095)))
+        ys.append([{1: 1.0, 0: 0.0}.get(study.findings[f], np.nan) for f in phantoms.FINDINGS])
+    return torch.from_numpy(np.stack(xs)), np.array(ys)
+
+
+def _paired_auroc_gain(before: np.ndarray, after: np.ndarray, y: np.ndarray, n: int = 500) -> tuple[float, float, float]:
+    """AUROC(after) − AUROC(before) on the labelled samples and its paired percentile-bootstrap 95% CI
+    (the same resampled test samples for both scorers)."""
+    from radforge import evaluate
+
+    keep = ~np.isnan(y)
+    b, a, y = before[keep], after[keep], y[keep]
+    rng, gains = np.random.default_rng(0), []
+    for _ in range(n):
+        i = rng.integers(0, len(y), len(y))
+        if 0 < y[i].sum() < len(i):
+            gains.append(evaluate.auroc(a[i], y[i]) - evaluate.auroc(b[i], y[i]))
+    lo, hi = np.percentile(gains, [2.5, 97.5])
+    return evaluate.auroc(a, y) - evaluate.auroc(b, y), float(lo), float(hi)
+
+
+STEPS = 20  # ~17 CPU-seconds on 2 threads
+
+
+def test_dino_learns_what_a_random_vit_cannot_see_on_phantom_radiographs():
+    """The tiny recipe's DINO settings (momentum, teacher temperature, prototypes) on 64 phantom
+    radiographs at 32 px, 20 single-process steps (the objective itself, no engine): the DINO loss
+    falls well below its uniform value ln K, and the frozen teacher's cosine 20-NN AUROC for the
+    nodule — at 32 px a disc of ~1.3 px, which an untrained ViT of the same architecture does not
+    separate (~0.5), while cardiomegaly and effusion it already does (1.0: no room to learn) —
+    rises over the untrained init's, the paired bootstrap 95% CI over 64 held-out radiographs
+    above 0. (A random ViT's linear probe already reads the large findings: the models.dino docstring.)"""
+    from radforge import evaluate
+
+    recipe = config.load(TrainRecipe, "jobs/recipes/tiny-dino-xray.yaml")
+    keep = ("momentum", "teacher_temp", "warmup_teacher_temp", "teacher_temp_warmup_steps", "out_dim", "head_batch_norm",
+            "student_temp")
+    cfg, m, shape = _model("xray", momentum_steps=STEPS, **{k: getattr(recipe.model.dino, k) for k in keep})
+    x, y = _phantom_views(64, 0)
+    xt, yt = _phantom_views(64, 5000)
+    mc = transforms.RandMultiCrop(cfg.dino, shape, cfg.patch(kinds.XRAY))
+
+    def knn() -> np.ndarray:
+        m.eval()
+        s = evaluate.knn_scores(m.embed_image(x).numpy(), y, m.embed_image(xt).numpy(), k=20)
+        m.train()
+        return s
+
+    before = knn()
+    opt = torch.optim.AdamW(m.parameters(), lr=recipe.optim.lr, betas=recipe.optim.betas,
+                            weight_decay=recipe.optim.weight_decay)
+    rng, losses = np.random.default_rng(0), []
+    for step in range(STEPS):
+        idx = rng.choice(len(x), 16, replace=False)
+        out = m(mc.apply({"image": x[idx], "key": [f"s{i}" for i in idx]}, step))
+        opt.zero_grad()
+        out["loss"].backward()
+        torch.nn.utils.clip_grad_norm_(m.parameters(), recipe.optim.grad_clip)
+        opt.step()
+        m.on_step_end(step + 1)
+        losses.append(float(out["dino_loss"]))
+    after = knn()
+    ln_k = math.log(cfg.dino.out_dim)
+    assert np.mean(losses[-5:]) < min(0.85 * np.mean(losses[:3]), ln_k - 0.15), losses  # measured 3.13 → 2.46, ln K 2.77
+    gain, lo, hi = _paired_auroc_gain(before[:, 0], after[:, 0], yt[:, 0])
+    assert lo > 0 and gain > 0.1, (gain, lo, hi)  # measured +0.33 [0.15, 0.51]

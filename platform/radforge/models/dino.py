@@ -188,7 +188,8 @@ class DINO(Objective):
         own_cls = getattr(backbone, "cls_token", None) is None
         if cfg.teacher_only:  # an exported model: the teacher backbone is all there is
             self.encoder = backbone.requires_grad_(False)
-            self.teacher_cls = nn.Parameter(torch.zeros(1, 1, width), requires_grad=False) if own_cls else None
+            self.teacher_cls = nn.Parameter(nn.init.trunc_normal_(torch.zeros(1, 1, width), std=0.02),
+                                            requires_grad=False) if own_cls else None
             return
         self.student = backbone
         self.student_cls = nn.Parameter(torch.zeros(1, 1, width)) if own_cls else None

@@ -536,8 +536,9 @@ def _prefetch(reads: Iterable[_Read], *, fetch: Callable) -> Iterator[_Read]:
     and its sha256 on a second thread: object-store latency and hashing hide behind decoding, at
     most two shards are fetched ahead. The fetch keeps its own counters (`_Read.stats`): no shared
     mutable state across threads."""
-    with ThreadPoolExecutor(1, thread_name_prefix="radforge-prefetch") as pool, \
-            ThreadPoolExecutor(1, thread_name_prefix="radforge-sha256") as hasher:
+    pool = ThreadPoolExecutor(1, thread_name_prefix="radforge-prefetch")
+    hasher = ThreadPoolExecutor(1, thread_name_prefix="radforge-sha256")
+    try:
         ahead = None
         for read in reads:
             read.fetched = pool.submit(fetch, read.shard, counters=read.stats, hasher=hasher)
@@ -546,6 +547,12 @@ def _prefetch(reads: Iterable[_Read], *, fetch: Callable) -> Iterator[_Read]:
             ahead = read
         if ahead is not None:
             yield ahead
+    finally:
+        # Closed early (training stopped, a caller broke off): the read-ahead, often the next
+        # epoch's first shard, is of no use, so the caller does not wait for its download (the
+        # thread finishes it and exits).
+        for ex in (pool, hasher):
+            ex.shutdown(wait=False, cancel_futures=True)
 
 
 def _verified(read: _Read) -> bytes:

@@ -380,7 +380,7 @@ def _write_manifest(plan: _Plan, recipe: IngestRecipe, secret: bytes, seen: int,
     atomically (only when there is at least one sample); also kept as `manifests/vN.json`.
     With `prev` (an append) version N + 1 on top of version N."""
     records = _load_progress(progress_url, plan.digest)
-    inputs = _accounting(plan.items, records, seen, private)
+    inputs = _accounting(plan.items, progress_url, plan.digest, seen, private)
     m = shardspec.new_manifest(
         profile=Profile.from_recipe(recipe),
         recipe=config.to_dict(recipe),
@@ -392,7 +392,7 @@ def _write_manifest(plan: _Plan, recipe: IngestRecipe, secret: bytes, seen: int,
     if not shardspec.reconciles(inputs):  # pragma: no cover - a bug, never an input problem
         raise RuntimeError(f"input accounting does not reconcile: {inputs}")
     if prev is not None:
-        m = prev.next_manifest(m, records, private)
+        m = prev.next_manifest(m, private)
     if m["totals"]["samples"]:
         sel = shardspec.selection(_series_items(plan.items))
         storage.write_bytes_atomic(storage.join(dest, shardspec.SELECTION), json.dumps(sel, indent=1).encode())
@@ -459,7 +459,7 @@ class _Previous:
         self.groups = set(groups.to_pylist())
         return index.map_batches(_in_groups, batch_format="pyarrow", fn_kwargs={"groups": sorted(self.groups)}), selected
 
-    def next_manifest(self, m: dict, records: dict[str, dict], private: str) -> dict:
+    def next_manifest(self, m: dict, private: str) -> dict:
         """Version N + 1: this version's shards and accounting on top of version N; samples of
         earlier versions that a new one replaces (same key) are superseded; the totals count
         every known file once, at its latest disposition."""
@@ -467,7 +467,8 @@ class _Previous:
 
         m["inputs"] = {**m["inputs"], "new": self.new, "replanned": self.replanned}
         earlier = _sample_index(storage.join(private, "progress"), {s["path"] for s in self.manifest["shards"]})
-        gone = [earlier[k] for r in records.values() for k in r.get("keys", {}) if k in earlier]
+        gone = [earlier[k] for r in _records(storage.join(private, "progress"), m["plan_digest"]) for k in r.get("keys", {})
+                if k in earlier]
         mine = _dispositions(_index_idents(private), private, self.groups)
         keep = pc.invert(pc.is_in(self.known.column("group_key"), value_set=pc.unique(mine.column("group_key"))))
         known = pa.concat_tables([self.known.filter(keep), mine])
@@ -783,19 +784,47 @@ def _pixel_digest_of(item: dicom.PlanItem, _profile) -> tuple[str, None]:
 
 def _select_per_study(items, recipe: IngestRecipe):
     """`series.per_study` (not "all"): the planned CT volumes not chosen in their study become
-    skipped dispositions. The driver sees one small dict per volume (O(series), not O(files))."""
+    skipped dispositions. The choice runs per study in Ray tasks (a groupby of one small row per
+    volume); the dropped keys stay in the object store (block refs handed to `_drop_batch`), so
+    the driver holds no per-volume state."""
     if recipe.series.per_study == "all":
         return items
-    cols = ["status", "kind", "key", "study", "series", "selected_by", "safe"]
-    vols = [{**v, "slice_thickness": json.loads(v["safe"]).get("SliceThickness")}
-            for v in items.select_columns(cols).take_all() if v["status"] == "planned" and v["kind"] == kinds.CT.name]
-    drops = dicom.choose_per_study(vols, recipe.series)
-    if not drops:
+    vols = items.map_batches(_ct_volumes, batch_format="pyarrow").materialize()
+    if vols.count() == 0:
         return items
-    return items.map_batches(_drop_batch, batch_format="pyarrow", fn_kwargs={"drops": drops}).materialize()
+    drops = vols.groupby("study").map_groups(_study_drops, batch_format="pyarrow", fn_kwargs={"cfg": recipe.series}).materialize()
+    if drops.count() == 0:
+        return items
+    return items.map_batches(_drop_batch, batch_format="pyarrow", fn_kwargs={"drops": drops.to_arrow_refs()}).materialize()
 
 
-def _drop_batch(batch: pa.Table, drops: dict[str, str]) -> pa.Table:
+_VOLUMES = pa.schema([("key", pa.string()), ("study", pa.string()), ("series", pa.string()),
+                      ("selected_by", pa.string()), ("slice_thickness", pa.float64())])
+
+
+def _ct_volumes(batch: pa.Table) -> pa.Table:
+    """The planned CT volumes of a block: one small row each, what `dicom.choose_per_study` reads."""
+    import pyarrow.compute as pc
+
+    vols = batch.filter(pc.fill_null(pc.and_(pc.equal(batch.column("status"), "planned"),
+                                             pc.equal(batch.column("kind"), kinds.CT.name)), False))
+    thick = [json.loads(s).get("SliceThickness") for s in vols.column("safe").to_pylist()]
+    thick = [float(t) if isinstance(t, (int, float)) else None for t in thick]
+    return pa.table({**{c: vols.column(c) for c in _VOLUMES.names[:-1]}, "slice_thickness": pa.array(thick, pa.float64())},
+                    schema=_VOLUMES)
+
+
+def _study_drops(vols: pa.Table, cfg: config.SeriesConfig) -> pa.Table:
+    """The volumes of one study → (key, reason) of those not chosen."""
+    drops = dicom.choose_per_study(vols.to_pylist(), cfg)
+    return pa.table({"key": list(drops), "reason": list(drops.values())}, schema=pa.schema([("key", pa.string()), ("reason", pa.string())]))
+
+
+def _drop_batch(batch: pa.Table, drops: list) -> pa.Table:
+    """`drops`: refs to (key, reason) tables of the volumes `series.per_study` did not choose."""
+    import ray
+
+    drops = {k: r for t in ray.get(drops) for k, r in zip(t.column("key").to_pylist(), t.column("reason").to_pylist())}
     its = _items_of(batch)
     for it in its:
         if it.status == "planned" and it.key in drops:
@@ -1083,10 +1112,23 @@ _DIGESTER = _Decoder(_pixel_digest_of)  # planning's duplicate-instance comparis
 
 
 def _load_progress(progress_url: str, digest: str) -> dict[str, dict]:
-    """Completion records of this plan (records of another plan are ignored, not trusted)."""
+    """Completion records of this plan (records of another plan are ignored, not trusted), per
+    shard and without their per-sample parts (`keys`, the rejected files: `rejected` holds files
+    per reason instead), so the driver holds O(shards); `_records` streams the whole records."""
     out = {}
+    for rec in _records(progress_url, digest):
+        rejected: dict[str, int] = {}
+        for rej in rec.pop("rejects"):
+            rejected[rej["reason"]] = rejected.get(rej["reason"], 0) + len(rej["paths"])
+        rec.pop("keys", None)
+        out[rec["path"]] = {**rec, "rejected": rejected}
+    return out
+
+
+def _records(progress_url: str, digest: str):
+    """The completion records of plan `digest`, whole, one at a time."""
     if not storage.exists(progress_url):
-        return out
+        return
     for url, _ in storage.find_files(progress_url):
         if not url.endswith(".json"):
             continue
@@ -1095,15 +1137,15 @@ def _load_progress(progress_url: str, digest: str) -> dict[str, dict]:
         except (ValueError, FileNotFoundError):
             continue
         if rec.get("plan_digest") == digest:
-            out[rec["path"]] = rec
-    return out
+            yield rec
 
 
-def _accounting(items, records: dict[str, dict], seen: int, private: str) -> dict:
+def _accounting(items, progress_url: str, digest: str, seen: int, private: str) -> dict:
     """seen = used + skipped + rejected, by file; streams the private rejects ledger (JSONL).
 
     Dispositions are exploded to one row per file inside Ray tasks; the driver only appends
-    batches to a local file (bounded memory) and sums counts with pyarrow.
+    batches to a local file (bounded memory) and sums counts with pyarrow; the build's rejects
+    come from the completion records, read one at a time.
     """
     import pyarrow.compute as pc
 
@@ -1133,7 +1175,7 @@ def _accounting(items, records: dict[str, dict], seen: int, private: str) -> dic
                     add(row["status"], row["reason"], row["path_count"])
                 out.writelines(json.dumps(_ledger_line(r)) + "\n" for r in batch.to_pylist())
             used = 0
-            for rec in records.values():
+            for rec in _records(progress_url, digest):
                 used += rec["used_files"]
                 for rej in rec["rejects"]:
                     add("rejected", rej["reason"], len(rej["paths"]))

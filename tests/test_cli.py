@@ -28,7 +28,7 @@ EXPECTED_SURFACE = {
     },
     "inspect": {"DEST", "-h", "--help", "--samples", "--json", "--split", "--png", "--montage"},
     "bench": {"what", "-h", "--help", "--json", "--workdir", "--series", "--slices", "--size", "--syntax", "--hostile",
-              "--cpu-dry-run", "--peak-tflops"},
+              "--cpu-dry-run", "--peak-tflops", "--max-rows"},
     "train": {"RECIPE", "-h", "--help", "--set", "--resume", "--no-progress"},
     "export": {"CHECKPOINT", "OUT", "-h", "--help"},
     "evaluate": {"MODEL", "SHARDS", "-h", "--help", "--split", "--set", "--json", "--protocol", "--report", "--no-progress"},
@@ -82,7 +82,7 @@ def test_a_command_is_required(capsys):
 def test_bench_choices_are_part_of_the_surface():
     bench = _subparsers(cli._build_parser())["bench"]
     choices = {a.dest: a.choices for a in bench._actions if a.choices}
-    assert choices == {"what": ["ingest", "train", "stream", "serve", "dicomweb", "gpu"], "syntax": ["explicit", "rle", "jpegls", "j2k"]}
+    assert choices == {"what": ["ingest", "train", "stream", "serve", "dicomweb", "gpu", "scale"], "syntax": ["explicit", "rle", "jpegls", "j2k"]}
 
 
 def test_bench_hostile_is_a_serve_option(monkeypatch, capsys):
@@ -95,6 +95,22 @@ def test_bench_hostile_is_a_serve_option(monkeypatch, capsys):
     assert cli.main(["bench", "ingest", "--hostile"]) == 2
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and "--hostile" in err[0] and not calls[1:]
+
+
+def test_bench_scale_max_rows(monkeypatch, capsys):
+    from radforge import bench
+
+    calls = []
+    monkeypatch.setattr(bench, "bench_scale", lambda **kw: calls.append(kw) or {"benchmark": "scale"})
+    assert cli.main(["bench", "scale", "--max-rows", "10M", "--json"]) == 0
+    assert cli.main(["bench", "scale", "--max-rows", "250k", "--json"]) == 0
+    assert cli.main(["bench", "scale", "--json"]) == 0
+    assert [c["max_rows"] for c in calls] == [10_000_000, 250_000, 1_000_000]
+    capsys.readouterr()
+    assert cli.main(["bench", "ingest", "--max-rows", "1M"]) == 2 and len(calls) == 3
+    with pytest.raises(SystemExit):
+        cli.main(["bench", "scale", "--max-rows", "lots"])
+    assert "not a row count" in capsys.readouterr().err
 
 
 def _env() -> dict:

@@ -74,11 +74,24 @@ def _suffixes(raw: dict) -> dict:
     return {k: v for k, v in raw.items() if not k.startswith("__")}
 
 
+def _row_count(text: str) -> int:
+    """'100k', '1M', '10M' or a plain number → rows (argparse type of `bench --max-rows`)."""
+    t = text.strip().lower().replace("_", "")
+    scale = {"k": 1_000, "m": 1_000_000}.get(t[-1:], 1)
+    try:
+        n = int(float(t[:-1] if scale > 1 else t) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a row count: {text!r} (e.g. 100k, 1M, 10M)") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError("--max-rows must be at least 1")
+    return n
+
+
 def _bench(a) -> int:
     from radforge import bench
 
     result = bench.run(a.what, **{k: v for k, v in vars(a).items() if k in ("workdir", "series", "slices", "size", "syntax", "hostile",
-                                                                               "cpu_dry_run", "peak_tflops")})
+                                                                               "cpu_dry_run", "peak_tflops", "max_rows")})
     print(json.dumps(result, indent=1) if a.json else bench.format_result(result))
     return 0
 
@@ -151,7 +164,7 @@ def _build_parser() -> argparse.ArgumentParser:
     s.set_defaults(fn=_inspect)
 
     s = sub.add_parser("bench", help="benchmarks, printed as ratios measured side by side")
-    s.add_argument("what", choices=["ingest", "train", "stream", "serve", "dicomweb", "gpu"])
+    s.add_argument("what", choices=["ingest", "train", "stream", "serve", "dicomweb", "gpu", "scale"])
     s.add_argument("--json", action="store_true")
     s.add_argument("--workdir", help="where the generated corpus goes (default: a temp dir)")
     s.add_argument("--series", type=int, help="CT series in the generated corpus (default: per benchmark, ingest 8, stream 4)")
@@ -164,6 +177,8 @@ def _build_parser() -> argparse.ArgumentParser:
                    help="gpu only: the same code path on CPU (fp32, gloo, 3 steps, a tiny model) to check the script without a GPU")
     s.add_argument("--peak-tflops", type=float, metavar="TFLOPS",
                    help="gpu only: the GPU's dense bf16 peak for MFU (default: from the table of known GPUs by device name)")
+    s.add_argument("--max-rows", type=_row_count, metavar="N",
+                   help="scale only: the largest synthetic index (10k, 100k, 1M, 10M or a number; default 1M)")
     s.set_defaults(fn=_bench)
 
     s = sub.add_parser("train", help="train a model from a recipe on the Ray cluster (Ray Train + DeepSpeed)")

@@ -8,6 +8,7 @@ One module per benchmark, each `bench_<name>(**options) -> dict` and `format_<na
             (`--hostile`: valid uploads mixed with crafted ones)
   train     step time and data-wait fraction of the training recipes
   dicomweb  the same corpus ingested from a folder and from Orthanc's DICOMweb plugin
+  scale     plan, assign and manifest on 10k-1M synthetic index rows (driver RSS, s/row); S3 listing
   gpu       the GPU recipes' bf16 + nccl path: MFU, data-wait, peak memory vs DeepSpeed's estimate,
             GPU vs CPU decode (`--cpu-dry-run`: the same path on CPU, fp32/gloo, for CI)
 
@@ -20,17 +21,19 @@ from radforge.bench._common import SYNTAXES
 from radforge.bench.dicomweb import ORTHANC_BIN, ORTHANC_DICOMWEB_PLUGIN, Orthanc, bench_dicomweb, format_dicomweb
 from radforge.bench.gpu import bench_gpu, format_gpu
 from radforge.bench.ingest import bench_ingest, format_ingest
+from radforge.bench.scale import bench_scale, format_scale
 from radforge.bench.serve import bench_serve, bench_serve_hostile, format_serve, format_serve_hostile
 from radforge.bench.stream import bench_stream, format_stream
 from radforge.bench.train import bench_train, format_train
 
 __all__ = ["SYNTAXES", "ORTHANC_BIN", "ORTHANC_DICOMWEB_PLUGIN", "Orthanc", "run", "format_result", "bench_ingest", "bench_stream",
            "bench_serve", "bench_serve_hostile", "bench_train", "bench_dicomweb", "format_ingest", "format_stream", "format_serve",
-           "format_serve_hostile", "format_train", "format_dicomweb", "bench_gpu", "format_gpu"]
+           "format_serve_hostile", "format_train", "format_dicomweb", "bench_gpu", "format_gpu", "bench_scale", "format_scale"]
 
 
 def run(what: str, *, workdir: str | None = None, series: int | None = None, slices: int | None = None, size: int = 512,
-        syntax: str = "rle", hostile: bool = False, cpu_dry_run: bool = False, peak_tflops: float | None = None) -> dict:
+        syntax: str = "rle", hostile: bool = False, cpu_dry_run: bool = False, peak_tflops: float | None = None,
+        max_rows: int | None = None) -> dict:
     """Run benchmark `what` (names looked up at call time, so a test can replace one)."""
     if hostile and what != "serve":
         from radforge.errors import ConfigError
@@ -40,6 +43,12 @@ def run(what: str, *, workdir: str | None = None, series: int | None = None, sli
         from radforge.errors import ConfigError
 
         raise ConfigError("--cpu-dry-run and --peak-tflops are options of `radforge bench gpu` only")
+    if max_rows is not None and what != "scale":
+        from radforge.errors import ConfigError
+
+        raise ConfigError("--max-rows is an option of `radforge bench scale` only")
+    if what == "scale":
+        return bench_scale(workdir=workdir, max_rows=max_rows or 1_000_000)
     if what == "gpu":
         return bench_gpu(workdir=workdir, cpu_dry_run=cpu_dry_run, peak_tflops_override=peak_tflops)
     if what == "serve":
@@ -58,7 +67,7 @@ def run(what: str, *, workdir: str | None = None, series: int | None = None, sli
 
 
 _FORMATS = {"serve-hostile": "format_serve_hostile", "serve": "format_serve", "train": "format_train",
-            "stream": "format_stream", "dicomweb": "format_dicomweb", "gpu": "format_gpu"}
+            "stream": "format_stream", "dicomweb": "format_dicomweb", "scale": "format_scale", "gpu": "format_gpu"}
 
 
 def format_result(r: dict) -> str:

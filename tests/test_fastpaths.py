@@ -238,3 +238,26 @@ def test_stage_clock_charges_cpu_not_sleep():
     clock.lap("spin")
     clock.add({"spin": 1.0, "child": 0.5})
     assert clock.seconds["sleep"] < 0.02 and 1.04 <= clock.seconds["spin"] < 1.5 and clock.seconds["child"] == 0.5
+
+
+def test_tables_are_read_once_per_run(tmp_path, monkeypatch):
+    """load (validation), the plan digest and the build's lookups share one read of each table;
+    the digest still follows the bytes."""
+    from radforge import storage
+
+    reports = tmp_path / "reports.csv"
+    reports.write_text("AccessionNumber,report\n007,No acute findings.\n")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("AccessionNumber,Effusion\n007,1\n")
+    reads: list[str] = []
+    real = storage.read_bytes
+    monkeypatch.setattr(storage, "read_bytes", lambda url, *a, **k: reads.append(url) or real(url, *a, **k))
+    cfg = IngestRecipe()
+    spec = ingest._TablesSpec.load(str(reports), cfg.reports, str(labels), cfg.labels)
+    digest = spec.digest()
+    lookups = spec.read()
+    assert sorted(reads) == sorted([str(reports), str(labels)])
+    assert lookups["reports"]["map"] == {"007": "No acute findings."}
+    assert lookups["labels"]["map"] == {"007": {"Effusion": 1}}
+    labels.write_text("AccessionNumber,Effusion\n007,0\n")
+    assert ingest._TablesSpec.load(str(reports), cfg.reports, str(labels), cfg.labels).digest() != digest

@@ -1210,10 +1210,16 @@ def _bar(enabled: bool, total: int | None, unit: str, desc: str):
 
 @dataclass
 class _TablesSpec:
+    """The report and label tables of a run. Each is read once (`read`, when `load` validates
+    it): the lookups and the digest of the bytes are kept, so the plan digest and the build do
+    not read and parse the tables again."""
+
     reports: str | None
     reports_cfg: config.TableConfig
     labels: str | None
     labels_cfg: config.TableConfig
+    _lookups: dict | None = field(default=None, repr=False, compare=False)
+    _digests: dict = field(default_factory=dict, repr=False, compare=False)  # url → sha256 of its bytes
 
     @classmethod
     def load(cls, reports, reports_cfg, labels, labels_cfg):
@@ -1224,25 +1230,34 @@ class _TablesSpec:
         return spec
 
     def digest(self) -> str:
-        parts = []
-        for url in (self.reports, self.labels):
-            parts.append(hashlib.sha256(storage.read_bytes(url)).hexdigest() if url else "")
+        self.read()
+        parts = [self._digests[url] if url else "" for url in (self.reports, self.labels)]
         return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
+
+    def _table(self, url: str, key_column: str) -> pa.Table:
+        data = _table_bytes(url)
+        self._digests[url] = hashlib.sha256(data).hexdigest()
+        return _parse_table(url, data, key_column)
 
     def read(self) -> dict:
         """The tables as lookups: {"reports": {"join_on", "map": key → text}, "labels": {"join_on",
         "findings", "map": key → {finding: label}}}, each present when its table was given."""
+        if self._lookups is None:
+            self._lookups = self._read()
+        return self._lookups
+
+    def _read(self) -> dict:
         out: dict[str, Any] = {}
         if self.reports:
             cfg = self.reports_cfg
-            t = _read_table(self.reports, cfg.key_column)
+            t = self._table(self.reports, cfg.key_column)
             key, join_on = _table_key("reports", self.reports, t, cfg)
             t, keys = _keyed_table("reports", self.reports, key, [cfg.text_column], t)
             texts = t.column(cfg.text_column).to_pylist()
             out["reports"] = {"join_on": join_on, "map": {k: v for k, v in zip(keys, texts) if k and v}}
         if self.labels:
             cfg = self.labels_cfg
-            t = _read_table(self.labels, cfg.key_column)
+            t = self._table(self.labels, cfg.key_column)
             key, join_on = _table_key("labels", self.labels, t, cfg)
             findings = cfg.findings or [c for c in t.column_names if c != key and c not in (
                 "StudyInstanceUID", "AccessionNumber", "PatientID", "report")]
@@ -1291,14 +1306,21 @@ def _label(v) -> int | None:
 
 
 def _read_table(url: str, key_column: str) -> pa.Table:
+    return _parse_table(url, _table_bytes(url), key_column)
+
+
+def _table_bytes(url: str) -> bytes:
+    try:
+        return storage.read_bytes(url)
+    except FileNotFoundError:
+        raise ConfigError(f"table not found: {url}") from None
+
+
+def _parse_table(url: str, data: bytes, key_column: str) -> pa.Table:
     import pyarrow.csv as pcsv
     import pyarrow.json as pjson
     import pyarrow.parquet as pq
 
-    try:
-        data = storage.read_bytes(url)
-    except FileNotFoundError:
-        raise ConfigError(f"table not found: {url}") from None
     buf = pa.BufferReader(data)
     try:
         if url.endswith(".parquet"):

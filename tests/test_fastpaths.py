@@ -91,6 +91,8 @@ def test_pixels_equal_pydicom_pixel_array_on_its_test_files():
     shape) as `ds.pixel_array` on every pydicom test file that decodes at all."""
     compared = 0
     for path in _pydicom_files():
+        if os.path.getsize(path) > 256 * 1024:  # the large ones add seconds, not cases
+            continue
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             try:
@@ -120,6 +122,7 @@ SERIES = {
     "signed_bigendian": dict(rescale=(1.0, 0.0), transfer_syntax=ExplicitVRBigEndian),
     "coronal": dict(orientation="coronal", rows=24, n_slices=20),
 }
+SAMPLES = {"rle": SERIES["rle"], "coronal_slope": dict(orientation="coronal", rows=24, rescale=(0.5, -1000.0))}
 
 
 def _planned(paths: list[str], recipe: IngestRecipe) -> dicom.PlanItem:
@@ -208,11 +211,11 @@ def test_fill_row_by_tag_equals_fill_row_by_keyword(tmp_path, study):
 # the whole sample
 
 
-@pytest.mark.parametrize("name", ["rle", "slope", "coronal"])
+@pytest.mark.parametrize("name", ["rle", "coronal_slope"])
 def test_make_sample_equals_the_reference_pipeline(tmp_path, study, name):
     """make_sample (clocked) stores exactly what the plain route gives: pydicom decode, the old
     HU arithmetic, air floor, Orient, Resample, the old float64 rounding."""
-    info = phantoms.ct_series(tmp_path / name, study, **{"n_slices": 12, "rows": 40, "cols": 40, "seed": 9, **SERIES[name]})
+    info = phantoms.ct_series(tmp_path / name, study, **{"n_slices": 12, "rows": 40, "cols": 40, "seed": 9, **SAMPLES[name]})
     recipe = config.load(IngestRecipe, None, ["ct.spacing_mm=[3.0,1.1,1.3]", "ct.min_slices=2"])
     item = _planned(info.paths, recipe)
     clock = transforms.StageClock()

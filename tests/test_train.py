@@ -421,23 +421,36 @@ def test_cli_export_and_evaluate(zero_runs, one_shard, tmp_path, capsys):
 # --------------------------------------------------------------------------- DINO under ZeRO
 
 
-def _tiny_dino(shards: str, tmp: Path, *, workers: int, stage: int, steps: int = 5) -> TrainRecipe:
-    """tiny-dino-xray shrunk like `_tiny`: 32 px, global batch 8, no shuffle, a small head."""
+def _tiny_dino(shards: str, tmp: Path, *, workers: int, stage: int, steps: int = 6) -> TrainRecipe:
+    """tiny-dino-xray shrunk like `_tiny`: 32 px, global batch 8, no shuffle, a small head; a
+    checkpoint every 3 steps, no retries (a killed worker ends the job); the teacher temperature
+    warms up over the run (its value at a step follows the model's step count, a buffer)."""
     return config.load(TrainRecipe, str(RECIPES / "tiny-dino-xray.yaml"), [
         f"data.shards={shards}", f"steps={steps}", "log_every=1", "view.xray_size=32", "view.rand_crop=false",
         "data.num_workers=0", "data.shuffle_buffer=1", f"deepspeed.micro_batch={8 // workers}", f"scale.num_workers={workers}",
-        f"deepspeed.zero_stage={stage}", "optim.warmup_steps=2", f"checkpoint.every_steps={steps}", "eval.every_steps=0",
+        f"deepspeed.zero_stage={stage}", "optim.warmup_steps=2", "checkpoint.every_steps=3", "eval.every_steps=0",
+        "checkpoint.max_failures=0", "model.dino.teacher_temp=0.07", "model.dino.teacher_temp_warmup_steps=6",
         "model.dino.out_dim=64", "model.dino.head_hidden=64", "model.dino.head_bottleneck=32", "model.dino.momentum=0.9",
         f"checkpoint.storage_path={tmp / 'ckpt'}", f"output_dir={tmp / 'runs'}"])
 
 
 @pytest.fixture(scope="module")
 def dino_runs(one_shard, tmp_path_factory, ray_cluster):
-    """tiny DINO: 1 worker ZeRO-0 and 2 workers ZeRO-3 (global batch 8, the one-shard set)."""
+    """tiny DINO (global batch 8, the one-shard set): 1 worker ZeRO-0 straight through 6 steps,
+    and 2 workers ZeRO-3 killed at step 4 (after the step-3 checkpoint), resumed by a second job
+    for steps 4-6: the resumed job must continue with the same EMA teacher, centres and schedule
+    step, which live in buffers, not in the optimizer."""
+    from ray.train import TrainingFailedError
+
     out = {}
-    for workers, stage in ((1, 0), (2, 3)):
-        tmp = tmp_path_factory.mktemp(f"dino-z{stage}")
-        out[stage] = train.run(_tiny_dino(one_shard, tmp, workers=workers, stage=stage), resume="never", progress=False)
+    tmp = tmp_path_factory.mktemp("dino-z0")
+    out[0] = train.run(_tiny_dino(one_shard, tmp, workers=1, stage=0), resume="never", progress=False)
+    tmp = tmp_path_factory.mktemp("dino-z3")
+    kill = train.KillAt(step=4, rank=0, marker=str(tmp / "killed"))
+    with pytest.raises((TrainingFailedError, RuntimeError)):
+        train.run(_tiny_dino(one_shard, tmp, workers=2, stage=3), resume="never", progress=False, hooks=[kill])
+    out[3] = train.run(_tiny_dino(one_shard, tmp, workers=2, stage=3), resume="auto", progress=False)
+    assert (tmp / "killed").exists()
     return out
 
 
@@ -449,17 +462,22 @@ def test_dino_zero3_on_two_workers_follows_zero0_on_one_and_exports_its_teacher(
     softmax (T = 0.04 → 1/T = 25) amplifies a logit difference ~25×, so the CLIP tolerance
     (2e-3) still holds with margin for ~1e-6 drifts; a lost gradient, a rank-dependent crop or a
     teacher updated from a partition moves the loss by > 1e-2.
+    Steps 4-6 of the ZeRO-3 run are a second job resumed from the step-3 checkpoint (`dino_runs`):
+    a teacher, centre or step count restarted from the fresh model's changes the targets of every
+    step after the resume, which this comparison holds to the uninterrupted run's (the teacher
+    temperature warms up over the 6 steps here, so a step count restarted at 0 changes them too).
     Then export (ZeRO-3 shards → fp32, the teacher's buffers included) → load: the ZeRO-3 teacher
     embeds like the ZeRO-0 one, and both moved away from the initial student (the EMA ran)."""
     from radforge import models
     from radforge.loader import build_loader
 
     ref, got = _losses(dino_runs[0]), _losses(dino_runs[3])
-    assert len(ref) == 5 and all(np.isfinite(ref)) and ref[-1] < ref[0]  # the loss falls
-    np.testing.assert_allclose(got, ref, rtol=2e-3, err_msg="DINO ZeRO-3 (2 workers) vs ZeRO-0 (1 worker)")
+    assert len(ref) == 6 and all(np.isfinite(ref)) and ref[-1] < ref[0]  # the loss falls
+    assert [h["step"] for h in dino_runs[3].history if "loss" in h] == [1, 2, 3, 4, 5, 6]  # resumed at 3, no step twice
+    np.testing.assert_allclose(got, ref, rtol=2e-3, err_msg="DINO ZeRO-3 (2 workers, steps 4-6 resumed) vs ZeRO-0 (1 worker)")
     z3 = checkpoint.load_for_inference(checkpoint.export(dino_runs[3].checkpoint, str(tmp_path / "z3")))
     z0 = checkpoint.load_for_inference(checkpoint.export(dino_runs[0].checkpoint, str(tmp_path / "z0")))
-    assert z3.kind == "dino" and int(z3.model.steps_done.item()) == 5
+    assert z3.kind == "dino" and checkpoint.read_model_meta(str(tmp_path / "z3"))["step"] == 6
     r = _tiny_dino(one_shard, tmp_path, workers=1, stage=0)
     batch = next(iter(build_loader(config.from_dict(type(r.data), {**config.to_dict(r.data), "num_workers": 0}),
                                    z3.view, split="train", batch_size=8, train=False)))

@@ -180,13 +180,37 @@ def load_engine(directory: str, state: RunState, engine) -> None:
         if not engine.load_universal_checkpoint():
             raise ConfigError(f"checkpoint of {state.world_size} workers on {engine.dp_world_size}: build the engine "
                               "with train.deepspeed_config(..., load_universal=True)")
+        # DeepSpeed's ZeRO-3 universal load gives every param group group 0's hyperparameters,
+        # i.e. weight decay on biases and norms (train._param_groups): keep each group's own
+        inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+        own = [{"weight_decay": g["weight_decay"]} for g in getattr(inner, "param_groups", []) if "weight_decay" in g]
         with tempfile.TemporaryDirectory(prefix="radforge-universal-", dir=directory) as uni:
             _to_universal(os.path.join(ds_dir, state.tag), os.path.join(uni, state.tag))
             path, _ = engine.load_checkpoint(uni, tag=state.tag)
+        for group, hyper in zip(getattr(inner, "param_groups", []), own):
+            group.update(hyper)
+        _restore_buffers(os.path.join(ds_dir, state.tag), engine.module)
     else:
         path, _ = engine.load_checkpoint(ds_dir, tag=state.tag)
     if path is None:
         raise RuntimeError("DeepSpeed could not load the checkpoint's engine state")
+
+
+def _restore_buffers(tag_dir: str, module) -> None:
+    """A universal checkpoint restores parameters and optimizer state only (DeepSpeed skips the
+    module states), so persistent buffers — DINO's EMA teacher, centres and step count — would
+    silently restart from the fresh model's. The module states file holds them whole at every
+    ZeRO stage (ZeRO partitions parameters only); copy them back."""
+    import glob
+
+    import torch
+
+    files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
+    saved = torch.load(files[0], map_location="cpu", weights_only=False)["module"] if files else {}
+    with torch.no_grad():
+        for name, buf in module.named_buffers():
+            if name in saved:
+                buf.copy_(saved[name].to(buf.dtype))
 
 
 def _to_universal(tag_dir: str, out_dir: str) -> None:

@@ -268,14 +268,30 @@ def _evaluate_all(dirs: dict, shards: str, recipes_used: dict, out: str, *, quic
         head = _headline(results[name])
         if head and head[0] != "zero_shot":
             fresh = _untrained_copy(model_dir, os.path.join(out, "untrained", name))
-            baselines[name] = evaluate.run(fresh, shards, split="test", protocols=(head[0],), cfg=cfg)
+            baselines[name] = evaluate.run(fresh, shards, split="test", protocols=tuple(dict.fromkeys((head[0], "knn"))), cfg=cfg)
     if "clip-ct" in dirs and (bands := lesion_size_bands(dirs["clip-ct"], shards, "test",
                                                          bootstrap=recipes_used["clip-ct"].eval.bootstrap)):
         _print_bands(bands)
     print("\n      targets on the test split" + (" (--quick: a few steps, not expected to meet them)" if quick else ""))
     for name in dirs:
         print(_target_line(name, results[name], baselines.get(name)))
+    _print_knn_gains(results, baselines)
     return results
+
+
+def _print_knn_gains(results: dict, baselines: dict) -> None:
+    """Per finding, the frozen features' kNN AUROC beside the untrained architecture's: a finding
+    the untrained ViT already reads (≈ 1.0) cannot show learning; the others can (models.dino:
+    on the phantoms that is the nodule)."""
+    for name, fresh in baselines.items():
+        got = (results[name].get("protocols", {}).get("knn") or {}).get("per_finding") or {}
+        base = (fresh.get("protocols", {}).get("knn") or {}).get("per_finding") or {}
+        rows = [(f, v, base[f]) for f, v in got.items() if v.get("auroc") is not None and (base.get(f) or {}).get("auroc") is not None]
+        if rows:
+            print(f"      {name} kNN AUROC per finding, trained vs the same architecture untrained:")
+        for f, v, b in rows:
+            ci = ", ".join("n/a" if c is None else f"{c:.3f}" for c in v.get("ci95") or (None, None))
+            print(f"        {f:<13} {v['auroc']:.3f} [{ci}]  untrained {b['auroc']:.3f}  ({v['auroc'] - b['auroc']:+.3f})")
 
 
 def _train(i: int, n: int, text: str, recipe) -> object:

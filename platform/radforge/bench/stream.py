@@ -19,7 +19,8 @@ Side by side in one run, all reading from one moto S3 server on 127.0.0.1 starte
 
 The loader and tar_read run `rounds` interleaved blocks of `block` consecutive passes over all the
 data (a fresh loader iterator per block), raw_dicom two passes; the best of each counts (least
-disturbed by other load on a shared machine).
+disturbed by other load on a shared machine). A block's end closes its iterator; the read-ahead
+into the next epoch it leaves running is waited for between blocks, untimed (`_settle`).
 """
 
 from __future__ import annotations
@@ -157,6 +158,7 @@ def bench_stream(*, workdir: str | None, series: int, slices: int, size: int, sy
                 for name, fn in (("tar", tar_block), ("loader", loader_block), ("loader_nov", loader_nov_block),
                                  ("single", single_block), ("mixture", mix_block)):
                     timed(name, fn, per=block)
+                    _settle()
             for _ in range(2):
                 timed("raw", raw_pass)
             best, cpu = timed.wall, timed.cpu
@@ -182,6 +184,17 @@ def bench_stream(*, workdir: str | None, series: int, slices: int, size: int, sy
             "loader": {"input_shape": list(ld.input_shape), "batches_per_pass": per_pass, "data_wait_s": round(m["data_wait_s"], 2),
                        "skipped_samples": m["skipped_samples"], "bad_shards": m["bad_shards"], "passes": f"{rounds} x {block}"},
         }
+
+
+def _settle() -> None:
+    """Wait, outside the timed region, for the read-ahead a closed loader iterator left running:
+    a block ends at an epoch boundary, where the loader has started the next epoch's first shard
+    (which training would use); it does not wait for it, and it must not slow the next block."""
+    import threading
+
+    for t in threading.enumerate():
+        if t.name.startswith(("radforge-prefetch", "radforge-sha256")):
+            t.join()
 
 
 def _mixture_block(dest: str, view, samples: int):

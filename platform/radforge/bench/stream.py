@@ -190,11 +190,13 @@ def _settle() -> None:
     """Wait, outside the timed region, for the read-ahead a closed loader iterator left running:
     a block ends at an epoch boundary, where the loader has started the next epoch's first shard
     (which training would use); it does not wait for it, and it must not slow the next block."""
+    import gc
     import threading
 
+    gc.collect()  # an iterator caught in a reference cycle is closed (and its threads released) now
     for t in threading.enumerate():
         if t.name.startswith(("radforge-prefetch", "radforge-sha256")):
-            t.join()
+            t.join(timeout=30)  # bounded: a live iterator's idle threads never end
 
 
 def _mixture_block(dest: str, view, samples: int):

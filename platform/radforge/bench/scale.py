@@ -40,6 +40,7 @@ from radforge.bench._common import _rss_pss, _Sampler, _tree_cpu_s, _workdir
 
 SIZES = (10_000, 100_000, 1_000_000)
 PART_ROWS = 250_000  # rows per generated index part (ingest.INDEX_PART_ROWS: what a scan writes)
+_CHUNK = 25_000  # rows generated at a time inside a part's task
 _UID = "1.2.826.0.1.3680043.8.498."
 _CT_SAFE = {"Manufacturer": "Radforge Phantom Systems", "ManufacturerModelName": "PhantomCT 64", "KVP": 120.0,
             "ConvolutionKernel": "STANDARD", "BodyPartExamined": "CHEST", "PhotometricInterpretation": "MONOCHROME2",
@@ -148,12 +149,17 @@ def write_index(n_rows: int, index_url: str, *, seed: int = 0, root: str = "/arc
 
     @ray.remote(num_cpus=1)
     def part(i: int, n: int) -> str:
+        import tempfile
+
         import pyarrow.parquet as pq
 
         url = storage.join(index_url, f"index-{i:05d}.parquet")
-        buf = pa.BufferOutputStream()
-        pq.write_table(synthetic_rows(i, n, root, seed), buf)
-        storage.write_bytes_atomic(url, buf.getvalue().to_pybytes())
+        with tempfile.TemporaryDirectory(prefix="radforge-scale-") as tmp:
+            local = os.path.join(tmp, "part.parquet")
+            with pq.ParquetWriter(local, synthetic_rows(0, 0).schema) as w:
+                for lo in range(0, n, _CHUNK):  # chunks of patients: the task holds one chunk's rows
+                    w.write_table(synthetic_rows(i * 1000 + lo // _CHUNK, min(_CHUNK, n - lo), root, seed))
+            storage.put_file_atomic(local, url)
         return url
 
     storage.makedirs(index_url)
@@ -192,9 +198,31 @@ def _record_shards(batch: pa.Table, progress_url: str, digest: str) -> pa.Table:
     return pa.table(out, schema=pa.schema([("shard", pa.string()), ("items", pa.int64())]))
 
 
-def run_size(n_rows: int, root: str, recipe=None, *, seed: int = 0) -> dict:
-    """Synthetic index of `n_rows` rows → plan, assign, completion records, manifest (the real
-    ingest functions) → counts and the manifest's input accounting. Needs a running Ray."""
+def run_size(n_rows: int, root: str, recipe=None, *, seed: int = 0, mark=None) -> dict:
+    """Synthetic index of `n_rows` rows (`generate`) → `pipeline` (needs a running Ray)."""
+    t = time.perf_counter()
+    paths = generate(n_rows, root, seed=seed)
+    gen_s = time.perf_counter() - t
+    return {**pipeline(n_rows, paths, recipe, mark=mark), "gen_s": round(gen_s, 2)}
+
+
+def generate(n_rows: int, root: str, *, seed: int = 0) -> dict:
+    """A fresh DEST and private location under `root`, the synthetic index in the private one →
+    {"dest", "private", "parts"}."""
+    from radforge import storage
+
+    dest, private = os.path.join(root, "shards"), os.path.join(root, "shards.private")
+    for d in (dest, private):
+        shutil.rmtree(d, ignore_errors=True)
+    storage.makedirs(dest)
+    parts = write_index(n_rows, storage.join(private, "index"), seed=seed, root=os.path.join(root, "archive"))
+    return {"dest": dest, "private": private, "parts": parts}
+
+
+def pipeline(n_rows: int, paths: dict, recipe=None, *, mark=None) -> dict:
+    """The index parts → plan, assign, a completion record per shard, manifest (the real ingest
+    functions) → counts and the manifest's input accounting. `mark(stage)` is called after each
+    stage (the benchmark's per-stage memory)."""
     import ray
 
     from radforge import config, deid, ingest, storage
@@ -202,22 +230,17 @@ def run_size(n_rows: int, root: str, recipe=None, *, seed: int = 0) -> dict:
 
     recipe = recipe or config.load(IngestRecipe, None, ["deid.demo_key=true", "series.per_study=thinnest"])
     secret = deid.load_secret(recipe.deid)
-    dest, private = os.path.join(root, "shards"), os.path.join(root, "shards.private")
-    for d in (dest, private):
-        shutil.rmtree(d, ignore_errors=True)
-    storage.makedirs(dest)
-    t = time.perf_counter()
-    parts = write_index(n_rows, storage.join(private, "index"), seed=seed, root=os.path.join(root, "archive"))
-    gen_s = time.perf_counter() - t
+    mark = mark or (lambda stage: None)
     stage: dict[str, float] = {}
     with ingest._data_context():
         t = time.perf_counter()
-        index = ray.data.from_items([{"part": u} for u in parts], override_num_blocks=len(parts)).map_batches(
+        index = ray.data.from_items([{"part": u} for u in paths["parts"]], override_num_blocks=len(paths["parts"])).map_batches(
             ingest._read_index_parts, batch_size=1, batch_format="pyarrow")
         plan = ingest._plan(index, recipe, secret, None, n_rows)
         stage["plan"] = time.perf_counter() - t
+        mark("plan")
         t = time.perf_counter()
-        progress_url = storage.join(private, "progress")
+        progress_url = storage.join(paths["private"], "progress")
         recorded = ingest._assign(plan, ingest._load_progress(progress_url, plan.digest)).map_batches(
             _record_shards, batch_size=None, batch_format="pyarrow", fn_kwargs={"progress_url": progress_url, "digest": plan.digest})
         shards = items = 0
@@ -225,12 +248,13 @@ def run_size(n_rows: int, root: str, recipe=None, *, seed: int = 0) -> dict:
             shards += b.num_rows
             items += int(pa.compute.sum(b.column("items")).as_py() or 0)
         stage["assign"] = time.perf_counter() - t
+        mark("assign")
         t = time.perf_counter()
-        m = ingest._write_manifest(plan, recipe, secret, n_rows, dest, private, progress_url)
+        m = ingest._write_manifest(plan, recipe, secret, n_rows, paths["dest"], paths["private"], progress_url)
         stage["manifest"] = time.perf_counter() - t
-    return {"rows": n_rows, "gen_s": round(gen_s, 2), "stage_s": {k: round(v, 2) for k, v in stage.items()},
-            "planned": plan.planned, "assigned": items, "shards": shards, "inputs": m["inputs"],
-            "samples": m["totals"]["samples"]}
+        mark("manifest")
+    return {"rows": n_rows, "stage_s": {k: round(v, 2) for k, v in stage.items()}, "planned": plan.planned,
+            "assigned": items, "shards": shards, "inputs": m["inputs"], "samples": m["totals"]["samples"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -239,18 +263,24 @@ def run_size(n_rows: int, root: str, recipe=None, *, seed: int = 0) -> dict:
 
 
 class _Peaks(_Sampler):
-    """Peak RSS of this process (the driver: its own heap, not the object store it maps) and the
-    largest PSS of any one of its Ray worker processes, sampled every 0.2 s."""
+    """Peaks, sampled every 0.2 s: this process's RSS (the driver) and its heap (anonymous
+    memory: Python objects and Arrow buffers it owns; RSS also counts object-store pages it has
+    read, which are shared memory), and the largest PSS of any one of its Ray worker processes.
+    `mark(stage)` records the driver's peaks since the previous mark."""
 
     def __init__(self):
         super().__init__()
-        self.driver = self.worker = 0
+        self.driver = self.heap = self.worker = 0
+        self.stages: dict[str, dict] = {}
+        self._since = (0, 0)
 
     def sample(self) -> None:
         import psutil
 
         me = psutil.Process()
-        self.driver = max(self.driver, me.memory_info().rss)
+        rss, heap = _rss_anon(me.pid)
+        self.driver, self.heap = max(self.driver, rss), max(self.heap, heap)
+        self._since = (max(self._since[0], rss), max(self._since[1], heap))
         for p in me.children(recursive=True):
             try:
                 cmd = " ".join(p.cmdline())
@@ -259,17 +289,45 @@ class _Peaks(_Sampler):
             except (psutil.Error, OSError):
                 continue
 
+    def mark(self, stage: str) -> None:
+        self.sample()
+        self.stages[stage] = {"driver_rss_mb": _mb(self._since[0]), "driver_heap_mb": _mb(self._since[1])}
+        self._since = (0, 0)
+
+
+def _rss_anon(pid: int) -> tuple[int, int]:
+    """(RSS, anonymous) bytes of process `pid` from smaps_rollup (RSS twice without it)."""
+    vals = {}
+    try:
+        with open(f"/proc/{pid}/smaps_rollup") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in ("Rss", "Anonymous"):
+                    vals[key] = int(rest.split()[0]) * 1024
+    except OSError:
+        pass
+    if "Rss" not in vals:
+        import psutil
+
+        vals["Rss"] = psutil.Process(pid).memory_info().rss
+    return vals["Rss"], vals.get("Anonymous", vals["Rss"])
+
+
+def _mb(n: int) -> float:
+    return round(n / 2**20, 1)
+
 
 def _measured(fn):
-    """fn() with the driver's and the workers' peak memory, wall and process-tree CPU seconds."""
+    """fn(mark) with the driver's and the workers' peak memory (per stage too), wall and
+    process-tree CPU seconds."""
     import gc
 
     gc.collect()
     cpu0, t = _tree_cpu_s(), time.perf_counter()
     with _Peaks() as peaks:
-        out = fn()
-    return out, {"driver_rss_mb": round(peaks.driver / 2**20, 1), "worker_pss_mb": round(peaks.worker / 2**20, 1),
-                 "wall_s": round(time.perf_counter() - t, 2), "cpu_s": round(_tree_cpu_s(cpu0), 2)}
+        out = fn(peaks.mark)
+    return out, {"driver_rss_mb": _mb(peaks.driver), "driver_heap_mb": _mb(peaks.heap), "worker_pss_mb": _mb(peaks.worker),
+                 "driver_by_stage": peaks.stages, "wall_s": round(time.perf_counter() - t, 2), "cpu_s": round(_tree_cpu_s(cpu0), 2)}
 
 
 def _label(n: int) -> str:
@@ -291,11 +349,13 @@ def bench_scale(*, workdir: str | None = None, max_rows: int = 1_000_000, list_k
         ray.init(num_cpus=cpus, logging_level=logging.WARNING, log_to_driver=False, include_dashboard=False)
         try:
             for n in sizes:
-                r, m = _measured(lambda: run_size(n, os.path.join(root, "scale")))
+                t = time.perf_counter()
+                paths = generate(n, os.path.join(root, "scale"))  # not measured: the generator is not the pipeline
+                gen_s = round(time.perf_counter() - t, 2)
+                r, m = _measured(lambda mark: pipeline(n, paths, mark=mark))
                 if not _reconciles(r):
                     raise RuntimeError(f"scale run at {n} rows does not reconcile: {r}")
-                steps = m["wall_s"] - r["gen_s"]  # the generator's own seconds are not the pipeline's
-                out["sizes"][_label(n)] = {**r, **m, "s_per_row": steps / n, "cpu_s_per_row": m["cpu_s"] / n}
+                out["sizes"][_label(n)] = {**r, **m, "gen_s": gen_s, "s_per_row": m["wall_s"] / n, "cpu_s_per_row": m["cpu_s"] / n}
                 loadavg.append(round(os.getloadavg()[0], 2))
             if list_keys:
                 out["listing"] = bench_listing(archive, list_keys)
@@ -321,6 +381,7 @@ def _ratios(sizes: dict) -> dict:
         if big in sizes and "100k" in sizes:
             a, b = sizes[big], sizes["100k"]
             out[f"driver_rss {big} / 100k"] = round(a["driver_rss_mb"] / b["driver_rss_mb"], 3)
+            out[f"driver_heap {big} / 100k"] = round(a["driver_heap_mb"] / b["driver_heap_mb"], 3)
             out[f"s_per_row {big} / 100k"] = round(a["s_per_row"] / b["s_per_row"], 3)
             out[f"cpu_s_per_row {big} / 100k"] = round(a["cpu_s_per_row"] / b["cpu_s_per_row"], 3)
     return out
@@ -387,7 +448,7 @@ def bench_listing(source: str, n_keys: int) -> dict:
         with ingest._data_context():
             return sum(b.num_rows for b in ingest._list(source).iter_batches(batch_format="pyarrow", batch_size=None))
 
-    n, m = _measured(listed)
+    n, m = _measured(lambda mark: listed())
     if n != n_keys:
         raise RuntimeError(f"listing found {n} of {n_keys} keys")
     return {"keys": n, **m, "keys_per_s": round(n / m["wall_s"]), "keys_per_cpu_s": round(n / m["cpu_s"])}
@@ -396,18 +457,19 @@ def bench_listing(source: str, n_keys: int) -> dict:
 def format_scale(r: dict) -> str:
     lines = [f"radforge bench scale: plan + assign + manifest on synthetic index rows, local Ray of {r['cpus']} CPUs"
              f" (load avg 1 min: {', '.join(map(str, r['loadavg_1min']))})",
-             f"  {'rows':>6}  {'items':>8}  {'shards':>6}  {'driver RSS':>10}  {'worker PSS':>10}  {'µs/row':>7}  {'CPU µs/row':>10}"
-             "  plan / assign / manifest s"]
+             f"  {'rows':>6}  {'items':>8}  {'shards':>6}  {'driver RSS':>10}  {'heap':>7}  {'worker PSS':>10}  {'µs/row':>7}"
+             f"  {'CPU µs/row':>10}  plan / assign / manifest s"]
     for label, s in r["sizes"].items():
         st = s["stage_s"]
-        lines.append(f"  {label:>6}  {s['planned']:>8}  {s['shards']:>6}  {s['driver_rss_mb']:>7.0f} MB  {s['worker_pss_mb']:>7.0f} MB"
-                     f"  {s['s_per_row'] * 1e6:>7.1f}  {s['cpu_s_per_row'] * 1e6:>10.1f}  {st['plan']} / {st['assign']} / {st['manifest']}")
+        lines.append(f"  {label:>6}  {s['planned']:>8}  {s['shards']:>6}  {s['driver_rss_mb']:>7.0f} MB  {s['driver_heap_mb']:>4.0f} MB"
+                     f"  {s['worker_pss_mb']:>7.0f} MB  {s['s_per_row'] * 1e6:>7.1f}  {s['cpu_s_per_row'] * 1e6:>10.1f}"
+                     f"  {st['plan']} / {st['assign']} / {st['manifest']}")
     for big in ("1M", "10M"):
         if f"driver_rss {big} / 100k" in r:
             rss, spr = r[f"driver_rss {big} / 100k"], r[f"s_per_row {big} / 100k"]
-            lines.append(f"  driver RSS {big} / 100k: {rss:.3f} (target ≤ 1.10: {'met' if rss <= 1.10 else 'NOT met'});"
-                         f" s/row {big} / 100k: {spr:.3f} (target ≤ 1.2: {'met' if spr <= 1.2 else 'NOT met'});"
-                         f" CPU s/row {big} / 100k: {r[f'cpu_s_per_row {big} / 100k']:.3f}")
+            lines.append(f"  driver RSS {big} / 100k: {rss:.3f} (target ≤ 1.10: {'met' if rss <= 1.10 else 'NOT met'}), heap"
+                         f" {r[f'driver_heap {big} / 100k']:.3f}; s/row {big} / 100k: {spr:.3f} (target ≤ 1.2:"
+                         f" {'met' if spr <= 1.2 else 'NOT met'}), CPU s/row {r[f'cpu_s_per_row {big} / 100k']:.3f}")
     if "listing" in r:
         li = r["listing"]
         lines.append(f"  listing {li['keys']} S3 keys (moto, 127.0.0.1): {li['keys_per_s']} keys/s ({li['keys_per_cpu_s']} per CPU s),"

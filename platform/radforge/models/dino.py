@@ -69,10 +69,11 @@ loss falls 3.28 → 1.88 by step 50 (ln K = 2.77; teacher entropy 1.3–2.1, its
 1.8–2.5: neither one-hot nor uniform), then drifts back towards ln K (2.81 at step 100) as the
 backbone's CLS tokens converge (mean cosine between samples 0.9987 → 0.99996): the batch-
 standardised head (`head_batch_norm`) hides that collapse from the loss. KoLeo keeps the
-CLS tokens apart but does not help the nodule: at 64 px with weight 0.1 (DINOv2's) the mean
-cosine stays 0.75 and the nodule's 20-NN AUROC falls by 0.137 [0.034, 0.236] below the
-untrained init's (the DINO loss ends at 2.77 = ln K); at 32 px with weight 1 (30 steps, K = 64,
-lr 3e-3) +0.15 with a CI through 0, against +0.26 [0.03, 0.45] without it. So it stays off. A CPU run this short is a smoke test of the objective; rad-dino.yaml starts from
+CLS tokens apart but does not help the nodule: at 64 px the nodule's 20-NN AUROC falls below
+the untrained init's, by 0.113 [0.008, 0.213] with weight 0.1 (DINOv2's; mean cosine 0.997)
+and by 0.137 [0.034, 0.236] with weight 1 (mean cosine 0.75), the DINO loss ending at ln K
+both times; at 32 px with weight 1 (30 steps, K = 64, lr 3e-3) +0.15 with a CI through 0,
+against +0.26 [0.03, 0.45] without it. So it stays off. A CPU run this short is a smoke test of the objective; rad-dino.yaml starts from
 DINOv2's weights.
 
 Left out of DINOv2: Sinkhorn-Knopp (above), iBOT block masking

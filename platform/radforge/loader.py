@@ -28,8 +28,8 @@ order); the manifest's per-shard modality counts give the number of slots withou
   data takes the same ``handler=``: count the skip, warn, go on (`_count_warn_skip`).
 * I/O. A shard is fetched whole (one GET; local files: one read) on a prefetch thread one shard
   ahead, and its sha256 (``data.verify_sha256``) is computed on a second thread, so a stream's
-  download, hashing and decoding of consecutive shards overlap (about ``radforge bench stream``'s
-  tar-read speed with verification on). A stream runs epoch after epoch in one DataLoader
+  download, hashing and decoding of consecutive shards overlap instead of adding up
+  (``radforge bench stream`` measures it against a plain tar read). A stream runs epoch after epoch in one DataLoader
   iteration: workers start once and the prefetch crosses epoch boundaries. ``data.cache_dir``
   keeps verified shards on local disk (LRU by file mtime, bounded by ``data.cache_limit_gb``; a
   cache hit is not hashed again).
@@ -104,7 +104,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import heapq
-import io
 import itertools
 import json
 import logging

@@ -233,6 +233,41 @@ def test_upload_unpacking_limits():
             serve_mod.check_prompt(bad, "p")
 
 
+def test_npy_uploads_are_checked_from_the_header_and_equal_np_load():
+    """A .npy is decoded in the replica (no decode worker), so its header is checked before any
+    pixel is copied: the result equals np.load for what the stored form allows, and every
+    malformed or lying array is a 4xx."""
+    rng = np.random.default_rng(0)
+    a = (rng.random((40, 30)) * 65535).astype(np.uint16)
+    for arr in (a, np.asfortranarray(a), a[:, ::2]):
+        got = serve_mod.load_npy(npy(arr), kinds.XRAY)
+        np.testing.assert_array_equal(got, np.load(io.BytesIO(npy(arr))))
+        assert got.flags.c_contiguous and got.flags.writeable
+    ct = rng.integers(-1000, 2000, (4, 8, 8), dtype=np.int16)
+    np.testing.assert_array_equal(serve_mod.load_npy(npy(ct), kinds.CT), ct)
+    lying = npy(np.zeros((8000, 8000), np.uint16))[:200]  # declares 128 MB, holds 200 bytes
+    pickled = io.BytesIO()
+    np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    cases = [(lying, 400, "bad_array"), (npy(a)[:-1], 400, "bad_array"), (npy(a) + b"\0", 400, "bad_array"),
+             (pickled.getvalue(), 400, "bad_array"), (serve_mod.NPY_MAGIC + b"\x09\x00garbage", 400, "bad_array"),
+             (npy(a.astype(">u2")), 422, "wrong_array"), (npy(np.zeros((2, 8193), np.uint16)), 422, "wrong_array"),
+             (npy(np.zeros((0, 4), np.uint16)), 422, "wrong_array"), (npy(ct), 422, "wrong_array")]
+    for data, status, code in cases:
+        with pytest.raises(serve_mod.ApiError) as e:
+            serve_mod.load_npy(data, kinds.XRAY)
+        assert (e.value.status, e.value.code) == (status, code), (data[:60], e.value.code)
+    # The raw body's Content-Type picks the decoder; generic types (and none) are sniffed.
+    assert serve_mod.check_media_type("Application/DICOM; charset=binary") == "dicom"
+    assert serve_mod.check_media_type("application/x-npy") == "npy"
+    for generic in ("", "application/octet-stream", "application/x-www-form-urlencoded"):
+        assert serve_mod.check_media_type(generic) is None
+    for wrong in ("application/json", "text/plain", "image/png"):
+        with pytest.raises(serve_mod.ApiError) as e:
+            serve_mod.check_media_type(wrong)
+        assert (e.value.status, e.value.code) == (415, "unsupported_media_type")
+    assert serve_mod.unpack_upload([npy(a)], max_files=2, max_bytes=1 << 20, declared="dicom")[0] == "dicom"
+
+
 # ---------------------------------------------------------------------------------------------
 # over HTTP
 
@@ -264,6 +299,48 @@ def test_embed_xray_equals_the_in_process_model(server, files):
     assert r2.status_code == 200 and r2.json()["preprocessing"]["input"] == "npy"
     np.testing.assert_allclose(np.array(r2.json()["embedding"]), want, atol=1e-5)
     assert PHI not in r.content and PHI not in r2.content
+
+
+def test_raw_body_and_multipart_give_the_same_embedding(server, files):
+    """The file as the body (each accepted Content-Type, or none) and as a multipart part: one
+    answer, for a radiograph as DICOM and as a stored-form .npy and for a zipped CT series; a
+    Content-Type that is no image upload is a 415, one that disagrees with the body a 400, and the
+    upload limit holds on both paths. Every answer carries its replica phases (Server-Timing)."""
+    lm = checkpoint.load_for_inference(files["xr_model"])
+    arr, _ = dicom.canonical_from_files([files["xray"]], lm.profile, image=kinds.XRAY)
+    uploads = {"dicom": (files["xray"], ("application/dicom", "application/octet-stream", None)),
+               "npy": (npy(arr), ("application/x-npy", "application/octet-stream", None))}
+    answers = []
+    for kind, (data, ctypes) in uploads.items():
+        for ctype in ctypes:
+            r = post(server, "/v1/embed", data, {"Content-Type": ctype} if ctype else {})
+            assert r.status_code == 200 and r.json()["preprocessing"]["input"] == kind, (kind, ctype, r.text)
+            answers.append(r)
+        answers.append(post(server, "/v1/embed", files=[("file", ("image", data, "application/octet-stream"))]))
+    for r in answers:
+        assert r.status_code == 200, r.text
+        np.testing.assert_allclose(r.json()["embedding"], answers[0].json()["embedding"], atol=1e-5)
+    timing = dict(p.strip().split(";dur=") for p in answers[0].headers["Server-Timing"].split(","))
+    assert {"load", "body", "decode", "model", "total"} <= set(timing) and all(float(v) >= 0 for v in timing.values())
+    assert float(timing["total"]) >= float(timing["decode"]) + float(timing["model"]) - 0.02
+    ct = post(server, "/v1/embed", files["ct_zip"], {"X-Model": "ct-0002", "Content-Type": "application/zip"})
+    ct_parts = post(server, "/v1/embed", headers={"X-Model": "ct-0002"},
+                    files=[("file", (f"{i}.dcm", b)) for i, b in enumerate(files["ct_parts"])])
+    assert ct.status_code == ct_parts.status_code == 200, ct.text
+    np.testing.assert_allclose(ct.json()["embedding"], ct_parts.json()["embedding"], atol=1e-5)
+    big = npy(np.zeros((1024, 1024), np.uint16))  # 2 MB > max_upload_mb = 1
+    bad = [(files["xray"], "application/json", 415, "unsupported_media_type"),
+           (npy(arr), "text/plain", 415, "unsupported_media_type"),
+           (files["xray"], "application/x-npy", 400, "bad_array"),
+           (npy(arr), "application/dicom", 400, "not_dicom"),
+           (files["xray"], "application/zip", 400, "bad_zip"),
+           (big, "application/x-npy", 413, "payload_too_large")]
+    for data, ctype, status, code in bad:
+        r = post(server, "/v1/embed", data, {"Content-Type": ctype})
+        assert (r.status_code, r.json()) == (status, {"error": code, "detail": serve_mod._DETAILS[code]}), (ctype, r.text)
+    r = post(server, "/v1/embed", files=[("file", ("big.npy", big))])
+    assert (r.status_code, r.json()["error"]) == (413, "payload_too_large")
+    assert all(PHI not in r.content for r in answers + [ct])
 
 
 def test_multiplexing_ct_series_as_zip_and_multipart(server, files):
@@ -446,7 +523,7 @@ def secure(server, files, tmp_path_factory):
     f = tmp_path_factory.mktemp("keys") / "keys"
     f.write_text("\n".join(KEYS) + "\n")
     app = serve_mod.build_app({"model": files["xr_model"], "api_keys_file": str(f), "num_cpus": "0",
-                               "max_models_per_replica": 1, **SECURE})
+                               "max_models_per_replica": 1, "max_batch_size": 1, **SECURE})  # batches of one skip the batcher
     serve.run(app, name="radforge-secure", route_prefix="/secure", blocking=False)
     url = server + "/secure"
     for _ in range(240):
@@ -466,7 +543,7 @@ def auth(i: int = 0) -> dict:
 
 
 @pytest.mark.timeout(300)
-def test_api_keys_over_http(secure, files):
+def test_api_keys_over_http(secure, server, files):
     assert requests.get(secure + "/healthz", timeout=30).status_code == 200
     for hdr in ({}, {"Authorization": "Bearer " + "x" * 32}, {"X-API-Key": KEYS[0][:-1]}, {"Authorization": KEYS[0]}):
         for r in (requests.get(secure + "/v1/models", headers=hdr, timeout=30),
@@ -477,6 +554,8 @@ def test_api_keys_over_http(secure, files):
         assert requests.get(secure + "/v1/models", headers=hdr, timeout=30).status_code == 200
     r = post(secure, "/v1/embed", files["xray"], auth(1))
     assert r.status_code == 200 and len(r.json()["embedding"]) == 32
+    # max_batch_size=1 here (no batcher), 4 on the open app: the same model gives the same answer
+    np.testing.assert_allclose(r.json()["embedding"], post(server, "/v1/embed", files["xray"]).json()["embedding"], atol=1e-5)
 
 
 def _bomb(files) -> bytes:

@@ -31,18 +31,25 @@ returns the bound application; nothing happens at import time, and replicas read
 One deployment, `RadforgeServer`, is the FastAPI ingress and the model runner at once: a second
 hop between an ingress and a model deployment costs a few ms per request (the p50 budget for all
 of Serve's overhead is 5 ms), and Serve's multiplexed routing works on the deployment that
-receives the HTTP request. Inside a replica, DICOM decoding runs on one worker thread (pydicom's
-warning suppression is process-wide state and must not interleave) and model forwards on another,
-so parsing of the next requests overlaps the current batch.
+receives the HTTP request. Inside a replica, DICOM is decoded in decode worker processes (hostile
+input, below), a checked .npy in the replica itself, and model forwards run on one thread, so the
+parsing of the next requests overlaps the current batch.
 
 HTTP API (OpenAPI schema at /openapi.json, docs at /docs)
 --------------------------------------------------------
-Images are sent as the raw request body or as multipart/form-data file parts (field name free),
-recognised by content, not by name or content type:
+Images are sent as the raw request body (the fast path: the body is the file) or as
+multipart/form-data file parts (field name free; for several files):
   * one DICOM file (a CR/DX radiograph);
   * the DICOM files of one CT series: several multipart parts, or one zip of them;
   * a `.npy` array already in the stored canonical form of the model's profile (CT int16 HU
     [z, y, x] LPS at the profile spacing; X-ray uint16 [y, x]) — what `radforge inspect` shows.
+A raw body's Content-Type names its decoder: `application/dicom`, `application/x-npy`,
+`application/zip`; `application/octet-stream`, curl's default `application/x-www-form-urlencoded`
+or none are recognised by content (the 'DICM' prefix, the .npy or zip magic); any other type is a
+415 unsupported_media_type before the body is read. Multipart parts are recognised by content.
+A .npy is decoded in the replica after its header is checked (`load_npy`); DICOM and zips go
+through the decode workers (below). Every image answer carries a `Server-Timing` header with the
+replica's phases in ms (`Phases`: load, body, decode, model, total) — no content, only times.
 DICOM goes through `radforge.dicom.canonical_from_files` (scan → plan_group → canonical: the exact
 code ingest uses, with the profile recorded in the model) and then the model's view
 (`image.view(view_cfg)` of its `kinds.ImageKind`).
@@ -67,7 +74,7 @@ ids are listed by GET /v1/models; no header = the first model.
 
 Errors: 4xx with {"error": code, "detail": text}; codes are `dicom.REJECT_REASONS` plus
 bad_request, bad_zip, bad_array, wrong_array, wrong_modality, too_many_files, payload_too_large,
-unknown_model, unsupported_for_model, no_index. Details are fixed texts per code: never a header
+unsupported_media_type, unknown_model, unsupported_for_model, no_index. Details are fixed texts per code: never a header
 value, never request content. Request bodies are never logged (Serve's access log has method,
 route, status and latency only).
 """
@@ -82,6 +89,7 @@ import json
 import logging
 import os
 import sys
+import time
 import zipfile
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -95,6 +103,14 @@ from radforge import config
 log = logging.getLogger("radforge.serve")
 
 
+# Settings of the replica process, read when it starts, so they are environment variables of the
+# replica's actor: user code on the replica's own event loop, not a second loop in another thread
+# that every request and every body message has to hop to; and normal CPU priority: Ray starts
+# workers at nice 15 (RAY_worker_niceness), so on a busy node a latency-bound replica would
+# queue behind every batch process (training, ingest) instead of ahead of them.
+REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_worker_niceness": "0"}
+
+
 def build_app(args: dict | config.ServeConfig) -> serve.Application:
     """The Serve application for `serve run radforge.serve:build_app model=URL` / a config file."""
     a = args if isinstance(args, config.ServeConfig) else config.from_dict(config.ServeConfig, dict(args or {}))
@@ -105,7 +121,8 @@ def build_app(args: dict | config.ServeConfig) -> serve.Application:
         check_exposure(host, bool(load_api_keys(a)), a.allow_unauthenticated)
     options: dict[str, Any] = {
         "ray_actor_options": {"num_cpus": a.num_cpus, "num_gpus": a.num_gpus,
-                              "memory": int(a.declared_memory_mb() * 1024 * 1024)},
+                              "memory": int(a.declared_memory_mb() * 1024 * 1024),
+                              "runtime_env": {"env_vars": dict(REPLICA_ENV)}},
         # Batches only fill when a replica may hold at least a batch of requests at once.
         "max_ongoing_requests": a.max_ongoing_requests or max(32, 2 * a.max_batch_size),
     }
@@ -249,6 +266,8 @@ _DETAILS = {
     "unknown_model": "unknown model id (see GET /v1/models)",
     "unsupported_for_model": "this model cannot serve this endpoint (see its endpoints in GET /v1/models)",
     "no_index": "no retrieval index is loaded for this model",
+    "unsupported_media_type": "send the file as the body (Content-Type application/dicom, application/x-npy, "
+                              "application/zip or application/octet-stream) or as multipart/form-data parts",
     "bad_request": "malformed request",
     "not_found": "no such endpoint",
     "method_not_allowed": "method not allowed",
@@ -281,6 +300,28 @@ def require(capabilities: frozenset[str], endpoint: str) -> None:
         raise ApiError(400, "unsupported_for_model")
 
 
+class _Authenticate:
+    """API-key check as a plain ASGI middleware: Starlette's `@app.middleware("http")` runs every
+    request through an extra task and memory streams (about 1 ms per request on 2 busy cores)."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        keys = sys.modules["radforge.serve"]._API_KEYS  # set by the replica (see RadforgeServer.__init__)
+        if keys and scope["type"] == "http":
+            from starlette.datastructures import Headers
+            from starlette.responses import JSONResponse
+
+            path, root = scope.get("path", ""), scope.get("root_path", "")
+            path = path[len(root):] if root and path.startswith(root) else path
+            if path not in OPEN_PATHS and not key_matches(_presented_key(Headers(scope=scope)), keys):
+                response = JSONResponse({"error": "unauthorized", "detail": _DETAILS["unauthorized"]}, status_code=401,
+                                        headers={"WWW-Authenticate": "Bearer"})
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 def _make_fastapi() -> FastAPI:
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse
@@ -292,15 +333,7 @@ def _make_fastapi() -> FastAPI:
         version="1",
     )
 
-    @app.middleware("http")
-    async def _authenticate(request: Request, call_next):
-        path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
-        path = path[len(root):] if root and path.startswith(root) else path
-        keys = sys.modules["radforge.serve"]._API_KEYS  # set by the replica (see RadforgeServer.__init__)
-        if keys and path not in OPEN_PATHS and not key_matches(_presented_key(request.headers), keys):
-            return JSONResponse({"error": "unauthorized", "detail": _DETAILS["unauthorized"]}, status_code=401,
-                                headers={"WWW-Authenticate": "Bearer"})
-        return await call_next(request)
+    app.add_middleware(_Authenticate)
 
     @app.exception_handler(ApiError)
     async def _api_error(_: Request, e: ApiError):
@@ -336,20 +369,64 @@ def _make_fastapi() -> FastAPI:
 NPY_MAGIC = b"\x93NUMPY"
 ZIP_MAGIC = b"PK\x03\x04"
 
+# Content-Type of a raw-body upload (the body is the file) → the decoder it names; None = sniffed
+# from the content. curl's --data-binary sends x-www-form-urlencoded unless told otherwise.
+RAW_TYPES = {
+    "application/dicom": "dicom",
+    "application/x-npy": "npy",
+    "application/zip": "zip",
+    "application/x-zip-compressed": "zip",
+    "application/octet-stream": None,
+    "application/x-www-form-urlencoded": None,
+    "": None,
+}
+MULTIPART = "multipart/form-data"
 
-def unpack_upload(parts: list[bytes], *, max_files: int, max_bytes: int) -> tuple[str, Any]:
+
+def media_type(content_type: str) -> str:
+    """`Content-Type: Application/DICOM; charset=x` → "application/dicom"."""
+    return content_type.split(";", 1)[0].strip().lower()
+
+
+def check_media_type(content_type: str) -> str | None:
+    """The decoder a raw body's Content-Type names (None: sniff), or ApiError 415 for a type that
+    is no image upload (multipart is handled by the caller)."""
+    mt = media_type(content_type)
+    if mt not in RAW_TYPES:
+        raise ApiError(415, "unsupported_media_type")
+    return RAW_TYPES[mt]
+
+
+def upload_kind(parts: list[bytes], declared: str | None = None) -> str:
+    """"npy", "zip" or "dicom": what the parts are, as their Content-Type says or else by content."""
+    if declared is not None:
+        return declared
+    if len(parts) == 1 and parts[0][:6] == NPY_MAGIC:
+        return "npy"
+    if len(parts) == 1 and parts[0][:4] == ZIP_MAGIC:
+        return "zip"
+    return "dicom"
+
+
+def unpack_upload(parts: list[bytes], *, max_files: int, max_bytes: int, declared: str | None = None) -> tuple[str, Any]:
     """Uploaded file contents → ("npy", bytes) or ("dicom", [file bytes, ...]).
 
     One part may be a .npy array or a zip of DICOM files; otherwise every part is a DICOM file.
-    A zip's members are read with a running byte budget (its declared sizes are not trusted: a
-    zip bomb stops at `max_bytes`); directories, dot files and __MACOSX/ are ignored.
+    `declared` (from a raw body's Content-Type, `check_media_type`) picks the decoder instead of
+    the content. A zip's members are read with a running byte budget (its declared sizes are not
+    trusted: a zip bomb stops at `max_bytes`); directories, dot files and __MACOSX/ are ignored.
     """
     parts = [p for p in parts if p]
     if not parts:
         raise ApiError(400, "bad_request", "no image in the request")
-    if len(parts) == 1 and parts[0][:6] == NPY_MAGIC:
+    kind = upload_kind(parts, declared)
+    if kind == "npy":
+        if len(parts) != 1:
+            raise ApiError(422, "multiple_images")
         return "npy", parts[0]
-    if len(parts) == 1 and parts[0][:4] == ZIP_MAGIC:
+    if kind == "zip":
+        if len(parts) != 1:
+            raise ApiError(400, "bad_request", "send one zip of a CT series per request")
         return "dicom", _unzip(parts[0], max_files=max_files, max_bytes=max_bytes)
     if len(parts) > max_files:
         raise ApiError(413, "too_many_files")
@@ -383,30 +460,51 @@ def _unzip(data: bytes, *, max_files: int, max_bytes: int) -> list[bytes]:
     return out
 
 
+def _npy_header(data: bytes):
+    """(shape, fortran_order, dtype, data offset) of a .npy, read from its header alone."""
+    import numpy as np
+
+    f = io.BytesIO(data)
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+    elif version == (2, 0):
+        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+    else:  # 3.0 only adds utf-8 field names: never a stored image
+        raise ValueError("npy version")
+    return shape, fortran, dtype, f.tell()
+
+
 def load_npy(data: bytes, image):
-    """A .npy upload → the stored canonical array of `image` (a `kinds.ImageKind`), or ApiError."""
+    """A .npy upload → the stored canonical array of `image` (a `kinds.ImageKind`), or ApiError.
+
+    Not a hostile-decoder input: the header is parsed and checked (no pickles, the kind's dtype and
+    rank, at most 8192 per axis, the body holding exactly the declared bytes) before one copy of
+    the pixels is made, so it runs in the replica without a decode worker."""
     import numpy as np
 
     try:
-        arr = np.load(io.BytesIO(data), allow_pickle=False)
+        shape, fortran, dtype, offset = _npy_header(data)
     except Exception:  # noqa: BLE001 — numpy raises several types on malformed headers
         raise ApiError(400, "bad_array") from None
-    if not isinstance(arr, np.ndarray):
+    if dtype.hasobject or not all(isinstance(n, int) and n >= 0 for n in shape):
         raise ApiError(400, "bad_array")
-    try:
-        image.check_stored(arr)
-        if min(arr.shape) < 1 or max(arr.shape) > 8192:
-            raise ValueError
-    except ValueError:
+    if dtype != np.dtype(image.dtype) or len(shape) != image.ndim or min(shape, default=0) < 1 or max(shape) > 8192:
         raise ApiError(
             422, "wrong_array",
-            f"this {image.name} model takes the stored form {image.stored_form}; got {arr.dtype.name} with shape {list(arr.shape)}",
-        ) from None
-    return np.ascontiguousarray(arr)
+            f"this {image.name} model takes the stored form {image.stored_form}; got {dtype.name} with shape {list(shape)}",
+        )
+    count = 1
+    for n in shape:
+        count *= n
+    if len(data) - offset != count * dtype.itemsize:
+        raise ApiError(400, "bad_array")  # truncated, or trailing bytes
+    arr = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(shape, order="F" if fortran else "C")
+    return np.array(arr, order="C")  # the one copy: writable, C-ordered
 
 
 def decode_request(parts: list[bytes], profile, image_name: str, view_cfg, *, max_files: int, max_bytes: int,
-                   max_image_bytes: int):
+                   max_image_bytes: int, declared: str | None = None):
     """Upload parts → (model input, preprocessing description): unpack, then the ingest decode path
     (whose header read is capped and which refuses what the headers declare beyond the pixel
     budget before any decoder runs: `max_image_bytes` of 16-bit pixels, as CT voxels or X-ray
@@ -414,7 +512,7 @@ def decode_request(parts: list[bytes], profile, image_name: str, view_cfg, *, ma
     from radforge import dicom, kinds
 
     image = kinds.get(image_name)
-    kind, payload = unpack_upload(parts, max_files=max_files, max_bytes=max_bytes)
+    kind, payload = unpack_upload(parts, max_files=max_files, max_bytes=max_bytes, declared=declared)
     if kind == "npy":
         array, modality = load_npy(payload, image), None
     else:
@@ -447,6 +545,42 @@ def decode_request(parts: list[bytes], profile, image_name: str, view_cfg, *, ma
 
 
 _VIEWS: dict = {}  # per process: (image kind, view config) → view
+
+# A .npy body up to this size is decoded and viewed on the replica's event loop (well under a ms);
+# a larger one (a CT volume) in a thread, so it cannot stall the requests behind it.
+INLINE_NPY_BYTES = 1 << 20
+
+
+class Phases:
+    """Wall time of one request's phases inside the replica, sent back as a `Server-Timing` header
+    (phase names and ms only, never content): `load` (the multiplexed model lookup; its first use
+    loads weights), `body` (the upload pulled from Serve's proxy), `decode` (unpack, DICOM or .npy →
+    canonical → the model's view, the decode-worker round trip included), `model` (batch wait and
+    forward; for retrieve also the index search), `total` (the handler). `radforge bench serve` reads it to split a request's latency."""
+
+    __slots__ = ("t0", "t", "ms")
+
+    def __init__(self):
+        self.t0 = self.t = time.perf_counter()
+        self.ms: dict[str, float] = {}
+
+    def mark(self, name: str) -> None:
+        now = time.perf_counter()
+        self.ms[name] = self.ms.get(name, 0.0) + (now - self.t) * 1e3
+        self.t = now
+
+    def header(self) -> str:
+        total = (time.perf_counter() - self.t0) * 1e3
+        return ", ".join([f"{k};dur={v:.2f}" for k, v in self.ms.items()] + [f"total;dur={total:.2f}"])
+
+
+def json_response(doc: dict, phases: Phases | None = None):
+    """`doc` as JSON (NaN refused, as FastAPI does), built directly: FastAPI's encoder walks every
+    float of an embedding one by one."""
+    from starlette.responses import Response
+
+    body = json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+    return Response(body, media_type="application/json", headers={"Server-Timing": phases.header()} if phases else None)
 
 
 def _decode_worker_init(memory_bytes: int) -> None:
@@ -564,6 +698,7 @@ _IMAGE_BODY = {
                    "or multipart/form-data with the file(s) as parts",
     "content": {
         "application/dicom": _BINARY,
+        "application/x-npy": _BINARY,
         "application/zip": _BINARY,
         "application/octet-stream": _BINARY,
         "multipart/form-data": {"schema": {"type": "object", "properties": {
@@ -632,6 +767,7 @@ class RadforgeServer:
         log.info("authentication: %s", f"{len(keys)} API key(s)" if keys else "off")
         self._decode_pool = DecodePool(self.cfg.decode_workers, int(self.cfg.decode_worker_memory_mb() * 2**20))
         self._io_pool = ThreadPoolExecutor(1, thread_name_prefix="radforge-io")  # index loads
+        self._npy_pool = ThreadPoolExecutor(1, thread_name_prefix="radforge-npy")  # large .npy uploads
         self._model_pool = ThreadPoolExecutor(1, thread_name_prefix="radforge-model")
         self._embed_batch.set_max_batch_size(self.cfg.max_batch_size)
         self._embed_batch.set_batch_wait_timeout_s(self.cfg.batch_wait_timeout_s)
@@ -679,12 +815,14 @@ class RadforgeServer:
             raise ApiError(413, "payload_too_large")
         return b"".join(chunks)
 
-    async def _upload(self, request) -> tuple[list[bytes], dict[str, list[str]]]:
-        """File parts + text fields of a multipart request, or the raw body as one part."""
-        body = await self._body(request)
+    async def _upload(self, request) -> tuple[list[bytes], dict[str, list[str]], str | None]:
+        """File parts + text fields of a multipart request, or the raw body as one part, and the
+        decoder a raw body's Content-Type names (checked before the body is pulled: 415)."""
         ctype = request.headers.get("content-type", "")
-        if not ctype.startswith("multipart/form-data"):
-            return [body], {}
+        if media_type(ctype) != MULTIPART:
+            declared = check_media_type(ctype)
+            return [await self._body(request)], {}, declared
+        body = await self._body(request)
 
         async def replay():
             return {"type": "http.request", "body": body, "more_body": False}
@@ -700,23 +838,45 @@ class RadforgeServer:
                 fields.setdefault(key, []).append(value)
             else:
                 parts.append(await value.read())
-        return parts, fields
+        return parts, fields, None
 
-    async def _image(self, request, mid: str) -> tuple[Any, dict, dict[str, list[str]]]:
-        """Request → (model input float32 [C, ...], preprocessing description, form fields)."""
-        parts, fields = await self._upload(request)
+    async def _image(self, request, mid: str, ph: Phases) -> tuple[Any, dict, dict[str, list[str]]]:
+        """Request → (model input float32 [C, ...], preprocessing description, form fields).
+
+        DICOM (hostile-decoder input) is decoded in a decode worker process; a .npy, whose header
+        is checked before any pixel is touched (`load_npy`), in the replica: a process round trip
+        would cost more than the whole decode."""
         lm = await self._get_model(mid)
+        ph.mark("load")
+        parts, fields, declared = await self._upload(request)
+        ph.mark("body")
         args = (parts, lm.profile, lm.image.name, lm.view)
         kw = {"max_files": self.cfg.max_files, "max_bytes": self._max_bytes,
-              "max_image_bytes": int(self.cfg.max_image_mb * 2**20)}
-        if len(parts) == 1 and parts[0][:6] == NPY_MAGIC:
-            x, prep = decode_request(*args, **kw)  # bounded by the upload limit; a process hop would cost more
-        else:
+              "max_image_bytes": int(self.cfg.max_image_mb * 2**20), "declared": declared}
+        if upload_kind([p for p in parts if p], declared) != "npy":
             x, prep = await self._decode_pool.run(self.cfg.decode_timeout_s, decode_request, *args, **kw)
+        elif sum(map(len, parts)) <= INLINE_NPY_BYTES:
+            x, prep = decode_request(*args, **kw)
+        else:
+            import functools
+
+            loop = asyncio.get_running_loop()
+            x, prep = await loop.run_in_executor(self._npy_pool, functools.partial(decode_request, *args, **kw))
+        ph.mark("decode")
         return x, prep, fields
 
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._model_pool, fn, *args)
+
+    async def _embed(self, x, mid: str):
+        """One image's embedding: through the batcher, or straight to the model when batches are
+        of one (max_batch_size=1: the batcher's queue would only add a hop)."""
+        if self.cfg.max_batch_size > 1:
+            return await self._embed_batch(x, mid)
+        import torch
+
+        lm = await self._get_model(mid)
+        return (await self._run(lm.embed_images, torch.from_numpy(x[None]))).cpu().numpy()[0]
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, images: list, model_ids: list[str]) -> list:
@@ -772,11 +932,13 @@ class RadforgeServer:
 
     @app.post("/v1/embed", **_doc())
     async def embed(self, request: Request) -> dict:
+        ph = Phases()
         mid = self._model_id(request)
         require(self._caps[mid], "embed")
-        x, prep, _ = await self._image(request, mid)
-        emb = await self._embed_batch(x, mid)
-        return {"embedding": [float(v) for v in emb], "model": mid, "preprocessing": prep}
+        x, prep, _ = await self._image(request, mid, ph)
+        emb = await self._embed(x, mid)
+        ph.mark("model")
+        return json_response({"embedding": emb.tolist(), "model": mid, "preprocessing": prep}, ph)
 
     @app.post("/v1/zero-shot", **_doc(_FINDINGS_Q))
     async def zero_shot(self, request: Request) -> dict:
@@ -784,9 +946,10 @@ class RadforgeServer:
 
         import torch
 
+        ph = Phases()
         mid = self._model_id(request)
         require(self._caps[mid], "zero-shot")
-        x, prep, fields = await self._image(request, mid)
+        x, prep, fields = await self._image(request, mid, ph)
         q = request.query_params
         findings = parse_findings(q.getlist("findings") + fields.get("findings", []))
         pos = check_prompt(q.get("positive") or (fields.get("positive") or [None])[0], "positive")
@@ -797,7 +960,9 @@ class RadforgeServer:
                                                   "negative": neg or lm.prompts["negative"]})
         probs = await self._run(lm.zero_shot, torch.from_numpy(x[None]), findings)
         p = probs[0].cpu().tolist()
-        return {"probabilities": {f: float(v) for f, v in zip(findings, p)}, "model": mid, "preprocessing": prep}
+        ph.mark("model")
+        return json_response({"probabilities": {f: float(v) for f, v in zip(findings, p)}, "model": mid,
+                              "preprocessing": prep}, ph)
 
     @app.post("/v1/embed-text", **_doc(body=_TEXT_BODY))
     async def embed_text(self, request: Request) -> dict:
@@ -828,13 +993,15 @@ class RadforgeServer:
             raise ApiError(400, "bad_request", "k: an integer from 1 to 100") from None
         if not 1 <= k <= 100:
             raise ApiError(400, "bad_request", "k: an integer from 1 to 100")
+        ph = Phases()
         emb_index, keys = await self._index(mid)
-        x, prep, _ = await self._image(request, mid)
-        emb = await self._embed_batch(x, mid)
+        x, prep, _ = await self._image(request, mid, ph)
+        emb = await self._embed(x, mid)
         sims = emb_index @ np.asarray(emb, dtype=np.float32)
         top = np.argsort(-sims)[:k]
-        return {
+        ph.mark("model")
+        return json_response({
             "results": [{"key": keys[i], "score": float(sims[i])} for i in top],
             "model": mid,
             "preprocessing": prep,
-        }
+        }, ph)

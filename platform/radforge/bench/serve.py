@@ -12,14 +12,23 @@ on the machine hits both alike.
                 compares like with like
   healthz_get   an empty GET through the same path: the floor of any Serve request here (a POST
                 costs more: the replica pulls the body from the proxy with extra RPCs)
+  post_refused  the same POST answered 404 (unknown model) before its body is pulled: the floor
+                of a POST without the body transfer
+  replica phases  the unbatched POSTs' Server-Timing (radforge.serve.Phases): load, body (the
+                pull from the proxy), decode, model, total; "outside the handler" = client p50 −
+                total (proxy, actor calls, HTTP, ASGI)
   model_only    embed_images per item at batch 1 vs batch 16: the most batching can give on this
                 device (a compute-bound CPU forward gains little; a GPU gains a lot)
 
-Payload: one X-ray in the stored form (.npy uint16 [256, 256]) for a freshly initialised tiny
-MAE X-ray model at the default 224 px view (weights do not change the cost); cuda when present.
-Everything Serve-side runs twice: with Serve's defaults and with its documented throughput
-tuning (SERVE_TUNED_ENV). Targets: batched ≥ 3 × unbatched requests/s at concurrency 16; Serve
-overhead p50 ≤ 5 ms. The client runs on the same machine as the server.
+Payload: one X-ray in the stored form (.npy uint16 [256, 256], raw body, Content-Type
+application/x-npy) for a freshly initialised tiny MAE X-ray model at the default 224 px view
+(weights do not change the cost); cuda when present. Everything Serve-side runs twice: with what
+build_app gives a deployment (radforge.serve.REPLICA_ENV) and with Serve's documented throughput
+tuning on top (SERVE_TUNED_ENV, cluster-wide). Ray's processes run at nice 0 here (Ray's default
+for workers is 15), like the in-process call, and the nice values seen are printed. Targets:
+Serve overhead p50 ≤ 5 ms; batched ÷ unbatched requests/s at concurrency 16 ≥ 0.9 × the
+model-only ceiling, and ≥ 3 where that ceiling allows it (≥ 3.3). The client runs on the same
+machine as the server.
 
 Reading the figures: batching pays where a forward of 16 costs much less than 16 forwards
 (`model_only` ceiling ≫ 1: accelerators, small models). A CPU forward of this ViT is compute-bound,

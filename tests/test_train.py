@@ -183,13 +183,27 @@ def test_bad_resume_mode_and_missing_split_fail_before_any_work(tmp_path, one_sh
 
 
 @pytest.fixture(scope="module")
-def zero_runs(one_shard, tmp_path_factory, ray_cluster):
-    """The same tiny recipe: 1 worker ZeRO-0, and 2 workers ZeRO-1, -2, -3 (global batch 8)."""
+def kill_marker(tmp_path_factory) -> Path:
+    """Created by the ZeRO-1 run's rank 1 just before it kills itself (train.KillAt)."""
+    return tmp_path_factory.mktemp("kill") / "fault-fired"
+
+
+@pytest.fixture(scope="module")
+def zero_runs(one_shard, tmp_path_factory, ray_cluster, kill_marker):
+    """The same tiny recipe: 1 worker ZeRO-0, and 2 workers ZeRO-1, -2, -3 (global batch 8).
+    The ZeRO-1 run is also the killed-worker run: rank 1 kills its own process at step 4, once,
+    and Ray Train restarts the group from the step-3 checkpoint (one Ray Train job fewer than a
+    separate run; the trajectory test then holds the restarted run to the uninterrupted ZeRO-0
+    losses and samples, the kill test checks the kill happened and no step was doubled)."""
     out = {}
     for workers, stage in ((1, 0), (2, 1), (2, 2), (2, 3)):
         tmp = tmp_path_factory.mktemp(f"z{stage}")
-        out[stage] = train.run(_tiny(one_shard, tmp, workers=workers, stage=stage), resume="never", progress=False,
-                               hooks=[train.TraceSamples()])
+        hooks, sets = [train.TraceSamples()], []
+        if stage == 1:
+            hooks.append(train.KillAt(step=4, rank=1, marker=str(kill_marker)))
+            sets = ["checkpoint.max_failures=1"]
+        out[stage] = train.run(_tiny(one_shard, tmp, *sets, workers=workers, stage=stage), resume="never", progress=False,
+                               hooks=hooks)
     return out
 
 
@@ -202,7 +216,7 @@ def test_zero_stages_and_world_sizes_give_the_same_loss_trajectory(zero_runs):
     assert len(ref) == 6 and ref[-1] < ref[0]  # it learns
     for stage in (1, 2, 3):
         got = _losses(zero_runs[stage])
-        np.testing.assert_allclose(got, ref, rtol=2e-3, err_msg=f"ZeRO-{stage} (2 workers) vs ZeRO-0 (1 worker)")
+        np.testing.assert_allclose(got, ref, rtol=2e-3, err_msg=f"ZeRO-{stage} (2 workers{', killed at step 4 and restarted' if stage == 1 else ''}) vs ZeRO-0 (1 worker)")
         lrs = [h["lr"] for h in zero_runs[stage].history if "lr" in h]
         assert lrs == pytest.approx([h["lr"] for h in zero_runs[0].history if "lr" in h], rel=1e-9)
     for r in zero_runs.values():  # the same samples at every step, whatever the world size
@@ -250,72 +264,65 @@ def test_export_then_load_for_inference_gives_the_live_models_embeddings(zero_ru
     assert p.shape == (8, len(lm.findings)) and bool(((p >= 0) & (p <= 1)).all())
 
 
-def test_a_killed_worker_is_restarted_from_the_last_checkpoint(one_shard, zero_runs, tmp_path):
-    """Rank 1 kills its own process (os._exit) at step 4, once; Ray Train restarts the worker
-    group from the step-3 checkpoint and the run ends at step 6 with the uninterrupted losses."""
-    marker = tmp_path / "fault-fired"
-    res = train.run(_tiny(one_shard, tmp_path, "checkpoint.max_failures=1"), resume="never", progress=False,
-                    hooks=[train.KillAt(step=4, rank=1, marker=str(marker))])
-    assert marker.exists() and res.steps == 6
+def test_a_killed_worker_is_restarted_from_the_last_checkpoint(zero_runs, kill_marker):
+    """The ZeRO-1 run of `zero_runs`: rank 1 killed its own process (os._exit) at step 4, once;
+    Ray Train restarted the worker group from the step-3 checkpoint and the run ended at step 6
+    with the uninterrupted losses (here against ZeRO-2's; the trajectory test holds it to ZeRO-0's
+    losses and samples step by step)."""
+    res = zero_runs[1]
+    assert kill_marker.exists() and res.steps == 6
     np.testing.assert_allclose(_losses(res), _losses(zero_runs[2]), rtol=2e-3)
     assert [h["step"] for h in res.history if "loss" in h] == [1, 2, 3, 4, 5, 6]  # no doubled steps
 
 
-def test_resume_across_runs_on_s3_reproduces_the_sample_sequence(one_shard, zero_runs, s3_bucket, tmp_path):
-    """Shards AND checkpoints on the moto S3 endpoint. Run 1 dies at step 4 with no retries left
-    (a crashed job); run 2, same recipe, resume=auto, continues from the step-3 checkpoint: the
-    keys of steps 4-6 and the losses equal the uninterrupted run's. Then export from S3."""
-    from ray.train import TrainingFailedError
-
-    shards = _one_shard(one_shard, f"{s3_bucket}/shards")
-    marker = tmp_path / "fault-fired"
-    hooks = [train.TraceSamples(), train.KillAt(step=4, rank=0, marker=str(marker))]  # the marker: it fires once
-    r = _tiny(shards, tmp_path, f"checkpoint.storage_path={s3_bucket}/ckpt", "checkpoint.max_failures=0")
-    with pytest.raises((TrainingFailedError, RuntimeError)):
-        train.run(r, resume="never", progress=False, hooks=hooks)
-    assert marker.exists()
-    assert [checkpoint.load(u).step for u in checkpoint.find(f"{s3_bucket}/ckpt/{r.name}")] == [3]
-    res = train.run(r, resume="auto", progress=False, hooks=hooks)
-    assert res.steps == 6 and res.checkpoint.startswith(f"{s3_bucket}/ckpt/{r.name}/")
-    ref_keys, keys = _trace(zero_runs[2].run_dir), _trace(res.run_dir)
-    assert {s: keys[s] for s in (4, 5, 6)} == {s: ref_keys[s] for s in (4, 5, 6)}
-    np.testing.assert_allclose(_losses(res), _losses(zero_runs[2]), rtol=2e-3)
-    out = checkpoint.export(res.checkpoint, f"{s3_bucket}/model")
-    lm = checkpoint.load_for_inference(out)
-    assert lm.kind == "clip" and lm.image is kinds.XRAY
+def _copy_shard_set(src: str, dest: str) -> str:
+    """The manifest and every shard it lists, byte for byte, from `src` to `dest` (any storage URL)."""
+    m = shardspec.read_manifest(src)
+    for rec in m["shards"]:
+        storage.write_bytes_atomic(storage.join(dest, rec["path"]), storage.read_bytes(storage.join(src, rec["path"])))
+    storage.write_bytes_atomic(storage.join(dest, shardspec.MANIFEST), storage.read_bytes(storage.join(src, shardspec.MANIFEST)))
+    return dest
 
 
-def _mix(shards: str, tmp: Path, workers: int) -> TrainRecipe:
+def _mix(shards: str, tmp: Path, workers: int, ckpt: str) -> TrainRecipe:
     """tiny-mix-ct-xray shrunk: CT 8×16×16 and X-ray 32 px, one source each on the session corpus,
-    global batch 8, 8 steps, a checkpoint every 3, no retries (a kill ends the run)."""
+    global batch 8, 8 steps, a checkpoint every 3 (to `ckpt`), no retries (a kill ends the run)."""
     return config.load(TrainRecipe, str(RECIPES / "tiny-mix-ct-xray.yaml"), [
         f"data.sources=[{{shards: {shards}, image: ct, weight: 0.5, name: ct}}, "
         f"{{shards: {shards}, image: xray, weight: 0.5, name: xray}}]",
         "steps=8", "log_every=1", "data.num_workers=0", "data.shuffle_buffer=8", f"scale.num_workers={workers}",
         f"deepspeed.micro_batch={8 // workers}", "optim.warmup_steps=2", "checkpoint.every_steps=3", "eval.every_steps=0",
         "eval.split=none", "view.ct_size=[8, 16, 16]", "view.xray_size=32", "model.patch_ct=[4, 8, 8]", "model.patch_xray=8",
-        "checkpoint.max_failures=0", f"checkpoint.storage_path={tmp / 'ckpt'}", f"output_dir={tmp / 'runs'}"])
+        "checkpoint.max_failures=0", f"checkpoint.storage_path={ckpt}", f"output_dir={tmp / 'runs'}"])
 
 
-def test_mixed_ct_xray_run_learns_both_and_resumes_on_other_worker_counts(shards, tmp_path, ray_cluster):
+def test_mixed_ct_xray_run_learns_both_and_resumes_on_other_worker_counts(shards, tmp_path, ray_cluster, s3_bucket):
     """One MAE for CT and X-ray (a patch embedding each, one transformer) under ZeRO-2, trained
     as a chain of three jobs on 2 → 1 → 2 workers: job 1 dies after step 4 (checkpoint 3), job 2
     resumes it on ONE worker (universal checkpoint, loader re-plan) and dies after step 7
     (checkpoint 6), job 3 finishes on two. Each batch is one kind and every rank takes the same
     kind at the same step (else ZeRO would hang or mix shapes); both kinds' losses fall across the
-    resumes; 8 steps × 8 samples fit one epoch of each source, so no sample may come twice."""
+    resumes; 8 steps × 8 samples fit one epoch of each source, so no sample may come twice.
+    Shards AND checkpoints live on the moto S3 endpoint (this chain is also the resume-across-runs
+    test on S3: job 1 leaves exactly the step-3 checkpoint there, the later jobs resume from S3,
+    the export is written to and loaded from S3); the traces stay local (train.TraceSamples)."""
     from ray.train import TrainingFailedError
 
+    local_shards, shards = shards, _copy_shard_set(shards, f"{s3_bucket}/shards")
+    ckpt = f"{s3_bucket}/ckpt"
     hooks = [train.TraceSamples(), train.KillAt(step=4, rank=0, marker=str(tmp_path / "k4")),
              train.KillAt(step=7, rank=0, marker=str(tmp_path / "k7"))]
     for i, workers in enumerate((2, 1, 2)):
-        r = _mix(shards, tmp_path, workers)
+        r = _mix(shards, tmp_path, workers, ckpt)
         if i < 2:
             with pytest.raises((TrainingFailedError, RuntimeError)):
                 train.run(r, resume="never" if i == 0 else "auto", progress=False, hooks=hooks)
+            if i == 0:  # a crashed job: what it left on S3 is the step-3 checkpoint, nothing later
+                assert [checkpoint.load(u).step for u in checkpoint.find(f"{ckpt}/{r.name}")] == [3]
         else:
             res = train.run(r, resume="auto", progress=False, hooks=hooks)
     assert res.steps == 8 and (tmp_path / "k4").exists() and (tmp_path / "k7").exists()
+    assert res.checkpoint.startswith(f"{ckpt}/{r.name}/")
     rows = [h for h in res.history if "loss" in h]
     assert [h["step"] for h in rows] == list(range(1, 9))
     kinds_by_step = [("ct" if "loss_ct" in h else "xray") for h in rows]
@@ -332,10 +339,11 @@ def test_mixed_ct_xray_run_learns_both_and_resumes_on_other_worker_counts(shards
     keys = [k for s in sorted(trace) for k in trace[s]]
     assert len(keys) == len(set(keys)) == 64  # no sample of either source's epoch twice (2→1 and 1→2)
     modality = {raw["__key__"]: json.loads(raw["json"])["modality"]
-                for raw in shardspec.iter_samples(shards, shardspec.read_manifest(shards), split="train")}
+                for raw in shardspec.iter_samples(local_shards, shardspec.read_manifest(local_shards), split="train")}
     for s, kind in zip(sorted(trace), kinds_by_step):  # each step's batch is of the kind its loss says
         assert {kinds.of_modality(modality[k]).name for k in trace[s]} == {kind}
-    lm = checkpoint.load_for_inference(checkpoint.export(res.checkpoint, str(tmp_path / "model")))  # one model, both kinds
+    lm = checkpoint.load_for_inference(checkpoint.export(res.checkpoint, f"{s3_bucket}/model"))  # one model, both kinds, from S3
+    assert lm.kind == "mae"
     assert lm.embed_images(torch.rand(2, 2, 8, 16, 16)).shape == lm.embed_images(torch.rand(2, 1, 32, 32)).shape == (2, 128)
 
 

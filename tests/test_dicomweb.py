@@ -189,8 +189,6 @@ def test_qido_pages_over_more_studies_than_one_page(orthanc, corpus):
 def test_the_scan_retrieves_each_instance_once_and_the_build_reads_it_from_the_node(orthanc, corpus):
     """WADO-RS has no byte ranges: the scan's one retrieval is the whole instance, kept on this
     node's disk, so the build's read (storage.read_bytes) costs the server no request."""
-    from radforge import dicom
-
     files = _files(corpus.dicom_dir)
     orthanc.clear()
     orthanc.upload(files)
@@ -198,6 +196,15 @@ def test_the_scan_retrieves_each_instance_once_and_the_build_reads_it_from_the_n
     instances = [e.url for e in storage.walk(src)]
     dicomweb.reset_stats(src)
     dicomweb.drop_cache(src)
+    try:
+        _scan_then_build(src, instances, files)
+    finally:
+        dicomweb.drop_cache(src)  # the phantoms' planted PHI must not stay in the temp dir
+
+
+def _scan_then_build(src: str, instances: list[str], files: list[str]) -> None:
+    from radforge import dicom
+
     rows = []
     for u in instances:
         with storage.open_head(u) as f:
@@ -220,7 +227,6 @@ def test_the_scan_retrieves_each_instance_once_and_the_build_reads_it_from_the_n
     assert not os.listdir(dicomweb.cache_dir(dicomweb.Source.parse(src).where))  # each taken once
     storage.read_bytes(instances[0])  # a second read is a retrieval again
     assert dicomweb.read_stats(src)["requests"] == scanned["requests"] + 1
-    dicomweb.drop_cache(src)
 
 
 def ingest_size(f) -> int:

@@ -605,8 +605,9 @@ class _InstanceCache:
     temp filesystem has less than CACHE_MIN_FREE_BYTES free; past that the build fetches again.
     A file is removed when the build takes it; `drop_cache` removes what is left (ingest calls it
     at the start and the end of a run). Known limits: an instance scanned on one node and built on
-    another is fetched again (the request counters show it); files of a run that died stay until
-    the next run from the same server, or a reboot, clears them."""
+    another is fetched again (the request counters show it); the driver's exit removes its own
+    node's files (atexit, also when the run failed), other nodes' stay until the next run from the
+    same server there, or a reboot, clears them."""
 
     def __init__(self):
         self.lock = threading.Lock()

@@ -56,6 +56,7 @@ refused (choose a new DEST) rather than mixed.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
 import hashlib
@@ -577,6 +578,7 @@ def _source(source: str, recipe: IngestRecipe) -> str:
     source = dicomweb.resolve(source, recipe.dicomweb)
     dicomweb.reset_stats(source)
     dicomweb.drop_cache(source)  # instances a run that died kept for its build
+    atexit.register(dicomweb.drop_cache, source)  # and if this one dies (the driver's node only)
     return source
 
 

@@ -90,6 +90,7 @@ log = logging.getLogger("radforge.ingest")
 SCAN_BATCH = 128
 PLAN_ROWS_PER_PARTITION = 50_000  # index rows (~1 KB each) per plan partition: ~50 MB per task
 INDEX_PART_ROWS = 250_000  # rows per private index parquet part (parallel re-read at scale)
+SORT_PIECE_BYTES = 512 * 1024  # least bytes per (block, slot) piece of assign's sort: above Ray's inline limit (`_assign`)
 BUILD_TASK_RETRIES = 3  # a build task that died (node lost, OOM-killed) is retried this often, then the run fails
 DECODE_TIMEOUT_S = 600.0  # one sample's decode (`_Decoder`); beyond it the child is killed: decode_error
 
@@ -329,9 +330,18 @@ def _assign(plan: _Plan, done: dict[str, dict]):
     partitions as it has input blocks and places its boundaries by sampling, so the few item
     blocks of a run put every shard into one task (2 CPUs built one shard at a time). Slots deal
     the shards round-robin over the tasks.
+
+    The sort's map tasks cut each input block into `slots` pieces, and a task's return under
+    Ray's inline limit (100 KiB) is kept in the memory of its owner, the driver: 20 item blocks
+    × 200 slots at 1M index rows put ~150 MB of items into the driver (`radforge bench scale`).
+    The items are first coalesced (no shuffle) into blocks of ≥ slots × SORT_PIECE_BYTES.
     """
     slots = _partitions(sum(plan.n_shards.values()))
-    todo = plan.items.map_batches(
+    items = plan.items
+    blocks = max(1, min(items.num_blocks(), (items.size_bytes() or 0) // (slots * SORT_PIECE_BYTES)))
+    if blocks < items.num_blocks():
+        items = items.repartition(blocks, shuffle=False)
+    todo = items.map_batches(
         _assign_batch,
         batch_format="pyarrow",
         fn_kwargs={"n_shards": plan.n_shards, "done": sorted(done), "slots": slots, "version": plan.version},

@@ -9,8 +9,8 @@ on an S3 bucket.
             the private ledger, `selection.json`, the manifest), on one local Ray
   listing   `ingest._list` over a moto S3 bucket (127.0.0.1) holding `list_keys` keys
 
-Reported per size: driver peak RSS (this process; it should hold counts and per-shard records,
-never rows), worker peak PSS (the largest single Ray worker) and seconds per row (wall, and CPU
+Reported per size: driver peak RSS and heap, overall and per stage (this process; it should hold
+counts and per-shard records, never rows), worker peak PSS (the largest single Ray worker) and seconds per row (wall, and CPU
 of the whole process tree, which other load on the machine does not change); ratios of the 1M
 figures to the 100k ones. Targets: driver RSS grows ≤ 10 % from 100k to 1M rows, seconds per row
 at 1M ≤ 1.2 × that at 100k.

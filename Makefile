@@ -58,11 +58,15 @@ sysdeps:
 
 # Tiers (tests/conftest.py): `slow` = needs Ray (the ray_cluster fixture, or marked by its module);
 # a test outside `slow` that starts Ray fails, so nothing slow hides in the fast tier.
+# `make test` = the fast tier on TEST_WORKERS processes, then the Ray tier in one process (its
+# tests share one session Ray cluster and the corpus ingested on it): the union is every test.
+XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS))
 test: $(STAMP) sysdeps
-	$(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS)) $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m radforge.demo --out $(DEMO_DIR)

@@ -2,7 +2,7 @@
 
 Tiers: a test is `slow` when its module says so (`pytestmark`) or when it needs a Ray cluster
 (`ray_cluster` anywhere in its fixture closure: marked here at collection, so no module has to
-remember). `make test-fast` runs `-m "not slow"`; `make test` runs everything. A test that is not
+remember). `make test-fast` runs `-m "not slow"`; `make test` runs everything (that, then `-m slow`). A test that is not
 `slow` and still starts Ray (in this process or in a child) fails: every Ray session of the test
 run lives under one private RAY_TMPDIR, and a new session appearing there during a fast test is
 reported. A Ray test cannot sneak into the fast tier unnoticed.

@@ -460,21 +460,6 @@ def _unzip(data: bytes, *, max_files: int, max_bytes: int) -> list[bytes]:
     return out
 
 
-def _npy_header(data: bytes):
-    """(shape, fortran_order, dtype, data offset) of a .npy, read from its header alone."""
-    import numpy as np
-
-    f = io.BytesIO(data)
-    version = np.lib.format.read_magic(f)
-    if version == (1, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
-    elif version == (2, 0):
-        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
-    else:  # 3.0 only adds utf-8 field names: never a stored image
-        raise ValueError("npy version")
-    return shape, fortran, dtype, f.tell()
-
-
 def load_npy(data: bytes, image):
     """A .npy upload → the stored canonical array of `image` (a `kinds.ImageKind`), or ApiError.
 
@@ -483,10 +468,15 @@ def load_npy(data: bytes, image):
     the pixels is made, so it runs in the replica without a decode worker."""
     import numpy as np
 
+    from radforge import shardspec
+
     try:
-        shape, fortran, dtype, offset = _npy_header(data)
+        header = shardspec.npy_header(data)
     except Exception:  # noqa: BLE001 — numpy raises several types on malformed headers
         raise ApiError(400, "bad_array") from None
+    if header is None:  # version 3 (utf-8 field names): never a stored image
+        raise ApiError(400, "bad_array")
+    shape, fortran, dtype, offset = header
     if dtype.hasobject or not all(isinstance(n, int) and n >= 0 for n in shape):
         raise ApiError(400, "bad_array")
     if dtype != np.dtype(image.dtype) or len(shape) != image.ndim or min(shape, default=0) < 1 or max(shape) > 8192:

@@ -76,10 +76,10 @@ def _npy_encode(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _npy_decode(data, *, copy: bool = True) -> np.ndarray:
-    """`.npy` bytes → array, reading the header with numpy's own parser and the payload with
-    ``np.frombuffer`` (``np.load`` on a BytesIO copies the payload twice). Same checks as
-    ``np.load(allow_pickle=False)``: object arrays and short payloads raise ValueError."""
+def npy_header(data) -> tuple[tuple[int, ...], bool, np.dtype, int] | None:
+    """(shape, fortran_order, dtype, payload offset) of `.npy` bytes, read from the header alone
+    with numpy's own parser (no payload touched); None for a version-3 header (utf-8 field names,
+    never written for the stored dtypes). ValueError on a bad magic or header."""
     from numpy.lib import format as npy
 
     view = memoryview(data).cast("B")
@@ -90,12 +90,24 @@ def _npy_decode(data, *, copy: bool = True) -> np.ndarray:
         end = 10 + int.from_bytes(view[8:10], "little")
     elif version == (2, 0):
         end = 12 + int.from_bytes(view[8:12], "little")
-    else:  # 3.0 (utf-8 field names, never written for the stored dtypes): numpy's own reader
-        return np.load(io.BytesIO(bytes(view)), allow_pickle=False)
+    else:
+        return None
     head = io.BytesIO(bytes(view[:end]))
     npy.read_magic(head)
     read = npy.read_array_header_1_0 if version == (1, 0) else npy.read_array_header_2_0
     shape, fortran, dtype = read(head)
+    return shape, fortran, dtype, end
+
+
+def _npy_decode(data, *, copy: bool = True) -> np.ndarray:
+    """`.npy` bytes → array: the header by `npy_header`, the payload by ``np.frombuffer``
+    (``np.load`` on a BytesIO copies the payload twice). Same checks as
+    ``np.load(allow_pickle=False)``: object arrays and short payloads raise ValueError."""
+    view = memoryview(data).cast("B")
+    header = npy_header(view)
+    if header is None:  # version 3: numpy's own reader
+        return np.load(io.BytesIO(bytes(view)), allow_pickle=False)
+    shape, fortran, dtype, end = header
     if dtype.hasobject:
         raise ValueError("object arrays cannot be loaded (pickles are refused)")
     count = int(np.prod(shape, dtype=np.int64))

@@ -51,7 +51,7 @@ DINO model is a valid `model.init_from` for CLIP (`load_encoder_state` reads `en
 
 What it learns on the phantoms, measured (in-process, one thread: the tiny recipe's model, view,
 crops and optimizer on phantoms.chest_radiograph DX images through Profile.canonical_xray and
-the 64 px view, 200 train / 120 held-out studies, 100 steps at batch 32; /tmp scripts, not the
+the 64 px view, 200 train / 120 held-out studies, 100 steps at batch 32; one-off scripts, not the
 demo). An untrained ViT of the same architecture already separates effusion and cardiomegaly
 (cosine 20-NN AUROC 1.000 each; a linear probe too), so those figures cannot show learning; the
 nodule (a ~2.7 px disc at 64 px) it reads at 0.902. The figure a learned representation has to

@@ -213,29 +213,37 @@ server.stop()
 
 
 @contextmanager
-def _moto_s3() -> Iterator[str]:
-    """moto's S3 server (ThreadedMotoServer) on 127.0.0.1 with the standard AWS env pointing at it
-    (restored after); yields a fresh bucket's URL. It runs in a child process: in-process, its
-    request threads would compete with the reader under test for this interpreter's GIL, which a
-    real object store never does."""
+def s3_child(argv: list[str], key: str) -> Iterator[str]:
+    """An S3 server in a child process (`python argv…`, which prints its port on its first line
+    and stops when its stdin closes), the standard AWS env pointing at it (restored after) →
+    its endpoint URL. A child, not a thread: in-process, its request threads would compete with
+    the reader under test for this interpreter's GIL, which a real object store never does."""
     import subprocess
     import sys
 
-    import boto3
-
     from radforge import storage
 
-    proc = subprocess.Popen([sys.executable, "-c", _MOTO_CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, *argv], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         endpoint = f"http://127.0.0.1:{int(proc.stdout.readline())}"
-        with storage.s3_endpoint_env(endpoint, key="bench"):
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
-            yield "s3://bench"
+        with storage.s3_endpoint_env(endpoint, key=key):
+            yield endpoint
     finally:
         proc.stdin.close()
         try:
             proc.wait(timeout=10)
-        except Exception:
+        except subprocess.TimeoutExpired:
             proc.kill()
+
+
+@contextmanager
+def _moto_s3() -> Iterator[str]:
+    """moto's S3 server (ThreadedMotoServer) on 127.0.0.1 in a child (`s3_child`) → a fresh
+    bucket's URL."""
+    import boto3
+
+    with s3_child(["-c", _MOTO_CHILD], key="bench") as endpoint:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="bench")
+        yield "s3://bench"
 
 

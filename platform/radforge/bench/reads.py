@@ -18,7 +18,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import threading
 import time
@@ -75,21 +74,12 @@ def counting_s3(bucket: str = "reads") -> Iterator["RequestLog"]:
     measures an older checkout), the standard AWS env pointing at it, a fresh bucket."""
     import boto3
 
-    from radforge import storage
+    from radforge.bench._common import s3_child
 
     code = f"import runpy; runpy.run_path({os.path.abspath(__file__)!r})['_serve']()"
-    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        endpoint = f"http://127.0.0.1:{int(proc.stdout.readline())}"
-        with storage.s3_endpoint_env(endpoint, key="reads"):
-            boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
-            yield RequestLog(endpoint, bucket)
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    with s3_child(["-c", code], key="reads") as endpoint:
+        boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+        yield RequestLog(endpoint, bucket)
 
 
 class RequestLog:

@@ -419,23 +419,10 @@ def archive_bucket(n_keys: int) -> Iterator[str]:
     """A moto S3 server on 127.0.0.1 whose bucket holds `n_keys` tiny objects in an archive's
     layout (patient / study / series / slice, two series of FILES_PER_SERIES per patient), with
     the standard AWS env pointing at it (restored after) → the archive's URL."""
-    import subprocess
-    import sys
+    from radforge.bench._common import s3_child
 
-    from radforge import storage
-
-    proc = subprocess.Popen([sys.executable, "-c", _MOTO_FILLED, str(n_keys), str(FILES_PER_SERIES)],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    try:
-        endpoint = f"http://127.0.0.1:{int(proc.stdout.readline())}"
-        with storage.s3_endpoint_env(endpoint, key="bench"):
-            yield "s3://bench/archive"
-    finally:
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=10)
-        except Exception:
-            proc.kill()
+    with s3_child(["-c", _MOTO_FILLED, str(n_keys), str(FILES_PER_SERIES)], key="bench"):
+        yield "s3://bench/archive"
 
 
 def bench_listing(source: str, n_keys: int) -> dict:

@@ -29,10 +29,10 @@ def one_process_group():
         for k, v in {"DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(29500 + os.getpid() % 1000),
                      "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}.items():
             mp.setenv(k, v)
-        # DeepSpeed's comm backend JIT-compiles its shared-memory all-reduce op (C++, 40-95 s on
-        # 2 cores) whenever ~/.cache/torch_extensions holds another build of it; a world of one
-        # never all-reduces through it, and checkpoints do not depend on it.
-        mp.setattr("deepspeed.comm.torch.build_shm_op", lambda: None, raising=False)
+        # as the trainer's CPU workers do: no JIT build of DeepSpeed's inference-only shm all-reduce
+        import deepspeed.ops
+
+        mp.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", False)
         dist.init_process_group("gloo", rank=0, world_size=1)
         try:
             yield

@@ -722,6 +722,8 @@ class Trainer:
         ctx = ray.train.get_context()
         rank, world = ctx.get_world_rank(), ctx.get_world_size()
         device = _setup_device(r)
+        if not r.scale.use_gpu:
+            _skip_inference_shm_op()
         deepspeed.init_distributed(dist_backend="nccl" if r.scale.use_gpu else "gloo")
         nodes: list = [None] * world
         torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
@@ -858,6 +860,16 @@ def _setup_device(recipe: TrainRecipe):
     # every worker and they would fight over the same cores.
     torch.set_num_threads(max(1, int(recipe.scale.cpus_per_worker)))
     return torch.device("cpu")
+
+
+def _skip_inference_shm_op() -> None:
+    """DeepSpeed's CPU comm backend JIT-compiles a C++ shared-memory all-reduce when it starts
+    (40-120 s on 2 cores, and again whenever ~/.cache/torch_extensions holds another build of it)
+    that only its `inference_all_reduce` uses; training all-reduces through torch.distributed
+    (gloo), so the op is marked unavailable and the backend starts without it."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def _cast_floats(batch: dict, precision: str) -> dict:

@@ -641,3 +641,80 @@ def test_a_decode_worker_that_aborts_or_stalls_costs_one_request_and_is_replaced
         assert pool.replaced == 2
 
     asyncio.run(go())
+
+
+# ---------------------------------------------------------------------------------------------
+# HAProxy ingress (radforge.serve.INGRESS_ENV): a cluster-wide setting, so its own Ray in a child
+
+_HAPROXY_CHILD = r'''
+import json, os, socket, sys
+from pathlib import Path
+from radforge import serve as rserve
+os.environ.update(rserve.INGRESS_ENV)  # before Ray starts: its controller and proxies read it
+import psutil, ray, requests
+from ray import serve
+from radforge.phantoms import PHI_MARKER  # not on the command line: that may be logged
+model, keys_file, key, npy_path, phi_path = sys.argv[1:6]
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
+out = {}
+try:
+    serve.start(http_options={"host": "0.0.0.0", "port": port})
+    serve.run(rserve.build_app({"model": model, "api_keys_file": keys_file, "max_upload_mb": 1, "num_cpus": 0.5,
+                                "max_batch_size": 1, "decode_workers": 1, "replica_memory_mb": 1024}),
+              name="radforge", route_prefix="/", blocking=False)
+    base, auth = f"http://127.0.0.1:{port}", {"Authorization": "Bearer " + key}
+    listener = [c.pid for c in psutil.net_connections("tcp") if c.laddr.port == port and c.status == "LISTEN"]
+    out["listener"] = [psutil.Process(p).name() for p in listener if p]
+    out["healthz"] = requests.get(base + "/healthz", timeout=60).status_code
+    out["models_no_key"] = requests.get(base + "/v1/models", timeout=60).status_code
+    r = requests.post(base + "/v1/embed", data=Path(npy_path).read_bytes(), headers={**auth, "Content-Type": "application/x-npy"}, timeout=60)
+    out["embed"] = r.status_code, r.json(), r.headers.get("server-timing", "")
+    r = requests.post(base + "/v1/embed", data=Path(phi_path).read_bytes(), headers={**auth, "Content-Type": "application/dicom"}, timeout=60)
+    out["phi_body"] = r.status_code, r.json()
+    for name, ctype, length in (("415", "text/plain", 1 << 20), ("413", "application/x-npy", 30 << 20)):
+        # headers only, the body never sent: the answer must come before it is read
+        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+            s.sendall((f"POST /v1/embed HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: {ctype}\r\n"
+                       f"Content-Length: {length}\r\n\r\n").encode())
+            out[name] = int(s.recv(4096).split(b"\r\n", 1)[0].split()[1])
+    logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"
+    out["log_files"] = sum(1 for p in logs.rglob("*") if p.is_file())
+    out["phi_in_logs"] = [p.name for p in logs.rglob("*") if p.is_file() and PHI_MARKER.encode() in p.read_bytes()]
+finally:
+    serve.shutdown()
+    ray.shutdown()
+print("RESULT " + json.dumps(out))
+'''
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_haproxy_ingress_keeps_auth_limits_and_answers(files, tmp_path):
+    """The same app behind Serve's HAProxy ingress (INGRESS_ENV, as a cluster sets it in the env of
+    `ray start`): HAProxy holds the Serve port, the key is required, 415 and 413 come before the
+    body is sent, the embedding is the in-process model's, and no log line carries PHI."""
+    import subprocess
+    import sys
+
+    import torch
+
+    lm = checkpoint.load_for_inference(files["xr_model"])
+    arr, _ = dicom.canonical_from_files([files["xray"]], lm.profile, image=kinds.XRAY)
+    want = lm.embed_images(torch.from_numpy(kinds.XRAY.view(lm.view)(arr)[None]))[0].numpy()
+    (tmp_path / "x.npy").write_bytes(npy(arr))
+    (tmp_path / "phi.dcm").write_bytes(b"garbage " + PHI * 64)
+    (tmp_path / "keys").write_text(KEYS[0] + "\n")
+    args = [files["xr_model"], str(tmp_path / "keys"), KEYS[0], str(tmp_path / "x.npy"), str(tmp_path / "phi.dcm")]
+    p = subprocess.run([sys.executable, "-c", _HAPROXY_CHILD, *args], capture_output=True, text=True, timeout=540)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stderr[-3000:]
+    out = json.loads(lines[-1][len("RESULT "):])
+    assert any("haproxy" in n for n in out["listener"]), out["listener"]
+    assert (out["healthz"], out["models_no_key"], out["415"], out["413"]) == (200, 401, 415, 413)
+    status, body, timing = out["embed"]
+    assert status == 200 and body["model"] == "xr-0001" and "body;dur=" in timing
+    np.testing.assert_allclose(np.array(body["embedding"]), want, atol=1e-5)
+    assert out["phi_body"][0] == 400 and out["phi_body"][1]["error"] == "not_dicom"
+    assert out["log_files"] > 0 and out["phi_in_logs"] == []

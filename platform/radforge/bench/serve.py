@@ -22,9 +22,13 @@ on the machine hits both alike.
 
 Payload: one X-ray in the stored form (.npy uint16 [256, 256], raw body, Content-Type
 application/x-npy) for a freshly initialised tiny MAE X-ray model at the default 224 px view
-(weights do not change the cost); cuda when present. Everything Serve-side runs twice: with what
-build_app gives a deployment (radforge.serve.REPLICA_ENV) and with Serve's documented throughput
-tuning on top (SERVE_TUNED_ENV, cluster-wide). Ray's processes run at nice 0 here (Ray's default
+(weights do not change the cost); cuda when present. Everything Serve-side runs three times, each
+on a fresh local Ray started with that mode's cluster-wide env (`serve_modes`), every request with
+the API key (as on a non-loopback deployment): `default` (what build_app gives a deployment,
+radforge.serve.REPLICA_ENV, behind Serve's proxy actor), `tuned` (Serve's documented throughput
+settings on top, SERVE_TUNED_ENV, still through the proxy) and `haproxy` (radforge.serve.INGRESS_ENV:
+HAProxy on the same port forwarding to the replicas' own HTTP servers, no proxy actor, no body
+pull). Ray's processes run at nice 0 here (Ray's default
 for workers is 15), like the in-process call, and the nice values seen are printed. Targets:
 Serve overhead p50 ≤ 5 ms; batched ÷ unbatched requests/s at concurrency 16 ≥ 0.9 × the
 model-only ceiling, and ≥ 3 where that ceiling allows it (≥ 3.3). The client runs on the same
@@ -33,8 +37,9 @@ machine as the server.
 Reading the figures: batching pays where a forward of 16 costs much less than 16 forwards
 (`model_only` ceiling ≫ 1: accelerators, small models). A CPU forward of this ViT is compute-bound,
 per-item cost about flat in batch size, so batched ≈ unbatched there. Serve's per-request cost
-is the empty-GET floor plus, for a POST, the replica pulling the body from the proxy (actor
-calls); both grow with scheduling delay on a loaded machine.
+is the empty-GET floor plus, for a POST behind the proxy actor, the replica pulling the body from
+the proxy (actor calls); both grow with scheduling delay on a loaded machine. Behind HAProxy the
+body arrives on the replica's socket ("body" ≈ 0.1 ms) and the floor is HTTP + ASGI in the replica.
 """
 
 from __future__ import annotations
@@ -108,6 +113,14 @@ def _percentiles(lat_s: list[float], wall_s: float) -> dict:
 SERVE_TUNED_ENV = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
                    "RAY_SERVE_PROXY_USE_GRPC": "1"}
 
+# mode → (cluster-wide env, Serve's HTTP host). "haproxy" is radforge.serve.INGRESS_ENV: HAProxy on
+# the Serve port in front of the replicas' own HTTP servers; HAProxy reaches them at the node's IP,
+# so Serve binds all interfaces there (every mode requires the API key).
+def serve_modes() -> dict[str, tuple[dict, str]]:
+    from radforge.serve import INGRESS_ENV  # imports Ray Serve: not at bench import
+
+    return {"default": ({}, "127.0.0.1"), "tuned": (SERVE_TUNED_ENV, "127.0.0.1"), "haproxy": (INGRESS_ENV, "0.0.0.0")}
+
 
 def _server_timing(header: str) -> dict[str, float]:
     """`Server-Timing: body;dur=0.12, total;dur=3.4` → {"body": 0.12, "total": 3.4}."""
@@ -119,7 +132,7 @@ def _server_timing(header: str) -> dict[str, float]:
     return out
 
 
-def _c1_breakdown(sess, urls: dict, payload: bytes, in_process, n: int, acc: dict) -> None:
+def _c1_breakdown(sess, urls: dict, payload: bytes, in_process, n: int, acc: dict, auth: dict) -> None:
     """Concurrency 1, interleaved so load hits all alike: an in-process call, the same POST over
     HTTP (its replica phases from Server-Timing), an empty GET and a POST refused before its body
     is pulled (404 unknown model): the floors of a Serve request with and without the body."""
@@ -129,7 +142,7 @@ def _c1_breakdown(sess, urls: dict, payload: bytes, in_process, n: int, acc: dic
         in_process()
         acc["in_process"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        r = sess.post(urls["unbatched"], data=payload, headers={"Content-Type": "application/x-npy"}, timeout=120)
+        r = sess.post(urls["unbatched"], data=payload, headers={"Content-Type": "application/x-npy", **auth}, timeout=120)
         acc["unbatched_interleaved"].append(time.perf_counter() - t)
         if r.status_code != 200:
             raise RuntimeError(f"bench request failed: HTTP {r.status_code}")
@@ -138,7 +151,8 @@ def _c1_breakdown(sess, urls: dict, payload: bytes, in_process, n: int, acc: dic
         sess.get(base + "/healthz", timeout=120)
         acc["healthz_get"].append(time.perf_counter() - t)
         t = time.perf_counter()
-        r = sess.post(urls["unbatched"], data=payload, headers={"X-Model": "-", "Content-Type": "application/x-npy"}, timeout=120)
+        r = sess.post(urls["unbatched"], data=payload, headers={"X-Model": "-", "Content-Type": "application/x-npy", **auth},
+                      timeout=120)
         acc["post_refused"].append(time.perf_counter() - t)
         if r.status_code != 404:
             raise RuntimeError(f"bench request got HTTP {r.status_code}, not the 404 it measures")
@@ -161,8 +175,9 @@ def _serve_niceness() -> dict[str, int]:
 
 
 def _serve_side(model_url: str, payload: bytes, in_process, *, cuda: bool, ncpu: int, replica_cpus: int,
-                requests_c16: int, requests_c1: int, rounds: int, env: dict) -> dict:
-    """One local Ray (started with `env`), both apps up, alternating rounds; best round counts."""
+                requests_c16: int, requests_c1: int, rounds: int, env: dict, host: str, keys_file: str, key: str) -> dict:
+    """One local Ray (started with `env`), Serve on `host`, both apps up (API key required),
+    alternating rounds; best round counts."""
     import contextlib
     import socket
     import sys
@@ -192,24 +207,26 @@ def _serve_side(model_url: str, payload: bytes, in_process, *, cuda: bool, ncpu:
         ray.init(num_cpus=ncpu, num_gpus=1 if cuda else 0, include_dashboard=False, log_to_driver=False,
                  logging_level="WARNING")
         try:
-            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            serve.start(http_options={"host": host, "port": port})
+            auth = {"Authorization": f"Bearer {key}"}
             urls = {}
             for name, batch in (("unbatched", 1), ("batched", 16)):
                 # replica_memory_mb: the default declaration (8 GB, sized for 512 MB DICOM uploads)
                 # twice would not fit a small machine's Ray memory, and the second app never starts.
                 app = rserve.build_app({"model": model_url, "max_batch_size": batch, "batch_wait_timeout_s": 0.01,
-                                        "num_cpus": replica_cpus, "num_gpus": 0.5 if cuda else 0, "replica_memory_mb": 2048})
+                                        "num_cpus": replica_cpus, "num_gpus": 0.5 if cuda else 0, "replica_memory_mb": 2048,
+                                        "api_keys_file": keys_file})
                 serve.run(app, name=f"bench-{name}", route_prefix=f"/{name}", blocking=False)
                 urls[name] = f"http://127.0.0.1:{port}/{name}/v1/embed"
-                _load(urls[name], payload, 4, 32)  # warm-up: model load, connections
+                _load(urls[name], payload, 4, 32, auth)  # warm-up: model load, connections
             nice = _serve_niceness()
             for _ in range(rounds):
                 loadavg.append(round(os.getloadavg()[0], 2))
                 with requests.Session() as sess:
-                    _c1_breakdown(sess, urls, payload, in_process, requests_c1, acc)
+                    _c1_breakdown(sess, urls, payload, in_process, requests_c1, acc, auth)
                 for name in ("unbatched", "batched"):
                     for c in (1, 16):
-                        res = _load(urls[name], payload, c, requests_c16 if c == 16 else requests_c1)
+                        res = _load(urls[name], payload, c, requests_c16 if c == 16 else requests_c1, auth)
                         key = f"{name}/c{c}"
                         if key not in best or res["rps"] > best[key]["rps"]:
                             best[key] = res
@@ -296,10 +313,15 @@ def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests
 
         per_item = _model_only(lm, torch.from_numpy(view(rserve.load_npy(payload, lm.image), {})[None]), cuda)
         ceiling = per_item[1] / per_item[16]
+        key = "bench-" + os.urandom(16).hex()
+        keys_file = os.path.join(root, "api-keys")
+        with open(keys_file, "w") as f:
+            f.write(key + "\n")
         modes = {}
-        for mode, env in (("default", {}), ("tuned", SERVE_TUNED_ENV)):
+        for mode, (env, host) in serve_modes().items():
             modes[mode] = _serve_side(model_url, payload, in_process, cuda=cuda, ncpu=ncpu, replica_cpus=replica_cpus,
-                                      requests_c16=requests_c16, requests_c1=requests_c1, rounds=rounds, env=env)
+                                      requests_c16=requests_c16, requests_c1=requests_c1, rounds=rounds, env=env,
+                                      host=host, keys_file=keys_file, key=key)
             r = modes[mode]["ratios"]
             r["batched / unbatched ÷ model-only ceiling"] = round(r["batched / unbatched rps @16"] / ceiling, 2)
         # batched ≥ 3× unbatched only where the model itself gains that much from a batch (GPU).
@@ -308,7 +330,8 @@ def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests
             "benchmark": "serve",
             "setup": {"model": "mae tiny, xray 224 px (random weights)", "payload": "npy uint16 [256, 256]",
                       "device": device, "cpus": ncpu, "replica_cpus": replica_cpus, "torch_threads": torch.get_num_threads(),
-                      "rounds": rounds, "tuned_env": SERVE_TUNED_ENV, "replica_env": rserve.REPLICA_ENV},
+                      "rounds": rounds, "modes": {m: env for m, (env, _) in serve_modes().items()},
+                      "replica_env": rserve.REPLICA_ENV},
             "model_only_ms_per_item": {"batch_1": round(per_item[1], 2), "batch_16": round(per_item[16], 2)},
             "modes": modes,
             "ratios": {

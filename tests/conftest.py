@@ -30,7 +30,17 @@ import pytest
 _SLOW_FIXTURES = frozenset({"ray_cluster"})
 
 
+# Ray Train settings for the test run, in os.environ before any Ray process starts (its controller
+# and workers read them; subprocess tests and `make cluster-local` inherit them). Each of the tier's
+# ~20 Ray Train jobs otherwise spends up to 2 s noticing that its workers finished (the controller
+# polls them every 2 s) and starts a spot-preemption watcher actor (one more process importing Ray
+# on 2 cores) that no test uses. Users' runs keep Ray's defaults.
+_RAY_TRAIN_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0"}
+
+
 def pytest_configure(config):
+    for k, v in _RAY_TRAIN_TEST_ENV.items():
+        os.environ.setdefault(k, v)
     # Ray keeps its sessions in $RAY_TMPDIR/ray; children inherit the variable. A private one per
     # test run lets the guard below see exactly this run's clusters (not another user's). Under
     # pytest-xdist each worker process gets its own (workers inherit the controller's): a Ray

@@ -322,7 +322,7 @@ def test_no_credentials_baked_in():
     assert credential_problems("aws_secret_access_key = " + "wJalrXUtnFEMIK7MDENG", None)
 
 
-def test_job_entrypoints_agree_with_jobs_and_makefile():
+def test_job_entrypoints_agree_with_jobs_and_makefile(monkeypatch):
     """The RayJobs and the Makefile run `python -m jobs.ingest` / `python -m jobs.train --recipe
     <existing recipe>`, and their options and --set overrides are ones the real CLI accepts."""
     from radforge import cli, config
@@ -338,6 +338,7 @@ def test_job_entrypoints_agree_with_jobs_and_makefile():
     assert train[:4] == ["python", "-m", "jobs.train", "--recipe"]
     recipe = ROOT / train[4]
     assert recipe.is_file() and recipe.parent == ROOT / "jobs" / "recipes"
+    monkeypatch.syspath_prepend(str(ROOT))  # `jobs` is imported from the repository root, as `python -m` does
     jobs_train = importlib.import_module("jobs.train")
     a = parser.parse_args(jobs_train._argv(train[3:]))
     loaded = config.load(TrainRecipe, str(ROOT / a.recipe), list(a.set or []))

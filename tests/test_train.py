@@ -30,6 +30,9 @@ from radforge.errors import ConfigError
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "jobs" / "recipes"
 pytestmark = pytest.mark.timeout(900)
+# Runs that only need their final checkpoint save nothing in between (a save is ~1-3 s of a tiny
+# run on 2 cores; the checkpoint at the last step is always written).
+LAST_CHECKPOINT_ONLY = "checkpoint.every_steps=100000"
 
 
 # --------------------------------------------------------------------------- data
@@ -198,10 +201,10 @@ def zero_runs(one_shard, tmp_path_factory, ray_cluster, kill_marker):
     out = {}
     for workers, stage in ((1, 0), (2, 1), (2, 2), (2, 3)):
         tmp = tmp_path_factory.mktemp(f"z{stage}")
-        hooks, sets = [train.TraceSamples()], []
-        if stage == 1:
+        hooks, sets = [train.TraceSamples()], [LAST_CHECKPOINT_ONLY]
+        if stage == 1:  # the restart needs the step-3 checkpoint
             hooks.append(train.KillAt(step=4, rank=1, marker=str(kill_marker)))
-            sets = ["checkpoint.max_failures=1"]
+            sets = ["checkpoint.max_failures=1", "checkpoint.every_steps=3"]
         out[stage] = train.run(_tiny(one_shard, tmp, *sets, workers=workers, stage=stage), resume="never", progress=False,
                                hooks=hooks)
     return out
@@ -387,7 +390,7 @@ def test_tiny_clip_learns_zero_shot_findings(shards, tmp_path):
     from radforge import evaluate
 
     r = config.load(TrainRecipe, str(RECIPES / "tiny-clip-xray.yaml"), [
-        f"data.shards={shards}", "data.num_workers=0", "eval.every_steps=0", "eval.bootstrap=100",
+        f"data.shards={shards}", "data.num_workers=0", "eval.every_steps=0", "eval.bootstrap=100", LAST_CHECKPOINT_ONLY,
         f"checkpoint.storage_path={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'runs'}"])
     res = train.run(r, resume="never", progress=False)
     assert res.steps == r.steps
@@ -398,7 +401,7 @@ def test_tiny_clip_learns_zero_shot_findings(shards, tmp_path):
 
 def test_tiny_mae_validation_loss_falls_well_below_its_initial_value(shards, tmp_path):
     r = config.load(TrainRecipe, str(RECIPES / "tiny-mae-ct.yaml"), [
-        f"data.shards={shards}", "data.num_workers=0", "eval.every_steps=0",
+        f"data.shards={shards}", "data.num_workers=0", "eval.every_steps=0", LAST_CHECKPOINT_ONLY,
         f"checkpoint.storage_path={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'runs'}"])
     from radforge import evaluate, models, transforms
 
@@ -429,7 +432,7 @@ def test_cli_export_and_evaluate(zero_runs, one_shard, tmp_path, capsys):
 # --------------------------------------------------------------------------- DINO under ZeRO
 
 
-def _tiny_dino(shards: str, tmp: Path, *, workers: int, stage: int, steps: int = 6) -> TrainRecipe:
+def _tiny_dino(shards: str, tmp: Path, *sets: str, workers: int, stage: int, steps: int = 6) -> TrainRecipe:
     """tiny-dino-xray shrunk like `_tiny`: 32 px, global batch 8, no shuffle, a small head; a
     checkpoint every 3 steps, no retries (a killed worker ends the job); the teacher temperature
     warms up over the run (its value at a step follows the model's step count, a buffer)."""
@@ -439,7 +442,7 @@ def _tiny_dino(shards: str, tmp: Path, *, workers: int, stage: int, steps: int =
         f"deepspeed.zero_stage={stage}", "optim.warmup_steps=2", "checkpoint.every_steps=3", "eval.every_steps=0",
         "checkpoint.max_failures=0", "model.dino.teacher_temp=0.07", "model.dino.teacher_temp_warmup_steps=6",
         "model.dino.out_dim=64", "model.dino.head_hidden=64", "model.dino.head_bottleneck=32", "model.dino.momentum=0.9",
-        f"checkpoint.storage_path={tmp / 'ckpt'}", f"output_dir={tmp / 'runs'}"])
+        f"checkpoint.storage_path={tmp / 'ckpt'}", f"output_dir={tmp / 'runs'}", *sets])
 
 
 @pytest.fixture(scope="module")
@@ -452,7 +455,7 @@ def dino_runs(one_shard, tmp_path_factory, ray_cluster):
 
     out = {}
     tmp = tmp_path_factory.mktemp("dino-z0")
-    out[0] = train.run(_tiny_dino(one_shard, tmp, workers=1, stage=0), resume="never", progress=False)
+    out[0] = train.run(_tiny_dino(one_shard, tmp, LAST_CHECKPOINT_ONLY, workers=1, stage=0), resume="never", progress=False)
     tmp = tmp_path_factory.mktemp("dino-z3")
     kill = train.KillAt(step=4, rank=0, marker=str(tmp / "killed"))
     with pytest.raises((TrainingFailedError, RuntimeError)):

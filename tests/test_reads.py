@@ -118,6 +118,22 @@ def test_header_limits_still_hold_on_range_reads(tmp_path):
     assert f.requests <= 6
 
 
+def test_a_small_slice_is_scanned_in_two_requests_of_a_few_percent(tmp_path):
+    """A 256² RLE slice (≈ 72 KB): its header is in the first range (1/32 of the file), then the
+    8 bytes at its end; a file of at most HEAD_WHOLE_MAX is read whole, in one request."""
+    corpus = tmp_path / "ct"
+    phantoms.ct_slices_corpus(corpus, n_series=1, n_slices=2, rows=256, cols=256, transfer_syntax=RLELossless)
+    (path, size), _ = storage.find_files(str(corpus))
+    row, f = _scan_head(path, size)
+    assert row["status"] == "ok" and row == _scan_whole(path)
+    assert (f.requests, f.bytes_fetched) == (2, size // 32 + 8) and size // 32 + 8 < 0.05 * size
+    small = tmp_path / "small.dcm"
+    small.write_bytes(open(path, "rb").read()[: storage.HEAD_WHOLE_MAX])  # a cut among the fragments
+    row, f = _scan_head(str(small), storage.HEAD_WHOLE_MAX)
+    assert row == _scan_whole(str(small)) and row["reason"] == "truncated"
+    assert (f.requests, f.bytes_fetched) == (1, storage.HEAD_WHOLE_MAX)
+
+
 def test_head_reader_matches_the_file_anywhere(tmp_path):
     data = os.urandom(300_000)
     p = tmp_path / "blob"

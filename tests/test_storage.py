@@ -118,6 +118,15 @@ def test_empty_object(root):
         assert f.read(132) == b"" and f.requests == 0
 
 
+def test_head_first_range_is_a_share_of_the_object_between_bounds():
+    assert storage.head_first_range(-1) == storage.HEAD_FIRST_MAX  # size unknown
+    for size in (0, 132, storage.HEAD_WHOLE_MAX):  # a small object: whole, in the one request
+        assert storage.head_first_range(size) == size
+    assert storage.head_first_range(storage.HEAD_WHOLE_MAX + 1) == storage.HEAD_FIRST_MIN
+    assert storage.head_first_range(72_476) == 72_476 // 32  # a 256² RLE CT slice: ≈ 3 %
+    assert storage.head_first_range(10**9) == storage.HEAD_FIRST_MAX
+
+
 def test_open_head_reads_by_ranges_on_every_backend(root):
     url = storage.join(root, "slice.dcm")
     data = os.urandom(400_000)

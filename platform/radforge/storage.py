@@ -23,10 +23,11 @@ sources: listing and reading dispatch to `radforge.dicomweb` (QIDO-RS studies ar
 "sub-directories" of the root, WADO-RS instances its files; sizes are unknown until read, -1).
 
 Header reads (`open_head`, the ingest's scan): range requests for the start of an object, never
-the whole of it (`HeadReader`: the first 1/32 of the object, 8-64 KiB; extensions only for a longer
-header; an exact small request for a read far from the start). With the build's one whole read
-(`read_bytes`: one GET on S3, no HEAD) an ingest reads ≈ 1.03 × the corpus bytes from S3
-(`radforge bench ingest`, `source_reads`: 2 × 64 CT slices of 512², RLE, 281 KB each).
+the whole of it (`HeadReader`: the first 1/32 of the object, 2-64 KiB, or all of an object of
+≤ 16 KiB; extensions only for a longer header; an exact small request for a read far from the
+start). With the build's one whole read (`read_bytes`: one GET on S3, no HEAD) an ingest reads
+≈ 1.03 × the corpus bytes from S3 (`radforge bench ingest`, `source_reads`: 2 × 64 CT slices of
+512² and of 256², RLE, 281 KB and 72 KB each).
 
 Atomicity: readers never see a partial object. Local (and other hierarchical) targets are
 written to a hidden temp file beside the target and renamed over it; object stores get a
@@ -392,11 +393,19 @@ def open_input(url: str, block_size: int | None = None) -> IO[bytes]:
     return fs.open(path, "rb", block_size=block_size)
 
 
-# A header read's first range: 1/32 of the object, between these bounds. A CT or radiograph
-# header is 1-10 KiB and its pixels 100 KiB-50 MiB, so the scan reads ≤ 3 % of a file of
-# 256 KiB or more in one request; a longer header costs extensions (see `HeadReader`).
-HEAD_FIRST_MIN = 8 * 1024
+# A header read's first range: 1/32 of the object, between these bounds, so the scan reads ≈ 3 %
+# of any file over 64 KiB (with the build's one whole read, ≈ 1.03 × the corpus). Objects up to
+# HEAD_WHOLE_MAX are read whole in that one request: a header is a large part of them anyway.
+# Measured on pydicom's, pydicom-data's and deid-data's files and the phantoms, the bytes the scan
+# needs (up to the Pixel Data element) are 1-2.5 KiB for 3 files in 4, 3-7 KiB for most others
+# (CT_small, liver, OBXXXX1A), 10-290 KiB for a few (Enhanced multi-frame, big private blobs):
+# a 2 KiB floor holds the common header in one request at ≥ 64 KiB files, where the old 8 KiB
+# floor was 11 % of a 72 KB CT slice; a longer header costs one extension (see `HeadReader`).
+HEAD_FIRST_MIN = 2 * 1024
 HEAD_FIRST_MAX = 64 * 1024
+HEAD_WHOLE_MAX = 16 * 1024
+# A read this far past the window (or up to 4× its end) still extends it; one further is exact.
+HEAD_ONWARD = 8 * 1024
 # What a HeadReader keeps in memory: reads that run on past it (a Deflated data set inflated whole,
 # a huge private blob) slide the window instead of holding the whole object.
 HEAD_WINDOW_MAX = 16 * 1024 * 1024
@@ -406,7 +415,9 @@ def head_first_range(size: int) -> int:
     """Bytes the first range of a header read asks for, for an object of `size` bytes (-1: unknown)."""
     if size < 0:
         return HEAD_FIRST_MAX
-    return min(size, max(HEAD_FIRST_MIN, min(HEAD_FIRST_MAX, size // 32)))
+    if size <= HEAD_WHOLE_MAX:
+        return size
+    return max(HEAD_FIRST_MIN, min(HEAD_FIRST_MAX, size // 32))
 
 
 class HeadReader:
@@ -459,7 +470,7 @@ class HeadReader:
         hi = self._hi()
         if self._lo <= pos and end <= hi:
             out = self._buf[pos - self._lo : end - self._lo]
-        elif self._lo <= pos <= max(4 * hi, hi + HEAD_FIRST_MIN):  # onward from the window
+        elif self._lo <= pos <= max(4 * hi, hi + HEAD_ONWARD):  # onward from the window
             self._extend(end)
             out = self._buf[pos - self._lo : end - self._lo]
             if len(self._buf) > HEAD_WINDOW_MAX:  # slide: keep the newest bytes only

@@ -1,16 +1,19 @@
 """What an ingest reads from SOURCE, per stage, counted by the S3 server itself.
 
-`bench_source_reads` (part of `radforge bench ingest`, key `source_reads`): a small CT corpus
-(default 2 series × 64 slices) is uploaded to moto's S3 server on 127.0.0.1 and ingested into a
-local DEST on a fresh local Ray cluster. The server runs in a child process behind a WSGI
+`bench_source_reads` (part of `radforge bench ingest`, key `source_reads`): small CT corpora
+(default 2 series × 64 slices of each slice size) are uploaded to moto's S3 server on 127.0.0.1
+and ingested into a local DEST on a fresh local Ray cluster. The server runs in a child process behind a WSGI
 middleware that logs every request (method, key, Range header, response body bytes), so the
 figures are what the endpoint sent, not our own arithmetic. The ingest's stage functions
 (`ingest._list_and_scan`, `_plan`, `_build`) are wrapped in the driver only to take a snapshot of
 the server's log at each stage boundary; they run unchanged.
 
-Reported per stage (scan = list + header scan, plan, build): object GETs, their body bytes ÷ the
-corpus bytes, GETs per file, HEADs and LISTs; and for the build, how many files were read exactly
-once, whole. Target (issue 14): all stages together ≤ 1.05 × the corpus bytes.
+Two corpora in one run (`by_size`), on one server and one Ray cluster: slices of 512² (281 KB
+each, RLE) and of 256² (72 KB), since the scan's first range is a share of the file with a floor
+that weighs most on small files. Reported per size and stage (scan = list + header scan, plan,
+build): object GETs, their body bytes ÷ the corpus bytes, GETs per file, HEADs and LISTs; and for
+the build, how many files were read exactly once, whole. Target (issue 14): all stages together
+≤ 1.05 × the corpus bytes, at both sizes (`met`).
 """
 
 from __future__ import annotations
@@ -116,40 +119,48 @@ class RequestLog:
         return out
 
 
-def bench_source_reads(root: str, *, series: int = 2, slices: int = 64, size: int = 512, syntax: str = "rle",
-                       cpus: int = 2) -> dict:
-    """Ingest a generated CT corpus from the counting S3 server → bytes and requests per stage."""
+def bench_source_reads(root: str, *, series: int = 2, slices: int = 64, sizes: tuple[int, ...] = (512, 256),
+                       syntax: str = "rle", cpus: int = 2) -> dict:
+    """Ingest a generated CT corpus of each slice size (512²: 281 KB RLE slices, 256²: 72 KB) from
+    one counting S3 server on one local Ray cluster → bytes and requests per stage, per size."""
     import ray
 
     from radforge import config, ingest, storage
     from radforge.bench._common import _ct_corpus
     from radforge.config import IngestRecipe
 
-    work = os.path.join(root, "source-reads")
-    corpus, files = _ct_corpus(work, series=series, slices=slices, size=size, syntax=syntax)
     recipe = config.load(IngestRecipe, None, ["deid.demo_key=true", "shards.target_mb=8"])
-    dest = os.path.join(work, "shards")
-    for d in (dest, dest + ".private"):
-        shutil.rmtree(d, ignore_errors=True)
+    by_size = {}
     with counting_s3() as server:
-        src = f"s3://{server.bucket}/corpus"
-        sizes = {}
-        for f in files:
-            rel = os.path.relpath(f, corpus)
-            storage.put_file_atomic(f, f"{src}/{rel}")
-            sizes[rel] = os.path.getsize(f)
-        marks: list[tuple[str, int]] = []
         ray.shutdown()  # a cluster started now inherits the endpoint env
         ray.init(address="local", num_cpus=cpus, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
         try:
-            with _stage_marks(ingest, server, marks):
-                t = time.perf_counter()
-                res = ingest.run(src, dest, recipe, progress=False)
-                wall = time.perf_counter() - t
+            for size in sizes:
+                work = os.path.join(root, "source-reads", f"{size}")
+                corpus, files = _ct_corpus(work, series=series, slices=slices, size=size, syntax=syntax)
+                dest = os.path.join(work, "shards")
+                for d in (dest, dest + ".private"):
+                    shutil.rmtree(d, ignore_errors=True)
+                src = f"s3://{server.bucket}/corpus-{size}"
+                file_sizes = {}
+                for f in files:
+                    rel = os.path.relpath(f, corpus)
+                    storage.put_file_atomic(f, f"{src}/{rel}")
+                    file_sizes[rel] = os.path.getsize(f)
+                marks: list[tuple[str, int]] = []
+                start = len(server.entries())
+                with _stage_marks(ingest, server, marks):
+                    t = time.perf_counter()
+                    res = ingest.run(src, dest, recipe, progress=False)
+                    wall = time.perf_counter() - t
+                log = server.entries()[start:]
+                marks = [(name, n - start) for name, n in marks]
+                by_size[f"{size}x{size}"] = _report(server, log, marks, file_sizes, src, res, wall)
         finally:
             ray.shutdown()
-        log = server.entries()
-    return _report(server, log, marks, sizes, src, res, wall)
+    return {"by_size": by_size, "target": {"bytes / corpus": 1.05},
+            "met": all(r["total"]["bytes / corpus"] <= 1.05 for r in by_size.values()),
+            "loadavg_1min": round(os.getloadavg()[0], 2)}
 
 
 @contextmanager
@@ -212,17 +223,21 @@ def _report(server: RequestLog, log: list, marks: list, sizes: dict, src: str, r
 
 def format_source_reads(r: dict) -> list[str]:
     """Report lines for `radforge bench ingest`."""
-    c = r["corpus"]
-    lines = [f"bytes read from SOURCE (moto S3, counted by the server): {c['files']} files, {c['bytes'] / 1e6:.1f} MB,"
-             f" {r['samples']} samples, load avg {r['loadavg_1min']}"]
-    for stage, s in [*r["stages"].items(), ("total", r["total"])]:
-        extra = ""
-        if "files read once, whole" in s:
-            extra = f"  read once whole {s['files read once, whole']}/{c['files']}"
-        lines.append(f"  {stage:<6} GET {s['get_requests']:>5} ({s['gets / file']:.2f}/file)  {s['bytes / corpus']:.4f} × corpus"
-                     f"  HEAD {s['head_requests']}  LIST {s['list_requests']}{extra}")
-    t = r["total"]["bytes / corpus"]
-    lines.append(f"  target: bytes ÷ corpus ≤ {r['target']['bytes / corpus']}: {'met' if t <= r['target']['bytes / corpus'] else 'NOT met'}")
+    lines = []
+    for shape, one in r["by_size"].items():
+        c = one["corpus"]
+        lines.append(f"bytes read from SOURCE (moto S3, counted by the server), {shape} slices: {c['files']} files,"
+                     f" {c['bytes'] / 1e6:.1f} MB ({c['bytes'] / c['files'] / 1e3:.0f} KB each), {one['samples']} samples,"
+                     f" load avg {one['loadavg_1min']}")
+        for stage, s in [*one["stages"].items(), ("total", one["total"])]:
+            extra = ""
+            if "files read once, whole" in s:
+                extra = f"  read once whole {s['files read once, whole']}/{c['files']}"
+            lines.append(f"  {stage:<6} GET {s['get_requests']:>5} ({s['gets / file']:.2f}/file)  {s['bytes / corpus']:.4f} × corpus"
+                         f"  HEAD {s['head_requests']}  LIST {s['list_requests']}{extra}")
+    totals = ", ".join(f"{shape} {one['total']['bytes / corpus']:.4f}" for shape, one in r["by_size"].items())
+    lines.append(f"  target: bytes ÷ corpus ≤ {r['target']['bytes / corpus']} at every size ({totals}):"
+                 f" {'met' if r['met'] else 'NOT met'}")
     return lines
 
 

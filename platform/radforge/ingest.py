@@ -412,12 +412,55 @@ def _write_manifest(plan: _Plan, recipe: IngestRecipe, secret: bytes, seen: int,
     if prev is not None:
         m = prev.next_manifest(m, private)
     if m["totals"]["samples"]:
-        sel = shardspec.selection(_series_items(plan.items))
-        storage.write_bytes_atomic(storage.join(dest, shardspec.SELECTION), json.dumps(sel, indent=1).encode())
+        _write_selection(plan.items, storage.join(dest, shardspec.SELECTION))
         body = json.dumps(m, indent=1, sort_keys=True).encode()
         storage.write_bytes_atomic(storage.join(dest, shardspec.manifest_path(m["version"])), body)
         storage.write_bytes_atomic(storage.join(dest, shardspec.MANIFEST), body)
     return m
+
+
+def _write_selection(items, url: str) -> None:
+    """`selection.json`, streamed study by study: the CT series rows sorted by study in Ray
+    tasks, each study's entries (`shardspec.selection` of that study alone) written to a local
+    file as they arrive, so the driver holds one study, not one entry per series (the bytes of
+    `json.dumps(shardspec.selection(all), indent=1)`; entries that tie on status, series and
+    sub-series come in key order)."""
+    rows = items.map_batches(_series_rows, batch_format="pyarrow").materialize()
+    if rows.count() == 0:
+        storage.write_bytes_atomic(url, json.dumps(shardspec.selection([]), indent=1).encode())
+        return
+    with tempfile.TemporaryDirectory(prefix="radforge-selection-") as tmp:
+        local = os.path.join(tmp, shardspec.SELECTION)
+        with open(local, "w") as out:
+            tail: list[str] = []
+
+            def flush(study_rows: list[dict], first: bool) -> None:
+                # One study's document, split where json.dumps puts the study's own lines.
+                lines = json.dumps(shardspec.selection(sorted(study_rows, key=lambda r: r["key"])), indent=1).split("\n")
+                out.write("\n".join(lines[:3]) + "\n" if first else ",\n")
+                out.write("\n".join(lines[3:-2]))
+                tail[:] = lines[-2:]
+
+            study, pending, first = None, [], True
+            for batch in rows.sort("study").iter_batches(batch_format="pyarrow", batch_size=4096):
+                for r in batch.to_pylist():
+                    if pending and r["study"] != study:
+                        flush(pending, first)
+                        pending, first = [], False
+                    study = r["study"]
+                    pending.append(r)
+            flush(pending, first)
+            out.write("\n" + "\n".join(tail))
+        storage.put_file_atomic(local, url)
+
+
+def _series_rows(batch: pa.Table) -> pa.Table:
+    """The CT series items of a block (planned, or a series-level disposition with its
+    pseudonyms), the columns `shardspec.selection` reads."""
+    import pyarrow.compute as pc
+
+    ct = pc.and_(pc.equal(batch.column("modality"), "CT"), pc.is_valid(batch.column("series")))
+    return batch.filter(pc.fill_null(ct, False)).select(["status", "reason", "key", "study", "series", "selected_by", "sub_series"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1162,25 +1205,12 @@ def _records(progress_url: str, digest: str):
 def _accounting(items, progress_url: str, digest: str, seen: int, private: str) -> dict:
     """seen = used + skipped + rejected, by file; streams the private rejects ledger (JSONL).
 
-    Dispositions are exploded to one row per file inside Ray tasks; the driver only appends
-    batches to a local file (bounded memory) and sums counts with pyarrow; the build's rejects
-    come from the completion records, read one at a time.
+    Dispositions are exploded to one ledger line per file inside Ray tasks (the JSON text, its
+    status and reason); the driver only appends the lines of one batch at a time to a local
+    file and counts them with pyarrow; the build's rejects come from the completion records,
+    read one at a time. The lines come in the order the tasks finish: the ledger is a set of
+    lines.
     """
-    import pyarrow.compute as pc
-
-    def explode(batch: pa.Table) -> pa.Table:
-        batch = batch.filter(pc.is_in(batch.column("status"), pa.array(["rejected", "skipped"])))
-        paths = batch.column("all_paths").combine_chunks()
-        parent = pc.list_parent_indices(paths)
-        return pa.table(
-            {
-                "path": pc.list_flatten(paths),
-                "status": pc.take(batch.column("status"), parent),
-                "reason": pc.take(batch.column("reason"), parent),
-                "detail": pc.take(batch.column("detail"), parent),
-            }
-        )
-
     counts = {"rejected": {}, "skipped": {}}
 
     def add(status: str, reason: str, n: int) -> None:
@@ -1189,10 +1219,12 @@ def _accounting(items, progress_url: str, digest: str, seen: int, private: str) 
     with tempfile.TemporaryDirectory(prefix="radforge-ledger-") as tmp:
         local = os.path.join(tmp, "rejects.jsonl")
         with open(local, "w") as out:
-            for batch in items.map_batches(explode, batch_format="pyarrow").iter_batches(batch_format="pyarrow", batch_size=8192):
-                for row in batch.group_by(["status", "reason"]).aggregate([("path", "count")]).to_pylist():
-                    add(row["status"], row["reason"], row["path_count"])
-                out.writelines(json.dumps(_ledger_line(r)) + "\n" for r in batch.to_pylist())
+            lines = items.map_batches(_ledger_lines, batch_format="pyarrow")
+            for batch in lines.iter_batches(batch_format="pyarrow", batch_size=4096):
+                for row in batch.group_by(["status", "reason"]).aggregate([("line", "count")]).to_pylist():
+                    add(row["status"], row["reason"], row["line_count"])
+                if batch.num_rows:
+                    out.write("\n".join(batch.column("line").to_pylist()) + "\n")
             used = 0
             for rec in _records(progress_url, digest):
                 used += rec["used_files"]
@@ -1212,6 +1244,20 @@ def _accounting(items, progress_url: str, digest: str, seen: int, private: str) 
 def _ledger_line(r: dict) -> dict:
     """A rejects-ledger line: path, status, reason, and the figure (`detail`) when there is one."""
     return {k: v for k, v in r.items() if k != "detail" or v is not None}
+
+
+def _ledger_lines(batch: pa.Table) -> pa.Table:
+    """The skipped and rejected items of a block → one ledger line per file (JSON text of
+    `_ledger_line`), with its status and reason for the counts."""
+    import pyarrow.compute as pc
+
+    batch = batch.filter(pc.is_in(batch.column("status"), pa.array(["rejected", "skipped"])))
+    paths = batch.column("all_paths").combine_chunks()
+    parent = pc.list_parent_indices(paths)
+    rows = pa.table({"path": pc.list_flatten(paths), "status": pc.take(batch.column("status"), parent),
+                     "reason": pc.take(batch.column("reason"), parent), "detail": pc.take(batch.column("detail"), parent)})
+    text = [json.dumps(_ledger_line(r)) for r in rows.to_pylist()]
+    return pa.table({"status": rows.column("status"), "reason": rows.column("reason"), "line": pa.array(text, pa.string())})
 
 
 def _bar(enabled: bool, total: int | None, unit: str, desc: str):

@@ -198,12 +198,12 @@ def _record_shards(batch: pa.Table, progress_url: str, digest: str) -> pa.Table:
     return pa.table(out, schema=pa.schema([("shard", pa.string()), ("items", pa.int64())]))
 
 
-def run_size(n_rows: int, root: str, recipe=None, *, seed: int = 0, mark=None) -> dict:
+def run_size(n_rows: int, root: str, recipe=None, *, seed: int = 0, mark=None, inspect=None) -> dict:
     """Synthetic index of `n_rows` rows (`generate`) → `pipeline` (needs a running Ray)."""
     t = time.perf_counter()
     paths = generate(n_rows, root, seed=seed)
     gen_s = time.perf_counter() - t
-    return {**pipeline(n_rows, paths, recipe, mark=mark), "gen_s": round(gen_s, 2)}
+    return {**pipeline(n_rows, paths, recipe, mark=mark, inspect=inspect), "gen_s": round(gen_s, 2)}
 
 
 def generate(n_rows: int, root: str, *, seed: int = 0) -> dict:
@@ -219,10 +219,10 @@ def generate(n_rows: int, root: str, *, seed: int = 0) -> dict:
     return {"dest": dest, "private": private, "parts": parts}
 
 
-def pipeline(n_rows: int, paths: dict, recipe=None, *, mark=None) -> dict:
+def pipeline(n_rows: int, paths: dict, recipe=None, *, mark=None, inspect=None) -> dict:
     """The index parts → plan, assign, a completion record per shard, manifest (the real ingest
     functions) → counts and the manifest's input accounting. `mark(stage)` is called after each
-    stage (the benchmark's per-stage memory)."""
+    stage (the benchmark's per-stage memory); `inspect(plan)` after the manifest (tests)."""
     import ray
 
     from radforge import config, deid, ingest, storage
@@ -253,6 +253,8 @@ def pipeline(n_rows: int, paths: dict, recipe=None, *, mark=None) -> dict:
         m = ingest._write_manifest(plan, recipe, secret, n_rows, paths["dest"], paths["private"], progress_url)
         stage["manifest"] = time.perf_counter() - t
         mark("manifest")
+        if inspect is not None:
+            inspect(plan)
     return {"rows": n_rows, "stage_s": {k: round(v, 2) for k, v in stage.items()}, "planned": plan.planned,
             "assigned": items, "shards": shards, "inputs": m["inputs"], "samples": m["totals"]["samples"]}
 

@@ -155,6 +155,70 @@ def _tree_cpu_s(since: dict | None = None):
     return sum(v - since.get(pid, 0.0) for pid, v in now.items())
 
 
+def _process_class(p, me_pid: int) -> str:
+    """What a process of the local Ray cluster is, from its command line: "driver", "gcs_server",
+    "raylet", "ray daemons" (dashboard agent, runtime-env agent, log monitor, monitor),
+    "decoder child" (a spawned multiprocessing child of a worker), or "ray::<title>" for a Ray
+    worker (its title names the task or actor it runs now, e.g. ray::IDLE, ray::MapBatches(…))."""
+    if p.pid == me_pid:
+        return "driver"
+    cmd = " ".join(p.cmdline())
+    if cmd.startswith("ray::"):
+        title = cmd.split(" ", 1)[0]
+        return title if len(title) <= 60 else title[:57] + "…"
+    for needle, name in (("gcs_server", "gcs_server"), ("raylet", "raylet"), ("multiprocessing", "decoder child"),
+                         ("default_worker.py", "ray::(starting)")):
+        if needle in cmd:
+            return name
+    return "ray daemons" if ("ray" in cmd or "dashboard" in cmd) else "other"
+
+
+class _CpuByProcess(_Sampler):
+    """CPU seconds per process class (`_process_class`) of this process and its descendants while
+    the `with` block runs. Every 0.2 s each process's CPU time since the last sample goes to the
+    class it has now, so a Ray worker's seconds go to the task title it ran (to the nearest
+    0.2 s; IDLE where it switched in between). The sampler's own CPU is taken off the driver's
+    and reported as "sampler". Processes that start and end between samples are missed."""
+
+    def __init__(self):
+        super().__init__()
+        self._last: dict[int, float] = {}
+        self.seconds: dict[str, float] = {}
+        self._own = 0.0
+
+    def sample(self) -> None:
+        import psutil
+
+        t0 = time.thread_time()
+        me = psutil.Process()
+        for p in [me, *me.children(recursive=True)]:
+            try:
+                c = p.cpu_times()
+                now = c.user + c.system
+                cls = _process_class(p, me.pid)
+            except (psutil.Error, OSError):
+                continue
+            if p.pid in self._last:  # the first sample is the baseline
+                self.seconds[cls] = self.seconds.get(cls, 0.0) + now - self._last[p.pid]
+            elif self._started:
+                self.seconds[cls] = self.seconds.get(cls, 0.0) + now  # started during the run
+            self._last[p.pid] = now
+        self._started = True
+        self._own += time.thread_time() - t0
+
+    def __enter__(self):
+        self._started = False
+        self.sample()
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        super().__exit__(*exc)
+        self.sample()
+        self.seconds["driver"] = self.seconds.get("driver", 0.0) - self._own
+        self.seconds["sampler"] = self._own
+        return False
+
+
 def _warm_ray(cpus: int, root: str, recipe) -> float:
     """What a long-running cluster has already paid, so the timed runs measure throughput: one
     worker process per CPU with the ingest's imports done (pydicom, torch, webdataset, Ray Data:

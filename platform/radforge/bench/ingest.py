@@ -44,7 +44,7 @@ import os
 import shutil
 import time
 
-from radforge.bench._common import _Best, _block, _met, _PeakRSS, _ct_corpus, _tree_cpu_s, _warm_ray, _workdir
+from radforge.bench._common import _Best, _block, _CpuByProcess, _met, _PeakRSS, _ct_corpus, _tree_cpu_s, _warm_ray, _workdir
 from radforge.bench.reads import bench_source_reads, format_source_reads
 
 
@@ -135,6 +135,10 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
                 "ingest_1cpu": _per_slice(_with_rest(one["build_cpu_s"], cpu["ingest_1cpu"]), n),
                 f"ingest_{ncpu}cpu": _per_slice(_with_rest(many["build_cpu_s"], cpu[f"ingest_{ncpu}cpu"]), n),
             },
+            # CPU ms per slice per process class of the kept runs (`_CpuByProcess`: Ray workers by
+            # the task title they ran), beside the stage split above
+            "cpu_ms_per_slice_by_process": {"ingest_1cpu": _per_slice(_sorted(one["cpu_s_by_process"]), n),
+                                            f"ingest_{ncpu}cpu": _per_slice(_sorted(many["cpu_s_by_process"]), n)},
             "peak_rss_mb": {"ingest_1cpu": round(one["peak_mb"]), f"ingest_{ncpu}cpu": round(many["peak_mb"])},
             "stages_s": {"ingest_1cpu": {k: round(v, 2) for k, v in one["stages_s"].items()}, f"ingest_{ncpu}cpu": {k: round(v, 2) for k, v in many["stages_s"].items()},
                          "in_process": {k: round(v, 2) for k, v in inproc_stages.items()}},
@@ -167,7 +171,7 @@ def _ingest_on_fresh_cluster(cpus: int, corpus: str, root: str, recipe, timed: _
     dest = os.path.join(root, f"shards-{cpus}cpu")
     for d in (dest, dest + ".private"):
         shutil.rmtree(d, ignore_errors=True)
-    with _PeakRSS() as mem:
+    with _PeakRSS() as mem, _CpuByProcess() as procs:
         c0 = _tree_cpu_s()
         t = time.perf_counter()
         res = ingest.run(corpus, dest, recipe, progress=False)
@@ -177,7 +181,8 @@ def _ingest_on_fresh_cluster(cpus: int, corpus: str, root: str, recipe, timed: _
     ray.shutdown()
     # The stage breakdown of the run whose total CPU is kept (the least of the repeats).
     return {"wall_s": wall, "stages_s": res.stage_s, "samples": res.manifest["totals"]["samples"],
-            "peak_mb": mem.peak / 1e6, "cold_s": cold, "build_cpu_s": {**res.build_cpu_s, "_total": run_cpu}}
+            "peak_mb": mem.peak / 1e6, "cold_s": cold, "build_cpu_s": {**res.build_cpu_s, "_total": run_cpu},
+            "cpu_s_by_process": procs.seconds}
 
 
 def _warm_decoders(cpus: int) -> None:
@@ -212,6 +217,10 @@ def _with_rest(build_cpu_s: dict, best_total: float) -> dict:
     stages["rest"] = max(0.0, total - sum(stages.values()))
     scale = best_total / total if total else 1.0
     return {k: v * scale for k, v in stages.items()}
+
+
+def _sorted(seconds: dict) -> dict:
+    return dict(sorted(seconds.items(), key=lambda kv: -kv[1]))
 
 
 def _per_slice(stages: dict, n: int) -> dict:
@@ -275,6 +284,10 @@ def format_ingest(r: dict) -> str:
     if "cpu_ms_per_slice_by_stage" in r:
         lines += _block("CPU ms per slice by stage", r["cpu_ms_per_slice_by_stage"],
                         lambda k, v: f"{k:<12}" + "  ".join(f"{s} {x:.3f}" for s, x in v.items()))
+    if "cpu_ms_per_slice_by_process" in r:
+        lines += _block("CPU ms per slice by process (Ray workers by task title, sampled every 0.2 s)",
+                        r["cpu_ms_per_slice_by_process"],
+                        lambda k, v: f"{k:<12}" + "  ".join(f"{s} {x:.3f}" for s, x in v.items() if abs(x) >= 0.005))
     lines += _block("peak memory, PSS (driver + its Ray workers)", r["peak_rss_mb"], lambda k, v: f"{k:<22}{v:>8} MB")
     lines += _block(f"stage seconds (best of {r.get('repeats', 1)} runs)", r["stages_s"],
                     lambda k, v: f"{k:<22}" + "  ".join(f"{s} {x:.2f}" for s, x in v.items()))

@@ -234,7 +234,7 @@ def scan(path: str, size: int, fileobj, limits: HeaderLimits = HEADER_LIMITS) ->
     few KB of I/O (Deflated files are the exception: deflate is one stream, read whole). What the
     read may consume is capped by `limits` (`HeaderLimits`): beyond it, `unreadable_header`.
     Ingest hands it a `storage.open_head` file: those reads become one range request for the
-    first 1/32 of the file (8-64 KiB), an extension only for a longer header, and one 8-byte
+    first 1/32 of the file (2-64 KiB; all of a file of ≤ 16 KiB), an extension only for a longer header, and one 8-byte
     request at the end for encapsulated pixel data; the row is the same as from the whole file.
     """
     with _quiet():

@@ -46,7 +46,7 @@ def test_synthetic_rows_are_index_rows_that_plan_like_an_archive():
 def test_scale_pipeline_reconciles_on_ray(ray_cluster, tmp_path):
     expected = {}
 
-    def reference(plan):  # the pre-streaming path: every series row and disposition pulled to the driver
+    def reference(plan):  # the whole-table path: every disposition pulled to the driver
         items = plan.items.take_all()
         expected["selection"] = json.dumps(shardspec.selection(ingest._series_items(plan.items)), indent=1)
         expected["ledger"] = sorted(json.dumps(ingest._ledger_line({"path": p, **{k: it[k] for k in ("status", "reason", "detail")}}))
@@ -65,8 +65,8 @@ def test_scale_pipeline_reconciles_on_ray(ray_cluster, tmp_path):
         assert phantoms.PHI_MARKER not in (dest / name).read_text()
     ledger = (tmp_path / "shards.private" / "rejects.jsonl").read_text().splitlines()
     assert len(ledger) == i["seen"] - i["used"]
-    # Streamed study by study / batch by batch, the same bytes as the whole-table path (the
-    # ledger's line order follows Ray task completion, so it is compared as a set of lines).
+    # The ledger's lines are made in Ray tasks: the same lines as the whole-table path (their order
+    # follows Ray task completion, so they are compared as a set); selection.json is its bytes.
     assert (dest / shardspec.SELECTION).read_text() == expected["selection"]
     assert sorted(ledger) == expected["ledger"]
     json.dumps(r)  # the figures are JSON (bench --json)

@@ -412,55 +412,12 @@ def _write_manifest(plan: _Plan, recipe: IngestRecipe, secret: bytes, seen: int,
     if prev is not None:
         m = prev.next_manifest(m, private)
     if m["totals"]["samples"]:
-        _write_selection(plan.items, storage.join(dest, shardspec.SELECTION))
+        sel = shardspec.selection(_series_items(plan.items))
+        storage.write_bytes_atomic(storage.join(dest, shardspec.SELECTION), json.dumps(sel, indent=1).encode())
         body = json.dumps(m, indent=1, sort_keys=True).encode()
         storage.write_bytes_atomic(storage.join(dest, shardspec.manifest_path(m["version"])), body)
         storage.write_bytes_atomic(storage.join(dest, shardspec.MANIFEST), body)
     return m
-
-
-def _write_selection(items, url: str) -> None:
-    """`selection.json`, streamed study by study: the CT series rows sorted by study in Ray
-    tasks, each study's entries (`shardspec.selection` of that study alone) written to a local
-    file as they arrive, so the driver holds one study, not one entry per series (the bytes of
-    `json.dumps(shardspec.selection(all), indent=1)`; entries that tie on status, series and
-    sub-series come in key order)."""
-    rows = items.map_batches(_series_rows, batch_format="pyarrow").materialize()
-    if rows.count() == 0:
-        storage.write_bytes_atomic(url, json.dumps(shardspec.selection([]), indent=1).encode())
-        return
-    with tempfile.TemporaryDirectory(prefix="radforge-selection-") as tmp:
-        local = os.path.join(tmp, shardspec.SELECTION)
-        with open(local, "w") as out:
-            tail: list[str] = []
-
-            def flush(study_rows: list[dict], first: bool) -> None:
-                # One study's document, split where json.dumps puts the study's own lines.
-                lines = json.dumps(shardspec.selection(sorted(study_rows, key=lambda r: r["key"])), indent=1).split("\n")
-                out.write("\n".join(lines[:3]) + "\n" if first else ",\n")
-                out.write("\n".join(lines[3:-2]))
-                tail[:] = lines[-2:]
-
-            study, pending, first = None, [], True
-            for batch in rows.sort("study").iter_batches(batch_format="pyarrow", batch_size=4096):
-                for r in batch.to_pylist():
-                    if pending and r["study"] != study:
-                        flush(pending, first)
-                        pending, first = [], False
-                    study = r["study"]
-                    pending.append(r)
-            flush(pending, first)
-            out.write("\n" + "\n".join(tail))
-        storage.put_file_atomic(local, url)
-
-
-def _series_rows(batch: pa.Table) -> pa.Table:
-    """The CT series items of a block (planned, or a series-level disposition with its
-    pseudonyms), the columns `shardspec.selection` reads."""
-    import pyarrow.compute as pc
-
-    ct = pc.and_(pc.equal(batch.column("modality"), "CT"), pc.is_valid(batch.column("series")))
-    return batch.filter(pc.fill_null(ct, False)).select(["status", "reason", "key", "study", "series", "selected_by", "sub_series"])
 
 
 # ---------------------------------------------------------------------------------------------

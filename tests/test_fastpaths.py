@@ -9,12 +9,15 @@ array with those references and compares it with `ingest.make_sample`, voxel for
 from __future__ import annotations
 
 import glob
+import importlib.util
+import io
 import os
 import warnings
 
 import numpy as np
 import pydicom
 import pydicom.data
+from pydicom.data import get_testdata_files
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -22,7 +25,7 @@ from hypothesis.extra.numpy import arrays
 from pydicom.pixels import apply_modality_lut
 from pydicom.uid import ExplicitVRBigEndian, ImplicitVRLittleEndian, RLELossless
 
-from radforge import config, deid, dicom, ingest, phantoms, transforms
+from radforge import config, deid, dicom, ingest, phantoms, storage, transforms
 from radforge.config import IngestRecipe
 
 
@@ -178,11 +181,18 @@ def test_hu_plane_still_rejects_what_overflows_float32():
 
 
 def _header_files(tmp_path, study) -> list[str]:
+    """Phantoms (classic, Enhanced, DX, broken files) and every real file at hand: pydicom's own
+    test files, pydicom-data's and deid-data's (where those packages are installed)."""
     ct = phantoms.ct_series(tmp_path / "ct", study, n_slices=3, rows=16, cols=16, seed=2).paths
     ect = phantoms.enhanced_ct(tmp_path / "ect.dcm", study, n_frames=4, rows=16, cols=16).paths
     dx = [phantoms.xray(tmp_path / "dx.dcm", study, rows=40, cols=32).path]
     bad = list(phantoms.bad_files(tmp_path / "bad", study))
-    return [*ct, *ect, *dx, *bad, *_pydicom_files()]
+    real = set(_pydicom_files()) | {p for p in get_testdata_files() if os.path.isfile(p)}
+    spec = importlib.util.find_spec("deid_data")
+    if spec is not None:
+        root = os.path.join(list(spec.submodule_search_locations)[0], "data")
+        real |= {p for p in glob.glob(os.path.join(root, "**", "*"), recursive=True) if os.path.isfile(p)}
+    return [*ct, *ect, *dx, *bad, *sorted(real)]
 
 
 def test_fill_row_by_tag_equals_fill_row_by_keyword(tmp_path, study):
@@ -205,6 +215,36 @@ def test_fill_row_by_tag_equals_fill_row_by_keyword(tmp_path, study):
         assert fast == ref, path
         filled += 1
     assert filled >= 60
+
+
+def test_scan_from_the_first_range_equals_scan_read_by_read(tmp_path, study, monkeypatch):
+    """`dicom._Reader` serves pydicom's small reads from the file's first range (one read);
+    the index row is the same as when every read goes to the file as asked (a first range of
+    0), on every real file and phantom, and on cuts of them (truncated and smashed headers)."""
+    files = _header_files(tmp_path, study)
+    cuts = (1, 100, 128, 131, 132, 140, 200, 300, 500, 1000, 2000, 3000, 5000)
+
+    def rows() -> list[dict]:
+        out = []
+        for i, path in enumerate(files):
+            size = os.path.getsize(path)
+            with storage.open_head(path, size) as f:
+                out.append(dicom.scan(path, size, f))
+            if i % 4 == 0 and size < 300_000:  # cuts of every 4th file: the short-read accounting
+                data = open(path, "rb").read()
+                for cut in sorted({*cuts, size // 2, size - 8, size - 1}):
+                    if 0 < cut < size:
+                        head = storage.HeadReader(lambda start, end, d=data[:cut]: d[start:end], cut)
+                        out.append(dicom.scan(path, cut, head))
+        return out
+
+    fast = rows()
+    monkeypatch.setattr(storage, "head_first_range", lambda size: 0)
+    ref = rows()
+    assert len(fast) == len(ref) > 1000
+    for a, b in zip(fast, ref):
+        assert a == b, a["path"]
+    assert sum(r["status"] == "ok" for r in ref) >= 60 and sum(r["reason"] == "truncated" for r in ref) >= 100
 
 
 # ---------------------------------------------------------------------------------------------

@@ -57,9 +57,12 @@ from typing import Callable
 import numpy as np
 import pyarrow as pa
 import pydicom
+from pydicom.dataelem import RawDataElement as _RawDataElement
+from pydicom.dataelem import convert_raw_data_element as _convert_raw
 from pydicom.uid import DeflatedExplicitVRLittleEndian
+from pydicom.valuerep import AMBIGUOUS_VR as _AMBIGUOUS_VR
 
-from radforge import deid, kinds
+from radforge import deid, kinds, storage
 from radforge.config import SPLIT_ATTRIBUTES, CTConfig, IngestRecipe, SeriesConfig, SeriesRule, XrayConfig
 from radforge.transforms import NO_CLOCK, Profile, StageClock, spacing_zyx
 
@@ -258,7 +261,9 @@ def _scan(path: str, size: int, fileobj, limits: HeaderLimits) -> dict:
     if size == 0:
         row["reason"] = "not_dicom"
         return row
-    reader = _Reader(fileobj, limits)
+    # A HeadReader has fetched the first range anyway: pydicom's reads are served from it.
+    head = storage.head_first_range(size) if isinstance(fileobj, storage.HeadReader) else 0
+    reader = _Reader(fileobj, limits, head=head)
     try:
         ds = _read_header(reader, limits)
     except Reject as r:
@@ -304,24 +309,44 @@ class _Reader:
     and stops. A short read is how such a cut shows: a clean end of file is exactly one read that
     returns nothing (the next element's tag); a value cut short returns fewer bytes than asked,
     and a value cut exactly at its start is a second empty read.
+
+    pydicom reads a header in ~150 small reads (element headers, then values). `head` bytes
+    of the file's start (the scan of a `storage.HeadReader` passes `storage.head_first_range`,
+    the range it fetches first anyway) or the whole file (`prefix`, when it is in memory) are
+    taken in one read and those reads served from them; a read past them goes to the file as
+    asked. What each read returns, and so every cap and short-read count, is the same either way.
     """
 
-    def __init__(self, f, limits: HeaderLimits = HEADER_LIMITS):
+    def __init__(self, f, limits: HeaderLimits = HEADER_LIMITS, *, head: int = 0, prefix: bytes | None = None):
         self._f = f
         self._short = 0
         self._partial = False
         self._limits = limits
         self._bytes = 0  # read so far
         self._elements = 0  # 8-byte reads so far (element and item headers)
+        self._head = head
+        self._buf = prefix  # the file's first bytes (None: not fetched yet)
+        self._pos = 0 if prefix is not None else f.tell()
+
+    def _start(self) -> bytes:
+        if self._head > 0:
+            self._f.seek(0)
+            self._buf = self._f.read(self._head)
+        else:
+            self._buf = b""
+        return self._buf
 
     def read(self, n: int = -1) -> bytes:
         # The caps are checked before reading: a declared 4 GB value is refused, not allocated.
         room = self._limits.max_bytes - self._bytes
+        pos = self._pos
         if n is None or n < 0:
+            self._f.seek(pos)
             b = self._f.read(room + 1)
             if len(b) > room:
                 raise Reject("unreadable_header")
             self._bytes += len(b)
+            self._pos = pos + len(b)
             return b
         if n > room:
             raise Reject("unreadable_header")
@@ -329,18 +354,34 @@ class _Reader:
             self._elements += 1
             if self._elements > self._limits.max_elements:
                 raise Reject("unreadable_header")
-        b = self._f.read(n)
+        buf = self._buf if self._buf is not None else self._start()
+        end = pos + n
+        if end <= len(buf):
+            b = buf[pos:end]
+        else:
+            self._f.seek(pos)
+            b = self._f.read(n)
         self._bytes += len(b)
-        if n is not None and n >= 0 and len(b) < n:
+        self._pos = pos + len(b)
+        if len(b) < n:
             self._short += 1
             self._partial |= len(b) > 0
         return b
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        return self._f.seek(offset, whence)
+        if whence == 0:
+            pos = offset
+        elif whence == 1:
+            pos = self._pos + offset
+        else:
+            pos = self._f.seek(offset, whence)
+        if pos < 0:
+            raise ValueError("negative seek position")
+        self._pos = pos
+        return pos
 
     def tell(self) -> int:
-        return self._f.tell()
+        return self._pos
 
     @property
     def raw(self):
@@ -478,13 +519,29 @@ class _HeaderValues:
     def __init__(self, ds: pydicom.Dataset):
         self._ds = ds
         self._elems = {}
-        present = ds.keys()
+        raw_elems = ds._dict  # tag → RawDataElement | DataElement, as read (pydicom 3 internal)
+        charset = None
         for kw, tag in _ROW_TAGS:
-            if tag in present:
-                try:
-                    self._elems[kw] = ds[tag]  # converts the raw element, once
-                except Exception:  # noqa: BLE001 — malformed: reads as absent, like _get
-                    continue
+            raw = raw_elems.get(tag)
+            if raw is None:
+                continue
+            try:
+                # What `ds[tag]` does for a raw element read from the file, without its per-call
+                # costs (Tag(), the charset looked up again, storing the element back): the same
+                # `convert_raw_data_element` call with the same encoding. Sequences (their items
+                # get the pixel representation) and ambiguous VRs (corrected from the data set)
+                # take pydicom's own path.
+                if type(raw) is _RawDataElement and raw.value is not None:
+                    if charset is None:
+                        charset = ds.original_character_set or ds._character_set
+                    elem = _convert_raw(raw, encoding=charset, ds=ds)
+                    if elem.VR == "SQ" or elem.VR in _AMBIGUOUS_VR:
+                        elem = ds[tag]
+                else:
+                    elem = ds[tag]
+                self._elems[kw] = elem
+            except Exception:  # noqa: BLE001 — malformed: reads as absent, like _get
+                continue
 
     def get(self, keyword: str, default=None):
         elem = self._elems.get(keyword)
@@ -1338,7 +1395,7 @@ def _decode(data: bytes, limits: HeaderLimits = HEADER_LIMITS) -> pydicom.Datase
     may not be those scanned), with room for the pixel data, which is in memory already."""
     if _meta_transfer_syntax(io.BytesIO(data)) == DeflatedExplicitVRLittleEndian:
         _check_inflated_size(io.BytesIO(data), limits.max_inflated_bytes)
-    f = _Reader(io.BytesIO(data), dataclasses.replace(limits, max_bytes=limits.max_bytes + len(data)))
+    f = _Reader(io.BytesIO(data), dataclasses.replace(limits, max_bytes=limits.max_bytes + len(data)), prefix=data)
     try:
         return pydicom.dcmread(f)
     except zlib.error as e:  # a Deflated data set cut short

@@ -273,7 +273,7 @@ def test_bad_data_is_skipped_counted_and_batches_stay_equal(tmp_path, damage):
 @pytest.mark.parametrize("where", ["payload", "header"])
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
 def test_flipped_byte_is_caught_before_any_sample_and_counted_as_before(tmp_path, where, train):
-    """sha256 now runs on its own thread beside the next shard's fetch, yet a shard that fails it
+    """sha256 is computed while the shard is read (`storage.read_into`), yet a shard that fails it
     yields no sample, whether the flip hits a member's bytes or a tar header, and is counted
     exactly as the loader counted it when it hashed before parsing (commit 5065d11, same set-up):
     one mismatch, one bad shard, each of its 6 slots skipped and, in training, substituted."""
@@ -296,6 +296,22 @@ def test_flipped_byte_is_caught_before_any_sample_and_counted_as_before(tmp_path
     assert (totals["sha_mismatch"], totals["bad_shards"], totals["skipped:bad_shard"], totals["skipped_samples"]) == (1, 1, 6, 6)
     assert totals["substituted"] == (6 if train else 0)
     assert per_rank == ([6, 6] if train else [6, 3]) and len(seen) == (24 if train else 18)
+
+
+@pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
+def test_s3_shard_with_a_flipped_byte_yields_no_sample(tmp_path, s3_bucket, train):
+    """From S3 the sha256 is computed as the body arrives (`storage.read_into`), yet a shard that
+    fails it still yields no sample and is counted as from local disk: one mismatch, one bad
+    shard, its 6 slots skipped (and, in training, substituted); the other shards' samples all come."""
+    dest, keys = write_set(tmp_path / "s", [6, 6, 6, 6])
+    _flip_byte(os.path.join(dest, "train/train-000002.tar"))
+    loader = _loader(_to_s3(dest, s3_bucket, keys), train=train, verify_sha256=True)
+    batches = _epoch(loader) if train else list(loader)
+    seen, m = _keys(batches), loader.metrics()
+    assert not set(seen) & set(keys["train/train-000002.tar"])
+    assert set(seen) == {k for p, ks in keys.items() if p != "train/train-000002.tar" for k in ks}
+    assert (m["sha_mismatch"], m["bad_shards"], m["skipped:bad_shard"]) == (1, 1, 6)
+    assert m.get("substituted", 0) == (6 if train else 0) and m["shards_read"] >= 4
 
 
 def _phantom_members(k: int, modality: str, report: bool) -> dict[str, bytes]:
@@ -335,15 +351,25 @@ def _reference_views(dest: str, image: str) -> dict[str, tuple]:
     return out
 
 
+def _to_s3(local: str, bucket: str, keys: dict) -> str:
+    """The shard set at `local` (its manifest and the shards named in `keys`) copied to S3 → its URL."""
+    for name in [shardspec.MANIFEST, *keys]:
+        storage.put_file_atomic(os.path.join(local, name), storage.join(bucket, "set", name))
+    return storage.join(bucket, "set")
+
+
+@pytest.mark.parametrize("store", ["local", "s3"])
 @pytest.mark.parametrize("image", ["ct", "xray"])
-def test_fast_reader_gives_the_reference_samples_bit_for_bit(tmp_path, image):
-    """The loader's path (whole shard in memory, zero-copy members, .npy by frombuffer, sha256 on
-    its own thread) gives exactly what webdataset's stream reader + np.load give: same keys once
-    each, bit-identical views, same labels, reports and modalities."""
-    dest, _ = write_set(tmp_path / "s", [5, 4, 6], modality=lambda k: "CT" if k % 2 else "DX",
-                        report=lambda k: k % 3 != 0, members=_phantom_members)
+def test_fast_reader_gives_the_reference_samples_bit_for_bit(tmp_path, image, store, request):
+    """The loader's path (whole shard read into one buffer and hashed as it arrives, zero-copy
+    members, .npy by frombuffer) gives exactly what webdataset's stream reader + np.load give,
+    from local disk and from S3: same keys once each, bit-identical views, same labels, reports
+    and modalities."""
+    dest, keys = write_set(tmp_path / "s", [5, 4, 6], modality=lambda k: "CT" if k % 2 else "DX",
+                           report=lambda k: k % 3 != 0, members=_phantom_members)
     want = _reference_views(dest, image)
-    cfg = DataConfig(shards=dest, image=image, num_workers=0, verify_sha256=True)
+    src = _to_s3(dest, request.getfixturevalue("s3_bucket"), keys) if store == "s3" else dest
+    cfg = DataConfig(shards=src, image=image, num_workers=0, verify_sha256=True)
     loader = build_loader(cfg, VIEW, split="train", batch_size=3, train=False, findings=["nodule"])
     got = []
     for b in loader:

@@ -352,43 +352,53 @@ def _tar(entries) -> bytes:
     return buf.getvalue()
 
 
-def test_tar_samples_are_webdatasets_samples_without_copies(shard_set):
+def _as(form: str, data: bytes):
+    """`data` as bytes, or as what `storage.read_into` gives: a read-only view of a bytearray."""
+    return data if form == "bytes" else memoryview(bytearray(data)).toreadonly()
+
+
+@pytest.mark.parametrize("form", ["bytes", "read_only_view"])
+def test_tar_samples_are_webdatasets_samples_without_copies(shard_set, form):
     dest, written, _ = shard_set
     for split in ("train", "val"):
-        data = (dest / shardspec.shard_name(split, 0)).read_bytes()
-        fast, ref = list(shardspec.tar_samples(data)), _reference_samples(data)
+        raw = (dest / shardspec.shard_name(split, 0)).read_bytes()
+        data = _as(form, raw)
+        owner = data if form == "bytes" else data.obj  # the one buffer every member must view
+        fast, ref = list(shardspec.tar_samples(data)), _reference_samples(raw)
         assert [s["__key__"] for s in fast] == [s["__key__"] for s in ref] and len(fast) == len(ref) > 0
         for f, r in zip(fast, ref):
             assert set(f) == set(r)
             for suffix in set(f) - {"__key__"}:
-                assert isinstance(f[suffix], memoryview) and f[suffix].obj is data  # a view into the shard
+                assert isinstance(f[suffix], memoryview) and f[suffix].obj is owner  # a view into the shard
                 assert bytes(f[suffix]) == r[suffix]
             array, meta, report = shardspec.decode_sample(f, copy=False)
             want, want_meta, want_report = shardspec.decode_sample({k: v for k, v in r.items() if k != "__key__"})
             assert array.dtype == want.dtype and array.shape == want.shape and np.array_equal(array, want)
             assert (meta, report) == (want_meta, want_report)
             if "npy" in f:  # zero-copy: a read-only view of the shard's bytes; copy=True owns its array
-                assert not array.flags.writeable and np.shares_memory(array, np.frombuffer(data, np.uint8))
+                assert not array.flags.writeable and np.shares_memory(array, np.frombuffer(owner, np.uint8))
                 assert shardspec.decode_sample(f)[0].flags.writeable
 
 
-def test_tar_samples_follow_webdatasets_rules_on_odd_tars():
+@pytest.mark.parametrize("form", ["bytes", "read_only_view"])
+def test_tar_samples_follow_webdatasets_rules_on_odd_tars(form):
     long_key = "k" * 120  # past tar's 100-character name field: a GNU long-name header
     entries = [("dir", None), ("__meta__", b"skip"), ("a.NPY", b"1"), ("a.json", b"{}"), ("a.seg.png", b"2"),
                (f"sub/{long_key}.txt", b"3"), ("noext", b"4"), ("b.json", b"5")]
     data = _tar(entries)
-    fast = [{k: bytes(v) if isinstance(v, memoryview) else v for k, v in s.items()} for s in shardspec.tar_samples(data)]
+    fast = [{k: bytes(v) if isinstance(v, memoryview) else v for k, v in s.items()}
+            for s in shardspec.tar_samples(_as(form, data))]
     assert fast == _reference_samples(data)
     assert [s["__key__"] for s in fast] == ["a", f"sub/{long_key}", "b"] and set(fast[0]) == {"__key__", "npy", "json", "seg.png"}
 
     dup = _tar([("a.json", b"1"), ("a.json", b"2")])
     with pytest.raises(ValueError, match="duplicate"):
-        list(shardspec.tar_samples(dup))
+        list(shardspec.tar_samples(_as(form, dup)))
     with pytest.raises(ValueError, match="duplicate"):
         _reference_samples(dup)
     torn = _tar([("a.npy", b"x" * 4000), ("a.json", b"{}")])[:2048]  # cut inside the first member's data
     with pytest.raises(tarfile.ReadError):
-        list(shardspec.tar_samples(torn))
+        list(shardspec.tar_samples(_as(form, torn)))
     with pytest.raises(tarfile.ReadError):
         _reference_samples(torn)
 

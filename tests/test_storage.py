@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -587,3 +588,51 @@ def test_pyarrow_filesystem_local_is_native(tmp_path):
 
     fs, path = storage.pyarrow_filesystem(str(tmp_path))
     assert isinstance(fs, pafs.LocalFileSystem) and path == str(tmp_path)
+
+
+# --------------------------------------------------------------------------- whole reads into one buffer
+
+
+@pytest.mark.parametrize("size", [0, 5, storage.READ_PIECE * 2 + 12345])
+def test_read_into_is_the_object_in_one_read_only_buffer_with_its_sha256(root, size):
+    url = storage.join(root, "whole.bin")
+    data = os.urandom(size)
+    storage.write_bytes_atomic(url, data)
+    body = storage.read_into(url, sha256=True)
+    assert bytes(body.data) == data == storage.read_bytes(url)
+    assert body.data.readonly and body.sha256 == hashlib.sha256(data).hexdigest()
+    plain = storage.read_into(url)
+    assert bytes(plain.data) == data and plain.sha256 is None
+
+
+def test_read_into_missing_object_is_file_not_found(root):
+    with pytest.raises(FileNotFoundError):
+        storage.read_into(storage.join(root, "absent.bin"), sha256=True)
+
+
+def test_read_into_s3_is_one_get_and_only_a_hashed_read_skips_botocores_crc32(s3_bucket, monkeypatch):
+    """One GET per read, no HEAD. botocore asks S3 for the object's CRC32 (and checks the body
+    against it) on every read but one that checks its own sha256 (`read_into(sha256=True)`)."""
+    import s3fs
+
+    url = s3_bucket + "/shard.tar"
+    data = os.urandom(3 * storage.READ_PIECE + 7)
+    storage.write_bytes_atomic(url, data)
+    calls = []
+    real = s3fs.S3FileSystem._call_s3
+
+    async def spy(self, method, *args, **kwargs):
+        out = await real(self, method, *args, **kwargs)
+        calls.append((method, "ChecksumCRC32" in out))
+        return out
+
+    monkeypatch.setattr(s3fs.S3FileSystem, "_call_s3", spy)
+    assert storage.read_bytes(url) == data
+    assert calls == [("get_object", True)]
+    calls.clear()
+    body = storage.read_into(url, sha256=True)
+    assert bytes(body.data) == data and body.sha256 == hashlib.sha256(data).hexdigest()
+    assert calls == [("get_object", False)]
+    calls.clear()
+    assert bytes(storage.read_into(url).data) == data
+    assert calls == [("get_object", True)]

@@ -26,18 +26,20 @@ order); the manifest's per-shard modality counts give the number of slots withou
   kind's modalities) → `_in_plan_order` → `_decode` (decode + report check + view) →
   `_substitute` (train) or `_good_only` (evaluation) → `_batched`. Every stage that can meet bad
   data takes the same ``handler=``: count the skip, warn, go on (`_count_warn_skip`).
-* I/O. A shard is fetched whole (one GET; local files: one read) on a prefetch thread one shard
-  ahead, and its sha256 (``data.verify_sha256``) is computed on a second thread, so a stream's
-  download, hashing and decoding of consecutive shards overlap instead of adding up
-  (``radforge bench stream`` measures it against a plain tar read). A stream runs epoch after epoch in one DataLoader
+* I/O. A shard is fetched whole (one GET; local files: one read) into one buffer on a prefetch
+  thread one shard ahead, and its sha256 (``data.verify_sha256``) is computed piece by piece as
+  the body arrives (`storage.read_into`: fsspec's event loop receives while the prefetch thread
+  hashes), so the digest is ready with the last byte; the stream's download + hashing of the next
+  shard overlaps the decoding of this one (``radforge bench stream`` measures it against a plain
+  tar read). A read that checks sha256 skips botocore's own CRC32 of the body. A stream runs epoch after epoch in one DataLoader
   iteration: workers start once and the prefetch crosses epoch boundaries. ``data.cache_dir``
   keeps verified shards on local disk (LRU by file mtime, bounded by ``data.cache_limit_gb``; a
   cache hit is not hashed again).
 * Verification guarantee. A shard's bytes are parsed only after its sha256 matched the manifest:
   a mismatched shard yields no sample at all (its slots are bad slots, below, counted in
   ``sha_mismatch``, ``bad_shards`` and ``skipped:bad_shard``), however the damage falls.
-* No copies between tar and view. The shard's members are memoryviews into its bytes
-  (`shardspec.tar_samples`), a CT volume is ``np.frombuffer`` over its ``.npy`` member
+* No copies between tar and view. The body is copied once, into the shard's buffer; the
+  shard's members are read-only memoryviews into it (`shardspec.tar_samples`), a CT volume is ``np.frombuffer`` over its ``.npy`` member
   (`shardspec.decode_sample` with ``copy=False``) and the view crops it, so only the crop is ever
   read. Memory: the shard being decoded, the one fetched ahead, and any older shard that samples
   held by the shuffle (below) still point into; about one shuffle buffer of samples spans at most
@@ -359,22 +361,21 @@ class _BadShard(Exception):
 
 @dataclass
 class _Fetched:
-    """A shard's bytes, and (when verifying) its sha256 being computed on the stream's hash thread."""
+    """A shard's bytes (a read-only view of one buffer), and whether they matched the manifest's
+    sha256 (None: nothing checked; a cache hit was checked when it was stored)."""
 
-    data: bytes
-    ok: Future | None = None  # -> False when its sha256 mismatched the manifest (None: nothing to check or cache)
+    data: memoryview | bytes
+    ok: bool | None = None
 
 
-def _fetch_shard(shard: _Shard, *, verify: bool, cache_dir: str | None, cache_limit: float, counters: _Counters,
-                 hasher: ThreadPoolExecutor) -> _Fetched:
-    """The shard's bytes, fetched whole with one GET (a shard is read whole anyway, and one GET
-    beats many buffered range reads; local files: one read), on the stream's prefetch thread.
-
-    The sha256 is handed to a second thread (hashlib releases the GIL), so it overlaps the next
-    shard's GET and this one's decoding instead of adding to the fetch: the fetch thread only
-    waits on the network. The cache stores shards under their sha256 once they check (written on
-    the hash thread), evicting least recently used files beyond the size limit; a cache hit was
-    verified when it was stored."""
+def _fetch_shard(shard: _Shard, *, verify: bool, cache_dir: str | None, cache_limit: float,
+                 counters: _Counters) -> _Fetched:
+    """The shard's bytes, on the stream's prefetch thread: fetched whole with one GET (a shard is
+    read whole anyway, and one GET beats many buffered range reads; local files: one read) into
+    one buffer, its sha256 computed piece by piece as the body arrives (`storage.read_into`), so
+    the digest is ready with the last byte and hashing overlaps the download rather than
+    following it. The cache stores shards under their sha256 once they check, evicting least
+    recently used files beyond the size limit; a cache hit was verified when it was stored."""
     cached = None
     if cache_dir:
         cached = os.path.join(cache_dir, (shard.sha256 or hashlib.sha256(shard.url.encode()).hexdigest()) + ".tar")
@@ -386,25 +387,16 @@ def _fetch_shard(shard: _Shard, *, verify: bool, cache_dir: str | None, cache_li
             return _Fetched(data)
         except FileNotFoundError:
             pass
-    data = storage.read_bytes(shard.url)
-    counters.add("bytes_read", len(data))
-    check = verify and shard.sha256
-    if not check and not cached:
-        return _Fetched(data)
-    return _Fetched(data, hasher.submit(_check_and_cache, data, shard.sha256 if check else None, cached, cache_dir,
-                                        cache_limit))
+    check = bool(verify and shard.sha256)
+    body = storage.read_into(shard.url, sha256=check)
+    counters.add("bytes_read", len(body.data))
+    ok = body.sha256 == shard.sha256 if check else None
+    if cached and ok is not False:
+        _cache_put(cached, body.data, cache_dir, cache_limit)
+    return _Fetched(body.data, ok)
 
 
-def _check_and_cache(data: bytes, want: str | None, cached: str | None, cache_dir: str | None,
-                     cache_limit: float) -> bool:
-    """(The hash thread.) Whether the shard matches sha256 `want` (True when None); caches it if so."""
-    ok = want is None or hashlib.sha256(data).hexdigest() == want
-    if ok and cached:
-        _cache_put(cached, data, cache_dir, cache_limit)
-    return ok
-
-
-def _cache_put(path: str, data: bytes, cache_dir: str, limit_bytes: float) -> None:
+def _cache_put(path: str, data: memoryview | bytes, cache_dir: str, limit_bytes: float) -> None:
     os.makedirs(cache_dir, exist_ok=True)
     storage.write_bytes_atomic(path, data)
     entries = []
@@ -531,16 +523,15 @@ def _shard_reads(plans: Iterable[_EpochPlan]) -> Iterator[_Read]:
 
 
 def _prefetch(reads: Iterable[_Read], *, fetch: Callable) -> Iterator[_Read]:
-    """Each read with its fetch started on a thread one shard ahead (possibly of the next epoch),
-    and its sha256 on a second thread: object-store latency and hashing hide behind decoding, at
-    most two shards are fetched ahead. The fetch keeps its own counters (`_Read.stats`): no shared
-    mutable state across threads."""
+    """Each read with its fetch (download and sha256 together, `_fetch_shard`) started on a
+    thread one shard ahead (possibly of the next epoch): object-store latency and hashing hide
+    behind decoding, at most two shards are held fetched ahead. The fetch keeps its own counters
+    (`_Read.stats`): no shared mutable state across threads."""
     pool = ThreadPoolExecutor(1, thread_name_prefix="radforge-prefetch")
-    hasher = ThreadPoolExecutor(1, thread_name_prefix="radforge-sha256")
     try:
         ahead = None
         for read in reads:
-            read.fetched = pool.submit(fetch, read.shard, counters=read.stats, hasher=hasher)
+            read.fetched = pool.submit(fetch, read.shard, counters=read.stats)
             if ahead is not None:
                 yield ahead
             ahead = read
@@ -550,15 +541,14 @@ def _prefetch(reads: Iterable[_Read], *, fetch: Callable) -> Iterator[_Read]:
         # Closed early (training stopped, a caller broke off): the read-ahead, often the next
         # epoch's first shard, is of no use, so the caller does not wait for its download (the
         # thread finishes it and exits).
-        for ex in (pool, hasher):
-            ex.shutdown(wait=False, cancel_futures=True)
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _verified(read: _Read) -> bytes:
+def _verified(read: _Read) -> memoryview | bytes:
     """The shard's bytes once its sha256 matched (when checked); raises `_BadShard` otherwise, so
     no byte of a mismatched shard is parsed, and a shard is bad once however it is damaged."""
     fetched = read.fetched.result()
-    if fetched.ok is not None and not fetched.ok.result():
+    if fetched.ok is False:
         read.stats.add("sha_mismatch")
         raise _BadShard("sha256 does not match the manifest")
     return fetched.data

@@ -342,9 +342,32 @@ def iter_samples(dest: str, manifest: dict, *, limit: int | None = None, split: 
                     return
 
 
-def tar_samples(data: bytes) -> Iterator[dict]:
-    """The samples of one whole shard held in memory: dicts of suffix → memoryview of the member's
-    bytes inside `data`, plus ``__key__``; the same samples, keys and bytes as webdataset's
+class _ViewFile:
+    """A seekable read-only file over a buffer without copying it (io.BytesIO shares only an
+    exact bytes object and copies a bytearray or memoryview whole): `tar_samples`' tarfile reads
+    the 512-byte headers through it and seeks over the payloads."""
+
+    def __init__(self, view: memoryview):
+        self._view, self._pos = view, 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self._view) if n is None or n < 0 else min(len(self._view), self._pos + n)
+        out = bytes(self._view[self._pos : end]) if end > self._pos else b""
+        self._pos = max(self._pos, end)
+        return out
+
+    def seek(self, pos: int, whence: int = 0) -> int:
+        self._pos = max(0, pos + (0, self._pos, len(self._view))[whence])
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+
+def tar_samples(data: bytes | bytearray | memoryview) -> Iterator[dict]:
+    """The samples of one whole shard held in memory (any bytes-like: `storage.read_into`'s
+    read-only view): dicts of suffix → memoryview of the member's bytes inside `data`, plus
+    ``__key__``; the same samples, keys and bytes as webdataset's
     ``tar_file_iterator`` + ``group_by_keys`` (its key rule, lower-cased suffixes, non-files and
     ``__…__`` entries skipped, a repeated suffix in one sample is a ValueError), without copying
     a payload: tarfile reads only the 512-byte headers and seeks over the data.
@@ -358,7 +381,7 @@ def tar_samples(data: bytes) -> Iterator[dict]:
     from webdataset.tariterators import base_plus_ext
 
     whole = memoryview(data)
-    tf = tarfile.open(fileobj=io.BytesIO(data), mode="r:")  # BytesIO shares an immutable bytes object
+    tf = tarfile.open(fileobj=_ViewFile(whole), mode="r:")
     sample: dict | None = None
     while (info := tf.next()) is not None:
         tf.members.clear()  # the index tarfile keeps is not needed: constant memory per shard

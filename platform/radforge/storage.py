@@ -29,6 +29,11 @@ start). With the build's one whole read (`read_bytes`: one GET on S3, no HEAD) a
 ≈ 1.03 × the corpus bytes from S3 (`radforge bench ingest`, `source_reads`: 2 × 64 CT slices of
 512² and of 256², RLE, 281 KB and 72 KB each).
 
+Whole reads (`read_bytes`; `read_into`, the loader's shard read) are one GET on S3 (`_s3_get`; no
+HEAD first, which s3fs's `cat_file` default sends to choose concurrent chunks only objects over 50
+MiB use). `read_into` fills one buffer allocated at the object's length and hashes it piece by
+piece as the body arrives; a read that checks its sha256 that way skips botocore's CRC32.
+
 Atomicity: readers never see a partial object. Local (and other hierarchical) targets are
 written to a hidden temp file beside the target and renamed over it; object stores get a
 single PUT (or a multipart upload, which only becomes visible on completion).
@@ -65,6 +70,8 @@ __all__ = [
     "basename",
     "exists",
     "read_bytes",
+    "read_into",
+    "Body",
     "read_head",
     "open_input",
     "open_head",
@@ -226,6 +233,23 @@ def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     before AWS_* changed would keep its old credentials and endpoint. The key includes the pid
     so a forked child never reuses the parent's event-loop-bound client.
     """
+    return _url_to_fs(url)
+
+
+def _hashed_read_options() -> dict[str, Any]:
+    """S3 options for reads that check their own sha256 (`read_into`): botocore neither asks for
+    nor computes the object's CRC32 on the response (``response_checksum_validation`` =
+    ``when_required``, the Config form of ``AWS_RESPONSE_CHECKSUM_VALIDATION``; botocore >= 1.36,
+    older ones never check). A separate cached client: other reads keep the configured checks."""
+    from botocore.config import Config
+
+    if "response_checksum_validation" not in getattr(Config, "OPTION_DEFAULTS", {}):
+        return {}
+    return {"config_kwargs": {"response_checksum_validation": "when_required"}}
+
+
+def _url_to_fs(url: str, extra: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """`url_to_fs`, with `extra` options for an S3 filesystem (part of the cache key)."""
     url = absolute(url)
     if "::" in url:  # chained URLs (simplecache::s3://...) are fsspec's business
         return fsspec.core.url_to_fs(url)
@@ -233,6 +257,8 @@ def url_to_fs(url: str) -> tuple[fsspec.AbstractFileSystem, str]:
     cls = fsspec.get_filesystem_class(proto)
     opts = _storage_options(proto)
     opts.update(cls._get_kwargs_from_urls(url))
+    if extra and proto in _S3:
+        opts.update(extra)
     key = (os.getpid(), proto, _freeze(opts), _env_fingerprint())
     fs = _cache.get(key)
     if fs is None:
@@ -339,6 +365,8 @@ def exists(url: str) -> bool:
 
 
 def read_bytes(url: str) -> bytes:
+    """The whole object (one GET on S3, no HEAD). `read_into` reads it into one buffer, hashed as
+    it arrives."""
     if _is_dicomweb(url):
         return _dicomweb().read_bytes(url)
     fs, path = url_to_fs(url)
@@ -348,10 +376,159 @@ def read_bytes(url: str) -> bytes:
             with _open_regular(path) as f:
                 return f.read()
     if protocol(url) in _S3:
-        # One GET. s3fs's default first asks the size (a HEAD per object) to decide whether to
-        # fetch in concurrent chunks, which only objects over its 50 MiB block ever use.
-        return fs.cat_file(path, max_concurrency=1)
+        return _s3_get(fs, path, _Joined())[0]
     return fs.cat_file(path)
+
+
+# Whole-object reads (`read_into`) are hashed in pieces of this size as they land (S3 bodies arrive
+# in chunks of 64-256 KiB; a piece is the bytes landed since the last one, at least this many).
+READ_PIECE = 1 << 20
+
+
+@dataclass(frozen=True)
+class Body:
+    """A whole object in one buffer (`read_into`): `data` is a read-only view of it (np.frombuffer
+    over a slice of it is a read-only array), `sha256` its hex digest when asked for, else None."""
+
+    data: memoryview
+    sha256: str | None = None
+
+
+def read_into(url: str, *, sha256: bool = False) -> Body:
+    """The whole object in one buffer allocated at its full length and filled in `READ_PIECE`
+    pieces, with its sha256 (when asked for) computed piece by piece as the bytes arrive: no copy
+    but the one into the buffer, no join of pieces, no second pass over the whole.
+
+    On S3: one GET (no HEAD: the length comes with the response). fsspec's event loop fills the
+    buffer while the calling thread hashes what has landed (hashlib releases the GIL), so the
+    digest is ready with the last byte. A read that hashes skips botocore's own CRC32 of the body
+    (`_hashed_read_options`: the sha256 is the stronger check of the same bytes); every other
+    read keeps botocore's checks. Locally: one open, `readinto` piece by piece. Other stores and
+    DICOMweb: `read_bytes`, then the hash."""
+    if _is_dicomweb(url):
+        data = read_bytes(url)
+        return Body(memoryview(data), hashlib.sha256(data).hexdigest() if sha256 else None)
+    fs, path = url_to_fs(url)
+    if is_local(url):
+        h = hashlib.sha256() if sha256 else None
+        with _open_regular(path) as f:
+            view, n = _buffer(os.fstat(f.fileno()).st_size), 0
+            while n < len(view) and (got := f.readinto(view[n : n + READ_PIECE])):
+                if h is not None:
+                    h.update(view[n : n + got])
+                n += got
+            if n < len(view) or f.read(1):
+                raise OSError(errno.EIO, f"{url} changed size while it was read")
+        return Body(view.toreadonly(), h.hexdigest() if h is not None else None)
+    if protocol(url) in _S3:
+        if sha256:
+            fs, path = _url_to_fs(url, _hashed_read_options())
+        view, digest = _s3_get(fs, path, _Filled(), sha256=sha256)
+        return Body(view.toreadonly(), digest)
+    data = read_bytes(url)
+    return Body(memoryview(data), hashlib.sha256(data).hexdigest() if sha256 else None)
+
+
+def _buffer(size: int) -> memoryview:
+    """A writable buffer of `size` bytes, not zeroed first (bytearray(size) would write every page
+    once before the body does): numpy's allocation, as a flat byte view."""
+    import numpy as np
+
+    return memoryview(np.empty(size, np.uint8)).cast("B")
+
+
+class _Joined:
+    """`_s3_get`'s sink for `read_bytes`: the pieces, joined at the end (what s3fs's `cat_file`
+    gets from aiohttp's own read of the whole body)."""
+
+    piece = None  # the body in one read
+
+    def start(self, size: int) -> None:
+        self.pieces: list[bytes] = []
+
+    def put(self, piece: bytes) -> int:
+        self.pieces.append(piece)
+        return -1
+
+    def done(self) -> bytes:
+        return b"".join(self.pieces)
+
+
+class _Filled:
+    """`_s3_get`'s sink for `read_into`: one buffer of the announced length, filled in order;
+    `put` returns the end of the bytes in so far."""
+
+    piece = READ_PIECE  # at most: a read returns what has arrived
+
+    def start(self, size: int) -> None:
+        self.buf, self.n = _buffer(size), 0
+
+    def put(self, piece: bytes) -> int:
+        end = self.n + len(piece)
+        if end > len(self.buf):
+            raise OSError(errno.EIO, f"the body runs past its Content-Length {len(self.buf)}")
+        self.buf[self.n : end] = piece
+        self.n = end
+        return end
+
+    def done(self) -> memoryview:
+        if self.n != len(self.buf):
+            raise OSError(errno.EIO, f"the body ended at byte {self.n} of its Content-Length {len(self.buf)}")
+        return self.buf
+
+
+def _s3_get(fs, path: str, sink, *, sha256: bool = False):
+    """One GET of the whole object into `sink`, run on fsspec's event loop → (what the sink made,
+    the hex sha256 or None). With `sha256` the calling thread hashes each piece of the sink's
+    buffer as it lands while the loop reads on. A body cut off mid-way (or a read timeout) is
+    fetched again whole, as s3fs's own `cat_file` does; the request itself has s3fs's retries and
+    error translation (FileNotFoundError, PermissionError)."""
+    import asyncio
+    import queue
+    import time
+
+    from s3fs.core import S3_RETRYABLE_ERRORS
+
+    bucket, key, version = fs.split_path(path)
+    kw = {"VersionId": version} if version else {}
+    attempts = max(1, fs.retries)
+    for attempt in range(attempts):
+        landed: queue.SimpleQueue = queue.SimpleQueue()  # buffer ends as they land; None: the GET is over
+
+        async def get():
+            resp = await fs._call_s3("get_object", Bucket=bucket, Key=key, **kw)
+            body = resp["Body"]
+            try:
+                sink.start(int(resp["ContentLength"]))
+                told = end = 0
+                while piece := await body.read(sink.piece):
+                    end = sink.put(piece)
+                    if sha256 and end - told >= READ_PIECE:  # the hash thread's next piece
+                        landed.put(told := end)
+                if sha256 and end > told:
+                    landed.put(end)
+                return sink.done()
+            finally:
+                body.close()
+
+        fut = asyncio.run_coroutine_threadsafe(get(), fs.loop)
+        h = hashlib.sha256() if sha256 else None
+        if h is not None:
+            fut.add_done_callback(lambda _, q=landed: q.put(None))
+            done = 0
+            while (end := landed.get()) is not None:
+                h.update(sink.buf[done:end])
+                done = end
+        try:
+            out = fut.result()
+        except S3_RETRYABLE_ERRORS as e:
+            if attempt + 1 == attempts:
+                raise OSError(errno.EIO, f"GET s3://{path} failed {attempts} times ({type(e).__name__})") from e
+            log.debug("GET s3://%s again after %s", path, type(e).__name__)
+            time.sleep(min(1.7**attempt * 0.1, 15))
+            continue
+        return out, (h.hexdigest() if h is not None else None)
+    raise AssertionError("unreachable")
 
 
 def read_head(url: str, nbytes: int) -> bytes:

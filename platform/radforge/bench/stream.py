@@ -18,22 +18,26 @@ Side by side in one run, all reading from one moto S3 server on 127.0.0.1 starte
              Both sides stream MIX_PASSES passes' worth of samples per block.
 
 Like with like: tar_read fetches every shard as the loader does (one whole GET per shard through
-the same `storage.read_bytes`, no HEAD), so both sides move the same bytes with the same requests;
-the loader's extra work is its sha256, tar parsing (zero-copy) and decoding into model views.
-CPU is reported per pass for each side and, per thread role, with the S3 server's beside it (a
-separate process on the same cores): where no core is free (a loaded 2-core machine), the wall
-ratio follows `tar_read / loader CPU incl. S3 server`, not overlap.
+`storage`, no HEAD), so both sides move the same bytes with the same requests. The loader reads
+with `storage.read_into(sha256=True)`: the body lands in one buffer while the prefetch thread
+hashes each piece as it arrives, and botocore skips its own CRC32 of the body (the sha256 checks
+the same bytes); tar_read's `storage.read_bytes` keeps botocore's CRC32, as any plain read does.
+The loader's extra work is the sha256 (less the CRC32 it no longer pays), tar parsing (zero-copy)
+and decoding into model views. CPU is reported per pass for each side and, per thread role, with
+the S3 server's beside it (a separate process on the same cores; its figure comes in 10 ms clock
+ticks per block, so it moves in steps of ≈ 3 ms per pass): where no core is free (a loaded 2-core
+machine), the wall ratio follows `tar_read / loader CPU incl. S3 server`, not overlap.
 
-What separates the loader from tar_read (4 × 64 slices of 512², 12.4 MB in 3 shards, load 5-8;
-CPU ms per pass, `cpu_ms_per_pass_by_thread`): the GET itself costs the client ≈ 30 (fsspec's
-event loop: aiohttp receive, botocore's own CRC32 check of every body ≈ 4.4, a new connection per
-GET to moto) and the server ≈ 20; tar_read's parse ≈ 10; the loader's main thread ≈ 11-12. sha256
-is 10.6-10.9 (1.13 GB/s: OpenSSL with SHA-NI on this Zen 1 core at 2 GHz, not the 1.5-2 GB/s of
-newer cores), i.e. ≈ 17 % of tar_read's 61 including the server (an earlier "40 %" came from
-differences of noisy per-block minima). The loader's block also pays part of its read-ahead of the
-next block's first shard (≈ 5 client + 6 server with sha256 on, whose longer tail overlaps more
-of it). Saturated, that bounds the ratio at ≈ 61 / (61 + 11) ≈ 0.85 even with nothing else
-extra; ≥ 0.9 needs a free core for the hash (idle machine) or a cheaper GET on the loader's side.
+What separates the loader from tar_read (4 × 64 slices of 512², 12.4 MB in 3 shards; CPU ms per
+pass, `cpu_ms_per_pass_by_thread`): the GET costs the client ≈ 28-32 (fsspec's event loop:
+aiohttp receive, botocore's request and response handling, a new connection per GET to moto,
+and on tar_read's side botocore's CRC32 of every body ≈ 4) and the server ≈ 20; tar_read's parse
+≈ 11; the loader's main thread ≈ 11. sha256 is ≈ 11 (1.13 GB/s: OpenSSL with SHA-NI on this Zen 1
+core at 2 GHz), on the prefetch thread while the body arrives. Before `read_into` (loader
+unchanged since 71da714 until then) the hash ran on a thread of its own after the whole body had
+arrived (the parse waited for download + hash) and the loader paid the CRC32 too: saturated,
+that bounded the ratio at ≈ 61 / (61 + 11) ≈ 0.85; now the bound is ≈ tar / (tar + sha256 −
+CRC32) ≈ 0.9, and with a free core the hash hides behind the download.
 
 The loader and tar_read run `rounds` interleaved blocks of `block` consecutive passes over all the
 data (a fresh loader iterator per block), raw_dicom two passes; the best of each counts (least
@@ -149,8 +153,9 @@ def _sides(dest: str, manifest: dict, block: int):
     view, loaders = ViewConfig(), {}
 
     def tar_block():
-        """The floor: each shard fetched as the loader fetches it (one whole GET through the same
-        `storage.read_bytes`), split into tar members, nothing else."""
+        """The floor: each shard fetched with the loader's one whole GET (`storage.read_bytes`:
+        the same `storage._s3_get` as the loader's `read_into`, botocore's CRC32 kept), split into
+        tar members, nothing else."""
         for _ in range(block):
             for u in urls:
                 with tarfile.open(fileobj=io.BytesIO(storage.read_bytes(u)), mode="r|") as tf:
@@ -219,7 +224,8 @@ def _stream_result(timed, roles, ld, mix, mix_per_block: float, *, manifest: dic
 
 class _RoleCPU:
     """CPU seconds per pass of each side by thread role: this process's threads (main, the
-    loader's prefetch and sha256 threads, fsspec's event loop: from /proc schedstat, in ns) and
+    loader's prefetch thread, which also hashes the body as it arrives, fsspec's event loop: from
+    /proc schedstat, in ns) and
     the S3 server child (`s3 server`, clock ticks); the median over a side's blocks. A role's
     thread that ends inside a block is still counted: the snapshot is taken before `_settle`."""
 
@@ -268,7 +274,7 @@ class _RoleCPU:
 def _role(thread_name: str) -> str:
     if thread_name == "MainThread":
         return "main"
-    for prefix, role in (("radforge-prefetch", "prefetch"), ("radforge-sha256", "sha256"), ("fsspecIO", "fsspec event loop")):
+    for prefix, role in (("radforge-prefetch", "prefetch"), ("fsspecIO", "fsspec event loop")):
         if thread_name.startswith(prefix):
             return role
     return "other"
@@ -283,7 +289,7 @@ def _settle() -> None:
 
     gc.collect()  # an iterator caught in a reference cycle is closed (and its threads released) now
     for t in threading.enumerate():
-        if t.name.startswith(("radforge-prefetch", "radforge-sha256")):
+        if t.name.startswith("radforge-prefetch"):
             t.join(timeout=30)  # bounded: a live iterator's idle threads never end
 
 

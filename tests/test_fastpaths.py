@@ -217,6 +217,31 @@ def test_fill_row_by_tag_equals_fill_row_by_keyword(tmp_path, study):
     assert filled >= 60
 
 
+def test_converted_values_are_reused_only_for_the_same_bytes_and_character_set(tmp_path, study):
+    """`dicom._CONVERTED` reuses a converted element across files: two files with the same
+    PatientName bytes under different Specific Character Sets, scanned one after the other,
+    each get their own decoded name (as the keyword-by-keyword reference reads it)."""
+    src = phantoms.ct_series(tmp_path / "ct", study, n_slices=1, rows=16, cols=16, seed=3).paths[0]
+    rows = []
+    for i, charset in enumerate(["ISO_IR 100", "ISO_IR 144", "ISO_IR 100"]):
+        ds = pydicom.dcmread(src)
+        ds.SpecificCharacterSet = charset
+        ds.PatientName = b"M\xfcller^J\xf6rg"  # raw bytes: ü/ö in Latin-1, other letters in Cyrillic
+        path = str(tmp_path / f"cs{i}.dcm")
+        ds.save_as(path)
+        with open(path, "rb") as f:
+            ds_ref = dicom._read_header(f)
+        ref = {}
+        with dicom._quiet():
+            dicom._fill_row_from(ref, ds_ref, ds_ref)
+        size = os.path.getsize(path)
+        with storage.open_head(path, size) as f:
+            row = dicom.scan(path, size, f)
+        assert row["phi_terms"] == ref["phi_terms"], charset
+        rows.append(row)
+    assert rows[0]["phi_terms"] == rows[2]["phi_terms"] != rows[1]["phi_terms"]
+
+
 def test_scan_from_the_first_range_equals_scan_read_by_read(tmp_path, study, monkeypatch):
     """`dicom._Reader` serves pydicom's small reads from the file's first range (one read);
     the index row is the same as when every read goes to the file as asked (a first range of

@@ -506,13 +506,25 @@ def declared_pixel_bytes(ds) -> int | None:
 _SCANNED_SAFE = (*deid.SAFE_ATTRIBUTES, *deid.AGE_SEX_ATTRIBUTES)  # what the index keeps for metadata
 
 
+# Converted row elements by everything their conversion reads (tag, VR, raw bytes, encoding
+# rules, character set; `ds` only for private tags, which no row reads): the slices of a series
+# repeat most of their header (UIDs, patient, geometry but the position, acquisition values),
+# so a scan task converts each such value once. Only the values are read (never changed or kept
+# in a row: `_fill_row_from` builds new strings, numbers and lists from them).
+_CONVERTED: dict[tuple, "pydicom.DataElement"] = {}
+_CONVERTED_MAX = 8192  # entries, then cleared; values of at most _CONVERTED_MAX_VALUE bytes
+_CONVERTED_MAX_VALUE = 256
+
+
 class _HeaderValues:
     """The elements `_fill_row` reads, fetched once by tag (`_ROW_TAGS`); `.get(keyword)`,
     `in` and `[keyword]` answer like the data set's own. pydicom's `ds.get(keyword)` resolves
     the keyword through its dictionary on every call, and `_fill_row` made ~60 such calls per
-    file, most for absent elements: about half of the header scan. An element whose value
-    fails to convert is left out (absent), as `_get` reads it; keywords not prefetched fall
-    back to the data set."""
+    file, most for absent elements: about half of the header scan. Each element is converted
+    as `ds[tag]` converts it, without `ds[tag]`'s own overhead, and a value a file repeats
+    from an earlier one (`_CONVERTED`) is not converted again. An element whose value fails to
+    convert is left out (absent), as `_get` reads it; keywords not prefetched fall back to the
+    data set."""
 
     __slots__ = ("_ds", "_elems")
 
@@ -534,9 +546,17 @@ class _HeaderValues:
                 if type(raw) is _RawDataElement and raw.value is not None:
                     if charset is None:
                         charset = ds.original_character_set or ds._character_set
-                    elem = _convert_raw(raw, encoding=charset, ds=ds)
-                    if elem.VR == "SQ" or elem.VR in _AMBIGUOUS_VR:
-                        elem = ds[tag]
+                        charset_key = charset if isinstance(charset, str) else tuple(charset)
+                    key = (raw.tag, raw.VR, raw.value, raw.is_implicit_VR, raw.is_little_endian, charset_key)
+                    elem = _CONVERTED.get(key) if len(raw.value) <= _CONVERTED_MAX_VALUE else None
+                    if elem is None:
+                        elem = _convert_raw(raw, encoding=charset, ds=ds)
+                        if elem.VR == "SQ" or elem.VR in _AMBIGUOUS_VR:
+                            elem = ds[tag]
+                        elif len(raw.value) <= _CONVERTED_MAX_VALUE:
+                            if len(_CONVERTED) >= _CONVERTED_MAX:
+                                _CONVERTED.clear()
+                            _CONVERTED[key] = elem
                 else:
                     elem = ds[tag]
                 self._elems[kw] = elem

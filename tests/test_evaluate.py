@@ -143,7 +143,7 @@ def test_clip_learns_zero_shot_on_synthetic_pairs():
     opt = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     g = torch.Generator().manual_seed(0)
     rng = np.random.default_rng(0)
-    for _ in range(300):
+    for _ in range(150):  # measured mean AUROC 0.264 untrained -> 0.977 (0.932 at 100 steps, 1.000 at 300)
         idx = torch.randint(0, len(images), (32,), generator=g)
         loss = model({"image": images[idx], "text": [text_mod.sample_sentences(texts[i], rng) for i in idx]})["loss"]
         opt.zero_grad()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import inspect
 import textwrap
 import typing
@@ -300,19 +301,25 @@ def _sections(cls) -> list[type]:
     return out
 
 
+@functools.cache
+def _class_source(cls) -> tuple[list[str], ast.ClassDef]:
+    """A class's source lines and its parsed definition, once per class (inspect finds a class by
+    parsing its whole module again on every call: ~4 CPU s for the three roots' ~60 lookups)."""
+    lines, _ = inspect.getsourcelines(cls)
+    return lines, ast.parse(textwrap.dedent("".join(lines))).body[0]
+
+
 def _undocumented(cls) -> list[str]:
     """Fields with no comment on their line or the line above; a section field may instead be
     documented by its own class docstring."""
-    lines, start = inspect.getsourcelines(cls)
-    tree = ast.parse(textwrap.dedent("".join(lines))).body[0]
+    lines, tree = _class_source(cls)
     hints = typing.get_type_hints(cls)
     missing = []
     for node in tree.body:
         if isinstance(node, ast.AnnAssign):
             name = node.target.id
             here, above = lines[node.end_lineno - 1], lines[node.lineno - 2].strip()
-            section_doc = dataclasses.is_dataclass(hints[name]) and ast.get_docstring(
-                ast.parse(textwrap.dedent(inspect.getsource(hints[name]))).body[0])
+            section_doc = dataclasses.is_dataclass(hints[name]) and ast.get_docstring(_class_source(hints[name])[1])
             if "#" not in here and not above.startswith("#") and not section_doc:
                 missing.append(name)
     return missing
@@ -329,7 +336,7 @@ def test_every_field_is_typed_and_documented(root):
     sections = _sections(root)
     assert len(sections) > 1 or root is config.ServeConfig
     for cls in sections:
-        assert ast.get_docstring(ast.parse(textwrap.dedent(inspect.getsource(cls))).body[0]), f"{cls.__name__} has no docstring"
+        assert ast.get_docstring(_class_source(cls)[1]), f"{cls.__name__} has no docstring"
         assert not _undocumented(cls), f"{cls.__name__}: fields without a comment: {_undocumented(cls)}"
         for name, tp in typing.get_type_hints(cls).items():
             assert not _mentions_any(tp), f"{cls.__name__}.{name}: {tp} accepts anything"

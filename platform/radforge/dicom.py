@@ -596,7 +596,7 @@ def _fill_row_from(row: dict, ds: pydicom.Dataset, values) -> None:
     row["study_uid"] = _str(ds, "StudyInstanceUID") or None
     row["patient_id"] = _str(ds, "PatientID")
     row["accession"] = _str(ds, "AccessionNumber")
-    row["transfer_syntax"] = (_str(meta, "TransferSyntaxUID") or None) if meta is not None else None
+    row["transfer_syntax"] = (_text(_meta_get(meta, _TRANSFER_SYNTAX)) or None) if meta is not None else None
     image_type = _get(ds, "ImageType")
     if image_type is not None:
         row["image_type"] = "\\".join(str(v) for v in _as_list(image_type))
@@ -633,8 +633,8 @@ def _check_file_meta(ds, row: dict) -> None:
     meta = getattr(ds, "file_meta", None)
     if meta is None:
         return
-    for meta_kw, field_name in (("MediaStorageSOPInstanceUID", "sop_uid"), ("MediaStorageSOPClassUID", "sop_class_uid")):
-        v = _str(meta, meta_kw)
+    for meta_tag, field_name in ((0x00020003, "sop_uid"), (0x00020002, "sop_class_uid")):  # MediaStorageSOPInstance/ClassUID
+        v = _text(_meta_get(meta, meta_tag))
         if v and row[field_name] and v != row[field_name]:
             raise Reject("inconsistent_meta")
 
@@ -755,7 +755,7 @@ def _check_pixel_data_extent(fileobj, ds, size: int) -> None:
     syntax: writers exist that encode the data set differently from what they declare, and
     pydicom reads those by the same sniffing.
     """
-    ts = _get(ds.file_meta, "TransferSyntaxUID") if getattr(ds, "file_meta", None) is not None else None
+    ts = _meta_get(ds.file_meta, _TRANSFER_SYNTAX) if getattr(ds, "file_meta", None) is not None else None
     if ts == DeflatedExplicitVRLittleEndian:
         return
     pos = fileobj.tell()
@@ -1865,8 +1865,23 @@ def _get(ds, keyword: str):
         return None
 
 
+def _meta_get(meta, tag: int):
+    """`_get(meta, keyword)` by tag, for the file meta (`ds.get(keyword)` is `ds[tag].value`
+    after a dictionary lookup of the keyword, several per file)."""
+    try:
+        return meta[tag].value if tag in meta._dict else None
+    except Exception:  # noqa: BLE001
+        return None
+
+
+_TRANSFER_SYNTAX = 0x00020010
+
+
 def _str(ds, keyword: str) -> str:
-    v = _get(ds, keyword)
+    return _text(_get(ds, keyword))
+
+
+def _text(v) -> str:
     if v is None:
         return ""
     try:

@@ -64,7 +64,7 @@ from pydicom.valuerep import AMBIGUOUS_VR as _AMBIGUOUS_VR
 
 from radforge import deid, kinds, storage
 from radforge.config import SPLIT_ATTRIBUTES, CTConfig, IngestRecipe, SeriesConfig, SeriesRule, XrayConfig
-from radforge.transforms import HU_MIN, NO_CLOCK, Profile, StageClock, spacing_zyx
+from radforge.transforms import NO_CLOCK, Profile, StageClock, spacing_zyx
 
 # Never let pydicom warn about invalid element values: its warnings quote the value, and a
 # malformed PatientName or date would then reach logs. Values are validated where they are used.
@@ -1518,14 +1518,11 @@ def _number(v, default: float) -> float:
     return f[0]
 
 
-def load_ct(item: PlanItem, read: Callable[[str], bytes], clock: StageClock = NO_CLOCK, *,
-            floor: float | None = None) -> tuple[np.ndarray, np.ndarray]:
+def load_ct(item: PlanItem, read: Callable[[str], bytes], clock: StageClock = NO_CLOCK) -> tuple[np.ndarray, np.ndarray]:
     """Decode a planned CT series → (HU float32 volume [k, j, i] in planned slice order, affine).
 
     Input problems raise `Reject`; nothing else does except `read`'s own I/O errors. `clock`
-    is charged per stage (read, parse, decode, hu). `floor`: every value below it raised to it
-    (`np.maximum`), plane by plane while the plane is in cache, instead of a pass over the
-    whole volume after (the canonical path's air floor).
+    is charged per stage (read, parse, decode, hu).
     """
     shape = item.source_shape
     limit = _decode_limit(item)
@@ -1544,8 +1541,6 @@ def load_ct(item: PlanItem, read: Callable[[str], bytes], clock: StageClock = NO
             clock.lap("decode")
         ds, arr = cache[path]
         _safely(_hu_plane, ds, arr, frame, shape, vol[k])
-        if floor is not None:
-            np.maximum(vol[k], floor, out=vol[k])
         clock.lap("hu")
     return vol, np.array(item.source_affine, dtype=np.float64)
 
@@ -1743,8 +1738,8 @@ def canonical(item: PlanItem, read: Callable[[str], bytes], profile: Profile,
 
 def _canonical_ct(item: PlanItem, read: Callable[[str], bytes], profile: Profile,
                   clock: StageClock = NO_CLOCK) -> tuple[np.ndarray, dict]:
-    hu, affine = load_ct(item, read, clock, floor=HU_MIN)
-    array, affine, source_spacing = profile.canonical_ct(hu, affine, clock, floored=True)
+    hu, affine = load_ct(item, read, clock)
+    array, affine, source_spacing = profile.canonical_ct(hu, affine, clock)
     return array, {
         "canonical_source_spacing_mm": _rounded(source_spacing),
         "shape": list(array.shape),

@@ -854,15 +854,13 @@ class Profile:
         """The JSON form (shards/SPEC.md, "profile"): name, profile_id and the per-kind bodies."""
         return {"name": self.name, "profile_id": self.profile_id, **self._body()}
 
-    def canonical_ct(self, hu: np.ndarray, affine: Any, clock: StageClock | _NoClock = NO_CLOCK, *,
-                     floored: bool = False) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+    def canonical_ct(self, hu: np.ndarray, affine: Any, clock: StageClock | _NoClock = NO_CLOCK,
+                     ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
         """Float HU volume + affine → (stored int16 HU volume, its affine, the source spacing in
         the stored axis order): floored at air, oriented to LPS, resampled to the profile spacing.
-        `clock` is charged per stage (orient, resample, int16). `floored`: `hu` is already at
-        or above HU_MIN everywhere (`dicom.load_ct(floor=HU_MIN)` floors plane by plane)."""
+        `clock` is charged per stage (orient, resample, int16)."""
         # Padding outside the field of view (-2048, -3024) must not blend into tissue when resampled.
-        if not floored:
-            np.maximum(hu, HU_MIN, out=hu)
+        np.maximum(hu, HU_MIN, out=hu)
         hu, affine = Orient(CANONICAL_ORIENTATION)(hu, affine)
         source_spacing = spacing_zyx(affine)
         clock.lap("orient")

@@ -238,7 +238,7 @@ def _torch_trainer(job: _Job, pa_fs, pa_path: str):
     resources = {"CPU": scale.cpus_per_worker, **scale.resources_per_worker}
     if scale.use_gpu:
         resources["GPU"] = scale.gpus_per_worker
-    return TorchTrainer(
+    return _no_ray_datasets(TorchTrainer)(
         _worker_loop,
         train_loop_config={"job": job},
         # CPU tensors need gloo beside nccl: Metrics reduces its counters on the CPU, and a
@@ -253,6 +253,27 @@ def _torch_trainer(job: _Job, pa_fs, pa_path: str):
             worker_runtime_env={"env_vars": {} if scale.use_gpu else {"DS_ACCELERATOR": "cpu"}},
         ),
     )
+
+
+def _no_ray_datasets(trainer_cls):
+    """`trainer_cls` without Ray Train's datasets callback, which starts a DatasetManager actor
+    (one more process importing Ray Data, ~2 CPU s on 2 cores) in every job, even one given no
+    `datasets`: ours read shards with radforge.loader, never through Ray Train. Ray versions that
+    have no such callback get the class unchanged."""
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    except ImportError:
+        return trainer_cls
+    if not hasattr(trainer_cls, "_create_default_callbacks"):
+        return trainer_cls
+
+    class Trainer(trainer_cls):
+        def _create_default_callbacks(self):
+            callbacks = super()._create_default_callbacks()
+            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+
+    Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
+    return Trainer
 
 
 def _to_url(store: str, pa_path: str, path: str) -> str:

@@ -78,14 +78,20 @@ def one_shard(shards, tmp_path_factory) -> str:
     return _one_shard(shards, str(tmp_path_factory.mktemp("one-shard")))
 
 
-def _tiny(shards: str, tmp: Path, *sets: str, workers: int = 2, stage: int = 2, steps: int = 6) -> TrainRecipe:
-    """tiny-clip-xray shrunk to seconds: 32 px, global batch 8, no shuffle, no loader processes."""
+def _tiny_sets(shards: str, tmp: Path, *sets: str, workers: int = 2, stage: int = 2, steps: int = 6) -> list[str]:
+    """tiny-clip-xray shrunk to seconds: 32 px, global batch 8, no shuffle, no loader processes
+    (the recipe overrides; `_tiny` loads them)."""
     micro = 8 // workers
-    return config.load(TrainRecipe, str(RECIPES / "tiny-clip-xray.yaml"), [
+    return [
         f"data.shards={shards}", f"steps={steps}", "log_every=1", "view.xray_size=32", "view.rand_crop=false",
         "data.num_workers=0", "data.shuffle_buffer=1", f"deepspeed.micro_batch={micro}", f"scale.num_workers={workers}",
         f"deepspeed.zero_stage={stage}", "optim.warmup_steps=2", "checkpoint.every_steps=3", "eval.every_steps=0",
-        f"checkpoint.storage_path={tmp / 'ckpt'}", f"output_dir={tmp / 'runs'}", *sets])
+        f"checkpoint.storage_path={tmp / 'ckpt'}", f"output_dir={tmp / 'runs'}", *sets]
+
+
+def _tiny(shards: str, tmp: Path, *sets: str, workers: int = 2, stage: int = 2, steps: int = 6) -> TrainRecipe:
+    return config.load(TrainRecipe, str(RECIPES / "tiny-clip-xray.yaml"),
+                       _tiny_sets(shards, tmp, *sets, workers=workers, stage=stage, steps=steps))
 
 
 def _losses(result) -> list[float]:
@@ -185,6 +191,41 @@ def test_bad_resume_mode_and_missing_split_fail_before_any_work(tmp_path, one_sh
 # --------------------------------------------------------------------------- Ray Train runs
 
 
+# A simulated 2-node cluster (ray.cluster_utils.Cluster, a custom resource per node) in a child
+# process: its own Ray instance, while the session's (ray_cluster) stays connected in this one.
+# argv[1]: JSON [recipe path, overrides]; prints the TrainResult's fields.
+_TWO_NODE_SCRIPT = """
+import json, sys, ray
+from ray.cluster_utils import Cluster
+from radforge import config, train
+from radforge.config import TrainRecipe
+recipe, sets = json.loads(sys.argv[1])
+cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"rf_slot": 1}})
+cluster.add_node(num_cpus=1, resources={"rf_slot": 1})
+ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
+try:
+    res = train.run(config.load(TrainRecipe, recipe, sets), resume="never", progress=False, hooks=[train.TraceSamples()])
+    print("RESULT", json.dumps({"name": res.name, "steps": res.steps, "checkpoint": res.checkpoint, "metrics": res.metrics,
+                                "run_dir": res.run_dir, "curve_png": res.curve_png}))
+finally:
+    ray.shutdown()
+    cluster.shutdown()
+"""
+
+
+def _train_on_two_nodes(sets: list[str]) -> train.TrainResult:
+    """tiny-clip-xray with `sets` on a 2-node cluster, one worker per node (STRICT_SPREAD over a
+    custom resource each node has one of), with train.TraceSamples."""
+    sets = [*sets, "scale.placement_strategy=STRICT_SPREAD", "scale.resources_per_worker={rf_slot: 1}"]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
+    p = subprocess.run([sys.executable, "-c", _TWO_NODE_SCRIPT, json.dumps([str(RECIPES / "tiny-clip-xray.yaml"), sets])],
+                       capture_output=True, text=True, timeout=600, env=env)
+    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+    assert p.returncode == 0 and lines, p.stderr[-3000:]
+    out = json.loads(lines[-1][7:])
+    return train.TrainResult(**out, history=train.read_metrics(out["run_dir"]))
+
+
 @pytest.fixture(scope="module")
 def kill_marker(tmp_path_factory) -> Path:
     """Created by the ZeRO-1 run's rank 1 just before it kills itself (train.KillAt)."""
@@ -197,7 +238,9 @@ def zero_runs(one_shard, tmp_path_factory, ray_cluster, kill_marker):
     The ZeRO-1 run is also the killed-worker run: rank 1 kills its own process at step 4, once,
     and Ray Train restarts the group from the step-3 checkpoint (one Ray Train job fewer than a
     separate run; the trajectory test then holds the restarted run to the uninterrupted ZeRO-0
-    losses and samples, the kill test checks the kill happened and no step was doubled)."""
+    losses and samples, the kill test checks the kill happened and no step was doubled).
+    The ZeRO-3 run is also the two-node run: it trains on a simulated 2-node cluster with one
+    worker per node (`_train_on_two_nodes`), held to the same trajectory (another job fewer)."""
     out = {}
     for workers, stage in ((1, 0), (2, 1), (2, 2), (2, 3)):
         tmp = tmp_path_factory.mktemp(f"z{stage}")
@@ -205,6 +248,9 @@ def zero_runs(one_shard, tmp_path_factory, ray_cluster, kill_marker):
         if stage == 1:  # the restart needs the step-3 checkpoint
             hooks.append(train.KillAt(step=4, rank=1, marker=str(kill_marker)))
             sets = ["checkpoint.max_failures=1", "checkpoint.every_steps=3"]
+        if stage == 3:
+            out[stage] = _train_on_two_nodes(_tiny_sets(one_shard, tmp, *sets, workers=workers, stage=stage))
+            continue
         out[stage] = train.run(_tiny(one_shard, tmp, *sets, workers=workers, stage=stage), resume="never", progress=False,
                                hooks=hooks)
     return out
@@ -350,33 +396,13 @@ def test_mixed_ct_xray_run_learns_both_and_resumes_on_other_worker_counts(shards
     assert lm.embed_images(torch.rand(2, 2, 8, 16, 16)).shape == lm.embed_images(torch.rand(2, 1, 32, 32)).shape == (2, 128)
 
 
-def test_two_node_cluster_places_one_worker_per_node(one_shard, tmp_path):
-    """A simulated 2-node cluster (ray.cluster_utils.Cluster, a custom resource per node) runs the
-    2-worker job with STRICT_SPREAD. Own Ray instance, so it runs in a subprocess: the session's
-    Ray (ray_cluster fixture) stays connected in this one."""
-    script = f"""
-import json, os, ray
-from ray.cluster_utils import Cluster
-from radforge import config, train
-from radforge.config import TrainRecipe
-cluster = Cluster(initialize_head=True, head_node_args={{"num_cpus": 1, "resources": {{"rf_slot": 1}}}})
-cluster.add_node(num_cpus=1, resources={{"rf_slot": 1}})
-ray.init(address=cluster.address, logging_level="WARNING", log_to_driver=False)
-r = config.load(TrainRecipe, {str(RECIPES / 'tiny-clip-xray.yaml')!r}, [
-    "data.shards={one_shard}", "steps=2", "log_every=1", "view.xray_size=32", "data.num_workers=0", "deepspeed.micro_batch=4",
-    "scale.placement_strategy=STRICT_SPREAD", "scale.resources_per_worker={{rf_slot: 1}}", "eval.every_steps=0",
-    "checkpoint.storage_path={tmp_path / 'ckpt'}", "output_dir={tmp_path / 'runs'}"])
-res = train.run(r, resume="never", progress=False, hooks=[train.TraceSamples()])
-print("RESULT", json.dumps({{"steps": res.steps, "nodes": res.metrics.get("nodes"), "run_dir": res.run_dir}}))
-ray.shutdown(); cluster.shutdown()
-"""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_ADDRESS")}
-    p = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=600, env=env)
-    lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
-    assert p.returncode == 0 and lines, p.stderr[-3000:]
-    out = json.loads(lines[-1][7:])
-    assert out["steps"] == 2 and out["nodes"] == 2
-    d = os.path.join(out["run_dir"], "samples")
+def test_two_node_cluster_places_one_worker_per_node(zero_runs):
+    """The ZeRO-3 run of `zero_runs` ran on a simulated 2-node cluster with STRICT_SPREAD: Ray
+    Train reports two nodes, and rank 0 and rank 1 traced their samples on different nodes (the
+    trajectory test holds its losses to the 1-worker run's)."""
+    res = zero_runs[3]
+    assert res.steps == 6 and res.metrics.get("nodes") == 2
+    d = os.path.join(storage.url_to_fs(res.run_dir)[1], "samples")
     nodes = {json.loads(open(os.path.join(d, n)).readline())["node"] for n in os.listdir(d)}
     assert len(nodes) == 2  # rank 0 and rank 1 on different nodes
 
@@ -386,11 +412,13 @@ ray.shutdown(); cluster.shutdown()
 
 def test_tiny_clip_learns_zero_shot_findings(shards, tmp_path):
     """Tiny CLIP on the phantom X-rays (findings drawn in pixels, stated in reports), 2 workers,
-    ZeRO-2: zero-shot mean AUROC on the held-out test split ≥ 0.8 (chance is 0.5)."""
+    ZeRO-2: zero-shot mean AUROC on the held-out test split ≥ 0.8 (chance is 0.5). Half the
+    recipe's 250 steps (its schedule shortened with it): 0.898 on this corpus (0.972 at 250),
+    in about 60 % of the run's time."""
     from radforge import evaluate
 
     r = config.load(TrainRecipe, str(RECIPES / "tiny-clip-xray.yaml"), [
-        f"data.shards={shards}", "data.num_workers=0", "eval.every_steps=0", "eval.bootstrap=100", LAST_CHECKPOINT_ONLY,
+        f"data.shards={shards}", "steps=125", "data.num_workers=0", "eval.every_steps=0", "eval.bootstrap=100", LAST_CHECKPOINT_ONLY,
         f"checkpoint.storage_path={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'runs'}"])
     res = train.run(r, resume="never", progress=False)
     assert res.steps == r.steps

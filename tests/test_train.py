@@ -180,6 +180,25 @@ def test_every_recipe_loads_and_builds(tmp_path):
         assert sum(p.numel() for p in m.parameters()) > 0, name
 
 
+def test_ray_train_jobs_start_no_dataset_manager_unless_given_datasets(tmp_path):
+    """The trainer class of train._torch_trainer leaves out Ray Train's datasets callback (it
+    starts a DatasetManager actor process in every job) when the job passes no Ray datasets, as
+    ours never do, and keeps it when one is passed. Built only: no Ray starts."""
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+
+    cls = train._no_ray_datasets(TorchTrainer)
+    assert issubclass(cls, TorchTrainer) and cls.__name__ == "TorchTrainer"
+
+    def callbacks(**kw) -> list[type]:
+        t = cls(lambda cfg: None, scaling_config=ScalingConfig(num_workers=1), run_config=RunConfig(storage_path=str(tmp_path)), **kw)
+        return [type(c) for c in t._create_default_callbacks()]
+
+    assert DatasetsCallback not in callbacks()
+    assert DatasetsCallback in callbacks(datasets={"train": lambda: None})
+
+
 def test_bad_resume_mode_and_missing_split_fail_before_any_work(tmp_path, one_shard):
     r = _tiny(one_shard, tmp_path)
     with pytest.raises(ConfigError):

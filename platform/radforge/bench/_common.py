@@ -39,18 +39,26 @@ def _rss_pss(p) -> tuple[int, int]:
 
 
 class _Sampler:
-    """Calls `sample()` every 0.2 s on a background thread while the `with` block runs."""
+    """Calls `sample()` every 0.2 s on a background thread while the `with` block runs.
+    `own_s`: the CPU seconds those calls took (thread time), which a caller that measures the
+    whole process takes off as the measurement's own cost."""
 
     def __init__(self):
         self._stop = threading.Event()
         self._t = threading.Thread(target=self._loop, daemon=True)
+        self.own_s = 0.0
 
     def sample(self) -> None:
         raise NotImplementedError
 
+    def _timed_sample(self) -> None:
+        t0 = time.thread_time()
+        self.sample()
+        self.own_s += time.thread_time() - t0
+
     def _loop(self):
         while not self._stop.is_set():
-            self.sample()
+            self._timed_sample()
             self._stop.wait(0.2)
 
     def __enter__(self):
@@ -177,19 +185,19 @@ class _CpuByProcess(_Sampler):
     """CPU seconds per process class (`_process_class`) of this process and its descendants while
     the `with` block runs. Every 0.2 s each process's CPU time since the last sample goes to the
     class it has now, so a Ray worker's seconds go to the task title it ran (to the nearest
-    0.2 s; IDLE where it switched in between). The sampler's own CPU is taken off the driver's
-    and reported as "sampler". Processes that start and end between samples are missed."""
+    0.2 s; IDLE where it switched in between). The sampler's own CPU (`own_s`) is taken off the
+    driver's, as is that of the `others` samplers running beside it, and none is in `seconds`:
+    the caller reports it apart. Processes that start and end between samples are missed."""
 
-    def __init__(self):
+    def __init__(self, others: tuple[_Sampler, ...] = ()):
         super().__init__()
         self._last: dict[int, float] = {}
         self.seconds: dict[str, float] = {}
-        self._own = 0.0
+        self._others = others
 
     def sample(self) -> None:
         import psutil
 
-        t0 = time.thread_time()
         me = psutil.Process()
         for p in [me, *me.children(recursive=True)]:
             try:
@@ -204,18 +212,17 @@ class _CpuByProcess(_Sampler):
                 self.seconds[cls] = self.seconds.get(cls, 0.0) + now  # started during the run
             self._last[p.pid] = now
         self._started = True
-        self._own += time.thread_time() - t0
 
     def __enter__(self):
         self._started = False
-        self.sample()
+        self._timed_sample()
         return super().__enter__()
 
     def __exit__(self, *exc):
         super().__exit__(*exc)
-        self.sample()
-        self.seconds["driver"] = self.seconds.get("driver", 0.0) - self._own
-        self.seconds["sampler"] = self._own
+        self._timed_sample()
+        own = self.own_s + sum(o.own_s for o in self._others)
+        self.seconds["driver"] = self.seconds.get("driver", 0.0) - own
         return False
 
 

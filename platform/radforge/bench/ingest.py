@@ -25,9 +25,16 @@ build task's side of the pipe to its decoder), encode (.npy + JSON), tar, sha256
 manifest, Ray itself. The in-process run splits scan and plan itself and has no Ray, no decoder
 child and no upload. `cpu_ms_per_slice_by_process` splits the same total by process instead
 (`_common._CpuByProcess`): driver, raylet, gcs_server, Ray daemons, decoder children, and Ray
-workers by the task title they ran (ray::MapBatches(_scan_batch), ray::IDLE, ray::_StatsActor…);
-one run (load 5.6-2.4) at 1 CPU: decoder child 5.0, scan tasks 3.7, driver 2.5, idle workers
-0.5, build tasks 0.4, plan tasks 0.3, Ray's daemons and actors 1.1, of 13.9 ms per slice.
+workers by the task title they ran (ray::MapBatches(_scan_batch), ray::IDLE, ray::_StatsActor…).
+The benchmark's own samplers (`_PeakRSS`, `_CpuByProcess`: threads of the driver) are taken off
+every figure and reported apart (`cpu_ms_per_slice_samplers`): reading smaps_rollup of every Ray
+process every 0.2 s costs the kernel a walk of each one's mappings (the object store's too), 4-5
+CPU ms per slice at a 1-min load of 8-21, most of what was booked as the driver's 2.5-4 ms.
+One run of the default corpus (load 21-7), 1 CPU, of 13.6 ms per slice: decoder child 6.1, scan
+tasks 2.5 (in process 2.2), driver 1.5, build tasks 0.5, plan tasks 0.4, Ray's daemons, actors
+and idle workers 2.5. The same corpus on 3092dbc (load 13-6): decoder child 5.9, scan tasks 4.2
+(in process 3.7), driver 4.1 and the CPU sampler 0.6 (both samplers inside the total then),
+of 17.3.
 
 Measured (default corpus, one run, 1-min load 7.5-20 on 2 cores): 8.6 CPU ms per slice at 1 CPU,
 of which the build's stages are 3.3 (decode 0.9, HU 0.7, parse 0.6, resample 0.4, read 0.2,
@@ -143,6 +150,9 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
             # the task title they ran), beside the stage split above
             "cpu_ms_per_slice_by_process": {"ingest_1cpu": _per_slice(_sorted(one["cpu_s_by_process"]), n),
                                             f"ingest_{ncpu}cpu": _per_slice(_sorted(many["cpu_s_by_process"]), n)},
+            # the memory and CPU samplers' own CPU, taken off every figure above
+            "cpu_ms_per_slice_samplers": {"ingest_1cpu": round(one["samplers_s"] / n * 1e3, 3),
+                                          f"ingest_{ncpu}cpu": round(many["samplers_s"] / n * 1e3, 3)},
             "peak_rss_mb": {"ingest_1cpu": round(one["peak_mb"]), f"ingest_{ncpu}cpu": round(many["peak_mb"])},
             "stages_s": {"ingest_1cpu": {k: round(v, 2) for k, v in one["stages_s"].items()}, f"ingest_{ncpu}cpu": {k: round(v, 2) for k, v in many["stages_s"].items()},
                          "in_process": {k: round(v, 2) for k, v in inproc_stages.items()}},
@@ -175,18 +185,21 @@ def _ingest_on_fresh_cluster(cpus: int, corpus: str, root: str, recipe, timed: _
     dest = os.path.join(root, f"shards-{cpus}cpu")
     for d in (dest, dest + ".private"):
         shutil.rmtree(d, ignore_errors=True)
-    with _PeakRSS() as mem, _CpuByProcess() as procs:
+    with _PeakRSS() as mem, _CpuByProcess(others=(mem,)) as procs:
         c0 = _tree_cpu_s()
+        own0 = mem.own_s + procs.own_s
         t = time.perf_counter()
         res = ingest.run(corpus, dest, recipe, progress=False)
         wall = time.perf_counter() - t
-        run_cpu = _tree_cpu_s(c0)
+        # The samplers' own CPU (threads of this process) is the benchmark's cost, not ingest's.
+        samplers = mem.own_s + procs.own_s - own0
+        run_cpu = _tree_cpu_s(c0) - samplers
         timed.keep(timed.cpu, f"ingest_{cpus}cpu", run_cpu)
     ray.shutdown()
     # The stage breakdown of the run whose total CPU is kept (the least of the repeats).
     return {"wall_s": wall, "stages_s": res.stage_s, "samples": res.manifest["totals"]["samples"],
             "peak_mb": mem.peak / 1e6, "cold_s": cold, "build_cpu_s": {**res.build_cpu_s, "_total": run_cpu},
-            "cpu_s_by_process": procs.seconds}
+            "cpu_s_by_process": procs.seconds, "samplers_s": samplers}
 
 
 def _warm_decoders(cpus: int) -> None:
@@ -248,7 +261,7 @@ def _ingest_in_process(corpus: str, recipe, root: str) -> tuple[dict, dict]:
         clock = StageClock()
         groups: dict[str, list[dict]] = {}
         for path, size in storage.find_files(corpus):
-            with storage.open_input(path, block_size=64 * 1024) as f:
+            with storage.open_head(path, size) as f:  # as the scan tasks read (`ingest._scan_rows`)
                 row = dicom.scan(path, size, f)
             groups.setdefault(row["group_key"], []).append(row)
         clock.lap("scan")
@@ -292,6 +305,9 @@ def format_ingest(r: dict) -> str:
         lines += _block("CPU ms per slice by process (Ray workers by task title, sampled every 0.2 s)",
                         r["cpu_ms_per_slice_by_process"],
                         lambda k, v: f"{k:<12}" + "  ".join(f"{s} {x:.3f}" for s, x in v.items() if abs(x) >= 0.005))
+    if "cpu_ms_per_slice_samplers" in r:
+        lines.append("the benchmark's own samplers (not counted above): "
+                     + "; ".join(f"{k} {v:.3f} ms/slice" for k, v in r["cpu_ms_per_slice_samplers"].items()))
     lines += _block("peak memory, PSS (driver + its Ray workers)", r["peak_rss_mb"], lambda k, v: f"{k:<22}{v:>8} MB")
     lines += _block(f"stage seconds (best of {r.get('repeats', 1)} runs)", r["stages_s"],
                     lambda k, v: f"{k:<22}" + "  ".join(f"{s} {x:.2f}" for s, x in v.items()))

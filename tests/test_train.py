@@ -447,8 +447,10 @@ def test_tiny_clip_learns_zero_shot_findings(shards, tmp_path):
 
 
 def test_tiny_mae_validation_loss_falls_well_below_its_initial_value(shards, tmp_path):
+    """Tiny 3D MAE, half the recipe's 60 steps (its schedule shortened with it): validation
+    reconstruction loss after / before 0.292 on this corpus (the floor is 0.6)."""
     r = config.load(TrainRecipe, str(RECIPES / "tiny-mae-ct.yaml"), [
-        f"data.shards={shards}", "data.num_workers=0", "eval.every_steps=0", LAST_CHECKPOINT_ONLY,
+        f"data.shards={shards}", "steps=30", "data.num_workers=0", "eval.every_steps=0", LAST_CHECKPOINT_ONLY,
         f"checkpoint.storage_path={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'runs'}"])
     from radforge import evaluate, models, transforms
 

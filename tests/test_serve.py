@@ -615,7 +615,7 @@ def test_hostile_uploads_get_json_4xx_and_valid_requests_keep_their_latency(secu
     assert valid()[0] == 200
 
 
-def test_a_decode_worker_that_aborts_or_stalls_costs_one_request_and_is_replaced():
+def test_a_decode_worker_that_aborts_or_stalls_costs_one_request_and_is_replaced(monkeypatch):
     """The pool's own contract, without Ray: an abort (what the RLE decoder does under a memory
     limit) is a 422 for that request, a stall past the budget a 408; each time the slot gets a
     fresh process and the next request is served."""
@@ -624,6 +624,10 @@ def test_a_decode_worker_that_aborts_or_stalls_costs_one_request_and_is_replaced
     import time
 
     from radforge import serve as serve_mod
+
+    # A slot joins the pool when its warm-up call returns; what `_warm` imports (torch, pydicom:
+    # ~half of each new process's ~3.4 CPU s, three processes here) is no part of this contract.
+    monkeypatch.setattr(serve_mod, "_warm", int)
 
     async def go():
         cap_mb = config.from_dict(config.ServeConfig, {"model": "m"}).decode_worker_memory_mb()  # the default cap

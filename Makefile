@@ -60,7 +60,7 @@ sysdeps:
 # a test outside `slow` that starts Ray fails, so nothing slow hides in the fast tier.
 # `make test` = the fast tier on TEST_WORKERS processes, then the Ray tier in one process (its
 # tests share one session Ray cluster and the corpus ingested on it): the union is every test.
-XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS))
+XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal)
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
 	$(PY) -m pytest -m slow $(PYTEST_ARGS)

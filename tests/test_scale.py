@@ -43,31 +43,75 @@ def test_synthetic_rows_are_index_rows_that_plan_like_an_archive():
     assert {"unreadable_header", "localizer"} <= reasons
 
 
+def test_ledger_parts_hold_a_blocks_lines_and_count_them(tmp_path):
+    """`ingest._ledger_part`: a block's ledger lines in one part file named by its bytes (a retried
+    task writes the same file), and the counts per status and reason the driver sums."""
+    t = scale.synthetic_rows(2, 2_000).sort_by("group_key")
+    recipe, keys = _recipe(), t.column("group_key").to_pylist()
+    secret = deid.load_secret(recipe.deid)
+    items = pa.concat_tables([ingest._plan_batch(t.slice(g[0], len(g)), recipe, secret)
+                              for _, g in ((k, list(g)) for k, g in itertools.groupby(range(t.num_rows), keys.__getitem__))])
+    counts = ingest._ledger_part(items, str(tmp_path))
+    lines = ingest._ledger_lines(items)
+    assert len(set(counts.column("part").to_pylist())) == 1 and sum(counts.column("n").to_pylist()) == lines.num_rows > 0
+    part = counts.column("part")[0].as_py()
+    assert open(part).read().splitlines() == lines.column("line").to_pylist()
+    assert ingest._ledger_part(items, str(tmp_path)).equals(counts) and len(list(tmp_path.iterdir())) == 1
+    assert ingest._ledger_part(items.slice(0, 0), str(tmp_path)).num_rows == 0
+
+
+def _whole_table(plan, recipe) -> dict:
+    """What plan, assign and the manifest's accounting give when every item is pulled to the
+    driver and worked out there with the same building blocks: per-study choice, shards,
+    input counts, ledger lines and selection.json."""
+    items = plan.items.take_all()
+    vols = [{"key": it["key"], "study": it["study"], "series": it["series"], "selected_by": it["selected_by"],
+             "slice_thickness": json.loads(it["safe"]).get("SliceThickness")}
+            for it in items if it["modality"] == "CT" and it["series"] is not None
+            and ((it["status"] == "planned" and it["kind"] == "ct") or (it["reason"] or "").startswith("per_study:"))]
+    counts = {"skipped": {}, "rejected": {}}
+    for it in items:
+        if it["status"] != "planned":
+            counts[it["status"]][it["reason"]] = counts[it["status"]].get(it["reason"], 0) + len(it["all_paths"])
+    return {
+        "per_study": dicom.choose_per_study(vols, recipe.series),
+        "dropped": {it["key"]: it["reason"] for it in items if (it["reason"] or "").startswith("per_study:")},
+        "shards": {it["key"]: shardspec.shard_name(it["split"], deid.Pseudonymizer.bucket(it["key"], plan.n_shards[it["split"]]), plan.version)
+                   for it in items if it["status"] == "planned"},
+        "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
+        "ledger": sorted(json.dumps(ingest._ledger_line({"path": p, **{k: it[k] for k in ("status", "reason", "detail")}}))
+                         for it in items if it["status"] in ("rejected", "skipped") for p in it["all_paths"]),
+        "selection": json.dumps(shardspec.selection(ingest._series_items(plan.items)), indent=1),
+    }
+
+
 def test_scale_pipeline_reconciles_on_ray(ray_cluster, tmp_path):
     expected = {}
-
-    def reference(plan):  # the whole-table path: every disposition pulled to the driver
-        items = plan.items.take_all()
-        expected["selection"] = json.dumps(shardspec.selection(ingest._series_items(plan.items)), indent=1)
-        expected["ledger"] = sorted(json.dumps(ingest._ledger_line({"path": p, **{k: it[k] for k in ("status", "reason", "detail")}}))
-                                    for it in items if it["status"] in ("rejected", "skipped") for p in it["all_paths"])
-
-    r = scale.run_size(3_000, str(tmp_path), inspect=reference)
+    recipe = _recipe()
+    r = scale.run_size(3_000, str(tmp_path), recipe, inspect=lambda plan: expected.update(_whole_table(plan, recipe)))
     assert scale._reconciles(r), r
     i = r["inputs"]
     assert i["seen"] == 3_000 and i["used"] + sum(i["skipped"].values()) + sum(i["rejected"].values()) == 3_000
     assert r["planned"] == r["assigned"] == r["samples"] > 0 and r["shards"] >= 1
     assert any(k.startswith("per_study:") for k in i["skipped"])  # the second reconstruction of a study
-    dest = tmp_path / "shards"
+    # The per-study choice made in one task over the volumes' rows equals choosing over every item.
+    assert expected["per_study"] and expected["dropped"] == expected["per_study"]
+    assert i["skipped"] == expected["counts"]["skipped"]
+    assert i["rejected"] == expected["counts"]["rejected"]
+    dest, private = tmp_path / "shards", tmp_path / "shards.private"
     m = shardspec.read_manifest(str(dest))
     assert m["totals"]["samples"] == r["samples"]
+    # Every planned item is in the shard its key hashes to (assign's blocks, cut by slot).
+    records = list(ingest._records(str(private / "progress"), m["plan_digest"]))
+    assert {k: rec["path"] for rec in records for k in rec["keys"]} == expected["shards"]
     for name in (shardspec.MANIFEST, shardspec.SELECTION):
         assert phantoms.PHI_MARKER not in (dest / name).read_text()
-    ledger = (tmp_path / "shards.private" / "rejects.jsonl").read_text().splitlines()
+    ledger = (private / "rejects.jsonl").read_text().splitlines()
     assert len(ledger) == i["seen"] - i["used"]
-    # The ledger's lines are made in Ray tasks: the same lines as the whole-table path (their order
-    # follows Ray task completion, so they are compared as a set); selection.json is its bytes.
-    assert (dest / shardspec.SELECTION).read_text() == expected["selection"]
+    # The ledger's lines are written in Ray tasks, one part file per block, concatenated by the
+    # driver: the same lines as the whole-table path; selection.json (made in a task) its bytes.
     assert sorted(ledger) == expected["ledger"]
+    assert (dest / shardspec.SELECTION).read_text() == expected["selection"]
+    assert not (private / "ledger-parts").exists()
     json.dumps(r)  # the figures are JSON (bench --json)
     shutil.rmtree(dest)  # no tars behind this manifest: keep it out of the session's shard-readability pass

@@ -412,8 +412,7 @@ def _write_manifest(plan: _Plan, recipe: IngestRecipe, secret: bytes, seen: int,
     if prev is not None:
         m = prev.next_manifest(m, private)
     if m["totals"]["samples"]:
-        sel = shardspec.selection(_series_items(plan.items))
-        storage.write_bytes_atomic(storage.join(dest, shardspec.SELECTION), json.dumps(sel, indent=1).encode())
+        _write_selection(plan.items, storage.join(dest, shardspec.SELECTION))
         body = json.dumps(m, indent=1, sort_keys=True).encode()
         storage.write_bytes_atomic(storage.join(dest, shardspec.manifest_path(m["version"])), body)
         storage.write_bytes_atomic(storage.join(dest, shardspec.MANIFEST), body)
@@ -778,16 +777,33 @@ def _plan_batch(batch: pa.Table, recipe: IngestRecipe, secret: bytes) -> pa.Tabl
 
 def _series_items(items) -> list[dict]:
     """One small dict per CT series item (planned, or a series-level disposition with its
-    pseudonyms) for `selection.json`: O(series) on the driver."""
+    pseudonyms), what `shardspec.selection` takes, pulled to the caller (`_write_selection` makes
+    them in a task instead)."""
+    return items.map_batches(_series_rows, batch_format="pyarrow").take_all()
+
+
+def _series_rows(batch: pa.Table) -> pa.Table:
+    """The CT series items of a block, the columns `shardspec.selection` reads."""
     import pyarrow.compute as pc
 
-    cols = ["status", "reason", "key", "study", "series", "selected_by", "sub_series"]
+    ct = pc.and_(pc.equal(batch.column("modality"), "CT"), pc.is_valid(batch.column("series")))
+    return batch.filter(pc.fill_null(ct, False)).select(["status", "reason", "key", "study", "series", "selected_by", "sub_series"])
 
-    def keep(batch: pa.Table) -> pa.Table:
-        ct = pc.and_(pc.equal(batch.column("modality"), "CT"), pc.is_valid(batch.column("series")))
-        return batch.filter(pc.fill_null(ct, False)).select(cols)
 
-    return items.map_batches(keep, batch_format="pyarrow").take_all()
+def _write_selection(items, url: str) -> None:
+    """`selection.json` of the materialised `items` at `url`, made and written by one Ray task
+    that reads the item blocks one at a time, in block order (the order `_series_items` gives):
+    the driver hands over block refs only."""
+    import ray
+
+    ray.get(ray.remote(num_cpus=1)(_selection_task).remote(url, items.to_arrow_refs()))
+
+
+def _selection_task(url: str, refs: list) -> None:
+    import ray
+
+    rows = [r for ref in refs for r in _series_rows(ray.get(ref)).to_pylist()]
+    storage.write_bytes_atomic(url, json.dumps(shardspec.selection(rows), indent=1).encode())
 
 
 def _copy_digest(row: dict, limit: int) -> str:
@@ -803,18 +819,30 @@ def _pixel_digest_of(item: dicom.PlanItem, _profile) -> tuple[str, None]:
 
 def _select_per_study(items, recipe: IngestRecipe):
     """`series.per_study` (not "all"): the planned CT volumes not chosen in their study become
-    skipped dispositions. The choice runs per study in Ray tasks (a groupby of one small row per
-    volume); the dropped keys stay in the object store (block refs handed to `_drop_batch`), so
-    the driver holds no per-volume state."""
+    skipped dispositions. The choice runs in one Ray task over one small row per volume
+    (`_per_study_task`; a groupby's sort shuffle cost ~0.2 s per execution and kept its small
+    pieces in the driver); the dropped keys stay in the object store (one ref handed to
+    `_drop_batch`), so the driver holds no per-volume state."""
+    import ray
+
     if recipe.series.per_study == "all":
         return items
-    vols = items.map_batches(_ct_volumes, batch_format="pyarrow").materialize()
-    if vols.count() == 0:
+    task = ray.remote(num_cpus=1, num_returns=2)(_per_study_task)
+    n, drops = task.remote(items.to_arrow_refs(), recipe.series)
+    if ray.get(n) == 0:
         return items
-    drops = vols.groupby("study").map_groups(_study_drops, batch_format="pyarrow", fn_kwargs={"cfg": recipe.series}).materialize()
-    if drops.count() == 0:
-        return items
-    return items.map_batches(_drop_batch, batch_format="pyarrow", fn_kwargs={"drops": drops.to_arrow_refs()}).materialize()
+    return items.map_batches(_drop_batch, batch_format="pyarrow", fn_kwargs={"drops": [drops]}).materialize()
+
+
+def _per_study_task(refs: list, cfg: config.SeriesConfig) -> tuple[int, pa.Table]:
+    """The item blocks, read one at a time → (count, (key, reason) table) of the CT volumes
+    `series.per_study` does not choose: one small row per volume (`_ct_volumes`) held at once,
+    every study's choice made in this one task."""
+    import ray
+
+    vols = pa.concat_tables([_VOLUMES.empty_table(), *(_ct_volumes(ray.get(ref)) for ref in refs)])
+    drops = _study_drops(vols, cfg)
+    return drops.num_rows, drops
 
 
 _VOLUMES = pa.schema([("key", pa.string()), ("study", pa.string()), ("series", pa.string()),
@@ -1160,36 +1188,45 @@ def _records(progress_url: str, digest: str):
 
 
 def _accounting(items, progress_url: str, digest: str, seen: int, private: str) -> dict:
-    """seen = used + skipped + rejected, by file; streams the private rejects ledger (JSONL).
+    """seen = used + skipped + rejected, by file; writes the private rejects ledger (JSONL).
 
-    Dispositions are exploded to one ledger line per file inside Ray tasks (the JSON text, its
-    status and reason); the driver only appends the lines of one batch at a time to a local
-    file and counts them with pyarrow; the build's rejects come from the completion records,
-    read one at a time. The lines come in the order the tasks finish: the ledger is a set of
-    lines.
+    Dispositions are exploded to one ledger line per file inside Ray tasks, which write each
+    block's lines to a part file named by its content (`_ledger_part`) and return only counts
+    per status and reason: no line crosses the driver's object store. The driver concatenates
+    the parts in name order (so the ledger's order follows its lines, not task completion) and
+    appends the build's rejects from the completion records, read one at a time.
     """
+    import shutil
+
     counts = {"rejected": {}, "skipped": {}}
 
     def add(status: str, reason: str, n: int) -> None:
         counts[status][reason] = counts[status].get(reason, 0) + n
 
+    parts_url = storage.join(private, "ledger-parts")
+    storage.remove(parts_url, recursive=True)  # a killed run's parts (a missing one is no error)
+    storage.makedirs(parts_url)
+    parts: set[str] = set()
+    written = items.map_batches(_ledger_part, batch_format="pyarrow", fn_kwargs={"parts_url": parts_url})
+    for batch in written.iter_batches(batch_format="pyarrow", batch_size=None):
+        for row in batch.to_pylist():
+            add(row["status"], row["reason"], row["n"])
+            parts.add(row["part"])
     with tempfile.TemporaryDirectory(prefix="radforge-ledger-") as tmp:
         local = os.path.join(tmp, "rejects.jsonl")
-        with open(local, "w") as out:
-            lines = items.map_batches(_ledger_lines, batch_format="pyarrow")
-            for batch in lines.iter_batches(batch_format="pyarrow", batch_size=4096):
-                for row in batch.group_by(["status", "reason"]).aggregate([("line", "count")]).to_pylist():
-                    add(row["status"], row["reason"], row["line_count"])
-                if batch.num_rows:
-                    out.write("\n".join(batch.column("line").to_pylist()) + "\n")
+        with open(local, "wb") as out:
+            for url in sorted(parts):
+                with storage.open_input(url) as f:
+                    shutil.copyfileobj(f, out, 1 << 20)
             used = 0
             for rec in _records(progress_url, digest):
                 used += rec["used_files"]
                 for rej in rec["rejects"]:
                     add("rejected", rej["reason"], len(rej["paths"]))
-                    out.writelines(json.dumps(_ledger_line({"path": p, "status": "rejected", "reason": rej["reason"],
-                                                            "detail": rej.get("detail")})) + "\n" for p in rej["paths"])
+                    out.write("".join(json.dumps(_ledger_line({"path": p, "status": "rejected", "reason": rej["reason"],
+                                                               "detail": rej.get("detail")})) + "\n" for p in rej["paths"]).encode())
         storage.put_file_atomic(local, storage.join(private, "rejects.jsonl"))
+    storage.remove(parts_url, recursive=True)
     return {
         "seen": seen,
         "used": used,
@@ -1215,6 +1252,23 @@ def _ledger_lines(batch: pa.Table) -> pa.Table:
                      "reason": pc.take(batch.column("reason"), parent), "detail": pc.take(batch.column("detail"), parent)})
     text = [json.dumps(_ledger_line(r)) for r in rows.to_pylist()]
     return pa.table({"status": rows.column("status"), "reason": rows.column("reason"), "line": pa.array(text, pa.string())})
+
+
+_LEDGER_COUNTS = pa.schema([("status", pa.string()), ("reason", pa.string()), ("n", pa.int64()), ("part", pa.string())])
+
+
+def _ledger_part(batch: pa.Table, parts_url: str) -> pa.Table:
+    """A block's ledger lines (`_ledger_lines`) → one part file under `parts_url`, named by the
+    sha256 of its bytes (a retried task writes the same file) → (status, reason, n, part)."""
+    lines = _ledger_lines(batch)
+    if lines.num_rows == 0:
+        return _LEDGER_COUNTS.empty_table()
+    body = ("\n".join(lines.column("line").to_pylist()) + "\n").encode()
+    url = storage.join(parts_url, hashlib.sha256(body).hexdigest()[:32] + ".jsonl")
+    storage.write_bytes_atomic(url, body)
+    n = lines.group_by(["status", "reason"]).aggregate([("line", "count")])
+    return pa.table({"status": n.column("status"), "reason": n.column("reason"), "n": n.column("line_count").cast(pa.int64()),
+                     "part": pa.array([url] * n.num_rows, pa.string())}, schema=_LEDGER_COUNTS)
 
 
 def _bar(enabled: bool, total: int | None, unit: str, desc: str):

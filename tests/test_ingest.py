@@ -318,23 +318,39 @@ def test_bad_recipe_fails_before_any_work_with_one_line(args, needle, tmp_path, 
     assert not dest.exists()
 
 
-def test_bad_locations_and_missing_secret_fail_clearly(tmp_path, corpus):
+def _cli_in_process(capsys, monkeypatch, *args, **env) -> tuple[int, str]:
+    """`radforge ARGS` through cli.main in this process (what `python -m radforge` runs, without a
+    new interpreter's imports) → (exit code, stderr). For failures that come before any work: a
+    case that started Ray here would fail the fast tier's guard."""
+    from radforge import cli
+
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    capsys.readouterr()
+    rc = cli.main(list(args))
+    return rc, capsys.readouterr().err
+
+
+def test_bad_locations_and_missing_secret_fail_clearly(tmp_path, corpus, capsys, monkeypatch):
+    # The real entry point once (exit status and stderr of a new process) ...
     r = _cli("ingest", str(tmp_path / "missing"), str(tmp_path / "o1"), "--demo")
-    assert r.returncode == 2 and "does not exist" in r.stderr.lower() or "not found" in r.stderr.lower()
+    assert r.returncode == 2 and ("does not exist" in r.stderr.lower() or "not found" in r.stderr.lower())
+    # ... then the same main() in process for the other cases.
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = _cli("ingest", corpus.dicom_dir, str(blocker / "sub"), "--demo")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
-    env = {"RADFORGE_DEID_SECRET": ""}
-    r = _cli("ingest", corpus.dicom_dir, str(tmp_path / "o2"), **env)
-    assert r.returncode == 2 and "RADFORGE_DEID_SECRET" in r.stderr
-    r = _cli("ingest", corpus.dicom_dir, str(tmp_path / "o3"), "--demo", "--reports", str(tmp_path / "nope.csv"))
-    assert r.returncode == 2 and "table not found" in r.stderr
-    r = _cli("ingest", corpus.dicom_dir, str(tmp_path / "o3"), "--demo", "--reports", corpus.reports_csv, "--set", "reports.text_column=body")
-    assert r.returncode == 2 and "no column 'body'" in r.stderr
-    r = _cli("ingest", "s3://no-such-bucket-radforge/x", str(tmp_path / "o4"), "--demo",
-             AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b")
-    assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1
+    rc, err = _cli_in_process(capsys, monkeypatch, "ingest", corpus.dicom_dir, str(blocker / "sub"), "--demo")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
+    rc, err = _cli_in_process(capsys, monkeypatch, "ingest", corpus.dicom_dir, str(tmp_path / "o2"), RADFORGE_DEID_SECRET="")
+    assert rc == 2 and "RADFORGE_DEID_SECRET" in err
+    rc, err = _cli_in_process(capsys, monkeypatch, "ingest", corpus.dicom_dir, str(tmp_path / "o3"), "--demo",
+                              "--reports", str(tmp_path / "nope.csv"))
+    assert rc == 2 and "table not found" in err
+    rc, err = _cli_in_process(capsys, monkeypatch, "ingest", corpus.dicom_dir, str(tmp_path / "o3"), "--demo",
+                              "--reports", corpus.reports_csv, "--set", "reports.text_column=body")
+    assert rc == 2 and "no column 'body'" in err
+    rc, err = _cli_in_process(capsys, monkeypatch, "ingest", "s3://no-such-bucket-radforge/x", str(tmp_path / "o4"), "--demo",
+                              AWS_ENDPOINT_URL="http://127.0.0.1:9", AWS_ACCESS_KEY_ID="a", AWS_SECRET_ACCESS_KEY="b")
+    assert rc == 2 and len(err.strip().splitlines()) == 1
 
 
 def test_logs_and_terminal_output_hold_no_identifying_values(corpus, ray_cluster, tmp_path):

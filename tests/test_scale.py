@@ -81,7 +81,7 @@ def _whole_table(plan, recipe) -> dict:
         "counts": {k: dict(sorted(v.items())) for k, v in counts.items()},
         "ledger": sorted(json.dumps(ingest._ledger_line({"path": p, **{k: it[k] for k in ("status", "reason", "detail")}}))
                          for it in items if it["status"] in ("rejected", "skipped") for p in it["all_paths"]),
-        "selection": json.dumps(shardspec.selection(ingest._series_items(plan.items)), indent=1),
+        "selection": json.dumps(shardspec.selection(plan.items.map_batches(ingest._series_rows, batch_format="pyarrow").take_all()), indent=1),
     }
 
 

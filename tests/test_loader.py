@@ -480,10 +480,11 @@ def _mix_loader(sources, *, rank=0, world=1, batch=2, seed=0, state=None, num_wo
 
 def test_mixture_proportions_within_two_batches_per_source(tmp_path):
     """3 sources weighted 5:3:2; after N samples each source's share is within 2 batches of its
-    target (2 × batch / N: 0.4 % at N = 1000), and each source still covers its epoch once."""
+    target (2 × batch / N: 0.8 % at N = 500), and each source still covers its epoch once. The
+    repeat runs compare 60 batches: enough to tell two interleaves and orders apart."""
     sources = _mixture(tmp_path, [[10] * 4, [7] * 3, [5] * 2], [5, 3, 2])
     loader = _mix_loader(sources, seed=3)
-    batches = list(itertools.islice(iter(loader), 500))
+    batches = list(itertools.islice(iter(loader), 250))
     n = sum(len(b["key"]) for b in batches)
     by_source = {name: sum(len(b["key"]) for b in batches if b["source"] == name) for name in loader.names}
     m = loader.metrics()
@@ -494,10 +495,10 @@ def test_mixture_proportions_within_two_batches_per_source(tmp_path):
     s2 = [b for b in batches if b["source"] == loader.names[2]]
     assert sorted(_keys(s2[:5])) == sorted(_keys(s2[5:10])) and len(set(_keys(s2[:5]))) == 10
     # seeded: the same interleave and order again, another one with another seed
-    again = list(itertools.islice(iter(_mix_loader(sources, seed=3)), 500))
-    other = list(itertools.islice(iter(_mix_loader(sources, seed=4)), 500))
-    assert [b["source"] for b in again] == [b["source"] for b in batches] and _keys(again) == _keys(batches)
-    assert _keys(other) != _keys(batches)
+    again = list(itertools.islice(iter(_mix_loader(sources, seed=3)), 60))
+    other = list(itertools.islice(iter(_mix_loader(sources, seed=4)), 60))
+    assert [b["source"] for b in again] == [b["source"] for b in batches[:60]] and _keys(again) == _keys(batches[:60])
+    assert _keys(other) != _keys(batches[:60])
     # repeat / choose: the shares follow the samples per mixture epoch
     rep = _mix_loader([{**sources[0], "weight": None, "repeat": 1.0}, {**sources[1], "weight": None, "choose": 40}])
     assert list(rep.target) == pytest.approx([40 / 80, 40 / 80])

@@ -30,17 +30,14 @@ The benchmark's own samplers (`_PeakRSS`, `_CpuByProcess`: threads of the driver
 every figure and reported apart (`cpu_ms_per_slice_samplers`): reading smaps_rollup of every Ray
 process every 0.2 s costs the kernel a walk of each one's mappings (the object store's too), 4-5
 CPU ms per slice at a 1-min load of 8-21, most of what was booked as the driver's 2.5-4 ms.
-One run of the default corpus (load 21-7), 1 CPU, of 13.6 ms per slice: decoder child 6.1, scan
-tasks 2.5 (in process 2.2), driver 1.5, build tasks 0.5, plan tasks 0.4, Ray's daemons, actors
-and idle workers 2.5. The same corpus on 3092dbc (load 13-6): decoder child 5.9, scan tasks 4.2
-(in process 3.7), driver 4.1 and the CPU sampler 0.6 (both samplers inside the total then),
-of 17.3.
-
-Measured (default corpus, one run, 1-min load 7.5-20 on 2 cores): 8.6 CPU ms per slice at 1 CPU,
-of which the build's stages are 3.3 (decode 0.9, HU 0.7, parse 0.6, resample 0.4, read 0.2,
-decoder round trip 0.09, encode + tar + sha256 + upload 0.2) and the rest 5.3: the header scan
-(1.4 in process) and plan, and Ray's own tasks, actors and daemons. In process the same work is
-4.3. So Ray, not the per-slice work, is now the larger share; see README for before/after.
+Last quiet run (36f046c, load 0.9-1.6), 1 CPU: 10.0 CPU ms per slice: decoder child 5.1 (read
+0.36, parse 1.16, decode 1.69, HU 0.91, orient 0.32, resample 0.49, int16 0.13), scan tasks 2.1,
+driver 0.8 (>= 95 % Ray Data's executor and iterator threads), build tasks 0.4, plan tasks 0.3,
+Ray's daemons, actors and idle workers 1.3; decode only 2.2. After the decoder's parse walks the
+bytes (`dicom._decode_explicit_le`), one loaded run (load 7.8-10.8; decode only 2.9 there): 13.8
+CPU ms per slice, decoder child 5.5 (parse 0.95, decode 2.11, HU 0.98, orient 0.33, resample 0.59),
+scan tasks 2.6, driver 1.7. Less load-dependent: the decoder child's parse ÷ its decode in
+the same run, 0.69 -> 0.45. See README for the table.
 Ray start-up is excluded (a long-running cluster pays it once): after `ray.init`, one worker
 process per CPU imports the ingest's modules and a tiny warm-up ingest runs, untimed but reported
 as `cold_start_s`; everything in `ingest.run` after that counts. Each side runs `repeats` times,

@@ -44,7 +44,9 @@ HAProxy listens on the Serve port and forwards each connection to the replica's 
 body arrives in the replica like in any ASGI server. Same URL, same app: auth, limits and 415/413
 before the body is read behave the same. Replicas then listen on ports 30000-31000 of their node
 on the Serve host (bind all interfaces, API keys required, for HAProxy on other nodes to reach
-them). Inside a replica, DICOM is decoded in decode worker processes (hostile
+them). In the replica the app's front (`_Api`, plain ASGI) checks the API key and answers the
+image POSTs itself, past FastAPI's per-request middleware, routing and dependency solving; every
+other path is FastAPI's. Inside a replica, DICOM is decoded in decode worker processes (hostile
 input, below), a checked .npy in the replica itself, and model forwards run on one thread, so the
 parsing of the next requests overlaps the current batch.
 

@@ -12,6 +12,11 @@ on the machine hits both alike.
                 compares like with like
   healthz_get   an empty GET through the same path: the floor of any Serve request here (a POST
                 costs more: the replica pulls the body from the proxy with extra RPCs)
+  ingress_healthz_get  GET /-/healthz, answered by the ingress itself (Serve's proxy, or HAProxy):
+                client + ingress, no replica
+  direct_*      (HAProxy only) the POST and the empty GET sent straight to the replica's own HTTP
+                server, so HAProxy's hop is the difference
+  unbatched_interleaved_requests  the same POST with the `requests` library (see the client below)
   post_refused  the same POST answered 404 (unknown model) before its body is pulled: the floor
                 of a POST without the body transfer
   replica phases  the unbatched POSTs' Server-Timing (radforge.serve.Phases): load, body (the
@@ -28,7 +33,9 @@ the API key (as on a non-loopback deployment): `default` (what build_app gives a
 radforge.serve.REPLICA_ENV, behind Serve's proxy actor), `tuned` (Serve's documented throughput
 settings on top, SERVE_TUNED_ENV, still through the proxy) and `haproxy` (radforge.serve.INGRESS_ENV:
 HAProxy on the same port forwarding to the replicas' own HTTP servers, no proxy actor, no body
-pull). Ray's processes run at nice 0 here (Ray's default
+pull). The client is http.client, one keep-alive connection per thread (`_Http`): `requests`
+costs about 2 ms of CPU per request on these cores, which the figures would count as Serve's
+(`serve overhead p50 ms @1 (requests client)` shows it). Ray's processes run at nice 0 here (Ray's default
 for workers is 15), like the in-process call, and the nice values seen are printed. Targets:
 Serve overhead p50 ≤ 5 ms; batched ÷ unbatched requests/s at concurrency 16 ≥ 0.9 × the
 model-only ceiling, and ≥ 3 where that ceiling allows it (≥ 3.3). The client runs on the same
@@ -40,6 +47,9 @@ per-item cost about flat in batch size, so batched ≈ unbatched there. Serve's 
 is the empty-GET floor plus, for a POST behind the proxy actor, the replica pulling the body from
 the proxy (actor calls); both grow with scheduling delay on a loaded machine. Behind HAProxy the
 body arrives on the replica's socket ("body" ≈ 0.1 ms) and the floor is HTTP + ASGI in the replica.
+The overhead is a difference of two ~30 ms forwards, one in the replica's process: above load ≈ 5
+they differ by ± 3 ms (one run measured −1.5 ms), so read it beside "outside the handler" and the
+floors, which do not contain a forward.
 """
 
 from __future__ import annotations

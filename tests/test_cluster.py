@@ -521,7 +521,7 @@ def test_make_submit_ingest(local_head, submitted_ingest):
     assert "SUCCEEDED" in local_head.make("status")
 
 
-TINY_TRAIN = ("--set steps=2 --set log_every=1 --set eval.every_steps=0 --set eval.bootstrap=10"
+TINY_TRAIN = ("--set steps=2 --set log_every=1 --set eval.every_steps=0 --set eval.split=none --set eval.bootstrap=10"
               " --set checkpoint.every_steps=2 --set checkpoint.max_failures=0 --set deepspeed.micro_batch=2 --set data.num_workers=0 --set scale.num_workers=1"
               " --no-progress")
 

@@ -33,6 +33,10 @@ pytestmark = pytest.mark.timeout(900)
 # Runs that only need their final checkpoint save nothing in between (a save is ~1-3 s of a tiny
 # run on 2 cores; the checkpoint at the last step is always written).
 LAST_CHECKPOINT_ONLY = "checkpoint.every_steps=100000"
+# Runs whose test evaluates the exported model itself skip the in-loop evaluation at the last step
+# (eval.every_steps=0 still evaluates there when the shard set has eval.split): rank 0's quick
+# protocols, sklearn's import included, were ~11 % of a 30-step MAE worker's CPU.
+NO_LOOP_EVAL = "eval.split=none"
 
 
 # --------------------------------------------------------------------------- data
@@ -180,23 +184,27 @@ def test_every_recipe_loads_and_builds(tmp_path):
         assert sum(p.numel() for p in m.parameters()) > 0, name
 
 
-def test_ray_train_jobs_start_no_dataset_manager_unless_given_datasets(tmp_path):
+def test_ray_train_jobs_start_no_dataset_manager_unless_given_datasets_and_no_pg_cleaner(tmp_path):
     """The trainer class of train._torch_trainer leaves out Ray Train's datasets callback (it
     starts a DatasetManager actor process in every job) when the job passes no Ray datasets, as
-    ours never do, and keeps it when one is passed. Built only: no Ray starts."""
+    ours never do, and keeps it when one is passed; it never starts the placement-group cleaner
+    (one more actor process per job); every other default callback stays. Built only: no Ray starts."""
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
     from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
 
-    cls = train._no_ray_datasets(TorchTrainer)
+    cls = train._lean_trainer(TorchTrainer)
     assert issubclass(cls, TorchTrainer) and cls.__name__ == "TorchTrainer"
 
-    def callbacks(**kw) -> list[type]:
-        t = cls(lambda cfg: None, scaling_config=ScalingConfig(num_workers=1), run_config=RunConfig(storage_path=str(tmp_path)), **kw)
+    def callbacks(trainer_cls=cls, **kw) -> list[type]:
+        t = trainer_cls(lambda cfg: None, scaling_config=ScalingConfig(num_workers=1), run_config=RunConfig(storage_path=str(tmp_path)), **kw)
         return [type(c) for c in t._create_default_callbacks()]
 
-    assert DatasetsCallback not in callbacks()
-    assert DatasetsCallback in callbacks(datasets={"train": lambda: None})
+    stock = callbacks(TorchTrainer)
+    assert DatasetsCallback in stock and PlacementGroupCleanerCallback in stock
+    assert callbacks() == [c for c in stock if c not in (DatasetsCallback, PlacementGroupCleanerCallback)]
+    assert callbacks(datasets={"train": lambda: None}) == [c for c in stock if c is not PlacementGroupCleanerCallback]
 
 
 def test_bad_resume_mode_and_missing_split_fail_before_any_work(tmp_path, one_shard):
@@ -437,7 +445,7 @@ def test_tiny_clip_learns_zero_shot_findings(shards, tmp_path):
     from radforge import evaluate
 
     r = config.load(TrainRecipe, str(RECIPES / "tiny-clip-xray.yaml"), [
-        f"data.shards={shards}", "steps=125", "data.num_workers=0", "eval.every_steps=0", "eval.bootstrap=100", LAST_CHECKPOINT_ONLY,
+        f"data.shards={shards}", "steps=125", "data.num_workers=0", "eval.every_steps=0", "eval.bootstrap=100", LAST_CHECKPOINT_ONLY, NO_LOOP_EVAL,
         f"checkpoint.storage_path={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'runs'}"])
     res = train.run(r, resume="never", progress=False)
     assert res.steps == r.steps
@@ -450,7 +458,7 @@ def test_tiny_mae_validation_loss_falls_well_below_its_initial_value(shards, tmp
     """Tiny 3D MAE, half the recipe's 60 steps (its schedule shortened with it): validation
     reconstruction loss after / before 0.292 on this corpus (the floor is 0.6)."""
     r = config.load(TrainRecipe, str(RECIPES / "tiny-mae-ct.yaml"), [
-        f"data.shards={shards}", "steps=30", "data.num_workers=0", "eval.every_steps=0", LAST_CHECKPOINT_ONLY,
+        f"data.shards={shards}", "steps=30", "data.num_workers=0", "eval.every_steps=0", LAST_CHECKPOINT_ONLY, NO_LOOP_EVAL,
         f"checkpoint.storage_path={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'runs'}"])
     from radforge import evaluate, models, transforms
 

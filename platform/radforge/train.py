@@ -238,7 +238,7 @@ def _torch_trainer(job: _Job, pa_fs, pa_path: str):
     resources = {"CPU": scale.cpus_per_worker, **scale.resources_per_worker}
     if scale.use_gpu:
         resources["GPU"] = scale.gpus_per_worker
-    return _no_ray_datasets(TorchTrainer)(
+    return _lean_trainer(TorchTrainer)(
         _worker_loop,
         train_loop_config={"job": job},
         # CPU tensors need gloo beside nccl: Metrics reduces its counters on the CPU, and a
@@ -255,22 +255,38 @@ def _torch_trainer(job: _Job, pa_fs, pa_path: str):
     )
 
 
-def _no_ray_datasets(trainer_cls):
-    """`trainer_cls` without Ray Train's datasets callback, which starts a DatasetManager actor
-    (one more process importing Ray Data, ~2 CPU s on 2 cores) in every job, even one given no
-    `datasets`: ours read shards with radforge.loader, never through Ray Train. Ray versions that
-    have no such callback get the class unchanged."""
+def _lean_trainer(trainer_cls):
+    """`trainer_cls` without two of Ray Train's default callbacks, each of which starts one more
+    actor process per job (a Ray worker importing ray.train and with it Ray Data and pandas: 4-7
+    CPU s on 2 cores, more than the actor ever does):
+    * the datasets callback (a DatasetManager actor), unless the job passes Ray `datasets`: ours
+      read shards with radforge.loader, never through Ray Train;
+    * the placement-group cleaner (a detached PlacementGroupCleaner actor that removes the
+      worker group's placement group if the controller actor dies without doing so itself).
+      `run` blocks on the controller in the driver of the job (`ray job submit -- python -m
+      jobs.train`, `radforge train`), and a placement group Ray did not detach is removed with
+      the job that made it, so a controller crash frees the workers' resources when the job
+      exits; what is lost is only the cleanup while a driver that outlives a dead controller is
+      still running (a notebook).
+    Ray versions without these callbacks get the class unchanged."""
+    drop: list[type] = []
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
     except ImportError:
-        return trainer_cls
-    if not hasattr(trainer_cls, "_create_default_callbacks"):
+        DatasetsCallback = None
+    try:
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+        drop.append(PlacementGroupCleanerCallback)
+    except ImportError:
+        pass
+    if not hasattr(trainer_cls, "_create_default_callbacks") or (DatasetsCallback is None and not drop):
         return trainer_cls
 
     class Trainer(trainer_cls):
         def _create_default_callbacks(self):
-            callbacks = super()._create_default_callbacks()
-            return callbacks if self.datasets else [c for c in callbacks if not isinstance(c, DatasetsCallback)]
+            unwanted = tuple(drop) + ((DatasetsCallback,) if DatasetsCallback is not None and not self.datasets else ())
+            return [c for c in super()._create_default_callbacks() if not isinstance(c, unwanted)]
 
     Trainer.__name__ = Trainer.__qualname__ = trainer_cls.__name__
     return Trainer

@@ -58,12 +58,15 @@ sysdeps:
 
 # Tiers (tests/conftest.py): `slow` = needs Ray (the ray_cluster fixture, or marked by its module);
 # a test outside `slow` that starts Ray fails, so nothing slow hides in the fast tier.
-# `make test` = the fast tier on TEST_WORKERS processes, then the Ray tier in one process (its
-# tests share one session Ray cluster and the corpus ingested on it): the union is every test.
+# `make test` = the fast tier on TEST_WORKERS processes, then the Ray tier on RAY_TIER_WORKERS
+# (1 = one process): a test module is one work unit, longest first; each worker has its own
+# session Ray cluster, the corpus is ingested once per run (tests/conftest.py): the union is every test.
 XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal)
+RAY_TIER_WORKERS ?= 2
+RAY_XDIST := $(if $(filter-out 1,$(RAY_TIER_WORKERS)),-n $(RAY_TIER_WORKERS) --dist loadscope --no-loadscope-reorder)
 test: $(STAMP) sysdeps
 	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
-	$(PY) -m pytest -m slow $(PYTEST_ARGS)
+	$(PY) -m pytest -m slow $(RAY_XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
 	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)

@@ -2,7 +2,8 @@
 
 Tiers: a test is `slow` when its module says so (`pytestmark`) or when it needs a Ray cluster
 (`ray_cluster` anywhere in its fixture closure: marked here at collection, so no module has to
-remember). `make test-fast` runs `-m "not slow"`; `make test` runs everything (that, then `-m slow`). A test that is not
+remember). `make test-fast` runs `-m "not slow"`; `make test` runs everything (that, then `-m slow`,
+on pytest-xdist processes too: one test module per work unit, see `_RAY_TIER_MODULE_S`). A test that is not
 `slow` and still starts Ray (in this process or in a child) fails: every Ray session of the test
 run lives under one private RAY_TMPDIR, and a new session appearing there during a fast test is
 reported. A Ray test cannot sneak into the fast tier unnoticed.
@@ -10,10 +11,13 @@ reported. A Ray test cannot sneak into the fast tier unnoticed.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import logging
 import os
+import pickle
 import shutil
 import sys
 import tempfile
@@ -41,6 +45,8 @@ _RAY_TRAIN_TEST_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5", "RAY_TRAIN_EN
 def pytest_configure(config):
     for k, v in _RAY_TRAIN_TEST_ENV.items():
         os.environ.setdefault(k, v)
+    if config.getoption("dist", "no") == "loadscope":  # the controller, before it starts its workers
+        os.environ[_ORDER_ENV] = "1"
     # pytest-xdist workers share the cores; torch/OpenMP in each would start one thread per core
     # (-n 2 on 2 cores: 4 busy threads). One core's share each, set before any torch import (the
     # DINO learning test measured 71.5 CPU s with 2 threads, 16.6 with 1, at load ~8).
@@ -60,6 +66,8 @@ def pytest_configure(config):
 
 
 def pytest_unconfigure(config):
+    if config.getoption("dist", "no") == "loadscope":
+        os.environ.pop(_ORDER_ENV, None)
     tmp = getattr(config, "_radforge_ray_tmp", None)
     if tmp:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -69,11 +77,29 @@ def pytest_unconfigure(config):
             del os.environ["_RADFORGE_TEST_RAY_TMPDIR"]
 
 
+# The Ray tier on pytest-xdist (`make test`: -n RAY_TIER_WORKERS --dist loadscope
+# --no-loadscope-reorder; xdist's loadgroup cannot be used: it renames items through
+# `item._nodeid`, which pytest 9 no longer reads). A work unit is a test module, so its
+# module-scoped fixtures (trained runs, a Serve app, `make cluster-local`'s head) are built once;
+# each worker has its own session fixtures (moto, Ray cluster, RAY_TMPDIR, basetemp: the
+# stock-reader check reads the worker's own shard sets), except `ingested_corpus`, built once per
+# run (`_once_per_run`). Units go out longest first, so the workers finish close together:
+# seconds each module took in one process on this 2-core host (test_train with the corpus
+# ingest), load < 1; a module not listed counts 30 s.
+_RAY_TIER_MODULE_S = {"test_train.py": 530, "test_demo.py": 137, "test_cluster.py": 135, "test_ingest.py": 121,
+                      "test_serve.py": 108, "test_finetune.py": 35, "test_bench_gpu.py": 34, "test_archives.py": 30,
+                      "test_dicomweb.py": 18, "test_listing.py": 9, "test_scale.py": 3, "test_loader.py": 1}
+_ORDER_ENV = "_RADFORGE_TEST_LONGEST_MODULES_FIRST"  # set by the controller, read by its workers
+
+
 @pytest.hookimpl(tryfirst=True)  # before `-m` deselects
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if _SLOW_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    if os.environ.get(_ORDER_ENV) and os.environ.get("PYTEST_XDIST_WORKER"):
+        # stable: a module's tests keep their order; every worker sorts the same collection alike
+        items.sort(key=lambda it: -_RAY_TIER_MODULE_S.get(it.path.name, 30))
 
 
 def _ray_sessions() -> set[str]:
@@ -272,22 +298,42 @@ class IngestedCorpus:
     manifest: dict
 
 
+@contextlib.contextmanager
+def _once_per_run(tmp_path_factory, name: str) -> Iterator[Path]:
+    """`<run root>/<name>.pickle`, with `<name>.lock` held: a session fixture built under it by one
+    pytest-xdist worker is loaded by the others (their basetemps are `<run root>/<worker>`; one
+    process: the root is its basetemp). Whoever finds no pickle builds, while the others wait."""
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        yield root / f"{name}.pickle"
+
+
 @pytest.fixture(scope="session")
 def ingested_corpus(tmp_path_factory, ray_cluster) -> IngestedCorpus:
     """Built once and ingested once per test run, with the real ingest on the session's Ray:
     240 patients × (CT 16×48² + DX 128²), findings drawn in the pixels and stated in the reports,
     public demo key, 1 MB shards, the default splits (~80/10/10 by patient). Shared by the train
-    and cluster tests (and whoever needs a learnable corpus)."""
+    and cluster tests (and whoever needs a learnable corpus). Under pytest-xdist the first worker
+    that needs it builds it in its basetemp (its stock-reader check reads it); the others load it."""
     from radforge import config, ingest, phantoms
     from radforge.config import IngestRecipe
 
-    root = tmp_path_factory.mktemp("ingested-corpus")
-    corpus = phantoms.training_corpus(root / "src", n_patients=240)
-    recipe = config.load(IngestRecipe, None, ["deid.demo_key=true", "shards.target_mb=1"])
-    res = ingest.run(corpus.dicom_dir, str(root / "shards"), recipe, reports=corpus.reports_csv,
-                     labels=corpus.labels_csv, progress=False)
-    assert res.ok, res.manifest.get("inputs")
-    return IngestedCorpus(corpus=corpus, shards=res.dest, manifest=res.manifest)
+    with _once_per_run(tmp_path_factory, "ingested-corpus") as shared:
+        if shared.exists():
+            return IngestedCorpus(**pickle.loads(shared.read_bytes()))
+        root = tmp_path_factory.mktemp("ingested-corpus")
+        corpus = phantoms.training_corpus(root / "src", n_patients=240)
+        recipe = config.load(IngestRecipe, None, ["deid.demo_key=true", "shards.target_mb=1"])
+        res = ingest.run(corpus.dicom_dir, str(root / "shards"), recipe, reports=corpus.reports_csv,
+                         labels=corpus.labels_csv, progress=False)
+        assert res.ok, res.manifest.get("inputs")
+        fields = {"corpus": corpus, "shards": res.dest, "manifest": res.manifest}
+        tmp = shared.with_suffix(f".{os.getpid()}")
+        tmp.write_bytes(pickle.dumps(fields))
+        tmp.replace(shared)
+        return IngestedCorpus(**fields)
 
 
 # --------------------------------------------------------------------------- a tiny Hugging Face encoder

@@ -64,12 +64,16 @@ sysdeps:
 XDIST := $(if $(filter-out 1,$(TEST_WORKERS)),-n $(TEST_WORKERS) --dist worksteal)
 RAY_TIER_WORKERS ?= 2
 RAY_XDIST := $(if $(filter-out 1,$(RAY_TIER_WORKERS)),-n $(RAY_TIER_WORKERS) --dist loadscope --no-loadscope-reorder)
+# Bytecode is written during tests even where the environment says not to (PYTHONDONTWRITEBYTECODE):
+# otherwise every pytest process re-rewrites the test modules and the plugins' (hypothesis, anyio),
+# ~8-10 CPU s per process, and every Ray worker recompiles each radforge module changed since install.
+PYTEST := env -u PYTHONDONTWRITEBYTECODE $(PY) -m pytest
 test: $(STAMP) sysdeps
-	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
-	$(PY) -m pytest -m slow $(RAY_XDIST) $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(XDIST) $(PYTEST_ARGS)
+	$(PYTEST) -m slow $(RAY_XDIST) $(PYTEST_ARGS)
 
 test-fast: $(STAMP)
-	$(PY) -m pytest -m "not slow" $(XDIST) $(PYTEST_ARGS)
+	$(PYTEST) -m "not slow" $(XDIST) $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m radforge.demo --out $(DEMO_DIR)
@@ -122,7 +126,8 @@ JOB_ARGS       ?=
 export RAY_AUTH_MODE ?= token
 url = $(if $(findstring ://,$(1)),$(1),$(abspath $(1)))
 # True when head.pid names our `ray start` (a stale file's pid may belong to anything else now).
-head_alive = test -f $(RAY_TMP)/head.pid && ps -o args= -p $$(cat $(RAY_TMP)/head.pid) 2>/dev/null | grep -q -- '--temp-dir=$(RAY_TMP)'
+# (-ww: the whole command line even where COLUMNS is set, as in pytest-xdist workers: ps cuts to it)
+head_alive = test -f $(RAY_TMP)/head.pid && ps -ww -o args= -p $$(cat $(RAY_TMP)/head.pid) 2>/dev/null | grep -q -- '--temp-dir=$(RAY_TMP)'
 need = $(if $($(1)),,$(error $(1)= is required, e.g. make $@ $(1)=$(2)))
 
 # A Ray head on this machine, in the background, with the venv's python first on PATH (job

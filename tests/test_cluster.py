@@ -464,11 +464,13 @@ class LocalHead:
 def local_head():
     tmp = tempfile.mkdtemp(prefix="rfc-", dir="/tmp")  # short: unix socket paths live under it
     head = LocalHead(tmp)
+    pid = None
     try:
         head.make("cluster-local", timeout=180)
+        pid = head.head_pid()  # kept: `make stop` removes head.pid even when the head outlives it
         yield head
     finally:
-        pid = head.head_pid()  # test_make_stop normally ended it; a failed run may not have
+        pid = pid or head.head_pid()  # test_make_stop normally ended it; a failed run may not have
         try:
             if pid is not None and _alive(pid):
                 try:

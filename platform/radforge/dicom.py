@@ -1443,6 +1443,7 @@ _LE_LENGTH = struct.Struct("<L")
 _ENCODED_VRS = frozenset(vr.value.encode() for vr in pydicom.valuerep.VR if len(vr.value) == 2)
 _LONG_LENGTH_VRS = frozenset(vr.encode() for vr in pydicom.valuerep.EXPLICIT_VR_LENGTH_32)
 
+
 def _decode_explicit_le(data: bytes, limits: HeaderLimits) -> pydicom.FileDataset:
     """`pydicom.dcmread` of a whole file in memory, for the data sets every CT and radiograph
     archive is made of: Explicit VR Little Endian (native or encapsulated), no sequence of

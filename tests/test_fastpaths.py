@@ -272,6 +272,50 @@ def test_scan_from_the_first_range_equals_scan_read_by_read(tmp_path, study, mon
     assert sum(r["status"] == "ok" for r in ref) >= 60 and sum(r["reason"] == "truncated" for r in ref) >= 100
 
 
+def test_scan_by_the_byte_walk_equals_pydicom_read(tmp_path, study, monkeypatch):
+    """`dicom.scan` walks an Explicit VR Little Endian header over the first range
+    (`_scan_explicit_le`) instead of pydicom's `stop_before_pixels` read; the index row is the
+    same as pydicom's read gives (every field, every reason), on every real file and phantom (RLE
+    CT included), on cuts of them, and under caps small enough that the headers reach them."""
+    rle = phantoms.ct_series(tmp_path / "rle", study, n_slices=2, rows=64, cols=64, seed=4,
+                             transfer_syntax=RLELossless).paths
+    files = [*rle, *_header_files(tmp_path, study)]
+    caps = [dicom.HEADER_LIMITS, dicom.HeaderLimits(max_elements=40), dicom.HeaderLimits(max_elements=120),
+            dicom.HeaderLimits(max_bytes=1500), dicom.HeaderLimits(max_bytes=4000)]
+    walked = []
+    real_walk = dicom._scan_explicit_le
+    monkeypatch.setattr(dicom, "_scan_explicit_le", lambda r, lim: walked.append(1) or real_walk(r, lim))
+
+    def rows() -> list[dict]:
+        out = []
+        for i, path in enumerate(files):
+            data = open(path, "rb").read()
+            cuts = [len(data)]
+            if i % 4 == 0 and len(data) < 300_000:
+                cuts += sorted({132, 200, 500, 1000, 2000, len(data) // 2, len(data) - 8, len(data) - 1})
+            for cut in cuts:
+                if 0 < cut <= len(data):
+                    for limits in caps if cut == len(data) else caps[:1]:
+                        head = storage.HeadReader(lambda start, end, d=data[:cut]: d[start:end], cut)
+                        out.append(dicom.scan(path, cut, head, limits))
+        return out
+
+    fast = rows()
+    n_walked = len(walked)
+
+    def unhandled(reader, limits):
+        raise dicom._Unhandled
+
+    monkeypatch.setattr(dicom, "_scan_explicit_le", unhandled)
+    ref = rows()
+    assert len(fast) == len(ref) > 1000
+    for a, b in zip(fast, ref):
+        assert a == b, a["path"]
+    assert n_walked >= 100
+    assert sum(r["status"] == "ok" for r in ref) >= 60 and sum(r["reason"] == "truncated" for r in ref) >= 50
+    assert sum(r["reason"] == "unreadable_header" for r in ref) >= 20  # the small caps reached
+
+
 def _decoded(data: bytes):
     """What `dicom._decode` makes of `data`, in comparable form: the Reject reason, or every
     element as stored (raw tuples; converted ones by VR and value), the file meta's, both

@@ -197,6 +197,25 @@ def identifying_terms(values: Iterable[str]) -> list[str]:
 
     Longest first, so callers that match one at a time replace a full name before its parts.
     """
+    values = tuple(values)
+    # The slices of a series name the same patient: their terms are made once (str values only:
+    # a key of other types could equal one whose str() differs, 1 == True).
+    cacheable = all(type(v) is str for v in values)
+    if cacheable and (hit := _TERMS.get(values)) is not None:
+        return list(hit)
+    terms = _terms(values)
+    if cacheable:
+        if len(_TERMS) >= _TERMS_MAX:
+            _TERMS.clear()
+        _TERMS[values] = tuple(terms)
+    return terms
+
+
+_TERMS: dict[tuple, tuple] = {}  # identifying_terms by its values (all str), up to _TERMS_MAX
+_TERMS_MAX = 4096
+
+
+def _terms(values: tuple) -> list[str]:
     terms: set[str] = set()
     for raw in values:
         if raw is None:

@@ -263,7 +263,23 @@ def _scan(path: str, size: int, fileobj, limits: HeaderLimits) -> dict:
         return row
     # A HeadReader has fetched the first range anyway: pydicom's reads are served from it.
     head = storage.head_first_range(size) if isinstance(fileobj, storage.HeadReader) else 0
-    reader = _Reader(fileobj, limits, head=head)
+    if head > 0:
+        # The header walked over the first range (`_scan_explicit_le`): the same row as
+        # pydicom's read. A row it makes "unreadable_header" (a cap, among others) is made again
+        # by pydicom's read, over the same bytes (no second request).
+        reader = _Reader(fileobj, limits, head=head)
+        try:
+            ds = _scan_explicit_le(reader, limits)
+        except _Unhandled:
+            ds = None
+        if ds is not None:
+            row = _scan_row(row, ds, reader, size)
+            if row["reason"] != "unreadable_header":
+                return row
+            row = rejected_row(path, size, None)
+        reader = _Reader(fileobj, limits, prefix=reader.prefix())
+    else:
+        reader = _Reader(fileobj, limits)
     try:
         ds = _read_header(reader, limits)
     except Reject as r:
@@ -273,6 +289,14 @@ def _scan(path: str, size: int, fileobj, limits: HeaderLimits) -> dict:
         # ... and on some cuts too (a struct.error when an element's 4-byte length is cut).
         cut = reader.any_short and _meta_names_transfer_syntax(fileobj)
         row["reason"] = "truncated" if cut else "unreadable_header"
+        return row
+    return _scan_row(row, ds, reader, size)
+
+
+def _scan_row(row: dict, ds: pydicom.Dataset, reader: "_Reader", size: int) -> dict:
+    """The index row of a header read (`ds`, `reader` at its Pixel Data tag or end)."""
+    if "SOPClassUID" not in ds and "Modality" not in ds:
+        row["reason"] = _unrecognised(ds, reader)
         return row
     # A file cut inside its header still parses (pydicom keeps the short last value and stops),
     # so a short read is the only sign. Checked for every file: a cut can fall before Modality
@@ -383,6 +407,14 @@ class _Reader:
     def tell(self) -> int:
         return self._pos
 
+    def prefix(self) -> bytes:
+        """The bytes of the file's start that reads are served from (fetched now if not yet)."""
+        return self._buf if self._buf is not None else self._start()
+
+    def set_counts(self, *, elements: int, nbytes: int) -> None:
+        """What the caps count from now on, as if that much had been read (`_scan_explicit_le`)."""
+        self._elements, self._bytes = elements, nbytes
+
     @property
     def raw(self):
         """The file itself, for reads that must not count against the caps."""
@@ -415,12 +447,17 @@ def _read_header(fileobj, limits: HeaderLimits = HEADER_LIMITS) -> pydicom.Datas
         # Deflated data sets are one zlib stream: Z_BUF_ERROR (-5) is a stream cut short.
         raise Reject("truncated" if "-5" in str(e) else "unreadable_header") from None
     if "SOPClassUID" not in ds and "Modality" not in ds:
-        # A Part 10 prefix followed by nothing recognisable: the header is smashed, unless a
-        # valid file meta (it names the transfer syntax) was followed by a data set cut short.
-        meta = getattr(ds, "file_meta", None)
-        cut = getattr(fileobj, "truncated", False) and meta is not None and "TransferSyntaxUID" in meta
-        raise Reject("truncated" if cut else "unreadable_header")
+        raise Reject(_unrecognised(ds, fileobj))
     return ds
+
+
+def _unrecognised(ds, fileobj) -> str:
+    """The reason for a header with neither SOPClassUID nor Modality: a Part 10 prefix followed
+    by nothing recognisable is smashed, unless a valid file meta (it names the transfer syntax)
+    was followed by a data set cut short."""
+    meta = getattr(ds, "file_meta", None)
+    cut = getattr(fileobj, "truncated", False) and meta is not None and "TransferSyntaxUID" in meta
+    return "truncated" if cut else "unreadable_header"
 
 
 _LONG_VRS = (b"OB", b"OD", b"OF", b"OL", b"OV", b"OW", b"SQ", b"SV", b"UC", b"UN", b"UR", b"UT", b"UV")
@@ -1454,6 +1491,49 @@ def _decode_explicit_le(data: bytes, limits: HeaderLimits) -> pydicom.FileDatase
     syntax, a command set, an undefined-length sequence, a value past the end, an unknown VR,
     more elements than `limits` allow) raises `_Unhandled` before any Dataset is made, and the
     caller reads the file with pydicom, which decides."""
+    file_meta, raw, end, _ = _explicit_le_parts(data, [limits.max_elements // 2], pixels=True)
+    # read_partial wraps read_dataset's Dataset: the same dict and parent encoding, and its
+    # `_character_set` (what the FileDataset's encoding is set from) is read from that dict.
+    fp = io.BytesIO(data)
+    fp.seek(end)
+    ds = pydicom.FileDataset(fp, raw, data[:128], file_meta, False, True)
+    ds.set_original_encoding(False, True, ds._character_set)
+    return ds
+
+
+def _scan_explicit_le(reader: "_Reader", limits: HeaderLimits) -> pydicom.FileDataset:
+    """`dcmread(reader, stop_before_pixels=True)` (`_read_header`'s read) walked over the bytes
+    the reader has fetched first (`storage.head_first_range`), for an Explicit VR Little Endian
+    header that ends, at a Pixel Data tag, inside them: the same data set, and the reader left
+    where pydicom leaves it (at that tag, no read short). `_Unhandled` otherwise (the header runs
+    past those bytes, no pixel data, an undefined length, anything `_decode_explicit_le` leaves
+    to pydicom), and the caller reads with pydicom. The caps: the reader's counts are set to
+    at least what pydicom's reads would have counted (`_SCAN_COUNT_BOUND`), so a cap that
+    pydicom's read would reach is reached, and `_scan` then reads the file with pydicom."""
+    buf = reader.prefix()
+    n_elements, n_bytes = limits.max_elements - _SCAN_COUNT_BOUND[1], (limits.max_bytes - 1024) // 2
+    budget = [n_elements // 2]
+    file_meta, raw, pos, walked = _explicit_le_parts(buf, budget, pixels=False)
+    if pos > n_bytes:
+        raise _Unhandled
+    ds = pydicom.FileDataset(reader, raw, buf[:128], file_meta, False, True)
+    ds.set_original_encoding(False, True, ds._character_set)
+    reader.seek(pos)
+    reader.set_counts(elements=_SCAN_COUNT_BOUND[0] * walked + _SCAN_COUNT_BOUND[1], nbytes=2 * pos + 1024)
+    return ds
+
+
+# pydicom's header read counts at most 2 reads of 8 bytes per element (its header; a value of
+# 8 bytes) and a few more (the file meta read again by `_meta_transfer_syntax`, peeks before
+# the data set, the Pixel Data header); its bytes at most twice the header and 1 KiB.
+_SCAN_COUNT_BOUND = (2, 64)
+
+
+def _explicit_le_parts(data: bytes, budget: list, *, pixels: bool):
+    """The file meta and data set of an Explicit VR Little Endian file over its bytes →
+    (FileMetaDataset, data set elements, where the walk stopped, elements walked); with
+    `pixels` False the walk stops at the first Pixel Data tag, as pydicom's
+    `stop_before_pixels` read does. `_Unhandled` for anything pydicom's own reader decides."""
     from pydicom.charset import default_encoding
     from pydicom.dataset import FileMetaDataset
     from pydicom.uid import PrivateTransferSyntaxes
@@ -1461,7 +1541,7 @@ def _decode_explicit_le(data: bytes, limits: HeaderLimits) -> pydicom.FileDatase
     end = len(data)
     if end < 140 or data[128:132] != b"DICM":
         raise _Unhandled
-    budget = [limits.max_elements // 2]  # the capped reader counts more reads than elements
+    start_budget = budget[0]
     meta_raw: dict = {}
     pos = _walk_le(data, 132, meta_raw, budget, meta=True)
     if not meta_raw:
@@ -1487,61 +1567,87 @@ def _decode_explicit_le(data: bytes, limits: HeaderLimits) -> pydicom.FileDatase
     if not (0x40 < data[pos + 4] < 0x5B and 0x40 < data[pos + 5] < 0x5B):
         raise _Unhandled
     raw: dict = {}
-    if _walk_le(data, pos, raw, budget, meta=False) != end or not raw:
+    stop = _walk_le(data, pos, raw, budget, meta=False, pixels=pixels)
+    if (pixels and stop != end) or not raw:
         raise _Unhandled  # a few trailing bytes
-    # read_partial wraps read_dataset's Dataset: the same dict and parent encoding, and its
-    # `_character_set` (what the FileDataset's encoding is set from) is read from that dict.
-    fp = io.BytesIO(data)
-    fp.seek(end)
-    ds = pydicom.FileDataset(fp, raw, data[:128], file_meta, False, True)
-    ds.set_original_encoding(False, True, ds._character_set)
-    return ds
+    return file_meta, raw, stop, start_budget - budget[0]
 
 
-def _walk_le(data: bytes, pos: int, raw: dict, budget: list, *, meta: bool) -> int:
+_PIXEL_TAGS = frozenset((0x7FE00010, 0x7FE00009, 0x7FE00008))  # pydicom's _at_pixel_data
+# RawDataElements walked (`_walk_le`) by (value offset, element bytes), up to _CONVERTED_MAX.
+_WALKED: dict[tuple, "_RawDataElement"] = {}
+
+
+def _walk_le(data: bytes, pos: int, raw: dict, budget: list, *, meta: bool, pixels: bool = True) -> int:
     """Explicit VR Little Endian elements from `pos` into `raw` (tag → RawDataElement, as
     pydicom's `data_element_generator` yields them) → where the walk stopped: the end of the
-    data, or (`meta`) the first element not in group 0002. `_Unhandled` for what it leaves to
-    pydicom."""
+    data, (`meta`) the first element not in group 0002, or (not `pixels`) a Pixel Data tag
+    whose element header lies in `data`; a walk without `pixels` that meets neither, or a value
+    of undefined length (its delimiter may lie past `data`), raises. `_Unhandled` for what it
+    leaves to pydicom."""
     from pydicom.dataelem import empty_value_for_VR
     from pydicom.fileutil import read_undefined_length_value
     from pydicom.tag import BaseTag, SequenceDelimiterTag
 
     end = len(data)
-    while end - pos >= 8:
-        group, elem, vr, length = _LE_HEADER.unpack_from(data, pos)
-        if meta and group != 2:
-            return pos
-        tag = group << 16 | elem
-        if vr not in _ENCODED_VRS or tag == 0xFFFEE00D or budget[0] <= 0:
-            raise _Unhandled
-        budget[0] -= 1
-        pos += 8
-        if vr in _LONG_LENGTH_VRS:
-            if end - pos < 4:
+    unpack, unpack_length, walked, cap = _LE_HEADER.unpack_from, _LE_LENGTH.unpack_from, _WALKED, _CONVERTED_MAX_VALUE
+    left = budget[0]
+    try:
+        while end - pos >= 8:
+            group, number, vr, length = unpack(data, pos)
+            if meta and group != 2:
+                return pos
+            tag = group << 16 | number
+            if vr not in _ENCODED_VRS or tag == 0xFFFEE00D or left <= 0:
                 raise _Unhandled
-            (length,) = _LE_LENGTH.unpack_from(data, pos)
-            pos += 4
-        vr = vr.decode()
-        if length == 0xFFFFFFFF:
-            if vr not in ("OB", "OW"):
-                raise _Unhandled  # sequences (and UN read as one) are pydicom's
-            fp = io.BytesIO(data)
-            fp.seek(pos)
-            try:
-                value = read_undefined_length_value(fp, True, SequenceDelimiterTag, None)
-            except Exception:  # noqa: BLE001
-                raise _Unhandled from None
-            raw[BaseTag(tag)] = _RawDataElement(BaseTag(tag), vr, length, value, pos, False, True)
-            pos = fp.tell()
-            continue
-        if pos + length > end:
-            raise _Unhandled  # pydicom keeps a short value; the slow path decides what that is
-        value = data[pos:pos + length] if length else empty_value_for_VR(vr, raw=True)
-        raw[BaseTag(tag)] = _RawDataElement(BaseTag(tag), vr, length, value, pos, False, True)
-        pos += length
-    if meta or pos != end:
-        raise _Unhandled  # nothing after the file meta, or a few trailing bytes
+            if not pixels and tag in _PIXEL_TAGS:
+                if vr in _LONG_LENGTH_VRS and end - pos < 12:
+                    raise _Unhandled
+                return pos  # pydicom's stop_when: rewound to the tag
+            left -= 1
+            start = pos
+            pos += 8
+            if vr in _LONG_LENGTH_VRS:
+                if end - pos < 4:
+                    raise _Unhandled
+                (length,) = unpack_length(data, pos)
+                pos += 4
+            if length == 0xFFFFFFFF:
+                vr = vr.decode()
+                if vr not in ("OB", "OW") or not pixels:
+                    raise _Unhandled  # sequences (and UN read as one) are pydicom's
+                fp = io.BytesIO(data)
+                fp.seek(pos)
+                try:
+                    value = read_undefined_length_value(fp, True, SequenceDelimiterTag, None)
+                except Exception:  # noqa: BLE001
+                    raise _Unhandled from None
+                raw[BaseTag(tag)] = _RawDataElement(BaseTag(tag), vr, length, value, pos, False, True)
+                pos = fp.tell()
+                continue
+            stop = pos + length
+            if stop > end:
+                raise _Unhandled  # pydicom keeps a short value; the slow path decides what that is
+            if length <= cap:
+                # The element's bytes (header and value) at this offset make its RawDataElement,
+                # an immutable tuple: the slices of a series repeat most of them at the same offsets.
+                key = (pos, data[start:stop])
+                found = walked.get(key)
+                if found is None:
+                    vr = vr.decode()
+                    value = data[pos:stop] if length else empty_value_for_VR(vr, raw=True)
+                    found = _RawDataElement(BaseTag(tag), vr, length, value, pos, False, True)
+                    if len(walked) >= _CONVERTED_MAX:
+                        walked.clear()
+                    walked[key] = found
+                raw[found[0]] = found
+            else:
+                raw[BaseTag(tag)] = _RawDataElement(BaseTag(tag), vr.decode(), length, data[pos:stop], pos, False, True)
+            pos = stop
+    finally:
+        budget[0] = left
+    if meta or pos != end or not pixels:
+        raise _Unhandled  # nothing after the file meta, a few trailing bytes, or no pixel data here
     return pos
 
 

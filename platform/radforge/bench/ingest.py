@@ -30,14 +30,14 @@ The benchmark's own samplers (`_PeakRSS`, `_CpuByProcess`: threads of the driver
 every figure and reported apart (`cpu_ms_per_slice_samplers`): reading smaps_rollup of every Ray
 process every 0.2 s costs the kernel a walk of each one's mappings (the object store's too), 4-5
 CPU ms per slice at a 1-min load of 8-21, most of what was booked as the driver's 2.5-4 ms.
-Last quiet run (36f046c, load 0.9-1.6), 1 CPU: 10.0 CPU ms per slice: decoder child 5.1 (read
-0.36, parse 1.16, decode 1.69, HU 0.91, orient 0.32, resample 0.49, int16 0.13), scan tasks 2.1,
-driver 0.8 (>= 95 % Ray Data's executor and iterator threads), build tasks 0.4, plan tasks 0.3,
-Ray's daemons, actors and idle workers 1.3; decode only 2.2. After the decoder's parse walks the
-bytes (`dicom._decode_explicit_le`), one loaded run (load 7.8-10.8; decode only 2.9 there): 13.8
-CPU ms per slice, decoder child 5.5 (parse 0.95, decode 2.11, HU 0.98, orient 0.33, resample 0.59),
-scan tasks 2.6, driver 1.7. Less load-dependent: the decoder child's parse ÷ its decode in
-the same run, 0.69 -> 0.45. See README for the table.
+Last run (509f3d6, load 1.1-1.9), 1 CPU: 10.1 CPU ms per slice: decoder child 5.0 (read 0.30,
+parse 0.85, decode 1.89, HU 0.90, orient 0.34, resample 0.52, int16 0.15), scan tasks 1.5,
+driver 1.0, plan tasks 0.5, build tasks 0.4, Ray's daemons, actors, idle workers and small tasks 1.6; decode
+only 2.4; in process, scan 1.27 ms per slice. After the scan walks the header over its first
+range (`dicom._scan_explicit_le`), against the tree before it run through the same benchmark
+minutes earlier (926f194, load 0.5-3.3): scan tasks 2.36 -> 1.52, in-process scan 1.88 -> 1.27 ms
+per slice; the headline 9.94 -> 10.07 (the before run's two repeats differ by ~1.5 ms per slice: unmoved within
+noise). See README for the table.
 Ray start-up is excluded (a long-running cluster pays it once): after `ray.init`, one worker
 process per CPU imports the ingest's modules and a tiny warm-up ingest runs, untimed but reported
 as `cold_start_s`; everything in `ingest.run` after that counts. Each side runs `repeats` times,

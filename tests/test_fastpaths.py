@@ -380,6 +380,48 @@ def test_decode_by_the_byte_walk_equals_pydicom_dcmread(tmp_path, study, monkeyp
     assert sum(isinstance(r[-2], tuple) and r[-2][0] != "raised" for r in ref) >= 60  # pixels decoded
 
 
+IOP = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0]
+
+
+@pytest.mark.parametrize("first_iop, other_iop, first_ps, other_ps", [
+    (IOP, IOP, [0.7, 0.7], [0.7, 0.7]),
+    (IOP, [1.0, 0.0, 0.0, 0.0, 1.0, 0.0005], [0.7, 0.7], [0.7, 0.7]),  # close, not equal
+    (IOP, [1.0, 0.0, 0.0, 0.0, 0.99, 0.1], [0.7, 0.7], [0.7, 0.7]),
+    (IOP, IOP, [0.7, 0.7], [0.7, 0.7007]),
+    (IOP, IOP, [0.7, 0.7], [0.7, 0.71]),
+    ([1.0, 0.0, 0.0, 0.0, 1.0, float("nan")], [1.0, 0.0, 0.0, 0.0, 1.0, float("nan")], [0.7, 0.7], [0.7, 0.7]),
+    (IOP, IOP, [float("inf"), 0.7], [float("inf"), 0.7]),
+    (IOP, IOP, [0.7, 0.7], [0.7]),
+    (IOP, [1, 0, 0, 0, 1, 0], [0.7, 0.7], [0.7, 0.7]),
+])
+def test_check_ct_rows_equal_geometry_shortcut_gives_allclose_answer(first_iop, other_iop, first_ps, other_ps):
+    """`_check_ct_rows` skips np.allclose for a slice whose IOP and spacing equal the first's
+    (finite); every answer (pass, mixed_geometry, or what allclose raises) is still allclose's."""
+    def row(iop, ps):
+        return {"iop": iop, "pixel_spacing": ps, "positions": [[0.0, 0.0, 0.0]], "rows": 4, "cols": 4,
+                "n_frames": 1, "safe": {"PhotometricInterpretation": "MONOCHROME2"}}
+
+    rows = [row(first_iop, first_ps), row(list(first_iop), list(first_ps)), row(other_iop, other_ps)]
+
+    def outcome(fn):
+        try:
+            return fn(rows)
+        except dicom.Reject as e:
+            return e.reason
+        except Exception as e:  # noqa: BLE001 — allclose's own errors (shapes) must stay the same
+            return type(e).__name__
+
+    def reference(rows):
+        first = rows[0]
+        for r in rows[1:]:
+            if (r["rows"] != first["rows"] or r["cols"] != first["cols"]
+                    or not np.allclose(r["iop"], first["iop"], atol=1e-3)
+                    or not np.allclose(r["pixel_spacing"], first["pixel_spacing"], rtol=1e-3)):
+                raise dicom.Reject("mixed_geometry")
+
+    assert outcome(dicom._check_ct_rows) == outcome(reference)
+
+
 # ---------------------------------------------------------------------------------------------
 # the whole sample
 

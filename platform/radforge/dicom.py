@@ -1294,12 +1294,23 @@ def _check_ct_rows(rows: list[dict]) -> None:
         if not _monochrome(r):  # colour "CT" cannot be rescaled to HU
             raise Reject("unsupported_photometric")
     first = rows[0]
+    iop0, ps0 = first["iop"], first["pixel_spacing"]
+    # The slices of a series mostly repeat the first one's IOP and spacing exactly, and
+    # np.allclose of equal finite values is True: those skip it (~0.1 ms a call, 85 % of
+    # planning a 1024-slice corpus).
+    try:
+        finite = type(iop0) is list and type(ps0) is list and all(math.isfinite(v) for v in (*iop0, *ps0))
+    except TypeError:
+        finite = False
     for r in rows[1:]:
+        if r["rows"] != first["rows"] or r["cols"] != first["cols"]:
+            raise Reject("mixed_geometry")
+        if finite and type(r["iop"]) is list and type(r["pixel_spacing"]) is list \
+                and r["iop"] == iop0 and r["pixel_spacing"] == ps0:
+            continue
         if (
-            r["rows"] != first["rows"]
-            or r["cols"] != first["cols"]
-            or not np.allclose(r["iop"], first["iop"], atol=1e-3)
-            or not np.allclose(r["pixel_spacing"], first["pixel_spacing"], rtol=1e-3)
+            not np.allclose(r["iop"], iop0, atol=1e-3)
+            or not np.allclose(r["pixel_spacing"], ps0, rtol=1e-3)
         ):
             raise Reject("mixed_geometry")
 

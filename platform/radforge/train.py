@@ -66,6 +66,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -250,7 +251,6 @@ def _torch_trainer(job: _Job, pa_fs, pa_path: str):
             name=job.recipe.name, storage_path=pa_path, storage_filesystem=pa_fs,
             failure_config=FailureConfig(max_failures=ck.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=ck.keep_last),
-            worker_runtime_env={"env_vars": {} if scale.use_gpu else {"DS_ACCELERATOR": "cpu"}},
         ),
     )
 
@@ -487,6 +487,11 @@ def _keep_rows(path: str, keep) -> list[str]:
 
 def _worker_loop(cfg: dict) -> None:
     """One Ray Train worker: build the Trainer, run it, release it."""
+    if not cfg["job"].recipe.scale.use_gpu:
+        # Before DeepSpeed's first import picks its accelerator. Set here, not as the workers'
+        # runtime_env: an actor with its own env_vars gets a freshly started worker process
+        # (through setup_worker.py), never one of the idle workers Ray already started.
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     trainer = Trainer.build(cfg["job"])
     try:
         trainer.train()
@@ -761,6 +766,7 @@ class Trainer:
         device = _setup_device(r)
         if not r.scale.use_gpu:
             _skip_inference_shm_op()
+        _defer_muon_compile()
         deepspeed.init_distributed(dist_backend="nccl" if r.scale.use_gpu else "gloo")
         nodes: list = [None] * world
         torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
@@ -907,6 +913,50 @@ def _skip_inference_shm_op() -> None:
     import deepspeed.ops
 
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+def _defer_muon_compile() -> None:
+    """DeepSpeed's ZeRO optimizers import its Muon module whatever the optimizer (to ask whether
+    it is Muon), and that module wraps three functions in torch.compile at import: making the
+    wrappers imports inductor's compiler (~600 modules, 2.5-3 CPU s per worker on 2 cores) for an
+    optimizer `deepspeed_config` never selects. The module is imported here first, with each
+    torch.compile deferred to its function's first call (the same torch.compile then), so Muon
+    would still run compiled if it were selected."""
+    import importlib
+    import sys
+
+    import torch
+
+    name = "deepspeed.runtime.zero.muon.original_muon"
+    if name in sys.modules:
+        return
+    compile_now = torch.compile
+
+    def deferred(model=None, **kwargs):
+        if model is None:  # @torch.compile(mode=...)
+            return lambda fn: deferred(fn, **kwargs)
+        return _CompileOnFirstCall(compile_now, model, kwargs)
+
+    torch.compile = deferred
+    try:
+        importlib.import_module(name)
+    except ImportError:  # a DeepSpeed without Muon
+        pass
+    finally:
+        torch.compile = compile_now
+
+
+class _CompileOnFirstCall:
+    """`compile(fn, **kwargs)`, made when the function is first called."""
+
+    def __init__(self, compile, fn, kwargs: dict):
+        self._compile, self._fn, self._kwargs, self._compiled = compile, fn, kwargs, None
+        functools.update_wrapper(self, fn)
+
+    def __call__(self, *args, **kwargs):
+        if self._compiled is None:
+            self._compiled = self._compile(self._fn, **self._kwargs)
+        return self._compiled(*args, **kwargs)
 
 
 def _cast_floats(batch: dict, precision: str) -> dict:

@@ -618,23 +618,29 @@ class Phases:
     """Wall time of one request's phases inside the replica, sent back as a `Server-Timing` header
     (phase names and ms only, never content): `load` (the multiplexed model lookup; its first use
     loads weights), `body` (the upload pulled from Serve's proxy), `decode` (unpack, DICOM or .npy →
-    canonical → the model's view, the decode-worker round trip included), `model` (batch wait and
-    forward; for retrieve also the index search), `total` (the handler). `radforge bench serve` reads it to split a request's latency."""
+    canonical → the model's view, the decode-worker round trip included), `queue` (batched requests:
+    from entering the batcher to the start of their batch's forward), `model` (the forward and
+    the answer's hand-back; for retrieve also the index search), `total` (the handler); and for
+    a batched request `batch;desc=N`, the size of the batch it ran in (a count, not content). `radforge bench serve` reads it to split a request's latency."""
 
-    __slots__ = ("t0", "t", "ms")
+    __slots__ = ("t0", "t", "ms", "batch")
 
     def __init__(self):
         self.t0 = self.t = time.perf_counter()
         self.ms: dict[str, float] = {}
+        self.batch = 0  # the size of the batch the request's forward ran in (0: no batched forward)
 
-    def mark(self, name: str) -> None:
-        now = time.perf_counter()
+    def mark(self, name: str, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
         self.ms[name] = self.ms.get(name, 0.0) + (now - self.t) * 1e3
         self.t = now
 
     def header(self) -> str:
         total = (time.perf_counter() - self.t0) * 1e3
-        return ", ".join([f"{k};dur={v:.2f}" for k, v in self.ms.items()] + [f"total;dur={total:.2f}"])
+        parts = [f"{k};dur={v:.2f}" for k, v in self.ms.items()] + [f"total;dur={total:.2f}"]
+        if self.batch:
+            parts.append(f"batch;desc={self.batch}")
+        return ", ".join(parts)
 
 
 def json_response(doc: dict, phases: Phases | None = None):
@@ -932,11 +938,13 @@ class RadforgeServer:
     async def _run(self, fn, *args):
         return await asyncio.get_running_loop().run_in_executor(self._model_pool, fn, *args)
 
-    async def _embed(self, x, mid: str):
+    async def _embed(self, x, mid: str, ph: Phases):
         """One image's embedding: through the batcher, or straight to the model when batches are
         of one (max_batch_size=1: the batcher's queue would only add a hop)."""
         if self.cfg.max_batch_size > 1:
-            return await self._embed_batch(x, mid)
+            emb, ph.batch, start = await self._embed_batch(x, mid)
+            ph.mark("queue", max(ph.t, start))
+            return emb
         import torch
 
         lm = await self._get_model(mid)
@@ -945,7 +953,8 @@ class RadforgeServer:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.01)
     async def _embed_batch(self, images: list, model_ids: list[str]) -> list:
         """Dynamic batching: one forward per model in the batch (requests name their model
-        explicitly: X-Model requests are not split by Serve's multiplexed-id batching)."""
+        explicitly: X-Model requests are not split by Serve's multiplexed-id batching). Each item
+        gets (embedding, the size of its forward's batch, when that forward started)."""
         import numpy as np
         import torch
 
@@ -956,9 +965,10 @@ class RadforgeServer:
         for m, idx in groups.items():
             lm = await self._get_model(m)
             x = torch.from_numpy(np.stack([images[i] for i in idx]))
+            start = time.perf_counter()
             emb = (await self._run(lm.embed_images, x)).cpu().numpy()
             for j, i in enumerate(idx):
-                out[i] = emb[j]
+                out[i] = (emb[j], len(idx), start)
         return out
 
     async def _index(self, mid: str):
@@ -1000,7 +1010,7 @@ class RadforgeServer:
         mid = self._model_id(request)
         require(self._caps[mid], "embed")
         x, prep, _ = await self._image(request, mid, ph)
-        emb = await self._embed(x, mid)
+        emb = await self._embed(x, mid, ph)
         ph.mark("model")
         return json_response({"embedding": emb.tolist(), "model": mid, "preprocessing": prep}, ph)
 
@@ -1060,7 +1070,7 @@ class RadforgeServer:
         ph = Phases()
         emb_index, keys = await self._index(mid)
         x, prep, _ = await self._image(request, mid, ph)
-        emb = await self._embed(x, mid)
+        emb = await self._embed(x, mid, ph)
         sims = emb_index @ np.asarray(emb, dtype=np.float32)
         top = np.argsort(-sims)[:k]
         ph.mark("model")

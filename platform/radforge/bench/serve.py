@@ -23,7 +23,14 @@ on the machine hits both alike.
                 pull from the proxy), decode, model, total; "outside the handler" = client p50 −
                 total (proxy, actor calls, HTTP, ASGI)
   model_only    embed_images per item at batch 1 vs batch 16: the most batching can give on this
-                device (a compute-bound CPU forward gains little; a GPU gains a lot)
+                device (a compute-bound CPU forward gains little; a GPU gains a lot), wall and
+                thread CPU, as the median of interleaved pairs measured half before and half after
+                the Serve runs (one pass of 2 + 32 calls read 1.03-1.87 on the shared CPU)
+  c16 rounds    per round and app: req/s, the replica's CPU per request (psutil, decode workers
+                included) and, batched, the batch sizes formed and the queue/model p50 read from
+                Server-Timing (`batch;desc=N`, `queue`); the batched ÷ unbatched ratio is the
+                median of paired rounds, and unbatched ÷ batched replica CPU per request its
+                steadier twin, set against the model-only CPU ceiling
 
 Payload: one X-ray in the stored form (.npy uint16 [256, 256], raw body, Content-Type
 application/x-npy) for a freshly initialised tiny MAE X-ray model at the default 224 px view
@@ -119,23 +126,35 @@ def _load(url: str, payload: bytes, concurrency: int, n: int, headers: dict | No
     per = max(1, n // concurrency)
 
     def worker(_):
-        lat = []
+        lat, timing = [], []
         with _Http(url) as c:
             for _ in range(per):
                 t = time.perf_counter()
-                status, _, body = c.request("POST", c.path, payload, headers)
+                status, h, body = c.request("POST", c.path, payload, headers)
                 lat.append(time.perf_counter() - t)
+                timing.append(h.get("server-timing", ""))
                 if status != 200:
                     raise RuntimeError(f"bench request failed: HTTP {status} {body[:200]!r}")
-        return lat
+        return lat, timing
 
     t0 = time.perf_counter()
     with ThreadPoolExecutor(concurrency) as pool:
-        lats = [x for part in pool.map(worker, range(concurrency)) for x in part]
+        parts = list(pool.map(worker, range(concurrency)))
     wall = time.perf_counter() - t0
+    lats = [x for part, _ in parts for x in part]
     a = np.array(lats) * 1000
-    return {"n": len(lats), "rps": round(len(lats) / wall, 1), "p50_ms": round(float(np.percentile(a, 50)), 2),
-            "p99_ms": round(float(np.percentile(a, 99)), 2)}
+    out = {"n": len(lats), "rps": round(len(lats) / wall, 1), "p50_ms": round(float(np.percentile(a, 50)), 2),
+           "p99_ms": round(float(np.percentile(a, 99)), 2)}
+    timings = [_server_timing(h) for _, hs in parts for h in hs]
+    sizes = [t["batch"] for t in timings if "batch" in t]
+    if sizes:  # what the batcher formed: the size of the batch each request ran in
+        out["batch_size_mean"] = round(float(np.mean(sizes)), 2)
+        out["batch_sizes"] = {int(b): sizes.count(b) for b in sorted(set(sizes))}
+    for phase in ("decode", "queue", "model", "total"):
+        vals = [t[phase] for t in timings if phase in t]
+        if vals:
+            out[f"{phase}_p50_ms"] = round(float(np.median(vals)), 2)
+    return out
 
 
 def _percentiles(lat_s: list[float], wall_s: float) -> dict:
@@ -164,12 +183,15 @@ def serve_modes() -> dict[str, tuple[dict, str]]:
 
 
 def _server_timing(header: str) -> dict[str, float]:
-    """`Server-Timing: body;dur=0.12, total;dur=3.4` → {"body": 0.12, "total": 3.4}."""
+    """`Server-Timing: body;dur=0.12, total;dur=3.4, batch;desc=5` → {"body": 0.12, "total": 3.4,
+    "batch": 5.0}."""
     out = {}
     for part in header.split(","):
-        name, _, dur = part.strip().partition(";dur=")
-        if dur:
-            out[name] = float(dur)
+        name, _, value = part.strip().partition(";dur=")
+        if not value:
+            name, _, value = part.strip().partition(";desc=")
+        if value:
+            out[name] = float(value)
     return out
 
 
@@ -244,6 +266,39 @@ def _replica_port(route_prefix: str) -> int | None:
     return None
 
 
+def _replica_processes() -> dict[str, object]:
+    """This run's replica processes (psutil) by app: "batched" / "unbatched" (Ray's proctitle
+    `ray::ServeReplica:bench-<app>:RadforgeServer`)."""
+    import psutil
+
+    out = {}
+    for p in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(p.cmdline())
+        except (psutil.Error, OSError):
+            continue
+        for name in ("unbatched", "batched"):
+            if f"ServeReplica:bench-{name}:" in cmd:
+                out[name] = p
+    return out
+
+
+def _cpu_s(p) -> float:
+    """CPU seconds of `p` (psutil) and its children so far; 0 when it is gone or None."""
+    import psutil
+
+    if p is None:
+        return 0.0
+    total = 0.0
+    try:
+        for q in (p, *p.children(recursive=True)):
+            t = q.cpu_times()
+            total += t.user + t.system
+    except (psutil.Error, OSError):
+        pass
+    return total
+
+
 def _serve_niceness() -> dict[str, int]:
     """Nice value of this run's Serve processes (proxy, replicas), by role."""
     import psutil
@@ -282,6 +337,7 @@ def _serve_side(model_url: str, payload: bytes, in_process, *, cuda: bool, ncpu:
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)  # Ray's processes inherit the environment of the ray.init call
     best: dict[str, dict] = {}
+    per_round: dict[str, list[dict]] = {}
     series = ("in_process", "unbatched_interleaved", "unbatched_interleaved_requests", "healthz_get", "ingress_healthz_get",
               "post_refused", "direct_unbatched", "direct_healthz_get")
     acc: dict[str, list] = {k: [] for k in (*series, "phases")}
@@ -306,6 +362,7 @@ def _serve_side(model_url: str, payload: bytes, in_process, *, cuda: bool, ncpu:
                 urls[name] = f"http://127.0.0.1:{port}/{name}/v1/embed"
                 _load(urls[name], payload, 4, 32, auth)  # warm-up: model load, connections
             nice = _serve_niceness()
+            replicas = _replica_processes()
             direct = _replica_port("/unbatched") if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" else None
             for _ in range(rounds):
                 loadavg.append(round(os.getloadavg()[0], 2))
@@ -313,8 +370,12 @@ def _serve_side(model_url: str, payload: bytes, in_process, *, cuda: bool, ncpu:
                               f"http://127.0.0.1:{direct}/unbatched/v1/embed" if direct else None)
                 for name in ("unbatched", "batched"):
                     for c in (1, 16):
+                        cpu0 = _cpu_s(replicas.get(name))
                         res = _load(urls[name], payload, c, requests_c16 if c == 16 else requests_c1, auth)
+                        if replicas.get(name) is not None:  # the replica's own CPU (its decode workers too)
+                            res["replica_cpu_ms_per_request"] = round((_cpu_s(replicas[name]) - cpu0) / res["n"] * 1e3, 2)
                         key = f"{name}/c{c}"
+                        per_round.setdefault(key, []).append(res)
                         if key not in best or res["rps"] > best[key]["rps"]:
                             best[key] = res
             loadavg.append(round(os.getloadavg()[0], 2))
@@ -334,13 +395,21 @@ def _serve_side(model_url: str, payload: bytes, in_process, *, cuda: bool, ncpu:
     p50 = runs["unbatched_interleaved"]["c1"]["p50_ms"]
     if "total" in phases:  # what neither the handler nor the model is: proxy, actor calls, HTTP, ASGI
         phases["outside the handler (client p50 - total)"] = round(p50 - phases["total"], 2)
+    paired = [b["rps"] / u["rps"] for b, u in zip(per_round["batched/c16"], per_round["unbatched/c16"])]
+    ratios = {"batched / unbatched rps @16": round(best["batched/c16"]["rps"] / best["unbatched/c16"]["rps"], 2),
+              "batched / unbatched rps @16, median of paired rounds": round(float(np.median(paired)), 2)}
+    cpu = [u.get("replica_cpu_ms_per_request", 0) / b["replica_cpu_ms_per_request"]
+           for b, u in zip(per_round["batched/c16"], per_round["unbatched/c16"]) if b.get("replica_cpu_ms_per_request")]
+    if cpu:  # CPU per request, unbatched ÷ batched: steadier than rps on a shared machine
+        ratios["unbatched / batched replica CPU per request @16"] = round(float(np.median(cpu)), 2)
     return {
         "runs": runs,
+        "c16_rounds": {k: v for k, v in per_round.items() if k.endswith("/c16")},
         "replica_phases_p50_ms": phases,
         "loadavg_1min": loadavg,
         "niceness": nice,
         "ratios": {
-            "batched / unbatched rps @16": round(best["batched/c16"]["rps"] / best["unbatched/c16"]["rps"], 2),
+            **ratios,
             "serve overhead p50 ms @1": round(p50 - runs["in_process"]["c1"]["p50_ms"], 2),
             "serve overhead p50 ms @1 (requests client)":
                 round(runs["unbatched_interleaved_requests"]["c1"]["p50_ms"] - runs["in_process"]["c1"]["p50_ms"], 2),
@@ -348,25 +417,43 @@ def _serve_side(model_url: str, payload: bytes, in_process, *, cuda: bool, ncpu:
     }
 
 
-def _model_only(lm, x1, cuda: bool) -> dict[int, float]:
-    """ms per item of `lm.embed_images` at batch 1 and 16: the most batching can give here."""
-    per_item = {}
-    for b in (1, 16):
-        xb = x1.expand(b, *x1.shape[1:]).contiguous()
+def _model_only(lm, x1, cuda: bool, reps: int) -> dict[str, list[float]]:
+    """ms per item of `lm.embed_images` at batch 1 and 16, wall and this thread's CPU: the most
+    batching can give here. `reps` interleaved pairs (16 calls of one image, one call of 16, the
+    order alternating), so load that comes and goes hits both sides of each pair alike."""
+    import torch
+
+    xs = {b: x1.expand(b, *x1.shape[1:]).contiguous() for b in (1, 16)}
+    for xb in xs.values():
         lm.embed_images(xb)
-        n = max(2, 32 // b)
-        t = time.perf_counter()
-        for _ in range(n):
-            lm.embed_images(xb)
-        if cuda:
-            import torch
+    out: dict[str, list[float]] = {"wall_1": [], "wall_16": [], "cpu_1": [], "cpu_16": []}
+    for r in range(reps):
+        for b in ((1, 16) if r % 2 == 0 else (16, 1)):
+            n = 16 // b
+            c, t = time.thread_time(), time.perf_counter()
+            for _ in range(n):
+                lm.embed_images(xs[b])
+            if cuda:
+                torch.cuda.synchronize()
+            out[f"wall_{b}"].append((time.perf_counter() - t) / 16 * 1000)
+            out[f"cpu_{b}"].append((time.thread_time() - c) / 16 * 1000)
+    return out
 
-            torch.cuda.synchronize()
-        per_item[b] = (time.perf_counter() - t) / (n * b) * 1000
-    return per_item
+
+def _ceilings(samples: dict[str, list[float]]) -> dict:
+    """Medians of the per-item figures and of the pairs' batch-1 ÷ batch-16 ratios (wall, CPU)."""
+    import numpy as np
+
+    med = {k: round(float(np.median(v)), 2) for k, v in samples.items()}
+    wall = [a / b for a, b in zip(samples["wall_1"], samples["wall_16"])]
+    cpu = [a / b for a, b in zip(samples["cpu_1"], samples["cpu_16"])]
+    return {"ms_per_item_median": med, "pairs": len(wall),
+            "ceiling": round(float(np.median(wall)), 3), "ceiling_min_max": [round(min(wall), 2), round(max(wall), 2)],
+            "cpu_ceiling": round(float(np.median(cpu)), 3)}
 
 
-def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests_c1: int = 60, rounds: int = 2) -> dict:
+def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests_c1: int = 60, rounds: int = 3,
+                ceiling_pairs: int = 8) -> dict:
     import io
 
     import numpy as np
@@ -400,8 +487,10 @@ def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests
                 torch.cuda.synchronize()
             return e
 
-        per_item = _model_only(lm, torch.from_numpy(view(rserve.load_npy(payload, lm.image), {})[None]), cuda)
-        ceiling = per_item[1] / per_item[16]
+        x1 = torch.from_numpy(view(rserve.load_npy(payload, lm.image), {})[None])
+        # The ceiling is measured before and after the Serve runs (half the pairs each), so a
+        # load that changes over the run is in it; the median of the pairs counts.
+        samples = _model_only(lm, x1, cuda, ceiling_pairs // 2)
         key = "bench-" + os.urandom(16).hex()
         keys_file = os.path.join(root, "api-keys")
         with open(keys_file, "w") as f:
@@ -411,8 +500,17 @@ def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests
             modes[mode] = _serve_side(model_url, payload, in_process, cuda=cuda, ncpu=ncpu, replica_cpus=replica_cpus,
                                       requests_c16=requests_c16, requests_c1=requests_c1, rounds=rounds, env=env,
                                       host=host, keys_file=keys_file, key=key)
+        for k, v in _model_only(lm, x1, cuda, ceiling_pairs - ceiling_pairs // 2).items():
+            samples[k] += v
+        model_only = _ceilings(samples)
+        ceiling, cpu_ceiling = model_only["ceiling"], model_only["cpu_ceiling"]
+        for mode in modes:
             r = modes[mode]["ratios"]
-            r["batched / unbatched ÷ model-only ceiling"] = round(r["batched / unbatched rps @16"] / ceiling, 2)
+            r["batched / unbatched ÷ model-only ceiling"] = round(
+                r["batched / unbatched rps @16, median of paired rounds"] / ceiling, 2)
+            if "unbatched / batched replica CPU per request @16" in r:
+                r["replica CPU ratio ÷ model-only CPU ceiling"] = round(
+                    r["unbatched / batched replica CPU per request @16"] / cpu_ceiling, 2)
         # batched ≥ 3× unbatched only where the model itself gains that much from a batch (GPU).
         speedup_target = ">= 3" if ceiling >= 3 / 0.9 else f"- (ceiling {ceiling:.2f} < 3.3 on {device})"
         return {
@@ -421,17 +519,23 @@ def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests
                       "device": device, "cpus": ncpu, "replica_cpus": replica_cpus, "torch_threads": torch.get_num_threads(),
                       "rounds": rounds, "modes": {m: env for m, (env, _) in serve_modes().items()},
                       "replica_env": rserve.REPLICA_ENV},
-            "model_only_ms_per_item": {"batch_1": round(per_item[1], 2), "batch_16": round(per_item[16], 2)},
+            "model_only": model_only,
             "modes": modes,
             "ratios": {
                 "model-only batching ceiling": round(ceiling, 2),
+                "model-only batching ceiling (CPU)": round(cpu_ceiling, 2),
                 **{f"{k} [{m}]": v for m, r in modes.items() for k, v in r["ratios"].items()},
             },
-            "targets": {"model-only batching ceiling": "-",
-                        **{f"{k} [{m}]": t for m in modes for k, t in (("batched / unbatched rps @16", speedup_target),
-                                                                       ("serve overhead p50 ms @1", "<= 5"),
-                                                                       ("serve overhead p50 ms @1 (requests client)", "-"),
-                                                                       ("batched / unbatched ÷ model-only ceiling", ">= 0.9"))}},
+            "targets": {"model-only batching ceiling": "-", "model-only batching ceiling (CPU)": "-",
+                        **{f"{k} [{m}]": t for m in modes for k, t in (
+                            ("batched / unbatched rps @16", "-"),
+                            ("batched / unbatched rps @16, median of paired rounds", speedup_target),
+                            ("unbatched / batched replica CPU per request @16", "-"),
+                            ("serve overhead p50 ms @1", "<= 5"),
+                            ("serve overhead p50 ms @1 (requests client)", "-"),
+                            ("batched / unbatched ÷ model-only ceiling", ">= 0.9"),
+                            ("replica CPU ratio ÷ model-only CPU ceiling", ">= 0.9"))
+                            if k in modes[m]["ratios"]}},
         }
     finally:
         if own:
@@ -440,14 +544,21 @@ def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests
 
 def format_serve(r: dict) -> str:
     lines = ["radforge bench serve", "=" * 20, f"setup: {r['setup']}"]
-    m = r["model_only_ms_per_item"]
-    lines.append(f"model only, ms per item: batch 1 {m['batch_1']:.2f}, batch 16 {m['batch_16']:.2f}")
+    m = r["model_only"]
+    lines.append(f"model only, ms per item (medians of {m['pairs']} interleaved pairs): {m['ms_per_item_median']}; "
+                 f"ceiling {m['ceiling']:.2f} (pairs {m['ceiling_min_max'][0]:.2f}-{m['ceiling_min_max'][1]:.2f}), "
+                 f"CPU ceiling {m['cpu_ceiling']:.2f}")
     for mode, res in r["modes"].items():
         lines += ["", f"Serve settings: {mode} (1-min load average per round: {res['loadavg_1min']})",
                   f"  {'run':<24}{'conc':>5}{'req/s':>10}{'p50 ms':>10}{'p99 ms':>10}"]
         for name, by_c in res["runs"].items():
             for c, v in by_c.items():
                 lines.append(f"  {name:<24}{c[1:]:>5}{v['rps']:>10.1f}{v['p50_ms']:>10.2f}{v['p99_ms']:>10.2f}")
+        for key, rounds_ in res["c16_rounds"].items():
+            lines.append(f"  {key} per round: " + "; ".join(
+                f"{v['rps']:.1f} req/s, replica CPU {v.get('replica_cpu_ms_per_request', float('nan')):.2f} ms/req"
+                + (f", batch mean {v['batch_size_mean']:.1f} {v['batch_sizes']}, queue p50 {v.get('queue_p50_ms', 0):.1f} ms,"
+                   f" model p50 {v.get('model_p50_ms', 0):.1f} ms" if "batch_sizes" in v else "") for v in rounds_))
         lines.append(f"  nice of Serve's processes: {res['niceness']}")
         lines.append("  replica phases of unbatched_interleaved, p50 ms (Server-Timing): "
                      + ", ".join(f"{k} {v:.2f}" for k, v in res["replica_phases_p50_ms"].items()))

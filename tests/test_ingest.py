@@ -259,29 +259,38 @@ def test_ingest_from_and_to_s3(s3_bucket, ray_cluster, tmp_path):
 # ----------------------------------------------------------------------------- kill and resume
 
 
-def test_killed_ingest_resumes_without_rewriting_completed_shards(corpus, ray_cluster, tmp_path):
-    import time
-
-    dest = tmp_path / "shards"
+@pytest.fixture(scope="module")
+def killed_and_resumed(corpus, ray_cluster, tmp_path_factory):
+    """`radforge ingest` of the corpus with its report and label tables, killed (SIGKILL) once two
+    shards are done, then run again to completion: (dest, the mtimes of the shards completed before
+    the restart, the killed run's output, the resumed run's CompletedProcess). Two tests read it:
+    the resume guarantees, and what the CLI printed and Ray logged (one ingest for both, not two)."""
+    work = tmp_path_factory.mktemp("killed")
+    dest = work / "shards"
     progress = Path(str(dest) + ".private") / "progress"
     cmd = [sys.executable, "-m", "radforge", "ingest", corpus.dicom_dir, str(dest), "--demo", "--no-progress",
-           "--set", "shards.target_mb=0.02"]
+           "--reports", corpus.reports_csv, "--labels", corpus.labels_csv, "--set", "shards.target_mb=0.02"]
     env = _env(RAY_ADDRESS=ray_cluster)
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None:
-        if progress.exists() and len(list(progress.glob("*.json"))) >= 2:
-            break
-        time.sleep(0.05)
-    assert proc.poll() is None, "ingest finished before it could be killed: make the corpus bigger"
-    proc.kill()
-    proc.wait()
+    with open(work / "killed.out", "wb") as log:
+        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if progress.exists() and len(list(progress.glob("*.json"))) >= 2:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "ingest finished before it could be killed: make the corpus bigger"
+        proc.kill()
+        proc.wait()
     assert not (dest / "manifest.json").exists()
     done_before = {p.name: json.loads(p.read_text())["path"] for p in progress.glob("*.json")}
     stamps = {rel: (dest / rel).stat().st_mtime_ns for rel in done_before.values() if (dest / rel).exists()}
-    assert stamps, "completed shards exist before the restart"
+    resumed = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    return dest, stamps, (work / "killed.out").read_text(errors="replace"), resumed
 
-    out = subprocess.run(cmd, env=env, capture_output=True, text=True)
+
+def test_killed_ingest_resumes_without_rewriting_completed_shards(killed_and_resumed, corpus):
+    dest, stamps, _, out = killed_and_resumed
+    assert stamps, "completed shards exist before the restart"
     assert out.returncode == 0, out.stderr[-2000:]
     m = json.loads((dest / "manifest.json").read_text())
     for rel, ns in stamps.items():
@@ -353,16 +362,16 @@ def test_bad_locations_and_missing_secret_fail_clearly(tmp_path, corpus, capsys,
     assert rc == 2 and len(err.strip().splitlines()) == 1
 
 
-def test_logs_and_terminal_output_hold_no_identifying_values(corpus, ray_cluster, tmp_path):
-    """The CLI's stdout/stderr and every Ray log file of the cluster that ran the tasks."""
+def test_logs_and_terminal_output_hold_no_identifying_values(killed_and_resumed, corpus):
+    """What `radforge ingest` with the report and label tables printed (the killed run's output and
+    the resumed run's stdout/stderr) and every Ray log file of the cluster that ran the tasks."""
     import ray
 
-    r = _cli("ingest", corpus.dicom_dir, str(tmp_path / "shards"), "--demo",
-             "--reports", corpus.reports_csv, "--labels", corpus.labels_csv, RAY_ADDRESS=ray_cluster)
+    _, _, killed, r = killed_and_resumed
     assert r.returncode == 0, r.stderr[-2000:]
     assert "files seen" in r.stdout
     needles = [s for s in corpus.secrets if len(s) >= 6] + [phantoms.PHI_MARKER]
-    for text in (r.stdout, r.stderr):
+    for text in (killed, r.stdout, r.stderr):
         for n in needles:
             assert n.lower() not in text.lower()
     logs = Path(ray._private.worker._global_node.get_session_dir_path()) / "logs"

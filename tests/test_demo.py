@@ -1,5 +1,5 @@
 """The `make demo` path end to end, in its small `--quick` variant: sample corpus → ingest → tiny
-CLIP (X-ray) and 3D CLIP (CT) (DeepSpeed ZeRO-2, 2 Ray Train workers each; the full demo adds the
+CLIP (X-ray) and 3D CLIP (CT) (DeepSpeed ZeRO-2, one Ray Train worker each in --quick; the full demo runs 2 and adds the
 MAE and DINO) → export → indexes → evaluation (every protocol, reports) → Ray Serve with both
 CLIPs queried over HTTP (an X-ray file, a zipped CT series). One subprocess, as a user runs it.
 

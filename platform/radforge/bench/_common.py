@@ -143,16 +143,20 @@ def _ct_corpus(root: str, *, series: int, slices: int, size: int, syntax: str) -
     return corpus, [p for p, _ in storage.find_files(corpus)]
 
 
-def _tree_cpu_s(since: dict | None = None):
-    """CPU seconds (user + system) of this process and its descendants (the local Ray cluster:
-    raylet, GCS, workers). Without `since`: a snapshot by pid; with it: seconds used since then
-    (processes that exited in between are not counted). Robust to other load on the machine,
-    unlike wall time."""
+def _tree_cpu_s(since: dict | None = None, *, root=None):
+    """CPU seconds (user + system) of `root` (a psutil.Process; default this process) and its
+    descendants (the local Ray cluster: raylet, GCS, workers). Without `since`: a snapshot by
+    pid (empty when `root` is gone); with it: seconds used since then (processes that exited in
+    between are not counted). Robust to other load on the machine, unlike wall time."""
     import psutil
 
-    me = psutil.Process()
+    me = root or psutil.Process()
+    try:
+        tree = [me, *me.children(recursive=True)]
+    except psutil.Error:
+        tree = []
     now = {}
-    for p in [me, *me.children(recursive=True)]:
+    for p in tree:
         try:
             c = p.cpu_times()
             now[p.pid] = c.user + c.system

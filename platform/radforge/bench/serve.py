@@ -68,7 +68,7 @@ import tempfile
 import threading
 import time
 
-from radforge.bench._common import _Sampler, _block, _rss_pss
+from radforge.bench._common import _Sampler, _block, _rss_pss, _tree_cpu_s
 
 
 def _bench_model(root: str) -> str:
@@ -285,18 +285,7 @@ def _replica_processes() -> dict[str, object]:
 
 def _cpu_s(p) -> float:
     """CPU seconds of `p` (psutil) and its children so far; 0 when it is gone or None."""
-    import psutil
-
-    if p is None:
-        return 0.0
-    total = 0.0
-    try:
-        for q in (p, *p.children(recursive=True)):
-            t = q.cpu_times()
-            total += t.user + t.system
-    except (psutil.Error, OSError):
-        pass
-    return total
+    return 0.0 if p is None else float(sum(_tree_cpu_s(root=p).values()))
 
 
 def _serve_niceness() -> dict[str, int]:

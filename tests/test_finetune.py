@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from sklearn.metrics import roc_auc_score
 
 from radforge import checkpoint, config, kinds, models
 from radforge.config import FinetuneConfig, ModelConfig, TrainRecipe, ViewConfig
@@ -44,6 +43,8 @@ def _task(n: int, seed: int) -> dict:
 
 
 def _auroc(model, data) -> list[float]:
+    from sklearn.metrics import roc_auc_score  # here, not at collection: every xdist worker collects
+
     p = model.eval().classify(data["image"]).numpy()
     model.train()
     return [roc_auc_score(data["truth"][:, j].numpy(), p[:, j]) for j in range(p.shape[1])]

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import logging
@@ -1762,25 +1763,39 @@ def load_ct(item: PlanItem, read: Callable[[str], bytes], clock: StageClock = NO
     Input problems raise `Reject`; nothing else does except `read`'s own I/O errors. `clock`
     is charged per stage (read, parse, decode, hu).
     """
+    vol = np.empty(item.source_shape, dtype=np.float32)
+    _hu_slices(item, read, clock)(0, vol.shape[0], vol)
+    return vol, np.array(item.source_affine, dtype=np.float64)
+
+
+def _hu_slices(item: PlanItem, read: Callable[[str], bytes], clock: StageClock = NO_CLOCK):
+    """`fill(k0, k1, out)`: the HU float32 slices k0..k1 of a planned CT series into `out`
+    (`load_ct`'s volume, or a slab of it: `transforms.Profile.canonical_ct_filled`), decoding
+    each file as it is needed, in planned order → a lower bound of the values written
+    (`_least_hu`; -inf where none is known). Rejects as `load_ct` does."""
     shape = item.source_shape
     limit = _decode_limit(item)
-    vol = np.empty(shape, dtype=np.float32)
     cache: dict[str, tuple[pydicom.Dataset, np.ndarray]] = {}
-    for k, (path, frame) in enumerate(zip(item.paths, item.frames)):
-        if path not in cache:
-            # A multi-frame file is decoded once; single-frame files are used once each.
-            if frame < 0:
-                cache.clear()
-            data = read(path)
-            clock.lap("read")
-            ds = _safely(_decode, data)
-            clock.lap("parse")
-            cache[path] = ds, _safely(_pixels, ds, limit)
-            clock.lap("decode")
-        ds, arr = cache[path]
-        _safely(_hu_plane, ds, arr, frame, shape, vol[k])
-        clock.lap("hu")
-    return vol, np.array(item.source_affine, dtype=np.float64)
+
+    def fill(k0: int, k1: int, out: np.ndarray) -> float:
+        least = math.inf
+        for k, (path, frame) in enumerate(zip(item.paths[k0:k1], item.frames[k0:k1]), k0):
+            if path not in cache:
+                # A multi-frame file is decoded once; single-frame files are used once each.
+                if frame < 0:
+                    cache.clear()
+                data = read(path)
+                clock.lap("read")
+                ds = _safely(_decode, data)
+                clock.lap("parse")
+                cache[path] = ds, _safely(_pixels, ds, limit)
+                clock.lap("decode")
+            ds, arr = cache[path]
+            least = min(least, _safely(_hu_plane, ds, arr, frame, shape, out[k - k0]))
+            clock.lap("hu")
+        return least
+
+    return fill
 
 
 def _decode_pixels(data: bytes, limit: int) -> tuple[pydicom.Dataset, np.ndarray]:
@@ -1796,7 +1811,8 @@ def _decode_limit(item: PlanItem) -> int:
     return 2 * (CTConfig().max_voxels if item.kind is kinds.CT else XrayConfig().max_pixels)
 
 
-def _hu_plane(ds, arr: np.ndarray, frame: int, shape: list[int], out: np.ndarray) -> None:
+def _hu_plane(ds, arr: np.ndarray, frame: int, shape: list[int], out: np.ndarray) -> float:
+    """One slice's HU into float32 `out` → a lower bound of what was written (-inf: none known)."""
     if frame >= 0:
         if arr.ndim != 3 or frame >= arr.shape[0]:
             raise Reject("decode_error")  # fewer frames decoded than the header promised
@@ -1808,6 +1824,19 @@ def _hu_plane(ds, arr: np.ndarray, frame: int, shape: list[int], out: np.ndarray
     if plane.shape != tuple(shape[1:]):
         raise Reject("mixed_geometry")
     slope, inter = _rescale(ds, frame)
+    _rescaled(plane, slope, inter, out)
+    # Finite slope and intercept (`_rescale`) on integer pixels cannot overflow float32 unless
+    # the stored range times the slope comes near float32's limit: only then scan for inf.
+    integer = np.issubdtype(plane.dtype, np.integer)
+    if not (integer and _bound(plane.dtype) * abs(slope) + abs(inter) < 1e37):
+        if not np.isfinite(out).all():
+            raise Reject("decode_error")
+        return -math.inf
+    return _least_hu(plane.dtype, slope, inter)
+
+
+def _rescaled(plane: np.ndarray, slope: float, inter: float, out: np.ndarray) -> None:
+    """HU = stored value × slope + intercept, into float32 `out`."""
     if slope == 1.0:
         # The same float32 values as the general path (an integer converts to float32 exactly
         # either way, then one float32 addition), in one pass instead of two.
@@ -1815,11 +1844,19 @@ def _hu_plane(ds, arr: np.ndarray, frame: int, shape: list[int], out: np.ndarray
     else:
         np.multiply(plane, slope, out=out, casting="unsafe")
         out += inter
-    # Finite slope and intercept (`_rescale`) on integer pixels cannot overflow float32 unless
-    # the stored range times the slope comes near float32's limit: only then scan for inf.
-    if not (np.issubdtype(plane.dtype, np.integer) and _bound(plane.dtype) * abs(slope) + abs(inter) < 1e37):
-        if not np.isfinite(out).all():
-            raise Reject("decode_error")
+
+
+@functools.lru_cache(maxsize=256)
+def _least_hu(dtype: np.dtype, slope: float, inter: float) -> float:
+    """The least HU `_rescaled` writes for any value of an integer dtype: the same arithmetic on
+    the dtype's two extremes (each of its steps rounds monotonically, so every stored value
+    maps between what they map to). A series whose slices all lie above the air floor need not
+    be floored (`transforms.Profile.canonical_ct_filled`); the uint16, intercept -1024 slices of
+    many scanners cannot lie below it."""
+    info = np.iinfo(dtype)
+    ends = np.empty(2, dtype=np.float32)
+    _rescaled(np.array([info.min, info.max], dtype=dtype), slope, inter, ends)
+    return float(ends.min())
 
 
 def _bound(dtype) -> float:
@@ -1976,8 +2013,9 @@ def canonical(item: PlanItem, read: Callable[[str], bytes], profile: Profile,
 
 def _canonical_ct(item: PlanItem, read: Callable[[str], bytes], profile: Profile,
                   clock: StageClock = NO_CLOCK) -> tuple[np.ndarray, dict]:
-    hu, affine = load_ct(item, read, clock)
-    array, affine, source_spacing = profile.canonical_ct(hu, affine, clock)
+    # Slab by slab where the profile can (no float32 volume of the source held): the same bytes.
+    array, affine, source_spacing = profile.canonical_ct_filled(item.source_shape, item.source_affine,
+                                                                _hu_slices(item, read, clock), clock)
     return array, {
         "canonical_source_spacing_mm": _rounded(source_spacing),
         "shape": list(array.shape),

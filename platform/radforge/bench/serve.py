@@ -448,7 +448,7 @@ def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests
     import numpy as np
     import torch
 
-    from radforge import checkpoint
+    from radforge import checkpoint, serve_decode
     from radforge import serve as rserve
 
     own = workdir is None
@@ -470,13 +470,13 @@ def bench_serve(*, workdir: str | None = None, requests_c16: int = 256, requests
         view = lm.image.view(lm.view)
 
         def in_process():
-            x = view(rserve.load_npy(payload, lm.image), {})
+            x = view(serve_decode.load_npy(payload, lm.image), {})
             e = lm.embed_images(torch.from_numpy(x[None]))
             if cuda:
                 torch.cuda.synchronize()
             return e
 
-        x1 = torch.from_numpy(view(rserve.load_npy(payload, lm.image), {})[None])
+        x1 = torch.from_numpy(view(serve_decode.load_npy(payload, lm.image), {})[None])
         # The ceiling is measured before and after the Serve runs (half the pairs each), so a
         # load that changes over the run is in it; the median of the pairs counts.
         samples = _model_only(lm, x1, cuda, ceiling_pairs // 2)

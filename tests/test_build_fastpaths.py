@@ -4,11 +4,14 @@ The plain path: `dicom.load_ct` holds the whole float32 HU volume, then
 `transforms.Profile.canonical_ct` floors it at air, orients, resamples and rounds it. The fast
 path (`dicom.canonical` → `Profile.canonical_ct_filled`) fills, floors and resamples in plane one
 slab (`transforms._CHUNK_ELEMENTS`) at a time, and skips the floor where the slices' HU cannot
-lie below it (`dicom._least_hu`). Each test compares the two, byte for byte, on inputs that take each branch.
+lie below it (`dicom._least_hu`). Each test compares the two, byte for byte, on inputs that take
+each branch. The header elements every slice reads (`dicom._with_slice_elements`, converted once
+per distinct raw element) are compared with pydicom's own reading of each file.
 """
 
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
@@ -227,3 +230,48 @@ def test_canonical_ct_rejects_as_the_plain_path(tmp_path, study):
             build()
         reasons.append(e.value.reason)
     assert reasons[0] == reasons[1]
+
+
+# ---------------------------------------------------------------------------------------------
+# dicom._with_slice_elements: each slice's pixel-module and rescale elements, converted once
+
+
+@pytest.mark.parametrize("name", ["rle_uint16", "float_slope_per_file", "per_slice_implicit", "signed_padding"])
+def test_slice_elements_equal_pydicom_s_and_are_shared_only_when_equal(tmp_path, study, name):
+    kwargs, rewrite = SERIES[name]
+    info = phantoms.ct_series(tmp_path / name, study, **{"n_slices": 6, "rows": 20, "cols": 20, "seed": 8, **kwargs})
+    _rewrite(info.paths, **rewrite)
+    seen: dict[int, list] = {}  # the elements themselves, kept alive: their ids stay distinct
+    for path in sorted(info.paths) * 2:  # the second round meets every element converted before
+        data = open(path, "rb").read()
+        ds, ref = dicom._decode(data), pydicom.dcmread(io.BytesIO(data))
+        for tag in dicom._SLICE_TAGS:
+            assert (tag in ds) == (tag in ref)
+            if tag in ref:
+                assert (ds[tag].VR, ds[tag].value) == (ref[tag].VR, ref[tag].value)
+                seen.setdefault(tag, []).append(ds[tag])
+        assert dicom._rescale(ds, -1) == (float(ref.get("RescaleSlope", 1)), float(ref.get("RescaleIntercept", 0)))
+        np.testing.assert_array_equal(dicom._pixels(ds, 1 << 30), ref.pixel_array)
+    # One object per distinct element where the walk gives pydicom's raw elements; the
+    # intercepts that vary per file are as many objects as values.
+    objects = {tag: len({id(e) for e in elems}) for tag, elems in seen.items()}
+    if name != "per_slice_implicit":  # implicit VR: the raw elements carry no VR, none shared
+        assert objects[0x00280010] == 1  # Rows
+    else:
+        assert objects[0x00280010] == 2 * len(info.paths)
+    if name == "float_slope_per_file":
+        assert objects[0x00281052] == len(info.paths)  # RescaleIntercept: one per file
+
+
+def test_slice_element_that_fails_to_convert_rejects_each_time(tmp_path, study):
+    info = phantoms.ct_series(tmp_path / "bad", study, n_slices=4, rows=20, cols=20, seed=8)
+    data = open(info.paths[0], "rb").read()
+    at = data.index(b"\x28\x00\x53\x10DS")  # RescaleSlope, explicit VR little endian
+    length = int.from_bytes(data[at + 6 : at + 8], "little")
+    bad = data[: at + 8] + b"x" * length + data[at + 8 + length :]
+    for _ in range(2):
+        ds = dicom._decode(bad)
+        with pytest.raises(dicom.Reject) as e:
+            dicom._rescale(ds, -1)
+        assert e.value.reason == "decode_error"
+    assert dicom._rescale(dicom._decode(data), -1)[0] == float(pydicom.dcmread(info.paths[0]).RescaleSlope)

@@ -1471,16 +1471,53 @@ def _decode(data: bytes, limits: HeaderLimits = HEADER_LIMITS) -> pydicom.Datase
     if _meta_transfer_syntax(io.BytesIO(data)) == DeflatedExplicitVRLittleEndian:
         _check_inflated_size(io.BytesIO(data), limits.max_inflated_bytes)
     try:
-        return _decode_explicit_le(data, limits)
+        return _with_slice_elements(_decode_explicit_le(data, limits))
     except _Unhandled:
         pass
     f = _Reader(io.BytesIO(data), dataclasses.replace(limits, max_bytes=limits.max_bytes + len(data)), prefix=data)
     try:
-        return pydicom.dcmread(f)
+        ds = pydicom.dcmread(f)
     except zlib.error as e:  # a Deflated data set cut short
         raise Reject("truncated" if "-5" in str(e) else "unreadable_header") from None
     except Exception:  # noqa: BLE001
         raise Reject("unreadable_header") from None
+    return _with_slice_elements(ds)
+
+
+# The elements every slice's decode and HU read (the image pixel module, rescale: ~13
+# conversions a slice, by pydicom's decoder, `declared_pixel_bytes` and `_rescale`), converted
+# once per distinct raw element: the slices of a series repeat them byte for byte at the same
+# offsets. Only VRs whose conversion reads nothing but the raw element (not its data set, not
+# the character set), so a DataElement made in one data set is the one any other would make.
+# They are only read (by pydicom and here), never changed.
+_SLICE_TAGS = tuple(pydicom.datadict.tag_for_keyword(k) for k in (
+    "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
+    "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames", "RescaleSlope", "RescaleIntercept"))
+_SLICE_VRS = frozenset(("US", "CS", "IS", "DS"))
+_SLICE_ELEMENTS: dict[_RawDataElement, pydicom.DataElement] = {}
+
+
+def _with_slice_elements(ds: pydicom.FileDataset) -> pydicom.FileDataset:
+    """`ds` with its `_SLICE_TAGS` elements converted, each as `ds[tag]` converts it, those
+    an earlier file had byte for byte from `_SLICE_ELEMENTS`. One that fails to convert stays
+    raw (and fails again where it is read, as it would have)."""
+    elems = ds._dict  # tag → RawDataElement | DataElement, as read (pydicom 3 internal)
+    for tag in _SLICE_TAGS:
+        raw = elems.get(tag)
+        if type(raw) is not _RawDataElement or raw.VR not in _SLICE_VRS or raw.value is None:
+            continue
+        elem = _SLICE_ELEMENTS.get(raw)
+        if elem is not None:
+            elems[tag] = elem  # what ds[tag] would store (a public, non-sequence tag)
+            continue
+        try:
+            elem = ds[tag]
+        except Exception:  # noqa: BLE001 — malformed: left for the reader to meet
+            continue
+        if len(_SLICE_ELEMENTS) >= _CONVERTED_MAX:
+            _SLICE_ELEMENTS.clear()
+        _SLICE_ELEMENTS[raw] = elem
+    return ds
 
 
 class _Unhandled(Exception):

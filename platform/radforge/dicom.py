@@ -1468,12 +1468,12 @@ def _sample_item(kind: kinds.ImageKind, first: dict, rows: list[dict], ctx: Plan
 def _decode(data: bytes, limits: HeaderLimits = HEADER_LIMITS) -> pydicom.Dataset:
     """The whole data set of a planned file, under the header caps again (the bytes read now
     may not be those scanned), with room for the pixel data, which is in memory already."""
-    if _meta_transfer_syntax(io.BytesIO(data)) == DeflatedExplicitVRLittleEndian:
-        _check_inflated_size(io.BytesIO(data), limits.max_inflated_bytes)
     try:
         return _with_slice_elements(_decode_explicit_le(data, limits))
-    except _Unhandled:
+    except _Unhandled:  # Deflated among them: its file meta says so before the data set is walked
         pass
+    if _meta_transfer_syntax(io.BytesIO(data)) == DeflatedExplicitVRLittleEndian:
+        _check_inflated_size(io.BytesIO(data), limits.max_inflated_bytes)
     f = _Reader(io.BytesIO(data), dataclasses.replace(limits, max_bytes=limits.max_bytes + len(data)), prefix=data)
     try:
         ds = pydicom.dcmread(f)

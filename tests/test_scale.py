@@ -19,17 +19,39 @@ def _recipe():
     return config.load(IngestRecipe, None, ["deid.demo_key=true", "series.per_study=thinnest"])
 
 
+def _plan_sorted(t: pa.Table, group_by_group: bool = False) -> pa.Table:
+    """Index rows → items as the plan stage makes them from one sorted block (`ingest._plan_block`),
+    or group by group, one call per group (what a groupby's map_groups did)."""
+    recipe = _recipe()
+    secret = deid.load_secret(recipe.deid)
+    t = t.sort_by("group_key")
+    if not group_by_group:
+        return ingest._plan_block(t, recipe, secret)
+    keys = t.column("group_key").to_pylist()
+    runs = [list(g) for _, g in itertools.groupby(range(t.num_rows), keys.__getitem__)]
+    return pa.concat_tables([ingest._plan_block(t.slice(g[0], len(g)), recipe, secret) for g in runs])
+
+
+def test_a_sorted_block_plans_as_its_groups_one_by_one():
+    """`ingest._plan_block` plans a whole sorted block at once: the same items, in the same order,
+    as one call per group; and one chunk per column (Ray serialises a block chunk by chunk)."""
+    listed = ingest._scan_rows([], ["/archive/fifo", "/archive/link"], [0, 0], ["not_regular_file", "symlink_outside_source"])
+    t = pa.concat_tables([scale.synthetic_rows(2, 2_000), listed])
+    whole = _plan_sorted(t)
+    assert whole.equals(_plan_sorted(t, group_by_group=True))
+    assert all(c.num_chunks == 1 for c in whole.columns)
+    statuses = set(zip(whole.column("status").to_pylist(), whole.column("reason").to_pylist()))
+    assert {("skipped", "not_regular_file"), ("rejected", "unreadable_header"), ("planned", None)} <= statuses
+    assert ingest._plan_block(t.slice(0, 0), _recipe(), b"k" * 32).num_rows == 0
+
+
 def test_synthetic_rows_are_index_rows_that_plan_like_an_archive():
     t = scale.synthetic_rows(2, 2_000)  # part 2 at 2k rows holds both rare dispositions (deterministic)
     assert t.schema == dicom.INDEX_SCHEMA and t.num_rows == 2_000
     assert t.equals(scale.synthetic_rows(2, 2_000)) and not t.equals(scale.synthetic_rows(3, 2_000))
     assert len(set(t.column("path").to_pylist())) == t.num_rows
-    # Planned through ingest's own per-group path (one group = one series or one radiograph).
-    t = t.sort_by("group_key")
-    recipe, keys = _recipe(), t.column("group_key").to_pylist()
-    secret = deid.load_secret(recipe.deid)
-    items = pa.concat_tables([ingest._plan_batch(t.slice(g[0], len(g)), recipe, secret)
-                              for _, g in ((k, list(g)) for k, g in itertools.groupby(range(t.num_rows), keys.__getitem__))])
+    # Planned through ingest's own path (a block sorted by group key: one group = one series or one radiograph).
+    items = _plan_sorted(t)
     planned = items.filter(pc.equal(items.column("status"), "planned"))
     kinds_planned = set(planned.column("kind").to_pylist())
     assert kinds_planned == {"ct", "xray"}
@@ -46,11 +68,7 @@ def test_synthetic_rows_are_index_rows_that_plan_like_an_archive():
 def test_ledger_parts_hold_a_blocks_lines_and_count_them(tmp_path):
     """`ingest._ledger_part`: a block's ledger lines in one part file named by its bytes (a retried
     task writes the same file), and the counts per status and reason the driver sums."""
-    t = scale.synthetic_rows(2, 2_000).sort_by("group_key")
-    recipe, keys = _recipe(), t.column("group_key").to_pylist()
-    secret = deid.load_secret(recipe.deid)
-    items = pa.concat_tables([ingest._plan_batch(t.slice(g[0], len(g)), recipe, secret)
-                              for _, g in ((k, list(g)) for k, g in itertools.groupby(range(t.num_rows), keys.__getitem__))])
+    items = _plan_sorted(scale.synthetic_rows(2, 2_000))
     counts = ingest._ledger_part(items, str(tmp_path))
     lines = ingest._ledger_lines(items)
     assert len(set(counts.column("part").to_pylist())) == 1 and sum(counts.column("n").to_pylist()) == lines.num_rows > 0

@@ -60,6 +60,7 @@ import atexit
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -84,9 +85,9 @@ log = logging.getLogger("radforge.ingest")
 # that overhead near 10% while 1,000 files still make 8 tasks for 2 CPUs (batches of 16 were
 # ~60% overhead). Shuffle partitions scale with the data: each is one reduce task plus one
 # block, so ∝-files partitioning made small and medium runs pay for hundreds of near-empty
-# tasks. (Ray's sort shuffle makes one partition per input block and ignores num_partitions,
-# which only the hash shuffle honours: the plan's parallelism comes from the index blocks of
-# PLAN_ROWS_PER_PARTITION rows; planning is ~0.1 ms per file, so one block is fine when small.)
+# tasks. (Ray's sort makes one partition per input block, so the plan's parallelism comes from
+# the index blocks of PLAN_ROWS_PER_PARTITION rows; planning is ~0.05 ms per file, so one block
+# is fine when small.)
 SCAN_BATCH = 128
 PLAN_ROWS_PER_PARTITION = 50_000  # index rows (~1 KB each) per plan partition: ~50 MB per task
 INDEX_PART_ROWS = 250_000  # rows per private index parquet part (parallel re-read at scale)
@@ -221,7 +222,7 @@ def run(
                 return Result(dest, private, prev.manifest, time.time() - t0, noop=True, stage_s=stage,
                               source_stats=_source_stats(source))
         t = time.time()
-        plan = _plan(index, recipe, secret, tables, seen)
+        plan = _plan(index, recipe, secret, tables)
         plan.version = prev.version + 1 if prev is not None else 1
         stage["plan"] = time.time() - t
 
@@ -300,15 +301,15 @@ def _list_and_scan(source: str, private: str, progress: bool):
     return index, seen
 
 
-def _plan(index, recipe: IngestRecipe, secret: bytes, tables: "_TablesSpec | None", seen: int) -> _Plan:
+def _plan(index, recipe: IngestRecipe, secret: bytes, tables: "_TablesSpec | None") -> _Plan:
     """plan: group the index by series / image, validate → items (materialised), shard counts
     per split from the estimated bytes and `shards.target_mb`, and the plan digest."""
-    import ray
-
-    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+    # A sort puts every row of a group into one block (its ranges split between keys); each
+    # block is planned whole (`_plan_block`), which is what a groupby's map_groups does, less
+    # its one output table per group.
     items = (
-        index.groupby("group_key", num_partitions=_partitions(max(cpus, math.ceil(seen / PLAN_ROWS_PER_PARTITION))))
-        .map_groups(_plan_batch, batch_format="pyarrow", fn_kwargs={"recipe": recipe, "secret": secret})
+        index.sort("group_key")
+        .map_batches(_plan_block, batch_size=None, batch_format="pyarrow", fn_kwargs={"recipe": recipe, "secret": secret})
         .materialize()
     )
     items = _select_per_study(items, recipe)
@@ -766,13 +767,20 @@ def _items_of(batch: pa.Table) -> list[dicom.PlanItem]:
     return items
 
 
-def _plan_batch(batch: pa.Table, recipe: IngestRecipe, secret: bytes) -> pa.Table:
+def _plan_block(batch: pa.Table, recipe: IngestRecipe, secret: bytes) -> pa.Table:
+    """Index rows sorted by group key, every group whole → the items of each group in turn, as
+    one table: one Arrow conversion each way per block. (A table per group, as map_groups
+    yields, made blocks of thousands of chunks per column, and Ray serialises a table chunk by
+    chunk: ~40 % of planning's CPU went to (de)serialising them.)"""
     ctx = dicom.PlanContext(recipe=recipe, pseudo=deid.Pseudonymizer(secret), pixel_digest=_copy_digest)
-    rows = _index_rows(batch)
-    # Entries the listing skipped (status "skipped", see _list) keep that disposition.
-    skipped = [dicom.PlanItem(status="skipped", reason=r["reason"], paths=[r["path"]], all_paths=[r["path"]])
-               for r in rows if r["status"] == "skipped"]
-    return _items_table(skipped + dicom.plan_group([r for r in rows if r["status"] != "skipped"], ctx))
+    items: list[dicom.PlanItem] = []
+    for _, group in itertools.groupby(_index_rows(batch), key=lambda r: r["group_key"]):
+        rows = list(group)
+        # Entries the listing skipped (status "skipped", see _list) keep that disposition.
+        items += [dicom.PlanItem(status="skipped", reason=r["reason"], paths=[r["path"]], all_paths=[r["path"]])
+                  for r in rows if r["status"] == "skipped"]
+        items += dicom.plan_group([r for r in rows if r["status"] != "skipped"], ctx)
+    return _items_table(items)
 
 
 def _series_rows(batch: pa.Table) -> pa.Table:

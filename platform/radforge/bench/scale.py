@@ -236,7 +236,7 @@ def pipeline(n_rows: int, paths: dict, recipe=None, *, mark=None, inspect=None) 
         t = time.perf_counter()
         index = ray.data.from_items([{"part": u} for u in paths["parts"]], override_num_blocks=len(paths["parts"])).map_batches(
             ingest._read_index_parts, batch_size=1, batch_format="pyarrow")
-        plan = ingest._plan(index, recipe, secret, None, n_rows)
+        plan = ingest._plan(index, recipe, secret, None)
         stage["plan"] = time.perf_counter() - t
         mark("plan")
         t = time.perf_counter()

@@ -40,16 +40,17 @@ measured on 2 shared cores (`radforge bench serve`) that path alone costs 13-16 
 with `INGRESS_ENV` (`RAY_SERVE_ENABLE_HA_PROXY=1`, `RAY_SERVE_THROUGHPUT_OPTIMIZED=1`) in the
 environment of every `ray start` (the controller and proxies read it when they start, so
 `build_app` cannot set it; `make cluster-local`, the launcher and the RayService set it by default
-when HAProxy is installed: `ingress_env`, opt-out RADFORGE_INGRESS=proxy), HAProxy listens on the Serve port and forwards each connection to the replica's own HTTP server
-(Serve's direct ingress: uvicorn in the replica, this ASGI app on the client's socket), so the
-body arrives in the replica like in any ASGI server. Same URL, same app: auth, limits and 415/413
-before the body is read behave the same. Replicas then listen on ports 30000-31000 of their node
-on the Serve host (bind all interfaces, API keys required, for HAProxy on other nodes to reach
-them). In the replica the app's front (`_Api`, plain ASGI) checks the API key and answers the
-image POSTs itself, past FastAPI's per-request middleware, routing and dependency solving; every
-other path is FastAPI's. Inside a replica, DICOM is decoded in decode worker processes (hostile
-input, below), a checked .npy in the replica itself, and model forwards run on one thread, so the
-parsing of the next requests overlaps the current batch.
+when HAProxy is installed: `ingress_env`, opt-out RADFORGE_INGRESS=proxy), HAProxy listens on the
+Serve port and forwards each connection to the replica's own HTTP server (Serve's direct ingress:
+uvicorn in the replica, this ASGI app on the client's socket), so the body arrives in the replica
+like in any ASGI server. Same URL, same app: auth, limits and 415/413 before the body is read
+behave the same. Replicas then listen on ports 30000-31000 of their node on the Serve host (bind
+all interfaces, API keys required, for HAProxy on other nodes to reach them). In the replica the
+app's front (`_Api`, plain ASGI) checks the API key and answers the image POSTs itself, past
+FastAPI's per-request middleware, routing and dependency solving; every other path is FastAPI's.
+Inside a replica, DICOM is decoded in decode worker processes (hostile input, below), a checked
+.npy in the replica itself, and model forwards run on one thread, so the parsing of the next
+requests overlaps the current batch, and the next batch (`Batcher`) takes what arrived meanwhile.
 
 HTTP API (OpenAPI schema at /openapi.json, docs at /docs)
 --------------------------------------------------------
@@ -64,11 +65,11 @@ A raw body's Content-Type names its decoder: `application/dicom`, `application/x
 or none are recognised by content (the 'DICM' prefix, the .npy or zip magic); any other type is a
 415 unsupported_media_type before the body is read. Multipart parts are recognised by content.
 A .npy is decoded in the replica after its header is checked (`serve_decode.load_npy`); DICOM and
-zips go through the decode workers (below; `radforge.serve_decode`). Every image answer carries a `Server-Timing` header with the
-replica's phases in ms (`Phases`: load, body, decode, model, total) — no content, only times.
-DICOM goes through `radforge.dicom.canonical_from_files` (scan → plan_group → canonical: the exact
-code ingest uses, with the profile recorded in the model) and then the model's view
-(`image.view(view_cfg)` of its `kinds.ImageKind`).
+zips go through the decode workers (below; `radforge.serve_decode`). Every image answer carries a
+`Server-Timing` header with the replica's phases in ms (`Phases`: load, body, decode, model, total)
+— no content, only times. DICOM goes through `radforge.dicom.canonical_from_files` (scan →
+plan_group → canonical: the exact code ingest uses, with the profile recorded in the model) and
+then the model's view (`image.view(view_cfg)` of its `kinds.ImageKind`).
 
   POST /v1/embed        image → {"embedding": [...], "model": id, "preprocessing": {...}}
   POST /v1/zero-shot    image + findings (query `findings=a,b` or form field `findings`; optional

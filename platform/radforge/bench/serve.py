@@ -37,7 +37,8 @@ application/x-npy) for a freshly initialised tiny MAE X-ray model at the default
 (weights do not change the cost); cuda when present. Everything Serve-side runs three times, each
 on a fresh local Ray started with that mode's cluster-wide env (`serve_modes`), every request with
 the API key (as on a non-loopback deployment): `default` (what build_app gives a deployment,
-radforge.serve.REPLICA_ENV, behind Serve's proxy actor), `tuned` (Serve's documented throughput
+radforge.serve.REPLICA_ENV, behind Ray's default ingress, Serve's proxy actor: radforge's fallback
+where no HAProxy binary is installed), `tuned` (Serve's documented throughput
 settings on top, SERVE_TUNED_ENV, still through the proxy) and `haproxy` (radforge.serve.INGRESS_ENV:
 HAProxy on the same port forwarding to the replicas' own HTTP servers, no proxy actor, no body
 pull). The client is http.client, one keep-alive connection per thread (`_Http`): `requests`
@@ -49,14 +50,18 @@ model-only ceiling, and ≥ 3 where that ceiling allows it (≥ 3.3). The client
 machine as the server.
 
 Reading the figures: batching pays where a forward of 16 costs much less than 16 forwards
-(`model_only` ceiling ≫ 1: accelerators, small models). A CPU forward of this ViT is compute-bound,
-per-item cost about flat in batch size, so batched ≈ unbatched there. Serve's per-request cost
-is the empty-GET floor plus, for a POST behind the proxy actor, the replica pulling the body from
-the proxy (actor calls); both grow with scheduling delay on a loaded machine. Behind HAProxy the
-body arrives on the replica's socket ("body" ≈ 0.1 ms) and the floor is HTTP + ASGI in the replica.
-The overhead is a difference of two ~30 ms forwards, one in the replica's process: above load ≈ 5
-they differ by ± 3 ms (one run measured −1.5 ms), so read it beside "outside the handler" and the
-floors, which do not contain a forward.
+(`model_only` ceiling ≫ 1: accelerators, small models). The replica's batcher
+(radforge.serve.Batcher) forms a batch when the model is free, so at concurrency 16 batches settle
+near 8 (half the clients wait on the running forward while the other half queue for the next);
+Serve's own `@serve.batch` formed 2-3 through the proxy, queued behind each other (queue p50
+150-280 ms on 7a6b8a8). A CPU forward of this ViT is compute-bound, per-item cost about flat in
+batch size, so batched ≈ unbatched there. Serve's per-request cost is the empty-GET floor plus, for
+a POST behind the proxy actor, the replica pulling the body from the proxy (actor calls); both grow
+with scheduling delay on a loaded machine. Behind HAProxy the body arrives on the replica's socket
+("body" ≈ 0.1 ms) and the floor is HTTP + ASGI in the replica. The overhead is a difference of two
+~30 ms forwards, one in the replica's process: above load ≈ 5 they differ by ± 3 ms (one run
+measured −1.5 ms), so read it beside "outside the handler" and the floors, which do not contain a
+forward.
 """
 
 from __future__ import annotations

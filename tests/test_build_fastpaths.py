@@ -175,7 +175,8 @@ def _rewrite(paths: list[str], **values) -> None:
 
 
 SERIES = {  # ct_series arguments, then header rewrites: each takes a branch of the build
-    "rle_uint16": (dict(transfer_syntax=RLELossless), {}),  # floor skipped
+    # floor skipped; the pixel module at another offset in every file
+    "rle_uint16": (dict(transfer_syntax=RLELossless), {"ImageComments": lambda i: "c" * (2 + 2 * i)}),
     "slope": (dict(rescale=(0.5, -1000.0)), {}),
     "float_intercept": (dict(), {"RescaleIntercept": "-1024.5", "RescaleSlope": "1.0"}),
     "float_slope_per_file": (dict(), {"RescaleSlope": lambda i: f"{0.9 + 0.01 * i:.2f}",
@@ -237,7 +238,7 @@ def test_canonical_ct_rejects_as_the_plain_path(tmp_path, study):
 
 
 @pytest.mark.parametrize("name", ["rle_uint16", "float_slope_per_file", "per_slice_implicit", "signed_padding"])
-def test_slice_elements_equal_pydicom_s_and_are_shared_only_when_equal(tmp_path, study, name):
+def test_slice_element_values_equal_pydicom_s_and_are_shared_only_when_equal(tmp_path, study, name):
     kwargs, rewrite = SERIES[name]
     info = phantoms.ct_series(tmp_path / name, study, **{"n_slices": 6, "rows": 20, "cols": 20, "seed": 8, **kwargs})
     _rewrite(info.paths, **rewrite)
@@ -248,19 +249,20 @@ def test_slice_elements_equal_pydicom_s_and_are_shared_only_when_equal(tmp_path,
         for tag in dicom._SLICE_TAGS:
             assert (tag in ds) == (tag in ref)
             if tag in ref:
-                assert (ds[tag].VR, ds[tag].value) == (ref[tag].VR, ref[tag].value)
+                assert (ds[tag].VR, ds[tag].value, ds[tag].file_tell) == (ref[tag].VR, ref[tag].value, ref[tag].file_tell)
                 seen.setdefault(tag, []).append(ds[tag])
         assert dicom._rescale(ds, -1) == (float(ref.get("RescaleSlope", 1)), float(ref.get("RescaleIntercept", 0)))
         np.testing.assert_array_equal(dicom._pixels(ds, 1 << 30), ref.pixel_array)
-    # One object per distinct element where the walk gives pydicom's raw elements; the
-    # intercepts that vary per file are as many objects as values.
-    objects = {tag: len({id(e) for e in elems}) for tag, elems in seen.items()}
-    if name != "per_slice_implicit":  # implicit VR: the raw elements carry no VR, none shared
-        assert objects[0x00280010] == 1  # Rows
+    # One value object per distinct raw value where the elements carry their VR (the walk's and
+    # pydicom's explicit VR reads); the slopes and intercepts that vary per file, one per file.
+    values = {tag: len({id(e.value) for e in elems}) for tag, elems in seen.items()}
+    slope, intercept = 0x00281053, 0x00281052
+    if name == "per_slice_implicit":  # implicit VR: raw elements without a VR, converted each time
+        assert values[slope] == 2 * len(info.paths)
+    elif name == "float_slope_per_file":
+        assert values[slope] == values[intercept] == len(info.paths)
     else:
-        assert objects[0x00280010] == 2 * len(info.paths)
-    if name == "float_slope_per_file":
-        assert objects[0x00281052] == len(info.paths)  # RescaleIntercept: one per file
+        assert values[slope] == values[intercept] == 1
 
 
 def test_slice_element_that_fails_to_convert_rejects_each_time(tmp_path, study):

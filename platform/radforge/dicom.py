@@ -1485,38 +1485,43 @@ def _decode(data: bytes, limits: HeaderLimits = HEADER_LIMITS) -> pydicom.Datase
 
 
 # The elements every slice's decode and HU read (the image pixel module, rescale: ~13
-# conversions a slice, by pydicom's decoder, `declared_pixel_bytes` and `_rescale`), converted
-# once per distinct raw element: the slices of a series repeat them byte for byte at the same
-# offsets. Only VRs whose conversion reads nothing but the raw element (not its data set, not
-# the character set), so a DataElement made in one data set is the one any other would make.
-# They are only read (by pydicom and here), never changed.
+# conversions a slice, by pydicom's decoder, `declared_pixel_bytes` and `_rescale`), their
+# values converted once per distinct raw value: the slices of a series repeat them byte for
+# byte (not always at the same offsets: UIDs vary in length). Only VRs whose conversion reads
+# nothing but the VR, the bytes and their byte order (pydicom's `convert_value`: not the data
+# set, not the character set), so a value converted in one data set is the one any other
+# would convert. The values are only read (by pydicom and here), never changed.
 _SLICE_TAGS = tuple(pydicom.datadict.tag_for_keyword(k) for k in (
     "SamplesPerPixel", "PhotometricInterpretation", "Rows", "Columns", "BitsAllocated", "BitsStored", "HighBit",
     "PixelRepresentation", "PlanarConfiguration", "NumberOfFrames", "RescaleSlope", "RescaleIntercept"))
 _SLICE_VRS = frozenset(("US", "CS", "IS", "DS"))
-_SLICE_ELEMENTS: dict[_RawDataElement, pydicom.DataElement] = {}
+_SLICE_VALUES: dict[tuple, tuple] = {}  # (tag, VR, bytes, little endian) → (VR, value)
 
 
 def _with_slice_elements(ds: pydicom.FileDataset) -> pydicom.FileDataset:
-    """`ds` with its `_SLICE_TAGS` elements converted, each as `ds[tag]` converts it, those
-    an earlier file had byte for byte from `_SLICE_ELEMENTS`. One that fails to convert stays
+    """`ds` with its `_SLICE_TAGS` elements converted, each as `ds[tag]` converts it (the
+    DataElement `convert_raw_data_element` makes: this file's offset, the value an earlier file
+    with the same bytes converted to, from `_SLICE_VALUES`). One that fails to convert stays
     raw (and fails again where it is read, as it would have)."""
     elems = ds._dict  # tag → RawDataElement | DataElement, as read (pydicom 3 internal)
     for tag in _SLICE_TAGS:
         raw = elems.get(tag)
         if type(raw) is not _RawDataElement or raw.VR not in _SLICE_VRS or raw.value is None:
             continue
-        elem = _SLICE_ELEMENTS.get(raw)
-        if elem is not None:
-            elems[tag] = elem  # what ds[tag] would store (a public, non-sequence tag)
+        key = (raw.tag, raw.VR, raw.value, raw.is_little_endian)
+        known = _SLICE_VALUES.get(key)
+        if known is not None:
+            # what ds[tag] would store (a public, non-sequence tag of an unambiguous VR)
+            elems[tag] = pydicom.DataElement(raw.tag, known[0], known[1], raw.value_tell, raw.length == 0xFFFFFFFF,
+                                             already_converted=True)
             continue
         try:
             elem = ds[tag]
         except Exception:  # noqa: BLE001 — malformed: left for the reader to meet
             continue
-        if len(_SLICE_ELEMENTS) >= _CONVERTED_MAX:
-            _SLICE_ELEMENTS.clear()
-        _SLICE_ELEMENTS[raw] = elem
+        if len(_SLICE_VALUES) >= _CONVERTED_MAX:
+            _SLICE_VALUES.clear()
+        _SLICE_VALUES[key] = elem.VR, elem.value
     return ds
 
 

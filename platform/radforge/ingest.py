@@ -735,12 +735,15 @@ def _index_table(rows: list[dict]) -> pa.Table:
 
 
 def _index_rows(batch: pa.Table) -> list[dict]:
-    """An INDEX_SCHEMA table → index rows as `dicom.plan_group` takes them."""
-    rows = batch.to_pylist()
-    for r in rows:
-        for k in _JSON_INDEX:
-            r[k] = json.loads(r[k]) if r.get(k) is not None else None
-    return rows
+    """An INDEX_SCHEMA table → index rows as `dicom.plan_group` takes them. A JSON text is
+    parsed once per batch: the files of a series mostly carry the same `safe` and `attrs`, and
+    their rows share the parsed dict (planning reads these, never writes them)."""
+    cols = batch.to_pydict()
+    for k in _JSON_INDEX:
+        if k in cols:
+            parsed: dict[str, Any] = {}
+            cols[k] = [None if s is None else parsed[s] if s in parsed else parsed.setdefault(s, json.loads(s)) for s in cols[k]]
+    return [dict(zip(cols, values)) for values in zip(*cols.values())]
 
 
 _JSON_INDEX = ("safe", "attrs")  # index columns that are dicts in a scanned row, JSON in Arrow

@@ -53,7 +53,7 @@ import threading
 import warnings
 import zlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -270,11 +270,11 @@ def _scan(path: str, size: int, fileobj, limits: HeaderLimits) -> dict:
         # by pydicom's read, over the same bytes (no second request).
         reader = _Reader(fileobj, limits, head=head)
         try:
-            ds = _scan_explicit_le(reader, limits)
+            values = _scan_explicit_le(reader, limits)
         except _Unhandled:
-            ds = None
-        if ds is not None:
-            row = _scan_row(row, ds, reader, size)
+            values = None
+        if values is not None:
+            row = _scan_row(row, values, reader, size)
             if row["reason"] != "unreadable_header":
                 return row
             row = rejected_row(path, size, None)
@@ -294,28 +294,27 @@ def _scan(path: str, size: int, fileobj, limits: HeaderLimits) -> dict:
     return _scan_row(row, ds, reader, size)
 
 
-def _scan_row(row: dict, ds: pydicom.Dataset, reader: "_Reader", size: int) -> dict:
-    """The index row of a header read (`ds`, `reader` at its Pixel Data tag or end)."""
-    if "SOPClassUID" not in ds and "Modality" not in ds:
-        row["reason"] = _unrecognised(ds, reader)
-        return row
+def _scan_row(row: dict, header: "pydicom.Dataset | _HeaderValues", reader: "_Reader", size: int) -> dict:
+    """The index row of a header read (pydicom's data set, with SOPClassUID or Modality, or
+    the values `_scan_explicit_le` walked; `reader` at its Pixel Data tag or end)."""
     # A file cut inside its header still parses (pydicom keeps the short last value and stops),
     # so a short read is the only sign. Checked for every file: a cut can fall before Modality
     # or inside the SOP Class UID, which would pass for another modality. The row is filled
     # first so a rejected file still shows what it was.
     try:
-        _fill_row(row, ds)
-    except Exception:  # noqa: BLE001 — _fill_row tolerates bad values; this is a last resort
+        values = header if isinstance(header, _HeaderValues) else _HeaderValues.of_dataset(header)
+        _fill_row_from(row, values)
+    except Exception:  # noqa: BLE001 — the row fill tolerates bad values; this is a last resort
         row["reason"] = "truncated" if reader.truncated else "unreadable_header"
         return row
     try:
         if reader.truncated:
             raise Reject("truncated")
-        _check_file_meta(ds, row)
+        _check_file_meta(values, row)
         if row["modality"] in kinds.MODALITIES or row["sop_class_uid"] in _IMAGE_SOP_CLASSES:
             # A cut exactly between two elements reads cleanly but leaves the file at EOF
             # where Pixel Data should start; other modalities are rejected anyway, unread.
-            _check_pixel_data_extent(reader, ds, size)
+            _check_pixel_data_extent(reader, values.meta(_TRANSFER_SYNTAX), size)
         row["status"] = "ok"
         row["reason"] = None
     except Reject as r:
@@ -544,89 +543,238 @@ def declared_pixel_bytes(ds) -> int | None:
 _SCANNED_SAFE = (*deid.SAFE_ATTRIBUTES, *deid.AGE_SEX_ATTRIBUTES)  # what the index keeps for metadata
 
 
-# Converted row elements by everything their conversion reads (tag, VR, raw bytes, encoding
-# rules, character set; `ds` only for private tags, which no row reads): the slices of a series
-# repeat most of their header (UIDs, patient, geometry but the position, acquisition values),
-# so a scan task converts each such value once. Only the values are read (never changed or kept
-# in a row: `_fill_row_from` builds new strings, numbers and lists from them).
-_CONVERTED: dict[tuple, "pydicom.DataElement"] = {}
-_CONVERTED_MAX = 8192  # entries, then cleared; values of at most _CONVERTED_MAX_VALUE bytes
-_CONVERTED_MAX_VALUE = 256
+class _Elem(NamedTuple):
+    """A converted row element (`_HeaderValues`): what the row reads of a DataElement."""
+
+    VR: str
+    value: object
+
+
+_SLOW = object()  # `_fast_value`: pydicom's own conversion decides
+_NUMBERS = {vr: struct.Struct("<" + f) for vr, f in (("US", "H"), ("SS", "h"), ("UL", "L"), ("SL", "l"), ("FL", "f"), ("FD", "d"))}
+_STRING_VRS = frozenset(("CS", "AS", "DA", "TM", "DT"))  # pydicom's convert_string (dates stay text)
+_TEXT_VRS = frozenset(("SH", "LO", "UC"))  # convert_text: split at backslashes
+_SINGLE_TEXT_VRS = frozenset(("ST", "LT", "UT"))  # convert_single_string
+_ESC = 0x1B  # ISO 2022 code extensions: pydicom decodes such text fragment by fragment
+_LATIN_1 = frozenset(("iso8859", "latin_1"))  # pydicom's default encoding; ISO_IR 100's Python name
+
+
+def _pydicom_defaults() -> bool:
+    """Whether pydicom converts values the way `_fast_value` mirrors: validation off (this
+    module's setting), no numpy, Decimal or date values, no conversion callbacks."""
+    cfg, hooks = pydicom.config, pydicom.hooks.hooks
+    return (cfg.settings.reading_validation_mode == cfg.IGNORE and not cfg.datetime_conversion
+            and not cfg.use_DS_numpy and not cfg.use_DS_decimal and not cfg.use_IS_numpy
+            and not cfg.use_none_as_empty_text_VR_value and cfg.data_element_callback is None
+            and hooks.raw_element_value is _DEFAULT_VALUE_HOOK and not hooks.raw_element_kwargs)
+
+
+_DEFAULT_VALUE_HOOK = pydicom.hooks.raw_element_value
+
+
+def _fast_value(vr: str, value: bytes, encodings: list):
+    """The value pydicom's `convert_raw_data_element` gives a little-endian element of `vr`
+    with `value` (not empty) under the character set `encodings`, when `_pydicom_defaults`:
+    made by the same calls (pydicom's str, int, float, list, MultiValue, DSfloat, IS and
+    PersonName) without its per-element machinery (hooks, `convert_value`'s dispatch, a
+    DataElement), except a single UID, given as the plain str its UID is. `_SLOW` for what
+    pydicom must decide: other VRs, a multi-valued UID or name, ISO 2022 escapes, text that does
+    not decode, a number that does not parse (pydicom retries such values as other VRs), a
+    length that is no multiple of the number size, a person name with `=` groups or whose
+    encoding may not give its text back. `test_fastpaths` holds every value the row reads to
+    pydicom's, on real files and on edge cases of each VR."""
+    if vr in _STRING_VRS:
+        items = value.decode("latin_1").rstrip(" \x00").split("\\")
+        return items[0] if len(items) == 1 else pydicom.multival.MultiValue(str, items)
+    if vr == "UI":
+        text = value.decode("latin_1").rstrip("\0 ")
+        return _SLOW if "\\" in text else text.strip()
+    if vr == "DS" or vr == "IS":
+        text = value.decode("latin_1")
+        items = (text.strip() if vr == "DS" else text).rstrip(" \x00").split("\\")
+        kind = pydicom.valuerep.DSfloat if vr == "DS" else pydicom.valuerep.IS
+        try:
+            return kind(items[0]) if len(items) == 1 else pydicom.multival.MultiValue(kind, items)
+        except Exception:  # noqa: BLE001 — not a number
+            return _SLOW
+    number = _NUMBERS.get(vr)
+    if number is not None:
+        if len(value) == number.size:
+            return number.unpack(value)[0]
+        if len(value) % number.size:
+            return _SLOW
+        return list(struct.unpack(f"<{len(value) // number.size}{number.format[1:]}", value))
+    if vr in _TEXT_VRS or vr in _SINGLE_TEXT_VRS or vr == "PN":
+        if _ESC in value:
+            return _SLOW
+        if vr == "PN":
+            value = value.rstrip(b"\x00 ")
+        try:
+            text = value.decode(encodings[0])
+        except Exception:  # noqa: BLE001 — LookupError, UnicodeError: pydicom replaces and warns
+            return _SLOW
+        if vr in _SINGLE_TEXT_VRS:
+            return text.rstrip("\0 ")
+        if vr == "PN":
+            # convert_PN encodes its text again and decodes that per `=` group: the same text
+            # when there is one group and the encoding is Latin-1 or the text ASCII.
+            if "=" in text or "\\" in text or not (text.isascii() or encodings[0] in _LATIN_1):
+                return _SLOW
+            return pydicom.valuerep.PersonName(text, encodings, value)
+        items = [v.rstrip("\0 ") for v in text.split("\\")]
+        return items[0] if len(items) == 1 else pydicom.multival.MultiValue(str, items)
+    return _SLOW
 
 
 class _HeaderValues:
-    """The elements `_fill_row` reads, fetched once by tag (`_ROW_TAGS`); `.get(keyword)`,
-    `in` and `[keyword]` answer like the data set's own. pydicom's `ds.get(keyword)` resolves
-    the keyword through its dictionary on every call, and `_fill_row` made ~60 such calls per
-    file, most for absent elements: about half of the header scan. Each element is converted
-    as `ds[tag]` converts it, without `ds[tag]`'s own overhead, and a value a file repeats
-    from an earlier one (`_CONVERTED`) is not converted again. An element whose value fails to
-    convert is left out (absent), as `_get` reads it; keywords not prefetched fall back to the
-    data set."""
+    """The elements the index row reads (`_ROW_TAGS`), each converted once: `.get(keyword)`,
+    `in` and `[keyword]` answer like a pydicom data set's own, `.meta(tag)` gives the file
+    meta's (`_META_TAGS`). pydicom's `ds.get(keyword)` resolves the keyword through its
+    dictionary and converts through its hooks on every call; the row reads ~60 keywords per
+    file, most absent. An element whose value fails to convert is absent, as `_get` reads it.
 
-    __slots__ = ("_ds", "_elems")
+    Made from a pydicom data set (`of_dataset`) or, with no Dataset at all, from the elements
+    `_walk_le` walked over an Explicit VR Little Endian header (`of_walk`, the common case).
+    Values are converted by `_fast_value` where it can, else as the data set converts them."""
 
-    def __init__(self, ds: pydicom.Dataset):
-        self._ds = ds
-        self._elems = {}
-        raw_elems = ds._dict  # tag → RawDataElement | DataElement, as read (pydicom 3 internal)
-        charset = None
-        for kw, tag in _ROW_TAGS:
-            raw = raw_elems.get(tag)
-            if raw is None:
+    __slots__ = ("_elems", "_meta")
+
+    def __init__(self, elems: dict, meta: dict):
+        self._elems = elems  # keyword → _Elem
+        self._meta = meta  # file meta tag → value
+
+    @classmethod
+    def of_dataset(cls, ds: pydicom.Dataset) -> "_HeaderValues":
+        elems = {}
+        fast = _pydicom_defaults()
+        encodings = None
+        for tag, raw in ds._dict.items():  # tag → RawDataElement | DataElement, as read (pydicom 3 internal)
+            kw = _ROW_KEYWORD_OF.get(int(tag))
+            if kw is None:
                 continue
             try:
-                # What `ds[tag]` does for a raw element read from the file, without its per-call
-                # costs (Tag(), the charset looked up again, storing the element back): the same
-                # `convert_raw_data_element` call with the same encoding. Sequences (their items
-                # get the pixel representation) and ambiguous VRs (corrected from the data set)
-                # take pydicom's own path.
-                if type(raw) is _RawDataElement and raw.value is not None:
-                    if charset is None:
-                        charset = ds.original_character_set or ds._character_set
-                        charset_key = charset if isinstance(charset, str) else tuple(charset)
-                    key = (raw.tag, raw.VR, raw.value, raw.is_implicit_VR, raw.is_little_endian, charset_key)
-                    elem = _CONVERTED.get(key) if len(raw.value) <= _CONVERTED_MAX_VALUE else None
-                    if elem is None:
-                        elem = _convert_raw(raw, encoding=charset, ds=ds)
-                        if elem.VR == "SQ" or elem.VR in _AMBIGUOUS_VR:
-                            elem = ds[tag]
-                        elif len(raw.value) <= _CONVERTED_MAX_VALUE:
-                            if len(_CONVERTED) >= _CONVERTED_MAX:
-                                _CONVERTED.clear()
-                            _CONVERTED[key] = elem
-                else:
-                    elem = ds[tag]
-                self._elems[kw] = elem
+                value = _SLOW
+                if fast and type(raw) is _RawDataElement and raw.value is not None and raw.is_little_endian:
+                    vr = raw.VR or _ROW_DICTIONARY_VR[tag]  # implicit VR: what raw_element_vr looks up
+                    if vr in _AMBIGUOUS_VR or vr in ("UN", "SQ"):
+                        pass
+                    elif not raw.value:
+                        value = pydicom.dataelem.empty_value_for_VR(vr)
+                    else:
+                        if encodings is None:
+                            encodings = _encodings(ds.original_character_set or ds._character_set)
+                        value = _fast_value(vr, raw.value, encodings)
+                if value is _SLOW:
+                    elem = ds[tag]  # what `_fast_value` leaves, sequences, ambiguous VRs, big endian
+                    vr, value = elem.VR, elem.value
+                elems[kw] = _Elem(vr, value)
             except Exception:  # noqa: BLE001 — malformed: reads as absent, like _get
                 continue
+        meta = getattr(ds, "file_meta", None)
+        return cls(elems, {t: _meta_get(meta, t) for t in _META_TAGS} if meta is not None else {})
+
+    @classmethod
+    def of_walk(cls, meta_elems: dict, raw: dict) -> "_HeaderValues":
+        """From `_explicit_le_parts`' file meta and data set elements, converted as the
+        FileDataset read from them would convert them. `_Unhandled` for what only a data set
+        answers: a sequence the row reads (Enhanced CT's functional groups), a VR corrected
+        from the data set, a character set that does not convert."""
+        if not _pydicom_defaults():
+            raise _Unhandled
+        default = [pydicom.charset.default_encoding]
+        charset = raw.get(_CHARSET_TAG)
+        try:
+            # Dataset._character_set: the element converted with the default encoding, else
+            # the parent's (default) encoding
+            encodings = default if charset is None else pydicom.charset.convert_encodings(_walked(charset, default)[1])
+        except Exception:  # noqa: BLE001
+            raise _Unhandled from None
+        elems = {}
+        converted, key = _CONVERTED, tuple(encodings)
+        for tag, elem in raw.items():
+            kw = _ROW_KEYWORD_OF.get(int(tag))
+            if kw is None:
+                continue
+            hit = converted.get(id(elem))
+            if hit is not None and hit[0] is elem and hit[1] == key:
+                elems[kw] = hit[2]
+                continue
+            try:
+                elems[kw] = _walked(elem, encodings)
+            except _Unhandled:
+                raise
+            except Exception:  # noqa: BLE001 — malformed: reads as absent, like _get
+                continue
+            if len(elem.value or b"") <= _WALKED_MAX_VALUE:
+                if len(converted) >= _WALKED_MAX:
+                    converted.clear()
+                converted[id(elem)] = (elem, key, elems[kw])
+        meta = {}
+        for tag in _META_TAGS:
+            elem = meta_elems.get(tag)
+            if elem is not None:
+                try:
+                    meta[tag] = _walked(elem, default).value
+                except _Unhandled:
+                    raise
+                except Exception:  # noqa: BLE001 — as _meta_get reads it
+                    meta[tag] = None
+        return cls(elems, meta)
 
     def get(self, keyword: str, default=None):
         elem = self._elems.get(keyword)
-        if elem is not None:
-            return elem.value
-        if keyword in _ROW_KEYWORDS:
-            return default
-        return _get(self._ds, keyword)
+        return default if elem is None else elem.value
 
     def __contains__(self, keyword: str) -> bool:
-        return keyword in self._elems if keyword in _ROW_KEYWORDS else keyword in self._ds
+        return keyword in self._elems
 
     def __getitem__(self, keyword: str):
-        return self._elems[keyword] if keyword in _ROW_KEYWORDS else self._ds[keyword]
+        return self._elems[keyword]
+
+    def meta(self, tag: int):
+        """A file meta element's value (`_META_TAGS`); None when absent or unreadable."""
+        return self._meta.get(tag)
+
+
+def _walked(elem: "_RawDataElement", encodings: list) -> _Elem:
+    """A walked element as its data set would convert it (`_HeaderValues.of_walk`)."""
+    if elem.VR == "SQ":
+        raise _Unhandled
+    if elem.VR != "UN":  # pydicom reads a UN of a known tag as the tag's own VR
+        value = _fast_value(elem.VR, elem.value, encodings) if elem.value else pydicom.dataelem.empty_value_for_VR(elem.VR)
+        if value is not _SLOW:
+            return _Elem(elem.VR, value)
+    converted = _convert_raw(elem, encoding=encodings)  # no data set: no row tag is private
+    if converted.VR == "SQ" or converted.VR in _AMBIGUOUS_VR:
+        raise _Unhandled
+    return _Elem(converted.VR, converted.value)
+
+
+# Walked elements converted (`of_walk`), by the RawDataElement's identity (the entry holds it,
+# so the id stays its own) and the encodings: `_walk_le` hands the slices of a series one object
+# per repeated element (`_WALKED`), so most of a header is converted once per series. Values are
+# only read (`_fill_row_from` builds new strings, numbers and lists from them), never changed.
+_CONVERTED: dict[int, tuple] = {}
+
+
+def _encodings(charset) -> list:
+    """A data set's character set as a list of Python encodings (a str when it is the default)."""
+    return [charset] if isinstance(charset, str) else list(charset)
+
+
+_CHARSET_TAG = 0x00080005  # Specific Character Set
+_META_TAGS = (0x00020002, 0x00020003, 0x00020010)  # MediaStorageSOPClassUID, MediaStorageSOPInstanceUID, TransferSyntaxUID
 
 
 def _fill_row(row: dict, ds: pydicom.Dataset) -> None:
-    _fill_row_from(row, ds, _HeaderValues(ds))
+    _fill_row_from(row, _HeaderValues.of_dataset(ds))
 
 
-def _fill_row_from(row: dict, ds: pydicom.Dataset, values) -> None:
+def _fill_row_from(row: dict, ds) -> None:
     # Each attribute is read on its own: one malformed value (a DS of "abc", a US of odd length)
     # must cost that attribute, not the file. Geometry that fails to parse becomes None, which
-    # planning turns into missing_geometry. `values` answers `.get(keyword)` for the data set
-    # (`_HeaderValues`, or the data set itself: the reference the tests compare with).
-    meta = getattr(ds, "file_meta", None)
-    ds = values
+    # planning turns into missing_geometry. `ds` answers `.get(keyword)`, `in`, `[keyword]` and
+    # `.meta(tag)` (`_HeaderValues`; the tests' reference asks a pydicom data set keyword by keyword).
     row["modality"] = _str(ds, "Modality").upper() or None
     row["sop_class_uid"] = _str(ds, "SOPClassUID") or None
     row["sop_uid"] = _str(ds, "SOPInstanceUID") or None
@@ -634,7 +782,7 @@ def _fill_row_from(row: dict, ds: pydicom.Dataset, values) -> None:
     row["study_uid"] = _str(ds, "StudyInstanceUID") or None
     row["patient_id"] = _str(ds, "PatientID")
     row["accession"] = _str(ds, "AccessionNumber")
-    row["transfer_syntax"] = (_text(_meta_get(meta, _TRANSFER_SYNTAX)) or None) if meta is not None else None
+    row["transfer_syntax"] = _text(ds.meta(_TRANSFER_SYNTAX)) or None
     image_type = _get(ds, "ImageType")
     if image_type is not None:
         row["image_type"] = "\\".join(str(v) for v in _as_list(image_type))
@@ -664,15 +812,12 @@ def _fill_row_from(row: dict, ds: pydicom.Dataset, values) -> None:
     row["phi_terms"] = deid.identifying_terms(terms)
 
 
-def _check_file_meta(ds, row: dict) -> None:
+def _check_file_meta(values: "_HeaderValues", row: dict) -> None:
     """The file meta must name the instance the data set holds (PS3.10 7.1): a file whose
     MediaStorageSOPInstanceUID / ClassUID contradicts SOPInstanceUID / SOPClassUID is a broken
     copy (edited data set, stale meta) and never joins a series. Absent values are not checked."""
-    meta = getattr(ds, "file_meta", None)
-    if meta is None:
-        return
     for meta_tag, field_name in ((0x00020003, "sop_uid"), (0x00020002, "sop_class_uid")):  # MediaStorageSOPInstance/ClassUID
-        v = _text(_meta_get(meta, meta_tag))
+        v = _text(values.meta(meta_tag))
         if v and row[field_name] and v != row[field_name]:
             raise Reject("inconsistent_meta")
 
@@ -716,6 +861,10 @@ _ROW_KEYWORDS = frozenset((
     "ImageOrientationPatient", "ImagePositionPatient", *_SCANNED_SAFE, *_ATTRS, *deid.IDENTIFYING_ATTRIBUTES))
 _ROW_TAGS = tuple(sorted((kw, pydicom.datadict.tag_for_keyword(kw)) for kw in _ROW_KEYWORDS))
 assert all(tag is not None for _, tag in _ROW_TAGS), "every keyword _fill_row reads must be a DICOM keyword"
+_ROW_KEYWORD_OF = {tag: kw for kw, tag in _ROW_TAGS}
+_ROW_DICTIONARY_VR = {tag: pydicom.datadict.dictionary_VR(tag) for _, tag in _ROW_TAGS}
+# pydicom treats these apart (a LUT descriptor's first value, the character set itself): no row reads them
+assert not {_CHARSET_TAG, *pydicom.tag._LUT_DESCRIPTOR_TAGS} & set(_ROW_KEYWORD_OF)
 
 
 def _attr_value(v):
@@ -785,7 +934,7 @@ _PIXEL_VRS = (b"OB", b"OW", b"UN", b"OD", b"OF", b"OL", b"OV")
 _SEQ_DELIMITER = struct.pack("<HHI", 0xFFFE, 0xE0DD, 0)
 
 
-def _check_pixel_data_extent(fileobj, ds, size: int) -> None:
+def _check_pixel_data_extent(fileobj, transfer_syntax, size: int) -> None:
     """Detect truncation cheaply: the Pixel Data element must end within the file.
 
     After a `stop_before_pixels` read the file sits at the Pixel Data tag (or at EOF, when the
@@ -799,8 +948,7 @@ def _check_pixel_data_extent(fileobj, ds, size: int) -> None:
     syntax: writers exist that encode the data set differently from what they declare, and
     pydicom reads those by the same sniffing.
     """
-    ts = _meta_get(ds.file_meta, _TRANSFER_SYNTAX) if getattr(ds, "file_meta", None) is not None else None
-    if ts == DeflatedExplicitVRLittleEndian:
+    if transfer_syntax == DeflatedExplicitVRLittleEndian:
         return
     pos = fileobj.tell()
     hdr = fileobj.read(12)
@@ -1555,26 +1703,30 @@ def _decode_explicit_le(data: bytes, limits: HeaderLimits) -> pydicom.FileDatase
     return ds
 
 
-def _scan_explicit_le(reader: "_Reader", limits: HeaderLimits) -> pydicom.FileDataset:
+def _scan_explicit_le(reader: "_Reader", limits: HeaderLimits) -> _HeaderValues:
     """`dcmread(reader, stop_before_pixels=True)` (`_read_header`'s read) walked over the bytes
     the reader has fetched first (`storage.head_first_range`), for an Explicit VR Little Endian
-    header that ends, at a Pixel Data tag, inside them: the same data set, and the reader left
-    where pydicom leaves it (at that tag, no read short). `_Unhandled` otherwise (the header runs
-    past those bytes, no pixel data, an undefined length, anything `_decode_explicit_le` leaves
-    to pydicom), and the caller reads with pydicom. The caps: the reader's counts are set to
-    at least what pydicom's reads would have counted (`_SCAN_COUNT_BOUND`), so a cap that
-    pydicom's read would reach is reached, and `_scan` then reads the file with pydicom."""
+    header that ends, at a Pixel Data tag, inside them: the values the row reads of the same
+    data set (`_HeaderValues.of_walk`, no Dataset made), and the reader left where pydicom leaves
+    it (at that tag, no read short). `_Unhandled` otherwise (the header runs past those bytes, no
+    pixel data, an undefined length, neither SOPClassUID nor Modality, anything
+    `_decode_explicit_le` or `of_walk` leaves to pydicom), and the caller reads with pydicom. The
+    caps: the reader's counts are set to at least what pydicom's reads would have counted
+    (`_SCAN_COUNT_BOUND`), so a cap that pydicom's read would reach is reached, and `_scan` then
+    reads the file with pydicom."""
     buf = reader.prefix()
     n_elements, n_bytes = limits.max_elements - _SCAN_COUNT_BOUND[1], (limits.max_bytes - 1024) // 2
     budget = [n_elements // 2]
-    file_meta, raw, pos, walked = _explicit_le_parts(buf, budget, pixels=False)
-    if pos > n_bytes:
+    meta, raw, pos, walked = _explicit_le_parts(buf, budget, pixels=False, meta_dataset=False)
+    if pos > n_bytes or (_SOP_CLASS_TAG not in raw and _MODALITY_TAG not in raw):
         raise _Unhandled
-    ds = pydicom.FileDataset(reader, raw, buf[:128], file_meta, False, True)
-    ds.set_original_encoding(False, True, ds._character_set)
+    values = _HeaderValues.of_walk(meta, raw)
     reader.seek(pos)
     reader.set_counts(elements=_SCAN_COUNT_BOUND[0] * walked + _SCAN_COUNT_BOUND[1], nbytes=2 * pos + 1024)
-    return ds
+    return values
+
+
+_SOP_CLASS_TAG, _MODALITY_TAG = 0x00080016, 0x00080060
 
 
 # pydicom's header read counts at most 2 reads of 8 bytes per element (its header; a value of
@@ -1583,15 +1735,12 @@ def _scan_explicit_le(reader: "_Reader", limits: HeaderLimits) -> pydicom.FileDa
 _SCAN_COUNT_BOUND = (2, 64)
 
 
-def _explicit_le_parts(data: bytes, budget: list, *, pixels: bool):
+def _explicit_le_parts(data: bytes, budget: list, *, pixels: bool, meta_dataset: bool = True):
     """The file meta and data set of an Explicit VR Little Endian file over its bytes →
     (FileMetaDataset, data set elements, where the walk stopped, elements walked); with
     `pixels` False the walk stops at the first Pixel Data tag, as pydicom's
-    `stop_before_pixels` read does. `_Unhandled` for anything pydicom's own reader decides."""
-    from pydicom.charset import default_encoding
-    from pydicom.dataset import FileMetaDataset
-    from pydicom.uid import PrivateTransferSyntaxes
-
+    `stop_before_pixels` read does; without `meta_dataset` the file meta is its elements as
+    walked (tag → RawDataElement). `_Unhandled` for anything pydicom's own reader decides."""
     end = len(data)
     if end < 140 or data[128:132] != b"DICM":
         raise _Unhandled
@@ -1600,20 +1749,10 @@ def _explicit_le_parts(data: bytes, budget: list, *, pixels: bool):
     pos = _walk_le(data, 132, meta_raw, budget, meta=True)
     if not meta_raw:
         raise _Unhandled
-    # _read_file_meta_info's FileMetaDataset (it wraps read_dataset's Dataset: the same dict and
-    # parent encoding; what else that Dataset holds is dropped with it)
-    file_meta = FileMetaDataset(meta_raw)
-    file_meta.set_original_encoding(False, True, default_encoding)
-    try:
-        file_meta[next(iter(file_meta._dict))]  # pydicom's test of the explicit reading
-        ts = file_meta[_TRANSFER_SYNTAX].value if _TRANSFER_SYNTAX in file_meta._dict else None
-        # read_partial's cases: ExplicitVRLittleEndian and every other public syntax but
-        # Implicit VR, Big Endian and Deflated read as Explicit VR Little Endian
-        handled = (isinstance(ts, pydicom.uid.UID) and ts.is_transfer_syntax and not ts.is_private
-                   and not ts.is_implicit_VR and ts.is_little_endian and not ts.is_deflated
-                   and ts not in PrivateTransferSyntaxes)
-    except Exception:  # noqa: BLE001
-        handled = False
+    if meta_dataset:
+        file_meta, handled = _file_meta(meta_raw)
+    else:
+        file_meta, handled = meta_raw, _meta_handled(meta_raw)
     # A data set that starts with group 0000 has a command set: pydicom's.
     if not handled or end - pos < 8 or data[pos] == data[pos + 1] == 0:
         raise _Unhandled
@@ -1627,9 +1766,51 @@ def _explicit_le_parts(data: bytes, budget: list, *, pixels: bool):
     return file_meta, raw, stop, start_budget - budget[0]
 
 
+def _file_meta(meta_raw: dict):
+    """_read_file_meta_info's FileMetaDataset of the walked file meta elements (it wraps
+    read_dataset's Dataset: the same dict and parent encoding; what else that Dataset holds is
+    dropped with it) → (it, whether its transfer syntax reads as Explicit VR Little Endian)."""
+    from pydicom.charset import default_encoding
+    from pydicom.dataset import FileMetaDataset
+    from pydicom.uid import PrivateTransferSyntaxes
+
+    file_meta = FileMetaDataset(meta_raw)
+    file_meta.set_original_encoding(False, True, default_encoding)
+    try:
+        file_meta[next(iter(file_meta._dict))]  # pydicom's test of the explicit reading
+        ts = file_meta[_TRANSFER_SYNTAX].value if _TRANSFER_SYNTAX in file_meta._dict else None
+        # read_partial's cases: ExplicitVRLittleEndian and every other public syntax but
+        # Implicit VR, Big Endian and Deflated read as Explicit VR Little Endian
+        handled = (isinstance(ts, pydicom.uid.UID) and ts.is_transfer_syntax and not ts.is_private
+                   and not ts.is_implicit_VR and ts.is_little_endian and not ts.is_deflated
+                   and ts not in PrivateTransferSyntaxes)
+    except Exception:  # noqa: BLE001
+        handled = False
+    return file_meta, handled
+
+
+# `_file_meta`'s answer by what it depends on (the first element, the transfer syntax element),
+# for the scan, which needs no FileMetaDataset: one per syntax in practice, up to _WALKED_MAX.
+_META_HANDLED: dict[tuple, bool] = {}
+
+
+def _meta_handled(meta_raw: dict) -> bool:
+    key = (next(iter(meta_raw.values())), meta_raw.get(_TRANSFER_SYNTAX))
+    handled = _META_HANDLED.get(key)
+    if handled is None:
+        handled = _file_meta(dict(meta_raw))[1]  # a copy: the FileMetaDataset converts into its dict
+        if len(_META_HANDLED) >= _WALKED_MAX:
+            _META_HANDLED.clear()
+        _META_HANDLED[key] = handled
+    return handled
+
+
 _PIXEL_TAGS = frozenset((0x7FE00010, 0x7FE00009, 0x7FE00008))  # pydicom's _at_pixel_data
-# RawDataElements walked (`_walk_le`) by (value offset, element bytes), up to _CONVERTED_MAX.
+# RawDataElements walked (`_walk_le`) by (value offset, element bytes), up to _WALKED_MAX
+# entries (then cleared), values of at most _WALKED_MAX_VALUE bytes: the slices of a series
+# repeat most of their header (UIDs, patient, geometry but the position) at the same offsets.
 _WALKED: dict[tuple, "_RawDataElement"] = {}
+_WALKED_MAX, _WALKED_MAX_VALUE = 8192, 256
 
 
 def _walk_le(data: bytes, pos: int, raw: dict, budget: list, *, meta: bool, pixels: bool = True) -> int:
@@ -1644,7 +1825,7 @@ def _walk_le(data: bytes, pos: int, raw: dict, budget: list, *, meta: bool, pixe
     from pydicom.tag import BaseTag, SequenceDelimiterTag
 
     end = len(data)
-    unpack, unpack_length, walked, cap = _LE_HEADER.unpack_from, _LE_LENGTH.unpack_from, _WALKED, _CONVERTED_MAX_VALUE
+    unpack, unpack_length, walked, cap = _LE_HEADER.unpack_from, _LE_LENGTH.unpack_from, _WALKED, _WALKED_MAX_VALUE
     left = budget[0]
     try:
         while end - pos >= 8:
@@ -1691,7 +1872,7 @@ def _walk_le(data: bytes, pos: int, raw: dict, budget: list, *, meta: bool, pixe
                     vr = vr.decode()
                     value = data[pos:stop] if length else empty_value_for_VR(vr, raw=True)
                     found = _RawDataElement(BaseTag(tag), vr, length, value, pos, False, True)
-                    if len(walked) >= _CONVERTED_MAX:
+                    if len(walked) >= _WALKED_MAX:
                         walked.clear()
                     walked[key] = found
                 raw[found[0]] = found

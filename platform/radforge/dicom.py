@@ -560,16 +560,16 @@ _LATIN_1 = frozenset(("iso8859", "latin_1"))  # pydicom's default encoding; ISO_
 
 
 def _pydicom_defaults() -> bool:
-    """Whether pydicom converts values the way `_fast_value` mirrors: validation off (this
-    module's setting), no numpy, Decimal or date values, no conversion callbacks."""
+    """Whether pydicom converts values the way `_fast_value` mirrors (and `_CONVERTED` keeps):
+    validation off (this module's setting), no numpy, Decimal or date values, no conversion
+    callbacks, UN and wrong lengths read as by default."""
     cfg, hooks = pydicom.config, pydicom.hooks.hooks
     return (cfg.settings.reading_validation_mode == cfg.IGNORE and not cfg.datetime_conversion
             and not cfg.use_DS_numpy and not cfg.use_DS_decimal and not cfg.use_IS_numpy
             and not cfg.use_none_as_empty_text_VR_value and cfg.data_element_callback is None
-            and hooks.raw_element_value is _DEFAULT_VALUE_HOOK and not hooks.raw_element_kwargs)
-
-
-_DEFAULT_VALUE_HOOK = pydicom.hooks.raw_element_value
+            and cfg.replace_un_with_known_vr and not cfg.convert_wrong_length_to_UN
+            and hooks.raw_element_vr is pydicom.hooks.raw_element_vr
+            and hooks.raw_element_value is pydicom.hooks.raw_element_value and not hooks.raw_element_kwargs)
 
 
 def _fast_value(vr: str, value: bytes, encodings: list):
@@ -766,10 +766,6 @@ _CHARSET_TAG = 0x00080005  # Specific Character Set
 _META_TAGS = (0x00020002, 0x00020003, 0x00020010)  # MediaStorageSOPClassUID, MediaStorageSOPInstanceUID, TransferSyntaxUID
 
 
-def _fill_row(row: dict, ds: pydicom.Dataset) -> None:
-    _fill_row_from(row, _HeaderValues.of_dataset(ds))
-
-
 def _fill_row_from(row: dict, ds) -> None:
     # Each attribute is read on its own: one malformed value (a DS of "abc", a US of odd length)
     # must cost that attribute, not the file. Geometry that fails to parse becomes None, which
@@ -860,7 +856,7 @@ _ROW_KEYWORDS = frozenset((
     "PerFrameFunctionalGroupsSequence", "SharedFunctionalGroupsSequence", "PixelSpacing", "ImagerPixelSpacing",
     "ImageOrientationPatient", "ImagePositionPatient", *_SCANNED_SAFE, *_ATTRS, *deid.IDENTIFYING_ATTRIBUTES))
 _ROW_TAGS = tuple(sorted((kw, pydicom.datadict.tag_for_keyword(kw)) for kw in _ROW_KEYWORDS))
-assert all(tag is not None for _, tag in _ROW_TAGS), "every keyword _fill_row reads must be a DICOM keyword"
+assert all(tag is not None for _, tag in _ROW_TAGS), "every keyword the row reads must be a DICOM keyword"
 _ROW_KEYWORD_OF = {tag: kw for kw, tag in _ROW_TAGS}
 _ROW_DICTIONARY_VR = {tag: pydicom.datadict.dictionary_VR(tag) for _, tag in _ROW_TAGS}
 # pydicom treats these apart (a LUT descriptor's first value, the character set itself): no row reads them

@@ -1663,7 +1663,7 @@ def _with_slice_elements(ds: pydicom.FileDataset) -> pydicom.FileDataset:
             elem = ds[tag]
         except Exception:  # noqa: BLE001 — malformed: left for the reader to meet
             continue
-        if len(_SLICE_VALUES) >= _CONVERTED_MAX:
+        if len(_SLICE_VALUES) >= _WALKED_MAX:
             _SLICE_VALUES.clear()
         _SLICE_VALUES[key] = elem.VR, elem.value
     return ds

@@ -766,8 +766,8 @@ class ServeConfig:
 
     model: URLs  # exported model dirs (any fsspec URL); the first is the default; required
     index: URLs = field(default_factory=list)  # retrieval index dirs made by `radforge index`
-    max_batch_size: int = 16  # @serve.batch: images per model forward, 1..1024
-    batch_wait_timeout_s: float = 0.01  # @serve.batch: wait for a fuller batch, 0..10 s
+    max_batch_size: int = 16  # radforge.serve.Batcher: images per model forward, 1..1024
+    batch_wait_timeout_s: float = 0.01  # radforge.serve.Batcher: the oldest image's wait for a fuller batch, 0..10 s
     max_upload_mb: float = 256.0  # request body limit (and a zip's uncompressed total)
     max_files: int = 2000  # DICOM files per request (CT slices)
     max_models_per_replica: int = 4  # multiplexing: models kept loaded per replica (LRU)

@@ -69,6 +69,7 @@ def test_export_and_load_for_inference_round_trip(tmp_path, one_process_group):
     assert (back.step, back.tag, back.world_size, back.findings, back.loader) == (1, "step00000001", 1, ["nodule"], {"pos": 7})
     assert back.recipe == r and back.profile == Profile() and back.image is kinds.CT and back.tokenizer is None
     assert checkpoint.find(str(tmp_path)) == [ckpt] and checkpoint.saved_loader_ranks(ckpt) == [0]
+    _newest_complete(tmp_path, ckpt)
     # elastic: any worker count resumes; a rank the writer did not have gets rank 0's position
     assert checkpoint.load(ckpt, rank=3, world_size=4).loader == {"pos": 7}
     assert not checkpoint.needs_universal(back, 1) and checkpoint.needs_universal(back, 2)
@@ -83,6 +84,31 @@ def test_export_and_load_for_inference_round_trip(tmp_path, one_process_group):
     with pytest.raises(ValueError):
         lm.zero_shot(images, ["nodule"])  # MAE has no text tower
     _elastic_engine_load(r, ckpt, back, engine, images)  # last: it trains `engine` one more step
+
+
+def _newest_complete(tmp_path, ckpt: str) -> None:
+    """A worker group restarted after a failure resumes `checkpoint.newest`: the most steps among
+    the complete checkpoints, so a later one with a rank's part missing (its upload cut off) is
+    passed over, and taken once whole."""
+    import json
+
+    later = str(tmp_path / "later")
+    shutil.copytree(ckpt, later)
+    with open(os.path.join(later, "state.json")) as f:
+        raw = json.load(f)
+    with open(os.path.join(later, "state.json"), "w") as f:
+        json.dump({**raw, "step": 2}, f)  # same DeepSpeed tag folder
+    assert checkpoint.complete(later) and checkpoint.newest(str(tmp_path)) == later
+    tag = os.path.join(later, "ds", raw["tag"])
+    (optim,) = [n for n in os.listdir(tag) if n.endswith("zero_pp_rank_0_mp_rank_00_optim_states.pt")]
+    for part in (os.path.join(tag, optim), os.path.join(later, "loader", "rank-00000.json")):
+        away = str(tmp_path / "away")
+        os.rename(part, away)
+        assert not checkpoint.complete(later) and checkpoint.newest(str(tmp_path)) == ckpt, part
+        os.rename(away, part)
+    assert checkpoint.newest(str(tmp_path)) == later
+    shutil.rmtree(later)
+    assert checkpoint.newest(str(tmp_path / "none")) is None
 
 
 def _elastic_engine_load(r: TrainRecipe, ckpt: str, state, engine, images) -> None:

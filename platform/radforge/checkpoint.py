@@ -243,6 +243,29 @@ def find(url: str) -> list[str]:
     return sorted(storage.parent(u) for u, _ in storage.find_files(url) if storage.basename(u) == _STATE)
 
 
+def newest(url: str) -> str | None:
+    """The complete checkpoint with the most steps below `url` (None: none yet). A worker group
+    that dies right after a checkpoint can leave it uploaded but not registered with Ray (a
+    restarted group's `ray.train.get_checkpoint()` is then an older one, or none); one that dies
+    while uploading leaves a part of one, which this skips."""
+    done = [(load(u).step, u) for u in find(url) if complete(u)]
+    return max(done)[1] if done else None
+
+
+def complete(url: str) -> bool:
+    """Whether every writer rank's part of the checkpoint at `url` is on storage: state.json (rank
+    0), each rank's loader position and DeepSpeed files (the model states; ZeRO ≥ 1: each rank's
+    optimizer partition)."""
+    state = load(url)
+    if saved_loader_ranks(url) != list(range(state.world_size)):
+        return False
+    names = [storage.basename(u) for u, _ in storage.find_files(storage.join(url, _DS, state.tag))]
+    needed = ["mp_rank_00_model_states.pt"]
+    if state.recipe.deepspeed.zero_stage > 0:
+        needed += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(state.world_size)]
+    return all(any(n.endswith(suffix) for n in names) for suffix in needed)
+
+
 def saved_loader_ranks(url: str) -> list[int]:
     """The ranks whose loader position the checkpoint at `url` holds."""
     return sorted(int(storage.basename(u)[5:10]) for u, _ in storage.find_files(storage.join(url, _LOADER)))
@@ -302,7 +325,7 @@ def export(checkpoint_url: str, out_url: str) -> str:
         weights = {k: v.detach().to(torch.float32).contiguous().clone() for k, v in weights.items()}
         r = state.recipe
         weights, model_cfg = _exported(r.model, weights)
-        digest = _write_model_dir(out_url, weights, state.tokenizer, tmp, {
+        _write_model_dir(out_url, weights, state.tokenizer, tmp, {
             "kind": r.model.kind,
             "image": r.data.image,
             "images": list(r.data.images()),  # every kind a CT + X-ray model embeds (primary first)

@@ -26,9 +26,9 @@ Resume
 ------
 `resume="auto"` (default): Ray Train v2 restores a run from `storage_path/name` when one exists
 (its checkpoint-manager snapshot), and a restarted worker group after a failure does the same:
-`ray.train.get_checkpoint()` is the latest checkpoint (or the newest one on storage when that has
-more steps: a job that dies right after a checkpoint can leave it uploaded but not yet registered
-in Ray's snapshot), and the loop continues at its step with each rank's loader position, so the sample sequence continues exactly (same world size). The MAE mask
+`ray.train.get_checkpoint()` is the latest checkpoint (or the newest complete one on storage when
+that has more steps: a worker group that dies right after a checkpoint can leave it uploaded but
+not yet registered in Ray's snapshot), and the loop continues at its step with each rank's loader position, so the sample sequence continues exactly (same world size). The MAE mask
 RNG is reseeded from (seed, step, rank) every micro-step, so a resumed run draws the same masks as
 an uninterrupted one. `resume="never"` deletes `storage_path/name` (the run's old checkpoints) and
 its metrics first. Resuming with a different number of workers (elastic): ZeRO optimizer shards
@@ -177,9 +177,8 @@ def run(recipe: TrainRecipe, *, resume: str = "auto", progress: bool = True, hoo
                 storage.remove(url, recursive=True)
     storage.check_writable(store)
     storage.makedirs(run_dir)
-    job = _Job(recipe=recipe, profile=Profile.from_dict(manifest["profile"]), run_dir=run_dir, progress=progress,
-               tokenizer=_prepare_tokenizer(recipe, manifest, run_store), hooks=tuple(hooks),
-               resume_from=_newest_checkpoint(run_store) if resume == "auto" else None)
+    job = _Job(recipe=recipe, profile=Profile.from_dict(manifest["profile"]), run_dir=run_dir, run_store=run_store,
+               progress=progress, tokenizer=_prepare_tokenizer(recipe, manifest, run_store), hooks=tuple(hooks))
     if not ray.is_initialized():
         ray.init(logging_level="WARNING", log_to_driver=progress)
     pa_fs, pa_path = storage.pyarrow_filesystem(store)
@@ -202,12 +201,13 @@ class _Job:
     recipe: TrainRecipe
     profile: Profile  # the shard set's
     run_dir: str  # OUTPUT/NAME
+    # storage_path/name. Every worker group (the first, and one restarted after a failure) resumes
+    # the newer of Ray's latest checkpoint and the newest complete one found here (`Checkpointer`);
+    # resume="never" emptied it before the first.
+    run_store: str
     progress: bool
     tokenizer: dict[str, bytes] | None  # a small text tower's trained tokenizer files
     hooks: tuple[Hook, ...] = ()
-    # resume="auto": the newest checkpoint on storage. A job that dies right after a checkpoint can
-    # leave it uploaded but never registered in Ray's snapshot; the newer of the two is resumed.
-    resume_from: str | None = None
 
 
 def _read_train_split(recipe: TrainRecipe) -> dict:
@@ -223,12 +223,6 @@ def _read_train_split(recipe: TrainRecipe) -> dict:
         if s.split not in has:
             raise ConfigError(f"data.sources {s.name}: shard set {s.shards} has no {s.split!r} split (has: {', '.join(has) or 'none'})")
     return manifest
-
-
-def _newest_checkpoint(run_store: str) -> str | None:
-    """The checkpoint with the most steps under a run's storage folder (None: none yet)."""
-    found = checkpoint.find(run_store)
-    return max(found, key=lambda u: checkpoint.load(u).step) if found else None
 
 
 def _torch_trainer(job: _Job, pa_fs, pa_path: str):
@@ -770,7 +764,10 @@ class Trainer:
         deepspeed.init_distributed(dist_backend="nccl" if r.scale.use_gpu else "gloo")
         nodes: list = [None] * world
         torch.distributed.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
-        ckpt = Checkpointer(rank, world, r.checkpoint.every_steps, r.steps, newest=job.resume_from)
+        # rank 0 looks for it, so every rank resumes the same checkpoint
+        newest = [checkpoint.newest(job.run_store) if rank == 0 else None]
+        torch.distributed.broadcast_object_list(newest, src=0)
+        ckpt = Checkpointer(rank, world, r.checkpoint.every_steps, r.steps, newest=newest[0])
         info = WorkerInfo(rank=rank, world=world, node=nodes[rank], nodes=len(set(nodes)), run_dir=job.run_dir,
                           start_step=ckpt.state.step if ckpt.state else 0)
 

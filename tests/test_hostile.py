@@ -21,7 +21,6 @@ import time
 import warnings
 
 import numpy as np
-import pydicom
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -301,6 +300,28 @@ def test_a_declared_4gb_header_value_is_refused_unallocated():
     t = time.perf_counter()
     r = dicom.scan("f", len(evil), io.BytesIO(evil))
     assert r["reason"] in ("unreadable_header", "truncated") and time.perf_counter() - t < 1
+
+
+def test_a_huge_number_of_frames_beside_one_functional_group_scans_in_bounded_time(tmp_path):
+    """Enhanced CT reads per-frame values from its functional groups: NumberOfFrames 2³¹-1 beside a
+    one-item PerFrameFunctionalGroupsSequence must cost one group's lookups, not 2³¹ (the scan read
+    frame values for every declared frame; it ran past the watchdog)."""
+    from pydicom.sequence import Sequence
+
+    ds = header(4, 4, modality="CT", frames=2**31 - 1)
+    content = Dataset()
+    content.TemporalPositionIndex = 1
+    group = Dataset()
+    group.FrameContentSequence = Sequence([content])
+    ds.PerFrameFunctionalGroupsSequence = Sequence([group])
+    ds.PixelData = bytes(32)
+    ds["PixelData"].VR = "OW"
+    path = tmp_path / "frames.dcm"
+    path.write_bytes(to_bytes(ds))
+    out = run_case(path, "ingest")
+    assert out["reason"] is not None and out["cpu_seconds"] < 5 and out["rss_growth"] < 32 * MB, out
+    row = dicom.scan(str(path), path.stat().st_size, io.BytesIO(path.read_bytes()))
+    assert row["n_frames"] == 2**31 - 1 and row["attrs"]["frames"] == [{"TemporalPositionIndex": "1"}]
 
 
 def test_deflate_bomb_is_refused_before_inflating():

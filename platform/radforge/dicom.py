@@ -836,9 +836,11 @@ def _selection_attrs(ds, n_frames: int) -> dict:
         v = _attr_value(_get(ds, kw))
         if v is not None:
             out[kw] = v
-    if n_frames > 1 and _get(ds, "PerFrameFunctionalGroupsSequence"):
+    per_frame = _get(ds, "PerFrameFunctionalGroupsSequence") if n_frames > 1 else None
+    if per_frame:
         frames = []
-        for i in range(n_frames):
+        # one per functional group, at most: NumberOfFrames is the header's word (2³¹ in a hostile one)
+        for i in range(min(n_frames, len(per_frame))):
             f = {}
             for (seq, attr), key in _FRAME_ATTRS.items():
                 v = _attr_value(_functional(ds, i, seq, attr))

@@ -19,7 +19,7 @@ import pydicom
 import pytest
 from pydicom.uid import JPEG2000Lossless, RLELossless
 
-from radforge import config, deid, dicom, ingest, kinds, phantoms, shardspec, storage, transforms
+from radforge import config, deid, dicom, ingest, phantoms, shardspec, storage, transforms
 from radforge.config import IngestRecipe
 
 ENCODABLE = phantoms.encodable_transfer_syntaxes()

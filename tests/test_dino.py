@@ -4,7 +4,6 @@ extend tests/test_train.py's ZeRO-equivalence fixture."""
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import numpy as np

@@ -549,7 +549,6 @@ def test_unlabelled_split_runs_only_label_free_protocols(tmp_path):
 def test_fine_tune_protocol_scores_the_models_classifier(demo_shards):
     """A model with `classify` (a fine-tuned one): the protocol's AUROC is sklearn's on its own
     probabilities, columns matched by finding name (the head's order may differ)."""
-    from sklearn.metrics import roc_auc_score
 
     from radforge.models.objective import Objective
 

@@ -16,7 +16,7 @@ import numpy as np
 import pydicom
 import pytest
 
-from radforge import config, deid, dicom, phantoms
+from radforge import deid, dicom, phantoms
 from radforge.config import IngestRecipe
 
 sitk = pytest.importorskip("SimpleITK")

@@ -166,7 +166,7 @@ def test_one_model_for_ct_and_xray_shares_all_but_the_patch_embeddings():
 def test_every_recipe_loads_and_builds(tmp_path):
     """Each YAML under jobs/recipes loads, and its model builds for its view (production models
     included: built on the meta device, no memory)."""
-    from radforge import models, transforms
+    from radforge import models
 
     names = sorted(p.name for p in RECIPES.glob("*.yaml"))
     assert {"tiny-clip-xray.yaml", "tiny-mae-ct.yaml", "mae-vitb-ct.yaml", "mae-xray.yaml", "ct-clip.yaml", "cxr-clip.yaml"} <= set(names)
@@ -461,7 +461,7 @@ def test_tiny_mae_validation_loss_falls_well_below_its_initial_value(shards, tmp
     r = config.load(TrainRecipe, str(RECIPES / "tiny-mae-ct.yaml"), [
         f"data.shards={shards}", "steps=30", "data.num_workers=0", "eval.every_steps=0", LAST_CHECKPOINT_ONLY, NO_LOOP_EVAL,
         f"checkpoint.storage_path={tmp_path / 'ckpt'}", f"output_dir={tmp_path / 'runs'}"])
-    from radforge import evaluate, models, transforms
+    from radforge import evaluate, models
 
     view = kinds.CT.view(r.view)
     torch.manual_seed(r.seed)

@@ -28,7 +28,6 @@ figures mean nothing); the full demo takes a few minutes on 2 CPU cores.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import shutil
@@ -116,7 +115,7 @@ def _serve_and_query(models: dict[str, str], indexes: list[str], xray_file: str,
         base = f"http://127.0.0.1:{port}"
         _wait_healthy(base)
         listed = requests.get(f"{base}/v1/models", timeout=30).json()
-        print(f"      GET  /v1/models     → " + ", ".join(f"{m['id']} ({m['image']})" for m in listed.get("models", [])))
+        print("      GET  /v1/models     → " + ", ".join(f"{m['id']} ({m['image']})" for m in listed.get("models", [])))
         with open(xray_file, "rb") as f:
             body = f.read()
         r = requests.post(f"{base}/v1/embed", data=body, timeout=60)

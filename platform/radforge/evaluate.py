@@ -238,7 +238,6 @@ def ece(probs, labels, bins: int = 10) -> tuple[float, dict]:
 def _ece_binned(p: np.ndarray, y: np.ndarray, bins: int) -> float:
     """ECE of one sample set by bin counts (the bootstrap's inner loop; equals `ece`)."""
     b = np.minimum((p * bins).astype(int), bins - 1)
-    n = np.bincount(b, minlength=bins)
     conf = np.bincount(b, weights=p, minlength=bins)
     acc = np.bincount(b, weights=y.astype(float), minlength=bins)
     return float(np.abs(acc - conf).sum() / len(p))

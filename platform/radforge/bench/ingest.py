@@ -7,6 +7,10 @@
   ingest@1cpu  the full ingest (scan, plan, decode, HU, orient, resample, encode, tar, manifest)
                on a local Ray cluster of 1 CPU
   ingest@Ncpu  the same with all CPUs (N = os.cpu_count(), at least 2)
+  decode×N     the decode loop in N processes at once, each over the whole corpus, beside the same
+               harness with 1: N × (1-process seconds ÷ N-process seconds) is how far this machine
+               scales the decode itself (shared caches and memory bandwidth), the anchor beside
+               ingest@Ncpu ÷ ingest@1cpu
   source_reads bytes and GETs read from SOURCE per stage, from moto S3, counted by the server
                (`radforge.bench.reads`; 2 × 64 slices of 512² on a 2-CPU cluster of its own)
 
@@ -30,14 +34,7 @@ The benchmark's own samplers (`_PeakRSS`, `_CpuByProcess`: threads of the driver
 every figure and reported apart (`cpu_ms_per_slice_samplers`): reading smaps_rollup of every Ray
 process every 0.2 s costs the kernel a walk of each one's mappings (the object store's too), 4-5
 CPU ms per slice at a 1-min load of 8-21, most of what was booked as the driver's 2.5-4 ms.
-Last run (509f3d6, load 1.1-1.9), 1 CPU: 10.1 CPU ms per slice: decoder child 5.0 (read 0.30,
-parse 0.85, decode 1.89, HU 0.90, orient 0.34, resample 0.52, int16 0.15), scan tasks 1.5,
-driver 1.0, plan tasks 0.5, build tasks 0.4, Ray's daemons, actors, idle workers and small tasks 1.6; decode
-only 2.4; in process, scan 1.27 ms per slice. After the scan walks the header over its first
-range (`dicom._scan_explicit_le`), against the tree before it run through the same benchmark
-minutes earlier (926f194, load 0.5-3.3): scan tasks 2.36 -> 1.52, in-process scan 1.88 -> 1.27 ms
-per slice; the headline 9.94 -> 10.07 (the before run's two repeats differ by ~1.5 ms per slice: unmoved within
-noise). See README for the table.
+Figures from our runs: README's benchmark table.
 Ray start-up is excluded (a long-running cluster pays it once): after `ray.init`, one worker
 process per CPU imports the ingest's modules and a tiny warm-up ingest runs, untimed but reported
 as `cold_start_s`; everything in `ingest.run` after that counts. Each side runs `repeats` times,
@@ -97,6 +94,8 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
                     runs[cpus] = run
                 runs[cpus]["peak_mb"] = peak
                 loadavg.append(round(os.getloadavg()[0], 2))
+            for procs in (1, ncpu):
+                timed.keep(timed.wall, f"decode_x{procs}", _parallel_decode(files, procs))
         # Last: it imports torch into this process, which would count in the peaks above.
         inproc_stages: dict[str, float] = {}
         inproc_cpu: dict[str, float] = {}
@@ -117,6 +116,7 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
             "slices_per_s": {
                 "naive_1proc": round(rate(naive_s), 1),
                 "decode_only_1proc": round(rate(decode_s), 1),
+                f"decode_only_{ncpu}proc": round(ncpu * n / best[f"decode_x{ncpu}"], 1),
                 "ingest_in_process_1proc": round(rate(best["inprocess"]), 1),
                 "ingest_1cpu": round(rate(one["wall_s"]), 1),
                 f"ingest_{ncpu}cpu": round(rate(many["wall_s"]), 1),
@@ -128,6 +128,7 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
                 "ingest_in_process / naive": round(naive_s / best["inprocess"], 3),
                 "ingest_1cpu / ingest_in_process": round(best["inprocess"] / one["wall_s"], 3),
                 f"ingest_{ncpu}cpu / ingest_1cpu": round(one["wall_s"] / many["wall_s"], 3),
+                f"decode_x{ncpu} / decode_x1": round(ncpu * best["decode_x1"] / best[f"decode_x{ncpu}"], 3),
             },
             "targets": {"ingest_1cpu / decode_only": 0.5, f"ingest_{ncpu}cpu / ingest_1cpu": 1.85 if ncpu == 2 else None},
             # what the machine allows: the 1-CPU run keeps more than one core busy (the driver,
@@ -200,6 +201,34 @@ def _ingest_on_fresh_cluster(cpus: int, corpus: str, root: str, recipe, timed: _
     return {"wall_s": wall, "stages_s": res.stage_s, "samples": res.manifest["totals"]["samples"],
             "peak_mb": mem.peak / 1e6, "cold_s": cold, "build_cpu_s": {**res.build_cpu_s, "_total": run_cpu},
             "cpu_s_by_process": procs.seconds, "samplers_s": samplers}
+
+
+def _parallel_decode(files: list[str], procs: int) -> float:
+    """Wall seconds of `procs` spawned processes decoding every file at once (a barrier after
+    their imports and a short warm-up, so start-up is not timed): the slowest one's."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    barrier, results = ctx.Barrier(procs), ctx.Queue()
+    workers = [ctx.Process(target=_decode_loop, args=(files, barrier, results), daemon=True) for _ in range(procs)]
+    for w in workers:
+        w.start()
+    seconds = [results.get(timeout=600) for _ in workers]
+    for w in workers:
+        w.join()
+    return max(seconds)
+
+
+def _decode_loop(files: list[str], barrier, results) -> None:
+    from pydicom.pixels import pixel_array
+
+    for f in files[:8]:
+        pixel_array(f)
+    barrier.wait()
+    t = time.perf_counter()
+    for f in files:
+        pixel_array(f)
+    results.put(time.perf_counter() - t)
 
 
 def _warm_decoders(cpus: int) -> None:
@@ -294,7 +323,8 @@ def format_ingest(r: dict) -> str:
     ceilings = r.get("ceilings", {})
     lines += _block("ratios (target)", r["ratios"], lambda k, v: f"{k:<28}{v:>8.3f}" + (
         "" if r["targets"].get(k) is None else f"  ({_met(v, r['targets'][k])})") + (
-        f"  [ceiling {ceilings[k]:.3f}: the cores ÷ the cores the 1-CPU run kept busy]" if k in ceilings else ""))
+        f"  [ceiling {ceilings[k]:.3f}: the cores ÷ the cores the 1-CPU run kept busy]" if k in ceilings else "") + (
+        "  [the decode loop itself in N processes at once ÷ in 1: how far this machine scales it]" if k.startswith("decode_x") else ""))
     if "cpu_ms_per_slice" in r:
         goal = r.get("cpu_ms_per_slice_target", {})
         lines += _block("CPU ms per slice (driver + all Ray processes; robust to other load)", r["cpu_ms_per_slice"],

@@ -7,10 +7,6 @@
   ingest@1cpu  the full ingest (scan, plan, decode, HU, orient, resample, encode, tar, manifest)
                on a local Ray cluster of 1 CPU
   ingest@Ncpu  the same with all CPUs (N = os.cpu_count(), at least 2)
-  decode×N     the decode loop in N processes at once, each over the whole corpus, beside the same
-               harness with 1: N × (1-process seconds ÷ N-process seconds) is how far this machine
-               scales the decode itself (shared caches and memory bandwidth), the anchor beside
-               ingest@Ncpu ÷ ingest@1cpu
   source_reads bytes and GETs read from SOURCE per stage, from moto S3, counted by the server
                (`radforge.bench.reads`; 2 × 64 slices of 512² on a 2-CPU cluster of its own)
 
@@ -87,8 +83,7 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
             # per run: Ray Data's own CPU limit (execution_options.resource_limits) did not hold
             # the 1-CPU run to one task at a time.
             for cpus in (1, ncpu):
-                run = _ingest_on_fresh_cluster(cpus, corpus, root, recipe, timed, {"naive": naive, "decode": decode},
-                                               scaling=(files, ncpu))
+                run = _ingest_on_fresh_cluster(cpus, corpus, root, recipe, timed, {"naive": naive, "decode": decode})
                 colds.append(run.pop("cold_s"))
                 peak = max(run.pop("peak_mb"), runs.get(cpus, {}).get("peak_mb", 0))
                 if cpus not in runs or run["wall_s"] < runs[cpus]["wall_s"]:
@@ -115,9 +110,6 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
             "slices_per_s": {
                 "naive_1proc": round(rate(naive_s), 1),
                 "decode_only_1proc": round(rate(decode_s), 1),
-                # the same loop in spawned processes (`_parallel_decode`), 1 and N at once
-                "decode_x1": round(rate(best["decode_x1"]), 1),
-                f"decode_x{ncpu}": round(ncpu * n / best[f"decode_x{ncpu}"], 1),
                 "ingest_in_process_1proc": round(rate(best["inprocess"]), 1),
                 "ingest_1cpu": round(rate(one["wall_s"]), 1),
                 f"ingest_{ncpu}cpu": round(rate(many["wall_s"]), 1),
@@ -129,7 +121,6 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
                 "ingest_in_process / naive": round(naive_s / best["inprocess"], 3),
                 "ingest_1cpu / ingest_in_process": round(best["inprocess"] / one["wall_s"], 3),
                 f"ingest_{ncpu}cpu / ingest_1cpu": round(one["wall_s"] / many["wall_s"], 3),
-                f"decode_x{ncpu} / decode_x1": round(ncpu * best["decode_x1"] / best[f"decode_x{ncpu}"], 3),
             },
             "targets": {"ingest_1cpu / decode_only": 0.5, f"ingest_{ncpu}cpu / ingest_1cpu": 1.85 if ncpu == 2 else None},
             # what the machine allows: the 1-CPU run keeps more than one core busy (the driver,
@@ -166,12 +157,10 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
         }
 
 
-def _ingest_on_fresh_cluster(cpus: int, corpus: str, root: str, recipe, timed: _Best, baselines: dict,
-                             scaling: tuple[list[str], int]) -> dict:
+def _ingest_on_fresh_cluster(cpus: int, corpus: str, root: str, recipe, timed: _Best, baselines: dict) -> dict:
     """One timed ingest on a fresh local Ray cluster of exactly `cpus` (warmed first), with the
-    single-process `baselines` and the decode loop in 1 and N processes (`scaling`: the files, N)
-    timed between warm-up and run, under the same load. Its CPU seconds (driver + every Ray
-    process) go into timed.cpu["ingest_<cpus>cpu"]."""
+    single-process `baselines` timed between warm-up and run, under the same load. Its CPU
+    seconds (driver + every Ray process) go into timed.cpu["ingest_<cpus>cpu"]."""
     import ray
 
     from radforge import ingest
@@ -186,9 +175,6 @@ def _ingest_on_fresh_cluster(cpus: int, corpus: str, root: str, recipe, timed: _
     cold += time.perf_counter() - t
     for name, fn in baselines.items():
         timed(name, fn)
-    files, ncpu = scaling
-    for procs in (1, ncpu):
-        timed.keep(timed.wall, f"decode_x{procs}", _parallel_decode(files, procs))
     dest = os.path.join(root, f"shards-{cpus}cpu")
     for d in (dest, dest + ".private"):
         shutil.rmtree(d, ignore_errors=True)
@@ -207,34 +193,6 @@ def _ingest_on_fresh_cluster(cpus: int, corpus: str, root: str, recipe, timed: _
     return {"wall_s": wall, "stages_s": res.stage_s, "samples": res.manifest["totals"]["samples"],
             "peak_mb": mem.peak / 1e6, "cold_s": cold, "build_cpu_s": {**res.build_cpu_s, "_total": run_cpu},
             "cpu_s_by_process": procs.seconds, "samplers_s": samplers}
-
-
-def _parallel_decode(files: list[str], procs: int) -> float:
-    """Wall seconds of `procs` spawned processes decoding every file at once (a barrier after
-    their imports and a short warm-up, so start-up is not timed): the slowest one's."""
-    import multiprocessing
-
-    ctx = multiprocessing.get_context("spawn")
-    barrier, results = ctx.Barrier(procs), ctx.Queue()
-    workers = [ctx.Process(target=_decode_loop, args=(files, barrier, results), daemon=True) for _ in range(procs)]
-    for w in workers:
-        w.start()
-    seconds = [results.get(timeout=600) for _ in workers]
-    for w in workers:
-        w.join()
-    return max(seconds)
-
-
-def _decode_loop(files: list[str], barrier, results) -> None:
-    from pydicom.pixels import pixel_array
-
-    for f in files[:8]:
-        pixel_array(f)
-    barrier.wait()
-    t = time.perf_counter()
-    for f in files:
-        pixel_array(f)
-    results.put(time.perf_counter() - t)
 
 
 def _warm_decoders(cpus: int) -> None:
@@ -329,8 +287,7 @@ def format_ingest(r: dict) -> str:
     ceilings = r.get("ceilings", {})
     lines += _block("ratios (target)", r["ratios"], lambda k, v: f"{k:<28}{v:>8.3f}" + (
         "" if r["targets"].get(k) is None else f"  ({_met(v, r['targets'][k])})") + (
-        f"  [ceiling {ceilings[k]:.3f}: the cores ÷ the cores the 1-CPU run kept busy]" if k in ceilings else "") + (
-        "  [the decode loop itself in N processes at once ÷ in 1: how far this machine scales it]" if k.startswith("decode_x") else ""))
+        f"  [ceiling {ceilings[k]:.3f}: the cores ÷ the cores the 1-CPU run kept busy]" if k in ceilings else ""))
     if "cpu_ms_per_slice" in r:
         goal = r.get("cpu_ms_per_slice_target", {})
         lines += _block("CPU ms per slice (driver + all Ray processes; robust to other load)", r["cpu_ms_per_slice"],

@@ -58,6 +58,7 @@ _DS = "ds"
 _LOADER = "loader"
 _TOKENIZER = "tokenizer"
 _HF_CONFIG = "config.json"  # a Hugging Face model directory (model.init_from)
+_MODEL_STATES = "mp_rank_00_model_states.pt"  # DeepSpeed's (ZeRO-3: one per rank, prefixed zero_pp_rank_N_)
 
 
 @dataclass
@@ -205,7 +206,7 @@ def _restore_buffers(tag_dir: str, module) -> None:
 
     import torch
 
-    files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_00_model_states.pt")))
+    files = sorted(glob.glob(os.path.join(tag_dir, "*" + _MODEL_STATES)))
     saved = torch.load(files[0], map_location="cpu", weights_only=False)["module"] if files else {}
     with torch.no_grad():
         for name, buf in module.named_buffers():
@@ -248,19 +249,23 @@ def newest(url: str) -> str | None:
     that dies right after a checkpoint can leave it uploaded but not registered with Ray (a
     restarted group's `ray.train.get_checkpoint()` is then an older one, or none); one that dies
     while uploading leaves a part of one, which this skips."""
-    done = [(load(u).step, u) for u in find(url) if complete(u)]
+    done = []
+    for u in find(url):
+        state = load(u)
+        if complete(u, state):
+            done.append((state.step, u))
     return max(done)[1] if done else None
 
 
-def complete(url: str) -> bool:
+def complete(url: str, state: RunState | None = None) -> bool:
     """Whether every writer rank's part of the checkpoint at `url` is on storage: state.json (rank
     0), each rank's loader position and DeepSpeed files (the model states; ZeRO ≥ 1: each rank's
-    optimizer partition)."""
-    state = load(url)
+    optimizer partition). `state`: its run state, when already read."""
+    state = state or load(url)
     if saved_loader_ranks(url) != list(range(state.world_size)):
         return False
     names = [storage.basename(u) for u, _ in storage.find_files(storage.join(url, _DS, state.tag))]
-    needed = ["mp_rank_00_model_states.pt"]
+    needed = [_MODEL_STATES]
     if state.recipe.deepspeed.zero_stage > 0:
         needed += [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(state.world_size)]
     return all(any(n.endswith(suffix) for n in names) for suffix in needed)
@@ -400,7 +405,7 @@ def _consolidate(ds_dir: str, tag: str) -> dict:
         # stderr; an export says what it wrote itself, so keep the terminal to that.
         with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
             return dict(get_fp32_state_dict_from_zero_checkpoint(ds_dir, tag=tag))
-    states = torch.load(os.path.join(ds_dir, tag, "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+    states = torch.load(os.path.join(ds_dir, tag, _MODEL_STATES), map_location="cpu", weights_only=False)
     return dict(states["module"])
 
 

@@ -13,6 +13,9 @@
   in_process   one process, no Ray: the ingest's own work (scan, plan, make_sample); the ceiling
                for ingest@1cpu, so `ingest_1cpu / ingest_in_process` is what Ray costs, and
                `ingest_in_process / decode_only` the best `ingest_1cpu / decode_only` can be
+  host_scaling the same on N processes at once (each every N-th series) ÷ on one, fresh spawned
+               processes both sides: what this host's cores give N processes of this work
+               (shared caches, memory bandwidth, the hypervisor), the ceiling of ingest@N ÷ @1
 
 Targets (issue 14): ingest@1cpu ≤ 2.5 CPU ms per slice; ingest@1cpu ≥ 0.5 × decode (slices/s);
 ingest@2cpu ≥ 1.85 × ingest@1cpu.
@@ -49,6 +52,7 @@ driver plus its Ray worker processes, sampled every 0.2 s. Default corpus: 8 × 
 from __future__ import annotations
 
 import os
+import queue
 import shutil
 import time
 
@@ -113,6 +117,8 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
             if not inproc_cpu or sum(cpu_s.values()) < sum(inproc_cpu.values()):
                 inproc_cpu = cpu_s
         loadavg.append(round(os.getloadavg()[0], 2))
+        scaling = _host_scaling(root, corpus, recipe, ncpu, repeats)
+        loadavg.append(round(os.getloadavg()[0], 2))
         one, many = runs[1], runs[ncpu]
         naive_s, decode_s = best["naive"], best["decode"]
         rate = lambda s: n / s  # noqa: E731
@@ -149,9 +155,11 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
             "targets": {"ingest_1cpu / decode_only": 0.5, f"ingest_{ncpu}cpu / ingest_1cpu": 1.85 if ncpu == 2 else None},
             # What each target can reach at best, beside it: the ingest's own work with no Ray at
             # all (in_process) for ingest_1cpu / decode_only; for N ÷ 1 CPUs, the cores over those
-            # the 1-CPU run kept busy (the driver, raylet and GCS run beside its one task).
+            # the 1-CPU run kept busy (the driver, raylet and GCS run beside its one task), and
+            # what the host's cores give N processes of the ingest's own work (host_scaling).
             "ceilings": {"ingest_1cpu / decode_only": round(decode_s / best["inprocess"], 3),
                          f"ingest_{ncpu}cpu / ingest_1cpu": round(ncpu * one["wall_s"] / cpu["ingest_1cpu"], 3)},
+            "host_scaling": scaling,
             "cpu_ms_per_slice_target": {"ingest_1cpu": 2.5, "ingest_1cpu per slice": 2.5},
             "cpu_ms_per_slice": {
                 "naive_1proc": round(cpu["naive"] / n * 1e3, 3),
@@ -185,21 +193,28 @@ def bench_ingest(*, workdir: str | None, series: int, slices: int, size: int, sy
 
 
 def _half_corpus(root: str, corpus: str, series: int) -> tuple[str | None, int]:
-    """The first half of the corpus's series (hard links where the file system has them: the
-    same files) → (its folder, its slices); (None, 0) for a corpus of one series."""
+    """The first half of the corpus's series → (its folder, its slices); (None, 0) for a corpus
+    of one series."""
     from radforge import storage
 
     names = sorted(os.listdir(corpus))[: series // 2]
     if not names:
         return None, 0
-    half = os.path.join(root, "corpus-half")
-    if not os.path.isdir(half):
-        tmp = half + ".tmp"
+    half = _series_subset(root, corpus, names, "corpus-half")
+    return half, sum(1 for _ in storage.find_files(half))
+
+
+def _series_subset(root: str, corpus: str, names: list[str], folder: str) -> str:
+    """A corpus of the series folders `names` of `corpus` at root/folder (hard links where the
+    file system has them: the same files), made once."""
+    out = os.path.join(root, folder)
+    if not os.path.isdir(out):
+        tmp = out + ".tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         for name in names:
             shutil.copytree(os.path.join(corpus, name), os.path.join(tmp, name), copy_function=_link_or_copy)
-        os.rename(tmp, half)
-    return half, sum(1 for _ in storage.find_files(half))
+        os.rename(tmp, out)
+    return out
 
 
 def _link_or_copy(src: str, dst: str) -> None:
@@ -347,17 +362,74 @@ def _ingest_in_process(corpus: str, recipe, root: str) -> tuple[dict, dict]:
         torch.set_num_threads(threads)
 
 
+def _host_scaling(root: str, corpus: str, recipe, procs: int, repeats: int) -> dict:
+    """This host's own scaling of the ingest's work, no Ray: `_ingest_in_process` on `procs`
+    processes at once, each on every procs-th series of the corpus, against the whole corpus in
+    one process; fresh spawned processes both sides, each warmed on the tiny warm-up corpus first
+    and started together at a barrier. Shared caches, memory bandwidth and the hypervisor's
+    placement of the vCPUs set it; ingest@N ÷ ingest@1 cannot beat it whatever the scheduler.
+    Best wall and least CPU of `repeats` runs each side, the sides alternating.
+    → {"procs", "rate Nproc / 1proc", "cpu per slice Nproc / 1proc"}; {} for a single series."""
+    import multiprocessing
+
+    names = sorted(os.listdir(corpus))
+    if len(names) < procs:
+        return {}
+    parts = [_series_subset(root, corpus, names[i::procs], f"corpus-part{i}of{procs}") for i in range(procs)]
+    ctx = multiprocessing.get_context("spawn")  # not fork: this process has run torch's threads
+    warm = os.path.join(root, "warmup-corpus")
+    best = {1: (float("inf"), float("inf")), procs: (float("inf"), float("inf"))}
+    for rep in range(repeats):
+        for side in ((1, procs) if rep % 2 == 0 else (procs, 1)):
+            corpora = [corpus] if side == 1 else parts
+            barrier, results = ctx.Barrier(len(corpora)), ctx.Queue()
+            workers = [ctx.Process(target=_in_process_worker, daemon=True,
+                                   args=(c, recipe, os.path.join(root, f"scaling-{i}"), warm, barrier, results))
+                       for i, c in enumerate(corpora)]
+            for w in workers:
+                w.start()
+            got = []
+            while len(got) < len(workers):
+                try:
+                    got.append(results.get(timeout=1.0))
+                except queue.Empty:
+                    failed = [w.exitcode for w in workers if w.exitcode not in (None, 0)]
+                    if failed:  # the others would wait at the barrier for ever
+                        for w in workers:
+                            w.kill()
+                        raise RuntimeError(f"a host-scaling process failed (exit codes {failed})") from None
+            for w in workers:
+                w.join()
+            wall = max(end for _, end, _ in got) - min(start for start, _, _ in got)
+            best[side] = (min(best[side][0], wall), min(best[side][1], sum(cpu for *_, cpu in got)))
+    return {"procs": procs, "rate Nproc / 1proc": round(best[1][0] / best[procs][0], 3),
+            "cpu per slice Nproc / 1proc": round(best[procs][1] / best[1][1], 3)}
+
+
+def _in_process_worker(corpus: str, recipe, out: str, warm: str, barrier, results) -> None:
+    """One side of `_host_scaling`, in a fresh process: warm up on the tiny corpus (imports, first
+    calls), wait for the others, ingest `corpus` in process → (start, end, CPU s) on `results`."""
+    os.makedirs(out, exist_ok=True)
+    _ingest_in_process(warm, recipe, out)
+    barrier.wait()
+    t, c = time.perf_counter(), time.process_time()  # CLOCK_MONOTONIC: one clock for all processes
+    _ingest_in_process(corpus, recipe, out)
+    results.put((t, time.perf_counter(), time.process_time() - c))
+
+
 def format_ingest(r: dict) -> str:
     lines = [f"radforge bench {r['benchmark']}", "=" * 24]
     c = r["corpus"]
     lines.append(f"corpus: {c['series']} CT series, {c['slices']} slices of {c['size']}², {c['transfer_syntax']}, {c['source_mb']} MB")
     lines.append("")
     lines += _block("slices/s", r["slices_per_s"], lambda k, v: f"{k:<22}{v:>10.1f}")
-    ceilings = r.get("ceilings", {})
+    ceilings, host = r.get("ceilings", {}), r.get("host_scaling") or {}
     why = {"ingest_1cpu / decode_only": "ingest_in_process / decode_only, no Ray at all"}
+    scaling = (f"; {host['rate Nproc / 1proc']:.3f}: this host's own, ingest_in_process on {host['procs']} processes"
+               f" at once ÷ on 1, no Ray, their CPU per slice {host['cpu per slice Nproc / 1proc']:.3f} ×") if host else ""
     lines += _block("ratios (target)", r["ratios"], lambda k, v: f"{k:<28}{v:>8.3f}" + (
         "" if r["targets"].get(k) is None else f"  ({_met(v, r['targets'][k])})") + (
-        f"  [ceiling {ceilings[k]:.3f}: {why.get(k, 'the cores ÷ the cores the 1-CPU run kept busy')}]"
+        f"  [ceiling {ceilings[k]:.3f}: {why.get(k, 'the cores ÷ the cores the 1-CPU run kept busy' + scaling)}]"
         if k in ceilings else ""))
     if "cpu_ms_per_slice" in r:
         goal = r.get("cpu_ms_per_slice_target", {})
